@@ -1,0 +1,28 @@
+# encfs gateway. `make demo` and `make test` work on a fresh Debian 12 machine as root.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(STAMP)
+
+# Re-run setup when the dependency lists change; every step below is idempotent.
+$(STAMP): pyproject.toml deps/apt.txt scripts/setup.sh
+	bash scripts/setup.sh
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m ruff check encfs tests scripts
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	bash scripts/demo.sh
+
+lint: setup
+	$(PY) -m ruff check encfs tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

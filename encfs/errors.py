@@ -1,0 +1,119 @@
+"""The exception hierarchy of encfs-gw (layer L0: imports nothing from encfs).
+
+Every user-facing error carries a stable exit code and a one-line message; the CLI
+prints the message and exits with the code, never a traceback. The codes are listed
+in docs/EXITCODES.md and are never reused for another meaning.
+"""
+
+from __future__ import annotations
+
+
+class EncfsError(Exception):
+    """Base class. `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(EncfsError):
+    """The command line is wrong."""
+
+    exit_code = 2
+
+
+class NotAVolume(EncfsError):
+    """The backing directory is missing or holds no encfs-gw volume."""
+
+    exit_code = 10
+
+
+class UnsupportedFormat(EncfsError):
+    """The volume has a newer/unknown format version or an unknown feature flag."""
+
+    exit_code = 11
+
+
+class ConfigError(EncfsError):
+    """The volume config is unreadable or corrupt."""
+
+    exit_code = 12
+
+
+class VolumeExists(EncfsError):
+    """init refuses to overwrite an existing volume or key file."""
+
+    exit_code = 13
+
+
+class VolumeBusy(EncfsError):
+    """The volume is already mounted (its lock is held by another process)."""
+
+    exit_code = 14
+
+
+class MountpointError(EncfsError):
+    """The mountpoint is missing, not a directory, not empty or already mounted."""
+
+    exit_code = 15
+
+
+class MountFailed(EncfsError):
+    """The kernel refused the FUSE mount, or the daemon died before the mount was live."""
+
+    exit_code = 16
+
+
+class NotMounted(EncfsError):
+    """unmount/status was given a path that is not an encfs-gw mount."""
+
+    exit_code = 17
+
+
+class KeyAccessError(EncfsError):
+    """Base class of every failure to obtain a KEK. Never shadow the builtin KeyError."""
+
+    exit_code = 20
+
+
+class WrongKey(KeyAccessError):
+    """The key (or passphrase) does not open this volume."""
+
+    exit_code = 21
+
+
+class KeyMissing(KeyAccessError):
+    """The key material is not where the volume says (key file or credential missing)."""
+
+    exit_code = 22
+
+
+class KeyPermissions(KeyAccessError):
+    """A key file is readable by group or others; refused like ssh does."""
+
+    exit_code = 23
+
+
+class KeyRevoked(KeyAccessError):
+    """The provider says the key is revoked, disabled, destroyed or access is denied."""
+
+    exit_code = 24
+
+
+class ProviderUnavailable(KeyAccessError):
+    """The provider could not be reached within its timeout (transient)."""
+
+    exit_code = 25
+
+
+class ProviderConfigError(KeyAccessError):
+    """The provider spec or its configuration is wrong, or its extra is not installed."""
+
+    exit_code = 26
+
+
+class IntegrityError(EncfsError):
+    """Ciphertext, a key record or a header failed authentication or validation.
+
+    Reads give EIO for the affected block; never other data.
+    """
+
+    exit_code = 30

@@ -1,0 +1,1 @@
+"""Key providers: where KEKs come from (layer L2; never imports format/, volume or fuse/)."""
