@@ -103,7 +103,10 @@ class KeyfileProvider(KeyProvider):
     def recover(self, record: Record, binding: bytes) -> bytes:
         secret = read_key_file(self.path)
         return open_with_secret(
-            secret, record.get("sealed_kek"), binding, f"key file {self.path} does not open this volume"
+            secret,
+            record.get("sealed_kek"),
+            binding,
+            f"key file {self.path} does not open this volume",
         )
 
     def describe(self) -> str:

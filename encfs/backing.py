@@ -1,0 +1,117 @@
+"""The backing store through directory handles (layer L3: pure OS, no crypto).
+
+Every object is reached relative to an O_PATH file descriptor with O_NOFOLLOW, never by
+joining path strings, so a symlink swapped into the backing tree cannot redirect us.
+The few calls Python's os module lacks for O_PATH descriptors go through libc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+
+from encfs.format.names import TEMP_PREFIX
+
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_SYMLINK_FOLLOW = 0x400
+UTIME_OMIT = (1 << 30) - 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def open_path(name: str, dir_fd: int) -> int:
+    """An O_PATH handle on `name` in `dir_fd`, never following a symlink."""
+    return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def reopen(path_fd: int, flags: int) -> int:
+    """Open the object behind an O_PATH handle for I/O (works for unlinked files too)."""
+    return os.open(f"/proc/self/fd/{path_fd}", flags | os.O_CLOEXEC)
+
+
+def chown_fd(path_fd: int, uid: int, gid: int) -> None:
+    _check(_libc.fchownat(path_fd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
+
+
+def chmod_fd(path_fd: int, mode: int) -> None:
+    os.chmod(f"/proc/self/fd/{path_fd}", mode)
+
+
+def utimens_fd(path_fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set timestamps (None leaves one unchanged) on the object itself, symlinks included."""
+
+    def spec(value: int | None) -> _Timespec:
+        if value is None:
+            return _Timespec(0, UTIME_OMIT)
+        return _Timespec(*divmod(value, 1_000_000_000))
+
+    times = (_Timespec * 2)(spec(atime_ns), spec(mtime_ns))
+    _check(_libc.utimensat(path_fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
+
+
+def renameat2(old_dir: int, old: str, new_dir: int, new: str, flags: int = 0) -> None:
+    _check(
+        _libc.renameat2(old_dir, old.encode(), new_dir, new.encode(), ctypes.c_uint(flags)),
+        "renameat2",
+    )
+
+
+def link_fd(path_fd: int, new_dir: int, new: str) -> None:
+    """Hard-link the object behind an O_PATH handle (no CAP_DAC_READ_SEARCH needed)."""
+    os.link(f"/proc/self/fd/{path_fd}", new, dst_dir_fd=new_dir, follow_symlinks=True)
+
+
+def syncfs(fd: int) -> None:
+    _check(_libc.syncfs(fd), "syncfs")
+
+
+def temp_name() -> str:
+    return TEMP_PREFIX + secrets.token_hex(8)
+
+
+def write_file_atomic(dir_fd: int, name: str, data: bytes, mode: int = 0o600) -> None:
+    """Temp file in the same directory, fsync, rename over `name`, fsync the directory."""
+    tmp = temp_name()
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        mode,
+        dir_fd=dir_fd,
+    )
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
+
+
+def read_small_file(dir_fd: int, name: str, limit: int = 1 << 20) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def is_enoent(exc: OSError) -> bool:
+    return exc.errno == errno.ENOENT

@@ -1,0 +1,249 @@
+"""The `encfs-gw` command line (layer L7).
+
+Every failure is one line on stderr and a stable exit code (docs/EXITCODES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from encfs import __version__
+from encfs.errors import EncfsError, MountFailed, MountpointError, NotMounted, UsageError
+from encfs.format import names as fnames
+from encfs.format.blocks import DEFAULT_BLOCK_SIZE
+from encfs.keys.provider import KeyProvider
+from encfs.keys.registry import open_provider, parse_spec
+
+log = logging.getLogger("encfs")
+
+UNMOUNT_WAIT_SECONDS = 120
+ENGINE_OPTIONS = {"writeback_cache"}  # -o options consumed by encfs-gw, not passed to FUSE
+
+
+def default_keyfile(volume_hint: str) -> str:
+    """Per-user default: $XDG_CONFIG_HOME/encfs-gw/keys/<name>.key, outside the volume."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    name = os.path.basename(os.path.normpath(volume_hint)) or "volume"
+    return os.path.join(base, "encfs-gw", "keys", f"{name}-{os.urandom(4).hex()}.key")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="encfs-gw",
+        description="Transparent encrypting storage gateway (FUSE).",
+    )
+    parser.add_argument("--version", action="version", version=f"encfs-gw {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", help="create a volume in an empty directory")
+    init.add_argument("backing", metavar="BACKING")
+    init.add_argument("--keyfile", metavar="PATH", help="key file to create (keyfile provider)")
+    init.add_argument(
+        "--provider", metavar="SPEC", help="key provider spec (default: keyfile:PATH)"
+    )
+    init.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N")
+
+    mount = sub.add_parser("mount", help="mount a volume")
+    mount.add_argument("backing", metavar="BACKING")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.add_argument("-f", "--foreground", action="store_true", help="stay attached")
+    mount.add_argument(
+        "-o", dest="options", action="append", default=[], metavar="OPTIONS",
+        help="comma-separated mount options (allow_other, ro, writeback_cache, ...)",
+    )
+    mount.add_argument("--keyfile", metavar="PATH", help="use this key file instead")
+    mount.add_argument("--log-file", metavar="PATH", help="daemon log (background mode)")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    unmount = sub.add_parser("unmount", aliases=["umount"], help="flush and unmount")
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its one-line usage error
+        return int(exc.code or 0) and UsageError.exit_code
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="encfs-gw: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except EncfsError as exc:
+        print(f"encfs-gw: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- init ---------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from encfs.volume import create_volume
+
+    backing = os.path.abspath(args.backing)
+    if args.provider and args.keyfile:
+        raise UsageError("--keyfile and --provider exclude each other (use --provider keyfile:PATH)")
+    spec = args.provider or f"keyfile:{args.keyfile or default_keyfile(backing)}"
+    name, options = parse_spec(spec)
+    provider = open_provider(name, options)
+    config = create_volume(backing, provider, args.block_size)
+    print(f"created volume {config.volume_id.hex()} in {backing}")
+    print(f"key provider: {provider.describe()}")
+    return 0
+
+
+# --- mount --------------------------------------------------------------------------------
+
+
+def _split_options(raw: list[str]) -> tuple[list[str], set[str]]:
+    fuse_opts: list[str] = []
+    engine_opts: set[str] = set()
+    for group in raw:
+        for option in filter(None, (o.strip() for o in group.split(","))):
+            (engine_opts.add if option in ENGINE_OPTIONS else fuse_opts.append)(option)
+    return fuse_opts, engine_opts
+
+
+def _provider_factory(args: argparse.Namespace) -> Any:
+    def factory(name: str, options: dict[str, Any]) -> KeyProvider:
+        if name == "keyfile" and args.keyfile:
+            options = {**options, "path": os.path.abspath(args.keyfile)}
+        return open_provider(name, options)
+
+    return factory
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    if args.foreground:
+        return _mount_foreground(args)
+    return _mount_background(args)
+
+
+def _mount_background(args: argparse.Namespace) -> int:
+    """Start the daemon detached; return 0 only once the mount is live."""
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", "encfs"]
+    if args.verbose:
+        argv.append("--verbose")
+    argv += ["mount", "--foreground", "--ready-fd", str(write_fd)]
+    for option in args.options:
+        argv += ["-o", option]
+    if args.keyfile:
+        argv += ["--keyfile", os.path.abspath(args.keyfile)]
+    if args.log_file:
+        argv += ["--log-file", os.path.abspath(args.log_file)]
+    argv += [os.path.abspath(args.backing), os.path.abspath(args.mountpoint)]
+    child = subprocess.Popen(
+        argv,
+        pass_fds=(write_fd,),
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as ready:
+        message = ready.read()
+    if message.startswith(b"READY"):
+        return 0
+    code = child.wait()
+    if code == 0:
+        raise MountFailed("the daemon exited before the mount was live")
+    return code
+
+
+def _mount_foreground(args: argparse.Namespace) -> int:
+    from encfs import mount as mount_mod
+    from encfs.volume import Volume, read_config
+
+    backing = os.path.abspath(args.backing)
+    mountpoint = os.path.abspath(args.mountpoint)
+    fuse_opts, engine_opts = _split_options(args.options)
+    mount_mod.harden_process()
+    read_config(backing)  # "not a volume" before "mountpoint busy"
+    mount_mod.check_mountpoint(mountpoint)
+    volume = Volume.unlock(backing, _provider_factory(args))
+    ready_fd = args.ready_fd
+
+    def on_ready() -> None:
+        if ready_fd is None:
+            return
+        os.write(ready_fd, b"READY\n")
+        os.close(ready_fd)
+        _detach_stdio(args.log_file)
+
+    mount_mod.serve(
+        volume,
+        mountpoint,
+        mount_mod.fuse_options(backing, fuse_opts),
+        on_ready,
+        writeback_cache="writeback_cache" in engine_opts,
+    )
+    return 0
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    """After the mount is live the background daemon lets go of the caller's terminal."""
+    null = os.open(os.devnull, os.O_RDWR)
+    target = null
+    if log_file:
+        target = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(target, 2)
+
+
+# --- unmount ------------------------------------------------------------------------------
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    from encfs.mount import FSTYPE, find_mount
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    found = find_mount(mountpoint)
+    if found is None or found[0] != FSTYPE:
+        raise NotMounted(f"{mountpoint} is not an encfs-gw mount")
+    pidfd = _daemon_pidfd(found[1])
+    result = subprocess.run(
+        ["fusermount3", "-u", mountpoint], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
+        raise MountpointError(f"cannot unmount {mountpoint}: {detail}")
+    if pidfd is not None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(UNMOUNT_WAIT_SECONDS * 1000):
+            raise MountFailed(f"the daemon of {mountpoint} did not exit after unmount")
+        os.close(pidfd)
+    return 0
+
+
+def _daemon_pidfd(backing: str) -> int | None:
+    try:
+        with open(os.path.join(backing, fnames.LOCK_FILE)) as lock:
+            pid = int(lock.read().strip() or 0)
+        return os.pidfd_open(pid) if pid > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+COMMANDS = {
+    "init": cmd_init,
+    "mount": cmd_mount,
+    "unmount": cmd_unmount,
+    "umount": cmd_unmount,
+}

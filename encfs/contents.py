@@ -1,0 +1,305 @@
+"""Block I/O on one backing file: the encrypted data path (layer L4, no FUSE).
+
+Write order for every block write (the crash argument is in docs/FORMAT.md):
+  1. the new DEK goes into the block's *free* key slot (the current slot is kept);
+  2. the block record is written;
+  3. the old slot is cleared.
+A crash between any two steps leaves a block that opens under one of its two slots.
+
+All methods are synchronous on purpose: the FUSE adapter runs them on the trio thread
+without awaiting in between, so read-modify-write of a block is atomic with respect to
+other requests (no per-block locks needed while no handler awaits mid-update).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from cryptography.exceptions import InvalidTag
+
+from encfs import crypto
+from encfs.errors import IntegrityError
+from encfs.format.blocks import (
+    BLOCKS_PER_GROUP,
+    KEY_RECORD_SIZE,
+    NONCE_SIZE,
+    RECORD_OVERHEAD,
+    SLOT_SIZE,
+    KeySlot,
+    Layout,
+    block_aad,
+    newer_generation,
+    slot_aad,
+)
+from encfs.keyring import Keyring
+
+log = logging.getLogger(__name__)
+
+
+class BlockIntegrityError(IntegrityError):
+    def __init__(self, block_index: int, reason: str) -> None:
+        super().__init__(f"block {block_index}: {reason}")
+        self.block_index = block_index
+
+
+class FileContents:
+    """Encrypted contents of one backing file, reached through an open data fd."""
+
+    __slots__ = ("fd", "file_id", "keyring", "layout", "volume_id")
+
+    def __init__(
+        self, fd: int, layout: Layout, volume_id: bytes, file_id: bytes, keyring: Keyring
+    ) -> None:
+        self.fd = fd  # data fd (O_RDWR, or O_RDONLY on a read-only backing file)
+        self.layout = layout
+        self.volume_id = volume_id
+        self.file_id = file_id
+        self.keyring = keyring
+
+    # --- sizes ---------------------------------------------------------------------
+    def plain_size(self) -> int:
+        return self.layout.plain_size(os.fstat(self.fd).st_size)
+
+    # --- key slots -----------------------------------------------------------------
+    def _read_key_records(self, first: int, count: int) -> bytearray:
+        wanted = count * KEY_RECORD_SIZE
+        data = bytearray(os.pread(self.fd, wanted, self.layout.key_record_offset(first)))
+        if len(data) < wanted:
+            data.extend(bytes(wanted - len(data)))
+        return data
+
+    def _unwrap(self, block_index: int, slot: KeySlot) -> bytes:
+        cipher = self.keyring.slot_cipher(slot.kek_version, self.file_id)
+        aad = slot_aad(self.volume_id, self.file_id, block_index, slot.kek_version, slot.generation)
+        try:
+            return cipher.decrypt(slot.nonce, slot.wrapped_dek + slot.tag, aad)
+        except InvalidTag:
+            raise BlockIntegrityError(block_index, "key slot does not authenticate") from None
+
+    def _slots_newest_first(
+        self, block_index: int, key_record: bytes | memoryview
+    ) -> list[KeySlot]:
+        try:
+            slots = [
+                s
+                for s in (
+                    KeySlot.unpack(key_record[:SLOT_SIZE]),
+                    KeySlot.unpack(key_record[SLOT_SIZE:KEY_RECORD_SIZE]),
+                )
+                if s is not None
+            ]
+        except IntegrityError as exc:
+            raise BlockIntegrityError(block_index, str(exc)) from None
+        if len(slots) == 2 and newer_generation(slots[1].generation, slots[0].generation):
+            slots.reverse()
+        return slots
+
+    # --- one block ------------------------------------------------------------------
+    def _open_block(self, block_index: int, key_record: memoryview, record: memoryview) -> bytes:
+        """Plaintext of one block record; zeros for a hole; BlockIntegrityError otherwise."""
+        slots = self._slots_newest_first(block_index, key_record)
+        plain_length = len(record) - RECORD_OVERHEAD
+        if not slots:
+            if not any(record):
+                return bytes(plain_length)
+            raise BlockIntegrityError(block_index, "data present but no key slot")
+        aad = block_aad(self.volume_id, self.file_id, block_index)
+        nonce = bytes(record[:NONCE_SIZE])
+        for slot in slots:
+            try:
+                dek = self._unwrap(block_index, slot)
+                return crypto.AESGCM_(dek).decrypt(nonce, record[NONCE_SIZE:], aad)
+            except (InvalidTag, BlockIntegrityError):
+                continue
+        raise BlockIntegrityError(block_index, "block does not authenticate under its keys")
+
+    def _seal_block(
+        self, block_index: int, plaintext: bytes | memoryview, generation: int
+    ) -> tuple[bytes, bytes]:
+        """Encrypt a block under a fresh DEK; return (record, packed key slot)."""
+        dek = crypto.random_key()
+        nonce = crypto.random_nonce()
+        record = nonce + crypto.AESGCM_(dek).encrypt(
+            nonce, bytes(plaintext), block_aad(self.volume_id, self.file_id, block_index)
+        )
+        kek_version = self.keyring.current_kek_version
+        slot_nonce = crypto.random_nonce()
+        wrapped = self.keyring.slot_cipher(kek_version, self.file_id).encrypt(
+            slot_nonce,
+            dek,
+            slot_aad(self.volume_id, self.file_id, block_index, kek_version, generation),
+        )
+        slot = KeySlot(kek_version, generation, slot_nonce, wrapped[:32], wrapped[32:])
+        return record, slot.pack()
+
+    # --- reads ----------------------------------------------------------------------
+    def read(self, plain_offset: int, plain_length: int) -> bytes:
+        plain_size = self.plain_size()
+        plain_end = min(plain_offset + plain_length, plain_size)
+        if plain_offset >= plain_end:
+            return b""
+        block_size = self.layout.block_size
+        first = plain_offset // block_size
+        last = (plain_end - 1) // block_size
+        out = bytearray()
+        for run_first, run_last in _group_runs(first, last):
+            out += self._read_run(run_first, run_last, plain_size)
+        skip = plain_offset - first * block_size
+        return bytes(memoryview(out)[skip : skip + plain_end - plain_offset])
+
+    def _read_run(self, first: int, last: int, plain_size: int) -> bytearray:
+        """Plaintext of blocks first..last, all in one group (2 preads)."""
+        layout = self.layout
+        count = last - first + 1
+        keys = memoryview(self._read_key_records(first, count))
+        record_start = layout.record_offset(first)
+        last_length = layout.block_plain_length(last, plain_size) + RECORD_OVERHEAD
+        wanted = (count - 1) * layout.record_size + last_length
+        records = memoryview(os.pread(self.fd, wanted, record_start))
+        if len(records) < wanted:
+            raise BlockIntegrityError(last, "record truncated")
+        out = bytearray()
+        for k in range(count):
+            start = k * layout.record_size
+            length = layout.record_size if k < count - 1 else last_length
+            out += self._open_block(
+                first + k,
+                keys[k * KEY_RECORD_SIZE : (k + 1) * KEY_RECORD_SIZE],
+                records[start : start + length],
+            )
+        return out
+
+    def read_block(self, block_index: int, plain_size: int) -> bytes:
+        if self.layout.block_plain_length(block_index, plain_size) == 0:
+            return b""
+        return bytes(self._read_run(block_index, block_index, plain_size))
+
+    # --- writes ---------------------------------------------------------------------
+    def write(self, plain_offset: int, data: bytes | memoryview) -> int:
+        if not data:
+            return 0
+        data = memoryview(data)
+        old_size = self.plain_size()
+        new_size = max(old_size, plain_offset + len(data))
+        block_size = self.layout.block_size
+        first = plain_offset // block_size
+        last = (plain_offset + len(data) - 1) // block_size
+        if plain_offset > old_size:
+            self._prepare_extension(old_size, plain_offset)
+            old_size = self.plain_size()
+        blocks: dict[int, bytes | memoryview] = {}
+        for index in range(first, last + 1):
+            block_start = index * block_size
+            new_length = self.layout.block_plain_length(index, new_size)
+            lo = max(plain_offset, block_start)
+            hi = min(plain_offset + len(data), block_start + new_length)
+            if lo == block_start and hi == block_start + new_length:
+                blocks[index] = data[lo - plain_offset : hi - plain_offset]
+                continue
+            merged = bytearray(self.read_block(index, old_size))
+            if len(merged) < new_length:
+                merged.extend(bytes(new_length - len(merged)))
+            merged[lo - block_start : hi - block_start] = data[
+                lo - plain_offset : hi - plain_offset
+            ]
+            blocks[index] = merged
+        self._write_blocks(blocks)
+        return len(data)
+
+    def _prepare_extension(self, old_size: int, new_size: int) -> None:
+        """Before growing past EOF: pad a partial last block, clear stale slots of holes."""
+        block_size = self.layout.block_size
+        old_blocks = -(-old_size // block_size)
+        if old_size % block_size:
+            last = old_blocks - 1
+            padded = bytearray(self.read_block(last, old_size))
+            keep = self.layout.block_plain_length(last, new_size)
+            padded.extend(bytes(keep - len(padded)))
+            self._write_blocks({last: padded})
+        self._clear_slots_after(old_blocks)
+
+    def _clear_slots_after(self, block_count: int) -> None:
+        """Zero the key records of blocks >= block_count in that block's group, if stored."""
+        if block_count % BLOCKS_PER_GROUP == 0:
+            return
+        offset = self.layout.key_record_offset(block_count)
+        group_end = self.layout.key_record_offset(block_count - block_count % BLOCKS_PER_GROUP)
+        group_end += BLOCKS_PER_GROUP * KEY_RECORD_SIZE
+        cipher_size = os.fstat(self.fd).st_size
+        if offset < cipher_size:
+            os.pwrite(self.fd, bytes(min(group_end, cipher_size) - offset), offset)
+
+    def _write_blocks(self, blocks: dict[int, bytes | memoryview]) -> None:
+        """Seal and store blocks (each run within a group: 3 pwrites in the safe order)."""
+        indexes = sorted(blocks)
+        runs: list[list[int]] = []
+        for index in indexes:
+            same_group = runs and index // BLOCKS_PER_GROUP == runs[-1][0] // BLOCKS_PER_GROUP
+            if same_group and index == runs[-1][-1] + 1:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        for run in runs:
+            first = run[0]
+            keys = self._read_key_records(first, len(run))
+            final_keys = bytearray(keys)
+            records = []
+            for k, index in enumerate(run):
+                base = k * KEY_RECORD_SIZE
+                slots = self._slots_newest_first(index, keys[base : base + KEY_RECORD_SIZE])
+                generation = (slots[0].generation + 1) & 0xFF if slots else 0
+                # Put the new DEK in the slot not holding the newest key.
+                newest_raw = slots[0].pack() if slots else None
+                free = SLOT_SIZE if bytes(keys[base : base + SLOT_SIZE]) == newest_raw else 0
+                record, packed = self._seal_block(index, blocks[index], generation)
+                records.append(record)
+                keys[base + free : base + free + SLOT_SIZE] = packed
+                final_keys[base : base + KEY_RECORD_SIZE] = bytes(KEY_RECORD_SIZE)
+                final_keys[base + free : base + free + SLOT_SIZE] = packed
+            key_offset = self.layout.key_record_offset(first)
+            os.pwrite(self.fd, keys, key_offset)  # 1. new DEKs next to the old ones
+            os.pwrite(self.fd, b"".join(records), self.layout.record_offset(first))  # 2. data
+            os.pwrite(self.fd, final_keys, key_offset)  # 3. retire the old DEKs
+
+    def truncate(self, new_size: int) -> None:
+        old_size = self.plain_size()
+        if new_size == old_size:
+            return
+        layout = self.layout
+        if new_size > old_size:
+            self._prepare_extension(old_size, new_size)
+            os.ftruncate(self.fd, layout.cipher_size(new_size))
+            return
+        block_size = layout.block_size
+        if new_size % block_size:
+            index = new_size // block_size
+            kept = self.read_block(index, old_size)[: new_size - index * block_size]
+            keys = self._read_key_records(index, 1)
+            slots = self._slots_newest_first(index, keys)
+            generation = (slots[0].generation + 1) & 0xFF if slots else 0
+            newest_raw = slots[0].pack() if slots else None
+            free = SLOT_SIZE if bytes(keys[:SLOT_SIZE]) == newest_raw else 0
+            record, packed = self._seal_block(index, kept, generation)
+            keys[free : free + SLOT_SIZE] = packed
+            key_offset = layout.key_record_offset(index)
+            os.pwrite(self.fd, keys, key_offset)
+            os.ftruncate(self.fd, layout.cipher_size(new_size))
+            os.pwrite(self.fd, record, layout.record_offset(index))
+            final = bytearray(KEY_RECORD_SIZE)
+            final[free : free + SLOT_SIZE] = packed
+            os.pwrite(self.fd, final, key_offset)
+            self._clear_slots_after(index + 1)
+        else:
+            os.ftruncate(self.fd, layout.cipher_size(new_size))
+            self._clear_slots_after(new_size // block_size)
+
+
+def _group_runs(first: int, last: int) -> list[tuple[int, int]]:
+    runs = []
+    index = first
+    while index <= last:
+        group_last = (index // BLOCKS_PER_GROUP + 1) * BLOCKS_PER_GROUP - 1
+        runs.append((index, min(last, group_last)))
+        index = min(last, group_last) + 1
+    return runs

@@ -1,0 +1,16 @@
+"""On-disk format v1: pure bytes <-> records (layer L2: no I/O, no ciphers, no FUSE).
+
+docs/FORMAT.md specifies every byte; tests/golden keeps this package from drifting.
+"""
+
+FORMAT_NAME = "encfs-gw"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+# Feature flags a v1 volume may carry. Every flag in a volume config must be known here,
+# otherwise the volume is refused (a newer encfs-gw wrote something we cannot read).
+FEATURE_BLOCK_GCM = "aes256gcm-per-block-dek"
+FEATURE_SIV_NAMES = "aes-siv-names"
+FEATURE_LONG_NAMES = "long-names"
+KNOWN_FEATURES = frozenset({FEATURE_BLOCK_GCM, FEATURE_SIV_NAMES, FEATURE_LONG_NAMES})
+DEFAULT_FEATURES = (FEATURE_BLOCK_GCM, FEATURE_SIV_NAMES, FEATURE_LONG_NAMES)

@@ -1,0 +1,104 @@
+"""Backing-name encoding: padding, strict base64url, long names, reserved entries.
+
+Plaintext names are NUL-padded to a multiple of 16 bytes (hides exact lengths), sealed
+with AES-SIV bound to the parent directory id (by the engine), and base64url-encoded
+without padding. An encoded name longer than 255 bytes is stored under a short hashed
+name `.egwL<base64url(sha256(encoded))>` with the full encoded name in a sidecar file
+`<that>.name`. Every reserved backing name contains a '.', which base64url never does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+
+from encfs.errors import IntegrityError
+
+NAME_MAX = 255
+NAME_PAD = 16
+DIR_ID_FILE = ".egw-dirid"
+DIR_ID_SIZE = 16
+LONG_NAME_PREFIX = ".egwL"
+LONG_NAME_SIDECAR_SUFFIX = ".name"
+TEMP_PREFIX = ".egw-tmp-"
+CONFIG_FILE = "encfs-gw.conf"
+LOCK_FILE = "encfs-gw.lock"
+NAME_AAD_LABEL = b"EGWN"
+SYMLINK_AAD_LABEL = b"EGWS"
+
+_B64URL = re.compile(rb"^[A-Za-z0-9_-]+$")
+
+
+def b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64decode_strict(text: str) -> bytes:
+    """Decode canonical unpadded base64url; reject anything else (malleable encodings)."""
+    raw = text.encode("ascii", "strict") if text.isascii() else b"!"
+    if not _B64URL.match(raw) or len(raw) % 4 == 1:
+        raise IntegrityError("not a canonical encoded name")
+    try:
+        data = base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError):
+        raise IntegrityError("not a canonical encoded name") from None
+    if b64encode(data) != text:  # non-zero padding bits
+        raise IntegrityError("not a canonical encoded name")
+    return data
+
+
+def pad_name(plain_name: bytes) -> bytes:
+    validate_plain_name(plain_name)
+    return plain_name + bytes(-len(plain_name) % NAME_PAD or 0)
+
+
+def unpad_name(padded: bytes) -> bytes:
+    plain_name = padded.rstrip(b"\0")
+    if len(padded) % NAME_PAD or len(padded) - len(plain_name) >= NAME_PAD:
+        raise IntegrityError("bad name padding")
+    validate_plain_name(plain_name)
+    return plain_name
+
+
+def validate_plain_name(plain_name: bytes) -> None:
+    if (
+        not plain_name
+        or len(plain_name) > NAME_MAX
+        or b"/" in plain_name
+        or b"\0" in plain_name
+        or plain_name in (b".", b"..")
+    ):
+        raise IntegrityError("invalid plaintext name")
+
+
+def name_aad(dir_id: bytes) -> list[bytes]:
+    return [NAME_AAD_LABEL + dir_id]
+
+
+def symlink_aad() -> list[bytes]:
+    return [SYMLINK_AAD_LABEL]
+
+
+def is_long(encoded: str) -> bool:
+    return len(encoded) > NAME_MAX
+
+
+def long_name_stub(encoded: str) -> str:
+    return LONG_NAME_PREFIX + b64encode(hashlib.sha256(encoded.encode("ascii")).digest())
+
+
+def sidecar_name(stub: str) -> str:
+    return stub + LONG_NAME_SIDECAR_SUFFIX
+
+
+def classify(backing_name: str) -> str:
+    """'short', 'long' (a stub whose sidecar holds the name) or 'reserved' (skip)."""
+    if "." not in backing_name:
+        return "short"
+    if backing_name.startswith(LONG_NAME_PREFIX) and not backing_name.endswith(
+        LONG_NAME_SIDECAR_SUFFIX
+    ):
+        return "long"
+    return "reserved"

@@ -1,0 +1,176 @@
+"""The volume config record (`encfs-gw.conf`, JSON) and the AADs derived from it.
+
+The config holds no secret: the volume key appears only wrapped under each KEK version,
+and each KEK version only as provider records. The immutable parameters (format version,
+features, volume id, block size) are authenticated through the volume-key wrap AAD, so an
+edited block size or feature list fails like a wrong key instead of misreading data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from encfs.errors import ConfigError, UnsupportedFormat
+from encfs.format import FORMAT_NAME, FORMAT_VERSION, KNOWN_FEATURES, SUPPORTED_VERSIONS
+from encfs.format.blocks import Layout
+
+VOLUME_ID_SIZE = 16
+VOLUME_KEY_SIZE = 64
+VOLUME_KEY_AAD_LABEL = b"EGWV"
+PROVIDER_BINDING_LABEL = b"encfs-gw KEK binding v1|"
+KEK_STATES = ("active", "retired")
+
+
+@dataclass
+class Protector:
+    """One provider protecting one KEK version (a keyslot)."""
+
+    provider: str
+    options: dict[str, Any]
+    record: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"provider": self.provider, "options": self.options, "record": self.record}
+
+
+@dataclass
+class KekVersion:
+    version: int
+    state: str
+    created: str
+    wrapped_volume_key: bytes
+    protectors: list[Protector] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "state": self.state,
+            "created": self.created,
+            "wrapped_volume_key": self.wrapped_volume_key.hex(),
+            "protectors": [p.to_dict() for p in self.protectors],
+        }
+
+
+@dataclass
+class VolumeConfig:
+    volume_id: bytes
+    block_size: int
+    features: tuple[str, ...]
+    created: str
+    current_kek: int
+    kek_versions: dict[int, KekVersion]
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.block_size)
+
+    def params_digest(self) -> bytes:
+        canonical = json.dumps(
+            {
+                "format_version": self.format_version,
+                "features": sorted(self.features),
+                "volume_id": self.volume_id.hex(),
+                "block_size": self.block_size,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+        return hashlib.sha256(canonical).digest()
+
+    def volume_key_aad(self, kek_version: int) -> bytes:
+        return VOLUME_KEY_AAD_LABEL + self.params_digest() + struct.pack(">H", kek_version)
+
+    def provider_binding(self, kek_version: int) -> bytes:
+        return PROVIDER_BINDING_LABEL + self.volume_id + struct.pack(">H", kek_version)
+
+    def to_json(self) -> bytes:
+        self.validate()
+        doc = {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "features": list(self.features),
+            "volume_id": self.volume_id.hex(),
+            "block_size": self.block_size,
+            "created": self.created,
+            "kek": {
+                "current": self.current_kek,
+                "versions": [self.kek_versions[v].to_dict() for v in sorted(self.kek_versions)],
+            },
+        }
+        return (json.dumps(doc, indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> VolumeConfig:
+        """Parse and validate: format name, version, features, then fields."""
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"volume config is not valid JSON ({exc})") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            raise ConfigError("volume config is not an encfs-gw config")
+        version = doc.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ConfigError("volume config has no format_version")
+        if version not in SUPPORTED_VERSIONS:
+            raise UnsupportedFormat(
+                f"volume format version {version} is not supported by this encfs-gw "
+                f"(supported: {sorted(SUPPORTED_VERSIONS)}); upgrade encfs-gw"
+            )
+        features = doc.get("features")
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise ConfigError("volume config 'features' must be a list of strings")
+        unknown = sorted(set(features) - KNOWN_FEATURES)
+        if unknown:
+            raise UnsupportedFormat(
+                f"volume uses unknown feature flag(s) {', '.join(unknown)}; upgrade encfs-gw"
+            )
+        try:
+            kek = doc["kek"]
+            config = cls(
+                format_version=version,
+                features=tuple(features),
+                volume_id=bytes.fromhex(doc["volume_id"]),
+                block_size=int(doc["block_size"]),
+                created=str(doc["created"]),
+                current_kek=int(kek["current"]),
+                kek_versions={
+                    int(v["version"]): KekVersion(
+                        version=int(v["version"]),
+                        state=str(v["state"]),
+                        created=str(v["created"]),
+                        wrapped_volume_key=bytes.fromhex(v["wrapped_volume_key"]),
+                        protectors=[
+                            Protector(str(p["provider"]), dict(p["options"]), dict(p["record"]))
+                            for p in v["protectors"]
+                        ],
+                    )
+                    for v in kek["versions"]
+                },
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"volume config is corrupt ({type(exc).__name__}: {exc})") from None
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Runs on parse and on serialise."""
+        if len(self.volume_id) != VOLUME_ID_SIZE or self.volume_id == bytes(VOLUME_ID_SIZE):
+            raise ConfigError("volume config has a bad volume_id")
+        try:
+            Layout(self.block_size)
+        except ValueError as exc:
+            raise ConfigError(f"volume config: {exc}") from None
+        if not self.kek_versions or self.current_kek not in self.kek_versions:
+            raise ConfigError("volume config names no usable current KEK version")
+        for number, version in self.kek_versions.items():
+            if not 1 <= number <= 0xFFFF or version.state not in KEK_STATES:
+                raise ConfigError(f"volume config has a bad KEK version entry {number}")
+            if not version.protectors:
+                raise ConfigError(f"KEK version {number} has no provider protecting it")
+            if len(version.wrapped_volume_key) != 12 + VOLUME_KEY_SIZE + 16:
+                raise ConfigError(f"KEK version {number} has a malformed wrapped volume key")

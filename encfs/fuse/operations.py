@@ -1,0 +1,268 @@
+"""pyfuse3 Operations over a Volume: request decoding, attribute conversion, errno.
+
+Handlers call the volume synchronously on the trio thread (the data path never awaits
+mid-update, which is what makes block read-modify-write atomic); only fsync, which can
+take milliseconds, runs in a worker thread. Every handler is wrapped by `_translate`.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from encfs.fuse.errno_map import errno_for
+from encfs.volume import Attr, Volume
+
+log = logging.getLogger(__name__)
+
+ENTRY_TIMEOUT = 300.0  # all changes pass through us, so long caching is safe
+ATTR_TIMEOUT = 300.0
+NEGATIVE_TIMEOUT = 300.0
+XATTR_CAPABILITY = b"security.capability"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _translate(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            code = errno_for(exc)
+            if code == errno.EIO:
+                log.debug("%s -> EIO: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(code) from None
+
+    return wrapper
+
+
+def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = attr.ino
+    entry.generation = 0
+    entry.entry_timeout = ENTRY_TIMEOUT
+    entry.attr_timeout = ATTR_TIMEOUT
+    entry.st_mode = attr.mode
+    entry.st_nlink = attr.nlink
+    entry.st_uid = attr.uid
+    entry.st_gid = attr.gid
+    entry.st_rdev = attr.rdev
+    entry.st_size = attr.size
+    entry.st_blksize = attr.blksize
+    entry.st_blocks = attr.blocks
+    entry.st_atime_ns = attr.atime_ns
+    entry.st_mtime_ns = attr.mtime_ns
+    entry.st_ctime_ns = attr.ctime_ns
+    return entry
+
+
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = 0  # cached by the kernel as "does not exist"
+    entry.entry_timeout = NEGATIVE_TIMEOUT
+    return entry
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, volume: Volume) -> None:
+        super().__init__()
+        self.volume = volume
+
+    # --- inodes and attributes ---------------------------------------------------------
+    @_translate
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        try:
+            return entry_attributes(self.volume.lookup(parent_inode, name))
+        except FileNotFoundError:
+            return _negative_entry()
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            try:
+                self.volume.forget(ino, count)
+            except Exception:
+                log.exception("forget of inode %d failed", ino)
+
+    @_translate
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.volume.getattr(inode))
+
+    @_translate
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        result = self.volume.setattr(
+            inode,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return entry_attributes(result)
+
+    @_translate
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return self.volume.readlink(inode)
+
+    # --- namespace ---------------------------------------------------------------------
+    @_translate
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(
+            self.volume.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
+        )
+
+    @_translate
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.volume.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @_translate
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.volume.unlink(parent_inode, name)
+
+    @_translate
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.volume.rmdir(parent_inode, name)
+
+    @_translate
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(
+            self.volume.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
+        )
+
+    @_translate
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        self.volume.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_translate
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.volume.link(inode, new_parent_inode, new_name))
+
+    # --- files -------------------------------------------------------------------------
+    @_translate
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=self.volume.open(inode, flags))
+
+    @_translate
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attr = self.volume.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh), entry_attributes(attr)
+
+    @_translate
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.volume.read(fh, off, size)
+
+    @_translate
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.volume.write(fh, off, buf)
+
+    @_translate
+    async def flush(self, fh: int) -> None:
+        # Data is in the backing store's page cache after every write; durability is
+        # fsync's job. Answering (not ENOSYS) keeps the kernel sending flushes.
+        return None
+
+    @_translate
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self.volume.data_fd(fh)
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+
+    @_translate
+    async def release(self, fh: int) -> None:
+        self.volume.release(fh)
+
+    # --- directories -------------------------------------------------------------------
+    @_translate
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        return self.volume.opendir(inode)
+
+    @_translate
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        volume = self.volume
+        for name, backing_name, next_id in volume.readdir(fh, start_id):
+            try:
+                attr = volume.readdir_attr(fh, name, backing_name)
+            except FileNotFoundError:
+                continue  # removed since the listing was taken
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), next_id):
+                if backing_name is not None:
+                    volume.drop_if_unused(attr.ino)
+                return
+            if backing_name is not None:
+                volume.add_lookup(attr.ino)
+
+    @_translate
+    async def releasedir(self, fh: int) -> None:
+        self.volume.releasedir(fh)
+
+    @_translate
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await trio.to_thread.run_sync(os.fsync, self.volume.fsyncdir_fd(fh))
+
+    @_translate
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        st = self.volume.statfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = st.f_bsize
+        data.f_frsize = st.f_frsize
+        data.f_blocks = st.f_blocks
+        data.f_bfree = st.f_bfree
+        data.f_bavail = st.f_bavail
+        data.f_files = st.f_files
+        data.f_ffree = st.f_ffree
+        data.f_favail = st.f_favail
+        data.f_namemax = 255
+        return data
+
+    # --- extended attributes -----------------------------------------------------------
+    @_translate
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        # The kernel asks for security.capability before every write: answer at once.
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    @_translate
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return []
+
+    @_translate
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+    @_translate
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.ENODATA)

@@ -1,0 +1,117 @@
+"""The only holder of live key material (layer L3).
+
+At open it asks each KEK version's provider once (the hot path never calls a provider),
+unwraps the volume key, and from then on derives everything locally:
+
+* per (KEK version, file id): the AES-GCM key that wraps that file's DEKs (HKDF), cached;
+* from the volume key: the AES-SIV keys for names and symlink targets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+from encfs import crypto
+from encfs.errors import (
+    IntegrityError,
+    KeyAccessError,
+    ProviderConfigError,
+    WrongKey,
+)
+from encfs.format.volume import VOLUME_KEY_SIZE, VolumeConfig
+from encfs.keys.provider import KeyProvider
+from encfs.keys.registry import open_provider
+
+log = logging.getLogger(__name__)
+
+SLOT_CIPHER_CACHE = 4096
+
+ProviderFactory = Callable[[str, dict], KeyProvider]
+
+
+class Keyring:
+    """KEKs by version, the volume key and the keys derived from them."""
+
+    def __init__(self, config: VolumeConfig, keks: dict[int, bytes], volume_key: bytes) -> None:
+        self.volume_id = config.volume_id
+        self.current_kek_version = config.current_kek
+        self._keks = dict(keks)
+        self._slot_ciphers: OrderedDict[tuple[int, bytes], crypto.AESGCM_] = OrderedDict()
+        self.name_cipher = crypto.SivCipher(
+            crypto.hkdf(volume_key, crypto.INFO_NAME_KEY, crypto.SIV_KEY_SIZE)
+        )
+        self.symlink_cipher = crypto.SivCipher(
+            crypto.hkdf(volume_key, crypto.INFO_SYMLINK_KEY, crypto.SIV_KEY_SIZE)
+        )
+
+    @classmethod
+    def unlock(
+        cls, config: VolumeConfig, provider_factory: ProviderFactory = open_provider
+    ) -> Keyring:
+        """Recover every KEK version through its providers and unwrap the volume key.
+
+        Raises the first version's KeyAccessError if no protector of a version opens;
+        WrongKey if a KEK does not unwrap the volume key (wrong key or edited parameters).
+        """
+        keks: dict[int, bytes] = {}
+        volume_key: bytes | None = None
+        for number in sorted(config.kek_versions, key=lambda v: v != config.current_kek):
+            version = config.kek_versions[number]
+            kek = recover_kek(config, number, provider_factory)
+            try:
+                unwrapped = crypto.gcm_open(
+                    kek, version.wrapped_volume_key, config.volume_key_aad(number)
+                )
+            except IntegrityError:
+                raise WrongKey(
+                    f"KEK version {number} does not open this volume "
+                    "(wrong key, or the volume's parameters were altered)"
+                ) from None
+            if len(unwrapped) != VOLUME_KEY_SIZE or (volume_key not in (None, unwrapped)):
+                raise WrongKey(f"KEK version {number} unwraps a different volume key")
+            volume_key = unwrapped
+            keks[number] = kek
+        assert volume_key is not None
+        return cls(config, keks, volume_key)
+
+    def slot_cipher(self, kek_version: int, file_id: bytes) -> crypto.AESGCM_:
+        """The AES-GCM object that wraps the DEKs of `file_id` under `kek_version`."""
+        cache_key = (kek_version, file_id)
+        cipher = self._slot_ciphers.get(cache_key)
+        if cipher is not None:
+            self._slot_ciphers.move_to_end(cache_key)
+            return cipher
+        kek = self._keks.get(kek_version)
+        if kek is None:
+            raise IntegrityError(f"key slot names unknown KEK version {kek_version}")
+        cipher = crypto.AESGCM_(
+            crypto.hkdf(kek, crypto.INFO_DEK_WRAP_KEY + file_id, crypto.KEY_SIZE, self.volume_id)
+        )
+        self._slot_ciphers[cache_key] = cipher
+        if len(self._slot_ciphers) > SLOT_CIPHER_CACHE:
+            self._slot_ciphers.popitem(last=False)
+        return cipher
+
+
+def recover_kek(config: VolumeConfig, number: int, provider_factory: ProviderFactory) -> bytes:
+    """Try each protector of KEK version `number` in order; the first that opens wins."""
+    errors: list[KeyAccessError] = []
+    binding = config.provider_binding(number)
+    for protector in config.kek_versions[number].protectors:
+        provider = provider_factory(protector.provider, protector.options)
+        try:
+            kek = provider.recover(protector.record, binding)
+        except KeyAccessError as exc:
+            log.info(
+                "provider %s could not open KEK version %d: %s", protector.provider, number, exc
+            )
+            errors.append(exc)
+            continue
+        finally:
+            provider.close()
+        if len(kek) != crypto.KEY_SIZE:
+            raise ProviderConfigError(f"provider {protector.provider} returned a malformed KEK")
+        return kek
+    raise errors[0]

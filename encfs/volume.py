@@ -1,0 +1,847 @@
+"""The volume engine: the plaintext filesystem API over the backing store (layer L4).
+
+Usable without FUSE: methods take FUSE-style inode numbers and plaintext names (bytes)
+and raise OSError (with errno) or IntegrityError; the FUSE adapter translates those.
+Metadata (mode, owner, times, link count) lives in the backing inodes themselves; sizes
+are derived from ciphertext sizes arithmetically, so stat never decrypts anything.
+
+Lookup counts follow pyfuse3: lookup/create/mkdir/symlink/mknod/link and every accepted
+readdirplus entry add one, forget subtracts, and an inode's backing handle is released
+only when its lookup count and open count both reach zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from encfs import backing, crypto
+from encfs.contents import FileContents
+from encfs.errors import (
+    ConfigError,
+    IntegrityError,
+    NotAVolume,
+    UsageError,
+    VolumeBusy,
+    VolumeExists,
+)
+from encfs.format import DEFAULT_FEATURES
+from encfs.format import names as fnames
+from encfs.format.blocks import HEADER_SIZE, FileHeader, Layout
+from encfs.format.volume import VOLUME_KEY_SIZE, KekVersion, Protector, VolumeConfig
+from encfs.keyring import Keyring, ProviderFactory
+from encfs.keys.provider import KeyProvider
+from encfs.keys.registry import open_provider
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+STAT_BLKSIZE = 131072  # big st_blksize: cp/stdio then write in 128 KiB chunks
+
+
+@dataclass(slots=True)
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    blksize: int = STAT_BLKSIZE
+
+
+class Inode:
+    """A backing object known to the kernel (lookups > 0) or open (opens > 0)."""
+
+    __slots__ = ("contents", "data_fd", "dir_id", "fd", "ino", "lookups", "mode", "opens")
+
+    def __init__(self, ino: int, fd: int, mode: int) -> None:
+        self.ino = ino
+        self.fd = fd  # O_PATH handle (directories: an O_RDONLY directory fd)
+        self.mode = stat.S_IFMT(mode)
+        self.lookups = 0
+        self.opens = 0
+        self.dir_id: bytes | None = None
+        self.data_fd: int | None = None  # shared by all open handles of a regular file
+        self.contents: FileContents | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.mode == stat.S_IFDIR
+
+
+class DirHandle:
+    __slots__ = ("entries", "inode")
+
+    def __init__(self, inode: Inode) -> None:
+        self.inode = inode
+        self.entries: list[tuple[bytes, str]] | None = None  # (plain name, backing name)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _oserror(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
+
+
+# --- creating and opening volumes ---------------------------------------------------------
+
+
+def create_volume(
+    backing_path: str,
+    provider: KeyProvider,
+    block_size: int,
+) -> VolumeConfig:
+    """Make a new volume in an empty (or new) directory; the directory is made 0700."""
+    try:
+        Layout(block_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if os.path.lexists(backing_path):
+        if not os.path.isdir(backing_path):
+            raise UsageError(f"{backing_path} exists and is not a directory")
+        if os.path.exists(os.path.join(backing_path, fnames.CONFIG_FILE)):
+            raise VolumeExists(f"{backing_path} already holds an encfs-gw volume")
+        if os.listdir(backing_path):
+            raise UsageError(f"{backing_path} is not empty; a volume needs an empty directory")
+    else:
+        os.makedirs(backing_path, mode=0o700)
+    os.chmod(backing_path, 0o700)
+    provider.prepare_new()
+    volume_key = crypto.random_key(VOLUME_KEY_SIZE)
+    kek = crypto.random_key()
+    config = VolumeConfig(
+        volume_id=crypto.random_key(16),
+        block_size=block_size,
+        features=DEFAULT_FEATURES,
+        created=_now(),
+        current_kek=1,
+        kek_versions={},
+    )
+    record = provider.protect(kek, config.provider_binding(1))
+    config.kek_versions[1] = KekVersion(
+        version=1,
+        state="active",
+        created=config.created,
+        wrapped_volume_key=crypto.gcm_seal(kek, volume_key, config.volume_key_aad(1)),
+        protectors=[Protector(provider.name, provider.options, record)],
+    )
+    dir_fd = os.open(backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        backing.write_file_atomic(dir_fd, fnames.DIR_ID_FILE, crypto.random_key(16), 0o400)
+        backing.write_file_atomic(dir_fd, fnames.CONFIG_FILE, config.to_json(), 0o600)
+    finally:
+        os.close(dir_fd)
+    return config
+
+
+def read_config(backing_path: str) -> VolumeConfig:
+    try:
+        dir_fd = os.open(backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotAVolume(f"backing directory {backing_path} does not exist") from None
+    except NotADirectoryError:
+        raise NotAVolume(f"{backing_path} is not a directory") from None
+    try:
+        data = backing.read_small_file(dir_fd, fnames.CONFIG_FILE)
+    except FileNotFoundError:
+        raise NotAVolume(
+            f"{backing_path} is not an encfs-gw volume (no {fnames.CONFIG_FILE})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the volume config: {exc.strerror}") from None
+    finally:
+        os.close(dir_fd)
+    return VolumeConfig.from_json(data)
+
+
+class Volume:
+    """An unlocked, opened volume. One instance per mount (or per offline tool run)."""
+
+    def __init__(self, backing_path: str, config: VolumeConfig, keyring: Keyring) -> None:
+        self.backing_path = backing_path
+        self.config = config
+        self.layout = config.layout
+        self.keyring = keyring
+        self.read_only = False
+        self._root_fd = os.open(
+            backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+        self._lock_fd = self._take_lock()
+        st = os.fstat(self._root_fd)
+        self._root_dev = st.st_dev
+        self._root_backing_ino = st.st_ino
+        root = Inode(ROOT_INODE, os.dup(self._root_fd), st.st_mode)
+        root.lookups = 1  # the kernel's reference to the root is never forgotten
+        self._inodes: dict[int, Inode] = {ROOT_INODE: root}
+        self._handles: dict[int, Inode] = {}
+        self._dir_handles: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        self.counters = {"integrity_errors": 0}
+
+    @classmethod
+    def unlock(cls, backing_path: str, provider_factory: ProviderFactory = open_provider) -> Volume:
+        crypto.self_test()
+        config = read_config(backing_path)
+        keyring = Keyring.unlock(config, provider_factory)
+        return cls(backing_path, config, keyring)
+
+    def _take_lock(self) -> int:
+        import fcntl
+
+        fd = os.open(
+            fnames.LOCK_FILE,
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=self._root_fd,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise VolumeBusy(f"volume {self.backing_path} is already in use (mounted?)") from None
+        # The holder's pid lets `encfs-gw unmount` wait for the daemon to finish.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def close(self) -> None:
+        """Forget everything and release every descriptor (after unmount)."""
+        for inode in list(self._inodes.values()):
+            self._drop(inode, force=True)
+        self._inodes.clear()
+        self._handles.clear()
+        self._dir_handles.clear()
+        for fd in (self._root_fd, self._lock_fd):
+            os.close(fd)
+
+    def sync(self) -> None:
+        backing.syncfs(self._root_fd)
+
+    # --- inode table -----------------------------------------------------------------
+    def _fuse_ino(self, backing_ino: int) -> int:
+        # Swap the backing root's number with 1 so the root is ROOT_INODE and no other
+        # object can collide with it; every other number is the backing one (stable).
+        if backing_ino == self._root_backing_ino:
+            return ROOT_INODE
+        if backing_ino == ROOT_INODE:
+            return self._root_backing_ino
+        return backing_ino
+
+    def inode(self, ino: int) -> Inode:
+        try:
+            return self._inodes[ino]
+        except KeyError:
+            raise _oserror(errno.ESTALE, f"inode {ino}") from None
+
+    def _register(self, fd: int) -> tuple[Inode, os.stat_result]:
+        """Adopt an O_PATH handle: reuse the known inode (closing fd) or make a new one."""
+        st = os.fstat(fd)
+        if st.st_dev != self._root_dev:
+            os.close(fd)
+            raise _oserror(errno.EXDEV, "backing entry on another filesystem")
+        ino = self._fuse_ino(st.st_ino)
+        known = self._inodes.get(ino)
+        if known is not None:
+            os.close(fd)
+            return known, st
+        if stat.S_ISDIR(st.st_mode):
+            try:  # a real directory fd: usable as dir_fd, for fsync and for listing
+                dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                os.close(fd)
+                fd = dir_fd
+            except PermissionError:
+                pass
+        inode = Inode(ino, fd, st.st_mode)
+        self._inodes[ino] = inode
+        return inode, st
+
+    def _drop(self, inode: Inode, force: bool = False) -> None:
+        if not force and (inode.lookups > 0 or inode.opens > 0 or inode.ino == ROOT_INODE):
+            return
+        if inode.data_fd is not None:
+            os.close(inode.data_fd)
+            inode.data_fd = None
+            inode.contents = None
+        os.close(inode.fd)
+        self._inodes.pop(inode.ino, None)
+
+    def forget(self, ino: int, count: int) -> None:
+        inode = self._inodes.get(ino)
+        if inode is None:
+            return
+        inode.lookups -= count
+        if inode.lookups <= 0:
+            inode.lookups = 0
+            self._drop(inode)
+
+    def add_lookup(self, ino: int) -> None:
+        self.inode(ino).lookups += 1
+
+    def drop_if_unused(self, ino: int) -> None:
+        inode = self._inodes.get(ino)
+        if inode is not None:
+            self._drop(inode)
+
+    # --- attributes ------------------------------------------------------------------
+    def _attr(self, inode: Inode, st: os.stat_result) -> Attr:
+        if stat.S_ISREG(st.st_mode):
+            size = self.layout.plain_size(st.st_size)
+        elif stat.S_ISLNK(st.st_mode):
+            size = max(0, st.st_size * 3 // 4 - crypto.TAG_SIZE)
+        else:
+            size = st.st_size
+        return Attr(
+            ino=inode.ino,
+            mode=st.st_mode,
+            nlink=st.st_nlink,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            rdev=st.st_rdev,
+            size=size,
+            blocks=st.st_blocks,
+            atime_ns=st.st_atime_ns,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+        )
+
+    def getattr(self, ino: int) -> Attr:
+        inode = self.inode(ino)
+        fd = inode.data_fd if inode.data_fd is not None else inode.fd
+        return self._attr(inode, os.fstat(fd))
+
+    # --- names -----------------------------------------------------------------------
+    def _dir_id(self, directory: Inode) -> bytes:
+        if directory.dir_id is None:
+            try:
+                dir_id = backing.read_small_file(directory.fd, fnames.DIR_ID_FILE, 64)
+            except FileNotFoundError:
+                raise IntegrityError(
+                    f"directory inode {directory.ino} has no directory id"
+                ) from None
+            if len(dir_id) != fnames.DIR_ID_SIZE:
+                raise IntegrityError(f"directory inode {directory.ino} has a bad directory id")
+            directory.dir_id = dir_id
+        return directory.dir_id
+
+    def _encode(self, directory: Inode, plain_name: bytes) -> tuple[str, str]:
+        """(backing name, full encoded name); they differ for long names."""
+        try:
+            padded = fnames.pad_name(plain_name)
+        except IntegrityError:
+            raise _oserror(
+                errno.ENAMETOOLONG if len(plain_name) > fnames.NAME_MAX else errno.EINVAL
+            ) from None
+        sealed = self.keyring.name_cipher.seal(padded, fnames.name_aad(self._dir_id(directory)))
+        encoded = fnames.b64encode(sealed)
+        if fnames.is_long(encoded):
+            return fnames.long_name_stub(encoded), encoded
+        return encoded, encoded
+
+    def _decode(self, directory: Inode, backing_name: str) -> bytes | None:
+        """Plaintext of a backing entry name; None for reserved entries."""
+        kind = fnames.classify(backing_name)
+        if kind == "reserved":
+            return None
+        if kind == "long":
+            encoded = backing.read_small_file(
+                directory.fd, fnames.sidecar_name(backing_name), 4096
+            ).decode("ascii", "replace")
+            if fnames.long_name_stub(encoded) != backing_name:
+                raise IntegrityError("long-name sidecar does not match its entry")
+        else:
+            encoded = backing_name
+        sealed = fnames.b64decode_strict(encoded)
+        padded = self.keyring.name_cipher.open(sealed, fnames.name_aad(self._dir_id(directory)))
+        return fnames.unpad_name(padded)
+
+    def _write_sidecar(self, directory: Inode, backing_name: str, encoded: str) -> None:
+        if backing_name != encoded:
+            backing.write_file_atomic(
+                directory.fd, fnames.sidecar_name(backing_name), encoded.encode(), 0o400
+            )
+
+    def _remove_sidecar(self, directory: Inode, backing_name: str) -> None:
+        if fnames.classify(backing_name) == "long":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fnames.sidecar_name(backing_name), dir_fd=directory.fd)
+
+    def _dir(self, ino: int) -> Inode:
+        inode = self.inode(ino)
+        if not inode.is_dir:
+            raise _oserror(errno.ENOTDIR)
+        return inode
+
+    # --- lookup ----------------------------------------------------------------------
+    def _child(self, parent: Inode, plain_name: bytes) -> tuple[Inode, os.stat_result]:
+        backing_name, _ = self._encode(parent, plain_name)
+        return self._register(backing.open_path(backing_name, parent.fd))
+
+    def lookup(self, parent_ino: int, plain_name: bytes) -> Attr:
+        parent = self._dir(parent_ino)
+        if plain_name == b".":
+            inode, st = parent, os.fstat(parent.fd)
+        elif plain_name == b"..":
+            inode, st = (
+                self._register(backing.open_path("..", parent.fd))
+                if (parent.ino != ROOT_INODE)
+                else (parent, os.fstat(parent.fd))
+            )
+        else:
+            inode, st = self._child(parent, plain_name)
+        inode.lookups += 1
+        return self._attr(inode, st)
+
+    # --- creating entries ------------------------------------------------------------
+    def _owner(self, parent: Inode, uid: int, gid: int) -> tuple[int, int]:
+        parent_st = os.fstat(parent.fd)
+        if parent_st.st_mode & stat.S_ISGID:
+            gid = parent_st.st_gid
+        return uid, gid
+
+    def _adopt_new(self, parent: Inode, backing_name: str, uid: int, gid: int) -> Inode:
+        inode, _ = self._register(backing.open_path(backing_name, parent.fd))
+        if os.geteuid() == 0:
+            backing.chown_fd(inode.fd, *self._owner(parent, uid, gid))
+        inode.lookups += 1
+        return inode
+
+    def _check_free(self, parent: Inode, backing_name: str) -> None:
+        try:
+            os.stat(backing_name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        raise _oserror(errno.EEXIST)
+
+    def mkdir(self, parent_ino: int, plain_name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        parent = self._dir(parent_ino)
+        backing_name, encoded = self._encode(parent, plain_name)
+        self._check_free(parent, backing_name)
+        if os.fstat(parent.fd).st_mode & stat.S_ISGID:
+            mode |= stat.S_ISGID
+        # Build the directory under a temporary name with its id inside, then move it in:
+        # a crash never leaves a visible directory without an id.
+        tmp = backing.temp_name()
+        os.mkdir(tmp, stat.S_IMODE(mode) | 0o700, dir_fd=parent.fd)
+        try:
+            tmp_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent.fd)
+            try:
+                backing.write_file_atomic(tmp_fd, fnames.DIR_ID_FILE, crypto.random_key(16), 0o400)
+                os.chmod(tmp_fd, stat.S_IMODE(mode))
+            finally:
+                os.close(tmp_fd)
+            self._write_sidecar(parent, backing_name, encoded)
+            backing.renameat2(parent.fd, tmp, parent.fd, backing_name, backing.RENAME_NOREPLACE)
+        except BaseException:
+            self._remove_tree(parent.fd, tmp)
+            raise
+        return self.getattr(self._adopt_new(parent, backing_name, uid, gid).ino)
+
+    def create(
+        self, parent_ino: int, plain_name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[int, Attr]:
+        parent = self._dir(parent_ino)
+        backing_name, encoded = self._encode(parent, plain_name)
+        self._write_sidecar(parent, backing_name, encoded)
+        fd = os.open(
+            backing_name,
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            stat.S_IMODE(mode),
+            dir_fd=parent.fd,
+        )
+        try:
+            os.pwrite(fd, FileHeader(file_id=crypto.random_key(16)).pack(), 0)
+        except BaseException:
+            os.close(fd)
+            os.unlink(backing_name, dir_fd=parent.fd)
+            raise
+        os.close(fd)
+        inode = self._adopt_new(parent, backing_name, uid, gid)
+        fh = self.open(inode.ino, flags & ~os.O_TRUNC)
+        return fh, self.getattr(inode.ino)
+
+    def mknod(
+        self, parent_ino: int, plain_name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Attr:
+        parent = self._dir(parent_ino)
+        if stat.S_ISREG(mode):
+            fh, _ = self.create(parent_ino, plain_name, mode, os.O_RDWR, uid, gid)
+            ino = self._handles[fh].ino
+            self.release(fh)
+            return self.getattr(ino)
+        backing_name, encoded = self._encode(parent, plain_name)
+        self._write_sidecar(parent, backing_name, encoded)
+        os.mknod(backing_name, mode, rdev, dir_fd=parent.fd)
+        return self.getattr(self._adopt_new(parent, backing_name, uid, gid).ino)
+
+    def symlink(
+        self, parent_ino: int, plain_name: bytes, target: bytes, uid: int, gid: int
+    ) -> Attr:
+        parent = self._dir(parent_ino)
+        if not target or len(target) >= 4096 or b"\0" in target:
+            raise _oserror(errno.ENAMETOOLONG if target else errno.ENOENT)
+        cipher_target = fnames.b64encode(
+            self.keyring.symlink_cipher.seal(target, fnames.symlink_aad())
+        )
+        if len(cipher_target) > 4095:
+            raise _oserror(errno.ENAMETOOLONG, "symlink target too long for the backing store")
+        backing_name, encoded = self._encode(parent, plain_name)
+        self._write_sidecar(parent, backing_name, encoded)
+        os.symlink(cipher_target, backing_name, dir_fd=parent.fd)
+        return self.getattr(self._adopt_new(parent, backing_name, uid, gid).ino)
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.inode(ino)
+        if inode.mode != stat.S_IFLNK:
+            raise _oserror(errno.EINVAL)
+        cipher_target = os.readlink("", dir_fd=inode.fd)
+        return self.keyring.symlink_cipher.open(
+            fnames.b64decode_strict(cipher_target), fnames.symlink_aad()
+        )
+
+    def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attr:
+        inode = self.inode(ino)
+        if inode.is_dir:
+            raise _oserror(errno.EPERM)
+        parent = self._dir(new_parent_ino)
+        backing_name, encoded = self._encode(parent, new_name)
+        self._check_free(parent, backing_name)
+        self._write_sidecar(parent, backing_name, encoded)
+        backing.link_fd(inode.fd, parent.fd, backing_name)
+        inode.lookups += 1
+        return self.getattr(ino)
+
+    # --- removing and renaming -------------------------------------------------------
+    def unlink(self, parent_ino: int, plain_name: bytes) -> None:
+        parent = self._dir(parent_ino)
+        backing_name, _ = self._encode(parent, plain_name)
+        st = os.stat(backing_name, dir_fd=parent.fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            raise _oserror(errno.EISDIR)
+        os.unlink(backing_name, dir_fd=parent.fd)
+        self._remove_sidecar(parent, backing_name)
+
+    def _is_empty_dir(self, dir_fd: int, name: str) -> bool:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        try:
+            return all(
+                fnames.classify(n) == "reserved" and not n.startswith(fnames.LONG_NAME_PREFIX)
+                for n in os.listdir(fd)
+            )
+        finally:
+            os.close(fd)
+
+    def _remove_tree(self, dir_fd: int, name: str) -> None:
+        """Remove a backing directory holding only reserved entries (ids, temp files)."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return
+        try:
+            for entry in os.listdir(fd):
+                os.unlink(entry, dir_fd=fd)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=dir_fd)
+
+    def rmdir(self, parent_ino: int, plain_name: bytes) -> None:
+        parent = self._dir(parent_ino)
+        backing_name, _ = self._encode(parent, plain_name)
+        st = os.stat(backing_name, dir_fd=parent.fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            raise _oserror(errno.ENOTDIR)
+        if not self._is_empty_dir(parent.fd, backing_name):
+            raise _oserror(errno.ENOTEMPTY)
+        # Move it out of sight first so a crash leaves a temp entry, never a dir without id.
+        tmp = backing.temp_name()
+        backing.renameat2(parent.fd, backing_name, parent.fd, tmp, backing.RENAME_NOREPLACE)
+        self._remove_sidecar(parent, backing_name)
+        self._remove_tree(parent.fd, tmp)
+
+    def rename(
+        self,
+        old_parent_ino: int,
+        old_name: bytes,
+        new_parent_ino: int,
+        new_name: bytes,
+        flags: int = 0,
+    ) -> None:
+        old_parent = self._dir(old_parent_ino)
+        new_parent = self._dir(new_parent_ino)
+        old_backing, _ = self._encode(old_parent, old_name)
+        new_backing, new_encoded = self._encode(new_parent, new_name)
+        old_st = os.stat(old_backing, dir_fd=old_parent.fd, follow_symlinks=False)
+        try:
+            new_st = os.stat(new_backing, dir_fd=new_parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            new_st = None
+        if flags & backing.RENAME_EXCHANGE:
+            if new_st is None:
+                raise _oserror(errno.ENOENT)
+            _, old_encoded = self._encode(old_parent, old_name)
+            self._write_sidecar(new_parent, new_backing, new_encoded)
+            self._write_sidecar(old_parent, old_backing, old_encoded)
+            backing.renameat2(
+                old_parent.fd, old_backing, new_parent.fd, new_backing, backing.RENAME_EXCHANGE
+            )
+            return
+        if new_st is not None:
+            if flags & backing.RENAME_NOREPLACE:
+                raise _oserror(errno.EEXIST)
+            if old_st.st_ino == new_st.st_ino:
+                return  # same object (hard links to one file): POSIX says do nothing
+            if stat.S_ISDIR(new_st.st_mode):
+                if not stat.S_ISDIR(old_st.st_mode):
+                    raise _oserror(errno.EISDIR)
+                if not self._is_empty_dir(new_parent.fd, new_backing):
+                    raise _oserror(errno.ENOTEMPTY)
+                # Swap atomically, then remove the (empty) directory that was replaced.
+                backing.renameat2(
+                    old_parent.fd, old_backing, new_parent.fd, new_backing, backing.RENAME_EXCHANGE
+                )
+                tmp = backing.temp_name()
+                backing.renameat2(
+                    old_parent.fd, old_backing, old_parent.fd, tmp, backing.RENAME_NOREPLACE
+                )
+                self._remove_sidecar(old_parent, old_backing)
+                self._remove_tree(old_parent.fd, tmp)
+                return
+            if stat.S_ISDIR(old_st.st_mode):
+                raise _oserror(errno.ENOTDIR)
+        self._write_sidecar(new_parent, new_backing, new_encoded)
+        os.rename(old_backing, new_backing, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
+        if (old_parent.ino, old_backing) != (new_parent.ino, new_backing):
+            self._remove_sidecar(old_parent, old_backing)
+
+    # --- attributes changes ----------------------------------------------------------
+    def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Attr:
+        inode = self.inode(ino)
+        if size is not None:
+            if inode.mode != stat.S_IFREG:
+                raise _oserror(errno.EISDIR if inode.is_dir else errno.EINVAL)
+            self._with_contents(inode, lambda contents: contents.truncate(size))
+            self._kill_suid(inode)
+        if mode is not None:
+            if inode.mode == stat.S_IFLNK:
+                raise _oserror(errno.EOPNOTSUPP)
+            backing.chmod_fd(inode.fd, stat.S_IMODE(mode))
+        if uid is not None or gid is not None:
+            backing.chown_fd(inode.fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        if atime_ns is not None or mtime_ns is not None:
+            backing.utimens_fd(inode.fd, atime_ns, mtime_ns)
+        return self.getattr(ino)
+
+    def _kill_suid(self, inode: Inode) -> None:
+        """Clear setuid/setgid after a data change, as a local filesystem does."""
+        st_mode = os.fstat(inode.fd).st_mode
+        kill = stat.S_ISUID
+        if st_mode & stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if st_mode & kill:
+            backing.chmod_fd(inode.fd, stat.S_IMODE(st_mode) & ~kill)
+
+    # --- file data -------------------------------------------------------------------
+    def _open_data(self, inode: Inode) -> None:
+        if inode.data_fd is not None:
+            return
+        try:
+            inode.data_fd = backing.reopen(inode.fd, os.O_RDWR)
+        except PermissionError:
+            inode.data_fd = backing.reopen(inode.fd, os.O_RDONLY)
+        inode.contents = None
+        header = os.pread(inode.data_fd, HEADER_SIZE, 0)
+        if header:
+            try:
+                file_header = FileHeader.unpack(header)
+            except IntegrityError:
+                os.close(inode.data_fd)
+                inode.data_fd = None
+                raise
+            inode.contents = FileContents(
+                inode.data_fd, self.layout, self.config.volume_id, file_header.file_id, self.keyring
+            )
+
+    def _ensure_contents(self, inode: Inode) -> FileContents:
+        """Contents of an open file, writing the header of a file a crash left empty."""
+        if inode.contents is None:
+            assert inode.data_fd is not None
+            os.pwrite(inode.data_fd, FileHeader(file_id=crypto.random_key(16)).pack(), 0)
+            self._close_data(inode)
+            self._open_data(inode)
+        assert inode.contents is not None
+        return inode.contents
+
+    def _close_data(self, inode: Inode) -> None:
+        if inode.data_fd is not None:
+            os.close(inode.data_fd)
+        inode.data_fd = None
+        inode.contents = None
+
+    def _with_contents(self, inode: Inode, action: Callable[[FileContents], None]) -> None:
+        transient = inode.data_fd is None
+        self._open_data(inode)
+        try:
+            action(self._ensure_contents(inode))
+        finally:
+            if transient and inode.opens == 0:
+                self._close_data(inode)
+
+    def open(self, ino: int, flags: int) -> int:
+        inode = self.inode(ino)
+        if inode.mode != stat.S_IFREG:
+            raise _oserror(errno.EISDIR if inode.is_dir else errno.EINVAL)
+        self._open_data(inode)
+        inode.opens += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = inode
+        if flags & os.O_TRUNC:
+            try:
+                self._ensure_contents(inode).truncate(0)
+                self._kill_suid(inode)
+            except BaseException:
+                self.release(fh)
+                raise
+        return fh
+
+    def _handle(self, fh: int) -> Inode:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise _oserror(errno.EBADF) from None
+
+    def read(self, fh: int, plain_offset: int, plain_length: int) -> bytes:
+        inode = self._handle(fh)
+        if inode.contents is None:
+            return b""
+        try:
+            return inode.contents.read(plain_offset, plain_length)
+        except IntegrityError as exc:
+            self._report_integrity(inode, exc)
+            raise
+
+    def write(self, fh: int, plain_offset: int, data: bytes) -> int:
+        inode = self._handle(fh)
+        contents = self._ensure_contents(inode)
+        try:
+            written = contents.write(plain_offset, data)
+        except IntegrityError as exc:
+            self._report_integrity(inode, exc)
+            raise
+        self._kill_suid(inode)
+        return written
+
+    def _report_integrity(self, inode: Inode, exc: IntegrityError) -> None:
+        self.counters["integrity_errors"] += 1
+        log.warning("integrity failure in inode %d: %s", inode.ino, exc)
+
+    def data_fd(self, fh: int) -> int:
+        """The backing data descriptor of a handle (for fsync in a worker thread)."""
+        fd = self._handle(fh).data_fd
+        assert fd is not None
+        return fd
+
+    def release(self, fh: int) -> None:
+        inode = self._handles.pop(fh, None)
+        if inode is None:
+            return
+        inode.opens -= 1
+        if inode.opens == 0:
+            self._close_data(inode)
+            self._drop(inode)
+
+    # --- directories -----------------------------------------------------------------
+    def opendir(self, ino: int) -> int:
+        inode = self._dir(ino)
+        inode.opens += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_handles[fh] = DirHandle(inode)
+        return fh
+
+    def readdir(self, fh: int, start: int) -> list[tuple[bytes, str | None, int]]:
+        """Entries from index `start`: (plain name, backing name or None for . and ..)."""
+        handle = self._dir_handles.get(fh)
+        if handle is None:
+            raise _oserror(errno.EBADF)
+        if start == 0 or handle.entries is None:
+            handle.entries = self._list(handle.inode)
+        return [
+            (plain, backing_name, index + 1)
+            for index, (plain, backing_name) in enumerate(handle.entries)
+            if index >= start
+        ]
+
+    def _list(self, directory: Inode) -> list[tuple[bytes, str | None]]:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory.fd)
+        try:
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
+        entries: list[tuple[bytes, str | None]] = [(b".", None), (b"..", None)]
+        for backing_name in sorted(names):
+            try:
+                plain = self._decode(directory, backing_name)
+            except (IntegrityError, OSError) as exc:
+                self.counters["integrity_errors"] += 1
+                log.warning(
+                    "skipping undecryptable entry %r in directory inode %d: %s",
+                    backing_name,
+                    directory.ino,
+                    exc,
+                )
+                continue
+            if plain is not None:
+                entries.append((plain, backing_name))
+        return entries
+
+    def readdir_attr(self, dir_fh: int, plain_name: bytes, backing_name: str | None) -> Attr:
+        """Attributes of a listed entry, registering its inode (lookup count unchanged)."""
+        directory = self._dir_handles[dir_fh].inode
+        if backing_name is None:
+            if plain_name == b"." or directory.ino == ROOT_INODE:
+                return self._attr(directory, os.fstat(directory.fd))
+            fd = backing.open_path("..", directory.fd)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            return self._attr(Inode(self._fuse_ino(st.st_ino), -1, st.st_mode), st)
+        inode, st = self._register(backing.open_path(backing_name, directory.fd))
+        return self._attr(inode, st)
+
+    def releasedir(self, fh: int) -> None:
+        handle = self._dir_handles.pop(fh, None)
+        if handle is not None:
+            handle.inode.opens -= 1
+            self._drop(handle.inode)
+
+    def fsyncdir_fd(self, fh: int) -> int:
+        return self._dir_handles[fh].inode.fd
+
+    # --- filesystem ------------------------------------------------------------------
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self._root_fd)
