@@ -11,7 +11,7 @@ import os
 import struct
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -26,6 +26,7 @@ SIV_KEY_SIZE = 64
 INFO_NAME_KEY = b"encfs-gw v1: AES-SIV key for file names"
 INFO_SYMLINK_KEY = b"encfs-gw v1: AES-SIV key for symlink targets"
 INFO_XATTR_KEY = b"encfs-gw v1: AES-SIV key for xattr names and values"
+INFO_BINDING_KEY = b"encfs-gw v1: HMAC key binding file headers to their names"
 INFO_DEK_WRAP_KEY = b"encfs-gw v1: AES-GCM key wrapping the DEKs of one file, file id follows"
 
 AESGCM_ = AESGCM  # re-exported for the block engine's hot path (encrypt_into/decrypt_into)
@@ -56,6 +57,13 @@ def gcm_open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
         return AESGCM(key).decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
     except InvalidTag:
         raise IntegrityError("authentication failed") from None
+
+
+def mac(key: bytes, message: bytes, length: int = 16) -> bytes:
+    """HMAC-SHA256 truncated to `length` bytes."""
+    h = hmac.HMAC(key, hashes.SHA256())
+    h.update(message)
+    return h.finalize()[:length]
 
 
 class SivCipher:

@@ -20,6 +20,7 @@ from encfs.errors import (
     ProviderConfigError,
     WrongKey,
 )
+from encfs.format.blocks import BINDING_SIZE
 from encfs.format.volume import VOLUME_KEY_SIZE, VolumeConfig
 from encfs.keys.provider import KeyProvider
 from encfs.keys.registry import open_provider
@@ -42,6 +43,7 @@ class Keyring:
         self.name_cipher = crypto.SivCipher(
             crypto.hkdf(volume_key, crypto.INFO_NAME_KEY, crypto.SIV_KEY_SIZE)
         )
+        self._binding_key = crypto.hkdf(volume_key, crypto.INFO_BINDING_KEY, crypto.KEY_SIZE)
         self.symlink_cipher = crypto.SivCipher(
             crypto.hkdf(volume_key, crypto.INFO_SYMLINK_KEY, crypto.SIV_KEY_SIZE)
         )
@@ -75,6 +77,9 @@ class Keyring:
             keks[number] = kek
         assert volume_key is not None
         return cls(config, keks, volume_key)
+
+    def binding_tag(self, message: bytes) -> bytes:
+        return crypto.mac(self._binding_key, message, BINDING_SIZE)
 
     def slot_cipher(self, kek_version: int, file_id: bytes) -> crypto.AESGCM_:
         """The AES-GCM object that wraps the DEKs of `file_id` under `kek_version`."""

@@ -13,6 +13,7 @@ only when its lookup count and open count both reach zero.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -33,7 +34,14 @@ from encfs.errors import (
 )
 from encfs.format import DEFAULT_FEATURES
 from encfs.format import names as fnames
-from encfs.format.blocks import HEADER_SIZE, FileHeader, Layout
+from encfs.format.blocks import (
+    BINDING_SIZE,
+    HEADER_FLAG_UNBOUND,
+    HEADER_SIZE,
+    FileHeader,
+    Layout,
+    binding_message,
+)
 from encfs.format.volume import VOLUME_KEY_SIZE, KekVersion, Protector, VolumeConfig
 from encfs.keyring import Keyring, ProviderFactory
 from encfs.keys.provider import KeyProvider
@@ -42,6 +50,8 @@ from encfs.keys.registry import open_provider
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+_ZERO_TAG = bytes(BINDING_SIZE)
+UNBOUND_LABEL = b"EGWF unbound"
 STAT_BLKSIZE = 131072  # big st_blksize: cp/stdio then write in 128 KiB chunks
 
 
@@ -64,7 +74,17 @@ class Attr:
 class Inode:
     """A backing object known to the kernel (lookups > 0) or open (opens > 0)."""
 
-    __slots__ = ("contents", "data_fd", "dir_id", "fd", "ino", "lookups", "mode", "opens")
+    __slots__ = (
+        "contents",
+        "data_fd",
+        "dir_id",
+        "fd",
+        "ino",
+        "location",
+        "lookups",
+        "mode",
+        "opens",
+    )
 
     def __init__(self, ino: int, fd: int, mode: int) -> None:
         self.ino = ino
@@ -75,6 +95,9 @@ class Inode:
         self.dir_id: bytes | None = None
         self.data_fd: int | None = None  # shared by all open handles of a regular file
         self.contents: FileContents | None = None
+        # (parent dir id, plain name) it was last reached by: checked against the file
+        # header's name binding, so a file's ciphertext copied over another is refused.
+        self.location: tuple[bytes, bytes] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -388,7 +411,9 @@ class Volume:
     # --- lookup ----------------------------------------------------------------------
     def _child(self, parent: Inode, plain_name: bytes) -> tuple[Inode, os.stat_result]:
         backing_name, _ = self._encode(parent, plain_name)
-        return self._register(backing.open_path(backing_name, parent.fd))
+        inode, st = self._register(backing.open_path(backing_name, parent.fd))
+        inode.location = (self._dir_id(parent), plain_name)
+        return inode, st
 
     def lookup(self, parent_ino: int, plain_name: bytes) -> Attr:
         parent = self._dir(parent_ino)
@@ -412,8 +437,11 @@ class Volume:
             gid = parent_st.st_gid
         return uid, gid
 
-    def _adopt_new(self, parent: Inode, backing_name: str, uid: int, gid: int) -> Inode:
+    def _adopt_new(
+        self, parent: Inode, backing_name: str, plain_name: bytes, uid: int, gid: int
+    ) -> Inode:
         inode, _ = self._register(backing.open_path(backing_name, parent.fd))
+        inode.location = (self._dir_id(parent), plain_name)
         if os.geteuid() == 0:
             backing.chown_fd(inode.fd, *self._owner(parent, uid, gid))
         inode.lookups += 1
@@ -448,7 +476,7 @@ class Volume:
         except BaseException:
             self._remove_tree(parent.fd, tmp)
             raise
-        return self.getattr(self._adopt_new(parent, backing_name, uid, gid).ino)
+        return self.getattr(self._adopt_new(parent, backing_name, plain_name, uid, gid).ino)
 
     def create(
         self, parent_ino: int, plain_name: bytes, mode: int, flags: int, uid: int, gid: int
@@ -463,13 +491,13 @@ class Volume:
             dir_fd=parent.fd,
         )
         try:
-            os.pwrite(fd, FileHeader(file_id=crypto.random_key(16)).pack(), 0)
+            os.pwrite(fd, self._new_header((self._dir_id(parent), plain_name)).pack(), 0)
         except BaseException:
             os.close(fd)
             os.unlink(backing_name, dir_fd=parent.fd)
             raise
         os.close(fd)
-        inode = self._adopt_new(parent, backing_name, uid, gid)
+        inode = self._adopt_new(parent, backing_name, plain_name, uid, gid)
         fh = self.open(inode.ino, flags & ~os.O_TRUNC)
         return fh, self.getattr(inode.ino)
 
@@ -485,7 +513,7 @@ class Volume:
         backing_name, encoded = self._encode(parent, plain_name)
         self._write_sidecar(parent, backing_name, encoded)
         os.mknod(backing_name, mode, rdev, dir_fd=parent.fd)
-        return self.getattr(self._adopt_new(parent, backing_name, uid, gid).ino)
+        return self.getattr(self._adopt_new(parent, backing_name, plain_name, uid, gid).ino)
 
     def symlink(
         self, parent_ino: int, plain_name: bytes, target: bytes, uid: int, gid: int
@@ -501,7 +529,7 @@ class Volume:
         backing_name, encoded = self._encode(parent, plain_name)
         self._write_sidecar(parent, backing_name, encoded)
         os.symlink(cipher_target, backing_name, dir_fd=parent.fd)
-        return self.getattr(self._adopt_new(parent, backing_name, uid, gid).ino)
+        return self.getattr(self._adopt_new(parent, backing_name, plain_name, uid, gid).ino)
 
     def readlink(self, ino: int) -> bytes:
         inode = self.inode(ino)
@@ -520,6 +548,9 @@ class Volume:
         backing_name, encoded = self._encode(parent, new_name)
         self._check_free(parent, backing_name)
         self._write_sidecar(parent, backing_name, encoded)
+        if inode.mode == stat.S_IFREG:
+            # A hard-linked file has several names: it stops being bound to one.
+            self._rewrite_header(inode.fd, self._unbind)
         backing.link_fd(inode.fd, parent.fd, backing_name)
         inode.lookups += 1
         return self.getattr(ino)
@@ -588,14 +619,23 @@ class Volume:
             new_st = os.stat(new_backing, dir_fd=new_parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             new_st = None
+        old_location = (self._dir_id(old_parent), old_name)
+        new_location = (self._dir_id(new_parent), new_name)
         if flags & backing.RENAME_EXCHANGE:
             if new_st is None:
                 raise _oserror(errno.ENOENT)
             _, old_encoded = self._encode(old_parent, old_name)
             self._write_sidecar(new_parent, new_backing, new_encoded)
             self._write_sidecar(old_parent, old_backing, old_encoded)
-            backing.renameat2(
-                old_parent.fd, old_backing, new_parent.fd, new_backing, backing.RENAME_EXCHANGE
+            moves = [
+                (old_st, old_parent, old_backing, new_location),
+                (new_st, new_parent, new_backing, old_location),
+            ]
+            self._moved(
+                moves,
+                lambda: backing.renameat2(
+                    old_parent.fd, old_backing, new_parent.fd, new_backing, backing.RENAME_EXCHANGE
+                ),
             )
             return
         if new_st is not None:
@@ -622,9 +662,33 @@ class Volume:
             if stat.S_ISDIR(old_st.st_mode):
                 raise _oserror(errno.ENOTDIR)
         self._write_sidecar(new_parent, new_backing, new_encoded)
-        os.rename(old_backing, new_backing, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
+        self._moved(
+            [(old_st, old_parent, old_backing, new_location)],
+            lambda: os.rename(
+                old_backing, new_backing, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd
+            ),
+        )
         if (old_parent.ino, old_backing) != (new_parent.ino, new_backing):
             self._remove_sidecar(old_parent, old_backing)
+
+    def _moved(
+        self,
+        moves: list[tuple[os.stat_result, Inode, str, tuple[bytes, bytes]]],
+        rename: Callable[[], None],
+    ) -> None:
+        """Run a backing rename, carrying name bindings and known inodes' locations."""
+        fds = self._bound_files(moves)
+        try:
+            rename()
+            for fd in fds:
+                self._bind_final(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for st, _, _, new_location in moves:
+            moved = self._inodes.get(self._fuse_ino(st.st_ino))
+            if moved is not None:
+                moved.location = new_location
 
     # --- attributes changes ----------------------------------------------------------
     def setattr(
@@ -676,6 +740,7 @@ class Volume:
         if header:
             try:
                 file_header = FileHeader.unpack(header)
+                self._check_binding(inode, file_header)
             except IntegrityError:
                 os.close(inode.data_fd)
                 inode.data_fd = None
@@ -688,11 +753,95 @@ class Volume:
         """Contents of an open file, writing the header of a file a crash left empty."""
         if inode.contents is None:
             assert inode.data_fd is not None
-            os.pwrite(inode.data_fd, FileHeader(file_id=crypto.random_key(16)).pack(), 0)
+            os.pwrite(inode.data_fd, self._new_header(inode.location).pack(), 0)
             self._close_data(inode)
             self._open_data(inode)
         assert inode.contents is not None
         return inode.contents
+
+    # --- name bindings ---------------------------------------------------------------
+    def _binding(self, location: tuple[bytes, bytes], file_id: bytes) -> bytes:
+        dir_id, plain_name = location
+        message = binding_message(
+            self.config.volume_id, dir_id, fnames.pad_name(plain_name), file_id
+        )
+        return self.keyring.binding_tag(message)
+
+    def _unbound_tag(self, file_id: bytes) -> bytes:
+        # Authenticates the UNBOUND flag itself: flipping it on a bound file fails.
+        return self.keyring.binding_tag(UNBOUND_LABEL + self.config.volume_id + file_id)
+
+    def _unbind(self, header: FileHeader) -> FileHeader:
+        return dataclasses.replace(
+            header,
+            flags=header.flags | HEADER_FLAG_UNBOUND,
+            bindings=(self._unbound_tag(header.file_id), _ZERO_TAG),
+        )
+
+    def _new_header(self, location: tuple[bytes, bytes] | None) -> FileHeader:
+        file_id = crypto.random_key(16)
+        if location is None:
+            return self._unbind(FileHeader(file_id=file_id))
+        return FileHeader(file_id=file_id, bindings=(self._binding(location, file_id), _ZERO_TAG))
+
+    def _check_binding(self, inode: Inode, header: FileHeader) -> None:
+        if header.unbound:
+            if header.bindings[0] != self._unbound_tag(header.file_id):
+                raise IntegrityError(f"inode {inode.ino}: file header flags were altered")
+            return
+        if inode.location is None:
+            return
+        if self._binding(inode.location, header.file_id) not in header.bindings:
+            raise IntegrityError(
+                f"inode {inode.ino}: file header is bound to another name "
+                "(ciphertext replaced or moved in the backing store)"
+            )
+
+    def _rewrite_header(self, path_fd: int, change: Callable[[FileHeader], FileHeader]) -> None:
+        """Read-modify-write the 64-byte header (one pwrite within one page)."""
+        fd = backing.reopen(path_fd, os.O_RDWR)
+        try:
+            raw = os.pread(fd, HEADER_SIZE, 0)
+            if len(raw) < HEADER_SIZE:
+                return  # header not written yet (crash right after create)
+            os.pwrite(fd, change(FileHeader.unpack(raw)).pack(), 0)
+        finally:
+            os.close(fd)
+
+    def _bind_pending(self, path_fd: int, new: tuple[bytes, bytes]) -> None:
+        """Step 1 of moving a name binding: binding B takes the new name, A stays.
+
+        Then the backing rename happens, then `_bind_final`: at every instant the name
+        on disk matches binding A or B, so a crash mid-rename never makes a file fail.
+        """
+
+        def pending(header: FileHeader) -> FileHeader:
+            if header.unbound:
+                return header
+            tag = self._binding(new, header.file_id)
+            return dataclasses.replace(header, bindings=(header.bindings[0], tag))
+
+        self._rewrite_header(path_fd, pending)
+
+    def _bind_final(self, path_fd: int) -> None:
+        def final(header: FileHeader) -> FileHeader:
+            if header.unbound:
+                return header
+            return dataclasses.replace(header, bindings=(header.bindings[1], _ZERO_TAG))
+
+        self._rewrite_header(path_fd, final)
+
+    def _bound_files(
+        self, moves: list[tuple[os.stat_result, Inode, str, tuple[bytes, bytes]]]
+    ) -> list[int]:
+        """O_PATH handles of the moved regular files whose binding must follow them."""
+        fds = []
+        for st, parent, backing_name, new_location in moves:
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                fd = backing.open_path(backing_name, parent.fd)
+                fds.append(fd)
+                self._bind_pending(fd, new_location)
+        return fds
 
     def _close_data(self, inode: Inode) -> None:
         if inode.data_fd is not None:
@@ -831,6 +980,7 @@ class Volume:
                 os.close(fd)
             return self._attr(Inode(self._fuse_ino(st.st_ino), -1, st.st_mode), st)
         inode, st = self._register(backing.open_path(backing_name, directory.fd))
+        inode.location = (self._dir_id(directory), plain_name)
         return self._attr(inode, st)
 
     def releasedir(self, fh: int) -> None:

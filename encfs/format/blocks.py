@@ -21,11 +21,17 @@ from encfs.errors import IntegrityError
 from encfs.format import FORMAT_VERSION, SUPPORTED_VERSIONS
 
 # --- file header -------------------------------------------------------------------
-# magic (4) | format version u16 (2) | header flags u16 (2) | file id (16) | reserved (8)
+# magic (4) | format version u16 (2) | header flags u16 (2) | file id (16)
+# | name binding A (16) | name binding B (16) | reserved (8)
 HEADER_MAGIC = b"EGWF"
-HEADER = struct.Struct(">4sHH16s8s")
-HEADER_SIZE = HEADER.size  # 32
+HEADER = struct.Struct(">4sHH16s16s16s8s")
+HEADER_SIZE = HEADER.size  # 64
 FILE_ID_SIZE = 16
+BINDING_SIZE = 16
+# The file has (had) hard links: it is not bound to one name (bindings are zero).
+HEADER_FLAG_UNBOUND = 0x0001
+KNOWN_HEADER_FLAGS = HEADER_FLAG_UNBOUND
+BINDING_LABEL = b"EGWF name binding"
 
 # --- key slots ---------------------------------------------------------------------
 # kek version u16 (2) | generation u8 (1) | reserved u8 (1) | nonce (12) | wrapped DEK (32)
@@ -55,27 +61,48 @@ SLOT_AAD_LABEL = b"EGWK"
 @dataclass(frozen=True, slots=True)
 class FileHeader:
     file_id: bytes
-    version: int = FORMAT_VERSION
+    bindings: tuple[bytes, bytes] = (bytes(BINDING_SIZE), bytes(BINDING_SIZE))
     flags: int = 0
+    version: int = FORMAT_VERSION
 
     def pack(self) -> bytes:
-        return HEADER.pack(HEADER_MAGIC, self.version, self.flags, self.file_id, bytes(8))
+        return HEADER.pack(
+            HEADER_MAGIC, self.version, self.flags, self.file_id, *self.bindings, bytes(8)
+        )
 
     @classmethod
     def unpack(cls, data: bytes) -> FileHeader:
         """Check magic, version, flags, reserved and id in that order (before any crypto)."""
         if len(data) < HEADER_SIZE:
             raise IntegrityError(f"file header truncated ({len(data)} bytes)")
-        magic, version, flags, file_id, reserved = HEADER.unpack_from(data)
+        magic, version, flags, file_id, binding_a, binding_b, reserved = HEADER.unpack_from(data)
         if magic != HEADER_MAGIC:
             raise IntegrityError("bad file header magic")
         if version not in SUPPORTED_VERSIONS:
             raise IntegrityError(f"unsupported file format version {version}")
-        if flags != 0 or reserved != bytes(8):
+        if flags & ~KNOWN_HEADER_FLAGS or reserved != bytes(8):
             raise IntegrityError("unknown file header flags")
         if file_id == bytes(FILE_ID_SIZE):
             raise IntegrityError("all-zero file id")
-        return cls(file_id=file_id, version=version, flags=flags)
+        return cls(file_id=file_id, bindings=(binding_a, binding_b), flags=flags, version=version)
+
+    @property
+    def unbound(self) -> bool:
+        return bool(self.flags & HEADER_FLAG_UNBOUND)
+
+
+def binding_message(volume_id: bytes, dir_id: bytes, padded_name: bytes, file_id: bytes) -> bytes:
+    """What a name binding authenticates: this file id lives under this name in this dir."""
+    return b"".join(
+        (
+            BINDING_LABEL,
+            volume_id,
+            dir_id,
+            struct.pack(">H", len(padded_name)),
+            padded_name,
+            file_id,
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)

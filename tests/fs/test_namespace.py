@@ -1,0 +1,142 @@
+"""Namespace operations of the engine: names, long names, renames, lookup counts."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+from encfs.volume import ROOT_INODE
+
+
+def names_of(vol, ino):
+    fh = vol.opendir(ino)
+    try:
+        return sorted(n for n, _, _ in vol.readdir(fh, 0) if n not in (b".", b".."))
+    finally:
+        vol.releasedir(fh)
+
+
+def test_equal_names_in_different_directories_differ_in_backing(vol, backing):
+    a = vol.mkdir(ROOT_INODE, b"a", 0o40755, 0, 0)
+    b = vol.mkdir(ROOT_INODE, b"b", 0o40755, 0, 0)
+    for parent in (a.ino, b.ino):
+        fh, _ = vol.create(parent, b"same", 0o100644, os.O_RDWR, 0, 0)
+        vol.release(fh)
+    backing_names = set()
+    for entry in os.scandir(backing):
+        if entry.is_dir():
+            backing_names |= {n for n in os.listdir(entry.path) if "." not in n}
+    assert len(backing_names) == 2
+
+
+@pytest.mark.parametrize("length", [1, 100, 175, 176, 200, 255])
+def test_names_up_to_255_bytes(vol, length):
+    name = bytes([0x61 + (i % 26) for i in range(length)])
+    fh, attr = vol.create(ROOT_INODE, name, 0o100644, os.O_RDWR, 0, 0)
+    vol.write(fh, 0, b"data")
+    vol.release(fh)
+    assert names_of(vol, ROOT_INODE) == [name]
+    assert vol.lookup(ROOT_INODE, name).ino == attr.ino
+    vol.rename(ROOT_INODE, name, ROOT_INODE, name[::-1] + b"x" if length < 255 else b"short")
+    vol.unlink(ROOT_INODE, names_of(vol, ROOT_INODE)[0])
+    assert names_of(vol, ROOT_INODE) == []
+
+
+def test_too_long_name_is_enametoolong(vol):
+    with pytest.raises(OSError) as info:
+        vol.create(ROOT_INODE, b"x" * 256, 0o100644, os.O_RDWR, 0, 0)
+    assert info.value.errno == errno.ENAMETOOLONG
+
+
+def test_rename_directory_keeps_children_readable(vol):
+    d = vol.mkdir(ROOT_INODE, b"d", 0o40755, 0, 0)
+    e = vol.mkdir(ROOT_INODE, b"e", 0o40755, 0, 0)
+    fh, _ = vol.create(d.ino, b"child", 0o100644, os.O_RDWR, 0, 0)
+    vol.write(fh, 0, b"payload")
+    vol.release(fh)
+    vol.rename(ROOT_INODE, b"d", e.ino, b"moved")
+    moved = vol.lookup(e.ino, b"moved")
+    child = vol.lookup(moved.ino, b"child")
+    fh = vol.open(child.ino, os.O_RDONLY)
+    assert vol.read(fh, 0, 100) == b"payload"
+    vol.release(fh)
+
+
+def test_rename_over_empty_and_nonempty_directory(vol):
+    vol.mkdir(ROOT_INODE, b"src", 0o40755, 0, 0)
+    vol.mkdir(ROOT_INODE, b"empty", 0o40755, 0, 0)
+    full = vol.mkdir(ROOT_INODE, b"full", 0o40755, 0, 0)
+    fh, _ = vol.create(full.ino, b"x", 0o100644, os.O_RDWR, 0, 0)
+    vol.release(fh)
+    with pytest.raises(OSError) as info:
+        vol.rename(ROOT_INODE, b"src", ROOT_INODE, b"full")
+    assert info.value.errno == errno.ENOTEMPTY
+    vol.rename(ROOT_INODE, b"src", ROOT_INODE, b"empty")
+    assert names_of(vol, ROOT_INODE) == [b"empty", b"full"]
+    with pytest.raises(OSError) as info:
+        vol.rmdir(ROOT_INODE, b"full")
+    assert info.value.errno == errno.ENOTEMPTY
+
+
+def test_rename_noreplace_and_exchange(vol):
+    for name, data in ((b"a", b"AAA"), (b"b", b"BBB")):
+        fh, _ = vol.create(ROOT_INODE, name, 0o100644, os.O_RDWR, 0, 0)
+        vol.write(fh, 0, data)
+        vol.release(fh)
+    with pytest.raises(OSError) as info:
+        vol.rename(ROOT_INODE, b"a", ROOT_INODE, b"b", 1)  # RENAME_NOREPLACE
+    assert info.value.errno == errno.EEXIST
+    vol.rename(ROOT_INODE, b"a", ROOT_INODE, b"b", 2)  # RENAME_EXCHANGE
+    fh = vol.open(vol.lookup(ROOT_INODE, b"a").ino, os.O_RDONLY)
+    assert vol.read(fh, 0, 3) == b"BBB"
+    vol.release(fh)
+
+
+def test_symlink_hardlink_fifo(vol):
+    attr = vol.symlink(ROOT_INODE, b"link", b"/some/where/" + b"t" * 2000, 0, 0)
+    assert stat.S_ISLNK(attr.mode)
+    assert attr.size == len(b"/some/where/" + b"t" * 2000)
+    assert vol.readlink(attr.ino) == b"/some/where/" + b"t" * 2000
+    fh, f = vol.create(ROOT_INODE, b"file", 0o100644, os.O_RDWR, 0, 0)
+    vol.write(fh, 0, b"shared")
+    vol.release(fh)
+    linked = vol.link(f.ino, ROOT_INODE, b"hard")
+    assert linked.nlink == 2
+    vol.unlink(ROOT_INODE, b"file")
+    fh = vol.open(vol.lookup(ROOT_INODE, b"hard").ino, os.O_RDONLY)
+    assert vol.read(fh, 0, 10) == b"shared"
+    vol.release(fh)
+    fifo = vol.mknod(ROOT_INODE, b"fifo", stat.S_IFIFO | 0o644, 0, 0, 0)
+    assert stat.S_ISFIFO(fifo.mode)
+
+
+def test_lookup_counts_release_handles(vol):
+    fh, attr = vol.create(ROOT_INODE, b"f", 0o100644, os.O_RDWR, 0, 0)
+    vol.release(fh)
+    vol.lookup(ROOT_INODE, b"f")
+    assert vol.inode(attr.ino).lookups == 2
+    vol.forget(attr.ino, 2)
+    with pytest.raises(OSError):
+        vol.inode(attr.ino)
+
+
+def test_suid_cleared_on_write_and_truncate(vol):
+    fh, attr = vol.create(ROOT_INODE, b"s", 0o104755, os.O_RDWR, 0, 0)
+    vol.setattr(attr.ino, mode=0o106755)
+    vol.write(fh, 0, b"x")
+    assert stat.S_IMODE(vol.getattr(attr.ino).mode) == 0o755
+    vol.setattr(attr.ino, mode=0o104755)
+    vol.setattr(attr.ino, size=0)
+    assert stat.S_IMODE(vol.getattr(attr.ino).mode) == 0o755
+    vol.release(fh)
+
+
+def test_nanosecond_timestamps(vol):
+    fh, attr = vol.create(ROOT_INODE, b"ts", 0o100644, os.O_RDWR, 0, 0)
+    vol.release(fh)
+    result = vol.setattr(attr.ino, atime_ns=1_234_567_891_123_456_789, mtime_ns=987_654_321_987)
+    assert result.atime_ns == 1_234_567_891_123_456_789
+    assert result.mtime_ns == 987_654_321_987

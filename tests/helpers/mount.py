@@ -1,0 +1,90 @@
+"""Run the real `encfs-gw` command in child processes: init, mount, unmount.
+
+`Mounted` mounts with the CLI's background mode (which returns only once the mount is
+live, so no sleeps are needed) and always tears down in `finally`: a clean
+`encfs-gw unmount`, else a lazy `fusermount3 -u -z` and a kill of the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ENCFS_GW = [sys.executable, "-m", "encfs"]
+TIMEOUT = 60
+
+
+@dataclass
+class Volume:
+    backing: Path
+    keyfile: Path
+
+
+def run_cli(*args: str | os.PathLike, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """Run `encfs-gw ARGS` and capture its output (text)."""
+    result = subprocess.run(
+        [*ENCFS_GW, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+        **kwargs,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"encfs-gw {' '.join(map(str, args))} exited {result.returncode}: {result.stderr}"
+        )
+    return result
+
+
+def init_volume(tmp_path: Path, name: str = "vol", block_size: int | None = None) -> Volume:
+    backing = tmp_path / f"{name}.backing"
+    keyfile = tmp_path / f"{name}.key"
+    extra = ["--block-size", str(block_size)] if block_size else []
+    run_cli("init", backing, "--keyfile", keyfile, *extra, check=True)
+    return Volume(backing, keyfile)
+
+
+def daemon_pid(backing: Path) -> int | None:
+    try:
+        return int((backing / "encfs-gw.lock").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as mountinfo:
+        return any(line.split()[4] == target for line in mountinfo)
+
+
+@contextlib.contextmanager
+def mounted(volume: Volume, mountpoint: Path, *options: str) -> Iterator[Path]:
+    mountpoint.mkdir(exist_ok=True)
+    args = ["mount", volume.backing, mountpoint, "--keyfile", volume.keyfile]
+    for option in options:
+        args += ["-o", option]
+    run_cli(*args, check=True)
+    try:
+        yield mountpoint
+    finally:
+        unmount(volume, mountpoint)
+
+
+def unmount(volume: Volume, mountpoint: Path) -> None:
+    if not is_mounted(mountpoint):
+        return
+    pid = daemon_pid(volume.backing)
+    result = run_cli("unmount", mountpoint)
+    if result.returncode != 0 or is_mounted(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"clean unmount failed: {result.stderr}")
