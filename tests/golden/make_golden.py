@@ -1,0 +1,93 @@
+"""Generate a golden example volume. Run by hand ONCE per format version; never
+regenerate an existing one in place (a format change adds a new directory/tarball).
+
+    .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-keyfile
+
+Writes NAME.tar (the backing tree), NAME.key (test-only key file) and NAME.json (the
+plaintext manifest the tests compare against).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import sys
+import tarfile
+import tempfile
+
+from encfs.keys.keyfile import KeyfileProvider
+from encfs.volume import ROOT_INODE, Volume, create_volume
+
+FIXED_NS = 1_700_000_000_123_456_789
+
+
+def content_of(name: str, size: int) -> bytes:
+    out = b""
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{name}:{counter}".encode()).digest()
+        counter += 1
+    return out[:size]
+
+
+def main(prefix: str) -> None:
+    os.umask(0)
+    work = tempfile.mkdtemp()
+    backing = os.path.join(work, "backing")
+    key = prefix + ".key"
+    create_volume(backing, KeyfileProvider({"path": os.path.abspath(key)}), 16384)
+    vol = Volume.unlock(backing)
+    manifest: dict[str, dict] = {}
+
+    def add_file(parent: int, path: str, name: bytes, data: bytes, mode: int = 0o644) -> None:
+        fh, attr = vol.create(parent, name, stat.S_IFREG | mode, os.O_RDWR, 0, 0)
+        if data:
+            vol.write(fh, 0, data)
+        vol.release(fh)
+        vol.setattr(attr.ino, atime_ns=FIXED_NS, mtime_ns=FIXED_NS)
+        manifest[path] = {
+            "type": "file",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+            "mode": mode,
+        }
+
+    add_file(ROOT_INODE, "status.txt", b"status.txt", b"It works!\n")
+    add_file(ROOT_INODE, "empty", b"empty", b"")
+    add_file(ROOT_INODE, "one-block", b"one-block", content_of("one", 16384))
+    add_file(ROOT_INODE, "block-plus-one", b"block-plus-one", content_of("bp1", 16385), 0o600)
+    add_file(ROOT_INODE, "two-groups", b"two-groups", content_of("groups", 33 * 16384 + 7))
+    long_name = "L" * 255
+    add_file(ROOT_INODE, long_name, long_name.encode(), b"long name\n")
+    d1 = vol.mkdir(ROOT_INODE, b"dir", stat.S_IFDIR | 0o755, 0, 0)
+    manifest["dir"] = {"type": "dir", "mode": 0o755}
+    d2 = vol.mkdir(d1.ino, b"sub dir \xc3\xa9", stat.S_IFDIR | 0o700, 0, 0)
+    manifest["dir/sub dir \u00e9"] = {"type": "dir", "mode": 0o700}
+    add_file(d2.ino, "dir/sub dir \u00e9/nested.txt", b"nested.txt", b"nested\n")
+    fh, sparse = vol.create(ROOT_INODE, b"sparse", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+    vol.write(fh, 5 * 16384 + 3, b"after the hole")
+    vol.release(fh)
+    data = bytes(5 * 16384 + 3) + b"after the hole"
+    manifest["sparse"] = {
+        "type": "file",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "mode": 0o644,
+    }
+    vol.symlink(ROOT_INODE, b"rel-link", b"dir/sub dir \xc3\xa9/nested.txt", 0, 0)
+    manifest["rel-link"] = {"type": "symlink", "target": "dir/sub dir \u00e9/nested.txt"}
+    vol.symlink(ROOT_INODE, b"abs-link", b"/etc/hostname", 0, 0)
+    manifest["abs-link"] = {"type": "symlink", "target": "/etc/hostname"}
+    vol.close()
+    os.unlink(os.path.join(backing, "encfs-gw.lock"))
+    with tarfile.open(prefix + ".tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(backing, arcname="backing")
+    with open(prefix + ".json", "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
