@@ -21,6 +21,10 @@ test: setup
 demo: setup
 	bash scripts/demo.sh
 
+bench: setup
+	bash bench/install.sh
+	$(PY) bench/run.py $(if $(QUICK),--quick)
+
 lint: setup
 	$(PY) -m ruff check encfs tests scripts
 

@@ -147,13 +147,9 @@ def _mount_background(args: argparse.Namespace) -> int:
     if args.log_file:
         argv += ["--log-file", os.path.abspath(args.log_file)]
     argv += [os.path.abspath(args.backing), os.path.abspath(args.mountpoint)]
-    child = subprocess.Popen(
-        argv,
-        pass_fds=(write_fd,),
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-    )
+    # The daemon keeps our terminal until the mount is live (a passphrase prompt or a
+    # PIN entry may need it), then lets go of it and starts its own session.
+    child = subprocess.Popen(argv, pass_fds=(write_fd,), stdout=subprocess.DEVNULL)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as ready:
         message = ready.read()
@@ -204,6 +200,7 @@ def _detach_stdio(log_file: str | None) -> None:
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.dup2(target, 2)
+    os.setsid()
 
 
 # --- unmount ------------------------------------------------------------------------------

@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 import os
 
-from cryptography.exceptions import InvalidTag
-
 from encfs import crypto
 from encfs.errors import IntegrityError
 from encfs.format.blocks import (
@@ -74,7 +72,7 @@ class FileContents:
         aad = slot_aad(self.volume_id, self.file_id, block_index, slot.kek_version, slot.generation)
         try:
             return cipher.decrypt(slot.nonce, slot.wrapped_dek + slot.tag, aad)
-        except InvalidTag:
+        except crypto.InvalidTag_:
             raise BlockIntegrityError(block_index, "key slot does not authenticate") from None
 
     def _slots_newest_first(
@@ -110,7 +108,7 @@ class FileContents:
             try:
                 dek = self._unwrap(block_index, slot)
                 return crypto.AESGCM_(dek).decrypt(nonce, record[NONCE_SIZE:], aad)
-            except (InvalidTag, BlockIntegrityError):
+            except (crypto.InvalidTag_, BlockIntegrityError):
                 continue
         raise BlockIntegrityError(block_index, "block does not authenticate under its keys")
 

@@ -29,7 +29,8 @@ INFO_XATTR_KEY = b"encfs-gw v1: AES-SIV key for xattr names and values"
 INFO_BINDING_KEY = b"encfs-gw v1: HMAC key binding file headers to their names"
 INFO_DEK_WRAP_KEY = b"encfs-gw v1: AES-GCM key wrapping the DEKs of one file, file id follows"
 
-AESGCM_ = AESGCM  # re-exported for the block engine's hot path (encrypt_into/decrypt_into)
+AESGCM_ = AESGCM  # re-exported for the block engine's hot path
+InvalidTag_ = InvalidTag  # re-exported so no other layer imports cryptography
 
 
 def random_key(size: int = KEY_SIZE) -> bytes:

@@ -66,7 +66,7 @@ def main(prefix: str) -> None:
     d2 = vol.mkdir(d1.ino, b"sub dir \xc3\xa9", stat.S_IFDIR | 0o700, 0, 0)
     manifest["dir/sub dir \u00e9"] = {"type": "dir", "mode": 0o700}
     add_file(d2.ino, "dir/sub dir \u00e9/nested.txt", b"nested.txt", b"nested\n")
-    fh, sparse = vol.create(ROOT_INODE, b"sparse", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
+    fh, _ = vol.create(ROOT_INODE, b"sparse", stat.S_IFREG | 0o644, os.O_RDWR, 0, 0)
     vol.write(fh, 5 * 16384 + 3, b"after the hole")
     vol.release(fh)
     data = bytes(5 * 16384 + 3) + b"after the hole"
