@@ -96,7 +96,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     backing = os.path.abspath(args.backing)
     if args.provider and args.keyfile:
-        raise UsageError("--keyfile and --provider exclude each other (use --provider keyfile:PATH)")
+        raise UsageError(
+            "--keyfile and --provider exclude each other (use --provider keyfile:PATH)"
+        )
     spec = args.provider or f"keyfile:{args.keyfile or default_keyfile(backing)}"
     name, options = parse_spec(spec)
     provider = open_provider(name, options)

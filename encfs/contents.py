@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 
 from encfs import crypto
 from encfs.errors import IntegrityError
@@ -34,6 +35,9 @@ from encfs.keyring import Keyring
 
 log = logging.getLogger(__name__)
 
+_U64 = struct.Struct(">Q")
+_SLOT_HEAD = struct.Struct(">HBB")
+
 
 class BlockIntegrityError(IntegrityError):
     def __init__(self, block_index: int, reason: str) -> None:
@@ -44,7 +48,7 @@ class BlockIntegrityError(IntegrityError):
 class FileContents:
     """Encrypted contents of one backing file, reached through an open data fd."""
 
-    __slots__ = ("fd", "file_id", "keyring", "layout", "volume_id")
+    __slots__ = ("_block_aad_prefix", "fd", "file_id", "keyring", "layout", "volume_id")
 
     def __init__(
         self, fd: int, layout: Layout, volume_id: bytes, file_id: bytes, keyring: Keyring
@@ -54,6 +58,7 @@ class FileContents:
         self.volume_id = volume_id
         self.file_id = file_id
         self.keyring = keyring
+        self._block_aad_prefix = block_aad(volume_id, file_id, 0)[: -_U64.size]
 
     # --- sizes ---------------------------------------------------------------------
     def plain_size(self) -> int:
@@ -94,42 +99,54 @@ class FileContents:
         return slots
 
     # --- one block ------------------------------------------------------------------
-    def _open_block(self, block_index: int, key_record: memoryview, record: memoryview) -> bytes:
-        """Plaintext of one block record; zeros for a hole; BlockIntegrityError otherwise."""
+    def _open_block_into(
+        self, block_index: int, key_record: memoryview, record: memoryview, out: memoryview
+    ) -> None:
+        """Decrypt one block record into `out`; zeros for a hole; BlockIntegrityError."""
         slots = self._slots_newest_first(block_index, key_record)
-        plain_length = len(record) - RECORD_OVERHEAD
         if not slots:
-            if not any(record):
-                return bytes(plain_length)
-            raise BlockIntegrityError(block_index, "data present but no key slot")
-        aad = block_aad(self.volume_id, self.file_id, block_index)
-        nonce = bytes(record[:NONCE_SIZE])
+            if any(record):
+                raise BlockIntegrityError(block_index, "data present but no key slot")
+            out[:] = bytes(len(out))
+            return
+        aad = self._block_aad_prefix + _U64.pack(block_index)
+        nonce = record[:NONCE_SIZE]
         for slot in slots:
             try:
                 dek = self._unwrap(block_index, slot)
-                return crypto.AESGCM_(dek).decrypt(nonce, record[NONCE_SIZE:], aad)
+                crypto.AESGCM_(dek).decrypt_into(nonce, record[NONCE_SIZE:], aad, out)
+                return
             except (crypto.InvalidTag_, BlockIntegrityError):
                 continue
         raise BlockIntegrityError(block_index, "block does not authenticate under its keys")
 
-    def _seal_block(
-        self, block_index: int, plaintext: bytes | memoryview, generation: int
-    ) -> tuple[bytes, bytes]:
-        """Encrypt a block under a fresh DEK; return (record, packed key slot)."""
-        dek = crypto.random_key()
-        nonce = crypto.random_nonce()
-        record = nonce + crypto.AESGCM_(dek).encrypt(
-            nonce, bytes(plaintext), block_aad(self.volume_id, self.file_id, block_index)
+    def _seal_block_into(
+        self, block_index: int, plaintext: bytes | memoryview, generation: int, out: memoryview
+    ) -> bytes:
+        """Encrypt a block under a fresh DEK into `out` (its record); return the key slot."""
+        randomness = crypto.random_bytes(crypto.KEY_SIZE + 2 * NONCE_SIZE)  # one syscall
+        dek = randomness[: crypto.KEY_SIZE]
+        nonce = randomness[crypto.KEY_SIZE : crypto.KEY_SIZE + NONCE_SIZE]
+        slot_nonce = randomness[crypto.KEY_SIZE + NONCE_SIZE :]
+        out[:NONCE_SIZE] = nonce
+        crypto.AESGCM_(dek).encrypt_into(
+            nonce, plaintext, self._block_aad_prefix + _U64.pack(block_index), out[NONCE_SIZE:]
         )
         kek_version = self.keyring.current_kek_version
-        slot_nonce = crypto.random_nonce()
         wrapped = self.keyring.slot_cipher(kek_version, self.file_id).encrypt(
             slot_nonce,
             dek,
             slot_aad(self.volume_id, self.file_id, block_index, kek_version, generation),
         )
-        slot = KeySlot(kek_version, generation, slot_nonce, wrapped[:32], wrapped[32:])
-        return record, slot.pack()
+        return _SLOT_HEAD.pack(kek_version, generation, 0) + slot_nonce + wrapped
+
+    def _seal_block(
+        self, block_index: int, plaintext: bytes | memoryview, generation: int
+    ) -> tuple[bytes, bytes]:
+        """Encrypt a block under a fresh DEK; return (record, packed key slot)."""
+        record = bytearray(len(plaintext) + RECORD_OVERHEAD)
+        slot = self._seal_block_into(block_index, plaintext, generation, memoryview(record))
+        return bytes(record), slot
 
     # --- reads ----------------------------------------------------------------------
     def read(self, plain_offset: int, plain_length: int) -> bytes:
@@ -140,38 +157,44 @@ class FileContents:
         block_size = self.layout.block_size
         first = plain_offset // block_size
         last = (plain_end - 1) // block_size
-        out = bytearray()
+        out = bytearray(min(plain_size, (last + 1) * block_size) - first * block_size)
+        view = memoryview(out)
         for run_first, run_last in _group_runs(first, last):
-            out += self._read_run(run_first, run_last, plain_size)
+            start = (run_first - first) * block_size
+            self._read_run_into(run_first, run_last, plain_size, view[start:])
         skip = plain_offset - first * block_size
-        return bytes(memoryview(out)[skip : skip + plain_end - plain_offset])
+        if skip == 0 and len(out) == plain_end - plain_offset:
+            return bytes(out)
+        return bytes(view[skip : skip + plain_end - plain_offset])
 
-    def _read_run(self, first: int, last: int, plain_size: int) -> bytearray:
-        """Plaintext of blocks first..last, all in one group (2 preads)."""
+    def _read_run_into(self, first: int, last: int, plain_size: int, out: memoryview) -> None:
+        """Decrypt blocks first..last (all in one group, 2 preads) into `out`."""
         layout = self.layout
         count = last - first + 1
         keys = memoryview(self._read_key_records(first, count))
-        record_start = layout.record_offset(first)
         last_length = layout.block_plain_length(last, plain_size) + RECORD_OVERHEAD
         wanted = (count - 1) * layout.record_size + last_length
-        records = memoryview(os.pread(self.fd, wanted, record_start))
+        records = memoryview(os.pread(self.fd, wanted, layout.record_offset(first)))
         if len(records) < wanted:
             raise BlockIntegrityError(last, "record truncated")
-        out = bytearray()
+        block_size = layout.block_size
         for k in range(count):
             start = k * layout.record_size
             length = layout.record_size if k < count - 1 else last_length
-            out += self._open_block(
+            self._open_block_into(
                 first + k,
                 keys[k * KEY_RECORD_SIZE : (k + 1) * KEY_RECORD_SIZE],
                 records[start : start + length],
+                out[k * block_size : k * block_size + length - RECORD_OVERHEAD],
             )
-        return out
 
     def read_block(self, block_index: int, plain_size: int) -> bytes:
-        if self.layout.block_plain_length(block_index, plain_size) == 0:
+        length = self.layout.block_plain_length(block_index, plain_size)
+        if length == 0:
             return b""
-        return bytes(self._read_run(block_index, block_index, plain_size))
+        out = bytearray(length)
+        self._read_run_into(block_index, block_index, plain_size, memoryview(out))
+        return bytes(out)
 
     # --- writes ---------------------------------------------------------------------
     def write(self, plain_offset: int, data: bytes | memoryview) -> int:
@@ -242,7 +265,10 @@ class FileContents:
             first = run[0]
             keys = self._read_key_records(first, len(run))
             final_keys = bytearray(keys)
-            records = []
+            sizes = [len(blocks[index]) + RECORD_OVERHEAD for index in run]
+            records = bytearray(sum(sizes))
+            view = memoryview(records)
+            position = 0
             for k, index in enumerate(run):
                 base = k * KEY_RECORD_SIZE
                 slots = self._slots_newest_first(index, keys[base : base + KEY_RECORD_SIZE])
@@ -250,14 +276,16 @@ class FileContents:
                 # Put the new DEK in the slot not holding the newest key.
                 newest_raw = slots[0].pack() if slots else None
                 free = SLOT_SIZE if bytes(keys[base : base + SLOT_SIZE]) == newest_raw else 0
-                record, packed = self._seal_block(index, blocks[index], generation)
-                records.append(record)
+                packed = self._seal_block_into(
+                    index, blocks[index], generation, view[position : position + sizes[k]]
+                )
+                position += sizes[k]
                 keys[base + free : base + free + SLOT_SIZE] = packed
                 final_keys[base : base + KEY_RECORD_SIZE] = bytes(KEY_RECORD_SIZE)
                 final_keys[base + free : base + free + SLOT_SIZE] = packed
             key_offset = self.layout.key_record_offset(first)
             os.pwrite(self.fd, keys, key_offset)  # 1. new DEKs next to the old ones
-            os.pwrite(self.fd, b"".join(records), self.layout.record_offset(first))  # 2. data
+            os.pwrite(self.fd, records, self.layout.record_offset(first))  # 2. data
             os.pwrite(self.fd, final_keys, key_offset)  # 3. retire the old DEKs
 
     def truncate(self, new_size: int) -> None:

@@ -33,6 +33,11 @@ AESGCM_ = AESGCM  # re-exported for the block engine's hot path
 InvalidTag_ = InvalidTag  # re-exported so no other layer imports cryptography
 
 
+def random_bytes(size: int) -> bytes:
+    """All randomness of the data path comes through here (a test seam for vectors)."""
+    return os.urandom(size)
+
+
 def random_key(size: int = KEY_SIZE) -> bytes:
     return os.urandom(size)
 

@@ -3,6 +3,7 @@ other data. Driven through the engine; test_tamper_mounted.py checks the errno."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -106,10 +107,8 @@ def test_flips_anywhere_never_give_other_data(two_files):
     try:
         for offset in range(0, os.path.getsize(path_a), 7):
             flip(path_a, offset)
-            try:
+            with contextlib.suppress(IntegrityError):
                 assert read_file(vol, b"a") == data_a
-            except IntegrityError:
-                pass
             flip(path_a, offset)
     finally:
         vol.close()
@@ -248,7 +247,7 @@ def test_renamed_and_moved_backing_names(two_files, tmp_path):
     vol = Volume.unlock(str(backing))
     vol.mkdir(ROOT_INODE, b"sub", 0o40755, 0, 0)
     vol.close()
-    sub_path = [p for p in os.scandir(backing) if p.is_dir()][0].path
+    sub_path = next(p for p in os.scandir(backing) if p.is_dir()).path
     # An entry moved into another directory does not decrypt there (dir id in the AAD).
     os.rename(path_a, os.path.join(sub_path, os.path.basename(path_a)))
     vol = Volume.unlock(str(backing))

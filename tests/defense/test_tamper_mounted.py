@@ -63,9 +63,12 @@ def test_swapped_files_give_eio(volume, tmp_path):
         (mnt / "one").write_bytes(b"1" * 5000)
         (mnt / "two").write_bytes(b"2" * 5000)
     first, second = sorted(backing_files(volume.backing))
-    data_first = open(first, "rb").read()
+    with open(first, "rb") as f:
+        data_first = f.read()
+    with open(second, "rb") as f:
+        data_second = f.read()
     with open(first, "wb") as f:
-        f.write(open(second, "rb").read())
+        f.write(data_second)
     with open(second, "wb") as f:
         f.write(data_first)
     with mounted(volume, mnt):

@@ -78,7 +78,7 @@ def test_crash_between_write_steps_keeps_old_or_new(
 ):
     """A crash after any of the 3 pwrites of a block write leaves old or new data."""
     vol = Volume.unlock(str(backing))
-    fh, attr = vol.create(ROOT_INODE, b"c", 0o100644, os.O_RDWR, 0, 0)
+    fh, _ = vol.create(ROOT_INODE, b"c", 0o100644, os.O_RDWR, 0, 0)
     old = os.urandom(old_len)
     vol.write(fh, 0, old)
     new = os.urandom(new_len)

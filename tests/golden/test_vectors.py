@@ -55,9 +55,7 @@ def independent_record_and_slot() -> tuple[bytes, bytes]:
 
 
 def engine_record_and_slot(monkeypatch) -> tuple[bytes, bytes]:
-    nonces = iter([BLOCK_NONCE, SLOT_NONCE])
-    monkeypatch.setattr(crypto, "random_key", lambda size=32: DEK)
-    monkeypatch.setattr(crypto, "random_nonce", lambda: next(nonces))
+    monkeypatch.setattr(crypto, "random_bytes", lambda size: DEK + BLOCK_NONCE + SLOT_NONCE)
     config = VolumeConfig(
         volume_id=VOLUME_ID,
         block_size=16384,
