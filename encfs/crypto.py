@@ -25,7 +25,8 @@ SIV_KEY_SIZE = 64
 # HKDF info strings, read as sentences (one per derived key purpose).
 INFO_NAME_KEY = b"encfs-gw v1: AES-SIV key for file names"
 INFO_SYMLINK_KEY = b"encfs-gw v1: AES-SIV key for symlink targets"
-INFO_XATTR_KEY = b"encfs-gw v1: AES-SIV key for xattr names and values"
+INFO_XATTR_NAME_KEY = b"encfs-gw v1: AES-SIV key for xattr names"
+INFO_XATTR_VALUE_KEY = b"encfs-gw v1: AES-GCM key for xattr values"
 INFO_BINDING_KEY = b"encfs-gw v1: HMAC key binding file headers to their names"
 INFO_DEK_WRAP_KEY = b"encfs-gw v1: AES-GCM key wrapping the DEKs of one file, file id follows"
 

@@ -43,6 +43,10 @@ class Keyring:
         self.name_cipher = crypto.SivCipher(
             crypto.hkdf(volume_key, crypto.INFO_NAME_KEY, crypto.SIV_KEY_SIZE)
         )
+        self.xattr_name_cipher = crypto.SivCipher(
+            crypto.hkdf(volume_key, crypto.INFO_XATTR_NAME_KEY, crypto.SIV_KEY_SIZE)
+        )
+        self.xattr_value_key = crypto.hkdf(volume_key, crypto.INFO_XATTR_VALUE_KEY, crypto.KEY_SIZE)
         self._binding_key = crypto.hkdf(volume_key, crypto.INFO_BINDING_KEY, crypto.KEY_SIZE)
         self.symlink_cipher = crypto.SivCipher(
             crypto.hkdf(volume_key, crypto.INFO_SYMLINK_KEY, crypto.SIV_KEY_SIZE)

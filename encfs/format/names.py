@@ -73,6 +73,33 @@ def validate_plain_name(plain_name: bytes) -> None:
         raise IntegrityError("invalid plaintext name")
 
 
+XATTR_PREFIX = "user.egw."
+XATTR_NAME_AAD_LABEL = b"EGWXN"
+XATTR_VALUE_AAD_LABEL = b"EGWXV"
+XATTR_NAME_MAX = 160  # padded and encoded it must fit the backing's 255-byte xattr names
+
+
+def xattr_name_aad() -> list[bytes]:
+    return [XATTR_NAME_AAD_LABEL]
+
+
+def xattr_value_aad(object_id: bytes, backing_xattr_name: str) -> bytes:
+    return XATTR_VALUE_AAD_LABEL + object_id + backing_xattr_name.encode("ascii")
+
+
+def pad_xattr_name(name: bytes) -> bytes:
+    if not name or len(name) > XATTR_NAME_MAX or b"\0" in name:
+        raise IntegrityError("invalid xattr name")
+    return name + bytes(-len(name) % NAME_PAD)
+
+
+def unpad_xattr_name(padded: bytes) -> bytes:
+    name = padded.rstrip(b"\0")
+    if not name or len(padded) % NAME_PAD or len(padded) - len(name) >= NAME_PAD:
+        raise IntegrityError("bad xattr name padding")
+    return name
+
+
 def name_aad(dir_id: bytes) -> list[bytes]:
     return [NAME_AAD_LABEL + dir_id]
 

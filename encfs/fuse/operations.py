@@ -127,9 +127,7 @@ class Operations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        return entry_attributes(
-            self.volume.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
-        )
+        return entry_attributes(self.volume.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_translate
     async def mkdir(
@@ -149,9 +147,7 @@ class Operations(pyfuse3.Operations):
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        return entry_attributes(
-            self.volume.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
-        )
+        return entry_attributes(self.volume.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_translate
     async def rename(
@@ -252,17 +248,22 @@ class Operations(pyfuse3.Operations):
     # --- extended attributes -----------------------------------------------------------
     @_translate
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        # The kernel asks for security.capability before every write: answer at once.
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        # The kernel asks for security.capability before every write: answer at once,
+        # with no I/O (the mount is nosuid, so file capabilities never apply).
+        if name == XATTR_CAPABILITY:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return self.volume.getxattr(inode, name)
 
     @_translate
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return []
+        return self.volume.listxattr(inode)
 
     @_translate
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if name == XATTR_CAPABILITY:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        self.volume.setxattr(inode, name, value)
 
     @_translate
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        self.volume.removexattr(inode, name)
