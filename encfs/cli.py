@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--log-file", metavar="PATH", help="daemon log (background mode)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
+    provider = sub.add_parser("provider", help="list, add or remove key providers (keyslots)")
+    provider_sub = provider.add_subparsers(dest="provider_command", required=True)
+    p_list = provider_sub.add_parser("list", help="show the keyslots of every KEK version")
+    p_list.add_argument("backing", metavar="BACKING")
+    p_add = provider_sub.add_parser("add", help="protect the KEKs under one more provider")
+    p_add.add_argument("backing", metavar="BACKING")
+    p_add.add_argument("spec", metavar="SPEC")
+    p_add.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume now")
+    p_remove = provider_sub.add_parser("remove", help="remove a keyslot (never the last)")
+    p_remove.add_argument("backing", metavar="BACKING")
+    p_remove.add_argument("slot", type=int, metavar="SLOT")
+
     unmount = sub.add_parser("unmount", aliases=["umount"], help="flush and unmount")
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
@@ -205,6 +217,29 @@ def _detach_stdio(log_file: str | None) -> None:
     os.setsid()
 
 
+# --- provider -----------------------------------------------------------------------------
+
+
+def cmd_provider(args: argparse.Namespace) -> int:
+    from encfs import keyslots
+
+    backing = os.path.abspath(args.backing)
+    if args.provider_command == "list":
+        for row in keyslots.list_protectors(backing):
+            marker = " (current)" if row["current"] else ""
+            print(
+                f"KEK v{row['kek_version']}{marker} {row['state']}: "
+                f"slot {row['slot']}: {row['provider']}"
+            )
+    elif args.provider_command == "add":
+        name, options = parse_spec(args.spec)
+        count = keyslots.add_protector(backing, name, options, _provider_factory(args))
+        print(f"added {name} to {count} KEK version(s)")
+    else:
+        print(f"removed keyslot {args.slot}: {keyslots.remove_protector(backing, args.slot)}")
+    return 0
+
+
 # --- unmount ------------------------------------------------------------------------------
 
 
@@ -243,6 +278,7 @@ def _daemon_pidfd(backing: str) -> int | None:
 COMMANDS = {
     "init": cmd_init,
     "mount": cmd_mount,
+    "provider": cmd_provider,
     "unmount": cmd_unmount,
     "umount": cmd_unmount,
 }

@@ -113,7 +113,7 @@ def recover_kek(config: VolumeConfig, number: int, provider_factory: ProviderFac
         try:
             kek = provider.recover(protector.record, binding)
         except KeyAccessError as exc:
-            log.info(
+            log.debug(
                 "provider %s could not open KEK version %d: %s", protector.provider, number, exc
             )
             errors.append(exc)
