@@ -23,11 +23,19 @@ is transient), ProviderConfigError (bad spec, missing extra).
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import os
+import stat
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from encfs import crypto
-from encfs.errors import IntegrityError, ProviderConfigError, WrongKey
+from encfs.errors import (
+    IntegrityError,
+    KeyMissing,
+    KeyPermissions,
+    ProviderConfigError,
+    WrongKey,
+)
 
 Record = dict[str, Any]
 
@@ -95,3 +103,98 @@ def open_with_secret(secret: bytes, sealed_hex: Any, binding: bytes, what: str) 
         return crypto.gcm_open(secret, sealed, binding)
     except IntegrityError:
         raise WrongKey(what) from None
+
+
+# --- option parsing and secret files, shared by providers ---------------------
+
+SECRET_OPTION_NAMES = frozenset({"pin", "password", "token", "secret", "secret-key", "key-value"})
+
+
+def parse_options(
+    provider: str,
+    spec_args: str,
+    allowed: Iterable[str],
+    flags: Iterable[str] = (),
+    secret_hint: str = "",
+) -> dict[str, Any]:
+    """Parse 'k=v,k=v,flag' into {'k': 'v', 'flag': True}; option names keep their
+    dashes turned into underscores. Values must not contain commas."""
+    allowed, flags = set(allowed), set(flags)
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in spec_args.split(","))):
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if name in SECRET_OPTION_NAMES and name not in allowed:
+            raise ProviderConfigError(
+                f"{provider}: secrets never go on the command line ({name}=...); {secret_hint}"
+            )
+        if (eq and name not in allowed) or (not eq and name not in flags):
+            known = ", ".join(sorted([f"{a}=" for a in allowed] + list(flags)))
+            raise ProviderConfigError(f"{provider}: unknown option {item!r} (known: {known})")
+        key = name.replace("-", "_")
+        if key in options:
+            raise ProviderConfigError(f"{provider}: option {name!r} given twice")
+        if eq and not value:
+            raise ProviderConfigError(f"{provider}: option {name!r} needs a value")
+        options[key] = value if eq else True
+    return options
+
+
+def parse_timeout(provider: str, options: dict[str, Any], default: float) -> None:
+    """Validate a `timeout=SECONDS` option in place (stored as a float)."""
+    raw = options.get("timeout", default)
+    try:
+        timeout = float(raw)
+    except (TypeError, ValueError):
+        raise ProviderConfigError(f"{provider}: timeout must be a number of seconds") from None
+    if not 0 < timeout <= 300:
+        raise ProviderConfigError(f"{provider}: timeout must be in (0, 300] seconds")
+    options["timeout"] = timeout
+
+
+def require(provider: str, options: Mapping[str, Any], *names: str) -> None:
+    missing = [n.replace("_", "-") for n in names if not options.get(n)]
+    if missing:
+        raise ProviderConfigError(f"{provider}: missing option(s) {', '.join(missing)}")
+
+
+def absolute_paths(options: dict[str, Any], *names: str) -> None:
+    for name in names:
+        if isinstance(options.get(name), str):
+            options[name] = os.path.abspath(options[name])
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """First line of a 0600 file (like ssh insists for private keys); no trailing newline."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KeyMissing(f"{what} file {path} not found") from None
+    except PermissionError:
+        raise KeyPermissions(f"{what} file {path} is not readable by this user") from None
+    except OSError as exc:
+        raise KeyMissing(f"{what} file {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+            raise KeyPermissions(
+                f"{what} file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+                f"it must not be accessible by group or others (chmod 600 {path})"
+            )
+        data = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProviderConfigError(f"{what} file {path} is not UTF-8 text") from None
+    line = text.split("\n", 1)[0].removesuffix("\r")
+    if not line:
+        raise KeyMissing(f"{what} file {path} is empty")
+    return line
+
+
+def missing_extra(package: str, extra: str) -> ProviderConfigError:
+    return ProviderConfigError(
+        f"the {package} package is not installed; install the extra: pip install 'encfs[{extra}]'"
+    )

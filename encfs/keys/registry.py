@@ -13,6 +13,14 @@ from encfs.keys.provider import KeyProvider
 # or at module import; a missing extra becomes ProviderConfigError naming the extra.
 PROVIDERS: dict[str, tuple[str, str]] = {
     "keyfile": ("encfs.keys.keyfile", "KeyfileProvider"),
+    "passphrase": ("encfs.keys.passphrase", "PassphraseProvider"),
+    "command": ("encfs.keys.command", "CommandProvider"),
+    "systemd-credential": ("encfs.keys.systemd_credential", "SystemdCredentialProvider"),
+    "tpm2": ("encfs.keys.tpm2", "Tpm2Provider"),
+    "pkcs11": ("encfs.keys.pkcs11", "Pkcs11Provider"),
+    "kmip": ("encfs.keys.kmip", "KmipProvider"),
+    "vault": ("encfs.keys.vault", "VaultProvider"),
+    "aws-kms": ("encfs.keys.aws_kms", "AwsKmsProvider"),
 }
 
 

@@ -18,8 +18,10 @@ LAYERS = {
     "keyring": 3,
     "contents": 4,
     "volume": 4,
+    "keyslots": 4,
     "fuse": 5,
     "mount": 6,
+    "systemd": 6,
     "cli": 7,
     "__main__": 8,
 }

@@ -1,0 +1,286 @@
+"""The `aws-kms` provider: AWS KMS Encrypt/Decrypt of the KEK under a symmetric KMS key.
+
+The binding goes in the EncryptionContext as {"encfs-gw-binding": sha256(binding) hex}
+(KMS authenticates the context; CloudTrail logs it, hence the hash). The record holds the
+key ARN that encrypted it and the ciphertext blob (base64). Before Decrypt the provider
+reads the key state with DescribeKey and refuses anything but Enabled (KeyRevoked), so a
+disabled or pending-deletion key is refused even by services that would not enforce it;
+a token without kms:DescribeKey skips that check and relies on KMS itself.
+
+SPEC: `aws-kms:key=KEY-ID|ARN|alias/NAME[,region=REGION][,endpoint-url=URL]`
+      `[,profile=NAME][,timeout=SECONDS][,no-state-check]`
+
+Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/
+AWS_SESSION_TOKEN, AWS_PROFILE or `profile=NAME` in the shared credentials file, roles),
+never from the command line. Region: the option, else the key ARN, else the AWS config.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import threading
+from typing import Any
+
+from encfs import crypto
+from encfs.errors import (
+    KeyAccessError,
+    KeyMissing,
+    KeyRevoked,
+    ProviderConfigError,
+    ProviderUnavailable,
+    WrongKey,
+)
+from encfs.keys.provider import (
+    KeyProvider,
+    Record,
+    missing_extra,
+    parse_options,
+    parse_timeout,
+    require,
+)
+
+CONTEXT_KEY = "encfs-gw-binding"
+DEFAULT_TIMEOUT = 5.0
+_ARN = re.compile(r"^arn:aws[a-z-]*:kms:([a-z0-9-]+):\d{12}:(key|alias)/.+$")
+
+REVOKED_CODES = frozenset(
+    {
+        "DisabledException",
+        "KMSInvalidStateException",
+        "NotFoundException",
+        "AccessDeniedException",
+        # Credentials the service does not accept: access is denied as well.
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "ExpiredTokenException",
+    }
+)
+WRONG_KEY_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
+UNAVAILABLE_CODES = frozenset(
+    {
+        "KMSInternalException",
+        "DependencyTimeoutException",
+        "KeyUnavailableException",
+        "ThrottlingException",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "InternalFailure",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+
+
+def _import_botocore() -> Any:
+    try:
+        import botocore.config
+        import botocore.exceptions
+        import botocore.loaders
+        import botocore.session
+    except ImportError:
+        raise missing_extra("boto3", "aws") from None
+    return botocore
+
+
+_loader: Any = None
+_loader_lock = threading.Lock()
+
+
+def _shared_loader(botocore: Any) -> Any:
+    global _loader
+    with _loader_lock:
+        if _loader is None:
+            _loader = botocore.loaders.create_loader()
+        return _loader
+
+
+def encryption_context(binding: bytes) -> dict[str, str]:
+    return {CONTEXT_KEY: hashlib.sha256(binding).hexdigest()}
+
+
+class AwsKmsProvider(KeyProvider):
+    name = "aws-kms"
+    extra = "aws"
+
+    def __init__(self, options: Any) -> None:
+        super().__init__(options)
+        self._kms: Any = None
+
+    @classmethod
+    def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
+        options = parse_options(
+            "aws-kms",
+            spec_args,
+            allowed=("key", "region", "endpoint-url", "profile", "timeout"),
+            flags=("no-state-check",),
+            secret_hint="credentials come from the AWS environment variables or a profile",
+        )
+        require("aws-kms", options, "key")
+        if "endpoint_url" in options and not re.match(r"^https?://", options["endpoint_url"]):
+            raise ProviderConfigError("aws-kms: endpoint-url must be an http(s):// URL")
+        parse_timeout("aws-kms", options, DEFAULT_TIMEOUT)
+        return options
+
+    # -- client and error mapping --
+
+    def _client(self) -> Any:
+        if self._kms is not None:
+            return self._kms
+        botocore = _import_botocore()
+        timeout = float(self.options.get("timeout", DEFAULT_TIMEOUT))
+        region = self.options.get("region")
+        if not region:
+            match = _ARN.match(str(self.options.get("key", "")))
+            region = match.group(1) if match else None
+        config = botocore.config.Config(
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"total_max_attempts": 1},  # fail fast; callers treat Unavailable as transient
+        )
+        try:
+            # A fresh botocore session per provider (credentials are resolved per mount),
+            # sharing one loader: parsing the service model costs ~0.3 s per session.
+            session = botocore.session.Session(profile=self.options.get("profile"))
+            session.register_component("data_loader", _shared_loader(botocore))
+            self._kms = session.create_client(
+                "kms",
+                region_name=region,
+                endpoint_url=self.options.get("endpoint_url"),
+                config=config,
+            )
+        except botocore.exceptions.ProfileNotFound as exc:
+            raise ProviderConfigError(f"aws-kms: {exc}") from None
+        except botocore.exceptions.NoRegionError:
+            raise ProviderConfigError(
+                "aws-kms: no region: give region=REGION, a key ARN or set AWS_REGION"
+            ) from None
+        return self._kms
+
+    def _call(self, what: str, key: str, missing: type[KeyAccessError], **kwargs: Any) -> Any:
+        """Run one KMS call; map every failure to a one-line KeyAccessError."""
+        botocore = _import_botocore()
+        errors = botocore.exceptions
+        kms = self._client()
+        try:
+            return getattr(kms, what)(**kwargs)
+        except errors.ClientError as exc:
+            raise _map_client_error(exc, what, key, missing) from None
+        except errors.NoCredentialsError:
+            raise KeyMissing(
+                "no AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
+                "or profile=NAME"
+            ) from None
+        except errors.SSLError:
+            raise ProviderConfigError("AWS KMS: TLS verification failed") from None
+        except (errors.ConnectTimeoutError, errors.ReadTimeoutError):
+            raise ProviderUnavailable(
+                f"AWS KMS did not answer within {self.options.get('timeout')}s"
+            ) from None
+        except (errors.EndpointConnectionError, errors.ConnectionError, errors.HTTPClientError):
+            raise ProviderUnavailable("AWS KMS endpoint is unreachable") from None
+        except errors.ParamValidationError as exc:
+            raise ProviderConfigError(f"aws-kms: bad request ({exc})") from None
+        except errors.BotoCoreError as exc:
+            raise ProviderConfigError(f"aws-kms: {exc}") from None
+
+    def _check_state(self, key: str, missing: type[KeyAccessError], strict: bool) -> str:
+        """DescribeKey: refuse a key that is not Enabled; returns its ARN.
+
+        `strict` (setup): the key must be a symmetric ENCRYPT_DECRYPT key and DescribeKey
+        must be allowed. Otherwise an AccessDenied on DescribeKey skips the check.
+        """
+        try:
+            meta = self._call("describe_key", key, missing, KeyId=key)["KeyMetadata"]
+        except KeyRevoked as exc:
+            if strict or "AccessDenied" not in str(exc):
+                raise
+            return key
+        state = meta.get("KeyState", "Enabled" if meta.get("Enabled") else "Disabled")
+        if state != "Enabled":
+            raise KeyRevoked(f"AWS KMS key {meta.get('Arn', key)} is {state}")
+        usage = meta.get("KeyUsage", "ENCRYPT_DECRYPT")  # moto omits KeyUsage
+        spec = meta.get("KeySpec", meta.get("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"))
+        if strict and (usage != "ENCRYPT_DECRYPT" or spec != "SYMMETRIC_DEFAULT"):
+            raise ProviderConfigError(
+                f"AWS KMS key {meta.get('Arn', key)} is not a symmetric ENCRYPT_DECRYPT key"
+            )
+        return meta.get("Arn", key)
+
+    # -- the provider interface --
+
+    def prepare_new(self) -> None:
+        self._check_state(self.options["key"], KeyMissing, strict=True)
+
+    def protect(self, kek: bytes, binding: bytes) -> Record:
+        key = self.options.get("key")
+        if not key:
+            raise ProviderConfigError("aws-kms provider options lack 'key'")
+        if not self.options.get("no_state_check"):
+            self._check_state(key, KeyMissing, strict=False)
+        answer = self._call(
+            "encrypt",
+            key,
+            KeyMissing,
+            KeyId=key,
+            Plaintext=kek,
+            EncryptionContext=encryption_context(binding),
+        )
+        return {
+            "key_arn": answer["KeyId"],  # the key's ARN, also when `key` is an alias
+            "ciphertext": base64.b64encode(answer["CiphertextBlob"]).decode("ascii"),
+        }
+
+    def recover(self, record: Record, binding: bytes) -> bytes:
+        arn = record.get("key_arn")
+        try:
+            blob = base64.b64decode(record.get("ciphertext", ""), validate=True)
+        except (TypeError, ValueError, binascii.Error):
+            blob = b""
+        if not isinstance(arn, str) or not arn or not blob:
+            raise ProviderConfigError("aws-kms record is corrupt")
+        if not self.options.get("no_state_check"):
+            self._check_state(arn, KeyRevoked, strict=False)
+        answer = self._call(
+            "decrypt",
+            arn,
+            KeyRevoked,
+            KeyId=arn,
+            CiphertextBlob=blob,
+            EncryptionContext=encryption_context(binding),
+        )
+        kek = answer.get("Plaintext", b"")
+        if len(kek) != crypto.KEY_SIZE:
+            raise WrongKey(f"AWS KMS key {arn} returned a malformed KEK")
+        return kek
+
+    def describe(self) -> str:
+        region = self.options.get("region")
+        return f"aws-kms:{self.options.get('key')}" + (f"@{region}" if region else "")
+
+    def close(self) -> None:
+        if self._kms is not None:
+            self._kms.close()
+            self._kms = None
+
+
+def _map_client_error(
+    exc: Any, what: str, key: str, missing: type[KeyAccessError]
+) -> KeyAccessError:
+    error = exc.response.get("Error", {})
+    code, message = error.get("Code", ""), error.get("Message", "")
+    detail = f": {message}" if message else ""
+    if code == "NotFoundException":
+        if missing is KeyMissing:
+            return KeyMissing(f"AWS KMS key {key} not found{detail}")
+        return KeyRevoked(f"AWS KMS key {key} not found (deleted?){detail}")
+    if code in REVOKED_CODES:
+        return KeyRevoked(f"AWS KMS refused {what} with key {key} ({code}){detail}")
+    if code in WRONG_KEY_CODES:
+        return WrongKey(f"AWS KMS key {key} does not open this volume ({code})")
+    if code in UNAVAILABLE_CODES:
+        return ProviderUnavailable(f"AWS KMS cannot serve {what} now ({code})")
+    return ProviderConfigError(f"AWS KMS refused {what} ({code or 'error'}){detail}")

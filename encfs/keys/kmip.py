@@ -1,0 +1,258 @@
+"""The `kmip` provider: a 256-bit symmetric key held by a KMIP server (PyKMIP client).
+
+The server releases the key to us (KMIP Get) over mutual TLS and the KEK is sealed locally
+with AES-256-GCM under it (binding as AAD). KMIP servers, PyKMIP's included, return the
+material of revoked (Deactivated) and Pre-Active keys, so the provider reads the State
+attribute first and refuses anything but Active; a destroyed key is not found at all.
+
+SPEC: `kmip:host=HOST[,port=5696],ca=PATH,client-cert=PATH,client-key=PATH,uid=UID[,timeout=S]`
+or `create` instead of `uid=UID` to have prepare_new create and activate an AES-256 key
+(its unique id is then stored in the options).
+
+Credentials are files: the client certificate and its key (mode 0600), and the CA that
+signed the server certificate, whose subjectAltName must match `host`. The record holds
+the key's unique id and the sealed KEK.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import stat
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from types import SimpleNamespace
+from typing import Any
+
+from encfs.errors import (
+    KeyAccessError,
+    KeyMissing,
+    KeyPermissions,
+    KeyRevoked,
+    ProviderConfigError,
+    ProviderUnavailable,
+)
+from encfs.keys.provider import (
+    KeyProvider,
+    Record,
+    absolute_paths,
+    missing_extra,
+    open_with_secret,
+    parse_options,
+    parse_timeout,
+    require,
+    seal_with_secret,
+)
+
+DEFAULT_PORT = 5696
+DEFAULT_TIMEOUT = 5.0
+
+_kmip: SimpleNamespace | None = None
+
+
+def _import_kmip() -> SimpleNamespace:
+    global _kmip
+    if _kmip is None:
+        try:
+            # PyKMIP's imports warn about ciphers cryptography will drop; not our business.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from kmip.core import enums
+                from kmip.core import exceptions as core_exceptions
+                from kmip.pie import exceptions as pie_exceptions
+                from kmip.pie.client import ProxyKmipClient
+                from kmip.services.kmip_protocol import RequestLengthMismatch
+        except ImportError:
+            raise missing_extra("pykmip", "kmip") from None
+        # PyKMIP logs every failure at ERROR (and requests at DEBUG); the provider reports
+        # failures itself as one line, so keep the library quiet.
+        logging.getLogger("kmip").setLevel(logging.CRITICAL)
+        logging.getLogger("kmip.core.config_helper").setLevel(logging.CRITICAL)
+        _kmip = SimpleNamespace(
+            enums=enums,
+            core_exceptions=core_exceptions,
+            pie_exceptions=pie_exceptions,
+            ProxyKmipClient=ProxyKmipClient,
+            RequestLengthMismatch=RequestLengthMismatch,
+        )
+    return _kmip
+
+
+class KmipProvider(KeyProvider):
+    name = "kmip"
+    extra = "kmip"
+
+    @classmethod
+    def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
+        options = parse_options(
+            "kmip",
+            spec_args,
+            allowed=("host", "port", "ca", "client-cert", "client-key", "uid", "timeout"),
+            flags=("create",),
+            secret_hint="the client key is a file: client-key=PATH",
+        )
+        require("kmip", options, "host", "ca", "client_cert", "client_key")
+        if bool(options.get("uid")) == bool(options.get("create")):
+            raise ProviderConfigError("kmip: give exactly one of uid=UID or create")
+        try:
+            port = int(options.get("port", DEFAULT_PORT))
+        except ValueError:
+            raise ProviderConfigError("kmip: port must be a number") from None
+        if not 0 < port < 65536:
+            raise ProviderConfigError("kmip: port must be in 1..65535")
+        options["port"] = port
+        parse_timeout("kmip", options, DEFAULT_TIMEOUT)
+        absolute_paths(options, "ca", "client_cert", "client_key")
+        return options
+
+    # -- connection --
+
+    def _opt(self, name: str) -> Any:
+        value = self.options.get(name)
+        if value in (None, ""):
+            raise ProviderConfigError(f"kmip provider options lack {name!r}")
+        return value
+
+    def _tls_context(self) -> ssl.SSLContext:
+        ca, cert, key = self._opt("ca"), self._opt("client_cert"), self._opt("client_key")
+        for path, what in ((ca, "CA certificate"), (cert, "client certificate")):
+            if not os.path.isfile(path):
+                raise KeyMissing(f"KMIP {what} {path} not found")
+        _check_private_file(key)
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            raise ProviderConfigError(f"KMIP TLS files unusable: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise KeyMissing(f"KMIP TLS files unreadable: {exc.strerror}") from None
+        return context
+
+    @contextmanager
+    def _session(self) -> Iterator[Any]:
+        """An open client; every failure becomes a KeyAccessError with one line."""
+        kmip = _import_kmip()
+        host, port = self._opt("host"), int(self._opt("port"))
+        timeout = float(self.options.get("timeout", DEFAULT_TIMEOUT))
+        context = self._tls_context()
+        where = f"KMIP server {host}:{port}"
+        client = kmip.ProxyKmipClient(
+            hostname=host, port=port, kmip_version=kmip.enums.KMIPVersion.KMIP_1_2
+        )
+        proxy = client.proxy
+        # Nothing may come from a stray pykmip.conf; TLS is ours (hostname checked, TLS>=1.2).
+        proxy.username = proxy.password = None
+        proxy.timeout = timeout
+
+        def create_socket(sock: socket.socket) -> None:
+            proxy.socket = context.wrap_socket(sock, server_hostname=host)
+            proxy.socket.settimeout(timeout)  # bounds connect, handshake and every read
+
+        proxy._create_socket = create_socket
+        try:
+            client.open()
+            yield client
+        except KeyAccessError:
+            raise
+        except kmip.pie_exceptions.KmipOperationFailure as exc:
+            raise _map_failure(kmip, exc, where) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise ProviderConfigError(
+                f"{where} presented a certificate we do not trust: {exc.verify_message}"
+            ) from None
+        except ssl.SSLError as exc:
+            if "ALERT" in (exc.reason or ""):
+                raise KeyRevoked(f"{where} refused our client certificate ({exc.reason})") from None
+            raise ProviderUnavailable(f"{where}: TLS failure ({exc.reason or exc})") from None
+        except TimeoutError:
+            raise ProviderUnavailable(f"{where} did not answer within {timeout:g}s") from None
+        except (OSError, EOFError, kmip.RequestLengthMismatch) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ProviderUnavailable(f"{where} unreachable: {reason}") from None
+        except (kmip.core_exceptions.KmipError, ValueError, TypeError) as exc:
+            raise ProviderConfigError(f"{where}: unexpected answer ({exc})") from None
+        finally:
+            with suppress(Exception):  # closing a dead connection may fail; nothing to do
+                client.close()
+
+    def _fetch_secret(self, client: Any, uid: str, where: str) -> bytes:
+        """Get an Active 256-bit key; anything else is revoked (or misconfigured)."""
+        kmip = _import_kmip()
+        _, attributes = client.get_attributes(uid, ["State"])
+        states = [a.attribute_value.value for a in attributes if a.attribute_name.value == "State"]
+        if not states:
+            raise ProviderConfigError(f"{where} did not report the State of key {uid}")
+        if states[0] != kmip.enums.State.ACTIVE:
+            raise KeyRevoked(f"KMIP key {uid} is {states[0].name.lower().replace('_', '-')}")
+        managed = client.get(uid)
+        value = getattr(managed, "value", None)
+        if not isinstance(value, bytes) or len(value) != 32:
+            raise ProviderConfigError(f"KMIP object {uid} is not a 256-bit key")
+        return value
+
+    # -- the provider interface --
+
+    def prepare_new(self) -> None:
+        where = self.describe()
+        with self._session() as client:
+            if self.options.pop("create", False):
+                kmip = _import_kmip()
+                usage = kmip.enums.CryptographicUsageMask
+                uid = client.create(
+                    kmip.enums.CryptographicAlgorithm.AES,
+                    256,
+                    name="encfs-gw KEK sealing key",
+                    cryptographic_usage_mask=[usage.ENCRYPT, usage.DECRYPT],
+                )
+                client.activate(uid)
+                self.options["uid"] = uid  # stored in the volume config after prepare_new
+            self._fetch_secret(client, str(self._opt("uid")), where)
+
+    def protect(self, kek: bytes, binding: bytes) -> Record:
+        uid = str(self._opt("uid"))
+        with self._session() as client:
+            secret = self._fetch_secret(client, uid, self.describe())
+        return {"uid": uid, "sealed_kek": seal_with_secret(secret, kek, binding)}
+
+    def recover(self, record: Record, binding: bytes) -> bytes:
+        uid = record.get("uid")
+        if not isinstance(uid, str) or not uid:
+            raise ProviderConfigError("kmip record is corrupt (no uid)")
+        with self._session() as client:
+            secret = self._fetch_secret(client, uid, self.describe())
+        return open_with_secret(
+            secret, record.get("sealed_kek"), binding, f"KMIP key {uid} does not open this volume"
+        )
+
+    def describe(self) -> str:
+        uid = self.options.get("uid", "(new)")
+        return f"kmip:{self.options.get('host')}:{self.options.get('port')},uid={uid}"
+
+
+def _check_private_file(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise KeyMissing(f"KMIP client key {path} not found") from None
+    except OSError as exc:
+        raise KeyMissing(f"KMIP client key {path}: {exc.strerror}") from None
+    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+        raise KeyPermissions(
+            f"KMIP client key {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+            f"it must not be accessible by group or others (chmod 600 {path})"
+        )
+
+
+def _map_failure(kmip: Any, exc: Any, where: str) -> KeyAccessError:
+    reason = exc.reason
+    names = kmip.enums.ResultReason
+    if reason == names.ITEM_NOT_FOUND:
+        return KeyRevoked(f"{where}: key not found (destroyed?)")
+    if reason == names.PERMISSION_DENIED:
+        return KeyRevoked(f"{where}: permission denied")
+    label = getattr(reason, "name", str(reason)).lower()
+    return ProviderConfigError(f"{where} refused the request: {label} {exc.message}".rstrip())

@@ -1,0 +1,441 @@
+"""The `pkcs11` provider: an AES-256 key that never leaves a PKCS#11 token (HSM, SoftHSM2).
+
+The KEK is encrypted inside the token with CKM_AES_GCM under a token-resident key that
+is sensitive and non-extractable (CKA_SENSITIVE=true, CKA_EXTRACTABLE=false). The nonce is
+12 random bytes per record; the binding is the GCM AAD. The record holds the key label,
+the nonce and the ciphertext+tag (hex); nothing secret.
+
+SPEC: `pkcs11:module=PATH,token=LABEL,key=LABEL[,pin-file=PATH][,create]`
+
+* module: the PKCS#11 library (e.g. /usr/lib/softhsm/libsofthsm2.so);
+* token: the token label (slot ids move, e.g. SoftHSM re-numbers them after init);
+* key: the label of the AES-256 secret key object in the token;
+* the user PIN comes from `pin-file=PATH` (mode 0600, first line) or the environment
+  variable ENCFS_PKCS11_PIN, never from the command line;
+* `create`: prepare_new generates the key in the token (refusing an existing label).
+
+PKCS#11 login state is per process and token, so instances that share a token share one
+logged-in session; a second instance with a different PIN is refused (WrongKey).
+
+This module also holds the spec and secret-file helpers of the network providers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from encfs import crypto
+from encfs.errors import (
+    KeyMissing,
+    KeyRevoked,
+    ProviderConfigError,
+    ProviderUnavailable,
+    VolumeExists,
+    WrongKey,
+)
+from encfs.keys.provider import (
+    KeyProvider,
+    Record,
+    absolute_paths,
+    missing_extra,
+    parse_options,
+    read_secret_file,
+    require,
+)
+
+PIN_ENV = "ENCFS_PKCS11_PIN"
+MECHANISM = "CKM_AES_GCM"
+_CKR_KEY_FUNCTION_NOT_PERMITTED = "0x68"  # python-pkcs11 has no class for it
+
+# --- PKCS#11 ------------------------------------------------------------------------------
+
+
+def _import_pkcs11() -> Any:
+    try:
+        import pkcs11
+    except ImportError:
+        raise missing_extra("python-pkcs11", "pkcs11") from None
+    return pkcs11
+
+
+# A per-process key so PIN comparisons never keep the PIN itself around.
+_PIN_MAC_KEY = os.urandom(32)
+
+
+def _pin_digest(pin: str) -> bytes:
+    return hmac.new(_PIN_MAC_KEY, pin.encode(), hashlib.sha256).digest()
+
+
+@dataclass(eq=False)
+class _Login:
+    """One logged-in session per (module, token), shared by provider instances."""
+
+    session: Any
+    pin_digest: bytes
+    users: int = 0
+    dead: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_logins: dict[tuple[str, str], _Login] = {}
+_logins_lock = threading.Lock()
+
+
+class _Stale(Exception):
+    """The shared session died (token removed, library re-initialised): log in again."""
+
+
+class _Vanished(Exception):
+    """The key object went away between lookup and use: look it up again."""
+
+
+class Pkcs11Provider(KeyProvider):
+    name = "pkcs11"
+    extra = "pkcs11"
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__(options)
+        self._login: _Login | None = None
+
+    @classmethod
+    def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
+        options = parse_options(
+            "pkcs11",
+            spec_args,
+            allowed=("module", "token", "key", "pin-file"),
+            flags=("create",),
+            secret_hint=f"use pin-file=PATH or the {PIN_ENV} environment variable",
+        )
+        require("pkcs11", options, "module", "token", "key")
+        absolute_paths(options, "pin_file")
+        return options
+
+    # -- options and credentials --
+
+    def _opt(self, name: str) -> str:
+        value = self.options.get(name)
+        if not isinstance(value, str) or not value:
+            raise ProviderConfigError(f"pkcs11 provider options lack {name!r}")
+        return value
+
+    def _pin(self) -> str:
+        pin_file = self.options.get("pin_file")
+        if pin_file:
+            return read_secret_file(pin_file, "PKCS#11 PIN")
+        pin = os.environ.get(PIN_ENV)
+        if not pin:
+            raise KeyMissing(f"no PKCS#11 PIN: set {PIN_ENV} or give pin-file=PATH")
+        return pin
+
+    # -- sessions --
+
+    def _lib(self) -> Any:
+        pkcs11 = _import_pkcs11()
+        module = self._opt("module")
+        if not os.path.isfile(module):
+            raise ProviderConfigError(f"PKCS#11 module {module} not found")
+        try:
+            return pkcs11.lib(module)
+        except pkcs11.PKCS11Error as exc:
+            raise ProviderConfigError(f"cannot load PKCS#11 module {module}: {exc}") from None
+
+    def _acquire(self) -> _Login:
+        pkcs11 = _import_pkcs11()
+        module, token_label = self._opt("module"), self._opt("token")
+        lib = self._lib()  # configuration errors first, then credentials
+        pin = self._pin()
+        digest = _pin_digest(pin)
+        with _logins_lock:
+            if self._login is not None and not self._login.dead:
+                login = self._login
+            else:
+                self._release()
+                login = _logins.get((module, token_label))
+                if login is None:
+                    login = _Login(self._open_session(pkcs11, lib, token_label, pin), digest)
+                    _logins[(module, token_label)] = login
+                login.users += 1
+                self._login = login
+        if not hmac.compare_digest(login.pin_digest, digest):
+            raise WrongKey(f"wrong PIN for PKCS#11 token {token_label!r}")
+        return login
+
+    def _open_session(self, pkcs11: Any, lib: Any, token_label: str, pin: str) -> Any:
+        try:
+            token = lib.get_token(token_label=token_label)
+        except pkcs11.NoSuchToken:
+            raise KeyMissing(f"PKCS#11 token {token_label!r} not found in {lib.so}") from None
+        except pkcs11.MultipleTokensReturned:
+            raise ProviderConfigError(
+                f"several PKCS#11 tokens are labelled {token_label!r}"
+            ) from None
+        except pkcs11.PKCS11Error as exc:
+            raise _map_device_error(pkcs11, exc, f"PKCS#11 token {token_label!r}") from None
+        try:
+            return token.open(user_pin=pin)
+        except pkcs11.PinIncorrect:
+            raise WrongKey(f"wrong PIN for PKCS#11 token {token_label!r}") from None
+        except pkcs11.PinLocked:
+            raise KeyRevoked(f"the PIN of PKCS#11 token {token_label!r} is locked") from None
+        except pkcs11.PinExpired:
+            raise KeyRevoked(f"the PIN of PKCS#11 token {token_label!r} has expired") from None
+        except pkcs11.UserAlreadyLoggedIn:
+            # Logged in outside this module (same process): the token is authenticated.
+            return token.open()
+        except pkcs11.PKCS11Error as exc:
+            raise _map_device_error(pkcs11, exc, f"PKCS#11 token {token_label!r}") from None
+
+    def _release(self) -> None:
+        """Drop this instance's share of the login (caller holds _logins_lock)."""
+        login, self._login = self._login, None
+        if login is None:
+            return
+        login.users -= 1
+        if login.users <= 0 and not login.dead:
+            login.dead = True
+            for key, value in list(_logins.items()):
+                if value is login:
+                    del _logins[key]
+            with contextlib.suppress(Exception):  # the token may already be gone
+                login.session.close()
+
+    def _invalidate(self, login: _Login) -> None:
+        with _logins_lock:
+            was_dead, login.dead = login.dead, True
+            for key, value in list(_logins.items()):
+                if value is login:
+                    del _logins[key]
+            self._release()
+        if not was_dead:
+            # Close it (if it still exists) so its login does not outlive our cache.
+            with login.lock, contextlib.suppress(Exception):
+                login.session.close()
+
+    def _with_key(self, label: str, purpose: str, missing: type[Exception], op: Any) -> Any:
+        """Run op(pkcs11, key) under the shared session, retrying once on a stale one."""
+        pkcs11 = _import_pkcs11()
+        for attempt in (1, 2):
+            login = self._acquire()
+            try:
+                with login.lock:
+                    key = self._find_key(pkcs11, login.session, label, missing)
+                    return op(pkcs11, key)
+            except _Vanished:
+                continue  # the lookup now says whether the key is gone for good
+            except _Stale:
+                self._invalidate(login)
+                if attempt == 2:
+                    raise ProviderUnavailable(
+                        f"PKCS#11 token {self.options.get('token')!r} went away during {purpose}"
+                    ) from None
+        raise ProviderUnavailable(
+            f"PKCS#11 key {label!r} keeps changing under {purpose}; try again"
+        )
+
+    def _find_key(self, pkcs11: Any, session: Any, label: str, missing: type[Exception]) -> Any:
+        token_label = self.options.get("token")
+        try:
+            return session.get_key(object_class=pkcs11.ObjectClass.SECRET_KEY, label=label)
+        except pkcs11.NoSuchKey:
+            if missing is KeyRevoked:
+                raise KeyRevoked(
+                    f"key {label!r} is gone from PKCS#11 token {token_label!r} (destroyed?)"
+                ) from None
+            raise KeyMissing(f"no key {label!r} in PKCS#11 token {token_label!r}") from None
+        except pkcs11.MultipleObjectsReturned:
+            raise ProviderConfigError(
+                f"several keys are labelled {label!r} in PKCS#11 token {token_label!r}"
+            ) from None
+        except pkcs11.PKCS11Error as exc:
+            raise _map_session_error(pkcs11, exc, "key lookup") from None
+
+    def _check_key_policy(self, pkcs11: Any, key: Any, label: str) -> None:
+        Attribute = pkcs11.Attribute
+        try:
+            key_type = key[Attribute.KEY_TYPE]
+            size = key[Attribute.VALUE_LEN]
+            sensitive, extractable = key[Attribute.SENSITIVE], key[Attribute.EXTRACTABLE]
+        except pkcs11.PKCS11Error as exc:
+            raise _map_session_error(pkcs11, exc, "attribute read") from None
+        if key_type != pkcs11.KeyType.AES or size != crypto.KEY_SIZE:
+            raise ProviderConfigError(f"PKCS#11 key {label!r} is not an AES-256 key")
+        if not sensitive or extractable:
+            raise ProviderConfigError(
+                f"PKCS#11 key {label!r} must be sensitive and non-extractable"
+            )
+
+    # -- the provider interface --
+
+    def prepare_new(self) -> None:
+        label = self._opt("key")
+        if self.options.pop("create", False):
+            self._create_key(label)
+        else:
+            self._with_key(
+                label, "setup", KeyMissing, lambda p, k: self._check_key_policy(p, k, label)
+            )
+
+    def _create_key(self, label: str) -> None:
+        pkcs11 = _import_pkcs11()
+        login = self._acquire()
+        token_label = self.options.get("token")
+        try:
+            with login.lock:
+                try:
+                    self._find_key(pkcs11, login.session, label, KeyMissing)
+                except KeyMissing:
+                    pass
+                else:
+                    raise VolumeExists(
+                        f"PKCS#11 token {token_label!r} already has a key {label!r}; "
+                        "refusing to create another"
+                    )
+                self._generate(pkcs11, login.session, label)
+        except (_Stale, _Vanished):
+            self._invalidate(login)
+            raise ProviderUnavailable(f"PKCS#11 token {token_label!r} went away") from None
+
+    @staticmethod
+    def _generate(pkcs11: Any, session: Any, label: str) -> None:
+        Attribute = pkcs11.Attribute
+        try:
+            # A read-write session shares the login of the shared read-only one.
+            with session.token.open(rw=True) as rw:
+                rw.generate_key(
+                    pkcs11.KeyType.AES,
+                    256,
+                    label=label,
+                    store=True,
+                    capabilities=pkcs11.MechanismFlag.ENCRYPT | pkcs11.MechanismFlag.DECRYPT,
+                    template={
+                        Attribute.TOKEN: True,
+                        Attribute.PRIVATE: True,
+                        Attribute.SENSITIVE: True,
+                        Attribute.EXTRACTABLE: False,
+                        Attribute.WRAP: False,
+                        Attribute.UNWRAP: False,
+                        Attribute.SIGN: False,
+                        Attribute.VERIFY: False,
+                        Attribute.DERIVE: False,
+                    },
+                )
+        except pkcs11.PKCS11Error as exc:
+            raise _map_session_error(pkcs11, exc, "key generation") from None
+
+    def protect(self, kek: bytes, binding: bytes) -> Record:
+        label = self._opt("key")
+        nonce = crypto.random_nonce()
+
+        def encrypt(pkcs11: Any, key: Any) -> bytes:
+            self._check_key_policy(pkcs11, key, label)
+            if not key[pkcs11.Attribute.ENCRYPT]:
+                raise ProviderConfigError(f"PKCS#11 key {label!r} may not encrypt")
+            try:
+                return key.encrypt(
+                    kek,
+                    mechanism=pkcs11.Mechanism.AES_GCM,
+                    mechanism_param=pkcs11.GCMParams(nonce, binding, 128),
+                )
+            except pkcs11.PKCS11Error as exc:
+                raise _map_session_error(pkcs11, exc, "encrypt") from None
+
+        ciphertext = self._with_key(label, "encrypt", KeyMissing, encrypt)
+        return {
+            "mechanism": MECHANISM,
+            "key_label": label,
+            "nonce": nonce.hex(),
+            "ciphertext": ciphertext.hex(),
+        }
+
+    def recover(self, record: Record, binding: bytes) -> bytes:
+        label, nonce, ciphertext = _parse_record(record)
+
+        def decrypt(pkcs11: Any, key: Any) -> bytes:
+            try:
+                allowed = key[pkcs11.Attribute.DECRYPT]
+            except pkcs11.PKCS11Error as exc:
+                raise _map_session_error(pkcs11, exc, "attribute read") from None
+            if not allowed:
+                raise KeyRevoked(f"PKCS#11 key {label!r} may no longer decrypt (CKA_DECRYPT off)")
+            try:
+                return key.decrypt(
+                    ciphertext,
+                    mechanism=pkcs11.Mechanism.AES_GCM,
+                    mechanism_param=pkcs11.GCMParams(nonce, binding, 128),
+                )
+            except (
+                pkcs11.GeneralError,  # SoftHSM's answer to a bad GCM tag
+                pkcs11.EncryptedDataInvalid,
+                pkcs11.EncryptedDataLenRange,
+                pkcs11.DataInvalid,
+                pkcs11.DataLenRange,
+            ):
+                raise WrongKey(
+                    f"PKCS#11 key {label!r} in token {self.options.get('token')!r} "
+                    "does not open this volume"
+                ) from None
+            except pkcs11.PKCS11Error as exc:
+                raise _map_session_error(pkcs11, exc, "decrypt") from None
+
+        kek = self._with_key(label, "decrypt", KeyRevoked, decrypt)
+        if len(kek) != crypto.KEY_SIZE:
+            raise WrongKey(f"PKCS#11 key {label!r} returned a malformed KEK")
+        return kek
+
+    def describe(self) -> str:
+        return f"pkcs11:token={self.options.get('token')},key={self.options.get('key')}"
+
+    def close(self) -> None:
+        with _logins_lock:
+            self._release()
+
+
+def _parse_record(record: Record) -> tuple[str, bytes, bytes]:
+    try:
+        label = record["key_label"]
+        nonce = bytes.fromhex(record["nonce"])
+        ciphertext = bytes.fromhex(record["ciphertext"])
+    except (KeyError, TypeError, ValueError):
+        raise ProviderConfigError("pkcs11 record is corrupt") from None
+    if record.get("mechanism") != MECHANISM or not isinstance(label, str):
+        raise ProviderConfigError("pkcs11 record is corrupt (unknown mechanism)")
+    if len(nonce) != crypto.NONCE_SIZE or len(ciphertext) != crypto.KEY_SIZE + crypto.TAG_SIZE:
+        raise ProviderConfigError("pkcs11 record is corrupt (bad lengths)")
+    return label, nonce, ciphertext
+
+
+def _map_device_error(pkcs11: Any, exc: Exception, what: str) -> Exception:
+    unavailable = (
+        pkcs11.DeviceError,
+        pkcs11.DeviceRemoved,
+        pkcs11.TokenNotPresent,
+        pkcs11.DeviceMemory,
+        pkcs11.FunctionFailed,
+    )
+    if isinstance(exc, unavailable):
+        return ProviderUnavailable(f"{what} is unavailable ({type(exc).__name__})")
+    return ProviderConfigError(f"{what}: PKCS#11 error {type(exc).__name__} {exc}".rstrip())
+
+
+def _map_session_error(pkcs11: Any, exc: Exception, what: str) -> Exception:
+    stale = (
+        pkcs11.SessionHandleInvalid,
+        pkcs11.SessionClosed,
+        pkcs11.UserNotLoggedIn,
+        pkcs11.DeviceRemoved,
+        pkcs11.TokenNotPresent,
+    )
+    if isinstance(exc, stale):
+        return _Stale()
+    if isinstance(exc, pkcs11.ObjectHandleInvalid):
+        return _Vanished()
+    if str(exc).endswith(_CKR_KEY_FUNCTION_NOT_PERMITTED):
+        return KeyRevoked(f"the PKCS#11 token no longer permits {what} with this key")
+    return _map_device_error(pkcs11, exc, f"PKCS#11 {what}")

@@ -1,0 +1,280 @@
+"""The `vault` provider: Vault (or OpenBao) Transit encrypts the KEK; the key stays there.
+
+protect = `transit/encrypt/KEY` and recover = `transit/decrypt/KEY`, with the binding as
+`associated_data` (so the key must be an AEAD type: aes256-gcm96, aes128-gcm96 or
+chacha20-poly1305, and should not be exportable). The record holds the `vault:vN:...`
+ciphertext, N and the key name. Vault enforces key versions: after `rotate` old records
+still open until `min_decryption_version` is raised past them, then they are refused
+(KeyRevoked), as are records of a deleted key.
+
+SPEC: `vault:addr=URL,key=NAME[,mount=transit][,token-file=PATH][,ca=PATH]`
+      `[,namespace=NS][,timeout=SECONDS][,create]`
+
+* addr defaults to $VAULT_ADDR at the time the spec is parsed;
+* the token comes from `token-file=PATH` (mode 0600) or $VAULT_TOKEN, never the command line;
+* `ca=PATH` verifies an HTTPS server against that CA bundle;
+* `create`: prepare_new creates a non-exportable aes256-gcm96 key (refusing an existing one).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from typing import Any
+
+from encfs import crypto
+from encfs.errors import (
+    KeyAccessError,
+    KeyMissing,
+    KeyRevoked,
+    ProviderConfigError,
+    ProviderUnavailable,
+    VolumeExists,
+    WrongKey,
+)
+from encfs.keys.provider import (
+    KeyProvider,
+    Record,
+    absolute_paths,
+    missing_extra,
+    parse_options,
+    parse_timeout,
+    read_secret_file,
+    require,
+)
+
+DEFAULT_MOUNT = "transit"
+DEFAULT_TIMEOUT = 5.0
+NEW_KEY_TYPE = "aes256-gcm96"
+AEAD_KEY_TYPES = frozenset({"aes256-gcm96", "aes128-gcm96", "chacha20-poly1305"})
+_CIPHERTEXT = re.compile(r"^vault:v(\d+):[A-Za-z0-9+/=]+$")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _import_hvac() -> Any:
+    try:
+        import hvac
+        import hvac.exceptions
+        import requests
+    except ImportError:
+        raise missing_extra("hvac", "vault") from None
+    return hvac, requests
+
+
+class VaultProvider(KeyProvider):
+    name = "vault"
+    extra = "vault"
+
+    @classmethod
+    def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
+        options = parse_options(
+            "vault",
+            spec_args,
+            allowed=("addr", "key", "mount", "token-file", "ca", "namespace", "timeout"),
+            flags=("create",),
+            secret_hint="use token-file=PATH or the VAULT_TOKEN environment variable",
+        )
+        if "addr" not in options and os.environ.get("VAULT_ADDR"):
+            options["addr"] = os.environ["VAULT_ADDR"]
+        require("vault", options, "addr", "key")
+        if not re.match(r"^https?://", options["addr"]):
+            raise ProviderConfigError("vault: addr must be an http:// or https:// URL")
+        options.setdefault("mount", DEFAULT_MOUNT)
+        parse_timeout("vault", options, DEFAULT_TIMEOUT)
+        absolute_paths(options, "token_file", "ca")
+        return options
+
+    # -- client and error mapping --
+
+    def _opt(self, name: str) -> Any:
+        value = self.options.get(name)
+        if value in (None, ""):
+            raise ProviderConfigError(f"vault provider options lack {name!r}")
+        return value
+
+    def _token(self) -> str:
+        token_file = self.options.get("token_file")
+        if token_file:
+            return read_secret_file(token_file, "Vault token")
+        token = os.environ.get("VAULT_TOKEN")
+        if not token:
+            raise KeyMissing("no Vault token: set VAULT_TOKEN or give token-file=PATH")
+        return token
+
+    def _client(self) -> Any:
+        hvac, _ = _import_hvac()
+        ca = self.options.get("ca")
+        if ca and not os.path.isfile(ca):
+            raise KeyMissing(f"Vault CA bundle {ca} not found")
+        return hvac.Client(
+            url=self._opt("addr"),
+            token=self._token(),  # explicit: hvac must not fall back to ~/.vault-token
+            verify=ca or True,
+            timeout=float(self.options.get("timeout", DEFAULT_TIMEOUT)),
+            namespace=self.options.get("namespace"),
+        )
+
+    def _call(self, what: str, func: Any, **kwargs: Any) -> Any:
+        """Run one transit call; map every failure to a one-line KeyAccessError."""
+        hvac, requests = _import_hvac()
+        errors = hvac.exceptions
+        addr, key = self._opt("addr"), kwargs.get("name", self.options.get("key"))
+        try:
+            return func(mount_point=self._opt("mount"), **kwargs)
+        except KeyAccessError:
+            raise
+        except (errors.Unauthorized, errors.Forbidden):
+            raise KeyRevoked(
+                f"Vault denied {what} with transit key {key!r} (token invalid, expired or "
+                "without the policy)"
+            ) from None
+        except errors.InvalidPath:
+            raise _NotFound(
+                f"Vault at {addr}: no transit key {key!r} or no transit engine at "
+                f"{self.options.get('mount')!r}"
+            ) from None
+        except errors.InvalidRequest as exc:
+            raise _map_invalid_request(exc, what, key) from None
+        except (
+            errors.VaultDown,
+            errors.InternalServerError,
+            errors.BadGateway,
+            errors.RateLimitExceeded,
+            errors.VaultNotInitialized,
+        ) as exc:
+            raise ProviderUnavailable(
+                f"Vault at {addr} cannot serve {what}: {_message(exc)}"
+            ) from None
+        except errors.VaultError as exc:
+            raise ProviderConfigError(f"Vault refused {what}: {_message(exc)}") from None
+        except requests.exceptions.SSLError:
+            raise ProviderConfigError(f"Vault at {addr}: TLS verification failed") from None
+        except requests.exceptions.Timeout:
+            raise ProviderUnavailable(
+                f"Vault at {addr} did not answer within {self.options.get('timeout')}s"
+            ) from None
+        except (requests.exceptions.ConnectionError, OSError):
+            raise ProviderUnavailable(f"Vault at {addr} is unreachable") from None
+        except (requests.exceptions.RequestException, ValueError) as exc:
+            raise ProviderUnavailable(
+                f"Vault at {addr}: bad answer ({type(exc).__name__})"
+            ) from None
+
+    def _check_key(self, client: Any, missing_ok: bool = False) -> bool:
+        """Refuse an exportable or non-AEAD key. Returns False if the key does not exist.
+
+        Reading key metadata needs `read` on transit/keys/NAME; a token without it skips the
+        check (Vault still refuses encrypt on a missing key unless the token may `create`).
+        """
+        name = self._opt("key")
+        try:
+            data = self._call("key lookup", client.secrets.transit.read_key, name=name)["data"]
+        except _NotFound:
+            if missing_ok:
+                return False
+            raise KeyMissing(f"Vault transit key {name!r} not found") from None
+        except KeyRevoked:
+            return True  # no read permission: nothing to check
+        if data.get("type") not in AEAD_KEY_TYPES:
+            raise ProviderConfigError(
+                f"Vault transit key {name!r} is {data.get('type')}; it must be an AEAD key "
+                f"({', '.join(sorted(AEAD_KEY_TYPES))})"
+            )
+        if data.get("exportable") or data.get("allow_plaintext_backup"):
+            raise ProviderConfigError(f"Vault transit key {name!r} is exportable; refusing it")
+        return True
+
+    # -- the provider interface --
+
+    def prepare_new(self) -> None:
+        client = self._client()
+        name = self._opt("key")
+        if not self.options.pop("create", False):
+            self._check_key(client)
+            return
+        if self._check_key(client, missing_ok=True):
+            raise VolumeExists(f"Vault transit key {name!r} already exists; refusing to reuse it")
+        self._call(
+            "key creation",
+            client.secrets.transit.create_key,
+            name=name,
+            key_type=NEW_KEY_TYPE,
+            exportable=False,
+            allow_plaintext_backup=False,
+        )
+
+    def protect(self, kek: bytes, binding: bytes) -> Record:
+        client = self._client()
+        name = self._opt("key")
+        self._check_key(client)  # encrypt would silently create a missing key (upsert)
+        data = self._call(
+            "encrypt",
+            client.secrets.transit.encrypt_data,
+            name=name,
+            plaintext=_b64(kek),
+            associated_data=_b64(binding),
+        )["data"]
+        ciphertext = data.get("ciphertext", "")
+        match = _CIPHERTEXT.match(ciphertext)
+        if not match:
+            raise ProviderConfigError("Vault returned an unexpected ciphertext")
+        return {"key": name, "key_version": int(match.group(1)), "ciphertext": ciphertext}
+
+    def recover(self, record: Record, binding: bytes) -> bytes:
+        name, ciphertext = record.get("key"), record.get("ciphertext")
+        match = _CIPHERTEXT.match(ciphertext) if isinstance(ciphertext, str) else None
+        if (
+            not isinstance(name, str)
+            or not match
+            or int(match.group(1)) != record.get("key_version")
+        ):
+            raise ProviderConfigError("vault record is corrupt")
+        client = self._client()
+        data = self._call(
+            "decrypt",
+            client.secrets.transit.decrypt_data,
+            name=name,
+            ciphertext=ciphertext,
+            associated_data=_b64(binding),
+        )["data"]
+        try:
+            kek = base64.b64decode(data["plaintext"], validate=True)
+        except (KeyError, TypeError, binascii.Error):
+            raise ProviderConfigError("Vault returned no usable plaintext") from None
+        if len(kek) != crypto.KEY_SIZE:
+            raise WrongKey(f"Vault transit key {name!r} returned a malformed KEK")
+        return kek
+
+    def describe(self) -> str:
+        options = self.options
+        return f"vault:{options.get('addr')}/{options.get('mount')}/{options.get('key')}"
+
+
+class _NotFound(ProviderConfigError):
+    """HTTP 404: no such key (on a metadata read) or no transit engine at the mount."""
+
+
+def _message(exc: Any) -> str:
+    errors = getattr(exc, "errors", None)
+    if isinstance(errors, list) and errors:
+        return "; ".join(str(e) for e in errors)
+    return str(exc).split(", on ")[0]
+
+
+def _map_invalid_request(exc: Any, what: str, key: str | None) -> KeyAccessError:
+    message = _message(exc)
+    if "disallowed by policy (too old)" in message:
+        return KeyRevoked(
+            f"Vault transit key {key!r} no longer decrypts this record's key version "
+            "(min_decryption_version was raised past it)"
+        )
+    if "key not found" in message:
+        return KeyRevoked(f"Vault transit key {key!r} not found (deleted?)")
+    if "message authentication failed" in message or "invalid ciphertext" in message:
+        return WrongKey(f"Vault transit key {key!r} does not open this volume")
+    return ProviderConfigError(f"Vault refused {what}: {message}")
