@@ -6,6 +6,7 @@ Every failure is one line on stderr and a stable exit code (docs/EXITCODES.md).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import select
@@ -56,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     mount.add_argument("-f", "--foreground", action="store_true", help="stay attached")
     mount.add_argument(
-        "-o", dest="options", action="append", default=[], metavar="OPTIONS",
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
         help="comma-separated mount options (allow_other, ro, writeback_cache, ...)",
     )
     mount.add_argument("--keyfile", metavar="PATH", help="use this key file instead")
@@ -75,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     p_remove.add_argument("backing", metavar="BACKING")
     p_remove.add_argument("slot", type=int, metavar="SLOT")
 
+    rotate = sub.add_parser("rotate", help="new KEK version; re-wrap every DEK (no re-encryption)")
+    rotate.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
+    rotate.add_argument("--rate", type=float, metavar="DEKS_PER_S", help="throttle the pass")
+    rotate.add_argument("--json", action="store_true", help="progress and result as JSON lines")
+    rotate.add_argument(
+        "--purge-old", action="store_true", help="drop old KEK versions once none is needed"
+    )
+    rotate.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume")
+
+    status = sub.add_parser("status", help="KEK versions and the DEKs that depend on them")
+    status.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume")
+
+    rewrap = sub.add_parser(
+        "rewrap-kek", help="re-protect the stored KEKs after the provider's own key rotated"
+    )
+    rewrap.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
+    rewrap.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume")
+
     unmount = sub.add_parser("unmount", aliases=["umount"], help="flush and unmount")
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
@@ -86,8 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed its one-line usage error
         return int(exc.code or 0) and UsageError.exit_code
+    daemon = args.command == "mount"
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.INFO if daemon else logging.WARNING,
         format="encfs-gw: %(levelname)s %(message)s",
         stream=sys.stderr,
     )
@@ -201,6 +227,7 @@ def _mount_foreground(args: argparse.Namespace) -> int:
         mount_mod.fuse_options(backing, fuse_opts),
         on_ready,
         writeback_cache="writeback_cache" in engine_opts,
+        provider_factory=_provider_factory(args),
     )
     return 0
 
@@ -237,6 +264,181 @@ def cmd_provider(args: argparse.Namespace) -> int:
         print(f"added {name} to {count} KEK version(s)")
     else:
         print(f"removed keyslot {args.slot}: {keyslots.remove_protector(backing, args.slot)}")
+    return 0
+
+
+# --- rotate, status, rewrap-kek -------------------------------------------------------------
+
+
+def _resolve_target(target: str) -> tuple[str, bool]:
+    """(backing directory, mounted?) for a backing directory or an encfs-gw mountpoint."""
+    from encfs.mount import FSTYPE, find_mount
+
+    path = os.path.abspath(target)
+    found = find_mount(path)
+    if found is not None and found[0] == FSTYPE:
+        return found[1], True
+    return path, False
+
+
+class _Progress:
+    """A progress bar on a terminal, periodic lines otherwise, JSON lines with --json."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.tty = sys.stderr.isatty() and not as_json
+        self.last = 0.0
+
+    def __call__(self, stats: dict) -> None:
+        import time
+
+        now = time.monotonic()
+        if not self.tty and now - self.last < (1.0 if self.as_json else 5.0):
+            return
+        self.last = now
+        if self.as_json:
+            print(json.dumps({"progress": stats}), flush=True)
+            return
+        eta = stats.get("eta")
+        line = (
+            f"re-wrap: {stats['files_done']}/{stats['files_total']} files, "
+            f"{stats['deks_rewrapped']} DEKs, "
+            f"{stats['key_bytes_written'] / 1048576:.1f} MiB of key records"
+            + (f", ETA {eta:.0f} s" if eta is not None else "")
+        )
+        print(
+            ("\r" + line) if self.tty else line,
+            end="" if self.tty else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    versions = ", ".join(f"v{v}: {n}" for v, n in result.get("deks_per_version", {}).items())
+    print(f"KEK version {result['target']} is current; DEKs per KEK version: {versions or 'none'}")
+    if result.get("done"):
+        gone = result.get("retired", result.get("purged", []))
+        verb = "purged" if "purged" in result else "retired"
+        print(
+            f"re-wrapped {result['deks_rewrapped']} DEKs in {result['elapsed']:.1f} s; "
+            f"{verb} KEK version(s): {', '.join(map(str, gone)) or 'none'}"
+        )
+    else:
+        print("the pass left DEKs under older versions (see warnings); run rotate again")
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from encfs import rotation
+
+    backing, mounted = _resolve_target(args.target)
+    progress = _Progress(args.json)
+    if mounted:
+        from encfs import control
+
+        result: dict = {}
+        request = {"op": "rotate", "rate": args.rate, "purge_old": args.purge_old}
+        for message in control.request(backing, request):
+            if "progress" in message:
+                progress(message["progress"])
+            elif "error" in message:
+                progress.close()
+                raise (
+                    EncfsError(message["error"])
+                    if message.get("exit_code") is None
+                    else _error_with_code(message["error"], message["exit_code"])
+                )
+            else:
+                result = message
+    else:
+        from encfs.volume import Volume
+
+        volume = Volume.unlock(backing, _provider_factory(args))
+        try:
+            result = rotation.rotate_offline(
+                volume,
+                _provider_factory(args),
+                rate=args.rate,
+                purge_old=args.purge_old,
+                on_progress=lambda stats: progress(stats.as_dict()),
+            )
+        finally:
+            volume.close()
+    progress.close()
+    _print_result(result, args.json)
+    return 0 if result.get("done") else 1
+
+
+def _error_with_code(message: str, code: int) -> EncfsError:
+    error = EncfsError(message)
+    error.exit_code = code
+    return error
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    backing, mounted = _resolve_target(args.target)
+    if mounted:
+        from encfs import control
+
+        (reply,) = list(control.request(backing, {"op": "status"}))
+        if "error" in reply:
+            raise _error_with_code(reply["error"], reply.get("exit_code", 1))
+    else:
+        from encfs import rotation
+        from encfs.volume import Volume
+
+        volume = Volume.unlock(backing, _provider_factory(args))
+        try:
+            counts = rotation.census(volume)
+            config = volume.config
+            reply = {
+                "backing": backing,
+                "current_kek": config.current_kek,
+                "kek_versions": {str(n): v.state for n, v in sorted(config.kek_versions.items())},
+                "rotation": config.rotation,
+                "deks_per_version": {str(v): n for v, n in sorted(counts.items())},
+            }
+        finally:
+            volume.close()
+    reply["mounted"] = mounted
+    if args.json:
+        print(json.dumps(reply))
+        return 0
+    print(f"volume: {reply['backing']} ({'mounted' if mounted else 'not mounted'})")
+    for number, state in reply["kek_versions"].items():
+        current = " (current)" if int(number) == reply["current_kek"] else ""
+        deks = reply["deks_per_version"].get(number, 0)
+        print(f"KEK version {number}{current}: {state}, {deks} DEKs")
+    if reply.get("rotation"):
+        print(
+            f"rotation to version {reply['rotation']['target']} in progress: run rotate to resume"
+        )
+    retired_needed = [
+        n
+        for n, state in reply["kek_versions"].items()
+        if state == "retired" and reply["deks_per_version"].get(n, 0)
+    ]
+    print(
+        "no DEK depends on a retired KEK version"
+        if not retired_needed
+        else f"DEKs still depend on retired version(s) {', '.join(retired_needed)}"
+    )
+    return 0
+
+
+def cmd_rewrap_kek(args: argparse.Namespace) -> int:
+    from encfs import keyslots
+
+    backing, _ = _resolve_target(args.target)
+    count = keyslots.rewrap_keks(backing, _provider_factory(args))
+    print(f"re-protected {count} stored KEK blob(s) under the providers' current keys")
     return 0
 
 
@@ -279,6 +481,9 @@ COMMANDS = {
     "init": cmd_init,
     "mount": cmd_mount,
     "provider": cmd_provider,
+    "rotate": cmd_rotate,
+    "status": cmd_status,
+    "rewrap-kek": cmd_rewrap_kek,
     "unmount": cmd_unmount,
     "umount": cmd_unmount,
 }

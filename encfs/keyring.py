@@ -39,6 +39,7 @@ class Keyring:
         self.volume_id = config.volume_id
         self.current_kek_version = config.current_kek
         self._keks = dict(keks)
+        self._volume_key = volume_key  # kept only to wrap it under new KEK versions
         self._slot_ciphers: OrderedDict[tuple[int, bytes], crypto.AESGCM_] = OrderedDict()
         self.name_cipher = crypto.SivCipher(
             crypto.hkdf(volume_key, crypto.INFO_NAME_KEY, crypto.SIV_KEY_SIZE)
@@ -81,6 +82,24 @@ class Keyring:
             keks[number] = kek
         assert volume_key is not None
         return cls(config, keks, volume_key)
+
+    def wrap_volume_key(self, kek: bytes, aad: bytes) -> bytes:
+        return crypto.gcm_seal(kek, self._volume_key, aad)
+
+    def has_kek(self, kek_version: int) -> bool:
+        return kek_version in self._keks
+
+    def add_kek(self, kek_version: int, kek: bytes, make_current: bool) -> None:
+        """Learn a new KEK version (rotation); new DEKs use it at once if current."""
+        self._keks[kek_version] = kek
+        if make_current:
+            self.current_kek_version = kek_version
+
+    def forget_kek(self, kek_version: int) -> None:
+        """Drop a purged version from memory (its slot ciphers too)."""
+        self._keks.pop(kek_version, None)
+        for cache_key in [k for k in self._slot_ciphers if k[0] == kek_version]:
+            del self._slot_ciphers[cache_key]
 
     def binding_tag(self, message: bytes) -> bytes:
         return crypto.mac(self._binding_key, message, BINDING_SIZE)

@@ -102,3 +102,25 @@ def remove_protector(backing_path: str, slot: int) -> str:
             removed = open_provider(protector.provider, protector.options).describe()
         write_config(dir_fd, config)
         return removed
+
+
+def rewrap_keks(backing_path: str, provider_factory: ProviderFactory = open_provider) -> int:
+    """Re-protect every stored KEK under its provider's current key (O(1) in volume size).
+
+    For when the provider's own key got a new version (Vault/KMS rotation, a new HSM
+    key): no DEK changes, only the KEK blobs in the config.
+    """
+    count = 0
+    with editing_config(backing_path) as (config, dir_fd):
+        for number, version in sorted(config.kek_versions.items()):
+            kek = recover_kek(config, number, provider_factory)
+            binding = config.provider_binding(number)
+            for protector in version.protectors:
+                provider = provider_factory(protector.provider, protector.options)
+                try:
+                    protector.record = provider.protect(kek, binding)
+                finally:
+                    provider.close()
+                count += 1
+        write_config(dir_fd, config)
+    return count

@@ -18,8 +18,11 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from encfs.control import ControlServer
 from encfs.errors import MountFailed, MountpointError
 from encfs.fuse.operations import Operations
+from encfs.keyring import ProviderFactory
+from encfs.keys.registry import open_provider
 from encfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -93,8 +96,10 @@ def serve(
     options: set[str],
     on_ready: Callable[[], None],
     writeback_cache: bool = False,
+    provider_factory: ProviderFactory = open_provider,
 ) -> None:
     """Mount, serve until unmounted or signalled, then flush and release everything."""
+    control = ControlServer(volume, provider_factory)
     operations = Operations(volume)
     operations.enable_writeback_cache = writeback_cache
     try:
@@ -103,7 +108,7 @@ def serve(
         raise MountFailed(f"the kernel refused the FUSE mount on {mountpoint} ({exc})") from None
     clean = False
     try:
-        trio.run(_serve, mountpoint, on_ready)
+        trio.run(_serve, mountpoint, on_ready, control)
         clean = True
     finally:
         # After a crash, keep the (dead) mount rather than expose the empty directory
@@ -113,8 +118,11 @@ def serve(
         volume.close()
 
 
-async def _serve(mountpoint: str, on_ready: Callable[[], None]) -> None:
+async def _serve(
+    mountpoint: str, on_ready: Callable[[], None], control: ControlServer
+) -> None:
     async with trio.open_nursery() as nursery:
+        await nursery.start(control.serve)
         nursery.start_soon(_main_then_cancel, nursery.cancel_scope)
         nursery.start_soon(_signal_ready, mountpoint, on_ready)
         nursery.start_soon(_handle_signals)

@@ -254,6 +254,11 @@ class Volume:
     def sync(self) -> None:
         backing.syncfs(self._root_fd)
 
+    @property
+    def root_fd(self) -> int:
+        """The backing root directory (for whole-volume passes: rotation, census)."""
+        return self._root_fd
+
     # --- inode table -----------------------------------------------------------------
     def _fuse_ino(self, backing_ino: int) -> int:
         # Swap the backing root's number with 1 so the root is ROOT_INODE and no other

@@ -64,6 +64,9 @@ class VolumeConfig:
     current_kek: int
     kek_versions: dict[int, KekVersion]
     format_version: int = FORMAT_VERSION
+    # A re-wrap pass in progress: {"target": KEK version, "started": time}. Present from
+    # the moment version `target` becomes current until every DEK is wrapped under it.
+    rotation: dict[str, Any] | None = None
 
     @property
     def layout(self) -> Layout:
@@ -102,6 +105,8 @@ class VolumeConfig:
                 "versions": [self.kek_versions[v].to_dict() for v in sorted(self.kek_versions)],
             },
         }
+        if self.rotation is not None:
+            doc["rotation"] = self.rotation
         return (json.dumps(doc, indent=2) + "\n").encode()
 
     @classmethod
@@ -151,6 +156,7 @@ class VolumeConfig:
                     )
                     for v in kek["versions"]
                 },
+                rotation=dict(doc["rotation"]) if doc.get("rotation") is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"volume config is corrupt ({type(exc).__name__}: {exc})") from None
@@ -174,3 +180,7 @@ class VolumeConfig:
                 raise ConfigError(f"KEK version {number} has no provider protecting it")
             if len(version.wrapped_volume_key) != 12 + VOLUME_KEY_SIZE + 16:
                 raise ConfigError(f"KEK version {number} has a malformed wrapped volume key")
+        if self.kek_versions[self.current_kek].state != "active":
+            raise ConfigError("the current KEK version is not active")
+        if self.rotation is not None and self.rotation.get("target") != self.current_kek:
+            raise ConfigError("volume config: a rotation targets a KEK version that is not current")

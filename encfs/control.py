@@ -1,0 +1,191 @@
+"""The daemon's control socket (layer L6): `rotate` and `status` on a mounted volume.
+
+An AF_UNIX stream socket in a private runtime directory (0700), the socket itself 0600,
+and every connection's peer credentials checked (SO_PEERCRED): only root or the uid the
+daemon runs as may talk to it. The protocol is JSON lines: one request, then progress
+lines, then a final line with "done" or "error".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import trio
+
+from encfs import rotation
+from encfs.errors import EncfsError, NotMounted
+from encfs.keyring import ProviderFactory
+from encfs.keys.registry import open_provider
+from encfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 65536
+PROGRESS_INTERVAL = 1.0
+
+
+def runtime_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/encfs-gw"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/encfs-gw-{os.geteuid()}"
+    return os.path.join(base, "encfs-gw")
+
+
+def socket_path(backing_path: str) -> str:
+    digest = hashlib.sha256(os.path.abspath(backing_path).encode()).hexdigest()[:32]
+    return os.path.join(runtime_dir(), f"{digest}.sock")
+
+
+def _peer_allowed(sock: socket.socket) -> bool:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid in (0, os.geteuid())
+
+
+class ControlServer:
+    """Serves control requests for one mounted volume."""
+
+    def __init__(
+        self, volume: Volume, provider_factory: ProviderFactory = open_provider
+    ) -> None:
+        self.volume = volume
+        self.provider_factory = provider_factory
+        self.path = socket_path(volume.backing_path)
+        self._rotating = False
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        os.chmod(os.path.dirname(self.path), 0o700)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await listener.bind(self.path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(8)
+        try:
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                if self.volume.config.rotation is not None:
+                    # A pass was interrupted (crash, unmount): resume it in the background.
+                    nursery.start_soon(self._resume)
+                while True:
+                    conn, _ = await listener.accept()
+                    nursery.start_soon(self._handle, conn)
+        finally:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    async def _handle(self, conn: trio.socket.SocketType) -> None:
+        stream = trio.SocketStream(conn)
+        async with stream:
+            if not _peer_allowed(conn._sock):
+                await _send(stream, {"error": "permission denied", "exit_code": 23})
+                return
+            try:
+                request = json.loads(await _receive_line(stream))
+                if request.get("op") == "rotate":
+                    await self._rotate(stream, request)
+                elif request.get("op") == "status":
+                    await _send(stream, {"done": True, **await self._status()})
+                else:
+                    await _send(stream, {"error": f"unknown op {request.get('op')!r}"})
+            except EncfsError as exc:
+                await _send(stream, {"error": str(exc), "exit_code": exc.exit_code})
+            except (ValueError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.warning("control connection failed: %s", exc)
+
+    async def _status(self) -> dict:
+        counts = await trio.to_thread.run_sync(rotation.census, self.volume)
+        config = self.volume.config
+        return {
+            "backing": self.volume.backing_path,
+            "current_kek": config.current_kek,
+            "kek_versions": {
+                str(n): v.state for n, v in sorted(config.kek_versions.items())
+            },
+            "rotation": config.rotation,
+            "deks_per_version": {str(v): n for v, n in sorted(counts.items())},
+            "integrity_errors": self.volume.counters["integrity_errors"],
+        }
+
+    async def _resume(self) -> None:
+        try:
+            result = await self._run_pass(rate=None, purge_old=False, report=None)
+            log.info("resumed re-wrap pass finished: %s", result.get("deks_per_version"))
+        except EncfsError as exc:
+            log.warning("could not resume the re-wrap pass: %s", exc)
+
+    async def _rotate(self, stream: trio.SocketStream, request: dict) -> None:
+        async def report(stats: rotation.PassStats) -> None:
+            await _send(stream, {"progress": stats.as_dict()})
+
+        result = await self._run_pass(
+            request.get("rate"), bool(request.get("purge_old")), report
+        )
+        await _send(stream, result)
+
+    async def _run_pass(self, rate: float | None, purge_old: bool, report: Any) -> dict:
+        if self._rotating:
+            raise EncfsError("a rotation is already running")
+        self._rotating = True
+        try:
+            target = rotation.start_rotation(self.volume, self.provider_factory)
+            rewrap = rotation.RewrapPass(self.volume, target)
+            last = 0.0
+            # Each step (one key area) runs synchronously on the trio thread, so it
+            # cannot interleave with a FUSE write to the same key area.
+            for stats in rewrap.steps():
+                await trio.sleep(rotation.throttle_delay(stats, rate))
+                if report is not None and trio.current_time() - last >= PROGRESS_INTERVAL:
+                    last = trio.current_time()
+                    await report(stats)
+            # The census only reads; it may run beside FUSE requests. Finishing mutates the
+            # keyring and config, so it runs back on the trio thread.
+            counts = await trio.to_thread.run_sync(rotation.census, self.volume)
+            return rotation.verify_and_finish(self.volume, rewrap, purge_old, counts)
+        finally:
+            self._rotating = False
+
+
+async def _send(stream: trio.SocketStream, message: dict) -> None:
+    await stream.send_all(json.dumps(message).encode() + b"\n")
+
+
+async def _receive_line(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while b"\n" not in data:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise ValueError("request too large")
+    return data.split(b"\n", 1)[0]
+
+
+def request(backing_path: str, message: dict) -> Iterator[dict]:
+    """Client side: send one request to the daemon of `backing_path`, yield its replies."""
+    path = socket_path(backing_path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise NotMounted(f"no encfs-gw daemon answers for {backing_path}") from None
+    with sock, sock.makefile("rwb") as channel:
+        channel.write(json.dumps(message).encode() + b"\n")
+        channel.flush()
+        for line in channel:
+            yield json.loads(line)
