@@ -19,9 +19,11 @@ LAYERS = {
     "contents": 4,
     "volume": 4,
     "keyslots": 4,
+    "rotation": 4,
     "fuse": 5,
     "mount": 6,
     "systemd": 6,
+    "control": 6,
     "cli": 7,
     "__main__": 8,
 }
