@@ -32,26 +32,74 @@ SLOT_CIPHER_CACHE = 4096
 ProviderFactory = Callable[[str, dict], KeyProvider]
 
 
-class Keyring:
-    """KEKs by version, the volume key and the keys derived from them."""
+class _Material:
+    """Everything derived from the unwrapped keys; dropped as a whole on revocation."""
 
-    def __init__(self, config: VolumeConfig, keks: dict[int, bytes], volume_key: bytes) -> None:
-        self.volume_id = config.volume_id
-        self.current_kek_version = config.current_kek
-        self._keks = dict(keks)
-        self._volume_key = volume_key  # kept only to wrap it under new KEK versions
-        self._slot_ciphers: OrderedDict[tuple[int, bytes], crypto.AESGCM_] = OrderedDict()
+    def __init__(self, keks: dict[int, bytes], volume_key: bytes) -> None:
+        self.keks = dict(keks)
+        self.volume_key = volume_key  # kept only to wrap it under new KEK versions
+        self.slot_ciphers: OrderedDict[tuple[int, bytes], crypto.AESGCM_] = OrderedDict()
         self.name_cipher = crypto.SivCipher(
             crypto.hkdf(volume_key, crypto.INFO_NAME_KEY, crypto.SIV_KEY_SIZE)
+        )
+        self.symlink_cipher = crypto.SivCipher(
+            crypto.hkdf(volume_key, crypto.INFO_SYMLINK_KEY, crypto.SIV_KEY_SIZE)
         )
         self.xattr_name_cipher = crypto.SivCipher(
             crypto.hkdf(volume_key, crypto.INFO_XATTR_NAME_KEY, crypto.SIV_KEY_SIZE)
         )
         self.xattr_value_key = crypto.hkdf(volume_key, crypto.INFO_XATTR_VALUE_KEY, crypto.KEY_SIZE)
-        self._binding_key = crypto.hkdf(volume_key, crypto.INFO_BINDING_KEY, crypto.KEY_SIZE)
-        self.symlink_cipher = crypto.SivCipher(
-            crypto.hkdf(volume_key, crypto.INFO_SYMLINK_KEY, crypto.SIV_KEY_SIZE)
-        )
+        self.binding_key = crypto.hkdf(volume_key, crypto.INFO_BINDING_KEY, crypto.KEY_SIZE)
+
+
+class Keyring:
+    """KEKs by version, the volume key and the keys derived from them.
+
+    `wipe()` drops all of it (a revoked key: Python cannot zero immutable bytes, so this
+    is best effort: the references go, the memory is reused); every later use raises
+    the revocation error until `restore()` brings freshly unwrapped keys back.
+    """
+
+    def __init__(self, config: VolumeConfig, keks: dict[int, bytes], volume_key: bytes) -> None:
+        self.volume_id = config.volume_id
+        self.current_kek_version = config.current_kek
+        self._material: _Material | None = _Material(keks, volume_key)
+        self._wiped_because: KeyAccessError | None = None
+
+    def _live(self) -> _Material:
+        if self._material is None:
+            assert self._wiped_because is not None
+            raise self._wiped_because
+        return self._material
+
+    @property
+    def available(self) -> bool:
+        return self._material is not None
+
+    def wipe(self, because: KeyAccessError) -> None:
+        self._material = None
+        self._wiped_because = because
+
+    def restore(self, fresh: Keyring) -> None:
+        self._material = fresh._live()
+        self.current_kek_version = fresh.current_kek_version
+        self._wiped_because = None
+
+    @property
+    def name_cipher(self) -> crypto.SivCipher:
+        return self._live().name_cipher
+
+    @property
+    def symlink_cipher(self) -> crypto.SivCipher:
+        return self._live().symlink_cipher
+
+    @property
+    def xattr_name_cipher(self) -> crypto.SivCipher:
+        return self._live().xattr_name_cipher
+
+    @property
+    def xattr_value_key(self) -> bytes:
+        return self._live().xattr_value_key
 
     @classmethod
     def unlock(
@@ -84,42 +132,44 @@ class Keyring:
         return cls(config, keks, volume_key)
 
     def wrap_volume_key(self, kek: bytes, aad: bytes) -> bytes:
-        return crypto.gcm_seal(kek, self._volume_key, aad)
+        return crypto.gcm_seal(kek, self._live().volume_key, aad)
 
     def has_kek(self, kek_version: int) -> bool:
-        return kek_version in self._keks
+        return kek_version in self._live().keks
 
     def add_kek(self, kek_version: int, kek: bytes, make_current: bool) -> None:
         """Learn a new KEK version (rotation); new DEKs use it at once if current."""
-        self._keks[kek_version] = kek
+        self._live().keks[kek_version] = kek
         if make_current:
             self.current_kek_version = kek_version
 
     def forget_kek(self, kek_version: int) -> None:
         """Drop a purged version from memory (its slot ciphers too)."""
-        self._keks.pop(kek_version, None)
-        for cache_key in [k for k in self._slot_ciphers if k[0] == kek_version]:
-            del self._slot_ciphers[cache_key]
+        material = self._live()
+        material.keks.pop(kek_version, None)
+        for cache_key in [k for k in material.slot_ciphers if k[0] == kek_version]:
+            del material.slot_ciphers[cache_key]
 
     def binding_tag(self, message: bytes) -> bytes:
-        return crypto.mac(self._binding_key, message, BINDING_SIZE)
+        return crypto.mac(self._live().binding_key, message, BINDING_SIZE)
 
     def slot_cipher(self, kek_version: int, file_id: bytes) -> crypto.AESGCM_:
         """The AES-GCM object that wraps the DEKs of `file_id` under `kek_version`."""
+        material = self._live()
         cache_key = (kek_version, file_id)
-        cipher = self._slot_ciphers.get(cache_key)
+        cipher = material.slot_ciphers.get(cache_key)
         if cipher is not None:
-            self._slot_ciphers.move_to_end(cache_key)
+            material.slot_ciphers.move_to_end(cache_key)
             return cipher
-        kek = self._keks.get(kek_version)
+        kek = material.keks.get(kek_version)
         if kek is None:
             raise IntegrityError(f"key slot names unknown KEK version {kek_version}")
         cipher = crypto.AESGCM_(
             crypto.hkdf(kek, crypto.INFO_DEK_WRAP_KEY + file_id, crypto.KEY_SIZE, self.volume_id)
         )
-        self._slot_ciphers[cache_key] = cipher
-        if len(self._slot_ciphers) > SLOT_CIPHER_CACHE:
-            self._slot_ciphers.popitem(last=False)
+        material.slot_ciphers[cache_key] = cipher
+        if len(material.slot_ciphers) > SLOT_CIPHER_CACHE:
+            material.slot_ciphers.popitem(last=False)
         return cipher
 
 
