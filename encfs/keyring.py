@@ -10,10 +10,12 @@ unwraps the volume key, and from then on derives everything locally:
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 
 from encfs import crypto
+from encfs.audit import AuditLog
 from encfs.errors import (
     IntegrityError,
     KeyAccessError,
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 SLOT_CIPHER_CACHE = 4096
 
 ProviderFactory = Callable[[str, dict], KeyProvider]
+
+
+def _caller() -> dict[str, int]:
+    return {"uid": os.getuid(), "pid": os.getpid()}
 
 
 class _Material:
@@ -103,7 +109,10 @@ class Keyring:
 
     @classmethod
     def unlock(
-        cls, config: VolumeConfig, provider_factory: ProviderFactory = open_provider
+        cls,
+        config: VolumeConfig,
+        provider_factory: ProviderFactory = open_provider,
+        audit: AuditLog | None = None,
     ) -> Keyring:
         """Recover every KEK version through its providers and unwrap the volume key.
 
@@ -114,7 +123,7 @@ class Keyring:
         volume_key: bytes | None = None
         for number in sorted(config.kek_versions, key=lambda v: v != config.current_kek):
             version = config.kek_versions[number]
-            kek = recover_kek(config, number, provider_factory)
+            kek = recover_kek(config, number, provider_factory, audit)
             try:
                 unwrapped = crypto.gcm_open(
                     kek, version.wrapped_volume_key, config.volume_key_aad(number)
@@ -173,7 +182,12 @@ class Keyring:
         return cipher
 
 
-def recover_kek(config: VolumeConfig, number: int, provider_factory: ProviderFactory) -> bytes:
+def recover_kek(
+    config: VolumeConfig,
+    number: int,
+    provider_factory: ProviderFactory,
+    audit: AuditLog | None = None,
+) -> bytes:
     """Try each protector of KEK version `number` in order; the first that opens wins."""
     errors: list[KeyAccessError] = []
     binding = config.provider_binding(number)
@@ -182,6 +196,15 @@ def recover_kek(config: VolumeConfig, number: int, provider_factory: ProviderFac
         try:
             kek = provider.recover(protector.record, binding)
         except KeyAccessError as exc:
+            if audit is not None:
+                audit.event(
+                    "provider_error",
+                    kek_version=number,
+                    provider=protector.provider,
+                    outcome=type(exc).__name__,
+                    reason=str(exc),
+                    **_caller(),
+                )
             log.debug(
                 "provider %s could not open KEK version %d: %s", protector.provider, number, exc
             )
@@ -191,5 +214,9 @@ def recover_kek(config: VolumeConfig, number: int, provider_factory: ProviderFac
             provider.close()
         if len(kek) != crypto.KEY_SIZE:
             raise ProviderConfigError(f"provider {protector.provider} returned a malformed KEK")
+        if audit is not None:
+            audit.event(
+                "unwrap", kek_version=number, provider=protector.provider, outcome="ok", **_caller()
+            )
         return kek
     raise errors[0]

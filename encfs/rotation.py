@@ -132,6 +132,11 @@ def start_rotation(volume: Volume, provider_factory: ProviderFactory = open_prov
         write_config(dir_fd, config)
         volume.keyring.add_kek(target, kek, make_current=True)
         volume.config = config
+        for protector in protectors:
+            volume.audit.event(
+                "wrap", kek_version=target, provider=protector.provider, outcome="ok"
+            )
+        volume.audit.event("rotation_start", target=target)
         log.info("KEK version %d is current; re-wrapping DEKs", target)
         return target
 
@@ -152,6 +157,11 @@ def finish_rotation(volume: Volume, target: int, purge_old: bool) -> list[int]:
         config.rotation = None
         write_config(dir_fd, config)
         volume.config = config
+        volume.audit.event(
+            "rotation_finish",
+            target=target,
+            **({"purged": retired} if purge_old else {"retired": retired}),
+        )
         return retired
 
 

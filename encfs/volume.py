@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from encfs import backing, crypto
+from encfs.audit import AuditLog
 from encfs.contents import FileContents
 from encfs.errors import (
     ConfigError,
@@ -213,7 +214,13 @@ class Volume:
         self._handles: dict[int, Inode] = {}
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
-        self.counters = {"integrity_errors": 0}
+        self.counters = {
+            "integrity_errors": 0,
+            "opens": 0,
+            "bytes_read": 0,
+            "bytes_written": 0,
+        }
+        self.audit = AuditLog(config.volume_id)  # replaced by unlock() with the configured log
 
     @classmethod
     def unlock(cls, backing_path: str, provider_factory: ProviderFactory = open_provider) -> Volume:
@@ -869,6 +876,7 @@ class Volume:
             raise _oserror(errno.EISDIR if inode.is_dir else errno.EINVAL)
         self._open_data(inode)
         inode.opens += 1
+        self.counters["opens"] += 1
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = inode
@@ -892,7 +900,9 @@ class Volume:
         if inode.contents is None:
             return b""
         try:
-            return inode.contents.read(plain_offset, plain_length)
+            data = inode.contents.read(plain_offset, plain_length)
+            self.counters["bytes_read"] += len(data)
+            return data
         except IntegrityError as exc:
             self._report_integrity(inode, exc)
             raise
@@ -906,6 +916,7 @@ class Volume:
             self._report_integrity(inode, exc)
             raise
         self._kill_suid(inode)
+        self.counters["bytes_written"] += written
         return written
 
     def _report_integrity(self, inode: Inode, exc: IntegrityError) -> None:
