@@ -13,13 +13,15 @@ import hashlib
 import json
 import logging
 import os
+import random
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
 
+from encfs import health as health_mod
 from encfs import rotation
 from encfs.errors import EncfsError, NotMounted
 from encfs.keyring import ProviderFactory
@@ -51,15 +53,56 @@ def _peer_allowed(sock: socket.socket) -> bool:
 
 
 class ControlServer:
-    """Serves control requests for one mounted volume."""
+    """The daemon's services besides FUSE: control socket, key health task, rotation."""
 
     def __init__(
-        self, volume: Volume, provider_factory: ProviderFactory = open_provider
+        self,
+        volume: Volume,
+        provider_factory: ProviderFactory = open_provider,
+        health_interval: float = health_mod.DEFAULT_INTERVAL,
+        health_grace: float = health_mod.DEFAULT_GRACE,
+        invalidate: Callable[[list[int]], None] | None = None,
+        mount_options: list[str] | None = None,
     ) -> None:
         self.volume = volume
         self.provider_factory = provider_factory
         self.path = socket_path(volume.backing_path)
+        self.health_interval = health_interval
+        self.invalidate = invalidate
+        self.mount_options = mount_options or []
+        self.health = health_mod.KeyHealth(
+            volume, volume.audit, provider_factory, grace=health_grace, clock=trio.current_time
+        )
+        self.on_state_change: Callable[[str], None] | None = None
         self._rotating = False
+        self._check_lock = trio.Lock()
+
+    def status_line(self) -> str:
+        """The short form for systemd's STATUS=."""
+        return f"{self.health.state.value}: {self.health.reason}"
+
+    async def check_now(self) -> dict:
+        """One revalidation; on a fall to INACCESSIBLE drop the kernel's cached data."""
+        async with self._check_lock:
+            before = self.health.state
+            result = await trio.to_thread.run_sync(self.health.check)
+            state = self.health.apply(result)
+            if state is not before:
+                if state is health_mod.State.INACCESSIBLE and self.invalidate is not None:
+                    # Blocking kernel notifications: from a thread, never from a handler.
+                    await trio.to_thread.run_sync(self.invalidate, self.volume.known_inodes())
+                if self.on_state_change is not None:
+                    self.on_state_change(self.status_line())
+            return self.health.summary()
+
+    async def health_loop(self) -> None:
+        """Revalidate every interval (jittered by up to 10 %, so fleets do not align)."""
+        while True:
+            await trio.sleep(self.health_interval * (0.9 + 0.2 * random.random()))
+            try:
+                await self.check_now()
+            except Exception:
+                log.exception("key health check failed")
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -76,6 +119,7 @@ class ControlServer:
         try:
             task_status.started()
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.health_loop)
                 if self.volume.config.rotation is not None:
                     # A pass was interrupted (crash, unmount): resume it in the background.
                     nursery.start_soon(self._resume)
@@ -98,6 +142,8 @@ class ControlServer:
                 if request.get("op") == "rotate":
                     await self._rotate(stream, request)
                 elif request.get("op") == "status":
+                    if request.get("check"):
+                        await self.check_now()
                     await _send(stream, {"done": True, **await self._status()})
                 else:
                     await _send(stream, {"error": f"unknown op {request.get('op')!r}"})
@@ -110,14 +156,19 @@ class ControlServer:
         counts = await trio.to_thread.run_sync(rotation.census, self.volume)
         config = self.volume.config
         return {
+            **self.health.summary(),
             "backing": self.volume.backing_path,
+            "mount_options": self.mount_options,
+            "counters": dict(self.volume.counters),
+            "providers": sorted(
+                {p.provider for v in config.kek_versions.values() for p in v.protectors}
+            ),
             "current_kek": config.current_kek,
             "kek_versions": {
                 str(n): v.state for n, v in sorted(config.kek_versions.items())
             },
             "rotation": config.rotation,
             "deks_per_version": {str(v): n for v, n in sorted(counts.items())},
-            "integrity_errors": self.volume.counters["integrity_errors"],
         }
 
     async def _resume(self) -> None:

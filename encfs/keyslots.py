@@ -124,3 +124,57 @@ def rewrap_keks(backing_path: str, provider_factory: ProviderFactory = open_prov
                 count += 1
         write_config(dir_fd, config)
     return count
+
+
+def destroy_volume(
+    backing_path: str,
+    confirm_volume_id: str,
+    audit_path: str | None = None,
+    provider_factory: ProviderFactory = open_provider,
+) -> list[str]:
+    """Crypto-shred a volume: every KEK record gone, provider-held keys destroyed where
+    the provider can. Refused while mounted and without the volume id as confirmation."""
+    from datetime import UTC, datetime
+
+    from encfs.audit import AuditLog
+    from encfs.errors import VolumeBusy
+
+    actions: list[str] = []
+    with editing_config(backing_path) as (config, dir_fd):
+        if confirm_volume_id.lower() != config.volume_id.hex():
+            raise UsageError(
+                "destroy needs the volume id as confirmation: "
+                f"--yes-destroy-all-data {config.volume_id.hex()}"
+            )
+        lock_fd = os.open(
+            fnames.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
+        )
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise VolumeBusy(f"volume {backing_path} is mounted; unmount it first") from None
+            for number, version in sorted(config.kek_versions.items()):
+                for protector in version.protectors:
+                    provider = provider_factory(protector.provider, protector.options)
+                    done = provider.destroy(protector.record)
+                    actions.append(
+                        f"KEK v{number} {provider.describe()}: "
+                        + (done or "the provider-side key is left to its operator")
+                    )
+            # Overwrite the old config in place before replacing it, so its blocks do not
+            # keep the sealed KEKs (best effort: SSDs and copy-on-write filesystems may).
+            old_fd = os.open(fnames.CONFIG_FILE, os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                size = os.fstat(old_fd).st_size
+                os.pwrite(old_fd, os.urandom(size), 0)
+                os.fsync(old_fd)
+            finally:
+                os.close(old_fd)
+            when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            backing.write_file_atomic(dir_fd, fnames.CONFIG_FILE, config.shredded_json(when))
+            actions.append("shredded every sealed KEK and wrapped volume key in the volume config")
+            AuditLog(config.volume_id, audit_path).event("crypto_shred", outcome="ok")
+        finally:
+            os.close(lock_fd)
+    return actions

@@ -314,6 +314,10 @@ class Volume:
         os.close(inode.fd)
         self._inodes.pop(inode.ino, None)
 
+    def known_inodes(self) -> list[int]:
+        """Inode numbers the kernel may hold cached data or attributes for."""
+        return list(self._inodes)
+
     def forget(self, ino: int, count: int) -> None:
         inode = self._inodes.get(ino)
         if inode is None:

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from encfs.errors import ConfigError, UnsupportedFormat
+from encfs.errors import ConfigError, KeyRevoked, UnsupportedFormat
 from encfs.format import FORMAT_NAME, FORMAT_VERSION, KNOWN_FEATURES, SUPPORTED_VERSIONS
 from encfs.format.blocks import Layout
 
@@ -91,6 +91,16 @@ class VolumeConfig:
     def provider_binding(self, kek_version: int) -> bytes:
         return PROVIDER_BINDING_LABEL + self.volume_id + struct.pack(">H", kek_version)
 
+    def shredded_json(self, when: str) -> bytes:
+        """What remains of the config after crypto-shredding: no key record at all."""
+        doc = {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "volume_id": self.volume_id.hex(),
+            "destroyed": when,
+        }
+        return (json.dumps(doc, indent=2) + "\n").encode()
+
     def to_json(self) -> bytes:
         self.validate()
         doc = {
@@ -118,6 +128,11 @@ class VolumeConfig:
             raise ConfigError(f"volume config is not valid JSON ({exc})") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise ConfigError("volume config is not an encfs-gw config")
+        if doc.get("destroyed"):
+            raise KeyRevoked(
+                f"volume {doc.get('volume_id')} was destroyed (crypto-shredded) at "
+                f"{doc['destroyed']}: its keys are gone and its data cannot be decrypted"
+            )
         version = doc.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise ConfigError("volume config has no format_version")

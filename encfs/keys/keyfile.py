@@ -111,3 +111,18 @@ class KeyfileProvider(KeyProvider):
 
     def describe(self) -> str:
         return f"keyfile:{self.path}"
+
+    def destroy(self, record: Record) -> str | None:
+        """Overwrite the key file with random bytes, sync it, unlink it."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return f"key file {self.path} was already gone"
+        try:
+            size = max(os.fstat(fd).st_size, crypto.KEY_SIZE)
+            os.pwrite(fd, crypto.random_bytes(size), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(self.path)
+        return f"overwrote and deleted key file {self.path}"

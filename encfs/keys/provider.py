@@ -82,6 +82,14 @@ class KeyProvider(abc.ABC):
         """A short human description for status output (no secrets)."""
         return self.name
 
+    def destroy(self, record: Record) -> str | None:
+        """Crypto-shredding: destroy what this provider holds for `record`, if it can.
+
+        Returns what was done, or None when the provider leaves it to its operator
+        (the sealed KEK itself lives only in the volume config, which `destroy` shreds).
+        """
+        return None
+
     def close(self) -> None:
         """Release connections/sessions."""
 
