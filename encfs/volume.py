@@ -1050,6 +1050,43 @@ class Volume:
                 entries.append((plain, backing_name))
         return entries
 
+    def scan_directory(self, ino: int) -> list[tuple[str, str, bytes | None, str | None]]:
+        """Every backing entry of a directory, for fsck: (backing name, kind, plain name
+        or None, error or None); kind is 'short', 'long' or 'reserved'."""
+        directory = self._dir(ino)
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory.fd)
+        try:
+            names = sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+        out: list[tuple[str, str, bytes | None, str | None]] = []
+        for backing_name in names:
+            kind = fnames.classify(backing_name)
+            if kind == "reserved":
+                out.append((backing_name, kind, None, None))
+                continue
+            try:
+                out.append((backing_name, kind, self._decode(directory, backing_name), None))
+            except (IntegrityError, OSError) as exc:
+                out.append((backing_name, kind, None, str(exc)))
+        return out
+
+    def unbind_file(self, parent_ino: int, backing_name: str) -> None:
+        """Make a file readable under any name (fsck moving it to lost+found)."""
+        path_fd = backing.open_path(backing_name, self._dir(parent_ino).fd)
+        try:
+            self._rewrite_header(path_fd, self._unbind)
+        finally:
+            os.close(path_fd)
+
+    def directory_fd(self, ino: int) -> int:
+        """The backing directory handle of a directory inode (for fsck repairs)."""
+        return self._dir(ino).fd
+
+    def backing_name(self, parent_ino: int, plain_name: bytes) -> tuple[str, str]:
+        """(backing name, full encoded name) of `plain_name` in a directory."""
+        return self._encode(self._dir(parent_ino), plain_name)
+
     def readdir_attr(self, dir_fh: int, plain_name: bytes, backing_name: str | None) -> Attr:
         """Attributes of a listed entry, registering its inode (lookup count unchanged)."""
         directory = self._dir_handles[dir_fh].inode

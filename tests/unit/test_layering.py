@@ -22,6 +22,7 @@ LAYERS = {
     "keyslots": 4,
     "rotation": 4,
     "health": 4,
+    "fsck": 4,
     "fuse": 5,
     "mount": 6,
     "systemd": 6,
