@@ -13,7 +13,7 @@ import select
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from encfs import __version__
 from encfs.errors import EncfsError, MountFailed, MountpointError, NotMounted, UsageError
@@ -25,7 +25,12 @@ from encfs.keys.registry import open_provider, parse_spec
 log = logging.getLogger("encfs")
 
 UNMOUNT_WAIT_SECONDS = 120
-ENGINE_OPTIONS = {"writeback_cache"}  # -o options consumed by encfs-gw, not passed to FUSE
+MOUNT_HELPER = "mount.fuse.encfs-gw"  # what mount(8) runs for type fuse.encfs-gw
+# -o options consumed by encfs-gw, not passed to FUSE
+ENGINE_OPTIONS = {"writeback_cache", "nonempty", "protect_mountpoint", "no_auto_unmount",
+                  "audit_required"}
+# -o NAME=VALUE options consumed by encfs-gw: key health timing (seconds) and the audit log
+ENGINE_VALUE_OPTIONS = {"health_interval", "health_grace", "audit_log"}
 
 
 def default_keyfile(volume_hint: str) -> str:
@@ -35,8 +40,21 @@ def default_keyfile(volume_hint: str) -> str:
     return os.path.join(base, "encfs-gw", "keys", f"{name}-{os.urandom(4).hex()}.key")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (`encfs-gw: error: ...`) and exit code 2, like every error."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("encfs-gw").strip()
+        where = f" {command}" if command else ""
+        print(
+            f"encfs-gw: error: {message} (see encfs-gw{where} --help)",
+            file=sys.stderr,
+        )
+        raise SystemExit(UsageError.exit_code)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="encfs-gw",
         description="Transparent encrypting storage gateway (FUSE).",
     )
@@ -92,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="KEK versions and the DEKs that depend on them")
     status.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
     status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--check", action="store_true", help="revalidate the key with its provider now (mounted)"
+    )
     status.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume")
 
     rewrap = sub.add_parser(
@@ -100,12 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
     rewrap.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
     rewrap.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume")
 
+    fsck = sub.add_parser("fsck", help="check (and --repair) an unmounted volume")
+    fsck.add_argument("backing", metavar="BACKING")
+    fsck.add_argument("--repair", action="store_true", help="fix what needs no guessing")
+    fsck.add_argument("--json", action="store_true", help="the report as one JSON object")
+    fsck.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume")
+
+    destroy = sub.add_parser(
+        "destroy", help="crypto-shred a volume: destroy every KEK record (irreversible)"
+    )
+    destroy.add_argument("backing", metavar="BACKING")
+    destroy.add_argument(
+        "--yes-destroy-all-data",
+        dest="confirm",
+        required=True,
+        metavar="VOLUME_ID",
+        help="the volume id (encfs-gw status shows it) as confirmation",
+    )
+    destroy.add_argument("--audit-log", metavar="PATH", help="append the crypto_shred event")
+
     unmount = sub.add_parser("unmount", aliases=["umount"], help="flush and unmount")
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and os.path.basename(sys.argv[0]) == MOUNT_HELPER:
+        return mount_helper()  # run as /sbin/mount.fuse.encfs-gw (a symlink to encfs-gw)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -149,13 +191,34 @@ def cmd_init(args: argparse.Namespace) -> int:
 # --- mount --------------------------------------------------------------------------------
 
 
-def _split_options(raw: list[str]) -> tuple[list[str], set[str]]:
+def _split_options(raw: list[str]) -> tuple[list[str], dict[str, str]]:
+    """FUSE options (passed through) and encfs-gw's own options (flags map to "")."""
     fuse_opts: list[str] = []
-    engine_opts: set[str] = set()
+    engine_opts: dict[str, str] = {}
     for group in raw:
         for option in filter(None, (o.strip() for o in group.split(","))):
-            (engine_opts.add if option in ENGINE_OPTIONS else fuse_opts.append)(option)
+            name, has_value, value = option.partition("=")
+            if option in ENGINE_OPTIONS:
+                engine_opts[option] = ""
+            elif name in ENGINE_VALUE_OPTIONS:
+                if not has_value or not value:
+                    raise UsageError(f"mount option {name} needs a value ({name}=...)")
+                engine_opts[name] = value
+            else:
+                fuse_opts.append(option)
     return fuse_opts, engine_opts
+
+
+def _seconds_option(engine_opts: dict[str, str], name: str, default: float) -> float:
+    if name not in engine_opts:
+        return default
+    try:
+        seconds = float(engine_opts[name])
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e9:
+        raise UsageError(f"mount option {name}={engine_opts[name]}: expected seconds > 0")
+    return seconds
 
 
 def _provider_factory(args: argparse.Namespace) -> Any:
@@ -202,17 +265,29 @@ def _mount_background(args: argparse.Namespace) -> int:
 
 
 def _mount_foreground(args: argparse.Namespace) -> int:
+    from encfs import health
     from encfs import mount as mount_mod
+    from encfs.systemd import Notifier, Service
     from encfs.volume import Volume, read_config
 
     backing = os.path.abspath(args.backing)
     mountpoint = os.path.abspath(args.mountpoint)
+    if args.ready_fd is not None:
+        # fusermount3 (the auto_unmount watcher) outlives the mount call: it must not hold
+        # the pipe open, or the caller never sees EOF if this daemon dies.
+        os.set_inheritable(args.ready_fd, False)
     fuse_opts, engine_opts = _split_options(args.options)
-    mount_mod.harden_process()
-    read_config(backing)  # "not a volume" before "mountpoint busy"
-    mount_mod.check_mountpoint(mountpoint)
-    volume = Volume.unlock(backing, _provider_factory(args))
+    nonempty = "nonempty" in engine_opts
+    health_interval = _seconds_option(engine_opts, "health_interval", health.DEFAULT_INTERVAL)
+    health_grace = _seconds_option(engine_opts, "health_grace", health.DEFAULT_GRACE)
     ready_fd = args.ready_fd
+
+    # A background daemon shares the caller's terminal until the mount is live: show only
+    # warnings and errors there (the failure line, not the informational log).
+    quiet_until_ready = ready_fd is not None and not args.verbose
+    if quiet_until_ready:
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.WARNING)
 
     def on_ready() -> None:
         if ready_fd is None:
@@ -220,16 +295,112 @@ def _mount_foreground(args: argparse.Namespace) -> int:
         os.write(ready_fd, b"READY\n")
         os.close(ready_fd)
         _detach_stdio(args.log_file)
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.NOTSET)  # from now on stderr is the log file
 
-    mount_mod.serve(
-        volume,
-        mountpoint,
-        mount_mod.fuse_options(backing, fuse_opts),
-        on_ready,
-        writeback_cache="writeback_cache" in engine_opts,
-        provider_factory=_provider_factory(args),
-    )
+    # sd_notify (a no-op outside a Type=notify unit); children do not inherit the socket.
+    service = Service(Notifier.from_environment(), backing, mountpoint)
+    try:
+        mount_mod.harden_process()
+        read_config(backing)  # "not a volume" before "mountpoint busy"
+        mount_mod.check_mountpoint(mountpoint, allow_nonempty=nonempty)
+        if "protect_mountpoint" in engine_opts:
+            mount_mod.protect_mountpoint(mountpoint, allow_nonempty=nonempty)
+        audit = _audit_log(read_config(backing).volume_id, engine_opts)
+        service.starting(f"unlocking {backing}")
+        volume = Volume.unlock(backing, _provider_factory(args), audit=audit)
+        mount_mod.serve(
+            volume,
+            mountpoint,
+            mount_mod.fuse_options(
+                backing, fuse_opts, auto_unmount="no_auto_unmount" not in engine_opts
+            ),
+            on_ready,
+            writeback_cache="writeback_cache" in engine_opts,
+            health_interval=health_interval,
+            health_grace=health_grace,
+            provider_factory=_provider_factory(args),
+            service=service,
+        )
+    except EncfsError as exc:
+        service.failed(str(exc))
+        raise
     return 0
+
+
+def _audit_log(volume_id: bytes, engine_opts: dict[str, str]) -> Any:
+    """The key-use audit log: -o audit_log=PATH (0600, append), else the daemon's log.
+
+    With -o audit_required the mount is refused (exit 18) if the log cannot be written.
+    """
+    from encfs.audit import AuditLog
+
+    required = "audit_required" in engine_opts
+    path = engine_opts.get("audit_log")
+    if required and path is None:
+        raise UsageError("-o audit_required needs -o audit_log=PATH")
+    return AuditLog(volume_id, os.path.abspath(path) if path else None, required=required)
+
+
+# Options mount(8) and fstab use for themselves; FUSE would reject them. (libmount drops
+# x-*, comment=, defaults, noauto before calling a helper; the rest may still arrive.)
+FSTAB_ONLY_OPTIONS = {
+    "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+    "nofail", "_netdev", "rw",
+}
+
+
+def mount_helper(argv: Sequence[str] | None = None) -> int:
+    """`mount.fuse.encfs-gw BACKING MOUNTPOINT [-sfnv] [-o OPTIONS] [-t TYPE]`.
+
+    What mount(8) runs for `mount -t fuse.encfs-gw` and for fstab lines of that type
+    (/sbin/mount.fuse.encfs-gw, a symlink to encfs-gw). `keyfile=PATH` and `log_file=PATH`
+    become --keyfile/--log-file; fstab-only options are dropped; the rest goes to
+    `encfs-gw mount -o`. Returns once the mount is live, like `encfs-gw mount`.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    positional: list[str] = []
+    options: list[str] = []
+    verbose = fake = False
+    while args:
+        arg = args.pop(0)
+        if arg in ("-o", "-t", "-N") and not args:
+            print(f"encfs-gw: error: mount helper option {arg} needs a value", file=sys.stderr)
+            return UsageError.exit_code
+        if arg == "-o":
+            options += [o for o in args.pop(0).split(",") if o]
+        elif arg == "-t":
+            args.pop(0)  # fuse.encfs-gw: we know
+        elif arg == "-N":
+            print("encfs-gw: error: mount helper: -N (namespace) is not supported", file=sys.stderr)
+            return UsageError.exit_code
+        elif arg.startswith("-") and len(arg) > 1 and set(arg[1:]) <= set("sfnv"):
+            verbose |= "v" in arg
+            fake |= "f" in arg
+        else:
+            positional.append(arg)
+    if len(positional) != 2:
+        print(
+            "encfs-gw: error: usage: mount.fuse.encfs-gw BACKING MOUNTPOINT [-o OPTIONS]",
+            file=sys.stderr,
+        )
+        return UsageError.exit_code
+    command = ["--verbose"] if verbose else []
+    command += ["mount", *positional]
+    fuse_options: list[str] = []
+    for option in options:
+        name, _, value = option.partition("=")
+        if name == "keyfile" and value:
+            command += ["--keyfile", value]
+        elif name == "log_file" and value:
+            command += ["--log-file", value]
+        elif option in FSTAB_ONLY_OPTIONS or name.startswith("x-") or name == "comment":
+            continue
+        else:
+            fuse_options.append(option)
+    if fuse_options:
+        command += ["-o", ",".join(fuse_options)]
+    return 0 if fake else main(command)
 
 
 def _detach_stdio(log_file: str | None) -> None:
@@ -387,7 +558,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if mounted:
         from encfs import control
 
-        (reply,) = list(control.request(backing, {"op": "status"}))
+        request = {"op": "status", "check": args.check}
+        (reply,) = list(control.request(backing, request))
         if "error" in reply:
             raise _error_with_code(reply["error"], reply.get("exit_code", 1))
     else:
@@ -400,6 +572,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             config = volume.config
             reply = {
                 "backing": backing,
+                "volume_id": config.volume_id.hex(),
                 "current_kek": config.current_kek,
                 "kek_versions": {str(n): v.state for n, v in sorted(config.kek_versions.items())},
                 "rotation": config.rotation,
@@ -412,6 +585,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(reply))
         return 0
     print(f"volume: {reply['backing']} ({'mounted' if mounted else 'not mounted'})")
+    print(f"volume id: {reply['volume_id']}")
+    if mounted:
+        print(f"key health: {reply['state']}: {reply['reason']}")
+        if reply.get("last_check") is not None:
+            print(f"last check: {reply['last_check']}")
+        print(f"providers: {', '.join(reply['providers'])}")
+        print(f"mount options: {','.join(reply['mount_options']) or '(defaults)'}")
+        print("counters: " + ", ".join(f"{k}={v}" for k, v in reply["counters"].items()))
     for number, state in reply["kek_versions"].items():
         current = " (current)" if int(number) == reply["current_kek"] else ""
         deks = reply["deks_per_version"].get(number, 0)
@@ -439,6 +620,83 @@ def cmd_rewrap_kek(args: argparse.Namespace) -> int:
     backing, _ = _resolve_target(args.target)
     count = keyslots.rewrap_keks(backing, _provider_factory(args))
     print(f"re-protected {count} stored KEK blob(s) under the providers' current keys")
+    return 0
+
+
+# --- fsck, destroy ---------------------------------------------------------------------------
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from encfs import fsck as fsck_mod
+    from encfs.volume import Volume
+
+    backing = os.path.abspath(args.backing)
+    volume = Volume.unlock(backing, _provider_factory(args))  # takes the lock: not mounted
+    # The report names every damaged block (with its plaintext path): the engine's own
+    # per-block warnings would only repeat it with inode numbers.
+    logging.getLogger("encfs.volume").setLevel(logging.ERROR)
+    bar = _FsckProgress(enabled=sys.stderr.isatty() and not args.json)
+    try:
+        report = fsck_mod.fsck(volume, repair=args.repair, on_progress=bar)
+    finally:
+        bar.close()
+        volume.close()
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        for finding in report.findings:
+            block = f" block {finding.block}" if finding.block is not None else ""
+            state = (
+                "repaired" if finding.repaired
+                else "repairable (--repair)" if finding.repairable
+                else "NOT repairable"
+            )
+            print(f"{finding.path}{block}: {finding.kind}: {finding.detail} [{state}]")
+        summary = report.as_dict()
+        print(
+            f"checked {report.files} files, {report.directories} directories, "
+            f"{report.symlinks} symlinks, {report.blocks} blocks "
+            f"({report.bytes / 1048576:.1f} MiB): {len(report.findings)} problem(s), "
+            f"{summary['repaired']} repaired, {summary['remaining']} remaining"
+        )
+    if report.remaining:
+        raise fsck_mod.FsckProblems(
+            f"{len(report.remaining)} problem(s) remain"
+            + ("" if args.repair else "; run fsck --repair to fix the repairable ones")
+        )
+    return 0
+
+
+class _FsckProgress:
+    """Files and blocks checked so far, on one terminal line (only on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.last = 0.0
+
+    def __call__(self, report: object) -> None:
+        import time
+
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.2:
+            return
+        self.last = now
+        files, blocks = getattr(report, "files", 0), getattr(report, "blocks", 0)
+        print(f"\rfsck: {files} files, {blocks} blocks", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.last:
+            print(file=sys.stderr)
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    from encfs import keyslots
+
+    backing = os.path.abspath(args.backing)
+    actions = keyslots.destroy_volume(backing, args.confirm, audit_path=args.audit_log)
+    for action in actions:
+        print(action)
+    print(f"volume {backing} is destroyed: its data can never be decrypted again")
     return 0
 
 
@@ -484,6 +742,8 @@ COMMANDS = {
     "rotate": cmd_rotate,
     "status": cmd_status,
     "rewrap-kek": cmd_rewrap_kek,
+    "fsck": cmd_fsck,
+    "destroy": cmd_destroy,
     "unmount": cmd_unmount,
     "umount": cmd_unmount,
 }

@@ -158,6 +158,7 @@ class ControlServer:
         return {
             **self.health.summary(),
             "backing": self.volume.backing_path,
+            "volume_id": config.volume_id.hex(),
             "mount_options": self.mount_options,
             "counters": dict(self.volume.counters),
             "providers": sorted(

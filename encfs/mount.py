@@ -3,33 +3,52 @@
 Readiness means the mount answers: after pyfuse3.init() the kernel still waits for the
 session loop to answer INIT, so a worker thread stats the mountpoint and only then is
 the caller told the mount is live (ready callback: the --ready-fd pipe of the
-background mount, later sd_notify READY=1).
+background mount; and sd_notify READY=1 through `encfs.systemd.Service`).
+
+`auto_unmount` is on by default: if the daemon dies, however it dies, fusermount3's
+watcher removes the mount (helped by a guard process, see _GUARD), so there is never a
+dead mount. What is left is the directory underneath, which writers must not mistake for
+the volume: the mountpoint must be empty (else `-o nonempty`), and `-o protect_mountpoint`
+makes it immutable (chattr +i) before mounting, so that while nothing is mounted there
+nobody, root included, can create a file in it (see docs/systemd.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import resource
 import signal
+import stat
+import struct
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pyfuse3
 import trio
 
+from encfs import health as health_mod
 from encfs.control import ControlServer
 from encfs.errors import MountFailed, MountpointError
-from encfs.fuse.operations import Operations
+from encfs.fuse.operations import Operations, drop_kernel_cache
 from encfs.keyring import ProviderFactory
 from encfs.keys.registry import open_provider
+from encfs.systemd import Service
 from encfs.volume import Volume
 
 log = logging.getLogger(__name__)
 
 PR_SET_DUMPABLE = 4
 FSTYPE = "fuse.encfs-gw"
-DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw")
+DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw", "auto_unmount")
+# <linux/fs.h>: the kernel reads and writes an int although the ioctl numbers say long.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IMMUTABLE_FL = 0x00000010
 
 
 def harden_process() -> None:
@@ -51,7 +70,7 @@ def escape_fsname(backing_path: str) -> str:
     return backing_path.replace("\\", "\\\\").replace(",", "\\,")
 
 
-def check_mountpoint(mountpoint: str) -> None:
+def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
     try:
         st = os.stat(mountpoint)
     except FileNotFoundError:
@@ -63,6 +82,50 @@ def check_mountpoint(mountpoint: str) -> None:
     if os.path.ismount(mountpoint) or find_mount(mountpoint) is not None:
         raise MountpointError(f"mountpoint {mountpoint} is already a mount point (busy)")
     del st
+    if not allow_nonempty:
+        _check_empty(mountpoint)
+
+
+def _check_empty(mountpoint: str) -> None:
+    """Files under a mount are hidden by it; ones that appear while it is down are leaks."""
+    try:
+        with os.scandir(mountpoint) as entries:
+            empty = next(entries, None) is None
+    except OSError as exc:
+        raise MountpointError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if not empty:
+        raise MountpointError(
+            f"mountpoint {mountpoint} is not empty (the mount would hide its files; "
+            f"use -o nonempty to mount anyway)"
+        )
+
+
+def protect_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
+    """Make the directory under the mount immutable, so writes there fail while unmounted.
+
+    Needs CAP_LINUX_IMMUTABLE and a file system with inode flags (ext4, xfs, btrfs, tmpfs
+    on Linux >= 6.0). Undo with `chattr -i MOUNTPOINT` while it is not mounted.
+    """
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MountpointError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    try:
+        flags = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags)
+        (value,) = struct.unpack_from("i", flags)
+        if not value & FS_IMMUTABLE_FL:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", value | FS_IMMUTABLE_FL))
+            log.debug("made %s immutable (protect_mountpoint)", mountpoint)
+    except OSError as exc:
+        raise MountpointError(
+            f"cannot make mountpoint {mountpoint} immutable for -o protect_mountpoint "
+            f"({exc.strerror}; needs root or CAP_LINUX_IMMUTABLE and inode flag support)"
+        ) from None
+    finally:
+        os.close(fd)
+    if not allow_nonempty:
+        _check_empty(mountpoint)  # nothing can have appeared since: it is immutable now
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -82,8 +145,12 @@ def find_mount(mountpoint: str) -> tuple[str, str] | None:
     return found
 
 
-def fuse_options(backing_path: str, user_options: list[str]) -> set[str]:
+def fuse_options(
+    backing_path: str, user_options: list[str], auto_unmount: bool = True
+) -> set[str]:
     options = set(DEFAULT_FUSE_OPTIONS)
+    if not auto_unmount:
+        options.discard("auto_unmount")
     options.add(f"fsname={escape_fsname(os.path.abspath(backing_path))}")
     for option in user_options:
         options.add(option)
@@ -97,51 +164,159 @@ def serve(
     on_ready: Callable[[], None],
     writeback_cache: bool = False,
     provider_factory: ProviderFactory = open_provider,
+    service: Service | None = None,
+    health_interval: float = health_mod.DEFAULT_INTERVAL,
+    health_grace: float = health_mod.DEFAULT_GRACE,
 ) -> None:
-    """Mount, serve until unmounted or signalled, then flush and release everything."""
-    control = ControlServer(volume, provider_factory)
+    """Mount, serve until unmounted or signalled, then flush and release everything.
+
+    The key health task revalidates the key every `health_interval` seconds; on
+    revocation the kernel's cached pages and attributes are dropped (drop_kernel_cache)
+    and systemd's STATUS= line follows every state change.
+
+    `service` (sd_notify) hears READY=1 once the mount answers, STOPPING=1 on SIGTERM or
+    when the mount goes away, and WATCHDOG=1 from the trio loop if the manager wants it.
+    """
+    service = service or Service.disabled()
+    control = ControlServer(
+        volume,
+        provider_factory,
+        health_interval=health_interval,
+        health_grace=health_grace,
+        invalidate=drop_kernel_cache,
+        mount_options=sorted(options),
+    )
+    control.on_state_change = lambda _line: service.set_health(control.health.state.value)
     operations = Operations(volume)
     operations.enable_writeback_cache = writeback_cache
+    fds_before = _socket_fds()
     try:
         pyfuse3.init(operations, mountpoint, options)
     except RuntimeError as exc:
         raise MountFailed(f"the kernel refused the FUSE mount on {mountpoint} ({exc})") from None
+    guard = None
+    if "auto_unmount" in options:
+        guard = _start_unmount_guard(mountpoint, _socket_fds() - fds_before)
     clean = False
     try:
-        trio.run(_serve, mountpoint, on_ready, control)
+        trio.run(_serve, mountpoint, on_ready, control, service)
         clean = True
     finally:
-        # After a crash, keep the (dead) mount rather than expose the empty directory
-        # underneath to writers who think they write encrypted data.
+        # After a crash the dead mount is not unmounted here; with auto_unmount (the
+        # default) fusermount3 removes it as soon as this process is gone.
+        service.stopping()
         pyfuse3.close(unmount=clean)
         volume.sync()
         volume.close()
+        if guard is not None and clean:
+            os.close(guard[1])  # unmounted: the guard sees it and exits at once
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                guard[0].wait(timeout=5)
+
+
+# fusermount3's auto_unmount watcher wakes when its socket to the daemon closes, opens the
+# mountpoint, and unmounts only if that fails with ENOTCONN. When the daemon is killed,
+# the socket can close before the kernel aborts the FUSE connection; the open then fails
+# with ECONNABORTED and the dead mount stays (3 kills in 12 here). So a small guard
+# process holds a copy of that socket until the daemon is gone and the connection is
+# aborted (ENOTCONN) or unmounted: then fusermount3's own check succeeds.
+_GUARD = """
+import errno, os, signal, sys, time
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+mountpoint, pipe = sys.argv[1], int(sys.argv[2])
+while os.read(pipe, 1):
+    pass
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        if exc.errno != errno.ECONNABORTED:
+            break
+    else:
+        same = os.fstat(fd).st_dev == os.stat(os.path.dirname(mountpoint) or "/").st_dev
+        os.close(fd)
+        if same:
+            break
+    time.sleep(0.02)
+"""
+
+
+def _socket_fds() -> set[int]:
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                found.add(int(name))
+    return found
+
+
+def _start_unmount_guard(
+    mountpoint: str, new_sockets: set[int]
+) -> tuple[subprocess.Popen, int] | None:
+    """The guard process, holding libfuse's socket to fusermount3 (see _GUARD)."""
+    if len(new_sockets) != 1:
+        log.debug("no fusermount3 socket found (%s): no unmount guard", sorted(new_sockets))
+        return None
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        guard = subprocess.Popen(
+            [sys.executable, "-I", "-c", _GUARD, mountpoint, str(read_end)],
+            pass_fds=(read_end, *new_sockets),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        log.warning("cannot start the unmount guard: %s", exc)
+        os.close(write_end)
+        return None
+    finally:
+        os.close(read_end)
+    return guard, write_end
 
 
 async def _serve(
-    mountpoint: str, on_ready: Callable[[], None], control: ControlServer
+    mountpoint: str, on_ready: Callable[[], None], control: ControlServer, service: Service
 ) -> None:
     async with trio.open_nursery() as nursery:
+        if service.watchdog_interval:
+            nursery.start_soon(_watchdog, service)
         await nursery.start(control.serve)
-        nursery.start_soon(_main_then_cancel, nursery.cancel_scope)
-        nursery.start_soon(_signal_ready, mountpoint, on_ready)
-        nursery.start_soon(_handle_signals)
+        nursery.start_soon(_main_then_cancel, nursery.cancel_scope, service)
+        nursery.start_soon(_signal_ready, mountpoint, on_ready, service)
+        nursery.start_soon(_handle_signals, service)
 
 
-async def _main_then_cancel(scope: trio.CancelScope) -> None:
+async def _main_then_cancel(scope: trio.CancelScope, service: Service) -> None:
     await pyfuse3.main()
+    service.stopping()
     scope.cancel()
 
 
-async def _signal_ready(mountpoint: str, on_ready: Callable[[], None]) -> None:
+async def _signal_ready(
+    mountpoint: str, on_ready: Callable[[], None], service: Service
+) -> None:
     await trio.to_thread.run_sync(os.stat, mountpoint)
     on_ready()
+    service.ready()
     log.info("mounted on %s", mountpoint)
 
 
-async def _handle_signals() -> None:
+async def _handle_signals(service: Service) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
+            service.stopping()
             pyfuse3.terminate()
             return
+
+
+async def _watchdog(service: Service) -> None:
+    """WATCHDOG=1 from the trio loop itself: if the loop hangs, the pings stop."""
+    interval = service.watchdog_interval or 0.0
+    while True:
+        service.watchdog()
+        await trio.sleep(interval)

@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import logging
 import os
+import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,6 +135,7 @@ def create_volume(
         Layout(block_size)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    made_directory = False
     if os.path.lexists(backing_path):
         if not os.path.isdir(backing_path):
             raise UsageError(f"{backing_path} exists and is not a directory")
@@ -141,10 +143,20 @@ def create_volume(
             raise VolumeExists(f"{backing_path} already holds an encfs-gw volume")
         if os.listdir(backing_path):
             raise UsageError(f"{backing_path} is not empty; a volume needs an empty directory")
-    else:
+    provider.prepare_new()  # may refuse (an existing key file): before anything is made
+    if not os.path.lexists(backing_path):
         os.makedirs(backing_path, mode=0o700)
+        made_directory = True
     os.chmod(backing_path, 0o700)
-    provider.prepare_new()
+    try:
+        return _write_new_volume(backing_path, provider, block_size)
+    except BaseException:
+        if made_directory:
+            shutil.rmtree(backing_path, ignore_errors=True)
+        raise
+
+
+def _write_new_volume(backing_path: str, provider: KeyProvider, block_size: int) -> VolumeConfig:
     volume_key = crypto.random_key(VOLUME_KEY_SIZE)
     kek = crypto.random_key()
     config = VolumeConfig(
@@ -223,11 +235,19 @@ class Volume:
         self.audit = AuditLog(config.volume_id)  # replaced by unlock() with the configured log
 
     @classmethod
-    def unlock(cls, backing_path: str, provider_factory: ProviderFactory = open_provider) -> Volume:
+    def unlock(
+        cls,
+        backing_path: str,
+        provider_factory: ProviderFactory = open_provider,
+        audit: AuditLog | None = None,
+    ) -> Volume:
         crypto.self_test()
         config = read_config(backing_path)
-        keyring = Keyring.unlock(config, provider_factory)
-        return cls(backing_path, config, keyring)
+        keyring = Keyring.unlock(config, provider_factory, audit)
+        volume = cls(backing_path, config, keyring)
+        if audit is not None:
+            volume.audit = audit
+        return volume
 
     def _take_lock(self) -> int:
         import fcntl
@@ -820,7 +840,10 @@ class Volume:
             raw = os.pread(fd, HEADER_SIZE, 0)
             if len(raw) < HEADER_SIZE:
                 return  # header not written yet (crash right after create)
+            st = os.fstat(fd)
             os.pwrite(fd, change(FileHeader.unpack(raw)).pack(), 0)
+            # A binding change is not a data change: keep the file's times (rename, link).
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
             os.close(fd)
 

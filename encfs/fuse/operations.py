@@ -26,6 +26,9 @@ ENTRY_TIMEOUT = 300.0  # all changes pass through us, so long caching is safe
 ATTR_TIMEOUT = 300.0
 NEGATIVE_TIMEOUT = 300.0
 XATTR_CAPABILITY = b"security.capability"
+# POSIX ACLs are not supported (pyfuse3's enable_acl is off): refusing them makes cp -a,
+# tar and rsync fall back to chmod instead of storing an ACL that is never enforced.
+XATTR_REFUSED_PREFIX = b"system."
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -45,6 +48,24 @@ def _translate(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise pyfuse3.FUSEError(code) from None
 
     return wrapper
+
+
+def drop_kernel_cache(inodes: list[int]) -> int:
+    """Make the kernel forget cached pages and attributes of these inodes.
+
+    Used when the key is revoked, so cached plaintext is not served either. Blocking (the
+    kernel may wait for the filesystem): call it from a worker thread, never a handler.
+    Returns how many inodes the kernel still knew.
+    """
+    dropped = 0
+    for inode in inodes:
+        try:
+            pyfuse3.invalidate_inode(inode, False)
+            dropped += 1
+        except OSError as exc:  # ENOENT: the kernel had already forgotten it
+            if exc.errno != errno.ENOENT:
+                log.warning("cannot invalidate inode %d: %s", inode, exc)
+    return dropped
 
 
 def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
@@ -250,7 +271,7 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         # The kernel asks for security.capability before every write: answer at once,
         # with no I/O (the mount is nosuid, so file capabilities never apply).
-        if name == XATTR_CAPABILITY:
+        if name == XATTR_CAPABILITY or name.startswith(XATTR_REFUSED_PREFIX):
             raise pyfuse3.FUSEError(errno.ENODATA)
         return self.volume.getxattr(inode, name)
 
@@ -260,7 +281,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        if name == XATTR_CAPABILITY:
+        if name == XATTR_CAPABILITY or name.startswith(XATTR_REFUSED_PREFIX):
             raise pyfuse3.FUSEError(errno.ENOTSUP)
         self.volume.setxattr(inode, name, value)
 

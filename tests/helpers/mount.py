@@ -70,7 +70,17 @@ def mounted(volume: Volume, mountpoint: Path, *options: str) -> Iterator[Path]:
     args = ["mount", volume.backing, mountpoint, "--keyfile", volume.keyfile]
     for option in options:
         args += ["-o", option]
-    run_cli(*args, check=True)
+    try:
+        run_cli(*args, check=True)
+    except (AssertionError, subprocess.TimeoutExpired):
+        # A half-started daemon must not outlive the test (nor hold the mountpoint).
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                       capture_output=True)
+        pid = daemon_pid(volume.backing)
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise
     try:
         yield mountpoint
     finally:

@@ -1,0 +1,146 @@
+"""`encfs-gw fsck` and `encfs-gw destroy` through the real command line.
+
+The damage itself is injected on the backing files; what each kind of damage means to
+the checker is covered in tests/fs/test_fsck.py. Here: exit codes, the report (plaintext
+path and block index), --json, --repair, refusal while mounted, and crypto-shredding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from encfs.errors import KeyRevoked, UsageError, VolumeBusy
+from encfs.format.blocks import Layout
+from encfs.format.names import TEMP_PREFIX
+from encfs.fsck import FsckProblems
+from encfs.volume import ROOT_INODE, Volume
+from tests.helpers.mount import init_volume, mounted, run_cli
+
+pytestmark = pytest.mark.fuse
+
+BLOCK = 4096
+
+
+@pytest.fixture
+def populated(tmp_path):
+    volume = init_volume(tmp_path, block_size=BLOCK)
+    files = {"big": os.urandom(5 * BLOCK + 7), "small": b"small file"}
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        (mnt / "dir").mkdir()
+        for name, data in files.items():
+            (mnt / "dir" / name).write_bytes(data)
+        (mnt / "link").symlink_to("dir/big")
+    return volume, files
+
+
+def backing_file(volume, *names: bytes) -> str:
+    vol = Volume.unlock(str(volume.backing), _keyfile_factory(volume))
+    try:
+        ino = ROOT_INODE
+        path = str(volume.backing)
+        for name in names:
+            cipher_name = vol.backing_name(ino, name)[0]
+            path = os.path.join(path, cipher_name)
+            ino = vol.lookup(ino, name).ino
+        return path
+    finally:
+        vol.close()
+
+
+def _keyfile_factory(volume):
+    from encfs.keys.registry import open_provider
+
+    def factory(name, options):
+        return open_provider(name, {**options, "path": str(volume.keyfile)})
+
+    return factory
+
+
+def fsck(volume, *extra: str):
+    return run_cli("fsck", volume.backing, "--keyfile", volume.keyfile, *extra)
+
+
+def test_clean_volume_exits_0_with_a_summary(populated):
+    volume, _ = populated
+    result = fsck(volume)
+    assert result.returncode == 0, result.stderr
+    assert "checked 2 files, 2 directories, 1 symlinks" in result.stdout
+    assert "0 problem(s)" in result.stdout
+    report = json.loads(fsck(volume, "--json").stdout)
+    assert report["files"] == 2 and report["findings"] == [] and report["remaining"] == 0
+
+
+def test_tampered_block_is_reported_with_path_and_block(populated, tmp_path):
+    volume, files = populated
+    path = backing_file(volume, b"dir", b"big")
+    with open(path, "r+b") as f:
+        f.seek(Layout(BLOCK).record_offset(2) + 40)
+        f.write(b"\x00\x01\x02")
+    result = fsck(volume, "--repair")  # not repairable: readable data is never cut off
+    assert result.returncode == FsckProblems.exit_code
+    assert "/dir/big block 2: block does not authenticate" in result.stdout
+    assert "NOT repairable" in result.stdout
+    assert result.stderr.strip().startswith("encfs-gw: error: 1 problem(s) remain")
+    report = json.loads(fsck(volume, "--json").stdout)
+    (finding,) = report["findings"]
+    assert finding["path"] == "/dir/big" and finding["block"] == 2
+    with mounted(volume, tmp_path / "mnt") as mnt:  # the other blocks still read
+        with open(mnt / "dir" / "big", "rb") as f:
+            assert f.read(2 * BLOCK) == files["big"][: 2 * BLOCK]
+        assert (mnt / "dir" / "small").read_bytes() == files["small"]
+
+
+def test_repair_cleans_crash_debris_then_the_volume_is_clean(populated, tmp_path):
+    volume, files = populated
+    (volume.backing / f"{TEMP_PREFIX}00000000000000aa").write_bytes(b"half-written")
+    path = backing_file(volume, b"dir", b"big")
+    os.truncate(path, Layout(BLOCK).record_offset(5) + 30)  # a torn last block
+    result = fsck(volume)
+    assert result.returncode == FsckProblems.exit_code
+    assert "repairable (--repair)" in result.stdout
+    assert "run fsck --repair" in result.stderr
+    result = fsck(volume, "--repair")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "remaining" in result.stdout and " 0 remaining" in result.stdout
+    assert fsck(volume).returncode == 0
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        assert (mnt / "dir" / "big").read_bytes() == files["big"][: 5 * BLOCK]
+        assert (mnt / "dir" / "small").read_bytes() == files["small"]
+
+
+def test_fsck_refuses_a_mounted_volume(populated, tmp_path):
+    volume, _ = populated
+    with mounted(volume, tmp_path / "mnt"):
+        result = fsck(volume)
+    assert result.returncode == VolumeBusy.exit_code
+    assert result.stderr.count("\n") == 1 and "in use" in result.stderr
+
+
+def test_destroy_needs_the_volume_id_then_nothing_opens(populated, tmp_path):
+    volume, _ = populated
+    status = run_cli("status", volume.backing, "--keyfile", volume.keyfile, "--json")
+    volume_id = json.loads(status.stdout)["volume_id"]
+
+    result = run_cli("destroy", volume.backing, "--yes-destroy-all-data", "0" * 32)
+    assert result.returncode == UsageError.exit_code and volume_id in result.stderr
+    result = run_cli("destroy", volume.backing)  # the confirmation is required
+    assert result.returncode == UsageError.exit_code
+    assert result.stderr.count("\n") == 1
+    assert fsck(volume).returncode == 0  # nothing happened
+
+    audit = tmp_path / "audit.log"
+    result = run_cli(
+        "destroy", volume.backing, "--yes-destroy-all-data", volume_id, "--audit-log", audit
+    )
+    assert result.returncode == 0, result.stderr
+    assert "destroyed" in result.stdout
+    assert json.loads(audit.read_text().splitlines()[-1])["event"] == "crypto_shred"
+    assert not volume.keyfile.exists() or volume.keyfile.stat().st_size == 0
+
+    (tmp_path / "mnt2").mkdir()
+    result = run_cli("mount", volume.backing, tmp_path / "mnt2", "--keyfile", volume.keyfile)
+    assert result.returncode == KeyRevoked.exit_code
+    assert "destroyed" in result.stderr

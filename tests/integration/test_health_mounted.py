@@ -1,0 +1,221 @@
+"""Key health on a live mount: revoke the key -> the mount is inaccessible (cached
+plaintext included), restore it -> the mount recovers by itself; status and audit log.
+
+The key comes from the real `command` provider: a small shell program that prints the
+key, or exits 77 (EX_NOPERM: revoked) or 75 (EX_TEMPFAIL: unreachable) depending on a
+state file the test edits. Checks are triggered with `encfs-gw status --check` (the
+health loop's own interval is set to an hour), so nothing waits on a timer.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.mount import daemon_pid, is_mounted, run_cli
+
+pytestmark = pytest.mark.fuse
+
+KEY = "5f" * 32
+PROGRAM = """#!/bin/sh
+state=$(cat "{state}")
+case "$state" in
+  ok) echo {key} ;;
+  revoked) echo "key disabled by its owner" >&2; exit 77 ;;
+  down) echo "key server unreachable" >&2; exit 75 ;;
+esac
+"""
+
+
+class KeyServer:
+    """The command provider's program and the switch that decides what it answers."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.state = tmp_path / "key.state"
+        self.program = tmp_path / "key.sh"
+        self.program.write_text(PROGRAM.format(state=self.state, key=KEY))
+        self.program.chmod(0o700)
+        self.set("ok")
+
+    def set(self, state: str) -> None:
+        self.state.write_text(state)
+
+
+@pytest.fixture
+def keyserver(tmp_path) -> KeyServer:
+    return KeyServer(tmp_path)
+
+
+def init(tmp_path: Path, keyserver: KeyServer) -> Path:
+    backing = tmp_path / "vol.backing"
+    run_cli("init", backing, "--provider", f"command:{keyserver.program}", check=True)
+    return backing
+
+
+class Mount:
+    def __init__(self, backing: Path, mountpoint: Path, *options: str) -> None:
+        self.backing, self.mountpoint, self.options = backing, mountpoint, options
+
+    def __enter__(self) -> Path:
+        self.mountpoint.mkdir(exist_ok=True)
+        args: list = ["mount", self.backing, self.mountpoint]
+        for option in ("health_interval=3600", *self.options):
+            args += ["-o", option]
+        run_cli(*args, check=True)
+        return self.mountpoint
+
+    def __exit__(self, *exc: object) -> None:
+        if not is_mounted(self.mountpoint):
+            return
+        result = run_cli("unmount", self.mountpoint)
+        if result.returncode != 0:
+            os.system(f"fusermount3 -u -z {self.mountpoint}")
+            pid = daemon_pid(self.backing)
+            if pid:
+                os.kill(pid, 9)
+            raise AssertionError(result.stderr)
+
+
+def check(mountpoint: Path) -> dict:
+    result = run_cli("status", "--check", "--json", mountpoint)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def errno_of(call, *args) -> int:
+    with pytest.raises(OSError) as info:
+        call(*args)
+    return info.value.errno
+
+
+def test_revoke_makes_mount_inaccessible_and_recovery_needs_no_remount(tmp_path, keyserver):
+    backing = init(tmp_path, keyserver)
+    data = os.urandom(300_000)
+    with Mount(backing, tmp_path / "mnt") as mnt:
+        (mnt / "dir").mkdir()
+        (mnt / "dir" / "f").write_bytes(data)
+        assert (mnt / "dir" / "f").read_bytes() == data  # now in the kernel's page cache
+        held = os.open(mnt / "dir" / "f", os.O_RDONLY)
+        try:
+            keyserver.set("revoked")
+            status = check(mnt)
+            assert status["state"] == "INACCESSIBLE"
+            assert "key denied" in status["reason"]
+
+            # Cached plaintext is not served: the pages were dropped.
+            assert errno_of(os.pread, held, 4096, 0) == errno.EKEYREVOKED
+            assert errno_of((mnt / "dir" / "f").read_bytes) == errno.EKEYREVOKED
+            assert errno_of(os.listdir, mnt / "dir") == errno.EKEYREVOKED
+            assert errno_of((mnt / "new").write_bytes, b"x") == errno.EKEYREVOKED
+            assert is_mounted(mnt)  # inaccessible, not gone
+
+            keyserver.set("ok")
+            status = check(mnt)
+            assert status["state"] == "READY"
+            assert os.pread(held, len(data), 0) == data
+        finally:
+            os.close(held)
+        assert (mnt / "dir" / "f").read_bytes() == data
+        assert os.listdir(mnt / "dir") == ["f"]
+        (mnt / "after").write_bytes(b"written after recovery")
+    with Mount(backing, tmp_path / "mnt") as mnt:
+        assert (mnt / "dir" / "f").read_bytes() == data
+        assert (mnt / "after").read_bytes() == b"written after recovery"
+
+
+def test_unreachable_provider_degrades_then_grace_runs_out(tmp_path, keyserver):
+    backing = init(tmp_path, keyserver)
+    # A grace of 1 ms: the second failed check is always past it.
+    with Mount(backing, tmp_path / "mnt", "health_grace=0.001") as mnt:
+        (mnt / "f").write_bytes(b"still served while degraded")
+        keyserver.set("down")
+        status = check(mnt)
+        assert status["state"] == "DEGRADED"
+        assert (mnt / "f").read_bytes() == b"still served while degraded"
+        (mnt / "g").write_bytes(b"and written")
+
+        status = check(mnt)
+        assert status["state"] == "INACCESSIBLE"
+        assert "grace period" in status["reason"]
+        assert errno_of((mnt / "f").read_bytes) == errno.ENOKEY  # unreachable, not revoked
+
+        keyserver.set("ok")
+        assert check(mnt)["state"] == "READY"
+        assert (mnt / "g").read_bytes() == b"and written"
+
+
+def test_status_reports_state_counters_and_versions(tmp_path, keyserver):
+    backing = init(tmp_path, keyserver)
+    with Mount(backing, tmp_path / "mnt", "writeback_cache") as mnt:
+        (mnt / "f").write_bytes(b"x" * 100_000)
+        reply = check(mnt)
+        assert reply["mounted"] is True
+        assert reply["state"] == "READY" and reply["last_check"] is not None
+        assert reply["providers"] == ["command"]
+        assert reply["current_kek"] == 1 and reply["kek_versions"] == {"1": "active"}
+        assert reply["deks_per_version"]["1"] >= 1
+        assert reply["counters"]["bytes_written"] >= 100_000
+        assert reply["counters"]["opens"] >= 1
+        assert "default_permissions" in reply["mount_options"]
+        assert len(reply["volume_id"]) == 32
+
+        text = run_cli("status", mnt)
+        assert text.returncode == 0, text.stderr
+        assert "key health: READY" in text.stdout
+        assert "counters: " in text.stdout
+
+
+def test_audit_log_records_key_events_without_secrets(tmp_path, keyserver):
+    backing = init(tmp_path, keyserver)
+    audit = tmp_path / "audit.log"
+    with Mount(backing, tmp_path / "mnt", f"audit_log={audit}", "audit_required") as mnt:
+        (mnt / "secret-name.txt").write_bytes(b"secret contents")
+        keyserver.set("revoked")
+        check(mnt)
+        keyserver.set("ok")
+        check(mnt)
+    assert stat.S_IMODE(audit.stat().st_mode) == 0o600
+    text = audit.read_text()
+    assert KEY not in text and "secret" not in text
+    events = [json.loads(line) for line in text.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "unwrap" and events[0]["outcome"] == "ok"
+    assert events[0]["provider"] == "command" and events[0]["kek_version"] == 1
+    changes = [(e["previous_state"], e["state"]) for e in events if e["event"] == "state_change"]
+    assert changes == [("READY", "INACCESSIBLE"), ("INACCESSIBLE", "READY")]
+    assert [e["outcome"] for e in events if e["event"] == "revalidation"] == ["error", "ok"]
+    volume_id = json.loads((backing / "encfs-gw.conf").read_text())["volume_id"]
+    assert {e["volume_id"] for e in events} == {volume_id}
+
+
+def test_audit_required_refuses_to_mount_without_a_writable_log(tmp_path, keyserver):
+    backing = init(tmp_path, keyserver)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    bad = tmp_path / "no-such-dir" / "audit.log"
+    result = run_cli(
+        "mount", backing, mountpoint, "-o", f"audit_log={bad},audit_required"
+    )
+    assert result.returncode == 18, result.stderr
+    assert result.stderr.count("\n") == 1 and "audit log" in result.stderr
+    assert not is_mounted(mountpoint)
+    # Without audit_required the same log problem is a warning and the mount goes on.
+    with Mount(backing, mountpoint, f"audit_log={bad}"):
+        assert is_mounted(mountpoint)
+
+
+@pytest.mark.parametrize(
+    "option", ["health_interval=0", "health_grace=abc", "audit_log=", "audit_required"]
+)
+def test_bad_health_options_are_usage_errors(tmp_path, keyserver, option):
+    backing = init(tmp_path, keyserver)
+    (tmp_path / "mnt").mkdir()
+    result = run_cli("mount", backing, tmp_path / "mnt", "-o", option)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("encfs-gw: error: ") and result.stderr.count("\n") == 1
+    assert not is_mounted(tmp_path / "mnt")
