@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench clean install uninstall
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ demo: setup
 bench: setup
 	bash bench/install.sh
 	$(PY) bench/run.py $(if $(QUICK),--quick)
+
+# As root: the package (its own venv), the unit, the mount(8) helper; see docs/systemd.md.
+install:
+	sh systemd/install.sh install
+
+uninstall:
+	sh systemd/install.sh uninstall
 
 lint: setup
 	$(PY) -m ruff check encfs tests scripts
