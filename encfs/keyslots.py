@@ -76,11 +76,16 @@ def add_protector(
     """Protect every KEK version under a new provider; return the number of versions."""
     new_provider = open_provider(name, options)
     with editing_config(backing_path) as (config, dir_fd):
-        new_provider.prepare_new()
-        for number, version in sorted(config.kek_versions.items()):
-            kek = recover_kek(config, number, provider_factory)
-            record = new_provider.protect(kek, config.provider_binding(number))
-            version.protectors.append(Protector(name, new_provider.options, record))
+        # Every KEK first: if the volume cannot be opened, no escrow key file (that would
+        # protect nothing yet block a retry) and no server-side key is created.
+        keks = {n: recover_kek(config, n, provider_factory) for n in config.kek_versions}
+        try:
+            new_provider.prepare_new()
+            for number, version in sorted(config.kek_versions.items()):
+                record = new_provider.protect(keks[number], config.provider_binding(number))
+                version.protectors.append(Protector(name, new_provider.options, record))
+        finally:
+            new_provider.close()
         write_config(dir_fd, config)
         return len(config.kek_versions)
 

@@ -48,7 +48,12 @@ def test_remove_keyslot_and_refuse_removing_the_last(volume, tmp_path):
 
 
 def test_add_needs_a_working_key(volume, tmp_path):
-    volume.keyfile.unlink()
-    result = run_cli("provider", "add", volume.backing, f"keyfile:{tmp_path / 'x.key'}")
+    volume.keyfile.rename(tmp_path / "away.key")
+    escrow = tmp_path / "x.key"
+    result = run_cli("provider", "add", volume.backing, f"keyfile:{escrow}")
     assert result.returncode != 0
     assert result.stderr.startswith("encfs-gw: error:")
+    # No escrow key file that protects nothing (and would make a retry exit 13).
+    assert not escrow.exists()
+    (tmp_path / "away.key").rename(volume.keyfile)
+    run_cli("provider", "add", volume.backing, f"keyfile:{escrow}", check=True)
