@@ -140,6 +140,15 @@ def block_aad(volume_id: bytes, file_id: bytes, block_index: int) -> bytes:
     )
 
 
+SLOT_HEAD = struct.Struct(">HBB60x")  # (kek_version, generation, reserved) of a slot
+SLOT_AAD_TAIL = struct.Struct(">QHB")  # what varies per slot within one file
+
+
+def slot_aad_prefix(volume_id: bytes, file_id: bytes) -> bytes:
+    """slot_aad() without its tail: computed once per file by bulk passes."""
+    return struct.pack(">4sH16s16s", SLOT_AAD_LABEL, FORMAT_VERSION, volume_id, file_id)
+
+
 def slot_aad(
     volume_id: bytes, file_id: bytes, block_index: int, kek_version: int, generation: int
 ) -> bytes:
