@@ -25,11 +25,11 @@ bench: setup
 	bash bench/install.sh
 	$(PY) bench/run.py $(if $(QUICK),--quick)
 
-# As root: the package (its own venv), the unit, the mount(8) helper; see docs/systemd.md.
 # Issue 5's measure: a 4 GiB volume, the re-wrap pass against re-encrypting by copy.
 bench-rotation: setup
 	$(PY) bench/rotation.py $(if $(QUICK),--quick)
 
+# As root: the package (its own venv), the unit, the mount(8) helper; see docs/systemd.md.
 install:
 	sh systemd/install.sh install
 
