@@ -291,6 +291,8 @@ class FileContents:
     def truncate(self, new_size: int) -> None:
         old_size = self.plain_size()
         if new_size == old_size:
+            # Still a modification for POSIX (mtime, ctime), which ftruncate(2) marks.
+            os.ftruncate(self.fd, os.fstat(self.fd).st_size)
             return
         layout = self.layout
         if new_size > old_size:

@@ -476,10 +476,14 @@ class Volume:
     def _adopt_new(
         self, parent: Inode, backing_name: str, plain_name: bytes, uid: int, gid: int
     ) -> Inode:
-        inode, _ = self._register(backing.open_path(backing_name, parent.fd))
+        inode, st = self._register(backing.open_path(backing_name, parent.fd))
         inode.location = (self._dir_id(parent), plain_name)
-        if os.geteuid() == 0:
-            backing.chown_fd(inode.fd, *self._owner(parent, uid, gid))
+        owner = self._owner(parent, uid, gid)
+        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != owner:
+            backing.chown_fd(inode.fd, *owner)
+            # chown drops setuid/setgid, but the kernel already vetted the creation mode.
+            if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
+                backing.chmod_fd(inode.fd, stat.S_IMODE(st.st_mode))
         inode.lookups += 1
         return inode
 
@@ -742,8 +746,9 @@ class Volume:
         if size is not None:
             if inode.mode != stat.S_IFREG:
                 raise _oserror(errno.EISDIR if inode.is_dir else errno.EINVAL)
+            # setuid/setgid: the kernel sends the mode change with the size when the
+            # caller lacks CAP_FSETID (it knows the caller; we do not).
             self._with_contents(inode, lambda contents: contents.truncate(size))
-            self._kill_suid(inode)
         if mode is not None:
             if inode.mode == stat.S_IFLNK:
                 raise _oserror(errno.EOPNOTSUPP)
@@ -897,7 +902,8 @@ class Volume:
             if transient and inode.opens == 0:
                 self._close_data(inode)
 
-    def open(self, ino: int, flags: int) -> int:
+    def open(self, ino: int, flags: int, keep_setid: bool = False) -> int:
+        """A handle on a regular file. keep_setid: the caller has CAP_FSETID (O_TRUNC)."""
         inode = self.inode(ino)
         if inode.mode != stat.S_IFREG:
             raise _oserror(errno.EISDIR if inode.is_dir else errno.EINVAL)
@@ -908,9 +914,12 @@ class Volume:
         self._next_fh += 1
         self._handles[fh] = inode
         if flags & os.O_TRUNC:
+            # With atomic O_TRUNC the kernel leaves the whole truncate to us: the times
+            # change even for an empty file, and setid bits go unless the caller may keep them.
             try:
                 self._ensure_contents(inode).truncate(0)
-                self._kill_suid(inode)
+                if not keep_setid:
+                    self._kill_suid(inode)
             except BaseException:
                 self.release(fh)
                 raise
@@ -942,7 +951,8 @@ class Volume:
         except IntegrityError as exc:
             self._report_integrity(inode, exc)
             raise
-        self._kill_suid(inode)
+        # No setid clearing here: the kernel does it first (with a setattr) when the
+        # writer lacks CAP_FSETID, as it knows the writer's capabilities.
         self.counters["bytes_written"] += written
         return written
 
@@ -1000,7 +1010,10 @@ class Volume:
         os.setxattr(path, backing_name, sealed)
 
     def getxattr(self, ino: int, plain_name: bytes) -> bytes:
-        path, object_id = self._xattr_target(self.inode(ino))
+        inode = self.inode(ino)
+        if inode.mode not in (stat.S_IFREG, stat.S_IFDIR):
+            raise _oserror(errno.ENODATA)  # nothing is stored on other objects (setxattr: EPERM)
+        path, object_id = self._xattr_target(inode)
         backing_name = self._xattr_name(plain_name)
         sealed = os.getxattr(path, backing_name)
         return crypto.gcm_open(
@@ -1025,7 +1038,10 @@ class Volume:
         return names
 
     def removexattr(self, ino: int, plain_name: bytes) -> None:
-        path, _ = self._xattr_target(self.inode(ino))
+        inode = self.inode(ino)
+        if inode.mode not in (stat.S_IFREG, stat.S_IFDIR):
+            raise _oserror(errno.ENODATA)
+        path, _ = self._xattr_target(inode)
         os.removexattr(path, self._xattr_name(plain_name))
 
     # --- directories -----------------------------------------------------------------

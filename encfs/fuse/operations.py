@@ -26,6 +26,7 @@ ENTRY_TIMEOUT = 300.0  # all changes pass through us, so long caching is safe
 ATTR_TIMEOUT = 300.0
 NEGATIVE_TIMEOUT = 300.0
 XATTR_CAPABILITY = b"security.capability"
+CAP_FSETID = 4  # linux/capability.h
 # POSIX ACLs are not supported (pyfuse3's enable_acl is off): refusing them makes cp -a,
 # tar and rsync fall back to chmod instead of storing an ACL that is never enforced.
 XATTR_REFUSED_PREFIX = b"system."
@@ -66,6 +67,21 @@ def drop_kernel_cache(inodes: list[int]) -> int:
             if exc.errno != errno.ENOENT:
                 log.warning("cannot invalidate inode %d: %s", inode, exc)
     return dropped
+
+
+def caller_has_fsetid(ctx: Any) -> bool:
+    """Whether the requesting process has CAP_FSETID (keeps setuid/setgid on O_TRUNC).
+
+    With atomic O_TRUNC the kernel hands the truncate to us without its own setid check;
+    the caller's effective capabilities are in /proc (root's uid is the fallback)."""
+    try:
+        with open(f"/proc/{ctx.pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_FSETID & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return bool(ctx.uid == 0)
 
 
 def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
@@ -191,7 +207,8 @@ class Operations(pyfuse3.Operations):
     # --- files -------------------------------------------------------------------------
     @_translate
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=self.volume.open(inode, flags))
+        keep_setid = bool(flags & os.O_TRUNC) and caller_has_fsetid(ctx)
+        return pyfuse3.FileInfo(fh=self.volume.open(inode, flags, keep_setid))
 
     @_translate
     async def create(

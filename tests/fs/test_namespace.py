@@ -123,15 +123,20 @@ def test_lookup_counts_release_handles(vol):
         vol.inode(attr.ino)
 
 
-def test_suid_cleared_on_write_and_truncate(vol):
-    fh, attr = vol.create(ROOT_INODE, b"s", 0o104755, os.O_RDWR, 0, 0)
-    vol.setattr(attr.ino, mode=0o106755)
+def test_setid_bits_on_write_truncate_and_o_trunc(vol):
+    """write and truncate keep setuid/setgid: the kernel, which knows whether the caller
+    has CAP_FSETID, sends the mode change itself. An O_TRUNC open is ours alone (atomic
+    O_TRUNC): the bits go unless the caller may keep them (keep_setid)."""
+    fh, attr = vol.create(ROOT_INODE, b"s", 0o106755, os.O_RDWR, 0, 0)
+    assert stat.S_IMODE(attr.mode) == 0o6755
     vol.write(fh, 0, b"x")
-    assert stat.S_IMODE(vol.getattr(attr.ino).mode) == 0o755
-    vol.setattr(attr.ino, mode=0o104755)
     vol.setattr(attr.ino, size=0)
-    assert stat.S_IMODE(vol.getattr(attr.ino).mode) == 0o755
+    assert stat.S_IMODE(vol.getattr(attr.ino).mode) == 0o6755
     vol.release(fh)
+    vol.release(vol.open(attr.ino, os.O_WRONLY | os.O_TRUNC, keep_setid=True))
+    assert stat.S_IMODE(vol.getattr(attr.ino).mode) == 0o6755
+    vol.release(vol.open(attr.ino, os.O_WRONLY | os.O_TRUNC))
+    assert stat.S_IMODE(vol.getattr(attr.ino).mode) == 0o755
 
 
 def test_nanosecond_timestamps(vol):
