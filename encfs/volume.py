@@ -34,7 +34,7 @@ from encfs.errors import (
     VolumeBusy,
     VolumeExists,
 )
-from encfs.format import DEFAULT_FEATURES
+from encfs.format import DEFAULT_FEATURES, FEATURE_LONG_SYMLINKS
 from encfs.format import names as fnames
 from encfs.format.blocks import (
     BINDING_SIZE,
@@ -360,7 +360,7 @@ class Volume:
         if stat.S_ISREG(st.st_mode):
             size = self.layout.plain_size(st.st_size)
         elif stat.S_ISLNK(st.st_mode):
-            size = max(0, st.st_size * 3 // 4 - crypto.TAG_SIZE)
+            size = self._symlink_size(inode, st)
         else:
             size = st.st_size
         return Attr(
@@ -559,16 +559,27 @@ class Volume:
         self, parent_ino: int, plain_name: bytes, target: bytes, uid: int, gid: int
     ) -> Attr:
         parent = self._dir(parent_ino)
-        if not target or len(target) >= 4096 or b"\0" in target:
+        if not target or len(target) > fnames.SYMLINK_TARGET_MAX or b"\0" in target:
             raise _oserror(errno.ENAMETOOLONG if target else errno.ENOENT)
-        cipher_target = fnames.b64encode(
-            self.keyring.symlink_cipher.seal(target, fnames.symlink_aad())
-        )
-        if len(cipher_target) > 4095:
-            raise _oserror(errno.ENAMETOOLONG, "symlink target too long for the backing store")
         backing_name, encoded = self._encode(parent, plain_name)
-        self._write_sidecar(parent, backing_name, encoded)
-        os.symlink(cipher_target, backing_name, dir_fd=parent.fd)
+        self._check_free(parent, backing_name)
+        long_id = None
+        if fnames.symlink_fits_inline(len(target)):
+            cipher_target = fnames.b64encode(
+                self.keyring.symlink_cipher.seal(target, fnames.symlink_aad())
+            )
+        elif FEATURE_LONG_SYMLINKS in self.config.features:
+            long_id = self._store_long_target(target)
+            cipher_target = fnames.long_symlink_marker(long_id)
+        else:
+            raise _oserror(errno.ENAMETOOLONG, "this volume's format keeps targets <= 3055 bytes")
+        try:
+            self._write_sidecar(parent, backing_name, encoded)
+            os.symlink(cipher_target, backing_name, dir_fd=parent.fd)
+        except BaseException:
+            if long_id is not None:
+                self._remove_long_target(long_id)
+            raise
         return self.getattr(self._adopt_new(parent, backing_name, plain_name, uid, gid).ino)
 
     def readlink(self, ino: int) -> bytes:
@@ -576,9 +587,71 @@ class Volume:
         if inode.mode != stat.S_IFLNK:
             raise _oserror(errno.EINVAL)
         cipher_target = os.readlink("", dir_fd=inode.fd)
+        long_id = fnames.long_symlink_id(cipher_target)
+        if long_id is not None:
+            return self._load_long_target(long_id)
         return self.keyring.symlink_cipher.open(
             fnames.b64decode_strict(cipher_target), fnames.symlink_aad()
         )
+
+    # Targets too long for a backing symlink: sealed into the symlink store (one file per
+    # symlink, named by a random id; hard links of the symlink share it). Written before
+    # the symlink, removed after its last link: a crash leaves at worst an unused file.
+    def _store_long_target(self, target: bytes) -> bytes:
+        long_id = crypto.random_bytes(fnames.LONG_SYMLINK_ID_SIZE)
+        sealed = self.keyring.symlink_cipher.seal(target, fnames.long_symlink_aad(long_id))
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(fnames.SYMLINK_STORE_DIR, 0o700, dir_fd=self._root_fd)
+        store_fd = os.open(
+            fnames.SYMLINK_STORE_DIR,
+            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            dir_fd=self._root_fd,
+        )
+        try:
+            name = fnames.long_symlink_path(long_id).rsplit("/", 1)[1]
+            backing.write_file_atomic(store_fd, name, sealed, 0o400)
+        finally:
+            os.close(store_fd)
+        return long_id
+
+    def _load_long_target(self, long_id: bytes) -> bytes:
+        try:
+            sealed = backing.read_small_file(
+                self._root_fd, fnames.long_symlink_path(long_id), 2 * fnames.SYMLINK_TARGET_MAX
+            )
+        except FileNotFoundError:
+            raise IntegrityError("symlink target missing from the symlink store") from None
+        return self.keyring.symlink_cipher.open(sealed, fnames.long_symlink_aad(long_id))
+
+    def _remove_long_target(self, long_id: bytes) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fnames.long_symlink_path(long_id), dir_fd=self._root_fd)
+
+    def _last_long_symlink(
+        self, dir_fd: int, backing_name: str, st: os.stat_result
+    ) -> bytes | None:
+        """The store id of a long-target symlink whose last link `backing_name` is."""
+        if not stat.S_ISLNK(st.st_mode) or st.st_nlink != 1:
+            return None
+        if st.st_size != fnames.LONG_SYMLINK_MARKER_SIZE:
+            return None
+        try:
+            return fnames.long_symlink_id(os.readlink(backing_name, dir_fd=dir_fd))
+        except (OSError, IntegrityError):
+            return None
+
+    def _symlink_size(self, inode: Inode, st: os.stat_result) -> int:
+        if st.st_size == fnames.LONG_SYMLINK_MARKER_SIZE:
+            try:
+                long_id = fnames.long_symlink_id(os.readlink("", dir_fd=inode.fd))
+                if long_id is not None:
+                    path = fnames.long_symlink_path(long_id)
+                    sealed_size = os.stat(path, dir_fd=self._root_fd).st_size
+                    return max(0, sealed_size - fnames.SIV_TAG_SIZE)
+            except (OSError, IntegrityError):
+                return 0  # readlink reports the damage
+        # base64url without padding: the sealed length, then minus the SIV tag (exact).
+        return max(0, st.st_size * 3 // 4 - fnames.SIV_TAG_SIZE)
 
     def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attr:
         inode = self.inode(ino)
@@ -602,8 +675,11 @@ class Volume:
         st = os.stat(backing_name, dir_fd=parent.fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
             raise _oserror(errno.EISDIR)
+        long_id = self._last_long_symlink(parent.fd, backing_name, st)
         os.unlink(backing_name, dir_fd=parent.fd)
         self._remove_sidecar(parent, backing_name)
+        if long_id is not None:
+            self._remove_long_target(long_id)
 
     def _is_empty_dir(self, dir_fd: int, name: str) -> bool:
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
@@ -701,6 +777,9 @@ class Volume:
                 return
             if stat.S_ISDIR(old_st.st_mode):
                 raise _oserror(errno.ENOTDIR)
+        replaced_long_id = (
+            None if new_st is None else self._last_long_symlink(new_parent.fd, new_backing, new_st)
+        )
         self._write_sidecar(new_parent, new_backing, new_encoded)
         self._moved(
             [(old_st, old_parent, old_backing, new_location)],
@@ -710,6 +789,8 @@ class Volume:
         )
         if (old_parent.ino, old_backing) != (new_parent.ino, new_backing):
             self._remove_sidecar(old_parent, old_backing)
+        if replaced_long_id is not None:
+            self._remove_long_target(replaced_long_id)
 
     def _moved(
         self,

@@ -108,6 +108,48 @@ def symlink_aad() -> list[bytes]:
     return [SYMLINK_AAD_LABEL]
 
 
+# Symlink targets. The kernel passes targets up to PATH_MAX - 1 bytes; a backing symlink
+# holds at most 4095 bytes, which fits the encoded sealed target only up to 3,055 bytes.
+# Longer targets (feature "long-symlink-targets") are sealed into a file of the volume's
+# symlink store, and the backing symlink holds a marker naming that file.
+SYMLINK_TARGET_MAX = 4095
+BACKING_SYMLINK_MAX = 4095
+SIV_TAG_SIZE = 16
+SYMLINK_STORE_DIR = ".egw-symlinks"
+LONG_SYMLINK_PREFIX = ".egwT"
+LONG_SYMLINK_ID_SIZE = 18  # 24 base64url characters
+# 5 + 24 = 29 bytes: a length no unpadded base64url string has (never 1 mod 4), so an
+# inline target is never mistaken for a marker and only 29-byte links need a look.
+LONG_SYMLINK_MARKER_SIZE = len(LONG_SYMLINK_PREFIX) + (LONG_SYMLINK_ID_SIZE * 4 + 2) // 3
+
+
+def symlink_fits_inline(plain_target_length: int) -> bool:
+    """Whether base64url(AES-SIV(target)) fits a backing symlink."""
+    return (4 * (plain_target_length + SIV_TAG_SIZE) + 2) // 3 <= BACKING_SYMLINK_MAX
+
+
+def long_symlink_aad(symlink_id: bytes) -> list[bytes]:
+    return [SYMLINK_AAD_LABEL, symlink_id]
+
+
+def long_symlink_marker(symlink_id: bytes) -> str:
+    return LONG_SYMLINK_PREFIX + b64encode(symlink_id)
+
+
+def long_symlink_id(backing_target: str) -> bytes | None:
+    """The store id named by a backing symlink target, or None for an inline target."""
+    if len(backing_target) != LONG_SYMLINK_MARKER_SIZE or not backing_target.startswith(
+        LONG_SYMLINK_PREFIX
+    ):
+        return None
+    return b64decode_strict(backing_target[len(LONG_SYMLINK_PREFIX) :])
+
+
+def long_symlink_path(symlink_id: bytes) -> str:
+    """The sealed target's file, relative to the backing root."""
+    return SYMLINK_STORE_DIR + "/" + b64encode(symlink_id)
+
+
 def is_long(encoded: str) -> bool:
     return len(encoded) > NAME_MAX
 

@@ -2,6 +2,7 @@
 regenerate an existing one in place (a format change adds a new directory/tarball).
 
     .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-keyfile
+    .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-long-symlinks
 
 Writes NAME.tar (the backing tree), NAME.key (test-only key file) and NAME.json (the
 plaintext manifest the tests compare against).
@@ -17,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 
+from encfs.format import FEATURE_LONG_SYMLINKS
 from encfs.keys.keyfile import KeyfileProvider
 from encfs.volume import ROOT_INODE, Volume, create_volume
 
@@ -80,6 +82,13 @@ def main(prefix: str) -> None:
     manifest["rel-link"] = {"type": "symlink", "target": "dir/sub dir \u00e9/nested.txt"}
     vol.symlink(ROOT_INODE, b"abs-link", b"/etc/hostname", 0, 0)
     manifest["abs-link"] = {"type": "symlink", "target": "/etc/hostname"}
+    if FEATURE_LONG_SYMLINKS in vol.config.features:  # v1-long-symlinks and later
+        for name, target in (
+            ("long-link", "d/" * 1528),  # 3,056 bytes: the shortest target stored apart
+            ("longest-link", "/" + "t" * 4094),  # PATH_MAX - 1 bytes
+        ):
+            vol.symlink(ROOT_INODE, name.encode(), target.encode(), 0, 0)
+            manifest[name] = {"type": "symlink", "target": target}
     vol.close()
     os.unlink(os.path.join(backing, "encfs-gw.lock"))
     with tarfile.open(prefix + ".tar", "w", format=tarfile.PAX_FORMAT) as tar:

@@ -23,7 +23,7 @@ from encfs.volume import Volume as Engine
 from tests.helpers.mount import Volume, mounted, run_cli
 
 HERE = Path(__file__).parent / "volumes"
-GOLDEN = ["v1-keyfile"]
+GOLDEN = ["v1-keyfile", "v1-long-symlinks"]
 
 
 def extract(name: str, tmp_path: Path) -> Volume:
