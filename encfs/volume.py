@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -123,6 +123,14 @@ def _oserror(code: int, what: str = "") -> OSError:
 
 
 # --- creating and opening volumes ---------------------------------------------------------
+
+
+def _entries_from(
+    entries: list[tuple[bytes, str | None]], start: int
+) -> Iterator[tuple[bytes, str | None, int]]:
+    for index in range(start, len(entries)):
+        plain, backing_name = entries[index]
+        yield plain, backing_name, index + 1
 
 
 def create_volume(
@@ -1094,6 +1102,11 @@ class Volume:
         inode = self.inode(ino)
         if inode.mode not in (stat.S_IFREG, stat.S_IFDIR):
             raise _oserror(errno.ENODATA)  # nothing is stored on other objects (setxattr: EPERM)
+        # `ls -l` asks for security.selinux and an ACL on every entry: one listxattr
+        # answers "none" without reading the header or encrypting the name.
+        stored = os.listxattr(f"/proc/self/fd/{inode.fd}")
+        if not any(name.startswith(fnames.XATTR_PREFIX) for name in stored):
+            raise _oserror(errno.ENODATA)
         path, object_id = self._xattr_target(inode)
         backing_name = self._xattr_name(plain_name)
         sealed = os.getxattr(path, backing_name)
@@ -1134,18 +1147,19 @@ class Volume:
         self._dir_handles[fh] = DirHandle(inode)
         return fh
 
-    def readdir(self, fh: int, start: int) -> list[tuple[bytes, str | None, int]]:
-        """Entries from index `start`: (plain name, backing name or None for . and ..)."""
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, str | None, int]]:
+        """Entries from index `start`: (plain name, backing name or None for . and ..).
+
+        A generator: the kernel asks for a large directory in many small batches, each
+        from a later `start`, and stops consuming when its buffer is full, so building
+        the whole remainder on every call would make a listing quadratic.
+        """
         handle = self._dir_handles.get(fh)
         if handle is None:
             raise _oserror(errno.EBADF)
         if start == 0 or handle.entries is None:
             handle.entries = self._list(handle.inode)
-        return [
-            (plain, backing_name, index + 1)
-            for index, (plain, backing_name) in enumerate(handle.entries)
-            if index >= start
-        ]
+        return _entries_from(handle.entries, start)
 
     def _list(self, directory: Inode) -> list[tuple[bytes, str | None]]:
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory.fd)
