@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml deps/apt.txt scripts/setup.sh
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m ruff check encfs tests scripts
+	$(PY) -m ruff check encfs tests scripts bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
@@ -37,7 +37,7 @@ uninstall:
 	sh systemd/install.sh uninstall
 
 lint: setup
-	$(PY) -m ruff check encfs tests scripts
+	$(PY) -m ruff check encfs tests scripts bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
