@@ -80,6 +80,41 @@ def syncfs(fd: int) -> None:
     _check(_libc.syncfs(fd), "syncfs")
 
 
+def fs_type(fd: int) -> int:
+    """statfs(2) f_type (the filesystem's magic number) of the filesystem holding fd."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
+    _check(_libc.fstatfs(fd, buf), "fstatfs")
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+FALLOC_FL_KEEP_SIZE = 1
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate the backing blocks of a range without changing the file size.
+
+    Called before a block write that needs new space: a full disk or quota then fails
+    here (ENOSPC, EDQUOT) before anything is written, instead of in the middle of a record.
+    A filesystem without fallocate leaves it to the writes (which then check every byte).
+    """
+    if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """pwrite every byte: a short write (a filling disk) continues, and so raises its error."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+        offset += written
+
+
 def temp_name() -> str:
     return TEMP_PREFIX + secrets.token_hex(8)
 
@@ -94,7 +129,7 @@ def write_file_atomic(dir_fd: int, name: str, data: bytes, mode: int = 0o600) ->
         dir_fd=dir_fd,
     )
     try:
-        os.write(fd, data)
+        pwrite_all(fd, data, 0)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -651,7 +651,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                 else "repairable (--repair)" if finding.repairable
                 else "NOT repairable"
             )
-            print(f"{finding.path}{block}: {finding.kind}: {finding.detail} [{state}]")
+            path = _printable(finding.path)
+            print(f"{path}{block}: {finding.kind}: {finding.detail} [{state}]")
         summary = report.as_dict()
         print(
             f"checked {report.files} files, {report.directories} directories, "
@@ -665,6 +666,13 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             + ("" if args.repair else "; run fsck --repair to fix the repairable ones")
         )
     return 0
+
+
+def _printable(path: str) -> str:
+    """A name for one report line: bytes that are not UTF-8 (\\xff) and control characters
+    (\\n) escaped, in any locale (--json has the exact bytes, surrogate-escaped)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 class _FsckProgress:

@@ -13,11 +13,12 @@ other requests (no per-block locks needed while no handler awaits mid-update).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
 
-from encfs import crypto
+from encfs import backing, crypto
 from encfs.errors import IntegrityError
 from encfs.format.blocks import (
     BLOCKS_PER_GROUP,
@@ -198,10 +199,16 @@ class FileContents:
 
     # --- writes ---------------------------------------------------------------------
     def write(self, plain_offset: int, data: bytes | memoryview) -> int:
+        """Store `data` at `plain_offset`; return how many bytes were stored.
+
+        A full backing store (ENOSPC, EDQUOT) raises before a group's blocks are touched;
+        when it fills up after the first group was stored the count is short (the kernel
+        passes it on, and the caller's next write gets the error).
+        """
         if not data:
             return 0
         data = memoryview(data)
-        old_size = self.plain_size()
+        old_size = original_size = self.plain_size()
         new_size = max(old_size, plain_offset + len(data))
         block_size = self.layout.block_size
         first = plain_offset // block_size
@@ -225,7 +232,15 @@ class FileContents:
                 lo - plain_offset : hi - plain_offset
             ]
             blocks[index] = merged
-        self._write_blocks(blocks)
+        try:
+            stored = self._write_blocks(blocks)
+        except OSError:
+            if old_size != original_size:  # undo the padding of the old last block
+                with contextlib.suppress(OSError, IntegrityError):
+                    self.truncate(original_size)
+            raise
+        if stored < len(blocks):
+            return (first + stored) * block_size - plain_offset
         return len(data)
 
     def _prepare_extension(self, old_size: int, new_size: int) -> None:
@@ -249,10 +264,26 @@ class FileContents:
         group_end += BLOCKS_PER_GROUP * KEY_RECORD_SIZE
         cipher_size = os.fstat(self.fd).st_size
         if offset < cipher_size:
-            os.pwrite(self.fd, bytes(min(group_end, cipher_size) - offset), offset)
+            stale = os.pread(self.fd, min(group_end, cipher_size) - offset, offset)
+            if stale != bytes(len(stale)):  # (writing zeros into a hole would take space)
+                backing.pwrite_all(self.fd, bytes(len(stale)), offset)
 
-    def _write_blocks(self, blocks: dict[int, bytes | memoryview]) -> None:
-        """Seal and store blocks (each run within a group: 3 pwrites in the safe order)."""
+    def _reserve(self, *ranges: tuple[int, int]) -> None:
+        """Allocate backing space for (offset, length) ranges that may need it: a dense
+        file needs new space only past its end, a sparse one also in its holes."""
+        st = os.fstat(self.fd)
+        dense = st.st_blocks * 512 >= st.st_size
+        for offset, length in ranges:
+            if offset + length > st.st_size or not dense:
+                backing.reserve(self.fd, offset, length)
+
+    def _write_blocks(self, blocks: dict[int, bytes | memoryview]) -> int:
+        """Seal and store blocks (each run within a group: 3 pwrites in the safe order).
+
+        Returns how many leading blocks were stored. A run that fails before its step 3
+        is undone (old key records back, old size) and raises, unless an earlier run was
+        stored: then the count of stored blocks is returned (a short write).
+        """
         indexes = sorted(blocks)
         runs: list[list[int]] = []
         for index in indexes:
@@ -261,9 +292,11 @@ class FileContents:
                 runs[-1].append(index)
             else:
                 runs.append([index])
+        stored = 0
         for run in runs:
             first = run[0]
             keys = self._read_key_records(first, len(run))
+            original_keys = bytes(keys)
             final_keys = bytearray(keys)
             sizes = [len(blocks[index]) + RECORD_OVERHEAD for index in run]
             records = bytearray(sum(sizes))
@@ -284,9 +317,30 @@ class FileContents:
                 final_keys[base : base + KEY_RECORD_SIZE] = bytes(KEY_RECORD_SIZE)
                 final_keys[base + free : base + free + SLOT_SIZE] = packed
             key_offset = self.layout.key_record_offset(first)
-            os.pwrite(self.fd, keys, key_offset)  # 1. new DEKs next to the old ones
-            os.pwrite(self.fd, records, self.layout.record_offset(first))  # 2. data
-            os.pwrite(self.fd, final_keys, key_offset)  # 3. retire the old DEKs
+            record_offset = self.layout.record_offset(first)
+            cipher_size = os.fstat(self.fd).st_size
+            try:
+                self._reserve((key_offset, len(keys)), (record_offset, len(records)))
+                backing.pwrite_all(self.fd, keys, key_offset)  # 1. new DEKs beside the old
+                backing.pwrite_all(self.fd, records, record_offset)  # 2. data
+            except OSError:
+                self._undo_run(original_keys, key_offset, cipher_size)
+                if stored == 0:
+                    raise
+                return stored
+            backing.pwrite_all(self.fd, final_keys, key_offset)  # 3. retire the old DEKs
+            stored += len(run)
+        return stored
+
+    def _undo_run(self, original_keys: bytes, key_offset: int, cipher_size: int) -> None:
+        """After a failed step 1 or 2: the run's old key records and the old size back
+        (best effort: the backing store is failing). Cutting to the old size also frees
+        space reserved past the end."""
+        if key_offset < cipher_size:
+            with contextlib.suppress(OSError):
+                backing.pwrite_all(self.fd, original_keys, key_offset)
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, cipher_size)
 
     def truncate(self, new_size: int) -> None:
         old_size = self.plain_size()
@@ -311,12 +365,14 @@ class FileContents:
             record, packed = self._seal_block(index, kept, generation)
             keys[free : free + SLOT_SIZE] = packed
             key_offset = layout.key_record_offset(index)
-            os.pwrite(self.fd, keys, key_offset)
+            # Space first (a block in a hole has none): no failure once the cut is made.
+            self._reserve((key_offset, KEY_RECORD_SIZE), (layout.record_offset(index), len(record)))
+            backing.pwrite_all(self.fd, keys, key_offset)
             os.ftruncate(self.fd, layout.cipher_size(new_size))
-            os.pwrite(self.fd, record, layout.record_offset(index))
+            backing.pwrite_all(self.fd, record, layout.record_offset(index))
             final = bytearray(KEY_RECORD_SIZE)
             final[free : free + SLOT_SIZE] = packed
-            os.pwrite(self.fd, final, key_offset)
+            backing.pwrite_all(self.fd, final, key_offset)
             self._clear_slots_after(index + 1)
         else:
             os.ftruncate(self.fd, layout.cipher_size(new_size))

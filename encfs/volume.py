@@ -55,6 +55,16 @@ ROOT_INODE = 1
 _ZERO_TAG = bytes(BINDING_SIZE)
 UNBOUND_LABEL = b"EGWF unbound"
 STAT_BLKSIZE = 131072  # big st_blksize: cp/stdio then write in 128 KiB chunks
+# statfs f_type of network filesystems, on which the volume lock (flock) may not keep a
+# second host out: NFS only forwards it when the server's lock manager works and the
+# mount is not local_lock=flock|all; SMB and 9p clients may keep it local.
+NETWORK_FS_TYPES = {
+    0x6969: "NFS",
+    0x517B: "SMB",
+    0xFF534D42: "CIFS",
+    0xFE534D42: "SMB2",
+    0x01021997: "9p",
+}
 
 
 @dataclass(slots=True)
@@ -224,7 +234,11 @@ class Volume:
         self._root_fd = os.open(
             backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         )
-        self._lock_fd = self._take_lock()
+        try:
+            self._lock_fd = self._take_lock()
+        except BaseException:
+            os.close(self._root_fd)
+            raise
         st = os.fstat(self._root_fd)
         self._root_dev = st.st_dev
         self._root_backing_ino = st.st_ino
@@ -271,9 +285,29 @@ class Volume:
         except BlockingIOError:
             os.close(fd)
             raise VolumeBusy(f"volume {self.backing_path} is already in use (mounted?)") from None
-        # The holder's pid lets `encfs-gw unmount` wait for the daemon to finish.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # ENOLCK: e.g. NFS without a lock manager
+            os.close(fd)
+            raise VolumeBusy(
+                f"cannot lock volume {self.backing_path}: {exc.strerror}; without the lock "
+                "two mounts could write at once (NFS: run the lock manager, or use NFSv4)"
+            ) from None
+        network = NETWORK_FS_TYPES.get(backing.fs_type(fd))
+        if network is not None:
+            log.warning(
+                "the backing directory is on %s: the volume lock keeps other hosts out only "
+                "if the server enforces locks (NFS: a working lock manager, not "
+                "local_lock=flock or all); never mount this volume on two hosts at once",
+                network,
+            )
+        # The holder's pid lets `encfs-gw unmount` wait for the daemon to finish. Written
+        # over the old one, then cut: the block is reused, so a full disk still mounts.
+        pid = f"{os.getpid()}\n".encode()
+        try:
+            backing.pwrite_all(fd, pid.ljust(os.fstat(fd).st_size, b"\n"), 0)
+            os.ftruncate(fd, len(pid))
+        except OSError as exc:  # ENOSPC, EDQUOT on a new lock file: the lock still holds
+            os.ftruncate(fd, 0)  # no stale pid
+            log.warning("cannot record the daemon pid in the lock file: %s", exc.strerror)
         return fd
 
     def close(self) -> None:

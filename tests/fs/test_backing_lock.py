@@ -1,0 +1,89 @@
+"""The volume lock on storage where flock may not work (NFS-backed volumes).
+
+`Volume` takes flock(LOCK_EX) on BACKING/encfs-gw.lock for its lifetime (mount, fsck).
+On NFS that lock reaches other hosts only through the server's lock manager; without one
+flock fails with ENOLCK, and with `local_lock=flock|all` it stays on the host. So a volume
+on a network filesystem gets a warning, and a lock that cannot be taken refuses the
+volume (exit 14) rather than risk two writers.
+
+No NFS can be mounted on the test machines (the kernel has no NFS client:
+/proc/filesystems lists no nfs), so the filesystem type (statfs's f_type, read by
+`encfs.backing.fs_type`) and flock's ENOLCK are faked here; `fs_type` itself is checked
+against `stat -f` on the real filesystems.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import subprocess
+
+import pytest
+
+from encfs import backing as backing_mod
+from encfs.errors import VolumeBusy
+from encfs.volume import NETWORK_FS_TYPES, Volume
+
+NFS_SUPER_MAGIC = 0x6969
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("path", ["/", "/proc", "/dev"])
+def test_fs_type_is_statfs_f_type(path, tmp_path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ours = backing_mod.fs_type(fd)
+    finally:
+        os.close(fd)
+    theirs = subprocess.run(
+        ["stat", "-f", "-c", "%t", path], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert ours == int(theirs, 16)
+
+
+def test_local_backing_takes_the_lock_quietly(backing, caplog):
+    with caplog.at_level(logging.WARNING):
+        volume = Volume.unlock(str(backing))
+    try:
+        assert not [r for r in caplog.records if "lock" in r.getMessage()]
+        assert int((backing / "encfs-gw.lock").read_text()) == os.getpid()
+        before = open_fds()
+        with pytest.raises(VolumeBusy, match="already in use"):
+            Volume.unlock(str(backing))
+        assert open_fds() == before
+    finally:
+        volume.close()
+
+
+@pytest.mark.parametrize("magic", sorted(NETWORK_FS_TYPES))
+def test_network_backing_warns(backing, caplog, monkeypatch, magic):
+    monkeypatch.setattr(backing_mod, "fs_type", lambda fd: magic)
+    with caplog.at_level(logging.WARNING, logger="encfs.volume"):
+        volume = Volume.unlock(str(backing))
+    volume.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert NETWORK_FS_TYPES[magic] in warnings[0]
+    assert "two hosts" in warnings[0]
+
+
+def test_nfs_without_lock_manager_is_refused(backing, monkeypatch):
+    """flock on NFS without a lock manager fails with ENOLCK: refuse, leak nothing."""
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    Volume.unlock(str(backing)).close()  # a first use: what it caches stays open
+    monkeypatch.setattr(backing_mod, "fs_type", lambda fd: NFS_SUPER_MAGIC)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    before = open_fds()
+    with pytest.raises(VolumeBusy, match="cannot lock volume") as info:
+        Volume.unlock(str(backing))
+    assert "lock manager" in str(info.value)
+    assert info.value.exit_code == 14
+    assert open_fds() == before  # the lock file and the backing root are closed again
