@@ -173,12 +173,21 @@ def finish_rotation(volume: Volume, target: int, purge_old: bool) -> list[int]:
 # --- walking the volume --------------------------------------------------------------------
 
 
-def data_files(volume: Volume) -> Iterator[tuple[int, str]]:
-    """(directory fd, backing name) of every regular data file, without following links."""
+PREFETCH_FILES = 64  # files whose key areas are asked for ahead of the pass
+
+
+def data_files(volume: Volume, prefetch: bool = False) -> Iterator[tuple[int, str]]:
+    """(directory fd, backing name) of every regular data file, without following links.
+
+    With `prefetch`, the key areas of the next files are announced to the kernel
+    (POSIX_FADV_WILLNEED) before they are needed: on a cold cache the pass is bound by one
+    small random read per group, and queued reads overlap where one-at-a-time reads wait.
+    """
     for _, dirnames, filenames, dir_fd in os.fwalk(
         ".", dir_fd=volume.root_fd, follow_symlinks=False
     ):
         dirnames[:] = [d for d in dirnames if fnames.classify(d) != "reserved"]
+        files: list[tuple[str, int]] = []
         for name in filenames:
             if fnames.classify(name) == "reserved":
                 continue
@@ -187,7 +196,31 @@ def data_files(volume: Volume) -> Iterator[tuple[int, str]]:
             except FileNotFoundError:
                 continue
             if stat.S_ISREG(st.st_mode):
-                yield dir_fd, name
+                files.append((name, st.st_size))
+        advised = 0
+        for index, (name, _) in enumerate(files):
+            if prefetch and index >= advised:
+                batch = files[index : index + PREFETCH_FILES]
+                _advise_key_areas(volume, dir_fd, batch)
+                advised = index + len(batch)
+            yield dir_fd, name
+
+
+def _advise_key_areas(volume: Volume, dir_fd: int, files: list[tuple[str, int]]) -> None:
+    layout = volume.layout
+    for name, cipher_size in files:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            continue  # gone meanwhile: the pass will see it
+        try:
+            group = 0
+            while (start := layout.group_start(group)) < cipher_size:
+                os.posix_fadvise(fd, start, KEY_AREA_SIZE, os.POSIX_FADV_WILLNEED)
+                group += 1
+            os.posix_fadvise(fd, 0, HEADER_SIZE, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 EMPTY_RECORD = bytes(KEY_RECORD_SIZE)
@@ -238,7 +271,7 @@ class RewrapPass:
         self.stats.files_total = sum(1 for _ in data_files(self.volume))
         self._maybe_crash()
         # fwalk closes each directory fd once it moves on: work inside the walk.
-        for dir_fd, name in data_files(self.volume):
+        for dir_fd, name in data_files(self.volume, prefetch=True):
             try:
                 fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
             except FileNotFoundError:
@@ -353,7 +386,7 @@ class RewrapPass:
 def census(volume: Volume) -> Counter[int]:
     """How many DEKs are wrapped under each KEK version (reads key areas only)."""
     counts: Counter[int] = Counter()
-    for dir_fd, name in data_files(volume):
+    for dir_fd, name in data_files(volume, prefetch=True):
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         except FileNotFoundError:
