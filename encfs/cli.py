@@ -284,8 +284,7 @@ def _mount_foreground(args: argparse.Namespace) -> int:
 
     # A background daemon shares the caller's terminal until the mount is live: show only
     # warnings and errors there (the failure line, not the informational log).
-    quiet_until_ready = ready_fd is not None and not args.verbose
-    if quiet_until_ready:
+    if ready_fd is not None and not args.verbose:
         for handler in logging.getLogger().handlers:
             handler.setLevel(logging.WARNING)
 
@@ -302,11 +301,11 @@ def _mount_foreground(args: argparse.Namespace) -> int:
     service = Service(Notifier.from_environment(), backing, mountpoint)
     try:
         mount_mod.harden_process()
-        read_config(backing)  # "not a volume" before "mountpoint busy"
+        config = read_config(backing)  # "not a volume" before "mountpoint busy"
         mount_mod.check_mountpoint(mountpoint, allow_nonempty=nonempty)
         if "protect_mountpoint" in engine_opts:
             mount_mod.protect_mountpoint(mountpoint, allow_nonempty=nonempty)
-        audit = _audit_log(read_config(backing).volume_id, engine_opts)
+        audit = _audit_log(config.volume_id, engine_opts)
         service.starting(f"unlocking {backing}")
         volume = Volume.unlock(backing, _provider_factory(args), audit=audit)
         mount_mod.serve(
@@ -682,15 +681,15 @@ class _FsckProgress:
         self.enabled = enabled
         self.last = 0.0
 
-    def __call__(self, report: object) -> None:
+    def __call__(self, report: Any) -> None:  # an encfs.fsck.Report
         import time
 
         now = time.monotonic()
         if not self.enabled or now - self.last < 0.2:
             return
         self.last = now
-        files, blocks = getattr(report, "files", 0), getattr(report, "blocks", 0)
-        print(f"\rfsck: {files} files, {blocks} blocks", end="", file=sys.stderr, flush=True)
+        line = f"\rfsck: {report.files} files, {report.blocks} blocks"
+        print(line, end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.enabled and self.last:

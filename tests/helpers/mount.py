@@ -23,7 +23,7 @@ TIMEOUT = 60
 @dataclass
 class Volume:
     backing: Path
-    keyfile: Path
+    keyfile: Path | None  # None: open with the providers recorded in the volume
 
 
 def run_cli(*args: str | os.PathLike, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
@@ -67,7 +67,9 @@ def is_mounted(mountpoint: Path) -> bool:
 @contextlib.contextmanager
 def mounted(volume: Volume, mountpoint: Path, *options: str) -> Iterator[Path]:
     mountpoint.mkdir(exist_ok=True)
-    args = ["mount", volume.backing, mountpoint, "--keyfile", volume.keyfile]
+    args = ["mount", volume.backing, mountpoint]
+    if volume.keyfile is not None:
+        args += ["--keyfile", volume.keyfile]
     for option in options:
         args += ["-o", option]
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.mount import daemon_pid, is_mounted, run_cli
+from tests.helpers.mount import Volume, is_mounted, mounted, run_cli
 
 pytestmark = pytest.mark.fuse
 
@@ -57,28 +57,9 @@ def init(tmp_path: Path, keyserver: KeyServer) -> Path:
     return backing
 
 
-class Mount:
-    def __init__(self, backing: Path, mountpoint: Path, *options: str) -> None:
-        self.backing, self.mountpoint, self.options = backing, mountpoint, options
-
-    def __enter__(self) -> Path:
-        self.mountpoint.mkdir(exist_ok=True)
-        args: list = ["mount", self.backing, self.mountpoint]
-        for option in ("health_interval=3600", *self.options):
-            args += ["-o", option]
-        run_cli(*args, check=True)
-        return self.mountpoint
-
-    def __exit__(self, *exc: object) -> None:
-        if not is_mounted(self.mountpoint):
-            return
-        result = run_cli("unmount", self.mountpoint)
-        if result.returncode != 0:
-            os.system(f"fusermount3 -u -z {self.mountpoint}")
-            pid = daemon_pid(self.backing)
-            if pid:
-                os.kill(pid, 9)
-            raise AssertionError(result.stderr)
+def mount_own(backing: Path, mountpoint: Path, *options: str):
+    """Mount with the volume's own provider; the health timer set to an hour."""
+    return mounted(Volume(backing, None), mountpoint, "health_interval=3600", *options)
 
 
 def check(mountpoint: Path) -> dict:
@@ -96,7 +77,7 @@ def errno_of(call, *args) -> int:
 def test_revoke_makes_mount_inaccessible_and_recovery_needs_no_remount(tmp_path, keyserver):
     backing = init(tmp_path, keyserver)
     data = os.urandom(300_000)
-    with Mount(backing, tmp_path / "mnt") as mnt:
+    with mount_own(backing, tmp_path / "mnt") as mnt:
         (mnt / "dir").mkdir()
         (mnt / "dir" / "f").write_bytes(data)
         assert (mnt / "dir" / "f").read_bytes() == data  # now in the kernel's page cache
@@ -123,7 +104,7 @@ def test_revoke_makes_mount_inaccessible_and_recovery_needs_no_remount(tmp_path,
         assert (mnt / "dir" / "f").read_bytes() == data
         assert os.listdir(mnt / "dir") == ["f"]
         (mnt / "after").write_bytes(b"written after recovery")
-    with Mount(backing, tmp_path / "mnt") as mnt:
+    with mount_own(backing, tmp_path / "mnt") as mnt:
         assert (mnt / "dir" / "f").read_bytes() == data
         assert (mnt / "after").read_bytes() == b"written after recovery"
 
@@ -131,7 +112,7 @@ def test_revoke_makes_mount_inaccessible_and_recovery_needs_no_remount(tmp_path,
 def test_unreachable_provider_degrades_then_grace_runs_out(tmp_path, keyserver):
     backing = init(tmp_path, keyserver)
     # A grace of 1 ms: the second failed check is always past it.
-    with Mount(backing, tmp_path / "mnt", "health_grace=0.001") as mnt:
+    with mount_own(backing, tmp_path / "mnt", "health_grace=0.001") as mnt:
         (mnt / "f").write_bytes(b"still served while degraded")
         keyserver.set("down")
         status = check(mnt)
@@ -151,7 +132,7 @@ def test_unreachable_provider_degrades_then_grace_runs_out(tmp_path, keyserver):
 
 def test_status_reports_state_counters_and_versions(tmp_path, keyserver):
     backing = init(tmp_path, keyserver)
-    with Mount(backing, tmp_path / "mnt", "writeback_cache") as mnt:
+    with mount_own(backing, tmp_path / "mnt", "writeback_cache") as mnt:
         (mnt / "f").write_bytes(b"x" * 100_000)
         reply = check(mnt)
         assert reply["mounted"] is True
@@ -173,7 +154,7 @@ def test_status_reports_state_counters_and_versions(tmp_path, keyserver):
 def test_audit_log_records_key_events_without_secrets(tmp_path, keyserver):
     backing = init(tmp_path, keyserver)
     audit = tmp_path / "audit.log"
-    with Mount(backing, tmp_path / "mnt", f"audit_log={audit}", "audit_required") as mnt:
+    with mount_own(backing, tmp_path / "mnt", f"audit_log={audit}", "audit_required") as mnt:
         (mnt / "secret-name.txt").write_bytes(b"secret contents")
         keyserver.set("revoked")
         check(mnt)
@@ -205,7 +186,7 @@ def test_audit_required_refuses_to_mount_without_a_writable_log(tmp_path, keyser
     assert result.stderr.count("\n") == 1 and "audit log" in result.stderr
     assert not is_mounted(mountpoint)
     # Without audit_required the same log problem is a warning and the mount goes on.
-    with Mount(backing, mountpoint, f"audit_log={bad}"):
+    with mount_own(backing, mountpoint, f"audit_log={bad}"):
         assert is_mounted(mountpoint)
 
 

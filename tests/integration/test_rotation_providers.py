@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.mount import daemon_pid, is_mounted, run_cli
+from tests.helpers.mount import Volume, mounted, run_cli
 from tests.integration.test_rotation import fill, fingerprint, slot_versions
 from tests.providers import servers
 
@@ -62,21 +62,8 @@ def token_file(tmp_path: Path, token: str) -> Path:
     return path
 
 
-class Mount:
-    def __init__(self, backing: Path, mountpoint: Path) -> None:
-        self.backing, self.mountpoint = backing, mountpoint
-
-    def __enter__(self) -> Path:
-        self.mountpoint.mkdir(exist_ok=True)
-        run_cli("mount", self.backing, self.mountpoint, check=True)
-        return self.mountpoint
-
-    def __exit__(self, *exc: object) -> None:
-        if is_mounted(self.mountpoint) and run_cli("unmount", self.mountpoint).returncode:
-            os.system(f"fusermount3 -u -z {self.mountpoint}")
-            pid = daemon_pid(self.backing)
-            if pid:
-                os.kill(pid, 9)
+def mount_own(backing: Path, mountpoint: Path):
+    return mounted(Volume(backing, None), mountpoint)
 
 
 def status(target) -> dict:
@@ -85,11 +72,11 @@ def status(target) -> dict:
 
 def rotate_and_verify(backing: Path, tmp_path: Path) -> dict[str, bytes]:
     """Fill, rotate online (purging the old KEK), check ciphertext and slots, read back."""
-    with Mount(backing, tmp_path / "mnt") as mnt:
+    with mount_own(backing, tmp_path / "mnt") as mnt:
         files = fill(mnt)
     before = fingerprint(backing)
     assert slot_versions(backing) == {1}
-    with Mount(backing, tmp_path / "mnt") as mnt:
+    with mount_own(backing, tmp_path / "mnt") as mnt:
         result = run_cli("rotate", mnt, "--json", "--purge-old")
         assert result.returncode == 0, result.stderr
         final = json.loads(result.stdout.splitlines()[-1])
@@ -125,7 +112,7 @@ def test_vault_transit_rotation_then_provider_key_rotation(bao, tmp_path):
     servers.vault_request(
         bao, "POST", f"transit/keys/{key}/config", {"min_decryption_version": 2}
     )
-    with Mount(backing, tmp_path / "mnt") as mnt:
+    with mount_own(backing, tmp_path / "mnt") as mnt:
         for name, data in files.items():
             assert (mnt / name).read_bytes() == data, name
 
@@ -147,6 +134,6 @@ def test_pkcs11_rotation_offline_then_online(softhsm, tmp_path):
     text = run_cli("status", backing, check=True).stdout
     assert "KEK version 2: retired, 0 DEKs" in text
     assert "no DEK depends on a retired KEK version" in text
-    with Mount(backing, tmp_path / "mnt") as mnt:
+    with mount_own(backing, tmp_path / "mnt") as mnt:
         for name, data in files.items():
             assert (mnt / name).read_bytes() == data, name
