@@ -442,7 +442,7 @@ def cmd_provider(args: argparse.Namespace) -> int:
 
 def _resolve_target(target: str) -> tuple[str, bool]:
     """(backing directory, mounted?) for a backing directory or an encfs-gw mountpoint."""
-    from encfs.mount import FSTYPE, find_mount
+    from encfs.client import FSTYPE, find_mount
 
     path = os.path.abspath(target)
     found = find_mount(path)
@@ -459,13 +459,16 @@ class _Progress:
         self.tty = sys.stderr.isatty() and not as_json
         self.last = 0.0
 
-    def __call__(self, stats: dict) -> None:
+    def __call__(self, stats: Any) -> None:
+        """`stats`: a dict, or an object with as_dict() (built only when a line is due)."""
         import time
 
         now = time.monotonic()
-        if not self.tty and now - self.last < (1.0 if self.as_json else 5.0):
+        if now - self.last < (0.2 if self.tty else 1.0 if self.as_json else 5.0):
             return
         self.last = now
+        if not isinstance(stats, dict):
+            stats = stats.as_dict()
         if self.as_json:
             print(json.dumps({"progress": stats}), flush=True)
             return
@@ -506,16 +509,14 @@ def _print_result(result: dict, as_json: bool) -> None:
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    from encfs import rotation
-
     backing, mounted = _resolve_target(args.target)
     progress = _Progress(args.json)
     if mounted:
-        from encfs import control
+        from encfs import client
 
         result: dict = {}
         request = {"op": "rotate", "rate": args.rate, "purge_old": args.purge_old}
-        for message in control.request(backing, request):
+        for message in client.request(backing, request):
             if "progress" in message:
                 progress(message["progress"])
             elif "error" in message:
@@ -528,6 +529,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
             else:
                 result = message
     else:
+        from encfs import rotation
         from encfs.volume import Volume
 
         volume = Volume.unlock(backing, _provider_factory(args))
@@ -537,7 +539,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
                 _provider_factory(args),
                 rate=args.rate,
                 purge_old=args.purge_old,
-                on_progress=lambda stats: progress(stats.as_dict()),
+                on_progress=progress,
             )
         finally:
             volume.close()
@@ -555,10 +557,10 @@ def _error_with_code(message: str, code: int) -> EncfsError:
 def cmd_status(args: argparse.Namespace) -> int:
     backing, mounted = _resolve_target(args.target)
     if mounted:
-        from encfs import control
+        from encfs import client
 
         request = {"op": "status", "check": args.check}
-        (reply,) = list(control.request(backing, request))
+        (reply,) = list(client.request(backing, request))
         if "error" in reply:
             raise _error_with_code(reply["error"], reply.get("exit_code", 1))
     else:
@@ -711,7 +713,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    from encfs.mount import FSTYPE, find_mount
+    from encfs.client import FSTYPE, find_mount
 
     mountpoint = os.path.abspath(args.mountpoint)
     found = find_mount(mountpoint)

@@ -9,21 +9,21 @@ lines, then a final line with "done" or "error".
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import random
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from encfs import health as health_mod
 from encfs import rotation
-from encfs.errors import EncfsError, NotMounted
+from encfs.client import socket_path
+from encfs.errors import EncfsError
 from encfs.keyring import ProviderFactory
 from encfs.keys.registry import open_provider
 from encfs.volume import Volume
@@ -32,18 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 65536
 PROGRESS_INTERVAL = 1.0
-
-
-def runtime_dir() -> str:
-    if os.geteuid() == 0:
-        return "/run/encfs-gw"
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/encfs-gw-{os.geteuid()}"
-    return os.path.join(base, "encfs-gw")
-
-
-def socket_path(backing_path: str) -> str:
-    digest = hashlib.sha256(os.path.abspath(backing_path).encode()).hexdigest()[:32]
-    return os.path.join(runtime_dir(), f"{digest}.sock")
+PASS_SLICE = 0.005  # seconds of re-wrap work between two checkpoints (FUSE latency bound)
 
 
 def _peer_allowed(sock: socket.socket) -> bool:
@@ -195,17 +184,27 @@ class ControlServer:
         try:
             target = rotation.start_rotation(self.volume, self.provider_factory)
             rewrap = rotation.RewrapPass(self.volume, target)
-            last = 0.0
+            last_report = 0.0
+            slice_start = trio.current_time()
             # Each step (one key area) runs synchronously on the trio thread, so it
-            # cannot interleave with a FUSE write to the same key area.
+            # cannot interleave with a FUSE write to the same key area. Steps run in
+            # slices of PASS_SLICE seconds between checkpoints: FUSE requests wait at most
+            # that long, and the pass does not pay a scheduler round trip per key area.
             for stats in rewrap.steps():
-                await trio.sleep(rotation.throttle_delay(stats, rate))
-                if report is not None and trio.current_time() - last >= PROGRESS_INTERVAL:
-                    last = trio.current_time()
+                delay = rotation.throttle_delay(stats, rate)
+                now = trio.current_time()
+                if delay or now - slice_start >= PASS_SLICE:
+                    await trio.sleep(delay)
+                    slice_start = trio.current_time()
+                if report is not None and now - last_report >= PROGRESS_INTERVAL:
+                    last_report = now
                     await report(stats)
-            # The census only reads; it may run beside FUSE requests. Finishing mutates the
-            # keyring and config, so it runs back on the trio thread.
-            counts = await trio.to_thread.run_sync(rotation.census, self.volume)
+            counts = rewrap.complete_count()
+            if counts is None:  # something moved under the walk: count by reading
+                # The census only reads; it may run beside FUSE requests. The pass has
+                # just read every key area: no prefetch.
+                counts = await trio.to_thread.run_sync(rotation.census, self.volume, False)
+            # Finishing mutates the keyring and config: back on the trio thread.
             return rotation.verify_and_finish(self.volume, rewrap, purge_old, counts)
         finally:
             self._rotating = False
@@ -225,19 +224,3 @@ async def _receive_line(stream: trio.SocketStream) -> bytes:
         if len(data) > MAX_REQUEST:
             raise ValueError("request too large")
     return data.split(b"\n", 1)[0]
-
-
-def request(backing_path: str, message: dict) -> Iterator[dict]:
-    """Client side: send one request to the daemon of `backing_path`, yield its replies."""
-    path = socket_path(backing_path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        raise NotMounted(f"no encfs-gw daemon answers for {backing_path}") from None
-    with sock, sock.makefile("rwb") as channel:
-        channel.write(json.dumps(message).encode() + b"\n")
-        channel.flush()
-        for line in channel:
-            yield json.loads(line)

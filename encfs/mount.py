@@ -32,6 +32,7 @@ import pyfuse3
 import trio
 
 from encfs import health as health_mod
+from encfs.client import find_mount
 from encfs.control import ControlServer
 from encfs.errors import MountFailed, MountpointError
 from encfs.fuse.operations import Operations, drop_kernel_cache
@@ -48,7 +49,6 @@ M_MMAP_THRESHOLD = -3
 MALLOC_MMAP_BYTES = 32 << 20  # glibc's maximum mmap threshold on 64-bit
 MALLOC_TRIM_BYTES = 256 << 20
 READ_AHEAD_KB = 1024
-FSTYPE = "fuse.encfs-gw"
 DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw", "auto_unmount")
 # <linux/fs.h>: the kernel reads and writes an int although the ioctl numbers say long.
 FS_IOC_GETFLAGS = 0x80086601
@@ -146,23 +146,6 @@ def protect_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
         os.close(fd)
     if not allow_nonempty:
         _check_empty(mountpoint)  # nothing can have appeared since: it is immutable now
-
-
-def _unescape_mountinfo(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
-
-
-def find_mount(mountpoint: str) -> tuple[str, str] | None:
-    """(fstype, source) of the mount at `mountpoint`, from /proc/self/mountinfo."""
-    target = os.path.realpath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            sep = fields.index("-")
-            if _unescape_mountinfo(fields[4]) == target:
-                found = (fields[sep + 1], _unescape_mountinfo(fields[sep + 2]))
-    return found
 
 
 def fuse_options(

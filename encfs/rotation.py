@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import stat
 import struct
 import time
 from collections import Counter
@@ -34,12 +33,14 @@ from encfs.format.blocks import (
     EMPTY_SLOT,
     HEADER_SIZE,
     KEY_AREA_SIZE,
+    KEY_RECORD_FIELDS,
     KEY_RECORD_SIZE,
     NONCE_SIZE,
+    SLOT_AAD_PREFIX,
     SLOT_AAD_TAIL,
-    SLOT_HEAD,
     SLOT_SIZE,
     FileHeader,
+    Layout,
     newer_generation,
     slot_aad_prefix,
 )
@@ -176,54 +177,108 @@ def finish_rotation(volume: Volume, target: int, purge_old: bool) -> list[int]:
 PREFETCH_FILES = 64  # files whose key areas are asked for ahead of the pass
 
 
-def data_files(volume: Volume, prefetch: bool = False) -> Iterator[tuple[int, str]]:
-    """(directory fd, backing name) of every regular data file, without following links.
+def _listing(dir_fd: int) -> tuple[list[str], list[str]]:
+    """(regular files, directories) of a backing directory, reserved entries left out.
+
+    Types come from the directory entries (d_type): no stat per file, no link followed.
+    """
+    with os.scandir(dir_fd) as listing:
+        entries = [e for e in listing if fnames.classify(e.name) != "reserved"]
+    return (
+        [e.name for e in entries if e.is_file(follow_symlinks=False)],
+        [e.name for e in entries if e.is_dir(follow_symlinks=False)],
+    )
+
+
+def _data_dirs(volume: Volume) -> Iterator[tuple[int, list[str]]]:
+    """(directory fd, names of its regular data files) for every backing directory, depth
+    first. Only the current directory and its ancestors are open; each fd is valid until
+    the consumer asks for the next directory."""
+    root = os.dup(volume.root_fd)
+    try:
+        files, subdirs = _listing(root)
+    except BaseException:
+        os.close(root)
+        raise
+    stack: list[tuple[int, Iterator[str]]] = [(root, iter(subdirs))]
+    try:
+        yield root, files
+        while stack:
+            dir_fd, pending = stack[-1]
+            name = next(pending, None)
+            if name is None:
+                stack.pop()
+                os.close(dir_fd)
+                continue
+            try:
+                child = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+                )
+            except FileNotFoundError:
+                continue  # removed meanwhile (online)
+            try:
+                files, subdirs = _listing(child)
+            except BaseException:
+                os.close(child)
+                raise
+            stack.append((child, iter(subdirs)))
+            yield child, files
+    finally:
+        for dir_fd, _ in stack:
+            os.close(dir_fd)
+
+
+def count_data_files(volume: Volume) -> int:
+    return sum(len(names) for _, names in _data_dirs(volume))
+
+
+def data_files(
+    volume: Volume, writable: bool = False, prefetch: bool = False
+) -> Iterator[tuple[int, int]]:
+    """(fd, cipher size) of every regular data file, opened without following links; each
+    fd is closed when the consumer asks for the next file. Files removed meanwhile (online)
+    are skipped.
 
     With `prefetch`, the key areas of the next files are announced to the kernel
     (POSIX_FADV_WILLNEED) before they are needed: on a cold cache the pass is bound by one
     small random read per group, and queued reads overlap where one-at-a-time reads wait.
     """
-    for _, dirnames, filenames, dir_fd in os.fwalk(
-        ".", dir_fd=volume.root_fd, follow_symlinks=False
-    ):
-        dirnames[:] = [d for d in dirnames if fnames.classify(d) != "reserved"]
-        files: list[tuple[str, int]] = []
-        for name in filenames:
-            if fnames.classify(name) == "reserved":
-                continue
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    for dir_fd, names in _data_dirs(volume):
+        for first in range(0, len(names), PREFETCH_FILES):
+            batch: list[tuple[int, int]] = []
             try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                files.append((name, st.st_size))
-        advised = 0
-        for index, (name, _) in enumerate(files):
-            if prefetch and index >= advised:
-                batch = files[index : index + PREFETCH_FILES]
-                _advise_key_areas(volume, dir_fd, batch)
-                advised = index + len(batch)
-            yield dir_fd, name
+                for name in names[first : first + PREFETCH_FILES]:
+                    try:
+                        fd = os.open(name, flags, dir_fd=dir_fd)
+                    except FileNotFoundError:
+                        continue
+                    batch.append((fd, os.fstat(fd).st_size))
+                    if prefetch:
+                        _advise_key_areas(volume.layout, fd, batch[-1][1])
+                for fd, cipher_size in batch:
+                    yield fd, cipher_size
+            finally:
+                for fd, _ in batch:
+                    os.close(fd)
 
 
-def _advise_key_areas(volume: Volume, dir_fd: int, files: list[tuple[str, int]]) -> None:
-    layout = volume.layout
-    for name, cipher_size in files:
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        except OSError:
-            continue  # gone meanwhile: the pass will see it
-        try:
-            group = 0
-            while (start := layout.group_start(group)) < cipher_size:
-                os.posix_fadvise(fd, start, KEY_AREA_SIZE, os.POSIX_FADV_WILLNEED)
-                group += 1
-            os.posix_fadvise(fd, 0, HEADER_SIZE, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+def _advise_key_areas(layout: Layout, fd: int, cipher_size: int) -> None:
+    os.posix_fadvise(fd, 0, HEADER_SIZE, os.POSIX_FADV_WILLNEED)
+    group = 0
+    while (start := layout.group_start(group)) < cipher_size:
+        os.posix_fadvise(fd, start, KEY_AREA_SIZE, os.POSIX_FADV_WILLNEED)
+        group += 1
 
 
 EMPTY_RECORD = bytes(KEY_RECORD_SIZE)
+_ZERO_NONCE = bytes(NONCE_SIZE)
+_ZERO_SEALED = bytes(SLOT_SIZE - 4 - NONCE_SIZE)
+_SLOT_FIELDS = struct.Struct(">HBB12s48s")  # a slot: head, nonce, wrapped DEK + tag
+_SLOT_AAD = struct.Struct(f">{SLOT_AAD_PREFIX.size}s{SLOT_AAD_TAIL.format[1:]}")
+
+# One DEK candidate of a record: (slot position, kek_version, generation, nonce, sealed).
+Candidate = tuple[int, int, int, bytes, bytes]
 
 
 def _records_in_use(area: bytes | bytearray) -> int:
@@ -231,183 +286,322 @@ def _records_in_use(area: bytes | bytearray) -> int:
     a small file's group) is skipped in one C-speed scan instead of record by record."""
     used = len(area.rstrip(b"\0"))
     return min(-(-used // KEY_RECORD_SIZE), len(area) // KEY_RECORD_SIZE)
-_SLOT_START = struct.Struct(">HBB")  # the slot fields before the nonce
 
 
-def _record_order(
-    area: bytes | bytearray, base: int, head0: tuple[int, int, int], head1: tuple[int, int, int]
-) -> tuple[int, ...] | None:
-    """Positions (0, 1) of a record's non-empty slots, newest first; None if malformed.
+def _slot_empty(generation: int, reserved: int, nonce: bytes, sealed: bytes) -> bool:
+    """The rest of a slot whose KEK version is 0: all zero, or the record is malformed."""
+    return not (generation or reserved) and nonce == _ZERO_NONCE and sealed == _ZERO_SEALED
 
-    The same rules as KeySlot.unpack, without building KeySlot objects: a slot
-    with KEK version 0 must be all zero (empty), any other must have reserved == 0.
+
+def _candidates(fields: tuple) -> tuple[Candidate, ...] | None:
+    """The non-empty slots of a record, newest first; None if malformed.
+
+    The same rules as KeySlot.unpack: a slot with KEK version 0 must be all zero (empty),
+    any other must have reserved == 0. Bulk passes inline the common one-slot case and
+    call this for the rest.
     """
+    v0, g0, r0, n0, s0, v1, g1, r1, n1, s1 = fields
     present = []
-    for position, (kek_version, _, reserved) in enumerate((head0, head1)):
-        if kek_version:
+    for position, (version, generation, reserved, nonce, sealed) in enumerate(
+        ((v0, g0, r0, n0, s0), (v1, g1, r1, n1, s1))
+    ):
+        if version:
             if reserved:
                 return None
-            present.append(position)
-        else:
-            start = base + position * SLOT_SIZE
-            if area[start : start + SLOT_SIZE] != EMPTY_SLOT:
-                return None
-    if len(present) == 2 and newer_generation(head1[1], head0[1]):
-        return (1, 0)
+            present.append((position, version, generation, nonce, sealed))
+        elif not _slot_empty(generation, reserved, nonce, sealed):
+            return None
+    if len(present) == 2 and newer_generation(present[1][2], present[0][2]):
+        present.reverse()
     return tuple(present)
 
 
+def _slot_mask(position: int) -> int:
+    """A key area as a big-endian integer: ones over the bytes of every record's slot at
+    `position`."""
+    slot = b"\xff" * SLOT_SIZE
+    record = slot + EMPTY_SLOT if position == 0 else EMPTY_SLOT + slot
+    return int.from_bytes(record * BLOCKS_PER_GROUP)
+
+
+_SLOT_MASKS = (_slot_mask(0), _slot_mask(1))
+
+
+def _uniform_version(area: bytes, records: int) -> int | None:
+    """The KEK version of every record in use, if all of them use the same slot position
+    under the same version with the other slot empty (the state a pass leaves); else None.
+
+    Three C-level checks per area instead of Python per record: the other slots are zero
+    (one big-integer AND), and the version and reserved bytes, read with a stride of one
+    record, are the same in every record.
+    """
+    whole = int.from_bytes(area.ljust(KEY_AREA_SIZE, b"\0"))
+    used = records * KEY_RECORD_SIZE
+    for position in (0, 1):
+        if whole & _SLOT_MASKS[1 - position]:
+            continue
+        start = position * SLOT_SIZE
+        high = area[start:used:KEY_RECORD_SIZE]
+        low = area[start + 1 : used : KEY_RECORD_SIZE]
+        reserved = area[start + 3 : used : KEY_RECORD_SIZE]
+        version = high[0] << 8 | low[0]
+        if (
+            version
+            and high.count(high[0]) == records
+            and low.count(low[0]) == records
+            and reserved.count(0) == records
+        ):
+            return version
+    return None
+
+
+def _newest_versions(area: bytes | bytearray) -> Iterator[int]:
+    """Per record in use: the KEK version of its newest slot, -1 if malformed, 0 if empty."""
+    records = _records_in_use(area)
+    for fields in KEY_RECORD_FIELDS.iter_unpack(memoryview(area)[: records * KEY_RECORD_SIZE]):
+        v0, g0, r0, n0, s0, v1, g1, r1, n1, s1 = fields
+        if v0 and not v1 and not r0 and _slot_empty(g1, r1, n1, s1):
+            yield v0
+        elif v1 and not v0 and not r1 and _slot_empty(g0, r0, n0, s0):
+            yield v1
+        else:
+            candidates = _candidates(fields)
+            yield -1 if candidates is None else (candidates[0][1] if candidates else 0)
+
+
+@dataclass
+class _FileKeys:
+    """What every group of one file shares: computed once per file."""
+
+    file_id: bytes
+    aad_prefix: bytes
+    target_cipher: crypto.AESGCM_
+    ciphers: dict[int, crypto.AESGCM_] = field(default_factory=dict)  # other versions
+
+
 class RewrapPass:
-    """The re-wrap pass over one volume toward KEK version `target`."""
+    """The re-wrap pass over one volume toward KEK version `target`.
+
+    `versions` counts, per record the pass met, the KEK version of its newest slot when
+    the pass left it (-1: malformed). With no concurrent rename or link it equals what a
+    census would read back.
+    """
 
     def __init__(self, volume: Volume, target: int) -> None:
         self.volume = volume
         self.target = target
         self.stats = PassStats(target=target)
+        self.versions: Counter[int] = Counter()
+        self._moves_at_start: int | None = None
         self._crash_after = _crash_after()
+
+    def complete_count(self) -> Counter[int] | None:
+        """`versions` if nothing was renamed or linked since the walk began (then the pass
+        met every record: files created meanwhile hold target-version DEKs only), else
+        None: a file may have moved past the walk, and only a census can tell."""
+        if self._moves_at_start is None:
+            return None
+        if self.volume.counters["moves"] != self._moves_at_start:
+            return None
+        return self.versions
 
     def steps(self) -> Iterator[PassStats]:
         """Re-wrap everything; yields after every group (and every file)."""
-        self.stats.files_total = sum(1 for _ in data_files(self.volume))
+        self._moves_at_start = self.volume.counters["moves"]
+        self.stats.files_total = count_data_files(self.volume)
         self._maybe_crash()
-        # fwalk closes each directory fd once it moves on: work inside the walk.
-        for dir_fd, name in data_files(self.volume, prefetch=True):
-            try:
-                fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            except FileNotFoundError:
-                self.stats.files_done += 1
-                continue  # removed meanwhile (online)
-            try:
-                yield from self._file(fd)
-            finally:
-                os.close(fd)
+        for fd, cipher_size in data_files(self.volume, writable=True, prefetch=True):
+            yield from self._file(fd, cipher_size)
             self.stats.files_done += 1
             yield self.stats
 
-    def _file(self, fd: int) -> Iterator[PassStats]:
-        header = os.pread(fd, HEADER_SIZE, 0)
-        if len(header) < HEADER_SIZE:
+    def _file(self, fd: int, cipher_size: int) -> Iterator[PassStats]:
+        head = os.pread(fd, HEADER_SIZE + KEY_AREA_SIZE, 0)  # header and first key area
+        if len(head) < HEADER_SIZE:
             return  # empty file: no keys
         try:
-            file_id = FileHeader.unpack(header).file_id
+            file_id = FileHeader.unpack(head).file_id
         except IntegrityError:
             self.stats.unreadable_slots += 1
+            self.versions[-1] += 1
             log.warning("re-wrap: skipping a file with a bad header")
             return
+        keys = _FileKeys(
+            file_id,
+            slot_aad_prefix(self.volume.config.volume_id, file_id),
+            self.volume.keyring.slot_cipher(self.target, file_id),
+        )
         layout = self.volume.layout
-        group = 0
-        while True:
-            offset = layout.group_start(group)
-            area = bytearray(os.pread(fd, KEY_AREA_SIZE, offset))
-            if not area:
-                return
-            self._group(fd, file_id, group, offset, area)
+        area, group = head[HEADER_SIZE:], 0
+        # Up to the size the file had when it was opened: what it grew by since (online)
+        # was written under the target version.
+        while area:
+            self._group(fd, keys, group, area)
             group += 1
             yield self.stats
+            offset = layout.group_start(group)
+            area = os.pread(fd, KEY_AREA_SIZE, offset) if offset < cipher_size else b""
 
-    def _group(self, fd: int, file_id: bytes, group: int, offset: int, area: bytearray) -> None:
-        # The hot loop of the pass: per DEK one unwrap and one wrap (both in Rust); the
-        # slot heads, nonces, ciphers and AAD prefix are prepared once per group or file.
-        keyring = self.volume.keyring
+    def _opener(self, keys: _FileKeys, kek_version: int) -> crypto.AESGCM_:
+        cipher = keys.ciphers.get(kek_version)
+        if cipher is None:  # IntegrityError for an unknown version
+            cipher = keys.ciphers[kek_version] = self.volume.keyring.slot_cipher(
+                kek_version, keys.file_id
+            )
+        return cipher
+
+    def _group(self, fd: int, keys: _FileKeys, group: int, area: bytes) -> None:
+        # The hot loop of the pass: per DEK one unwrap and one wrap (both in Rust). The
+        # record fields come from one C-level unpack; the common record (one slot in use)
+        # is handled inline, any other by _other_record. Everything per file or group is
+        # prepared once: each line here costs ~0.1 us per DEK, times hundreds of thousands.
+        records = _records_in_use(area)
+        if not records:
+            return
         target = self.target
         both = bytearray(area)  # step 1: old and new slots side by side
         final = bytearray(area)  # step 2: only the new slots
-        rewrapped = 0
-        records = _records_in_use(area)
-        heads = list(SLOT_HEAD.iter_unpack(memoryview(area)[: records * KEY_RECORD_SIZE]))
+        stats = self.stats
+        rewrapped = seen = 0
         nonces = crypto.random_bytes(NONCE_SIZE * records)
-        aad_prefix = slot_aad_prefix(self.volume.config.volume_id, file_id)
-        target_cipher = keyring.slot_cipher(target, file_id)
-        ciphers: dict[int, crypto.AESGCM_] = {}
-        for k in range(records):
-            base = k * KEY_RECORD_SIZE
-            order = _record_order(area, base, heads[2 * k], heads[2 * k + 1])
-            if order is None:
-                self.stats.unreadable_slots += 1
-                continue
-            if not order:
-                continue
-            self.stats.deks_seen += 1
-            block_index = group * BLOCKS_PER_GROUP + k
-            newest = order[0]
-            if heads[2 * k + newest][0] == target:
-                if len(order) == 2:  # residue of an interrupted step 2: finish it
-                    other = base + order[1] * SLOT_SIZE
-                    final[other : other + SLOT_SIZE] = EMPTY_SLOT
-                continue
-            dek = None
-            for position in order:
-                kek_version, generation, _ = heads[2 * k + position]
-                start = base + position * SLOT_SIZE
-                cipher = ciphers.get(kek_version)
-                try:
-                    if cipher is None:
-                        cipher = ciphers[kek_version] = keyring.slot_cipher(kek_version, file_id)
-                    dek = cipher.decrypt(
-                        bytes(area[start + 4 : start + 16]),
-                        bytes(area[start + 16 : start + SLOT_SIZE]),
-                        aad_prefix + SLOT_AAD_TAIL.pack(block_index, kek_version, generation),
-                    )
-                    break
-                except (crypto.InvalidTag_, IntegrityError):
+        aad = _SLOT_AAD.pack
+        aad_prefix = keys.aad_prefix
+        seal = keys.target_cipher.encrypt
+        pack_slot = _SLOT_FIELDS.pack
+        zero_nonce, zero_sealed, empty_slot = _ZERO_NONCE, _ZERO_SEALED, EMPTY_SLOT
+        cipher_version, cipher = -1, keys.target_cipher
+        block_index = group * BLOCKS_PER_GROUP - 1
+        base = -KEY_RECORD_SIZE
+        view = memoryview(area)[: records * KEY_RECORD_SIZE]
+        for fields in KEY_RECORD_FIELDS.iter_unpack(view):
+            block_index += 1
+            base += KEY_RECORD_SIZE
+            v0, g0, r0, n0, s0, v1, g1, r1, n1, s1 = fields
+            if v0 and not (v1 or g1 or r1 or r0) and n1 == zero_nonce and s1 == zero_sealed:
+                newest, version, generation, nonce, sealed = 0, v0, g0, n0, s0
+            elif v1 and not (v0 or g0 or r0 or r1) and n0 == zero_nonce and s0 == zero_sealed:
+                newest, version, generation, nonce, sealed = 1, v1, g1, n1, s1
+            else:
+                opened = self._other_record(fields, keys, block_index, base, final)
+                if opened is None:
                     continue
-            if dek is None:
-                self.stats.unreadable_slots += 1
-                log.warning("re-wrap: block %d has no key slot that opens", block_index)
-                continue
-            new_generation = (generation + 1) & 0xFF
-            nonce = nonces[k * NONCE_SIZE : (k + 1) * NONCE_SIZE]
-            packed = (
-                _SLOT_START.pack(target, new_generation, 0)
-                + nonce
-                + target_cipher.encrypt(
-                    nonce, dek, aad_prefix + SLOT_AAD_TAIL.pack(block_index, target, new_generation)
-                )
+                newest, generation, dek = opened
+                version = -1
+            if version != -1:
+                seen += 1
+                if version == target:
+                    continue
+                try:
+                    if version != cipher_version:
+                        cipher, cipher_version = self._opener(keys, version), version
+                    dek = cipher.decrypt(
+                        nonce, sealed, aad(aad_prefix, block_index, version, generation)
+                    )
+                except (crypto.InvalidTag_, IntegrityError):
+                    seen -= 1
+                    self._unopened(version, block_index)
+                    continue
+            generation = (generation + 1) & 0xFF
+            nonce = nonces[rewrapped * NONCE_SIZE : rewrapped * NONCE_SIZE + NONCE_SIZE]
+            packed = pack_slot(
+                target,
+                generation,
+                0,
+                nonce,
+                seal(nonce, dek, aad(aad_prefix, block_index, target, generation)),
             )
-            free = base + (1 - newest) * SLOT_SIZE
+            free = base + SLOT_SIZE - newest * SLOT_SIZE
             both[free : free + SLOT_SIZE] = packed
-            final[base : base + KEY_RECORD_SIZE] = EMPTY_RECORD
-            final[free : free + SLOT_SIZE] = packed
+            final[base : base + KEY_RECORD_SIZE] = (
+                packed + empty_slot if newest else empty_slot + packed
+            )
             rewrapped += 1
+        self.versions[target] += seen
+        stats.deks_seen += seen
+        offset = self.volume.layout.group_start(group)
         if rewrapped:
             os.pwrite(fd, both, offset)
-            self.stats.deks_rewrapped += rewrapped
-            self.stats.key_bytes_written += len(both)
+            stats.deks_rewrapped += rewrapped
+            stats.key_bytes_written += len(both)
             self._maybe_crash()
         if final != area:
             os.pwrite(fd, final, offset)
-            self.stats.key_bytes_written += len(final)
+            stats.key_bytes_written += len(final)
+
+    def _other_record(
+        self, fields: tuple, keys: _FileKeys, block_index: int, base: int, final: bytearray
+    ) -> tuple[int, int, bytes] | None:
+        """A record that is not one slot in use: empty, two slots (a pass or a writer was
+        interrupted), or malformed. Returns (newest position, generation, DEK) when it
+        needs a new wrap; else it is accounted for here and None is returned."""
+        candidates = _candidates(fields)
+        if candidates is None:
+            self.stats.unreadable_slots += 1
+            self.versions[-1] += 1
+            return None
+        if not candidates:
+            return None  # empty
+        newest, newest_version = candidates[0][0], candidates[0][1]
+        if newest_version == self.target:
+            self.stats.deks_seen += 1
+            self.versions[self.target] += 1
+            if len(candidates) == 2:  # residue of an interrupted step 2: finish it
+                other = base + (1 - newest) * SLOT_SIZE
+                final[other : other + SLOT_SIZE] = EMPTY_SLOT
+            return None
+        for _, kek_version, generation, nonce, sealed in candidates:
+            try:
+                dek = self._opener(keys, kek_version).decrypt(
+                    nonce,
+                    sealed,
+                    _SLOT_AAD.pack(keys.aad_prefix, block_index, kek_version, generation),
+                )
+            except (crypto.InvalidTag_, IntegrityError):
+                continue
+            self.stats.deks_seen += 1
+            self.versions[self.target] += 1
+            return newest, generation, dek
+        self._unopened(newest_version, block_index)
+        return None
+
+    def _unopened(self, newest_version: int, block_index: int) -> None:
+        """A DEK no slot of which opens: it stays as it is, counted under its version."""
+        self.stats.deks_seen += 1
+        self.stats.unreadable_slots += 1
+        self.versions[newest_version] += 1
+        log.warning("re-wrap: block %d has no key slot that opens", block_index)
 
     def _maybe_crash(self) -> None:
         if self._crash_after is not None and self.stats.deks_rewrapped >= self._crash_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def census(volume: Volume) -> Counter[int]:
-    """How many DEKs are wrapped under each KEK version (reads key areas only)."""
+def _count_area(area: bytes, counts: Counter[int]) -> None:
+    """Add the newest KEK version of every record of a key area to `counts` (0: empty
+    record, -1: malformed)."""
+    records = _records_in_use(area)
+    if records:
+        version = _uniform_version(area, records)
+        if version is None:
+            counts.update(_newest_versions(area))
+        else:
+            counts[version] += records
+
+
+def census(volume: Volume, prefetch: bool = True) -> Counter[int]:
+    """How many DEKs are wrapped under each KEK version (reads key areas only; -1 counts
+    malformed records).
+
+    `prefetch=False` right after a pass: its key areas are in the page cache.
+    """
     counts: Counter[int] = Counter()
-    for dir_fd, name in data_files(volume, prefetch=True):
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        except FileNotFoundError:
-            continue
-        try:
-            group = 0
-            while True:
-                area = os.pread(fd, KEY_AREA_SIZE, volume.layout.group_start(group))
-                if not area:
-                    break
-                records = _records_in_use(area)
-                heads = list(SLOT_HEAD.iter_unpack(memoryview(area)[: records * KEY_RECORD_SIZE]))
-                for k in range(records):
-                    order = _record_order(area, k * KEY_RECORD_SIZE, heads[2 * k], heads[2 * k + 1])
-                    if order is None:
-                        counts[-1] += 1  # unreadable
-                    elif order:
-                        counts[heads[2 * k + order[0]][0]] += 1
-                group += 1
-        finally:
-            os.close(fd)
+    group_start = volume.layout.group_start
+    for fd, _ in data_files(volume, prefetch=prefetch):
+        group = 0
+        while area := os.pread(fd, KEY_AREA_SIZE, group_start(group)):
+            _count_area(area, counts)
+            group += 1
+    counts.pop(0, None)  # empty records hold no DEK
     return counts
 
 
@@ -424,9 +618,12 @@ def throttle_delay(stats: PassStats, rate: float | None) -> float:
 def verify_and_finish(
     volume: Volume, rewrap: RewrapPass, purge_old: bool, counts: Counter[int] | None = None
 ) -> dict:
-    """Count DEKs per version; retire/purge old versions only if none is left."""
+    """Count DEKs per version; retire/purge old versions only if none is left.
+
+    `counts`: the pass's own count when it is known to be complete, else None (a census).
+    """
     if counts is None:
-        counts = census(volume)
+        counts = census(volume, prefetch=False)
     remaining = sum(n for version, n in counts.items() if version != rewrap.target)
     retired: list[int] = []
     if remaining == 0 and rewrap.stats.unreadable_slots == 0:
@@ -455,4 +652,5 @@ def rotate_offline(
             time.sleep(delay)
         if on_progress is not None:
             on_progress(stats)
-    return verify_and_finish(volume, rewrap, purge_old)
+    # Offline the volume lock is ours: nothing renames a file past the walk.
+    return verify_and_finish(volume, rewrap, purge_old, rewrap.complete_count())

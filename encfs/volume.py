@@ -253,6 +253,9 @@ class Volume:
             "opens": 0,
             "bytes_read": 0,
             "bytes_written": 0,
+            # renames and links: a walk over the backing tree (the re-wrap pass) may miss a
+            # file moved under it while it runs
+            "moves": 0,
         }
         self.audit = AuditLog(config.volume_id)  # replaced by unlock() with the configured log
 
@@ -696,6 +699,7 @@ class Volume:
         return max(0, st.st_size * 3 // 4 - fnames.SIV_TAG_SIZE)
 
     def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attr:
+        self.counters["moves"] += 1
         inode = self.inode(ino)
         if inode.is_dir:
             raise _oserror(errno.EPERM)
@@ -768,6 +772,7 @@ class Volume:
         new_name: bytes,
         flags: int = 0,
     ) -> None:
+        self.counters["moves"] += 1
         old_parent = self._dir(old_parent_ino)
         new_parent = self._dir(new_parent_ino)
         old_backing, _ = self._encode(old_parent, old_name)

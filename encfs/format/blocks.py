@@ -140,13 +140,16 @@ def block_aad(volume_id: bytes, file_id: bytes, block_index: int) -> bytes:
     )
 
 
-SLOT_HEAD = struct.Struct(">HBB60x")  # (kek_version, generation, reserved) of a slot
+# Both slots of a block's key record, unpacked in one C call by bulk passes: per slot
+# (kek_version, generation, reserved, nonce, wrapped DEK + tag).
+KEY_RECORD_FIELDS = struct.Struct(">HBB12s48sHBB12s48s")
+SLOT_AAD_PREFIX = struct.Struct(">4sH16s16s")  # what is the same for all slots of a file
 SLOT_AAD_TAIL = struct.Struct(">QHB")  # what varies per slot within one file
 
 
 def slot_aad_prefix(volume_id: bytes, file_id: bytes) -> bytes:
     """slot_aad() without its tail: computed once per file by bulk passes."""
-    return struct.pack(">4sH16s16s", SLOT_AAD_LABEL, FORMAT_VERSION, volume_id, file_id)
+    return SLOT_AAD_PREFIX.pack(SLOT_AAD_LABEL, FORMAT_VERSION, volume_id, file_id)
 
 
 def slot_aad(

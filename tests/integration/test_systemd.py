@@ -51,7 +51,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from encfs import cli, control, systemd
+from encfs import cli, client, systemd
 from encfs import mount as mount_mod
 from encfs.errors import MountpointError, UsageError, WrongKey
 from tests.helpers.mount import ENCFS_GW, Volume, init_volume, mounted, run_cli
@@ -144,7 +144,7 @@ def is_immutable(path: Path) -> bool:
 
 
 def fstype(mountpoint: Path) -> str | None:
-    found = mount_mod.find_mount(str(mountpoint))
+    found = client.find_mount(str(mountpoint))
     return found[0] if found else None
 
 
@@ -197,14 +197,14 @@ def notify_env(address: str, **extra: str) -> dict[str, str]:
 
 def assert_live(mnt: Path, backing: Path) -> None:
     """The mount answers right now: it is ours in mountinfo and a stat and a listing work."""
-    assert mount_mod.find_mount(str(mnt)) == (mount_mod.FSTYPE, str(backing))
+    assert client.find_mount(str(mnt)) == (client.FSTYPE, str(backing))
     assert os.stat(mnt).st_dev != os.stat(mnt.parent).st_dev
     assert isinstance(os.listdir(mnt), list)
 
 
 def revalidate_now(backing: Path) -> str:
     """One key health check by the daemon, now, through its control socket; the new state."""
-    (reply,) = list(control.request(str(backing), {"op": "status", "check": True}))
+    (reply,) = list(client.request(str(backing), {"op": "status", "check": True}))
     return reply["state"]
 
 
@@ -936,7 +936,7 @@ def fstab_scenario(argv: list[str]) -> None:
 
     def cycle(label: str, mount_args: list[str]) -> None:
         done = run("mount", *mount_args)
-        found = mount_mod.find_mount(str(mnt))
+        found = client.find_mount(str(mnt))
         entry = {"rc": done.returncode, "stderr": done.stderr, "found": found}
         if done.returncode == 0:
             (mnt / f"{label}.txt").write_text(label)
@@ -944,7 +944,7 @@ def fstab_scenario(argv: list[str]) -> None:
             pid = int(Path(backing, "encfs-gw.lock").read_text().strip())
             entry["umount"] = run("umount", str(mnt)).returncode
             entry["daemon_exited"] = exited(pid)
-            entry["after"] = mount_mod.find_mount(str(mnt))
+            entry["after"] = client.find_mount(str(mnt))
         results[label] = entry
 
     try:
@@ -958,7 +958,7 @@ def fstab_scenario(argv: list[str]) -> None:
         cycle("fstab", ["-T", str(fstab), str(mnt)])
         cycle("wrong-key", ["-t", "fuse.encfs-gw", backing, str(mnt), "-o", f"keyfile={wrong}"])
     finally:
-        if mount_mod.find_mount(str(mnt)) is not None:
+        if client.find_mount(str(mnt)) is not None:
             run("umount", "-l", str(mnt))
         text = Path(backing, "encfs-gw.lock").read_text().strip()
         if text and Path(f"/proc/{text}").exists():
@@ -991,7 +991,7 @@ def test_mount_t_and_fstab_line_through_mount8(tmp_path):
         for label in ("mount-t", "fstab"):
             entry = results[label]
             assert entry["rc"] == 0, entry["stderr"]
-            assert entry["found"] == [mount_mod.FSTYPE, str(volume.backing)]
+            assert entry["found"] == [client.FSTYPE, str(volume.backing)]
             assert f"{label}.txt" in entry["files"]
             assert entry["umount"] == 0 and entry["daemon_exited"] and entry["after"] is None
         assert results["fstab"]["files"] == ["fstab.txt", "mount-t.txt"]  # data persisted

@@ -27,6 +27,7 @@ LAYERS = {
     "mount": 6,
     "systemd": 6,
     "control": 6,
+    "client": 6,
     "cli": 7,
     "__main__": 8,
 }
