@@ -107,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume")
 
+    every = sub.add_parser(
+        "rotate-every", help="let the daemon rotate automatically (a policy in the volume)"
+    )
+    every.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
+    every.add_argument(
+        "interval",
+        metavar="INTERVAL",
+        help="90d, 12h, 30m, 45s (a bare number is days), or 'off' to remove the policy",
+    )
+    every.add_argument(
+        "--purge-old", action="store_true", help="drop old KEK versions after each pass"
+    )
+
     status = sub.add_parser("status", help="KEK versions and the DEKs that depend on them")
     status.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
     status.add_argument("--json", action="store_true")
@@ -577,6 +590,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "current_kek": config.current_kek,
                 "kek_versions": {str(n): v.state for n, v in sorted(config.kek_versions.items())},
                 "rotation": config.rotation,
+                **rotation.policy_summary(config),
                 "deks_per_version": {str(v): n for v, n in sorted(counts.items())},
             }
         finally:
@@ -602,6 +616,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"rotation to version {reply['rotation']['target']} in progress: run rotate to resume"
         )
+    policy = reply.get("rotation_policy")
+    if policy:
+        purge = ", purging old versions" if policy["purge_old"] else ""
+        print(
+            f"automatic rotation every {policy['every_seconds']} s{purge}; "
+            f"next {reply['next_rotation']}"
+        )
     retired_needed = [
         n
         for n, state in reply["kek_versions"].items()
@@ -612,6 +633,55 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not retired_needed
         else f"DEKs still depend on retired version(s) {', '.join(retired_needed)}"
     )
+    return 0
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_interval(text: str) -> int | None:
+    """'90d', '12h', '30m', '45s' or a bare number of days -> seconds; 'off' -> None."""
+    text = text.strip().lower()
+    if text == "off":
+        return None
+    unit = DURATION_UNITS.get(text[-1:])
+    number = text[:-1] if unit else text
+    try:
+        value = float(number)
+    except ValueError:
+        raise UsageError(f"interval {text!r}: use 90d, 12h, 30m, 45s or off") from None
+    seconds = round(value * (unit or DURATION_UNITS["d"]))
+    if not 1 <= seconds <= 100 * 365 * 86400:
+        raise UsageError(f"interval {text!r}: between 1 second and 100 years")
+    return seconds
+
+
+def cmd_rotate_every(args: argparse.Namespace) -> int:
+    from encfs import rotation
+    from encfs.volume import read_config
+
+    every_seconds = parse_interval(args.interval)
+    backing, mounted = _resolve_target(args.target)
+    config = rotation.set_policy(backing, every_seconds, args.purge_old)
+    if mounted:
+        from encfs import client
+
+        (reply,) = list(client.request(backing, {"op": "policy"}))
+        if "error" in reply:
+            raise _error_with_code(reply["error"], reply.get("exit_code", 1))
+        if reply.get("rotated_to") is not None:
+            print(f"the policy was due: rotated to KEK version {reply['rotated_to']} now")
+            config = read_config(backing)
+    summary = rotation.policy_summary(config)
+    if summary["rotation_policy"] is None:
+        print("automatic rotation: off")
+    else:
+        purge = ", old versions purged" if args.purge_old else ""
+        print(
+            f"automatic rotation every {every_seconds} s{purge}; next rotation "
+            f"{summary['next_rotation']}"
+            + (" (by the daemon of this mount)" if mounted else " (by the daemon, once mounted)")
+        )
     return 0
 
 
@@ -749,6 +819,7 @@ COMMANDS = {
     "mount": cmd_mount,
     "provider": cmd_provider,
     "rotate": cmd_rotate,
+    "rotate-every": cmd_rotate_every,
     "status": cmd_status,
     "rewrap-kek": cmd_rewrap_kek,
     "fsck": cmd_fsck,

@@ -26,13 +26,15 @@ from encfs.client import socket_path
 from encfs.errors import EncfsError
 from encfs.keyring import ProviderFactory
 from encfs.keys.registry import open_provider
-from encfs.volume import Volume
+from encfs.volume import Volume, read_config
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 65536
 PROGRESS_INTERVAL = 1.0
 PASS_SLICE = 0.005  # seconds of re-wrap work between two checkpoints (FUSE latency bound)
+POLICY_IDLE_CHECK = 3600.0  # seconds between reads of the rotation policy when none is due
+POLICY_RETRY = 300.0  # after an automatic rotation failed (provider down ...)
 
 
 def _peer_allowed(sock: socket.socket) -> bool:
@@ -65,6 +67,8 @@ class ControlServer:
         self.on_state_change: Callable[[str], None] | None = None
         self._rotating = False
         self._check_lock = trio.Lock()
+        self._policy_changed = trio.Event()
+        self._policy_lock = trio.Lock()
 
     def status_line(self) -> str:
         """The short form for systemd's STATUS=."""
@@ -93,6 +97,52 @@ class ControlServer:
             except Exception:
                 log.exception("key health check failed")
 
+    async def policy_loop(self) -> None:
+        """Rotate when the volume's rotation policy says so. The policy is read from the
+        config at every check, so `rotate-every` applies without a remount."""
+        while True:
+            wait, _ = await self.apply_policy()
+            with trio.move_on_after(wait):
+                await self._policy_changed.wait()
+            self._policy_changed = trio.Event()
+
+    async def apply_policy(self) -> tuple[float, int | None]:
+        """Run the rotation if the policy says it is due: (seconds until the next check,
+        the KEK version rotated to or None). One at a time: a second caller waits, then
+        finds the rotation done."""
+        async with self._policy_lock:
+            return await self._policy_check()
+
+    async def _policy_check(self) -> tuple[float, int | None]:
+        try:
+            config = read_config(self.volume.backing_path)
+        except (EncfsError, OSError) as exc:
+            log.warning("cannot read the rotation policy: %s", exc)
+            return POLICY_RETRY, None
+        remaining = rotation.seconds_until_rotation(config)
+        if remaining is None:
+            return POLICY_IDLE_CHECK, None
+        if remaining > 0:
+            return min(remaining, POLICY_IDLE_CHECK), None
+        if self._rotating or config.rotation is not None:
+            return min(float(config.rotation_policy["every_seconds"]), POLICY_RETRY), None
+        log.info("the rotation policy asks for a new KEK version")
+        try:
+            result = await self._run_pass(
+                rate=None, purge_old=config.rotation_policy["purge_old"], report=None
+            )
+        except EncfsError as exc:
+            log.warning("automatic rotation failed: %s", exc)
+            return POLICY_RETRY, None
+        except Exception:  # never let the policy take the daemon down
+            log.exception("automatic rotation failed")
+            return POLICY_RETRY, None
+        if not result.get("done"):
+            log.warning("automatic rotation left DEKs under older versions: %s", result)
+            return POLICY_RETRY, None
+        log.info("automatic rotation to KEK version %d done", result["target"])
+        return 0.0, int(result["target"])
+
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         os.chmod(os.path.dirname(self.path), 0o700)
@@ -109,6 +159,7 @@ class ControlServer:
             task_status.started()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.health_loop)
+                nursery.start_soon(self.policy_loop)
                 if self.volume.config.rotation is not None:
                     # A pass was interrupted (crash, unmount): resume it in the background.
                     nursery.start_soon(self._resume)
@@ -130,6 +181,10 @@ class ControlServer:
                 request = json.loads(await _receive_line(stream))
                 if request.get("op") == "rotate":
                     await self._rotate(stream, request)
+                elif request.get("op") == "policy":  # the policy changed on disk: apply it
+                    _, rotated = await self.apply_policy()
+                    self._policy_changed.set()  # the loop recomputes its timer
+                    await _send(stream, {"done": True, "rotated_to": rotated})
                 elif request.get("op") == "status":
                     if request.get("check"):
                         await self.check_now()
@@ -158,6 +213,7 @@ class ControlServer:
                 str(n): v.state for n, v in sorted(config.kek_versions.items())
             },
             "rotation": config.rotation,
+            **rotation.policy_summary(read_config(self.volume.backing_path)),
             "deks_per_version": {str(v): n for v, n in sorted(counts.items())},
         }
 

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from encfs import crypto
 from encfs.errors import IntegrityError, UsageError
@@ -44,7 +44,7 @@ from encfs.format.blocks import (
     newer_generation,
     slot_aad_prefix,
 )
-from encfs.format.volume import KekVersion, Protector
+from encfs.format.volume import KekVersion, Protector, VolumeConfig
 from encfs.keyring import ProviderFactory
 from encfs.keys.registry import open_provider
 from encfs.keyslots import editing_config, write_config
@@ -169,6 +169,54 @@ def finish_rotation(volume: Volume, target: int, purge_old: bool) -> list[int]:
             **({"purged": retired} if purge_old else {"retired": retired}),
         )
         return retired
+
+
+# --- the automatic rotation policy ---------------------------------------------------------
+
+
+def set_policy(backing_path: str, every_seconds: int | None, purge_old: bool) -> VolumeConfig:
+    """Set (or with None remove) the volume's automatic rotation policy; the new config.
+
+    The config is edited under its own lock, so this works mounted or not; a daemon reads
+    the policy again at its next check (or at once when told over the control socket).
+    """
+    with editing_config(backing_path) as (config, dir_fd):
+        config.rotation_policy = (
+            None
+            if every_seconds is None
+            else {"every_seconds": int(every_seconds), "purge_old": bool(purge_old)}
+        )
+        write_config(dir_fd, config)
+        return config
+
+
+def next_rotation(config: VolumeConfig) -> datetime | None:
+    """When the policy wants the next rotation: the current KEK version's creation plus
+    the interval. None without a policy."""
+    policy = config.rotation_policy
+    if policy is None:
+        return None
+    created = datetime.fromisoformat(config.kek_versions[config.current_kek].created)
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return created + timedelta(seconds=policy["every_seconds"])
+
+
+def seconds_until_rotation(config: VolumeConfig, now: datetime | None = None) -> float | None:
+    """Seconds until the policy's next rotation (<= 0: due now); None without a policy."""
+    due = next_rotation(config)
+    if due is None:
+        return None
+    return (due - (now or datetime.now(UTC))).total_seconds()
+
+
+def policy_summary(config: VolumeConfig) -> dict:
+    """The policy and the next rotation, for `status`."""
+    due = next_rotation(config)
+    return {
+        "rotation_policy": config.rotation_policy,
+        "next_rotation": None if due is None else due.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
 
 
 # --- walking the volume --------------------------------------------------------------------

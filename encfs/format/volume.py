@@ -67,6 +67,10 @@ class VolumeConfig:
     # A re-wrap pass in progress: {"target": KEK version, "started": time}. Present from
     # the moment version `target` becomes current until every DEK is wrapped under it.
     rotation: dict[str, Any] | None = None
+    # Automatic rotation by the daemon: {"every_seconds": N, "purge_old": bool}, counted
+    # from the creation of the current KEK version. Not a format change: a reader that
+    # does not know it ignores it.
+    rotation_policy: dict[str, Any] | None = None
 
     @property
     def layout(self) -> Layout:
@@ -117,6 +121,8 @@ class VolumeConfig:
         }
         if self.rotation is not None:
             doc["rotation"] = self.rotation
+        if self.rotation_policy is not None:
+            doc["rotation_policy"] = self.rotation_policy
         return (json.dumps(doc, indent=2) + "\n").encode()
 
     @classmethod
@@ -172,6 +178,11 @@ class VolumeConfig:
                     for v in kek["versions"]
                 },
                 rotation=dict(doc["rotation"]) if doc.get("rotation") is not None else None,
+                rotation_policy=(
+                    dict(doc["rotation_policy"])
+                    if doc.get("rotation_policy") is not None
+                    else None
+                ),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"volume config is corrupt ({type(exc).__name__}: {exc})") from None
@@ -199,3 +210,17 @@ class VolumeConfig:
             raise ConfigError("the current KEK version is not active")
         if self.rotation is not None and self.rotation.get("target") != self.current_kek:
             raise ConfigError("volume config: a rotation targets a KEK version that is not current")
+        policy = self.rotation_policy
+        if policy is not None:
+            every = policy.get("every_seconds")
+            if (
+                set(policy) != {"every_seconds", "purge_old"}
+                or not isinstance(every, int)
+                or isinstance(every, bool)
+                or every < 1
+                or not isinstance(policy.get("purge_old"), bool)
+            ):
+                raise ConfigError(
+                    "volume config: rotation_policy must be "
+                    '{"every_seconds": N >= 1, "purge_old": true|false}'
+                )
