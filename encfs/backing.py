@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
+import queue
 import secrets
+import threading
 
 from encfs.format.names import TEMP_PREFIX
 
@@ -22,6 +25,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
+log = logging.getLogger(__name__)
 
 
 class _Timespec(ctypes.Structure):
@@ -150,3 +154,33 @@ def read_small_file(dir_fd: int, name: str, limit: int = 1 << 20) -> bytes:
 
 def is_enoent(exc: OSError) -> bool:
     return exc.errno == errno.ENOENT
+
+
+class DeferredCloser:
+    """Closes descriptors on a worker thread, in order.
+
+    The last close of an unlinked backing file is where the backing filesystem frees its
+    inode and blocks (tens of microseconds for a small file on ext4, more for a large
+    one): under `rm -rf` that was a third of the daemon's time, spent on the thread that
+    answers FUSE requests. Handing the close over costs a queue put.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="encfs-closer", daemon=True)
+        self._thread.start()
+
+    def close(self, fd: int) -> None:
+        self._queue.put(fd)
+
+    def _run(self) -> None:
+        while (fd := self._queue.get()) is not None:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                log.warning("closing a backing descriptor failed: %s", exc.strerror)
+
+    def stop(self) -> None:
+        """Close everything queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join()

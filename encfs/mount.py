@@ -192,6 +192,7 @@ def serve(
     control.on_state_change = lambda _line: service.set_health(control.health.state.value)
     operations = Operations(volume)
     operations.enable_writeback_cache = writeback_cache
+    volume.defer_closes()
     fds_before = _socket_fds()
     try:
         pyfuse3.init(operations, mountpoint, options)

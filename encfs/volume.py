@@ -248,6 +248,8 @@ class Volume:
         self._handles: dict[int, Inode] = {}
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
+        self._closer: backing.DeferredCloser | None = None
+        self._close_fd: Callable[[int], None] = os.close
         self.counters = {
             "integrity_errors": 0,
             "opens": 0,
@@ -313,6 +315,13 @@ class Volume:
             log.warning("cannot record the daemon pid in the lock file: %s", exc.strerror)
         return fd
 
+    def defer_closes(self) -> None:
+        """Close the descriptors of forgotten inodes on a worker thread (the daemon: the
+        last close of an unlinked file is where the backing filesystem deletes it)."""
+        if self._closer is None:
+            self._closer = backing.DeferredCloser()
+            self._close_fd = self._closer.close
+
     def close(self) -> None:
         """Forget everything and release every descriptor (after unmount)."""
         for inode in list(self._inodes.values()):
@@ -320,6 +329,10 @@ class Volume:
         self._inodes.clear()
         self._handles.clear()
         self._dir_handles.clear()
+        if self._closer is not None:
+            self._closer.stop()  # every queued close done before the lock is released
+            self._closer = None
+            self._close_fd = os.close
         for fd in (self._root_fd, self._lock_fd):
             os.close(fd)
 
@@ -373,10 +386,10 @@ class Volume:
         if not force and (inode.lookups > 0 or inode.opens > 0 or inode.ino == ROOT_INODE):
             return
         if inode.data_fd is not None:
-            os.close(inode.data_fd)
+            self._close_fd(inode.data_fd)
             inode.data_fd = None
             inode.contents = None
-        os.close(inode.fd)
+        self._close_fd(inode.fd)
         self._inodes.pop(inode.ino, None)
 
     def known_inodes(self) -> list[int]:
