@@ -345,8 +345,8 @@ def _candidates(fields: tuple) -> tuple[Candidate, ...] | None:
     """The non-empty slots of a record, newest first; None if malformed.
 
     The same rules as KeySlot.unpack: a slot with KEK version 0 must be all zero (empty),
-    any other must have reserved == 0. Bulk passes inline the common one-slot case and
-    call this for the rest.
+    any other must have reserved == 0. The pass inlines the common one-slot case and
+    calls this for the rest.
     """
     v0, g0, r0, n0, s0, v1, g1, r1, n1, s1 = fields
     present = []
@@ -404,17 +404,14 @@ def _uniform_version(area: bytes, records: int) -> int | None:
 
 
 def _newest_versions(area: bytes | bytearray) -> Iterator[int]:
-    """Per record in use: the KEK version of its newest slot, -1 if malformed, 0 if empty."""
+    """Per record in use: the KEK version of its newest slot, -1 if malformed, 0 if empty.
+
+    The census's slow path (areas _uniform_version cannot vouch for): the plain rules.
+    """
     records = _records_in_use(area)
     for fields in KEY_RECORD_FIELDS.iter_unpack(memoryview(area)[: records * KEY_RECORD_SIZE]):
-        v0, g0, r0, n0, s0, v1, g1, r1, n1, s1 = fields
-        if v0 and not v1 and not r0 and _slot_empty(g1, r1, n1, s1):
-            yield v0
-        elif v1 and not v0 and not r1 and _slot_empty(g0, r0, n0, s0):
-            yield v1
-        else:
-            candidates = _candidates(fields)
-            yield -1 if candidates is None else (candidates[0][1] if candidates else 0)
+        candidates = _candidates(fields)
+        yield -1 if candidates is None else (candidates[0][1] if candidates else 0)
 
 
 @dataclass
