@@ -616,13 +616,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"rotation to version {reply['rotation']['target']} in progress: run rotate to resume"
         )
-    policy = reply.get("rotation_policy")
-    if policy:
-        purge = ", purging old versions" if policy["purge_old"] else ""
-        print(
-            f"automatic rotation every {policy['every_seconds']} s{purge}; "
-            f"next {reply['next_rotation']}"
-        )
+    if reply.get("rotation_policy"):
+        print(_policy_line(reply["rotation_policy"], reply["next_rotation"]))
     retired_needed = [
         n
         for n, state in reply["kek_versions"].items()
@@ -676,13 +671,27 @@ def cmd_rotate_every(args: argparse.Namespace) -> int:
     if summary["rotation_policy"] is None:
         print("automatic rotation: off")
     else:
-        purge = ", old versions purged" if args.purge_old else ""
         print(
-            f"automatic rotation every {every_seconds} s{purge}; next rotation "
-            f"{summary['next_rotation']}"
+            _policy_line(summary["rotation_policy"], summary["next_rotation"])
             + (" (by the daemon of this mount)" if mounted else " (by the daemon, once mounted)")
         )
     return 0
+
+
+def format_interval(seconds: int) -> str:
+    """The inverse of parse_interval for whole units: 2592000 -> '30d', 5400 -> '90m'."""
+    for unit in ("d", "h", "m"):
+        if seconds % DURATION_UNITS[unit] == 0:
+            return f"{seconds // DURATION_UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def _policy_line(policy: dict, next_rotation: str) -> str:
+    purge = ", purging old versions" if policy["purge_old"] else ""
+    return (
+        f"automatic rotation every {format_interval(policy['every_seconds'])}{purge}; "
+        f"next rotation {next_rotation}"
+    )
 
 
 def cmd_rewrap_kek(args: argparse.Namespace) -> int:

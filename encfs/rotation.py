@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import struct
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -36,8 +35,8 @@ from encfs.format.blocks import (
     KEY_RECORD_FIELDS,
     KEY_RECORD_SIZE,
     NONCE_SIZE,
-    SLOT_AAD_PREFIX,
-    SLOT_AAD_TAIL,
+    SLOT_AAD_FROM_PREFIX,
+    SLOT_SEALED,
     SLOT_SIZE,
     FileHeader,
     Layout,
@@ -319,11 +318,8 @@ def _advise_key_areas(layout: Layout, fd: int, cipher_size: int) -> None:
         group += 1
 
 
-EMPTY_RECORD = bytes(KEY_RECORD_SIZE)
 _ZERO_NONCE = bytes(NONCE_SIZE)
 _ZERO_SEALED = bytes(SLOT_SIZE - 4 - NONCE_SIZE)
-_SLOT_FIELDS = struct.Struct(">HBB12s48s")  # a slot: head, nonce, wrapped DEK + tag
-_SLOT_AAD = struct.Struct(f">{SLOT_AAD_PREFIX.size}s{SLOT_AAD_TAIL.format[1:]}")
 
 # One DEK candidate of a record: (slot position, kek_version, generation, nonce, sealed).
 Candidate = tuple[int, int, int, bytes, bytes]
@@ -509,10 +505,10 @@ class RewrapPass:
         stats = self.stats
         rewrapped = seen = 0
         nonces = crypto.random_bytes(NONCE_SIZE * records)
-        aad = _SLOT_AAD.pack
+        aad = SLOT_AAD_FROM_PREFIX.pack
         aad_prefix = keys.aad_prefix
         seal = keys.target_cipher.encrypt
-        pack_slot = _SLOT_FIELDS.pack
+        pack_slot = SLOT_SEALED.pack
         zero_nonce, zero_sealed, empty_slot = _ZERO_NONCE, _ZERO_SEALED, EMPTY_SLOT
         cipher_version, cipher = -1, keys.target_cipher
         block_index = group * BLOCKS_PER_GROUP - 1
@@ -596,11 +592,10 @@ class RewrapPass:
             return None
         for _, kek_version, generation, nonce, sealed in candidates:
             try:
-                dek = self._opener(keys, kek_version).decrypt(
-                    nonce,
-                    sealed,
-                    _SLOT_AAD.pack(keys.aad_prefix, block_index, kek_version, generation),
+                aad = SLOT_AAD_FROM_PREFIX.pack(
+                    keys.aad_prefix, block_index, kek_version, generation
                 )
+                dek = self._opener(keys, kek_version).decrypt(nonce, sealed, aad)
             except (crypto.InvalidTag_, IntegrityError):
                 continue
             self.stats.deks_seen += 1

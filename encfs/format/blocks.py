@@ -145,6 +145,10 @@ def block_aad(volume_id: bytes, file_id: bytes, block_index: int) -> bytes:
 KEY_RECORD_FIELDS = struct.Struct(">HBB12s48sHBB12s48s")
 SLOT_AAD_PREFIX = struct.Struct(">4sH16s16s")  # what is the same for all slots of a file
 SLOT_AAD_TAIL = struct.Struct(">QHB")  # what varies per slot within one file
+# One slot with the wrapped DEK and its tag as one field (what AES-GCM returns), and the
+# slot AAD from a precomputed prefix: one pack call each per DEK in bulk passes.
+SLOT_SEALED = struct.Struct(">HBB12s48s")
+SLOT_AAD_FROM_PREFIX = struct.Struct(f">{SLOT_AAD_PREFIX.size}s{SLOT_AAD_TAIL.format[1:]}")
 
 
 def slot_aad_prefix(volume_id: bytes, file_id: bytes) -> bytes:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from encfs import rotation
-from encfs.cli import parse_interval
+from encfs.cli import format_interval, parse_interval
 from encfs.errors import ConfigError, UsageError
 from encfs.format.volume import VolumeConfig
 from tests.helpers.mount import init_volume, mounted, run_cli
@@ -30,6 +30,8 @@ CONFIG = "encfs-gw.conf"
 )
 def test_intervals(text, seconds):
     assert parse_interval(text) == seconds
+    if seconds is not None:  # and back: the shortest whole unit
+        assert parse_interval(format_interval(seconds)) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "d", "-1d", "0s", "soon", "200y", "1000000d"])
@@ -79,7 +81,7 @@ def test_an_overdue_policy_rotates_on_mount_and_purges(tmp_path):
             (mnt / name).write_bytes(content)
 
     result = run_cli("rotate-every", volume.backing, "30d", "--purge-old", check=True)
-    assert "every 2592000 s" in result.stdout and "once mounted" in result.stdout
+    assert "every 30d, purging old versions" in result.stdout and "once mounted" in result.stdout
     offline = status(volume.backing)
     assert offline["rotation_policy"] == {"every_seconds": 2592000, "purge_old": True}
     age_current_kek(volume.backing, days=31)
