@@ -162,15 +162,20 @@ class DeferredCloser:
     The last close of an unlinked backing file is where the backing filesystem frees its
     inode and blocks (tens of microseconds for a small file on ext4, more for a large
     one): under `rm -rf` that was a third of the daemon's time, spent on the thread that
-    answers FUSE requests. Handing the close over costs a queue put.
+    answers FUSE requests. Handing the close over costs a queue put. The space comes
+    back a little later, so a caller that runs out of space calls `settle` and retries.
     """
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._pending = 0  # queued, not yet closed (guarded by _idle)
+        self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="encfs-closer", daemon=True)
         self._thread.start()
 
     def close(self, fd: int) -> None:
+        with self._idle:
+            self._pending += 1
         self._queue.put(fd)
 
     def _run(self) -> None:
@@ -179,6 +184,19 @@ class DeferredCloser:
                 os.close(fd)
             except OSError as exc:
                 log.warning("closing a backing descriptor failed: %s", exc.strerror)
+            with self._idle:
+                self._pending -= 1
+                if not self._pending:
+                    self._idle.notify_all()
+
+    def settle(self) -> bool:
+        """Wait until every queued close is done; False if none was queued."""
+        with self._idle:
+            if not self._pending:
+                return False
+            while self._pending:
+                self._idle.wait()
+            return True
 
     def stop(self) -> None:
         """Close everything queued, then end the thread."""

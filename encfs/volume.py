@@ -322,6 +322,11 @@ class Volume:
             self._closer = backing.DeferredCloser()
             self._close_fd = self._closer.close
 
+    def settle_closes(self) -> bool:
+        """Finish the deferred closes (their files' space comes back); False if there
+        were none, so an operation that ran out of space has no reason to retry."""
+        return self._closer is not None and self._closer.settle()
+
     def close(self) -> None:
         """Forget everything and release every descriptor (after unmount)."""
         for inode in list(self._inodes.values()):

@@ -35,10 +35,28 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+# Handlers that may need new backing space and leave nothing behind when they fail: on
+# ENOSPC/EDQUOT they run once more after the deferred closes of deleted files are done
+# (`rm big; write` must find the space). Not fsync: a second fsync would hide the error.
+_RETRY_WHEN_FULL = frozenset(
+    {"write", "create", "mkdir", "mknod", "symlink", "link", "rename", "setattr", "setxattr"}
+)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def _translate(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    retry_when_full = handler.__name__ in _RETRY_WHEN_FULL
+
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            try:
+                return await handler(*args, **kwargs)
+            except OSError as exc:
+                if not (retry_when_full and exc.errno in _FULL):
+                    raise
+                if not args[0].volume.settle_closes():  # type: ignore[attr-defined]
+                    raise
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise

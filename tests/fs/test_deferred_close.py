@@ -1,0 +1,169 @@
+"""Deferred closes and full disks: space held by a deleted file comes back in time.
+
+The daemon closes the descriptors of forgotten inodes on a worker thread, so the space
+of a deleted file is freed a little after its FORGET. An operation that runs out of
+space meanwhile must wait for those closes and try again (`rm big; write` works), and
+must not retry when nothing was pending or when a retry could hide an error (fsync).
+
+The closer thread here waits at a gate before each close, so "the closes are behind" is
+a fixed state instead of a race; the backing store reports ENOSPC while a close is
+pending (the space a real filesystem frees on that close).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import pytest
+import trio
+
+from encfs import backing as backing_mod
+from encfs.fuse.operations import Operations
+from encfs.volume import ROOT_INODE
+
+
+class GatedCloser(backing_mod.DeferredCloser):
+    """Closes only once `settle` (or the test) opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        super().__init__()
+
+    def _run(self) -> None:
+        self.gate.wait()
+        super()._run()
+
+    def settle(self) -> bool:
+        self.gate.set()
+        return super().settle()
+
+    def stop(self) -> None:
+        self.gate.set()
+        super().stop()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+
+def install_gated(vol) -> GatedCloser:
+    vol.defer_closes()
+    vol._closer.stop()
+    vol._closer = closer = GatedCloser()
+    vol._close_fd = closer.close
+    return closer
+
+
+@pytest.fixture
+def gated(vol):
+    return install_gated(vol)
+
+
+def delete_file(vol, name: bytes) -> None:
+    """Create, write, close, unlink and forget a file: its closes are queued."""
+    fh, attr = vol.create(ROOT_INODE, name, 0o100644, os.O_RDWR, 0, 0)
+    vol.write(fh, 0, os.urandom(100_000))
+    vol.release(fh)
+    vol.unlink(ROOT_INODE, name)
+    vol.forget(attr.ino, 1)
+
+
+def full_while_closes_pend(monkeypatch, closer) -> list[int]:
+    real = backing_mod.reserve
+    refused = [0]
+
+    def reserve(fd, offset, length):
+        if closer.pending:
+            refused[0] += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(backing_mod, "reserve", reserve)
+    return refused
+
+
+def test_settle_waits_for_queued_closes():
+    closer = GatedCloser()
+    read_end, write_end = os.pipe()
+    try:
+        closer.close(read_end)
+        assert closer.pending == 1
+        assert closer.settle() is True  # opened the gate, then waited for the close
+        assert closer.pending == 0
+        with pytest.raises(OSError):
+            os.fstat(read_end)
+        assert closer.settle() is False  # nothing queued: returns at once
+    finally:
+        closer.stop()
+        os.close(write_end)
+
+
+def test_write_after_a_delete_gets_the_freed_space(vol, gated, monkeypatch):
+    ops = Operations(vol)
+    fh, _ = vol.create(ROOT_INODE, b"new", 0o100644, os.O_RDWR, 0, 0)
+    delete_file(vol, b"big")
+    assert gated.pending  # the inode's handle, closed once the gate opens
+    refused = full_while_closes_pend(monkeypatch, gated)
+    data = os.urandom(70_000)
+    assert trio.run(ops.write, fh, 0, data) == len(data)
+    assert refused == [1]  # the first attempt hit the full disk, the retry did not
+    assert vol.read(fh, 0, len(data)) == data
+    vol.release(fh)
+
+
+def test_no_retry_without_pending_closes(vol, gated, monkeypatch):
+    ops = Operations(vol)
+    fh, _ = vol.create(ROOT_INODE, b"new", 0o100644, os.O_RDWR, 0, 0)
+    calls = [0]
+
+    def reserve(fd, offset, length):
+        calls[0] += 1
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(backing_mod, "reserve", reserve)
+    with pytest.raises(Exception) as info:
+        trio.run(ops.write, fh, 0, b"x" * 5000)
+    assert getattr(info.value, "errno", None) == errno.ENOSPC
+    assert calls == [1]
+    vol.release(fh)
+
+
+def test_mkdir_retries_too_but_fsync_does_not(vol, gated, monkeypatch):
+    ops = Operations(vol)
+    delete_file(vol, b"big")
+    real_mkdir = os.mkdir
+    refused = [0]
+
+    def mkdir(path, mode=0o777, *, dir_fd=None):
+        if gated.pending:
+            refused[0] += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_mkdir(path, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+    class Ctx:
+        uid = gid = 0
+        pid = os.getpid()
+        umask = 0o022
+
+    entry = trio.run(ops.mkdir, ROOT_INODE, b"d", 0o755, Ctx())
+    assert entry.st_ino and refused == [1]
+
+    fh, _ = vol.create(ROOT_INODE, b"f", 0o100644, os.O_RDWR, 0, 0)
+    gated = install_gated(vol)  # a closed gate again
+    delete_file(vol, b"big2")
+    queued = gated.pending
+    assert queued
+
+    def failing_fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(Exception) as info:
+        trio.run(ops.fsync, fh, False)
+    assert getattr(info.value, "errno", None) == errno.ENOSPC
+    assert gated.pending == queued  # fsync's failure did not wait for (or retry after) them
+    vol.release(fh)
