@@ -35,6 +35,7 @@ from encfs import health as health_mod
 from encfs.client import find_mount
 from encfs.control import ControlServer
 from encfs.errors import MountFailed, MountpointError
+from encfs.fuse.loop import serve_requests
 from encfs.fuse.operations import Operations, drop_kernel_cache
 from encfs.keyring import ProviderFactory
 from encfs.keys.registry import open_provider
@@ -295,7 +296,7 @@ async def _serve(
 
 
 async def _main_then_cancel(scope: trio.CancelScope, service: Service) -> None:
-    await pyfuse3.main()
+    await serve_requests()
     service.stopping()
     scope.cancel()
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from encfs.format.blocks import Layout
-from tests.helpers.mount import Volume, init_volume, mounted
+from tests.helpers.mount import Volume, init_volume, mounted, run_cli
 
 pytestmark = pytest.mark.fuse
 
@@ -296,3 +296,35 @@ def test_threads_writing_the_same_blocks(tmp_path, options):
     assert len(log) == THREADS * appends * record
     assert sorted(log[i : i + record] for i in range(0, len(log), record)) == want_lines
     check_after_remount(volume, mountpoint, {"blocks": bytes(expected), "log": log}, options)
+
+
+def test_control_socket_answers_while_requests_flood_in(tmp_path):
+    """Requests already queued are served without a trio checkpoint (encfs/fuse/loop.py),
+    but only FAST_PATH_BUDGET in a row: status must still answer under a flood, and
+    every flooding call must get its answer."""
+    volume = init_volume(tmp_path)
+    calls = 3000
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        (mnt / "f").write_bytes(b"x")
+        answered = [0] * THREADS
+        done = threading.Event()
+
+        def flood(k: int) -> None:
+            while answered[k] < calls or not done.is_set():
+                with pytest.raises(OSError):  # ENODATA, answered with no work
+                    os.getxattr(mnt / "f", "security.capability")
+                answered[k] += 1
+
+        threads = [threading.Thread(target=flood, args=(k,)) for k in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(3):
+                status = run_cli("status", "--json", mnt)
+                assert status.returncode == 0, status.stderr
+                assert json.loads(status.stdout)["state"] == "READY"
+        finally:
+            done.set()
+            for thread in threads:
+                thread.join(TIMEOUT)
+        assert min(answered) >= calls
