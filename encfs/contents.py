@@ -197,6 +197,22 @@ class FileContents:
         self._read_run_into(block_index, block_index, plain_size, memoryview(out))
         return bytes(out)
 
+    def _read_block_for_update(self, block_index: int, plain_size: int) -> tuple[bytearray, bytes]:
+        """(plaintext, key record) of one block: a partial write merges into the one and
+        starts its key update from the other, so the record is read once."""
+        keys = self._read_key_records(block_index, 1)
+        length = self.layout.block_plain_length(block_index, plain_size)
+        out = bytearray(length)
+        if length:
+            wanted = length + RECORD_OVERHEAD
+            record = os.pread(self.fd, wanted, self.layout.record_offset(block_index))
+            if len(record) < wanted:
+                raise BlockIntegrityError(block_index, "record truncated")
+            self._open_block_into(
+                block_index, memoryview(keys), memoryview(record), memoryview(out)
+            )
+        return out, bytes(keys)
+
     # --- writes ---------------------------------------------------------------------
     def write(self, plain_offset: int, data: bytes | memoryview) -> int:
         """Store `data` at `plain_offset`; return how many bytes were stored.
@@ -208,15 +224,18 @@ class FileContents:
         if not data:
             return 0
         data = memoryview(data)
-        old_size = original_size = self.plain_size()
+        st = os.fstat(self.fd)
+        old_size = original_size = self.layout.plain_size(st.st_size)
         new_size = max(old_size, plain_offset + len(data))
         block_size = self.layout.block_size
         first = plain_offset // block_size
         last = (plain_offset + len(data) - 1) // block_size
         if plain_offset > old_size:
             self._prepare_extension(old_size, plain_offset)
-            old_size = self.plain_size()
+            st = os.fstat(self.fd)
+            old_size = self.layout.plain_size(st.st_size)
         blocks: dict[int, bytes | memoryview] = {}
+        known_keys: dict[int, bytes] = {}
         for index in range(first, last + 1):
             block_start = index * block_size
             new_length = self.layout.block_plain_length(index, new_size)
@@ -225,7 +244,7 @@ class FileContents:
             if lo == block_start and hi == block_start + new_length:
                 blocks[index] = data[lo - plain_offset : hi - plain_offset]
                 continue
-            merged = bytearray(self.read_block(index, old_size))
+            merged, known_keys[index] = self._read_block_for_update(index, old_size)
             if len(merged) < new_length:
                 merged.extend(bytes(new_length - len(merged)))
             merged[lo - block_start : hi - block_start] = data[
@@ -233,7 +252,7 @@ class FileContents:
             ]
             blocks[index] = merged
         try:
-            stored = self._write_blocks(blocks)
+            stored = self._write_blocks(blocks, known_keys, st)
         except OSError:
             if old_size != original_size:  # undo the padding of the old last block
                 with contextlib.suppress(OSError, IntegrityError):
@@ -268,21 +287,27 @@ class FileContents:
             if stale != bytes(len(stale)):  # (writing zeros into a hole would take space)
                 backing.pwrite_all(self.fd, bytes(len(stale)), offset)
 
-    def _reserve(self, *ranges: tuple[int, int]) -> None:
+    def _reserve(self, st: os.stat_result, *ranges: tuple[int, int]) -> None:
         """Allocate backing space for (offset, length) ranges that may need it: a dense
         file needs new space only past its end, a sparse one also in its holes."""
-        st = os.fstat(self.fd)
         dense = st.st_blocks * 512 >= st.st_size
         for offset, length in ranges:
             if offset + length > st.st_size or not dense:
                 backing.reserve(self.fd, offset, length)
 
-    def _write_blocks(self, blocks: dict[int, bytes | memoryview]) -> int:
+    def _write_blocks(
+        self,
+        blocks: dict[int, bytes | memoryview],
+        known_keys: dict[int, bytes] | None = None,
+        st: os.stat_result | None = None,
+    ) -> int:
         """Seal and store blocks (each run within a group: 3 pwrites in the safe order).
 
-        Returns how many leading blocks were stored. A run that fails before its step 3
-        is undone (old key records back, old size) and raises, unless an earlier run was
-        stored: then the count of stored blocks is returned (a short write).
+        `known_keys`: key records just read (a one-block run needs no second read); `st`:
+        the file's fstat, if nothing was written since. Returns how many leading blocks
+        were stored. A run that fails before its step 3 is undone (old key records back,
+        old size) and raises, unless an earlier run was stored: then the count of stored
+        blocks is returned (a short write).
         """
         indexes = sorted(blocks)
         runs: list[list[int]] = []
@@ -295,7 +320,10 @@ class FileContents:
         stored = 0
         for run in runs:
             first = run[0]
-            keys = self._read_key_records(first, len(run))
+            if known_keys and len(run) == 1 and first in known_keys:
+                keys = bytearray(known_keys[first])
+            else:
+                keys = self._read_key_records(first, len(run))
             original_keys = bytes(keys)
             final_keys = bytearray(keys)
             sizes = [len(blocks[index]) + RECORD_OVERHEAD for index in run]
@@ -318,9 +346,11 @@ class FileContents:
                 final_keys[base + free : base + free + SLOT_SIZE] = packed
             key_offset = self.layout.key_record_offset(first)
             record_offset = self.layout.record_offset(first)
-            cipher_size = os.fstat(self.fd).st_size
+            if st is None:
+                st = os.fstat(self.fd)
+            cipher_size = st.st_size
             try:
-                self._reserve((key_offset, len(keys)), (record_offset, len(records)))
+                self._reserve(st, (key_offset, len(keys)), (record_offset, len(records)))
                 backing.pwrite_all(self.fd, keys, key_offset)  # 1. new DEKs beside the old
                 backing.pwrite_all(self.fd, records, record_offset)  # 2. data
             except OSError:
@@ -330,6 +360,7 @@ class FileContents:
                 return stored
             backing.pwrite_all(self.fd, final_keys, key_offset)  # 3. retire the old DEKs
             stored += len(run)
+            st = None  # the size may have changed
         return stored
 
     def _undo_run(self, original_keys: bytes, key_offset: int, cipher_size: int) -> None:
@@ -366,7 +397,11 @@ class FileContents:
             keys[free : free + SLOT_SIZE] = packed
             key_offset = layout.key_record_offset(index)
             # Space first (a block in a hole has none): no failure once the cut is made.
-            self._reserve((key_offset, KEY_RECORD_SIZE), (layout.record_offset(index), len(record)))
+            self._reserve(
+                os.fstat(self.fd),
+                (key_offset, KEY_RECORD_SIZE),
+                (layout.record_offset(index), len(record)),
+            )
             backing.pwrite_all(self.fd, keys, key_offset)
             os.ftruncate(self.fd, layout.cipher_size(new_size))
             backing.pwrite_all(self.fd, record, layout.record_offset(index))
