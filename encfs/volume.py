@@ -96,6 +96,7 @@ class Inode:
         "lookups",
         "mode",
         "opens",
+        "xattrs_stored",
     )
 
     def __init__(self, ino: int, fd: int, mode: int) -> None:
@@ -110,6 +111,9 @@ class Inode:
         # (parent dir id, plain name) it was last reached by: checked against the file
         # header's name binding, so a file's ciphertext copied over another is refused.
         self.location: tuple[bytes, bytes] | None = None
+        # Whether the backing object holds any of our xattrs (None: not known yet). All
+        # xattr changes pass through us, so `ls -l`'s getxattr per entry costs no syscall.
+        self.xattrs_stored: bool | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -593,14 +597,27 @@ class Volume:
             stat.S_IMODE(mode),
             dir_fd=parent.fd,
         )
+        header = self._new_header((self._dir_id(parent), plain_name))
         try:
-            os.pwrite(fd, self._new_header((self._dir_id(parent), plain_name)).pack(), 0)
+            os.pwrite(fd, header.pack(), 0)
         except BaseException:
             os.close(fd)
             os.unlink(backing_name, dir_fd=parent.fd)
             raise
-        os.close(fd)
-        inode = self._adopt_new(parent, backing_name, plain_name, uid, gid)
+        try:
+            inode = self._adopt_new(parent, backing_name, plain_name, uid, gid)
+        except BaseException:
+            os.close(fd)
+            raise
+        if inode.data_fd is None:
+            # The new descriptor becomes the data descriptor: no reopen, no header read
+            # back and no binding check of the header just written.
+            inode.data_fd = fd
+            inode.contents = FileContents(
+                fd, self.layout, self.config.volume_id, header.file_id, self.keyring
+            )
+        else:
+            os.close(fd)
         fh = self.open(inode.ino, flags & ~os.O_TRUNC)
         return fh, self.getattr(inode.ino)
 
@@ -1154,15 +1171,18 @@ class Volume:
             self.keyring.xattr_value_key, value, fnames.xattr_value_aad(object_id, backing_name)
         )
         os.setxattr(path, backing_name, sealed)
+        self.inode(ino).xattrs_stored = True
 
     def getxattr(self, ino: int, plain_name: bytes) -> bytes:
         inode = self.inode(ino)
         if inode.mode not in (stat.S_IFREG, stat.S_IFDIR):
             raise _oserror(errno.ENODATA)  # nothing is stored on other objects (setxattr: EPERM)
         # `ls -l` asks for security.selinux and an ACL on every entry: one listxattr
-        # answers "none" without reading the header or encrypting the name.
-        stored = os.listxattr(f"/proc/self/fd/{inode.fd}")
-        if not any(name.startswith(fnames.XATTR_PREFIX) for name in stored):
+        # (once per inode) answers "none" without reading the header or encrypting the name.
+        if inode.xattrs_stored is None:
+            stored = os.listxattr(f"/proc/self/fd/{inode.fd}")
+            inode.xattrs_stored = any(name.startswith(fnames.XATTR_PREFIX) for name in stored)
+        if not inode.xattrs_stored:
             raise _oserror(errno.ENODATA)
         path, object_id = self._xattr_target(inode)
         backing_name = self._xattr_name(plain_name)
@@ -1193,6 +1213,7 @@ class Volume:
         if inode.mode not in (stat.S_IFREG, stat.S_IFDIR):
             raise _oserror(errno.ENODATA)
         path, _ = self._xattr_target(inode)
+        inode.xattrs_stored = None  # perhaps the last one: look again next time
         os.removexattr(path, self._xattr_name(plain_name))
 
     # --- directories -----------------------------------------------------------------

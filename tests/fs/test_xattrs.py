@@ -67,3 +67,27 @@ def test_value_moved_between_files_is_refused(vol, file_ino, backing):
         except IntegrityError:
             failures += 1
     assert failures == 1
+
+
+def test_none_stored_is_remembered_and_follows_every_change(vol, file_ino):
+    """getxattr on an object with none of our xattrs answers from memory (ls -l asks on
+    every entry); a set, a removal of the last one, and a hard link all stay exact."""
+
+    def absent(ino, name=b"user.a"):
+        with pytest.raises(OSError) as info:
+            vol.getxattr(ino, name)
+        return info.value.errno == errno.ENODATA
+
+    assert absent(file_ino)
+    assert vol.inode(file_ino).xattrs_stored is False
+    vol.setxattr(file_ino, b"user.a", b"1")
+    assert vol.getxattr(file_ino, b"user.a") == b"1"
+    assert absent(file_ino, b"user.b")  # another name: looked up, not guessed
+    linked = vol.link(file_ino, ROOT_INODE, b"g")
+    assert linked.ino == file_ino and vol.getxattr(linked.ino, b"user.a") == b"1"
+    vol.setxattr(file_ino, b"user.b", b"2")
+    vol.removexattr(file_ino, b"user.a")
+    assert vol.getxattr(file_ino, b"user.b") == b"2"  # one left after a removal
+    vol.removexattr(file_ino, b"user.b")
+    assert absent(file_ino, b"user.b")
+    assert vol.inode(file_ino).xattrs_stored is False
