@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import select
 import types
-from typing import Any
 
 import pyfuse3
 import trio
@@ -65,8 +64,7 @@ class ReadyWaiter:
         self._poller = select.poll()
         self.fast = 0  # returns without a checkpoint (for tests and statistics)
 
-    async def __call__(self, fd: Any) -> None:
-        fd = fd if isinstance(fd, int) else fd.fileno()
+    async def __call__(self, fd: int) -> None:
         if fd != self._fd:
             if self._fd >= 0:
                 self._poller.unregister(self._fd)
