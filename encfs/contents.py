@@ -190,12 +190,7 @@ class FileContents:
             )
 
     def read_block(self, block_index: int, plain_size: int) -> bytes:
-        length = self.layout.block_plain_length(block_index, plain_size)
-        if length == 0:
-            return b""
-        out = bytearray(length)
-        self._read_run_into(block_index, block_index, plain_size, memoryview(out))
-        return bytes(out)
+        return bytes(self._read_block_for_update(block_index, plain_size)[0])
 
     def _read_block_for_update(self, block_index: int, plain_size: int) -> tuple[bytearray, bytes]:
         """(plaintext, key record) of one block: a partial write merges into the one and

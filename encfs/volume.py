@@ -613,9 +613,7 @@ class Volume:
             # The new descriptor becomes the data descriptor: no reopen, no header read
             # back and no binding check of the header just written.
             inode.data_fd = fd
-            inode.contents = FileContents(
-                fd, self.layout, self.config.volume_id, header.file_id, self.keyring
-            )
+            inode.contents = self._contents(fd, header.file_id)
         else:
             os.close(fd)
         fh = self.open(inode.ino, flags & ~os.O_TRUNC)
@@ -949,9 +947,10 @@ class Volume:
                 os.close(inode.data_fd)
                 inode.data_fd = None
                 raise
-            inode.contents = FileContents(
-                inode.data_fd, self.layout, self.config.volume_id, file_header.file_id, self.keyring
-            )
+            inode.contents = self._contents(inode.data_fd, file_header.file_id)
+
+    def _contents(self, data_fd: int, file_id: bytes) -> FileContents:
+        return FileContents(data_fd, self.layout, self.config.volume_id, file_id, self.keyring)
 
     def _ensure_contents(self, inode: Inode) -> FileContents:
         """Contents of an open file, writing the header of a file a crash left empty."""
