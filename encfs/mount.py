@@ -2,7 +2,7 @@
 
 Readiness means the mount answers: after pyfuse3.init() the kernel still waits for the
 session loop to answer INIT, so a worker thread stats the mountpoint and only then is
-the caller told the mount is live (ready callback: the --ready-fd pipe of the
+the caller told the mount is live (ready callback: the ready pipe of the forked
 background mount; and sd_notify READY=1 through `encfs.systemd.Service`).
 
 `auto_unmount` is on by default: if the daemon dies, however it dies, fusermount3's

@@ -26,6 +26,7 @@ from encfs.errors import (
     EncfsError,
     KeyMissing,
     KeyPermissions,
+    MountFailed,
     MountpointError,
     NotAVolume,
     NotMounted,
@@ -312,6 +313,27 @@ def test_wrong_key_then_right_key_mounts(tmp_path, pristine):
     assert_one_line(_wrong_key(tmp_path, pristine), WrongKey)
     assert_nothing_left(pristine, tmp_path / "mnt")
     assert_intact(pristine, tmp_path / "mnt")
+
+
+@pytest.mark.fuse
+def test_daemon_killed_before_the_mount_is_live(tmp_path):
+    """The daemon dies of SIGKILL while unlocking: one line, MountFailed, nothing mounted.
+
+    The key command kills its parent, which is the daemon (a fork of `encfs-gw mount`).
+    """
+    command = tmp_path / "getkey"
+    command.write_text(f"#!/bin/sh\necho {os.urandom(32).hex()}\n")
+    command.chmod(0o700)
+    backing = tmp_path / "vol.backing"
+    run_cli("init", backing, "--provider", f"command:{command}", check=True)
+    command.write_text("#!/bin/sh\nkill -KILL $PPID\n")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = run_cli("mount", backing, mountpoint)
+    assert_one_line(result, MountFailed)
+    assert "killed by signal 9" in result.stderr
+    assert not is_mounted(mountpoint)
+    assert encfs_mounts_of(backing) == []
 
 
 # --- mount: mountpoints and busy volumes -------------------------------------------------
