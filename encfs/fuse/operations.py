@@ -27,9 +27,18 @@ ATTR_TIMEOUT = 300.0
 NEGATIVE_TIMEOUT = 300.0
 XATTR_CAPABILITY = b"security.capability"
 CAP_FSETID = 4  # linux/capability.h
-# POSIX ACLs are not supported (pyfuse3's enable_acl is off): refusing them makes cp -a,
-# tar and rsync fall back to chmod instead of storing an ACL that is never enforced.
-XATTR_REFUSED_PREFIX = b"system."
+# POSIX ACLs are not supported (pyfuse3's enable_acl is off): EOPNOTSUPP, as from a local
+# filesystem without ACLs, makes cp -a, tar and rsync fall back to chmod instead of
+# storing an ACL that is never enforced, and `ls -l` stop asking after the first entry.
+XATTR_UNSUPPORTED_PREFIX = b"system."
+# SELinux labels FUSE mounts by policy (genfscon) and answers security.selinux itself, so
+# a stored label would take effect nowhere: EOPNOTSUPP, as under SELinux. `ls -l` asks
+# for it on every entry otherwise (one request each).
+XATTR_SELINUX = b"security.selinux"
+
+
+def _unsupported_xattr(name: bytes) -> bool:
+    return name.startswith(XATTR_UNSUPPORTED_PREFIX) or name == XATTR_SELINUX
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -306,20 +315,25 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         # The kernel asks for security.capability before every write: answer at once,
         # with no I/O (the mount is nosuid, so file capabilities never apply).
-        if name == XATTR_CAPABILITY or name.startswith(XATTR_REFUSED_PREFIX):
+        if name == XATTR_CAPABILITY:
             raise pyfuse3.FUSEError(errno.ENODATA)
+        if _unsupported_xattr(name):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         return self.volume.getxattr(inode, name)
 
     @_translate
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return self.volume.listxattr(inode)
+        # A label stored before security.selinux was refused is hidden (removable still).
+        return [name for name in self.volume.listxattr(inode) if not _unsupported_xattr(name)]
 
     @_translate
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        if name == XATTR_CAPABILITY or name.startswith(XATTR_REFUSED_PREFIX):
-            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if name == XATTR_CAPABILITY or _unsupported_xattr(name):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         self.volume.setxattr(inode, name, value)
 
     @_translate
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        if name.startswith(XATTR_UNSUPPORTED_PREFIX):  # (an empty ACL set is a removal)
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         self.volume.removexattr(inode, name)
