@@ -17,24 +17,39 @@ trio in two places:
 - `lowlevel.wait_readable`: when a request is already queued it returns at once, at
   most `FAST_PATH_BUDGET` times in a row, then takes trio's path (a real checkpoint), so
   the control socket, timers and thread results are never starved by a request flood.
+  When none is queued and trio itself has nothing to run, it blocks in poll() on the
+  FUSE device and on trio's own epoll descriptor, until the next trio deadline or
+  IDLE_POLL_CAP (`IdleWait`): a request that arrives then is served without a pass of
+  trio's scheduler, and anything trio waits for (a thread's result, the control
+  socket, a signal) wakes the poll and goes through trio as before. For one client:
+  getxattr round trip 34-39 -> 25-31 us, open+close 123-134 -> 86-90 us, and half
+  the daemon CPU; `cp -a` of 4,093 files 25-35% less daemon user CPU.
 Everything else is trio itself.
 """
 
 from __future__ import annotations
 
+import math
 import select
 import types
+from typing import Any, ClassVar
 
 import pyfuse3
 import trio
 
 FAST_PATH_BUDGET = 64  # requests served without a trio checkpoint, at most
+# Longest idle poll: trio is entered at least this often even if a wake-up were missed
+# (none is known; a missed one would cost this much latency, not a stuck request).
+IDLE_POLL_CAP = 0.05
 
 
 class RequestLock:
     """The async lock pyfuse3's workers share: no yield when free, no hand-off."""
 
     __slots__ = ("_held", "_lot")
+    # Workers woken by a release that have not run yet: they only look at the lock
+    # again, so IdleWait may block while they wait for their turn.
+    woken: ClassVar[set[Any]] = set()
 
     def __init__(self) -> None:
         self._held = False
@@ -42,27 +57,113 @@ class RequestLock:
 
     async def __aenter__(self) -> None:
         while self._held:
-            await self._lot.park()
+            try:
+                await self._lot.park()
+            finally:
+                RequestLock.woken.discard(trio.lowlevel.current_task())
         self._held = True
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._held = False
         if self._lot:
-            self._lot.unpark()
+            RequestLock.woken.update(self._lot.unpark())
 
     def locked(self) -> bool:
         return self._held
 
 
-class ReadyWaiter:
-    """`wait_readable` for the FUSE device, skipping trio while requests are queued."""
+class IdleWait:
+    """Block in poll() for one descriptor while trio has nothing to do, as trio would.
 
-    def __init__(self, budget: int = FAST_PATH_BUDGET) -> None:
+    Trio waits in epoll_wait on its own epoll descriptor, which is readable whenever
+    something trio waits for is ready (its wakeup socket carries thread results and
+    signals). Polling that descriptor plus ours, with trio's own timeout (the next
+    deadline, IDLE_POLL_CAP at most), wakes for everything trio would wake for. It is
+    used only when no other task is scheduled (in the run queue, or still in the batch
+    trio is running, which only the tasks' own state shows; workers woken by a release
+    of the RequestLock do not count, they only look at the lock again), no idle waiter
+    (`wait_all_tasks_blocked`), no callback queued, no instruments and no autojump
+    clock. That state is read from trio's runner and tasks (not public API):
+    `for_current_run` gives None when this trio lacks any of it, and the caller then
+    waits through trio as before.
+    """
+
+    def __init__(self, runner: Any, epoll_fd: int) -> None:
+        self._runner = runner
+        self._fd = -1
+        self.polls = 0  # times it blocked (for tests and statistics)
+        self._poller = select.poll()
+        self._poller.register(epoll_fd, select.POLLIN)
+
+    @classmethod
+    def for_current_run(cls) -> IdleWait | None:
+        try:
+            from trio._core._run import GLOBAL_RUN_CONTEXT
+
+            runner = GLOBAL_RUN_CONTEXT.runner
+            probe = cls(runner, runner.io_manager._epoll.fileno())
+            probe._trio_idle_timeout()
+        except (AttributeError, ImportError, TypeError):
+            return None
+        return probe
+
+    def _trio_idle_timeout(self) -> float:
+        """Seconds trio would sleep now (IDLE_POLL_CAP at most); 0 when it has work."""
+        runner = self._runner
+        entry_queue = runner.entry_queue
+        if (
+            # Scheduled tasks: in runq, or in the batch being run (a local list of trio's
+            # loop, not in runq), which only their pending resume shows.
+            any(
+                task._next_send_fn is not None and task not in RequestLock.woken
+                for task in runner.tasks
+            )
+            or runner.waiting_for_idle
+            or entry_queue.queue
+            or entry_queue.idempotent_queue
+            or "before_io_wait" in runner.instruments  # (instruments that see trio sleep)
+            or "after_io_wait" in runner.instruments
+            or runner.is_guest
+            or runner.clock_autojump_threshold != math.inf
+        ):
+            return 0.0
+        sleep = runner.clock.deadline_to_sleep_time(runner.deadlines.next_deadline())
+        return float(min(sleep, IDLE_POLL_CAP))
+
+    def __call__(self, fd: int) -> bool:
+        """True when `fd` became readable and nothing of trio's did (then the caller
+        returns with no checkpoint); False: go through trio."""
+        timeout = self._trio_idle_timeout()
+        if timeout <= 0:
+            return False
+        if fd != self._fd:
+            if self._fd >= 0:
+                self._poller.unregister(self._fd)
+            self._poller.register(fd, select.POLLIN)
+            self._fd = fd
+        self.polls += 1
+        ready = self._poller.poll(math.ceil(timeout * 1000))
+        return len(ready) == 1 and ready[0][0] == fd
+
+
+class ReadyWaiter:
+    """`wait_readable` for the FUSE device, skipping trio while requests are queued or
+    while trio is idle (`IdleWait`)."""
+
+    def __init__(self, budget: int = FAST_PATH_BUDGET, idle_wait: bool = True) -> None:
         self.budget = budget
         self._streak = 0
         self._fd = -1
         self._poller = select.poll()
+        self._idle_wait = idle_wait
+        self._idle: IdleWait | None = None
         self.fast = 0  # returns without a checkpoint (for tests and statistics)
+        self.idle = 0  # of which after blocking in IdleWait
+
+    @property
+    def idle_polls(self) -> int:
+        """How often it blocked in IdleWait (served a request or not)."""
+        return self._idle.polls if self._idle is not None else 0
 
     async def __call__(self, fd: int) -> None:
         if fd != self._fd:
@@ -70,10 +171,20 @@ class ReadyWaiter:
                 self._poller.unregister(self._fd)
             self._poller.register(fd, select.POLLIN)
             self._fd = fd
-        if self._streak < self.budget and self._poller.poll(0):
-            self._streak += 1
-            self.fast += 1
-            return
+        if self._streak < self.budget:
+            if self._poller.poll(0):
+                self._streak += 1
+                self.fast += 1
+                return
+            if self._idle_wait:
+                if self._idle is None:  # (the runner exists only inside trio.run)
+                    self._idle = IdleWait.for_current_run()
+                    self._idle_wait = self._idle is not None
+                if self._idle is not None and self._idle(fd):
+                    self._streak += 1
+                    self.fast += 1
+                    self.idle += 1
+                    return
         self._streak = 0
         await trio.lowlevel.wait_readable(fd)
 

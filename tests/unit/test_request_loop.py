@@ -7,6 +7,8 @@ comes from and the ones that keep other trio tasks alive.
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pyfuse3
 import trio
@@ -104,3 +106,207 @@ def test_facade_is_trio_but_for_the_lock_and_the_waiter():
     assert module.lowlevel.notify_closing is trio.lowlevel.notify_closing
     assert trio.lowlevel.wait_readable is not waiter  # trio itself is untouched
     assert pyfuse3.trio is trio  # swapped in only while serve_requests runs
+
+
+# --- IdleWait: blocking in poll() while trio is idle ----------------------------------------
+
+IN_POLL = "poll_schedule_timeout"  # the kernel function poll(2) sleeps in
+IN_EPOLL_WAIT = "do_epoll_wait"  # and epoll_wait(2), where trio itself sleeps
+
+
+def wait_until_asleep(tid: int, where: str = IN_POLL) -> None:
+    """From another thread: return once thread `tid` sleeps in that kernel function (not
+    on the GIL, say). Bounded: after 10 s it returns anyway, so a kernel that names its
+    functions otherwise fails the test instead of hanging it."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/self/task/{tid}/wchan") as f:
+            if f.read().startswith(where):
+                return
+        time.sleep(0)  # a yield (the state is polled), not a wait for readiness
+
+
+def write_once_asleep(tid: int, fd: int, where: str = IN_POLL) -> threading.Thread:
+    """A thread that writes to `fd` once the trio thread sleeps in `where`."""
+
+    def run():
+        wait_until_asleep(tid, where)
+        os.write(fd, b"x")
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_idle_wait_is_available_on_this_trio():
+    async def main():
+        assert loop.IdleWait.for_current_run() is not None
+
+    trio.run(main)
+
+
+def test_request_arriving_while_trio_is_idle_is_served_without_a_checkpoint():
+    read_end, write_end = os.pipe()
+    try:
+        waiter = loop.ReadyWaiter()
+
+        async def main():
+            await trio.testing.wait_all_tasks_blocked()  # trio's own tasks settle first
+            writer = write_once_asleep(threading.get_native_id(), write_end)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await waiter(read_end)  # a checkpoint would raise Cancelled here
+            writer.join()
+            assert not scope.cancelled_caught
+            assert (waiter.fast, waiter.idle) == (1, 1)
+
+        trio.run(main)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_idle_wait_wakes_for_a_thread_result():
+    """A worker thread finishing while the waiter blocks: trio runs its task at once."""
+    read_end, write_end = os.pipe()
+    try:
+        waiter = loop.ReadyWaiter()
+        release = threading.Event()
+        order = []
+
+        async def in_thread():
+            await trio.to_thread.run_sync(release.wait)
+            order.append("thread result")
+            os.write(write_end, b"x")  # the request the waiter then sees
+
+        async def main():
+            tid = threading.get_native_id()
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(in_thread)
+                    await trio.testing.wait_all_tasks_blocked()
+
+                    def set_when_asleep():
+                        wait_until_asleep(tid)
+                        release.set()
+
+                    helper = threading.Thread(target=set_when_asleep)
+                    helper.start()
+                    await waiter(read_end)
+                    order.append("request")
+                    helper.join()
+            assert order == ["thread result", "request"]
+            assert waiter.idle == 0  # woken by trio's descriptor, served through trio
+
+        trio.run(main)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def idle_polls_with_a_writer_in_the_same_batch() -> int:
+    """One round: a waiter and a writer rescheduled into the same trio batch."""
+    read_end, write_end = os.pipe()
+    try:
+        waiter = loop.ReadyWaiter()
+
+        async def writer():
+            await trio.lowlevel.checkpoint()  # rescheduled into the waiter's batch
+            os.write(write_end, b"x")
+
+        async def wait():
+            await trio.lowlevel.checkpoint()
+            await waiter(read_end)
+
+        async def main():
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(writer)
+                    nursery.start_soon(wait)
+
+        trio.run(main)
+        return waiter.idle_polls
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_idle_wait_never_blocks_a_task_scheduled_in_the_same_batch():
+    """Found as an fsync stalled until the next deadline: a task rescheduled in the batch
+    trio is running is in no queue; the waiter must see it and not block."""
+    # trio reverses half its batches: the waiter runs first in about half the rounds
+    assert [idle_polls_with_a_writer_in_the_same_batch() for _ in range(20)] == [0] * 20
+
+
+def test_workers_woken_by_a_lock_release_do_not_keep_the_waiter_from_blocking():
+    """Every release wakes a parked worker, which only looks at the lock again: it waits
+    for its turn while the lock holder blocks, then finds the lock held and parks."""
+    read_end, write_end = os.pipe()
+    try:
+        waiter = loop.ReadyWaiter()
+        lock = loop.RequestLock()
+
+        async def other_worker():
+            async with lock:
+                pass
+
+        async def main():
+            async with trio.open_nursery() as nursery:
+                await lock.__aenter__()
+                nursery.start_soon(other_worker)
+                await trio.testing.wait_all_tasks_blocked()  # parked on the lock
+                await lock.__aexit__(None, None, None)  # wakes it ...
+                await lock.__aenter__()  # ... and takes the lock again at once
+                assert len(loop.RequestLock.woken) == 1
+                writer = write_once_asleep(threading.get_native_id(), write_end)
+                await waiter(read_end)
+                writer.join()
+                assert (waiter.idle, waiter.idle_polls) == (1, 1)
+                await lock.__aexit__(None, None, None)
+            assert not loop.RequestLock.woken
+
+        trio.run(main)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_idle_wait_ends_at_the_next_trio_deadline():
+    read_end, write_end = os.pipe()
+    try:
+        waiter = loop.ReadyWaiter()
+
+        async def timer():
+            await trio.sleep(0.02)  # the deadline under test, not a readiness wait
+            os.write(write_end, b"x")
+
+        async def main():
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(timer)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await waiter(read_end)
+            assert waiter.idle == 0
+
+        trio.run(main)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_without_idle_wait_the_waiter_goes_through_trio(monkeypatch):
+    monkeypatch.setattr(loop.IdleWait, "for_current_run", classmethod(lambda cls: None))
+    read_end, write_end = os.pipe()
+    try:
+        waiter = loop.ReadyWaiter()
+
+        async def main():
+            writer = write_once_asleep(threading.get_native_id(), write_end, IN_EPOLL_WAIT)
+            await waiter(read_end)
+            writer.join()
+            assert (waiter.fast, waiter.idle) == (0, 0)
+
+        trio.run(main)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
