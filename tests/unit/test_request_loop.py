@@ -6,15 +6,28 @@ comes from and the ones that keep other trio tasks alive.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pyfuse3
 import trio
 import trio.testing
 
 from encfs.fuse import loop
+
+
+@contextlib.contextmanager
+def pipe() -> Iterator[tuple[int, int]]:
+    """A pipe standing in for /dev/fuse: (read end, write end), closed afterwards."""
+    read_end, write_end = os.pipe()
+    try:
+        yield read_end, write_end
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_free_lock_is_taken_without_a_checkpoint():
@@ -56,8 +69,7 @@ def test_release_wakes_a_waiter_without_handing_over():
 
 
 def test_waiter_skips_trio_while_data_is_queued_within_its_budget():
-    read_end, write_end = os.pipe()
-    try:
+    with pipe() as (read_end, write_end):
         os.write(write_end, b"x")
         waiter = loop.ReadyWaiter(budget=3)
 
@@ -73,14 +85,10 @@ def test_waiter_skips_trio_while_data_is_queued_within_its_budget():
             assert waiter.fast == 4
 
         trio.run(main)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
 
 
 def test_waiter_waits_through_trio_when_nothing_is_queued():
-    read_end, write_end = os.pipe()
-    try:
+    with pipe() as (read_end, write_end):
         waiter = loop.ReadyWaiter()
 
         async def main():
@@ -91,9 +99,6 @@ def test_waiter_waits_through_trio_when_nothing_is_queued():
             assert waiter.fast == 0
 
         trio.run(main)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
 
 
 def test_facade_is_trio_but_for_the_lock_and_the_waiter():
@@ -146,8 +151,7 @@ def test_idle_wait_is_available_on_this_trio():
 
 
 def test_request_arriving_while_trio_is_idle_is_served_without_a_checkpoint():
-    read_end, write_end = os.pipe()
-    try:
+    with pipe() as (read_end, write_end):
         waiter = loop.ReadyWaiter()
 
         async def main():
@@ -161,15 +165,11 @@ def test_request_arriving_while_trio_is_idle_is_served_without_a_checkpoint():
             assert (waiter.fast, waiter.idle) == (1, 1)
 
         trio.run(main)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
 
 
 def test_idle_wait_wakes_for_a_thread_result():
     """A worker thread finishing while the waiter blocks: trio runs its task at once."""
-    read_end, write_end = os.pipe()
-    try:
+    with pipe() as (read_end, write_end):
         waiter = loop.ReadyWaiter()
         release = threading.Event()
         order = []
@@ -199,15 +199,11 @@ def test_idle_wait_wakes_for_a_thread_result():
             assert waiter.idle == 0  # woken by trio's descriptor, served through trio
 
         trio.run(main)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
 
 
 def idle_polls_with_a_writer_in_the_same_batch() -> int:
     """One round: a waiter and a writer rescheduled into the same trio batch."""
-    read_end, write_end = os.pipe()
-    try:
+    with pipe() as (read_end, write_end):
         waiter = loop.ReadyWaiter()
 
         async def writer():
@@ -226,9 +222,6 @@ def idle_polls_with_a_writer_in_the_same_batch() -> int:
 
         trio.run(main)
         return waiter.idle_polls
-    finally:
-        os.close(read_end)
-        os.close(write_end)
 
 
 def test_idle_wait_never_blocks_a_task_scheduled_in_the_same_batch():
@@ -241,8 +234,7 @@ def test_idle_wait_never_blocks_a_task_scheduled_in_the_same_batch():
 def test_workers_woken_by_a_lock_release_do_not_keep_the_waiter_from_blocking():
     """Every release wakes a parked worker, which only looks at the lock again: it waits
     for its turn while the lock holder blocks, then finds the lock held and parks."""
-    read_end, write_end = os.pipe()
-    try:
+    with pipe() as (read_end, write_end):
         waiter = loop.ReadyWaiter()
         lock = loop.RequestLock()
 
@@ -266,14 +258,10 @@ def test_workers_woken_by_a_lock_release_do_not_keep_the_waiter_from_blocking():
             assert not loop.RequestLock.woken
 
         trio.run(main)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
 
 
 def test_idle_wait_ends_at_the_next_trio_deadline():
-    read_end, write_end = os.pipe()
-    try:
+    with pipe() as (read_end, write_end):
         waiter = loop.ReadyWaiter()
 
         async def timer():
@@ -289,15 +277,11 @@ def test_idle_wait_ends_at_the_next_trio_deadline():
             assert waiter.idle == 0
 
         trio.run(main)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
 
 
 def test_without_idle_wait_the_waiter_goes_through_trio(monkeypatch):
     monkeypatch.setattr(loop.IdleWait, "for_current_run", classmethod(lambda cls: None))
-    read_end, write_end = os.pipe()
-    try:
+    with pipe() as (read_end, write_end):
         waiter = loop.ReadyWaiter()
 
         async def main():
@@ -307,6 +291,3 @@ def test_without_idle_wait_the_waiter_goes_through_trio(monkeypatch):
             assert (waiter.fast, waiter.idle) == (0, 0)
 
         trio.run(main)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
