@@ -88,20 +88,22 @@ class IdleWait:
     waits through trio as before.
     """
 
-    def __init__(self, runner: Any, epoll_fd: int) -> None:
+    def __init__(self, runner: Any, epoll_fd: int, fd: int) -> None:
         self._runner = runner
-        self._fd = -1
+        self.fd = fd
         self.polls = 0  # times it blocked (for tests and statistics)
         self._poller = select.poll()
         self._poller.register(epoll_fd, select.POLLIN)
+        self._poller.register(fd, select.POLLIN)
 
     @classmethod
-    def for_current_run(cls) -> IdleWait | None:
+    def for_current_run(cls, fd: int) -> IdleWait | None:
+        """For `fd`, in the running trio; None if this trio lacks what it reads."""
         try:
             from trio._core._run import GLOBAL_RUN_CONTEXT
 
             runner = GLOBAL_RUN_CONTEXT.runner
-            probe = cls(runner, runner.io_manager._epoll.fileno())
+            probe = cls(runner, runner.io_manager._epoll.fileno(), fd)
             probe._trio_idle_timeout()
         except (AttributeError, ImportError, TypeError):
             return None
@@ -130,33 +132,28 @@ class IdleWait:
         sleep = runner.clock.deadline_to_sleep_time(runner.deadlines.next_deadline())
         return float(min(sleep, IDLE_POLL_CAP))
 
-    def __call__(self, fd: int) -> bool:
+    def __call__(self) -> bool:
         """True when `fd` became readable and nothing of trio's did (then the caller
         returns with no checkpoint); False: go through trio."""
         timeout = self._trio_idle_timeout()
         if timeout <= 0:
             return False
-        if fd != self._fd:
-            if self._fd >= 0:
-                self._poller.unregister(self._fd)
-            self._poller.register(fd, select.POLLIN)
-            self._fd = fd
         self.polls += 1
         ready = self._poller.poll(math.ceil(timeout * 1000))
-        return len(ready) == 1 and ready[0][0] == fd
+        return len(ready) == 1 and ready[0][0] == self.fd
 
 
 class ReadyWaiter:
     """`wait_readable` for the FUSE device, skipping trio while requests are queued or
     while trio is idle (`IdleWait`)."""
 
-    def __init__(self, budget: int = FAST_PATH_BUDGET, idle_wait: bool = True) -> None:
+    def __init__(self, budget: int = FAST_PATH_BUDGET) -> None:
         self.budget = budget
         self._streak = 0
         self._fd = -1
         self._poller = select.poll()
-        self._idle_wait = idle_wait
-        self._idle: IdleWait | None = None
+        self._idle: IdleWait | None = None  # made in the trio run, for this fd
+        self._idle_available = True  # False once this trio lacks what IdleWait reads
         self.fast = 0  # returns without a checkpoint (for tests and statistics)
         self.idle = 0  # of which after blocking in IdleWait
 
@@ -176,15 +173,14 @@ class ReadyWaiter:
                 self._streak += 1
                 self.fast += 1
                 return
-            if self._idle_wait:
-                if self._idle is None:  # (the runner exists only inside trio.run)
-                    self._idle = IdleWait.for_current_run()
-                    self._idle_wait = self._idle is not None
-                if self._idle is not None and self._idle(fd):
-                    self._streak += 1
-                    self.fast += 1
-                    self.idle += 1
-                    return
+            if self._idle_available and (self._idle is None or self._idle.fd != fd):
+                self._idle = IdleWait.for_current_run(fd)
+                self._idle_available = self._idle is not None
+            if self._idle is not None and self._idle():
+                self._streak += 1
+                self.fast += 1
+                self.idle += 1
+                return
         self._streak = 0
         await trio.lowlevel.wait_readable(fd)
 

@@ -145,7 +145,7 @@ def write_once_asleep(tid: int, fd: int, where: str = IN_POLL) -> threading.Thre
 
 def test_idle_wait_is_available_on_this_trio():
     async def main():
-        assert loop.IdleWait.for_current_run() is not None
+        assert loop.IdleWait.for_current_run(0) is not None
 
     trio.run(main)
 
@@ -280,7 +280,7 @@ def test_idle_wait_ends_at_the_next_trio_deadline():
 
 
 def test_without_idle_wait_the_waiter_goes_through_trio(monkeypatch):
-    monkeypatch.setattr(loop.IdleWait, "for_current_run", classmethod(lambda cls: None))
+    monkeypatch.setattr(loop.IdleWait, "for_current_run", classmethod(lambda cls, fd: None))
     with pipe() as (read_end, write_end):
         waiter = loop.ReadyWaiter()
 
