@@ -22,22 +22,26 @@ from encfs import backing, crypto
 from encfs.errors import IntegrityError
 from encfs.format.blocks import (
     BLOCKS_PER_GROUP,
+    KEY_RECORD_FIELDS,
     KEY_RECORD_SIZE,
     NONCE_SIZE,
     RECORD_OVERHEAD,
+    SLOT_AAD_FROM_PREFIX,
+    SLOT_SEALED,
     SLOT_SIZE,
-    KeySlot,
+    Candidate,
     Layout,
     block_aad,
-    newer_generation,
-    slot_aad,
+    slot_aad_prefix,
+    slot_candidates,
 )
 from encfs.keyring import Keyring
 
 log = logging.getLogger(__name__)
 
-_U64 = struct.Struct(">Q")
-_SLOT_HEAD = struct.Struct(">HBB")
+# A block's AAD from the part that is the same for all blocks of a file: one pack call.
+_BLOCK_AAD_FROM_PREFIX = struct.Struct(f">{len(block_aad(bytes(16), bytes(16), 0)) - 8}sQ")
+SEAL_RANDOM_SIZE = crypto.KEY_SIZE + 2 * NONCE_SIZE  # DEK, block nonce, slot nonce
 
 
 class BlockIntegrityError(IntegrityError):
@@ -49,7 +53,15 @@ class BlockIntegrityError(IntegrityError):
 class FileContents:
     """Encrypted contents of one backing file, reached through an open data fd."""
 
-    __slots__ = ("_block_aad_prefix", "fd", "file_id", "keyring", "layout", "volume_id")
+    __slots__ = (
+        "_block_aad_prefix",
+        "_slot_aad_prefix",
+        "fd",
+        "file_id",
+        "keyring",
+        "layout",
+        "volume_id",
+    )
 
     def __init__(
         self, fd: int, layout: Layout, volume_id: bytes, file_id: bytes, keyring: Keyring
@@ -59,7 +71,8 @@ class FileContents:
         self.volume_id = volume_id
         self.file_id = file_id
         self.keyring = keyring
-        self._block_aad_prefix = block_aad(volume_id, file_id, 0)[: -_U64.size]
+        self._block_aad_prefix = block_aad(volume_id, file_id, 0)[:-8]  # all but the index
+        self._slot_aad_prefix = slot_aad_prefix(volume_id, file_id)
 
     # --- sizes ---------------------------------------------------------------------
     def plain_size(self) -> int:
@@ -73,88 +86,126 @@ class FileContents:
             data.extend(bytes(wanted - len(data)))
         return data
 
-    def _unwrap(self, block_index: int, slot: KeySlot) -> bytes:
-        cipher = self.keyring.slot_cipher(slot.kek_version, self.file_id)
-        aad = slot_aad(self.volume_id, self.file_id, block_index, slot.kek_version, slot.generation)
-        try:
-            return cipher.decrypt(slot.nonce, slot.wrapped_dek + slot.tag, aad)
-        except crypto.InvalidTag_:
-            raise BlockIntegrityError(block_index, "key slot does not authenticate") from None
-
+    @staticmethod
     def _slots_newest_first(
-        self, block_index: int, key_record: bytes | memoryview
-    ) -> list[KeySlot]:
-        try:
-            slots = [
-                s
-                for s in (
-                    KeySlot.unpack(key_record[:SLOT_SIZE]),
-                    KeySlot.unpack(key_record[SLOT_SIZE:KEY_RECORD_SIZE]),
-                )
-                if s is not None
-            ]
-        except IntegrityError as exc:
-            raise BlockIntegrityError(block_index, str(exc)) from None
-        if len(slots) == 2 and newer_generation(slots[1].generation, slots[0].generation):
-            slots.reverse()
-        return slots
+        block_index: int, key_records: bytes | bytearray | memoryview, offset: int = 0
+    ) -> tuple[Candidate, ...]:
+        """The live slots of the key record at `offset`, newest first."""
+        candidates = slot_candidates(KEY_RECORD_FIELDS.unpack_from(key_records, offset))
+        if candidates is None:
+            raise BlockIntegrityError(block_index, "malformed key slot")
+        return candidates
 
-    # --- one block ------------------------------------------------------------------
-    def _open_block_into(
-        self, block_index: int, key_record: memoryview, record: memoryview, out: memoryview
+    # --- blocks ---------------------------------------------------------------------
+    def _open_blocks_into(
+        self, first: int, keys: memoryview, records: memoryview, last_length: int, out: memoryview
     ) -> None:
-        """Decrypt one block record into `out`; zeros for a hole; BlockIntegrityError."""
-        slots = self._slots_newest_first(block_index, key_record)
-        if not slots:
-            if any(record):
-                raise BlockIntegrityError(block_index, "data present but no key slot")
-            out[:] = bytes(len(out))
-            return
-        aad = self._block_aad_prefix + _U64.pack(block_index)
-        nonce = record[:NONCE_SIZE]
-        for slot in slots:
-            try:
-                dek = self._unwrap(block_index, slot)
-                crypto.AESGCM_(dek).decrypt_into(nonce, record[NONCE_SIZE:], aad, out)
-                return
-            except (crypto.InvalidTag_, BlockIntegrityError):
+        """Decrypt consecutive block records (`records`, the last one `last_length` bytes
+        long) of blocks first.. (key records in `keys`) into `out`: zeros for a hole,
+        BlockIntegrityError for a block that opens under none of its slots.
+
+        The hot loop of every read: one C unpack per key record, the slot ciphers looked
+        up once per call, no objects per slot.
+        """
+        record_size = self.layout.record_size
+        block_size = self.layout.block_size
+        count = len(keys) // KEY_RECORD_SIZE
+        openers: dict[int, crypto.AESGCM_] = {}
+        slot_aad = SLOT_AAD_FROM_PREFIX.pack
+        slot_prefix = self._slot_aad_prefix
+        block_aad = _BLOCK_AAD_FROM_PREFIX.pack
+        block_prefix = self._block_aad_prefix
+        aesgcm, invalid_tag = crypto.AESGCM_, crypto.InvalidTag_
+        for k, fields in enumerate(KEY_RECORD_FIELDS.iter_unpack(keys)):
+            index = first + k
+            start = k * record_size
+            length = record_size if k < count - 1 else last_length
+            record = records[start : start + length]
+            target = out[k * block_size : k * block_size + length - RECORD_OVERHEAD]
+            candidates = slot_candidates(fields)
+            if candidates is None:
+                raise BlockIntegrityError(index, "malformed key slot")
+            if not candidates:
+                if any(record):
+                    raise BlockIntegrityError(index, "data present but no key slot")
+                target[:] = bytes(len(target))
                 continue
-        raise BlockIntegrityError(block_index, "block does not authenticate under its keys")
+            nonce, body = record[:NONCE_SIZE], record[NONCE_SIZE:]
+            aad = block_aad(block_prefix, index)
+            for _, version, generation, slot_nonce, sealed in candidates:
+                opener = openers.get(version)
+                if opener is None:
+                    opener = openers[version] = self.keyring.slot_cipher(version, self.file_id)
+                try:
+                    wrapped_aad = slot_aad(slot_prefix, index, version, generation)
+                    dek = opener.decrypt(slot_nonce, sealed, wrapped_aad)
+                    aesgcm(dek).decrypt_into(nonce, body, aad, target)
+                    break
+                except invalid_tag:
+                    continue
+            else:
+                raise BlockIntegrityError(index, "block does not authenticate under its keys")
 
     def _seal_block_into(
-        self, block_index: int, plaintext: bytes | memoryview, generation: int, out: memoryview
+        self,
+        block_index: int,
+        plaintext: bytes | memoryview,
+        generation: int,
+        out: memoryview,
+        randomness: bytes | memoryview,
+        kek_version: int,
+        wrapper: crypto.AESGCM_,
     ) -> bytes:
-        """Encrypt a block under a fresh DEK into `out` (its record); return the key slot."""
-        randomness = crypto.random_bytes(crypto.KEY_SIZE + 2 * NONCE_SIZE)  # one syscall
-        dek = randomness[: crypto.KEY_SIZE]
-        nonce = randomness[crypto.KEY_SIZE : crypto.KEY_SIZE + NONCE_SIZE]
-        slot_nonce = randomness[crypto.KEY_SIZE + NONCE_SIZE :]
+        """Encrypt a block under a fresh DEK into `out` (its record); return the key slot.
+
+        `randomness`: SEAL_RANDOM_SIZE bytes (DEK, block nonce, slot nonce); `wrapper`:
+        the slot cipher of `kek_version` for this file.
+        """
+        dek = bytes(randomness[: crypto.KEY_SIZE])
+        nonce = bytes(randomness[crypto.KEY_SIZE : crypto.KEY_SIZE + NONCE_SIZE])
+        slot_nonce = bytes(randomness[crypto.KEY_SIZE + NONCE_SIZE : SEAL_RANDOM_SIZE])
         out[:NONCE_SIZE] = nonce
         crypto.AESGCM_(dek).encrypt_into(
-            nonce, plaintext, self._block_aad_prefix + _U64.pack(block_index), out[NONCE_SIZE:]
+            nonce,
+            plaintext,
+            _BLOCK_AAD_FROM_PREFIX.pack(self._block_aad_prefix, block_index),
+            out[NONCE_SIZE:],
         )
-        kek_version = self.keyring.current_kek_version
-        wrapped = self.keyring.slot_cipher(kek_version, self.file_id).encrypt(
+        wrapped = wrapper.encrypt(
             slot_nonce,
             dek,
-            slot_aad(self.volume_id, self.file_id, block_index, kek_version, generation),
+            SLOT_AAD_FROM_PREFIX.pack(self._slot_aad_prefix, block_index, kek_version, generation),
         )
-        return _SLOT_HEAD.pack(kek_version, generation, 0) + slot_nonce + wrapped
+        return SLOT_SEALED.pack(kek_version, generation, 0, slot_nonce, wrapped)
 
     def _seal_block(
         self, block_index: int, plaintext: bytes | memoryview, generation: int
     ) -> tuple[bytes, bytes]:
         """Encrypt a block under a fresh DEK; return (record, packed key slot)."""
         record = bytearray(len(plaintext) + RECORD_OVERHEAD)
-        slot = self._seal_block_into(block_index, plaintext, generation, memoryview(record))
+        kek_version = self.keyring.current_kek_version
+        slot = self._seal_block_into(
+            block_index,
+            plaintext,
+            generation,
+            memoryview(record),
+            crypto.random_bytes(SEAL_RANDOM_SIZE),
+            kek_version,
+            self.keyring.slot_cipher(kek_version, self.file_id),
+        )
         return bytes(record), slot
 
     # --- reads ----------------------------------------------------------------------
-    def read(self, plain_offset: int, plain_length: int) -> bytes:
+    def read(self, plain_offset: int, plain_length: int) -> bytearray:
+        """The plaintext in [plain_offset, plain_offset + plain_length), short at EOF.
+
+        A bytearray, so the buffer the blocks were decrypted into is handed on as is
+        (trimming its ends is cheap) instead of being copied into bytes.
+        """
         plain_size = self.plain_size()
         plain_end = min(plain_offset + plain_length, plain_size)
         if plain_offset >= plain_end:
-            return b""
+            return bytearray()
         block_size = self.layout.block_size
         first = plain_offset // block_size
         last = (plain_end - 1) // block_size
@@ -163,10 +214,10 @@ class FileContents:
         for run_first, run_last in _group_runs(first, last):
             start = (run_first - first) * block_size
             self._read_run_into(run_first, run_last, plain_size, view[start:])
-        skip = plain_offset - first * block_size
-        if skip == 0 and len(out) == plain_end - plain_offset:
-            return bytes(out)
-        return bytes(view[skip : skip + plain_end - plain_offset])
+        view.release()
+        del out[plain_end - first * block_size :]
+        del out[: plain_offset - first * block_size]
+        return out
 
     def _read_run_into(self, first: int, last: int, plain_size: int, out: memoryview) -> None:
         """Decrypt blocks first..last (all in one group, 2 preads) into `out`."""
@@ -178,16 +229,7 @@ class FileContents:
         records = memoryview(os.pread(self.fd, wanted, layout.record_offset(first)))
         if len(records) < wanted:
             raise BlockIntegrityError(last, "record truncated")
-        block_size = layout.block_size
-        for k in range(count):
-            start = k * layout.record_size
-            length = layout.record_size if k < count - 1 else last_length
-            self._open_block_into(
-                first + k,
-                keys[k * KEY_RECORD_SIZE : (k + 1) * KEY_RECORD_SIZE],
-                records[start : start + length],
-                out[k * block_size : k * block_size + length - RECORD_OVERHEAD],
-            )
+        self._open_blocks_into(first, keys, records, last_length, out)
 
     def read_block(self, block_index: int, plain_size: int) -> bytes:
         return bytes(self._read_block_for_update(block_index, plain_size)[0])
@@ -203,8 +245,8 @@ class FileContents:
             record = os.pread(self.fd, wanted, self.layout.record_offset(block_index))
             if len(record) < wanted:
                 raise BlockIntegrityError(block_index, "record truncated")
-            self._open_block_into(
-                block_index, memoryview(keys), memoryview(record), memoryview(out)
+            self._open_blocks_into(
+                block_index, memoryview(keys), memoryview(record), wanted, memoryview(out)
             )
         return out, bytes(keys)
 
@@ -320,25 +362,35 @@ class FileContents:
             else:
                 keys = self._read_key_records(first, len(run))
             original_keys = bytes(keys)
-            final_keys = bytearray(keys)
+            final_keys = bytearray(len(keys))
             sizes = [len(blocks[index]) + RECORD_OVERHEAD for index in run]
             records = bytearray(sum(sizes))
             view = memoryview(records)
+            kek_version = self.keyring.current_kek_version
+            wrapper = self.keyring.slot_cipher(kek_version, self.file_id)
+            randomness = memoryview(crypto.random_bytes(SEAL_RANDOM_SIZE * len(run)))
             position = 0
             for k, index in enumerate(run):
                 base = k * KEY_RECORD_SIZE
-                slots = self._slots_newest_first(index, keys[base : base + KEY_RECORD_SIZE])
-                generation = (slots[0].generation + 1) & 0xFF if slots else 0
-                # Put the new DEK in the slot not holding the newest key.
-                newest_raw = slots[0].pack() if slots else None
-                free = SLOT_SIZE if bytes(keys[base : base + SLOT_SIZE]) == newest_raw else 0
+                slots = self._slots_newest_first(index, keys, base)
+                # The new DEK goes into the slot not holding the newest key.
+                if slots:
+                    generation = (slots[0][2] + 1) & 0xFF
+                    free = base + (1 - slots[0][0]) * SLOT_SIZE
+                else:
+                    generation, free = 0, base
                 packed = self._seal_block_into(
-                    index, blocks[index], generation, view[position : position + sizes[k]]
+                    index,
+                    blocks[index],
+                    generation,
+                    view[position : position + sizes[k]],
+                    randomness[k * SEAL_RANDOM_SIZE : (k + 1) * SEAL_RANDOM_SIZE],
+                    kek_version,
+                    wrapper,
                 )
                 position += sizes[k]
-                keys[base + free : base + free + SLOT_SIZE] = packed
-                final_keys[base : base + KEY_RECORD_SIZE] = bytes(KEY_RECORD_SIZE)
-                final_keys[base + free : base + free + SLOT_SIZE] = packed
+                keys[free : free + SLOT_SIZE] = packed
+                final_keys[free : free + SLOT_SIZE] = packed
             key_offset = self.layout.key_record_offset(first)
             record_offset = self.layout.record_offset(first)
             if st is None:
@@ -385,9 +437,8 @@ class FileContents:
             kept = self.read_block(index, old_size)[: new_size - index * block_size]
             keys = self._read_key_records(index, 1)
             slots = self._slots_newest_first(index, keys)
-            generation = (slots[0].generation + 1) & 0xFF if slots else 0
-            newest_raw = slots[0].pack() if slots else None
-            free = SLOT_SIZE if bytes(keys[:SLOT_SIZE]) == newest_raw else 0
+            generation = (slots[0][2] + 1) & 0xFF if slots else 0
+            free = (1 - slots[0][0]) * SLOT_SIZE if slots else 0
             record, packed = self._seal_block(index, kept, generation)
             keys[free : free + SLOT_SIZE] = packed
             key_offset = layout.key_record_offset(index)

@@ -38,10 +38,12 @@ from encfs.format.blocks import (
     SLOT_AAD_FROM_PREFIX,
     SLOT_SEALED,
     SLOT_SIZE,
+    ZERO_NONCE,
+    ZERO_SEALED,
     FileHeader,
     Layout,
-    newer_generation,
     slot_aad_prefix,
+    slot_candidates,
 )
 from encfs.format.volume import KekVersion, Protector, VolumeConfig
 from encfs.keyring import ProviderFactory
@@ -318,46 +320,11 @@ def _advise_key_areas(layout: Layout, fd: int, cipher_size: int) -> None:
         group += 1
 
 
-_ZERO_NONCE = bytes(NONCE_SIZE)
-_ZERO_SEALED = bytes(SLOT_SIZE - 4 - NONCE_SIZE)
-
-# One DEK candidate of a record: (slot position, kek_version, generation, nonce, sealed).
-Candidate = tuple[int, int, int, bytes, bytes]
-
-
 def _records_in_use(area: bytes | bytearray) -> int:
     """Key records up to the last non-zero byte: the all-zero rest (the unused records of
     a small file's group) is skipped in one C-speed scan instead of record by record."""
     used = len(area.rstrip(b"\0"))
     return min(-(-used // KEY_RECORD_SIZE), len(area) // KEY_RECORD_SIZE)
-
-
-def _slot_empty(generation: int, reserved: int, nonce: bytes, sealed: bytes) -> bool:
-    """The rest of a slot whose KEK version is 0: all zero, or the record is malformed."""
-    return not (generation or reserved) and nonce == _ZERO_NONCE and sealed == _ZERO_SEALED
-
-
-def _candidates(fields: tuple) -> tuple[Candidate, ...] | None:
-    """The non-empty slots of a record, newest first; None if malformed.
-
-    The same rules as KeySlot.unpack: a slot with KEK version 0 must be all zero (empty),
-    any other must have reserved == 0. The pass inlines the common one-slot case and
-    calls this for the rest.
-    """
-    v0, g0, r0, n0, s0, v1, g1, r1, n1, s1 = fields
-    present = []
-    for position, (version, generation, reserved, nonce, sealed) in enumerate(
-        ((v0, g0, r0, n0, s0), (v1, g1, r1, n1, s1))
-    ):
-        if version:
-            if reserved:
-                return None
-            present.append((position, version, generation, nonce, sealed))
-        elif not _slot_empty(generation, reserved, nonce, sealed):
-            return None
-    if len(present) == 2 and newer_generation(present[1][2], present[0][2]):
-        present.reverse()
-    return tuple(present)
 
 
 def _slot_mask(position: int) -> int:
@@ -406,7 +373,7 @@ def _newest_versions(area: bytes | bytearray) -> Iterator[int]:
     """
     records = _records_in_use(area)
     for fields in KEY_RECORD_FIELDS.iter_unpack(memoryview(area)[: records * KEY_RECORD_SIZE]):
-        candidates = _candidates(fields)
+        candidates = slot_candidates(fields)
         yield -1 if candidates is None else (candidates[0][1] if candidates else 0)
 
 
@@ -509,7 +476,7 @@ class RewrapPass:
         aad_prefix = keys.aad_prefix
         seal = keys.target_cipher.encrypt
         pack_slot = SLOT_SEALED.pack
-        zero_nonce, zero_sealed, empty_slot = _ZERO_NONCE, _ZERO_SEALED, EMPTY_SLOT
+        zero_nonce, zero_sealed, empty_slot = ZERO_NONCE, ZERO_SEALED, EMPTY_SLOT
         cipher_version, cipher = -1, keys.target_cipher
         block_index = group * BLOCKS_PER_GROUP - 1
         base = -KEY_RECORD_SIZE
@@ -575,7 +542,7 @@ class RewrapPass:
         """A record that is not one slot in use: empty, two slots (a pass or a writer was
         interrupted), or malformed. Returns (newest position, generation, DEK) when it
         needs a new wrap; else it is accounted for here and None is returned."""
-        candidates = _candidates(fields)
+        candidates = slot_candidates(fields)
         if candidates is None:
             self.stats.unreadable_slots += 1
             self.versions[-1] += 1

@@ -151,6 +151,46 @@ SLOT_SEALED = struct.Struct(">HBB12s48s")
 SLOT_AAD_FROM_PREFIX = struct.Struct(f">{SLOT_AAD_PREFIX.size}s{SLOT_AAD_TAIL.format[1:]}")
 
 
+ZERO_NONCE = bytes(NONCE_SIZE)
+ZERO_SEALED = bytes(SLOT_SIZE - 4 - NONCE_SIZE)
+
+# One DEK candidate of a key record: (slot position, kek_version, generation, nonce, sealed).
+Candidate = tuple[int, int, int, bytes, bytes]
+
+
+def _slot_empty(generation: int, reserved: int, nonce: bytes, sealed: bytes) -> bool:
+    """The rest of a slot whose KEK version is 0: all zero, or the record is malformed."""
+    return not (generation or reserved) and nonce == ZERO_NONCE and sealed == ZERO_SEALED
+
+
+def slot_candidates(fields: tuple) -> tuple[Candidate, ...] | None:
+    """The non-empty slots of a key record (KEY_RECORD_FIELDS unpacked), newest first;
+    None if malformed.
+
+    The same rules as KeySlot.unpack: a slot with KEK version 0 must be all zero (empty),
+    any other must have reserved == 0. The common state, one slot in use and the other
+    empty, is checked first with no loop.
+    """
+    v0, g0, r0, n0, s0, v1, g1, r1, n1, s1 = fields
+    if v0 and not (v1 or g1 or r1 or r0) and n1 == ZERO_NONCE and s1 == ZERO_SEALED:
+        return ((0, v0, g0, n0, s0),)
+    if v1 and not (v0 or g0 or r0 or r1) and n0 == ZERO_NONCE and s0 == ZERO_SEALED:
+        return ((1, v1, g1, n1, s1),)
+    present = []
+    for position, (version, generation, reserved, nonce, sealed) in enumerate(
+        ((v0, g0, r0, n0, s0), (v1, g1, r1, n1, s1))
+    ):
+        if version:
+            if reserved:
+                return None
+            present.append((position, version, generation, nonce, sealed))
+        elif not _slot_empty(generation, reserved, nonce, sealed):
+            return None
+    if len(present) == 2 and newer_generation(present[1][2], present[0][2]):
+        present.reverse()
+    return tuple(present)
+
+
 def slot_aad_prefix(volume_id: bytes, file_id: bytes) -> bytes:
     """slot_aad() without its tail: computed once per file by bulk passes."""
     return SLOT_AAD_PREFIX.pack(SLOT_AAD_LABEL, FORMAT_VERSION, volume_id, file_id)
