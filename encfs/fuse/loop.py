@@ -24,6 +24,11 @@ trio in two places:
   socket, a signal) wakes the poll and goes through trio as before. For one client:
   getxattr round trip 34-39 -> 25-31 us, open+close 123-134 -> 86-90 us, and half
   the daemon CPU; `cp -a` of 4,093 files 25-35% less daemon user CPU.
+  Before it sleeps, `IdleWait` busy-polls for a short adaptive window (`SpinWindow`):
+  a client that sends its next request right after our reply finds us awake, so
+  neither side pays for waking a sleeping thread (on this VM the wake-up of a halted
+  vCPU dominates a small request's round trip: stat of 10,000 names 30% faster,
+  random 4 KiB I/O 1.5x). The window shrinks to nothing while requests come rarely.
 Everything else is trio itself.
 """
 
@@ -31,16 +36,47 @@ from __future__ import annotations
 
 import math
 import select
+import time
 import types
 from typing import Any, ClassVar
 
 import pyfuse3
 import trio
 
+clock = time.perf_counter  # (a module attribute: tests drive the spin through it)
 FAST_PATH_BUDGET = 64  # requests served without a trio checkpoint, at most
 # Longest idle poll: trio is entered at least this often even if a wake-up were missed
 # (none is known; a missed one would cost this much latency, not a stuck request).
 IDLE_POLL_CAP = 0.05
+# Busy-polling before a sleep (seconds): at most SPIN_MAX, and not at all once the window
+# would fall below SPIN_MIN. 100 us catches the next request of a client that is
+# working through a list (stat, unlink, a 4 KiB read or write: 20-60 us apart here).
+SPIN_MAX = 100e-6
+SPIN_MIN = 10e-6
+
+
+class SpinWindow:
+    """How long to busy-poll before sleeping, adapted like KVM's halt polling.
+
+    After every wait that had to sleep: if the event came within SPIN_MAX, a longer
+    window would have caught it, so the window doubles (from SPIN_MIN); if it came
+    later, the window halves, down to zero. A mount with a steady stream of requests
+    keeps spinning; an idle one, or one whose client pauses longer than SPIN_MAX
+    between requests, stops after a few waits and costs no CPU.
+    """
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = SPIN_MAX
+
+    def after_sleep(self, waited: float) -> None:
+        """`waited`: seconds from the start of the wait (spin included) to its event."""
+        if waited <= SPIN_MAX:
+            self.seconds = min(SPIN_MAX, max(SPIN_MIN, self.seconds * 2))
+        else:
+            half = self.seconds / 2
+            self.seconds = half if half >= SPIN_MIN else 0.0
 
 
 class RequestLock:
@@ -73,7 +109,7 @@ class RequestLock:
 
 
 class IdleWait:
-    """Block in poll() for one descriptor while trio has nothing to do, as trio would.
+    """Wait in poll() for one descriptor while trio has nothing to do, as trio would.
 
     Trio waits in epoll_wait on its own epoll descriptor, which is readable whenever
     something trio waits for is ready (its wakeup socket carries thread results and
@@ -91,7 +127,9 @@ class IdleWait:
     def __init__(self, runner: Any, epoll_fd: int, fd: int) -> None:
         self._runner = runner
         self.fd = fd
-        self.polls = 0  # times it blocked (for tests and statistics)
+        self.polls = 0  # times it waited (for tests and statistics)
+        self.sleeps = 0  # of which the spin ended with nothing ready
+        self.spin = SpinWindow()
         self._poller = select.poll()
         self._poller.register(epoll_fd, select.POLLIN)
         self._poller.register(fd, select.POLLIN)
@@ -139,7 +177,17 @@ class IdleWait:
         if timeout <= 0:
             return False
         self.polls += 1
-        ready = self._poller.poll(math.ceil(timeout * 1000))
+        poll = self._poller.poll
+        start = clock()
+        spin_end = start + min(self.spin.seconds, timeout)
+        while True:  # the spin: non-blocking polls until the window ends
+            ready = poll(0)
+            if ready or clock() >= spin_end:
+                break
+        if not ready:
+            self.sleeps += 1
+            ready = poll(math.ceil(timeout * 1000))
+            self.spin.after_sleep(clock() - start)
         return len(ready) == 1 and ready[0][0] == self.fd
 
 
@@ -159,7 +207,8 @@ class ReadyWaiter:
 
     @property
     def idle_polls(self) -> int:
-        """How often it blocked in IdleWait (served a request or not)."""
+        """How often it waited in IdleWait (spun, then maybe slept; served a request or
+        not)."""
         return self._idle.polls if self._idle is not None else 0
 
     async def __call__(self, fd: int) -> None:

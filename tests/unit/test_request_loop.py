@@ -163,6 +163,7 @@ def test_request_arriving_while_trio_is_idle_is_served_without_a_checkpoint():
             writer.join()
             assert not scope.cancelled_caught
             assert (waiter.fast, waiter.idle) == (1, 1)
+            assert waiter._idle is not None and waiter._idle.sleeps == 1  # after the spin
 
         trio.run(main)
 
@@ -291,3 +292,55 @@ def test_without_idle_wait_the_waiter_goes_through_trio(monkeypatch):
             assert (waiter.fast, waiter.idle) == (0, 0)
 
         trio.run(main)
+
+
+# --- the spin before a sleep --------------------------------------------------------------
+
+
+def test_request_arriving_during_the_spin_is_served_without_sleeping(monkeypatch):
+    """The clock the spin reads is a counter; the request arrives at its second reading,
+    so the spin sees it with the window still open, whatever the machine's speed."""
+    with pipe() as (read_end, write_end):
+        waiter = loop.ReadyWaiter()
+        readings = []
+
+        def clock():
+            readings.append(None)
+            if len(readings) == 2:
+                os.write(write_end, b"x")
+            return len(readings) * 1e-6
+
+        async def main():
+            await trio.testing.wait_all_tasks_blocked()
+            monkeypatch.setattr(loop, "clock", clock)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await waiter(read_end)  # a checkpoint would raise Cancelled here
+            assert not scope.cancelled_caught
+            assert (waiter.idle, waiter.idle_polls) == (1, 1)
+            assert waiter._idle is not None and waiter._idle.sleeps == 0
+
+        trio.run(main)
+
+
+def test_spin_window_shrinks_to_nothing_while_requests_come_rarely():
+    window = loop.SpinWindow()
+    assert window.seconds == loop.SPIN_MAX
+    widths = []
+    for _ in range(6):
+        window.after_sleep(0.01)  # each event came long after the window
+        widths.append(window.seconds)
+    assert widths[:3] == [loop.SPIN_MAX / 2, loop.SPIN_MAX / 4, loop.SPIN_MAX / 8]
+    assert widths[-1] == 0.0 and all(w == 0.0 or w >= loop.SPIN_MIN for w in widths)
+
+
+def test_spin_window_grows_back_when_events_come_soon_after_a_sleep():
+    window = loop.SpinWindow()
+    window.seconds = 0.0
+    widths = []
+    for _ in range(6):
+        window.after_sleep(loop.SPIN_MAX / 2)  # a longer spin would have caught it
+        widths.append(window.seconds)
+    assert widths[0] == loop.SPIN_MIN
+    assert widths[1] == 2 * loop.SPIN_MIN
+    assert widths[-1] == loop.SPIN_MAX
