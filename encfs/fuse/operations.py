@@ -252,11 +252,13 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return self.volume.write(fh, off, buf)
 
-    @_translate
     async def flush(self, fh: int) -> None:
-        # Data is in the backing store's page cache after every write; durability is
-        # fsync's job. Answering (not ENOSYS) keeps the kernel sending flushes.
-        return None
+        # Nothing to do: data is in the backing store's page cache after every write and
+        # durability is fsync's job. ENOSYS tells the kernel so once (fc->no_flush): it
+        # sends no FLUSH at any later close, one request less per close. It still writes
+        # back its dirty pages at close in writeback-cache mode and returns their errors,
+        # as that happens before it looks at no_flush (fs/fuse/file.c, fuse_flush).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_translate
     async def fsync(self, fh: int, datasync: bool) -> None:
