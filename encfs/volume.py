@@ -1093,7 +1093,7 @@ class Volume:
         except KeyError:
             raise _oserror(errno.EBADF) from None
 
-    def read(self, fh: int, plain_offset: int, plain_length: int) -> bytes:
+    def read(self, fh: int, plain_offset: int, plain_length: int) -> bytes | bytearray:
         inode = self._handle(fh)
         if inode.contents is None:
             return b""

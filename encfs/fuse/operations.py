@@ -245,7 +245,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh), entry_attributes(attr)
 
     @_translate
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         return self.volume.read(fh, off, size)
 
     @_translate
