@@ -263,7 +263,12 @@ def _mount_background(args: argparse.Namespace) -> int:
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:  # EAGAIN (process limit), ENOMEM
+        os.close(read_fd)
+        os.close(write_fd)
+        raise MountFailed(f"cannot start the daemon: {exc.strerror}") from None
     if pid == 0:  # the daemon: never returns into the caller's code
         code = 1
         try:

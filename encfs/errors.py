@@ -57,7 +57,8 @@ class MountpointError(EncfsError):
 
 
 class MountFailed(EncfsError):
-    """The kernel refused the FUSE mount, or the daemon died before the mount was live."""
+    """The kernel refused the FUSE mount, the daemon could not be started (fork), or it
+    died before the mount was live."""
 
     exit_code = 16
 

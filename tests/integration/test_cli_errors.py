@@ -36,7 +36,16 @@ from encfs.errors import (
     VolumeExists,
     WrongKey,
 )
-from tests.helpers.mount import Volume, daemon_pid, init_volume, is_mounted, mounted, run_cli
+from tests.helpers.mount import (
+    ENCFS_GW,
+    TIMEOUT,
+    Volume,
+    daemon_pid,
+    init_volume,
+    is_mounted,
+    mounted,
+    run_cli,
+)
 
 ERROR_PREFIX = "encfs-gw: error: "
 CONFIG = "encfs-gw.conf"
@@ -334,6 +343,42 @@ def test_daemon_killed_before_the_mount_is_live(tmp_path):
     assert "killed by signal 9" in result.stderr
     assert not is_mounted(mountpoint)
     assert encfs_mounts_of(backing) == []
+
+
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")  # the cgroup v1 pids controller
+
+
+@pytest.fixture
+def one_task_cgroup() -> Iterator[Path]:
+    """A pids cgroup admitting one task: a process moved into it cannot fork (EAGAIN)."""
+    if not (PIDS_CGROUP / "cgroup.procs").exists():
+        pytest.skip("no cgroup v1 pids controller on this machine")
+    group = PIDS_CGROUP / f"encfs-gw-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "pids.max").write_text("1\n")
+        yield group
+    finally:
+        group.rmdir()  # its one task, the mount command, has exited
+
+
+@pytest.mark.fuse
+def test_fork_refused_before_the_daemon_starts(tmp_path, pristine, one_task_cgroup):
+    """`encfs-gw mount` cannot fork its daemon: one line, MountFailed, nothing mounted."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    enter = f'echo $$ > {one_task_cgroup / "cgroup.procs"} && exec "$@"'
+    mount = [*ENCFS_GW, "mount", pristine.backing, mountpoint, "--keyfile", pristine.keyfile]
+    result = subprocess.run(
+        ["sh", "-c", enter, "sh", *map(str, mount)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert_one_line(result, MountFailed)
+    assert "cannot start the daemon: Resource temporarily unavailable" in result.stderr
+    assert_nothing_left(pristine, mountpoint)
 
 
 # --- mount: mountpoints and busy volumes -------------------------------------------------
