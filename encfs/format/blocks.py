@@ -105,30 +105,6 @@ def binding_message(volume_id: bytes, dir_id: bytes, padded_name: bytes, file_id
     )
 
 
-@dataclass(frozen=True, slots=True)
-class KeySlot:
-    kek_version: int
-    generation: int
-    nonce: bytes
-    wrapped_dek: bytes
-    tag: bytes
-
-    def pack(self) -> bytes:
-        return SLOT.pack(
-            self.kek_version, self.generation, 0, self.nonce, self.wrapped_dek, self.tag
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> KeySlot | None:
-        """None for an empty slot (all zero); IntegrityError for a malformed one."""
-        if bytes(data) == EMPTY_SLOT:
-            return None
-        kek_version, generation, reserved, nonce, wrapped, tag = SLOT.unpack(data)
-        if kek_version == 0 or reserved != 0:
-            raise IntegrityError("malformed key slot")
-        return cls(kek_version, generation, nonce, wrapped, tag)
-
-
 def newer_generation(a: int, b: int) -> bool:
     """Serial-number comparison of u8 generations: is `a` newer than `b`?"""
     return a != b and ((a - b) & 0xFF) < 0x80
@@ -167,8 +143,8 @@ def slot_candidates(fields: tuple) -> tuple[Candidate, ...] | None:
     """The non-empty slots of a key record (KEY_RECORD_FIELDS unpacked), newest first;
     None if malformed.
 
-    The same rules as KeySlot.unpack: a slot with KEK version 0 must be all zero (empty),
-    any other must have reserved == 0. The common state, one slot in use and the other
+    A slot with KEK version 0 must be all zero (empty); any other must have
+    reserved == 0. The common state, one slot in use and the other
     empty, is checked first with no loop.
     """
     v0, g0, r0, n0, s0, v1, g1, r1, n1, s1 = fields

@@ -9,13 +9,16 @@ from hypothesis import strategies as st
 from encfs.errors import IntegrityError
 from encfs.format.blocks import (
     BLOCKS_PER_GROUP,
+    EMPTY_SLOT,
     HEADER_SIZE,
     KEY_AREA_SIZE,
+    KEY_RECORD_FIELDS,
     RECORD_OVERHEAD,
+    SLOT_SEALED,
     FileHeader,
-    KeySlot,
     Layout,
     newer_generation,
+    slot_candidates,
 )
 
 BLOCK_SIZES = [4096, 16384, 65536, 1 << 20]
@@ -88,17 +91,22 @@ def test_header_roundtrip_and_validation():
             FileHeader.unpack(mutate(packed))
 
 
-def test_slot_roundtrip():
-    slot = KeySlot(7, 200, b"n" * 12, b"w" * 32, b"t" * 16)
-    packed = slot.pack()
-    assert len(packed) == 64
-    assert packed[:4] == b"\x00\x07\xc8\x00"
-    assert KeySlot.unpack(packed) == slot
-    assert KeySlot.unpack(bytes(64)) is None
-    with pytest.raises(IntegrityError):
-        KeySlot.unpack(b"\x00\x00" + packed[2:])  # version 0 but not empty
-    with pytest.raises(IntegrityError):
-        KeySlot.unpack(packed[:3] + b"\x01" + packed[4:])  # reserved byte set
+def candidates(slot_a: bytes, slot_b: bytes):
+    return slot_candidates(KEY_RECORD_FIELDS.unpack(slot_a + slot_b))
+
+
+def test_key_record_slots():
+    older = SLOT_SEALED.pack(7, 200, 0, b"n" * 12, b"w" * 48)
+    newer = SLOT_SEALED.pack(7, 201, 0, b"m" * 12, b"v" * 48)
+    assert len(older) == 64 and older[:4] == b"\x00\x07\xc8\x00"
+    assert candidates(EMPTY_SLOT, EMPTY_SLOT) == ()
+    assert candidates(older, EMPTY_SLOT) == ((0, 7, 200, b"n" * 12, b"w" * 48),)
+    assert candidates(EMPTY_SLOT, older) == ((1, 7, 200, b"n" * 12, b"w" * 48),)
+    # both in use (a writer or a re-wrap interrupted between its steps): newest first
+    assert [c[0] for c in candidates(older, newer)] == [1, 0]
+    assert [c[0] for c in candidates(newer, older)] == [0, 1]
+    assert candidates(b"\x00\x00" + older[2:], EMPTY_SLOT) is None  # version 0, not empty
+    assert candidates(EMPTY_SLOT, older[:3] + b"\x01" + older[4:]) is None  # reserved set
 
 
 def test_generation_serial_comparison():
