@@ -30,12 +30,37 @@ from encfs.keys.registry import open_provider
 log = logging.getLogger(__name__)
 
 SLOT_CIPHER_CACHE = 4096
+NAME_MEMO_ENTRIES = 16384  # per direction; ~3 MB at most
 
 ProviderFactory = Callable[[str, dict], KeyProvider]
 
 
 def _caller() -> dict[str, int]:
     return {"uid": os.getuid(), "pid": os.getpid()}
+
+
+class NameMemo:
+    """Backing names already computed, and plaintext names already verified.
+
+    Both directions are pure functions of the name key and the directory id, so an
+    entry never goes stale: a name is encrypted or checked once, not on every lookup and
+    listing. The memo lives in the key material and goes with it on revocation.
+    """
+
+    __slots__ = ("backing", "plain")
+
+    def __init__(self) -> None:
+        # (directory id, plaintext name) -> (backing name, full encoded name)
+        self.backing: dict[tuple[bytes, bytes], tuple[str, str]] = {}
+        # (directory id, backing name) -> plaintext name
+        self.plain: dict[tuple[bytes, str], bytes] = {}
+
+    def remember(self, dir_id: bytes, plain_name: bytes, backing_name: str, encoded: str) -> None:
+        for memo in (self.backing, self.plain):
+            if len(memo) >= NAME_MEMO_ENTRIES:
+                del memo[next(iter(memo))]  # the oldest: dicts keep insertion order
+        self.backing[dir_id, plain_name] = (backing_name, encoded)
+        self.plain[dir_id, backing_name] = plain_name
 
 
 class _Material:
@@ -54,6 +79,7 @@ class _Material:
         self.xattr_name_cipher = crypto.SivCipher(
             crypto.hkdf(volume_key, crypto.INFO_XATTR_NAME_KEY, crypto.SIV_KEY_SIZE)
         )
+        self.name_memo = NameMemo()
         self.xattr_value_key = crypto.hkdf(volume_key, crypto.INFO_XATTR_VALUE_KEY, crypto.KEY_SIZE)
         self.binding_key = crypto.hkdf(volume_key, crypto.INFO_BINDING_KEY, crypto.KEY_SIZE)
 
@@ -94,6 +120,10 @@ class Keyring:
     @property
     def name_cipher(self) -> crypto.SivCipher:
         return self._live().name_cipher
+
+    @property
+    def name_memo(self) -> NameMemo:
+        return self._live().name_memo
 
     @property
     def symlink_cipher(self) -> crypto.SivCipher:

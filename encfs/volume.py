@@ -465,20 +465,30 @@ class Volume:
 
     def _encode(self, directory: Inode, plain_name: bytes) -> tuple[str, str]:
         """(backing name, full encoded name); they differ for long names."""
+        memo = self.keyring.name_memo  # raises once the keys are revoked
+        dir_id = self._dir_id(directory)
+        known = memo.backing.get((dir_id, plain_name))
+        if known is not None:
+            return known
         try:
             padded = fnames.pad_name(plain_name)
         except IntegrityError:
             raise _oserror(
                 errno.ENAMETOOLONG if len(plain_name) > fnames.NAME_MAX else errno.EINVAL
             ) from None
-        sealed = self.keyring.name_cipher.seal(padded, fnames.name_aad(self._dir_id(directory)))
+        sealed = self.keyring.name_cipher.seal(padded, fnames.name_aad(dir_id))
         encoded = fnames.b64encode(sealed)
-        if fnames.is_long(encoded):
-            return fnames.long_name_stub(encoded), encoded
-        return encoded, encoded
+        backing_name = fnames.long_name_stub(encoded) if fnames.is_long(encoded) else encoded
+        memo.remember(dir_id, plain_name, backing_name, encoded)
+        return backing_name, encoded
 
     def _decode(self, directory: Inode, backing_name: str) -> bytes | None:
         """Plaintext of a backing entry name; None for reserved entries."""
+        memo = self.keyring.name_memo  # raises once the keys are revoked
+        dir_id = self._dir_id(directory)
+        known = memo.plain.get((dir_id, backing_name))
+        if known is not None:
+            return known
         kind = fnames.classify(backing_name)
         if kind == "reserved":
             return None
@@ -491,8 +501,10 @@ class Volume:
         else:
             encoded = backing_name
         sealed = fnames.b64decode_strict(encoded)
-        padded = self.keyring.name_cipher.open(sealed, fnames.name_aad(self._dir_id(directory)))
-        return fnames.unpad_name(padded)
+        padded = self.keyring.name_cipher.open(sealed, fnames.name_aad(dir_id))
+        plain_name = fnames.unpad_name(padded)
+        memo.remember(dir_id, plain_name, backing_name, encoded)
+        return plain_name
 
     def _write_sidecar(self, directory: Inode, backing_name: str, encoded: str) -> None:
         if backing_name != encoded:
@@ -1310,7 +1322,12 @@ class Volume:
             finally:
                 os.close(fd)
             return self._attr(Inode(self._fuse_ino(st.st_ino), -1, st.st_mode), st)
-        inode, st = self._register(backing.open_path(backing_name, directory.fd))
+        # A known inode needs no new handle: the one it holds pins the backing inode, so
+        # its number cannot have been reused.
+        st = os.stat(backing_name, dir_fd=directory.fd, follow_symlinks=False)
+        inode = self._inodes.get(self._fuse_ino(st.st_ino))
+        if inode is None or st.st_dev != self._root_dev:
+            inode, st = self._register(backing.open_path(backing_name, directory.fd))
         inode.location = (self._dir_id(directory), plain_name)
         return self._attr(inode, st)
 
