@@ -120,6 +120,26 @@ class Inode:
         return self.mode == stat.S_IFDIR
 
 
+@dataclass(eq=False)
+class PendingDir:
+    """A directory being made (`Volume.mkdir_begin`): built, not yet moved into place."""
+
+    parent: Inode
+    plain_name: bytes
+    backing_name: str
+    encoded: str
+    temp_name: str
+    dir_fd: int | None = None
+    id_fd: int | None = None
+    moved_in: bool = False
+
+    def sync(self) -> None:
+        """Make the id durable before the directory becomes visible (blocking I/O)."""
+        assert self.id_fd is not None and self.dir_fd is not None
+        os.fsync(self.id_fd)
+        os.fsync(self.dir_fd)
+
+
 class DirHandle:
     __slots__ = ("entries", "inode")
 
@@ -574,28 +594,66 @@ class Volume:
         raise _oserror(errno.EEXIST)
 
     def mkdir(self, parent_ino: int, plain_name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        pending = self.mkdir_begin(parent_ino, plain_name, mode)
+        try:
+            pending.sync()
+            return self.mkdir_finish(pending, uid, gid)
+        finally:
+            self.mkdir_end(pending)
+
+    def mkdir_begin(self, parent_ino: int, plain_name: bytes, mode: int) -> PendingDir:
+        """Build the directory under a temporary name with its id inside; `sync()` it
+        (any thread: it touches only its own handles), then `mkdir_finish` moves it in,
+        so a crash never leaves a visible directory without a durable id. `mkdir_end`
+        always follows (it removes what was not moved in).
+
+        The kernel holds the parent locked for the whole mkdir, so no other change of
+        the parent through the mount comes between the steps."""
         parent = self._dir(parent_ino)
         backing_name, encoded = self._encode(parent, plain_name)
         self._check_free(parent, backing_name)
         if os.fstat(parent.fd).st_mode & stat.S_ISGID:
             mode |= stat.S_ISGID
-        # Build the directory under a temporary name with its id inside, then move it in:
-        # a crash never leaves a visible directory without an id.
-        tmp = backing.temp_name()
-        os.mkdir(tmp, stat.S_IMODE(mode) | 0o700, dir_fd=parent.fd)
+        pending = PendingDir(parent, plain_name, backing_name, encoded, backing.temp_name())
+        os.mkdir(pending.temp_name, stat.S_IMODE(mode) | 0o700, dir_fd=parent.fd)
         try:
-            tmp_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent.fd)
-            try:
-                backing.write_file_atomic(tmp_fd, fnames.DIR_ID_FILE, crypto.random_key(16), 0o400)
-                os.chmod(tmp_fd, stat.S_IMODE(mode))
-            finally:
-                os.close(tmp_fd)
-            self._write_sidecar(parent, backing_name, encoded)
-            backing.renameat2(parent.fd, tmp, parent.fd, backing_name, backing.RENAME_NOREPLACE)
+            pending.dir_fd = os.open(
+                pending.temp_name,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=parent.fd,
+            )
+            # The temporary directory is ours alone: the id file needs no atomic rename.
+            pending.id_fd = os.open(
+                fnames.DIR_ID_FILE,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o400,
+                dir_fd=pending.dir_fd,
+            )
+            backing.pwrite_all(pending.id_fd, crypto.random_key(fnames.DIR_ID_SIZE), 0)
+            os.chmod(pending.dir_fd, stat.S_IMODE(mode))
         except BaseException:
-            self._remove_tree(parent.fd, tmp)
+            self.mkdir_end(pending)
             raise
-        return self.getattr(self._adopt_new(parent, backing_name, plain_name, uid, gid).ino)
+        return pending
+
+    def mkdir_finish(self, pending: PendingDir, uid: int, gid: int) -> Attr:
+        parent = pending.parent
+        self._write_sidecar(parent, pending.backing_name, pending.encoded)
+        backing.renameat2(
+            parent.fd, pending.temp_name, parent.fd, pending.backing_name, backing.RENAME_NOREPLACE
+        )
+        pending.moved_in = True
+        return self.getattr(
+            self._adopt_new(parent, pending.backing_name, pending.plain_name, uid, gid).ino
+        )
+
+    def mkdir_end(self, pending: PendingDir) -> None:
+        for fd in (pending.id_fd, pending.dir_fd):
+            if fd is not None:
+                os.close(fd)
+        pending.id_fd = pending.dir_fd = None
+        if not pending.moved_in:
+            self._remove_tree(pending.parent.fd, pending.temp_name)
 
     def create(
         self, parent_ino: int, plain_name: bytes, mode: int, flags: int, uid: int, gid: int

@@ -40,6 +40,7 @@ XATTR_SELINUX = b"security.selinux"
 def _unsupported_xattr(name: bytes) -> bool:
     return name.startswith(XATTR_UNSUPPORTED_PREFIX) or name == XATTR_SELINUX
 
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -197,7 +198,14 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        return entry_attributes(self.volume.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+        volume = self.volume
+        pending = volume.mkdir_begin(parent_inode, name, mode)
+        try:
+            # Two fsyncs (~0.8 ms here): in a worker, so other requests go on meanwhile.
+            await trio.to_thread.run_sync(pending.sync)
+            return entry_attributes(volume.mkdir_finish(pending, ctx.uid, ctx.gid))
+        finally:
+            volume.mkdir_end(pending)
 
     @_translate
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:

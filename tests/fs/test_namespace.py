@@ -174,3 +174,39 @@ def test_deferred_closes_free_unlinked_files_and_drain_on_close(backing):
     assert os.statvfs(backing).f_ffree >= free_inodes - 10
     # The lock is free again: a second unlock works.
     Volume.unlock(str(backing)).close()
+
+
+def test_mkdir_in_steps_leaves_nothing_behind_when_the_name_is_taken(vol, backing):
+    """mkdir_begin builds under a temporary name; a finish that finds the name taken
+    (only possible behind the kernel's back) fails and mkdir_end removes the build."""
+    pending = vol.mkdir_begin(ROOT_INODE, b"d", 0o40750)
+    temp = pending.temp_name
+    assert os.path.isdir(os.path.join(backing, temp))
+    assert names_of(vol, ROOT_INODE) == []  # reserved: not listed
+    pending.sync()
+    os.mkdir(os.path.join(backing, pending.backing_name))  # taken meanwhile
+    with pytest.raises(FileExistsError):
+        vol.mkdir_finish(pending, 0, 0)
+    vol.mkdir_end(pending)
+    assert not os.path.exists(os.path.join(backing, temp))
+    os.rmdir(os.path.join(backing, pending.backing_name))
+
+    pending = vol.mkdir_begin(ROOT_INODE, b"d", 0o40750)
+    pending.sync()
+    attr = vol.mkdir_finish(pending, 0, 0)
+    vol.mkdir_end(pending)
+    assert stat.S_IMODE(attr.mode) == 0o750 and stat.S_ISDIR(attr.mode)
+    assert names_of(vol, ROOT_INODE) == [b"d"]
+    assert not any(n.startswith(".egw-tmp-") for n in os.listdir(backing))
+    fh, _ = vol.create(attr.ino, b"child", 0o100644, os.O_RDWR, 0, 0)
+    vol.release(fh)
+    assert names_of(vol, attr.ino) == [b"child"]
+    assert stat.S_IMODE(os.stat(os.path.join(backing, pending.backing_name)).st_mode) == 0o750
+
+
+def test_mkdir_begin_refuses_a_taken_name_before_building(vol, backing):
+    vol.mkdir(ROOT_INODE, b"d", 0o40755, 0, 0)
+    before = sorted(os.listdir(backing))
+    with pytest.raises(FileExistsError):
+        vol.mkdir_begin(ROOT_INODE, b"d", 0o40755)
+    assert sorted(os.listdir(backing)) == before
