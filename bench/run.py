@@ -154,15 +154,30 @@ def proc_status_kib(pid: int | None, field: str) -> int | None:
 
 
 def proc_cpu_s(pid: int | None) -> float | None:
-    """user+sys CPU seconds of all threads of `pid`."""
+    """user+sys CPU seconds of all threads of `pid` and of its live child processes
+    (encfs-gw's CPU warmer counts as the daemon's)."""
     if not pid:
         return None
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+    for child in child_pids(pid):
+        total += proc_cpu_s(child) or 0.0
+    return total
+
+
+def child_pids(pid: int) -> list[int]:
+    children: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        pass
+    return children
 
 
 def evict(directory: Path) -> None:

@@ -29,7 +29,7 @@ UNMOUNT_WAIT_SECONDS = 120
 MOUNT_HELPER = "mount.fuse.encfs-gw"  # what mount(8) runs for type fuse.encfs-gw
 # -o options consumed by encfs-gw, not passed to FUSE
 ENGINE_OPTIONS = {"writeback_cache", "nonempty", "protect_mountpoint", "no_auto_unmount",
-                  "audit_required"}
+                  "audit_required", "no_cpu_warmer"}
 # -o NAME=VALUE options consumed by encfs-gw: key health timing (seconds) and the audit log
 ENGINE_VALUE_OPTIONS = {"health_interval", "health_grace", "audit_log"}
 
@@ -346,6 +346,7 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
             ),
             on_ready,
             writeback_cache="writeback_cache" in engine_opts,
+            cpu_warmer="no_cpu_warmer" not in engine_opts,
             health_interval=health_interval,
             health_grace=health_grace,
             provider_factory=_provider_factory(args),

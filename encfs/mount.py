@@ -35,8 +35,9 @@ from encfs import health as health_mod
 from encfs.client import find_mount
 from encfs.control import ControlServer
 from encfs.errors import MountFailed, MountpointError
-from encfs.fuse.loop import serve_requests
+from encfs.fuse.loop import ReadyWaiter, serve_requests
 from encfs.fuse.operations import Operations, drop_kernel_cache
+from encfs.fuse.warm import CpuWarmer
 from encfs.keyring import ProviderFactory
 from encfs.keys.registry import open_provider
 from encfs.systemd import Service
@@ -167,6 +168,7 @@ def serve(
     options: set[str],
     on_ready: Callable[[], None],
     writeback_cache: bool = False,
+    cpu_warmer: bool = True,
     provider_factory: ProviderFactory = open_provider,
     service: Service | None = None,
     health_interval: float = health_mod.DEFAULT_INTERVAL,
@@ -177,6 +179,8 @@ def serve(
     The key health task revalidates the key every `health_interval` seconds; on
     revocation the kernel's cached pages and attributes are dropped (drop_kernel_cache)
     and systemd's STATUS= line follows every state change.
+
+    `cpu_warmer`: keep the clients' CPUs awake while requests flow (`CpuWarmer`).
 
     `service` (sd_notify) hears READY=1 once the mount answers, STOPPING=1 on SIGTERM or
     when the mount goes away, and WATCHDOG=1 from the trio loop if the manager wants it.
@@ -202,11 +206,14 @@ def serve(
     guard = None
     if "auto_unmount" in options:
         guard = _start_unmount_guard(mountpoint, _socket_fds() - fds_before)
+    warmer = CpuWarmer.start() if cpu_warmer else None
     clean = False
     try:
-        trio.run(_serve, mountpoint, on_ready, control, service)
+        trio.run(_serve, mountpoint, on_ready, control, service, ReadyWaiter(warmer=warmer))
         clean = True
     finally:
+        if warmer is not None:
+            warmer.stop()
         # After a crash the dead mount is not unmounted here; with auto_unmount (the
         # default) fusermount3 removes it as soon as this process is gone.
         service.stopping()
@@ -284,19 +291,23 @@ def _start_unmount_guard(
 
 
 async def _serve(
-    mountpoint: str, on_ready: Callable[[], None], control: ControlServer, service: Service
+    mountpoint: str,
+    on_ready: Callable[[], None],
+    control: ControlServer,
+    service: Service,
+    waiter: ReadyWaiter,
 ) -> None:
     async with trio.open_nursery() as nursery:
         if service.watchdog_interval:
             nursery.start_soon(_watchdog, service)
         await nursery.start(control.serve)
-        nursery.start_soon(_main_then_cancel, nursery.cancel_scope, service)
+        nursery.start_soon(_main_then_cancel, nursery.cancel_scope, service, waiter)
         nursery.start_soon(_signal_ready, mountpoint, on_ready, service)
         nursery.start_soon(_handle_signals, service)
 
 
-async def _main_then_cancel(scope: trio.CancelScope, service: Service) -> None:
-    await serve_requests()
+async def _main_then_cancel(scope: trio.CancelScope, service: Service, waiter: ReadyWaiter) -> None:
+    await serve_requests(waiter)
     service.stopping()
     scope.cancel()
 

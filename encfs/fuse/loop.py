@@ -43,6 +43,8 @@ from typing import Any, ClassVar
 import pyfuse3
 import trio
 
+from encfs.fuse.warm import CpuWarmer
+
 clock = time.perf_counter  # (a module attribute: tests drive the spin through it)
 FAST_PATH_BUDGET = 64  # requests served without a trio checkpoint, at most
 # Longest idle poll: trio is entered at least this often even if a wake-up were missed
@@ -195,8 +197,9 @@ class ReadyWaiter:
     """`wait_readable` for the FUSE device, skipping trio while requests are queued or
     while trio is idle (`IdleWait`)."""
 
-    def __init__(self, budget: int = FAST_PATH_BUDGET) -> None:
+    def __init__(self, budget: int = FAST_PATH_BUDGET, warmer: CpuWarmer | None = None) -> None:
         self.budget = budget
+        self._warmer = warmer  # told before every wait for a request
         self._streak = 0
         self._fd = -1
         self._poller = select.poll()
@@ -212,6 +215,8 @@ class ReadyWaiter:
         return self._idle.polls if self._idle is not None else 0
 
     async def __call__(self, fd: int) -> None:
+        if self._warmer is not None:
+            self._warmer.touch()
         if fd != self._fd:
             if self._fd >= 0:
                 self._poller.unregister(self._fd)

@@ -1,6 +1,10 @@
 """The mount works end to end with the real CLI."""
 
+import os
+
 import pytest
+
+from tests.helpers.mount import daemon_pid, init_volume, mounted
 
 pytestmark = pytest.mark.fuse
 
@@ -12,3 +16,39 @@ def test_write_read_back(mnt, volume):
     assert (mnt / "a.txt").read_text() == "hello"
     assert (mnt / "d" / "b").read_bytes() == b"x" * 100000
     assert sorted(p.name for p in mnt.iterdir()) == ["a.txt", "d"]
+
+
+def _children(pid):
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return children
+
+
+def _warmers(pid):
+    found = []
+    for child in _children(pid):
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if f.read().split(b"\0")[3].endswith(b"/encfs/fuse/spinner.py"):
+                found.append(child)
+    return found
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+def test_cpu_warmer_runs_with_the_mount_at_idle_priority(tmp_path):
+    volume = init_volume(tmp_path)
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        pid = daemon_pid(volume.backing)
+        (spinner,) = _warmers(pid)
+        assert os.sched_getscheduler(spinner) == os.SCHED_IDLE
+        (mnt / "f").write_bytes(b"data")
+        assert (mnt / "f").read_bytes() == b"data"
+    assert not os.path.exists(f"/proc/{spinner}")  # the daemon waited for it
+
+
+def test_no_cpu_warmer_option(tmp_path):
+    volume = init_volume(tmp_path)
+    with mounted(volume, tmp_path / "mnt", "no_cpu_warmer") as mnt:
+        (mnt / "f").write_bytes(b"data")
+        assert _warmers(daemon_pid(volume.backing)) == []

@@ -1,0 +1,49 @@
+"""The CPU warmer's spinner process (`python -I -S spinner.py SHM PIPE IDLE_NS PARENT`).
+
+Started by `encfs.fuse.warm.CpuWarmer`; stdlib only, and it holds nothing of the
+volume: it reads the time of the last request from a shared page and busy-loops at
+SCHED_IDLE priority until IDLE_NS have passed without one, then blocks on the pipe.
+It asks for SCHED_IDLE first and exits (status 3) if refused, so it never competes
+with real work, and it dies with the daemon (PR_SET_PDEATHSIG, and the pipe's end).
+"""
+
+import ctypes
+import mmap
+import os
+import signal
+import struct
+import sys
+import time
+
+PR_SET_PDEATHSIG = 1
+STATE_OFFSET = 8  # as in warm.py: the u64 time of the last request, then this byte
+ASLEEP = 1
+
+
+def main(argv: list[str]) -> int:
+    shm_fd, pipe_fd, idle_after_ns, parent = (int(a) for a in argv[1:5])
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)  # the daemon ends it, not the terminal
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the daemon died before prctl
+        return 0
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:
+        print(f"encfs-gw CPU warmer: no SCHED_IDLE ({exc.strerror}), not spinning", file=sys.stderr)
+        return 3
+    shared = mmap.mmap(shm_fd, mmap.PAGESIZE)
+    last_request = struct.Struct("=Q").unpack_from
+    now = time.monotonic_ns
+    while True:
+        if now() - last_request(shared, 0)[0] < idle_after_ns:
+            continue  # the spin
+        shared[STATE_OFFSET] = ASLEEP  # from now on touch() writes to the pipe
+        idle = now() - last_request(shared, 0)[0] >= idle_after_ns  # none came meanwhile
+        if idle and not os.read(pipe_fd, 4096):
+            return 0  # the daemon closed its end
+        shared[STATE_OFFSET] = 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,110 @@
+"""The CPU warmer: an idle-priority spinner that runs only while requests flow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from encfs.fuse.warm import CpuWarmer
+
+DEADLINE = 10.0  # seconds; each wait below ends as soon as its condition holds
+
+
+def _until(condition) -> bool:
+    end = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        os.sched_yield()
+    return True
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+
+
+def test_spins_at_idle_priority_only_after_requests_and_stops_cleanly():
+    warmer = CpuWarmer.start(idle_after_ns=5_000_000)
+    assert warmer is not None
+    pid = warmer.process.pid
+    try:
+        assert _until(lambda: warmer.asleep)  # no request yet: it goes to sleep
+        assert _until(lambda: _state(pid) == "S")  # blocked on the pipe, not spinning
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+        asleep_ticks = _cpu_ticks(pid)
+        warmer.touch()  # a request: wake it
+        assert warmer.wakeups == 1 and not warmer.asleep
+        warmer.touch()  # awake already: no second wake-up
+        assert warmer.wakeups == 1
+        assert _until(lambda: warmer.asleep)  # 5 ms later without requests it sleeps again
+        assert _until(lambda: _state(pid) == "S")
+        assert warmer.process.poll() is None
+        assert _cpu_ticks(pid) - asleep_ticks < 100  # it spun ~5 ms, not a second
+    finally:
+        warmer.stop()
+    assert warmer.process.returncode == 0
+
+
+def test_dies_with_the_daemon():
+    """A killed daemon leaves no spinner behind (PR_SET_PDEATHSIG)."""
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import sys, time
+                from encfs.fuse.warm import CpuWarmer
+                warmer = CpuWarmer.start()
+                print(warmer.process.pid, flush=True)
+                sys.stdin.read()
+                """
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        spinner = int(daemon.stdout.readline())
+        assert os.path.exists(f"/proc/{spinner}")
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+    # It was the daemon's child: reparented and reaped by init once it exits.
+    assert _until(lambda: not os.path.exists(f"/proc/{spinner}") or _state(spinner) == "Z")
+
+
+def test_spinner_refused_idle_priority_does_not_spin(tmp_path):
+    """Where SCHED_IDLE is refused (a seccomp filter, say) it exits at once: spinning at
+    normal priority would take CPU from real work."""
+    from encfs.fuse import warm
+
+    probe = textwrap.dedent(
+        f"""
+        import os, runpy, sys
+        def refuse(*args):
+            raise PermissionError(1, "refused")
+        os.sched_setscheduler = refuse
+        sys.argv = [{warm.SPINNER!r}, "-1", "-1", "1000", str(os.getppid())]
+        runpy.run_path({warm.SPINNER!r}, run_name="__main__")
+        """
+    )
+    result = subprocess.run([sys.executable, "-I", "-c", probe], timeout=60, check=False)
+    assert result.returncode == warm.REFUSED_SCHED_IDLE
