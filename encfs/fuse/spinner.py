@@ -35,7 +35,10 @@ def main(argv: list[str]) -> int:
     shared = mmap.mmap(shm_fd, mmap.PAGESIZE)
     last_request = struct.Struct("=Q").unpack_from
     now = time.monotonic_ns
+    cpus = os.sched_getaffinity(0)
+    avoid = AvoidDaemonCpu(parent, cpus)
     while True:
+        avoid.check(now())
         if now() - last_request(shared, 0)[0] < idle_after_ns:
             continue  # the spin
         shared[STATE_OFFSET] = ASLEEP  # from now on touch() writes to the pipe
@@ -43,6 +46,33 @@ def main(argv: list[str]) -> int:
         if idle and not os.read(pipe_fd, 4096):
             return 0  # the daemon closed its end
         shared[STATE_OFFSET] = 0
+
+
+class AvoidDaemonCpu:
+    """Keep off the CPU the daemon's request loop last ran on: that one is busy (the
+    loop spins there itself), the client's is the one to keep awake."""
+
+    EVERY_NS = 5_000_000
+
+    def __init__(self, daemon: int, cpus: set[int]) -> None:
+        self._stat = f"/proc/{daemon}/stat"
+        self._cpus = cpus
+        self._mask = cpus
+        self._next = 0
+
+    def check(self, now: int) -> None:
+        if now < self._next or len(self._cpus) < 2:
+            return
+        self._next = now + self.EVERY_NS
+        try:
+            with open(self._stat) as f:
+                daemon_cpu = int(f.read().rsplit(")", 1)[1].split()[36])
+        except (OSError, ValueError, IndexError):
+            return
+        mask = self._cpus - {daemon_cpu}
+        if mask and mask != self._mask:
+            os.sched_setaffinity(0, mask)
+            self._mask = mask
 
 
 if __name__ == "__main__":

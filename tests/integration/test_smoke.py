@@ -1,6 +1,7 @@
 """The mount works end to end with the real CLI."""
 
 import os
+import time
 
 import pytest
 
@@ -41,7 +42,11 @@ def test_cpu_warmer_runs_with_the_mount_at_idle_priority(tmp_path):
     with mounted(volume, tmp_path / "mnt") as mnt:
         pid = daemon_pid(volume.backing)
         (spinner,) = _warmers(pid)
-        assert os.sched_getscheduler(spinner) == os.SCHED_IDLE
+        # It asks for SCHED_IDLE as it starts, while the mount is already serving.
+        deadline = time.monotonic() + 30
+        while os.sched_getscheduler(spinner) != os.SCHED_IDLE:
+            assert time.monotonic() < deadline, "the spinner never took SCHED_IDLE"
+            os.sched_yield()
         (mnt / "f").write_bytes(b"data")
         assert (mnt / "f").read_bytes() == b"data"
     assert not os.path.exists(f"/proc/{spinner}")  # the daemon waited for it

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from encfs.fuse import warm
 from encfs.fuse.warm import CpuWarmer
 
 DEADLINE = 10.0  # seconds; each wait below ends as soon as its condition holds
@@ -39,7 +40,9 @@ def _cpu_ticks(pid: int) -> int:
 pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
 
 
-def test_spins_at_idle_priority_only_after_requests_and_stops_cleanly():
+def test_spins_at_idle_priority_only_while_requests_come_close_together(monkeypatch):
+    now = [time.monotonic_ns()]
+    monkeypatch.setattr(warm, "clock", lambda: now[0])
     warmer = CpuWarmer.start(idle_after_ns=5_000_000)
     assert warmer is not None
     pid = warmer.process.pid
@@ -48,8 +51,16 @@ def test_spins_at_idle_priority_only_after_requests_and_stops_cleanly():
         assert _until(lambda: _state(pid) == "S")  # blocked on the pipe, not spinning
         assert os.sched_getscheduler(pid) == os.SCHED_IDLE
         asleep_ticks = _cpu_ticks(pid)
-        warmer.touch()  # a request: wake it
+        warmer.touch()  # a first request after a long while: not worth waking it
+        now[0] += warm.SHORT_GAP_NS * 2
+        warmer.touch()  # requests far apart (large sequential I/O): still asleep
+        assert warmer.wakeups == 0 and warmer.asleep
+        now[0] = time.monotonic_ns()
+        warmer.touch()
+        now[0] += warm.SHORT_GAP_NS // 4
+        warmer.touch()  # close together: wake it
         assert warmer.wakeups == 1 and not warmer.asleep
+        now[0] += warm.SHORT_GAP_NS // 4
         warmer.touch()  # awake already: no second wake-up
         assert warmer.wakeups == 1
         assert _until(lambda: warmer.asleep)  # 5 ms later without requests it sleeps again
@@ -94,8 +105,6 @@ def test_dies_with_the_daemon():
 def test_spinner_refused_idle_priority_does_not_spin(tmp_path):
     """Where SCHED_IDLE is refused (a seccomp filter, say) it exits at once: spinning at
     normal priority would take CPU from real work."""
-    from encfs.fuse import warm
-
     probe = textwrap.dedent(
         f"""
         import os, runpy, sys
