@@ -117,3 +117,28 @@ def test_spinner_refused_idle_priority_does_not_spin(tmp_path):
     )
     result = subprocess.run([sys.executable, "-I", "-c", probe], timeout=60, check=False)
     assert result.returncode == warm.REFUSED_SCHED_IDLE
+
+
+def test_spinner_keeps_off_the_daemons_cpu():
+    """The request loop spins on its own CPU: the client's is the one to keep awake."""
+    daemon = subprocess.Popen(["taskset", "-c", "0", "sleep", "60"])
+    try:
+        assert _until(lambda: _state(daemon.pid) == "S")  # it has run, on CPU 0
+        probe = textwrap.dedent(
+            f"""
+            import os, runpy
+            spinner = runpy.run_path({warm.SPINNER!r})
+            avoid = spinner["AvoidDaemonCpu"]({daemon.pid}, os.sched_getaffinity(0))
+            avoid.check(0)
+            print(sorted(os.sched_getaffinity(0)))
+            """
+        )
+        result = subprocess.run(
+            [sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert result.returncode == 0, result.stderr
+    allowed = sorted(os.sched_getaffinity(0) - {0})
+    assert result.stdout.strip() == str(allowed)
