@@ -68,6 +68,7 @@ class CpuWarmer:
             return None
         shm_fd = os.memfd_create("encfs-gw-warm", os.MFD_CLOEXEC)
         pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
+        shared = None
         try:
             os.ftruncate(shm_fd, mmap.PAGESIZE)
             shared = mmap.mmap(shm_fd, mmap.PAGESIZE)
@@ -84,6 +85,8 @@ class CpuWarmer:
         except OSError as exc:
             log.warning("cannot start the CPU warmer: %s", exc)
             os.close(pipe_w)
+            if shared is not None:
+                shared.close()
             return None
         finally:
             os.close(shm_fd)

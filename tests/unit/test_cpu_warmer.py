@@ -142,3 +142,12 @@ def test_spinner_keeps_off_the_daemons_cpu():
     assert result.returncode == 0, result.stderr
     allowed = sorted(os.sched_getaffinity(0) - {0})
     assert result.stdout.strip() == str(allowed)
+
+
+def test_a_warmer_that_cannot_start_leaves_the_mount_alone(monkeypatch):
+    """No spinner (a missing interpreter, a process limit): None, and nothing left open."""
+    fds_before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(warm, "SPINNER", "/nonexistent/spinner.py")
+    monkeypatch.setattr(warm.sys, "executable", "/nonexistent/python")
+    assert CpuWarmer.start() is None
+    assert set(os.listdir("/proc/self/fd")) == fds_before
