@@ -3,7 +3,7 @@
 Started by `encfs.fuse.warm.CpuWarmer`; stdlib only, and it holds nothing of the
 volume: it reads the time of the last request from a shared page and busy-loops at
 SCHED_IDLE priority until IDLE_NS have passed without one, then blocks on the pipe.
-It asks for SCHED_IDLE first and exits (status 3) if refused, so it never competes
+It asks for SCHED_IDLE first and exits (REFUSED_SCHED_IDLE) if refused, so it never competes
 with real work, and it dies with the daemon (PR_SET_PDEATHSIG, and the pipe's end).
 """
 
@@ -16,8 +16,12 @@ import sys
 import time
 
 PR_SET_PDEATHSIG = 1
-STATE_OFFSET = 8  # as in warm.py: the u64 time of the last request, then this byte
-ASLEEP = 1
+# The shared page (warm.py writes it): the monotonic time of the last request close to
+# the one before (u64), then the spinner's state.
+STAMP = struct.Struct("=Q")
+STATE_OFFSET = 8
+SPINNING, ASLEEP = 0, 1
+REFUSED_SCHED_IDLE = 3  # exit status: it may not run at idle priority, so it does not
 
 
 def main(argv: list[str]) -> int:
@@ -29,11 +33,10 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError as exc:
-        print(f"encfs-gw CPU warmer: no SCHED_IDLE ({exc.strerror}), not spinning", file=sys.stderr)
-        return 3
+    except OSError:
+        return REFUSED_SCHED_IDLE  # never spin at normal priority (the daemon logs it)
     shared = mmap.mmap(shm_fd, mmap.PAGESIZE)
-    last_request = struct.Struct("=Q").unpack_from
+    last_request = STAMP.unpack_from
     now = time.monotonic_ns
     cpus = os.sched_getaffinity(0)
     avoid = AvoidDaemonCpu(parent, cpus)
@@ -45,7 +48,7 @@ def main(argv: list[str]) -> int:
         idle = now() - last_request(shared, 0)[0] >= idle_after_ns  # none came meanwhile
         if idle and not os.read(pipe_fd, 4096):
             return 0  # the daemon closed its end
-        shared[STATE_OFFSET] = 0
+        shared[STATE_OFFSET] = SPINNING
 
 
 class AvoidDaemonCpu:

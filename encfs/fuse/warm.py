@@ -27,10 +27,12 @@ import contextlib
 import logging
 import mmap
 import os
-import struct
 import subprocess
 import sys
 import time
+
+from encfs.fuse import spinner
+from encfs.fuse.spinner import ASLEEP, REFUSED_SCHED_IDLE, SPINNING, STAMP, STATE_OFFSET
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,7 @@ IDLE_AFTER_NS = 2_000_000  # spin this long after the last short gap (fsyncs tak
 # a busy sibling CPU then costs more than it saves (cached 1 MiB reads: -19%).
 SHORT_GAP_NS = 200_000
 clock = time.monotonic_ns  # (a module attribute: tests drive touch() through it)
-# Shared page: the monotonic time of the last request (u64), then the spinner's state
-# (spinner.py reads the same layout).
-STAMP = struct.Struct("=Q")
-STATE_OFFSET = 8
-SPINNING, ASLEEP = 0, 1
-REFUSED_SCHED_IDLE = 3  # the spinner's exit status when it may not run at idle priority
-
-SPINNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spinner.py")
+SPINNER = spinner.__file__  # run as a script, in its own interpreter
 
 
 class CpuWarmer:
@@ -66,10 +61,13 @@ class CpuWarmer:
         cannot be started (a warning: the mount works, only without it)."""
         if (os.cpu_count() or 1) < 2:
             return None
-        shm_fd = os.memfd_create("encfs-gw-warm", os.MFD_CLOEXEC)
-        pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
+        opened: list[int] = []  # closed here whatever happens (the child has copies)
         shared = None
         try:
+            shm_fd = os.memfd_create("encfs-gw-warm", os.MFD_CLOEXEC)
+            opened.append(shm_fd)
+            pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
+            opened.append(pipe_r)
             os.ftruncate(shm_fd, mmap.PAGESIZE)
             shared = mmap.mmap(shm_fd, mmap.PAGESIZE)
             STAMP.pack_into(shared, 0, time.monotonic_ns())
@@ -82,15 +80,16 @@ class CpuWarmer:
                 stderr=subprocess.DEVNULL,  # it may be the CLI's pipe still; stop() tells
                 start_new_session=True,
             )
-        except OSError as exc:
+        except OSError as exc:  # out of descriptors or processes, no interpreter...
             log.warning("cannot start the CPU warmer: %s", exc)
-            os.close(pipe_w)
+            if len(opened) == 2:
+                os.close(pipe_w)
             if shared is not None:
                 shared.close()
             return None
         finally:
-            os.close(shm_fd)
-            os.close(pipe_r)
+            for fd in opened:
+                os.close(fd)
         os.set_blocking(pipe_w, False)  # touch() never waits
         return cls(process, shared, pipe_w)
 

@@ -144,10 +144,17 @@ def test_spinner_keeps_off_the_daemons_cpu():
     assert result.stdout.strip() == str(allowed)
 
 
-def test_a_warmer_that_cannot_start_leaves_the_mount_alone(monkeypatch):
-    """No spinner (a missing interpreter, a process limit): None, and nothing left open."""
+@pytest.mark.parametrize("failing", ["memfd_create", "pipe2", "interpreter"])
+def test_a_warmer_that_cannot_start_leaves_the_mount_alone(monkeypatch, failing):
+    """No spinner (out of descriptors, no interpreter): None, and nothing left open."""
     fds_before = set(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(warm, "SPINNER", "/nonexistent/spinner.py")
-    monkeypatch.setattr(warm.sys, "executable", "/nonexistent/python")
+    if failing == "interpreter":
+        monkeypatch.setattr(warm.sys, "executable", "/nonexistent/python")
+    else:
+
+        def refuse(*_args):
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(warm.os, failing, refuse)
     assert CpuWarmer.start() is None
     assert set(os.listdir("/proc/self/fd")) == fds_before
