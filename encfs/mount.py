@@ -37,6 +37,7 @@ from encfs.control import ControlServer
 from encfs.errors import MountFailed, MountpointError
 from encfs.fuse.loop import ReadyWaiter, serve_requests
 from encfs.fuse.operations import Operations, drop_kernel_cache
+from encfs.fuse.syncer import ThreadSyncer, open_syncer
 from encfs.fuse.warm import CpuWarmer
 from encfs.keyring import ProviderFactory
 from encfs.keys.registry import open_provider
@@ -195,7 +196,8 @@ def serve(
         mount_options=sorted(options),
     )
     control.on_state_change = lambda _line: service.set_health(control.health.state.value)
-    operations = Operations(volume)
+    syncer = open_syncer()
+    operations = Operations(volume, syncer)
     operations.enable_writeback_cache = writeback_cache
     volume.defer_closes()
     fds_before = _socket_fds()
@@ -209,7 +211,8 @@ def serve(
     warmer = CpuWarmer.start() if cpu_warmer else None
     clean = False
     try:
-        trio.run(_serve, mountpoint, on_ready, control, service, ReadyWaiter(warmer=warmer))
+        waiter = ReadyWaiter(warmer=warmer)
+        trio.run(_serve, mountpoint, on_ready, control, service, waiter, syncer)
         clean = True
     finally:
         if warmer is not None:
@@ -218,6 +221,7 @@ def serve(
         # default) fusermount3 removes it as soon as this process is gone.
         service.stopping()
         pyfuse3.close(unmount=clean)
+        syncer.close()
         volume.sync()
         volume.close()
         if guard is not None and clean:
@@ -296,11 +300,13 @@ async def _serve(
     control: ControlServer,
     service: Service,
     waiter: ReadyWaiter,
+    syncer: ThreadSyncer,
 ) -> None:
     async with trio.open_nursery() as nursery:
         if service.watchdog_interval:
             nursery.start_soon(_watchdog, service)
         await nursery.start(control.serve)
+        await nursery.start(syncer.run)
         nursery.start_soon(_main_then_cancel, nursery.cancel_scope, service, waiter)
         nursery.start_soon(_signal_ready, mountpoint, on_ready, service)
         nursery.start_soon(_handle_signals, service)

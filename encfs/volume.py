@@ -133,11 +133,16 @@ class PendingDir:
     id_fd: int | None = None
     moved_in: bool = False
 
+    def sync_fds(self) -> tuple[int, int]:
+        """What to fsync, in any order, before the directory becomes visible: the id
+        file (its contents) and the directory (its entry for the id file)."""
+        assert self.id_fd is not None and self.dir_fd is not None
+        return self.id_fd, self.dir_fd
+
     def sync(self) -> None:
         """Make the id durable before the directory becomes visible (blocking I/O)."""
-        assert self.id_fd is not None and self.dir_fd is not None
-        os.fsync(self.id_fd)
-        os.fsync(self.dir_fd)
+        for fd in self.sync_fds():
+            os.fsync(fd)
 
 
 class DirHandle:

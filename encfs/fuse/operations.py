@@ -2,7 +2,8 @@
 
 Handlers call the volume synchronously on the trio thread (the data path never awaits
 mid-update, which is what makes block read-modify-write atomic); only fsync, which can
-take milliseconds, runs in a worker thread. Every handler is wrapped by `_translate`.
+take milliseconds, is handed off (`syncer`: the kernel's AIO workers, or a thread).
+Every handler is wrapped by `_translate`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
-import trio
 
 from encfs.fuse.errno_map import errno_for
+from encfs.fuse.syncer import ThreadSyncer
 from encfs.volume import Attr, Volume
 
 log = logging.getLogger(__name__)
@@ -143,9 +144,10 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, volume: Volume) -> None:
+    def __init__(self, volume: Volume, syncer: ThreadSyncer | None = None) -> None:
         super().__init__()
         self.volume = volume
+        self.syncer = syncer or ThreadSyncer()  # fsync off the trio thread
 
     # --- inodes and attributes ---------------------------------------------------------
     @_translate
@@ -201,8 +203,8 @@ class Operations(pyfuse3.Operations):
         volume = self.volume
         pending = volume.mkdir_begin(parent_inode, name, mode)
         try:
-            # Two fsyncs (~0.8 ms here): in a worker, so other requests go on meanwhile.
-            await trio.to_thread.run_sync(pending.sync)
+            # Two fsyncs (~0.3 ms here, at once): other requests go on meanwhile.
+            await self.syncer.fsync_all(pending.sync_fds())
             return entry_attributes(volume.mkdir_finish(pending, ctx.uid, ctx.gid))
         finally:
             volume.mkdir_end(pending)
@@ -270,8 +272,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def fsync(self, fh: int, datasync: bool) -> None:
-        fd = self.volume.data_fd(fh)
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        await self.syncer.fsync(self.volume.data_fd(fh), datasync)
 
     @_translate
     async def release(self, fh: int) -> None:
@@ -303,7 +304,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await trio.to_thread.run_sync(os.fsync, self.volume.fsyncdir_fd(fh))
+        await self.syncer.fsync(self.volume.fsyncdir_fd(fh))
 
     @_translate
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:

@@ -323,6 +323,36 @@ def test_request_arriving_during_the_spin_is_served_without_sleeping(monkeypatch
         trio.run(main)
 
 
+def test_no_spin_while_a_worker_thread_runs(monkeypatch):
+    """The spin holds the GIL a worker thread needs: with one in flight (run_in_thread)
+    the waiter goes straight to its blocking poll, and the window stays as it was."""
+    with pipe() as (read_end, write_end):
+        waiter = loop.ReadyWaiter()
+        release = threading.Event()
+        readings = []
+
+        def clock():
+            readings.append(None)
+            if len(readings) == 2:
+                os.write(write_end, b"x")  # would be caught by a spin, as above
+            return len(readings) * 1e-6
+
+        async def main():
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(loop.run_in_thread, release.wait)
+                    await trio.testing.wait_all_tasks_blocked()
+                    monkeypatch.setattr(loop, "clock", clock)
+                    await waiter(read_end)
+                    release.set()
+            assert waiter._idle is not None
+            assert (waiter.idle, waiter._idle.sleeps) == (1, 1)  # polled asleep, no spin
+            assert waiter._idle.spin.seconds == loop.SPIN_MAX
+            assert loop._threads_in_flight == 0
+
+        trio.run(main)
+
+
 def test_spin_window_shrinks_to_nothing_while_requests_come_rarely():
     window = loop.SpinWindow()
     assert window.seconds == loop.SPIN_MAX
