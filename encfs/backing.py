@@ -108,6 +108,16 @@ def reserve(fd: int, offset: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
+SYNC_FILE_RANGE_WRITE = 2
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a range's dirty pages to disk, without waiting for it (best effort:
+    a filesystem or kernel without sync_file_range leaves it to the kernel's flusher)."""
+    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     """pwrite every byte: a short write (a filling disk) continues, and so raises its error."""
     view = memoryview(data)
