@@ -7,6 +7,7 @@ The few calls Python's os module lacks for O_PATH descriptors go through libc.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -167,13 +168,16 @@ def is_enoent(exc: OSError) -> bool:
 
 
 class DeferredCloser:
-    """Closes descriptors on a worker thread, in order.
+    """Closes descriptors on a worker thread that uses only idle CPU time.
 
     The last close of an unlinked backing file is where the backing filesystem frees its
     inode and blocks (tens of microseconds for a small file on ext4, more for a large
     one): under `rm -rf` that was a third of the daemon's time, spent on the thread that
-    answers FUSE requests. Handing the close over costs a queue put. The space comes
-    back a little later, so a caller that runs out of space calls `settle` and retries.
+    answers FUSE requests. Handing the close over costs a queue put. The thread runs at
+    SCHED_IDLE, so those deletions do not slow what runs next (SQLite right after an
+    `rm -rf` of 4,000 files: 1.16-1.36 -> 0.90-1.00 s here). The space comes back a
+    little later, so a caller that runs out of space calls `settle` and retries; `settle`
+    and `stop` close what is still queued themselves, at their own priority.
     """
 
     def __init__(self) -> None:
@@ -182,6 +186,8 @@ class DeferredCloser:
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="encfs-closer", daemon=True)
         self._thread.start()
+        with contextlib.suppress(OSError):  # (best effort: it works at normal priority too)
+            os.sched_setscheduler(self._thread.native_id, os.SCHED_IDLE, os.sched_param(0))
 
     def close(self, fd: int) -> None:
         with self._idle:
@@ -190,25 +196,43 @@ class DeferredCloser:
 
     def _run(self) -> None:
         while (fd := self._queue.get()) is not None:
+            self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            log.warning("closing a backing descriptor failed: %s", exc.strerror)
+        with self._idle:
+            self._pending -= 1
+            if not self._pending:
+                self._idle.notify_all()
+
+    def _drain(self) -> None:
+        """Close what is still queued, on the calling thread."""
+        while True:
             try:
-                os.close(fd)
-            except OSError as exc:
-                log.warning("closing a backing descriptor failed: %s", exc.strerror)
-            with self._idle:
-                self._pending -= 1
-                if not self._pending:
-                    self._idle.notify_all()
+                fd = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if fd is None:  # (stop's end mark: leave it for the thread)
+                self._queue.put(None)
+                return
+            self._close(fd)
 
     def settle(self) -> bool:
         """Wait until every queued close is done; False if none was queued."""
         with self._idle:
             if not self._pending:
                 return False
+        self._drain()
+        with self._idle:
             while self._pending:
                 self._idle.wait()
-            return True
+        return True
 
     def stop(self) -> None:
         """Close everything queued, then end the thread."""
+        self._drain()
         self._queue.put(None)
         self._thread.join()

@@ -167,3 +167,44 @@ def test_mkdir_retries_too_but_fsync_does_not(vol, gated, monkeypatch):
     assert getattr(info.value, "errno", None) == errno.ENOSPC
     assert gated.pending == queued  # fsync's failure did not wait for (or retry after) them
     vol.release(fh)
+
+
+def test_the_closer_uses_only_idle_cpu_time():
+    closer = backing_mod.DeferredCloser()
+    try:
+        assert os.sched_getscheduler(closer._thread.native_id) == os.SCHED_IDLE
+    finally:
+        closer.stop()
+
+
+class StuckCloser(backing_mod.DeferredCloser):
+    """A closer thread that never gets CPU time until `release` (a busy machine)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        super().__init__()
+
+    def _run(self) -> None:
+        self.release.wait()
+        super()._run()
+
+
+def test_settle_and_stop_close_what_is_queued_themselves():
+    closer = StuckCloser()
+    try:
+        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(5)]
+        for fd in fds:
+            closer.close(fd)
+        assert closer.settle()  # on this thread: the closer's thread has done nothing
+        for fd in fds:
+            with pytest.raises(OSError) as caught:
+                os.fstat(fd)
+            assert caught.value.errno == errno.EBADF
+        assert not closer.settle()
+        more = os.open(os.devnull, os.O_RDONLY)
+        closer.close(more)
+    finally:
+        closer.release.set()
+        closer.stop()
+    with pytest.raises(OSError):
+        os.fstat(more)
