@@ -150,9 +150,12 @@ class AioSyncer(ThreadSyncer):
 
     def _collect(self) -> None:
         while True:
-            count = _syscall(
-                self._calls["io_getevents"], self._context, 0, RING_SIZE, self._events, None
-            )
+            try:  # (min_nr 0: it never waits, but a signal may still interrupt it)
+                count = _syscall(
+                    self._calls["io_getevents"], self._context, 0, RING_SIZE, self._events, None
+                )
+            except InterruptedError:
+                continue
             for k in range(count):
                 token, _, result, _ = _EVENT.unpack_from(self._events, k * _EVENT.size)
                 self._complete(token, result)

@@ -134,3 +134,22 @@ def test_without_aio_threads_do_the_work(tmp_path, monkeypatch):
     finally:
         syncer.close()
         os.close(fd)
+
+
+def test_an_interrupted_collection_is_retried(aio, tmp_path, monkeypatch):
+    real = syncer_mod._syscall
+    interrupted = []
+
+    def once_interrupted(number, *args):
+        if number == aio._calls["io_getevents"] and not interrupted:
+            interrupted.append(number)
+            raise OSError(errno.EINTR, os.strerror(errno.EINTR))
+        return real(number, *args)
+
+    monkeypatch.setattr(syncer_mod, "_syscall", once_interrupted)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        run_with(aio, lambda: aio.fsync(fd))
+    finally:
+        os.close(fd)
+    assert interrupted and aio.submitted == 1 and not aio._waiting
