@@ -169,8 +169,12 @@ class AioSyncer(ThreadSyncer):
             pending.done.set()
 
     def close(self) -> None:
-        """Wait for fsyncs still running in the kernel, then free the context."""
-        _syscall(self._calls["io_destroy"], self._context)
+        """Wait for fsyncs still running in the kernel, then free the context (at
+        unmount: a failure is logged, the volume is still synced and closed after)."""
+        try:
+            _syscall(self._calls["io_destroy"], self._context)
+        except OSError as exc:
+            log.warning("freeing the AIO context failed: %s", exc.strerror)
         os.close(self._event_fd)
 
 
