@@ -54,22 +54,21 @@ class ThreadSyncer:
     """fsync in a worker thread."""
 
     async def fsync(self, fd: int, datasync: bool = False) -> None:
-        await run_in_thread(os.fdatasync if datasync else os.fsync, fd)
+        await self._sync([(fd, IOCB_CMD_FDSYNC if datasync else IOCB_CMD_FSYNC)])
 
     async def fsync_all(self, fds: Sequence[int]) -> None:
         """fsync every descriptor; done when all are (in any order)."""
-        await run_in_thread(_fsync_each, fds)
+        await self._sync([(fd, IOCB_CMD_FSYNC) for fd in fds])
+
+    async def _sync(self, requests: list[tuple[int, int]]) -> None:
+        """(descriptor, IOCB_CMD_FSYNC or IOCB_CMD_FDSYNC) pairs, all done on return."""
+        await run_in_thread(_sync_each, requests)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
 
     def close(self) -> None:
         pass
-
-
-def _fsync_each(fds: Sequence[int]) -> None:
-    for fd in fds:
-        os.fsync(fd)
 
 
 class AioSyncer(ThreadSyncer):
@@ -99,12 +98,6 @@ class AioSyncer(ThreadSyncer):
         event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         return cls(calls, context, event_fd)
 
-    async def fsync(self, fd: int, datasync: bool = False) -> None:
-        await self._sync([(fd, IOCB_CMD_FDSYNC if datasync else IOCB_CMD_FSYNC)])
-
-    async def fsync_all(self, fds: Sequence[int]) -> None:
-        await self._sync([(fd, IOCB_CMD_FSYNC) for fd in fds])
-
     async def _sync(self, requests: list[tuple[int, int]]) -> None:
         pending = [_Pending(next(self._tokens)) for _ in requests]
         resfd = self._event_fd
@@ -127,7 +120,7 @@ class AioSyncer(ThreadSyncer):
         self._waiting.update((p.token, p) for p in in_kernel)
         try:
             if submitted < len(requests):  # the rest (or all) the slow way
-                await run_in_thread(_fsync_pairs, requests[submitted:])
+                await super()._sync(requests[submitted:])
             for p in in_kernel:
                 await p.done.wait()
         finally:  # (when cancelled or failed: the collector drops their completions)
@@ -187,7 +180,7 @@ class _Pending:
         self.result = 0  # the fsync's return value, -errno on failure
 
 
-def _fsync_pairs(requests: list[tuple[int, int]]) -> None:
+def _sync_each(requests: list[tuple[int, int]]) -> None:
     for fd, opcode in requests:
         (os.fdatasync if opcode == IOCB_CMD_FDSYNC else os.fsync)(fd)
 
