@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import select
 import subprocess
@@ -20,8 +21,8 @@ from encfs import __version__
 from encfs.errors import EncfsError, MountFailed, MountpointError, NotMounted, UsageError
 from encfs.format import names as fnames
 from encfs.format.blocks import DEFAULT_BLOCK_SIZE
-from encfs.keys.provider import KeyProvider
 from encfs.keys.registry import open_provider, parse_spec
+from encfs.trust import Operator, OperatorSpec
 
 log = logging.getLogger("encfs")
 
@@ -54,6 +55,21 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(UsageError.exit_code)
 
 
+def _key_arguments(parser: argparse.ArgumentParser) -> None:
+    """The operator names the key providers it vouches for (else: the trust store's)."""
+    parser.add_argument(
+        "--keyfile", metavar="PATH", help="open the volume with this key file (vouched by you)"
+    )
+    parser.add_argument(
+        "--provider",
+        dest="providers",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="open the volume with this key provider (vouched by you; repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="encfs-gw",
@@ -83,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTIONS",
         help="comma-separated mount options (allow_other, ro, writeback_cache, ...)",
     )
-    mount.add_argument("--keyfile", metavar="PATH", help="use this key file instead")
+    _key_arguments(mount)
     mount.add_argument("--log-file", metavar="PATH", help="daemon log (background mode)")
 
     provider = sub.add_parser("provider", help="list, add or remove key providers (keyslots)")
@@ -93,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_add = provider_sub.add_parser("add", help="protect the KEKs under one more provider")
     p_add.add_argument("backing", metavar="BACKING")
     p_add.add_argument("spec", metavar="SPEC")
-    p_add.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume now")
+    _key_arguments(p_add)
     p_remove = provider_sub.add_parser("remove", help="remove a keyslot (never the last)")
     p_remove.add_argument("backing", metavar="BACKING")
-    p_remove.add_argument("slot", type=int, metavar="SLOT")
+    p_remove.add_argument("slot", metavar="SLOT", help="its number in `provider list`, or its id")
+    _key_arguments(p_remove)
 
     rotate = sub.add_parser("rotate", help="new KEK version; re-wrap every DEK (no re-encryption)")
     rotate.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
@@ -105,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument(
         "--purge-old", action="store_true", help="drop old KEK versions once none is needed"
     )
-    rotate.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume")
+    _key_arguments(rotate)
 
     every = sub.add_parser(
         "rotate-every", help="let the daemon rotate automatically (a policy in the volume)"
@@ -119,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument(
         "--purge-old", action="store_true", help="drop old KEK versions after each pass"
     )
+    _key_arguments(every)
 
     status = sub.add_parser("status", help="KEK versions and the DEKs that depend on them")
     status.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
@@ -126,19 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--check", action="store_true", help="revalidate the key with its provider now (mounted)"
     )
-    status.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume")
+    _key_arguments(status)
 
     rewrap = sub.add_parser(
         "rewrap-kek", help="re-protect the stored KEKs after the provider's own key rotated"
     )
     rewrap.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
-    rewrap.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume")
+    _key_arguments(rewrap)
 
     fsck = sub.add_parser("fsck", help="check (and --repair) an unmounted volume")
     fsck.add_argument("backing", metavar="BACKING")
     fsck.add_argument("--repair", action="store_true", help="fix what needs no guessing")
     fsck.add_argument("--json", action="store_true", help="the report as one JSON object")
-    fsck.add_argument("--keyfile", metavar="PATH", help="key file that opens the volume")
+    _key_arguments(fsck)
 
     destroy = sub.add_parser(
         "destroy", help="crypto-shred a volume: destroy every KEK record (irreversible)"
@@ -152,6 +170,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="the volume id (encfs-gw status shows it) as confirmation",
     )
     destroy.add_argument("--audit-log", metavar="PATH", help="append the crypto_shred event")
+    _key_arguments(destroy)
+
+    upgrade = sub.add_parser(
+        "upgrade", help="authenticate the config of a volume made before config authentication"
+    )
+    upgrade.add_argument("backing", metavar="BACKING")
+    upgrade.add_argument(
+        "--trust-stored",
+        action="store_true",
+        help="vouch for every provider the old config names (after reviewing the list)",
+    )
+    _key_arguments(upgrade)
+
+    trust = sub.add_parser(
+        "trust", help="show or change what this host vouches for a volume (the trust store)"
+    )
+    trust.add_argument("backing", metavar="BACKING")
+    trust.add_argument(
+        "--accept-rollback",
+        action="store_true",
+        help="accept a config older than the one seen before (a backup restored on purpose)",
+    )
+    trust.add_argument(
+        "--forget",
+        metavar="VOLUME_ID",
+        help="forget a volume (e.g. the one this path held before it was replaced)",
+    )
+    _key_arguments(trust)
 
     unmount = sub.add_parser("unmount", aliases=["umount"], help="flush and unmount")
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -200,9 +246,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     spec = args.provider or f"keyfile:{args.keyfile or default_keyfile(backing)}"
     name, options = parse_spec(spec)
     provider = open_provider(name, options)
-    config = create_volume(backing, provider, args.block_size)
+    operator = Operator()
+    config = create_volume(backing, provider, args.block_size, operator)
     print(f"created volume {config.volume_id.hex()} in {backing}")
     print(f"key provider: {provider.describe()}")
+    print(f"vouched for in the trust store {operator.store.directory}")
     return 0
 
 
@@ -239,13 +287,12 @@ def _seconds_option(engine_opts: dict[str, str], name: str, default: float) -> f
     return seconds
 
 
-def _provider_factory(args: argparse.Namespace) -> Any:
-    def factory(name: str, options: dict[str, Any]) -> KeyProvider:
-        if name == "keyfile" and args.keyfile:
-            options = {**options, "path": os.path.abspath(args.keyfile)}
-        return open_provider(name, options)
-
-    return factory
+def _operator(args: argparse.Namespace) -> Operator:
+    """What this command's operator vouches for: the providers named on the command line
+    (--keyfile, --provider, in that order) and the trust store."""
+    specs = [OperatorSpec.keyfile(args.keyfile)] if getattr(args, "keyfile", None) else []
+    specs += [OperatorSpec.parse(spec) for spec in getattr(args, "providers", [])]
+    return Operator(specs)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -300,10 +347,10 @@ def _mount_background(args: argparse.Namespace) -> int:
 
 def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted; `ready_fd` (background mode) hears READY once live."""
-    from encfs import health
+    from encfs import config_store, health
     from encfs import mount as mount_mod
     from encfs.systemd import Notifier, Service
-    from encfs.volume import Volume, read_config
+    from encfs.volume import Volume
 
     backing = os.path.abspath(args.backing)
     mountpoint = os.path.abspath(args.mountpoint)
@@ -331,13 +378,15 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
     service = Service(Notifier.from_environment(), backing, mountpoint)
     try:
         mount_mod.harden_process()
-        config = read_config(backing)  # "not a volume" before "mountpoint busy"
+        # "not a volume" before "mountpoint busy"; nothing of it is used before it is
+        # authenticated but the volume id the audit log names.
+        config = config_store.peek(backing)
         mount_mod.check_mountpoint(mountpoint, allow_nonempty=nonempty)
         if "protect_mountpoint" in engine_opts:
             mount_mod.protect_mountpoint(mountpoint, allow_nonempty=nonempty)
         audit = _audit_log(config.volume_id, engine_opts)
         service.starting(f"unlocking {backing}")
-        volume = Volume.unlock(backing, _provider_factory(args), audit=audit)
+        volume = Volume.unlock(backing, _operator(args), audit=audit)
         mount_mod.serve(
             volume,
             mountpoint,
@@ -349,7 +398,6 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
             cpu_warmer="no_cpu_warmer" not in engine_opts,
             health_interval=health_interval,
             health_grace=health_grace,
-            provider_factory=_provider_factory(args),
             service=service,
         )
     except EncfsError as exc:
@@ -453,18 +501,19 @@ def cmd_provider(args: argparse.Namespace) -> int:
 
     backing = os.path.abspath(args.backing)
     if args.provider_command == "list":
-        for row in keyslots.list_protectors(backing):
+        for row in keyslots.list_protectors(backing, _operator(args)):
             marker = " (current)" if row["current"] else ""
             print(
                 f"KEK v{row['kek_version']}{marker} {row['state']}: "
-                f"slot {row['slot']}: {row['provider']}"
+                f"slot {row['slot']}: {row['provider']} (id {row['id']})"
             )
     elif args.provider_command == "add":
         name, options = parse_spec(args.spec)
-        count = keyslots.add_protector(backing, name, options, _provider_factory(args))
+        count = keyslots.add_protector(backing, name, options, _operator(args))
         print(f"added {name} to {count} KEK version(s)")
     else:
-        print(f"removed keyslot {args.slot}: {keyslots.remove_protector(backing, args.slot)}")
+        removed = keyslots.remove_protector(backing, args.slot, _operator(args))
+        print(f"removed keyslot {args.slot}: {removed}")
     return 0
 
 
@@ -563,11 +612,10 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         from encfs import rotation
         from encfs.volume import Volume
 
-        volume = Volume.unlock(backing, _provider_factory(args))
+        volume = Volume.unlock(backing, _operator(args))
         try:
             result = rotation.rotate_offline(
                 volume,
-                _provider_factory(args),
                 rate=args.rate,
                 purge_old=args.purge_old,
                 on_progress=progress,
@@ -598,19 +646,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         from encfs import rotation
         from encfs.volume import Volume
 
-        volume = Volume.unlock(backing, _provider_factory(args))
+        volume = Volume.unlock(backing, _operator(args))
         try:
-            counts = rotation.census(volume)
-            config = volume.config
-            reply = {
-                "backing": backing,
-                "volume_id": config.volume_id.hex(),
-                "current_kek": config.current_kek,
-                "kek_versions": {str(n): v.state for n, v in sorted(config.kek_versions.items())},
-                "rotation": config.rotation,
-                **rotation.policy_summary(config),
-                "deks_per_version": {str(v): n for v, n in sorted(counts.items())},
-            }
+            reply = rotation.volume_report(volume, rotation.census(volume))
         finally:
             volume.close()
     reply["mounted"] = mounted
@@ -636,17 +674,35 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     if reply.get("rotation_policy"):
         print(_policy_line(reply["rotation_policy"], reply["next_rotation"]))
+    for line in rotation_summary_lines(reply):
+        print(line)
+    return 0
+
+
+def rotation_summary_lines(reply: dict) -> list[str]:
+    """What the census says about the KEK versions DEKs depend on."""
+    lines = []
+    unknown = reply.get("unknown_kek_versions") or {}
+    if unknown:
+        versions = ", ".join(f"v{v} ({n} DEKs)" for v, n in unknown.items())
+        lines.append(
+            f"WARNING: DEKs are wrapped under KEK version(s) this config does not know: "
+            f"{versions}; those blocks read as EIO. The config is older than the data "
+            "(rolled back?) or the key areas were altered"
+        )
+    malformed = reply.get("malformed_key_records", 0)
+    if malformed:
+        lines.append(f"WARNING: {malformed} key record(s) are malformed (run fsck)")
     retired_needed = [
         n
         for n, state in reply["kek_versions"].items()
         if state == "retired" and reply["deks_per_version"].get(n, 0)
     ]
-    print(
-        "no DEK depends on a retired KEK version"
-        if not retired_needed
-        else f"DEKs still depend on retired version(s) {', '.join(retired_needed)}"
-    )
-    return 0
+    if retired_needed:
+        lines.append(f"DEKs still depend on retired version(s) {', '.join(retired_needed)}")
+    elif not unknown:
+        lines.append("no DEK depends on a retired KEK version")
+    return lines
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -662,30 +718,38 @@ def parse_interval(text: str) -> int | None:
     try:
         value = float(number)
     except ValueError:
-        raise UsageError(f"interval {text!r}: use 90d, 12h, 30m, 45s or off") from None
-    seconds = round(value * (unit or DURATION_UNITS["d"]))
+        value = math.nan
+    if not math.isfinite(value):
+        raise UsageError(f"interval {text!r}: use 90d, 12h, 30m, 45s or off")
+    seconds = round(min(value, 1e12) * (unit or DURATION_UNITS["d"]))
     if not 1 <= seconds <= 100 * 365 * 86400:
         raise UsageError(f"interval {text!r}: between 1 second and 100 years")
     return seconds
 
 
 def cmd_rotate_every(args: argparse.Namespace) -> int:
-    from encfs import rotation
-    from encfs.volume import read_config
-
     every_seconds = parse_interval(args.interval)
     backing, mounted = _resolve_target(args.target)
-    config = rotation.set_policy(backing, every_seconds, args.purge_old)
-    if mounted:
+    if mounted:  # the daemon holds the keys that authenticate the config: it writes it
         from encfs import client
 
-        (reply,) = list(client.request(backing, {"op": "policy"}))
-        if "error" in reply:
-            raise _error_with_code(reply["error"], reply.get("exit_code", 1))
-        if reply.get("rotated_to") is not None:
-            print(f"the policy was due: rotated to KEK version {reply['rotated_to']} now")
-            config = read_config(backing)
-    summary = rotation.policy_summary(config)
+        request = {"op": "policy", "every_seconds": every_seconds, "purge_old": args.purge_old}
+        (summary,) = list(client.request(backing, request))
+        if "error" in summary:
+            raise _error_with_code(summary["error"], summary.get("exit_code", 1))
+        if summary.get("rotated_to") is not None:
+            print(f"the policy was due: rotated to KEK version {summary['rotated_to']} now")
+    else:
+        from encfs import rotation
+        from encfs.volume import Volume
+
+        volume = Volume.unlock(backing, _operator(args))
+        try:
+            summary = rotation.policy_summary(
+                rotation.set_policy(volume, every_seconds, args.purge_old)
+            )
+        finally:
+            volume.close()
     if summary["rotation_policy"] is None:
         print("automatic rotation: off")
     else:
@@ -716,7 +780,7 @@ def cmd_rewrap_kek(args: argparse.Namespace) -> int:
     from encfs import keyslots
 
     backing, _ = _resolve_target(args.target)
-    count = keyslots.rewrap_keks(backing, _provider_factory(args))
+    count = keyslots.rewrap_keks(backing, _operator(args))
     print(f"re-protected {count} stored KEK blob(s) under the providers' current keys")
     return 0
 
@@ -729,7 +793,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     from encfs.volume import Volume
 
     backing = os.path.abspath(args.backing)
-    volume = Volume.unlock(backing, _provider_factory(args))  # takes the lock: not mounted
+    volume = Volume.unlock(backing, _operator(args))  # takes the lock: not mounted
     # The report names every damaged block (with its plaintext path): the engine's own
     # per-block warnings would only repeat it with inode numbers.
     logging.getLogger("encfs.volume").setLevel(logging.ERROR)
@@ -799,10 +863,63 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     from encfs import keyslots
 
     backing = os.path.abspath(args.backing)
-    actions = keyslots.destroy_volume(backing, args.confirm, audit_path=args.audit_log)
+    actions = keyslots.destroy_volume(
+        backing, args.confirm, _operator(args), audit_path=args.audit_log
+    )
     for action in actions:
         print(action)
     print(f"volume {backing} is destroyed: its data can never be decrypted again")
+    return 0
+
+
+# --- upgrade, trust --------------------------------------------------------------------------
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from encfs import upgrade
+
+    backing = os.path.abspath(args.backing)
+    config = upgrade.read_legacy(backing)
+    print("the volume config (not authenticated: compare it with what you set up):")
+    for line in upgrade.describe(config):
+        print(f"  {line}")
+    new = upgrade.upgrade(backing, _operator(args), args.trust_stored)
+    print(
+        f"upgraded: the config of volume {new.volume_id.hex()} is authenticated "
+        f"(generation {new.generation}); the providers you vouched for are in the trust store"
+    )
+    return 0
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    """Vouch for a volume at this path (moved, restored, or first seen on this host), or
+    forget one; prints what this host now vouches for."""
+    from encfs import config_store
+
+    backing = os.path.abspath(args.backing)
+    operator = _operator(args)
+    if args.forget:
+        volume_id = args.forget.lower()
+        if not operator.store.load(volume_id):
+            raise UsageError(f"the trust store has no volume {volume_id}")
+        operator.forget(volume_id)
+        print(f"forgot volume {volume_id}")
+        return 0
+    operator.new_path = True
+    operator.accept_rollback = args.accept_rollback
+    config, _ = config_store.unlock(backing, operator)
+    entry = operator.entry
+    assert entry is not None
+    print(f"volume {config.volume_id.hex()} (config generation {config.generation})")
+    print(f"known at: {', '.join(entry.backings)}")
+    for protector_id in config.protector_ids():
+        vouched = entry.protectors.get(protector_id)
+        what = (
+            operator.factory(vouched.kind, vouched.options).describe()
+            if vouched is not None
+            else "not vouched for on this host (never used here)"
+        )
+        print(f"keyslot {protector_id}: {what}")
     return 0
 
 
@@ -851,6 +968,8 @@ COMMANDS = {
     "rewrap-kek": cmd_rewrap_kek,
     "fsck": cmd_fsck,
     "destroy": cmd_destroy,
+    "upgrade": cmd_upgrade,
+    "trust": cmd_trust,
     "unmount": cmd_unmount,
     "umount": cmd_unmount,
 }

@@ -23,9 +23,8 @@ import trio
 from encfs import health as health_mod
 from encfs import rotation
 from encfs.client import socket_path
-from encfs.errors import EncfsError
-from encfs.keyring import ProviderFactory
-from encfs.keys.registry import open_provider
+from encfs.errors import EncfsError, UsageError
+from encfs.format.volume import MAX_POLICY_SECONDS
 from encfs.volume import Volume, read_config
 
 log = logging.getLogger(__name__)
@@ -49,20 +48,18 @@ class ControlServer:
     def __init__(
         self,
         volume: Volume,
-        provider_factory: ProviderFactory = open_provider,
         health_interval: float = health_mod.DEFAULT_INTERVAL,
         health_grace: float = health_mod.DEFAULT_GRACE,
         invalidate: Callable[[list[int]], None] | None = None,
         mount_options: list[str] | None = None,
     ) -> None:
         self.volume = volume
-        self.provider_factory = provider_factory
         self.path = socket_path(volume.backing_path)
         self.health_interval = health_interval
         self.invalidate = invalidate
         self.mount_options = mount_options or []
         self.health = health_mod.KeyHealth(
-            volume, volume.audit, provider_factory, grace=health_grace, clock=trio.current_time
+            volume, volume.audit, grace=health_grace, clock=trio.current_time
         )
         self.on_state_change: Callable[[str], None] | None = None
         self._rotating = False
@@ -115,10 +112,17 @@ class ControlServer:
 
     async def _policy_check(self) -> tuple[float, int | None]:
         try:
-            config = read_config(self.volume.backing_path)
+            # Authenticated with the keys in memory: an altered config is refused here
+            # (logged), and the daemon keeps serving with the config it has.
+            config = read_config(self.volume.backing_path, self.volume.keyring)
         except (EncfsError, OSError) as exc:
             log.warning("cannot read the rotation policy: %s", exc)
             return POLICY_RETRY, None
+        except Exception:  # never let the config take the daemon down
+            log.exception("cannot read the rotation policy")
+            return POLICY_RETRY, None
+        if config.generation > self.volume.config.generation:
+            self.volume.config = config  # another process's change (provider add ...)
         remaining = rotation.seconds_until_rotation(config)
         if remaining is None:
             return POLICY_IDLE_CHECK, None
@@ -181,10 +185,18 @@ class ControlServer:
                 request = json.loads(await _receive_line(stream))
                 if request.get("op") == "rotate":
                     await self._rotate(stream, request)
-                elif request.get("op") == "policy":  # the policy changed on disk: apply it
+                elif request.get("op") == "policy":  # set (or clear) the rotation policy
+                    await self._set_policy(request)
                     _, rotated = await self.apply_policy()
                     self._policy_changed.set()  # the loop recomputes its timer
-                    await _send(stream, {"done": True, "rotated_to": rotated})
+                    await _send(
+                        stream,
+                        {
+                            "done": True,
+                            "rotated_to": rotated,
+                            **rotation.policy_summary(self.volume.config),
+                        },
+                    )
                 elif request.get("op") == "status":
                     if request.get("check"):
                         await self.check_now()
@@ -196,25 +208,29 @@ class ControlServer:
             except (ValueError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.warning("control connection failed: %s", exc)
 
+    async def _set_policy(self, request: dict) -> None:
+        every = request.get("every_seconds")
+        purge_old = request.get("purge_old")
+        if every is not None and (
+            type(every) is not int or not 1 <= every <= MAX_POLICY_SECONDS
+        ):
+            raise UsageError("every_seconds must be an integer from 1 to 100 years")
+        if not isinstance(purge_old, bool):
+            raise UsageError("purge_old must be true or false")
+        async with self._policy_lock:
+            rotation.set_policy(self.volume, every, purge_old)
+
     async def _status(self) -> dict:
         counts = await trio.to_thread.run_sync(rotation.census, self.volume)
         config = self.volume.config
         return {
             **self.health.summary(),
-            "backing": self.volume.backing_path,
-            "volume_id": config.volume_id.hex(),
+            **rotation.volume_report(self.volume, counts),
             "mount_options": self.mount_options,
             "counters": dict(self.volume.counters),
             "providers": sorted(
-                {p.provider for v in config.kek_versions.values() for p in v.protectors}
+                {p.kind for v in config.kek_versions.values() for p in v.protectors}
             ),
-            "current_kek": config.current_kek,
-            "kek_versions": {
-                str(n): v.state for n, v in sorted(config.kek_versions.items())
-            },
-            "rotation": config.rotation,
-            **rotation.policy_summary(read_config(self.volume.backing_path)),
-            "deks_per_version": {str(v): n for v, n in sorted(counts.items())},
         }
 
     async def _resume(self) -> None:
@@ -238,7 +254,7 @@ class ControlServer:
             raise EncfsError("a rotation is already running")
         self._rotating = True
         try:
-            target = rotation.start_rotation(self.volume, self.provider_factory)
+            target = rotation.start_rotation(self.volume)
             rewrap = rotation.RewrapPass(self.volume, target)
             last_report = 0.0
             slice_start = trio.current_time()

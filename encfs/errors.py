@@ -38,6 +38,15 @@ class ConfigError(EncfsError):
     exit_code = 12
 
 
+class ConfigAuthError(EncfsError):
+    """The volume config failed authentication, is older than one already seen (rolled
+    back), belongs to another volume than the one known at this path (replaced), holds a
+    volume key other than the one the operator pinned, or predates config authentication
+    (`encfs-gw upgrade` first). Nothing the config names was run, loaded or contacted."""
+
+    exit_code = 19
+
+
 class VolumeExists(EncfsError):
     """init refuses to overwrite an existing volume or key file."""
 
@@ -109,6 +118,20 @@ class ProviderConfigError(KeyAccessError):
     """The provider spec or its configuration is wrong, or its extra is not installed."""
 
     exit_code = 26
+
+
+class NotVouched(EncfsError):
+    """No key provider for this volume is vouched for by the operator: none named on the
+    command line (--keyfile, --provider) and none in the trust store for this volume; or
+    an operation needs a keyslot the operator has not vouched for on this host."""
+
+    exit_code = 29
+
+
+class TrustStoreError(EncfsError):
+    """The operator's trust store cannot be read or written safely (ownership, mode)."""
+
+    exit_code = 28
 
 
 class IntegrityError(EncfsError):

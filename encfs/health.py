@@ -23,8 +23,7 @@ from encfs.errors import (
     ProviderUnavailable,
     WrongKey,
 )
-from encfs.keyring import Keyring, ProviderFactory
-from encfs.keys.registry import open_provider
+from encfs.keyring import Keyring
 from encfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -54,14 +53,12 @@ class KeyHealth:
         self,
         volume: Volume,
         audit: AuditLog,
-        provider_factory: ProviderFactory = open_provider,
         grace: float = DEFAULT_GRACE,
         clock: Callable[[], float] = time.monotonic,
         on_inaccessible: Callable[[], None] | None = None,
     ) -> None:
         self.volume = volume
         self.audit = audit
-        self.provider_factory = provider_factory
         self.grace = grace
         self.clock = clock
         self.on_inaccessible = on_inaccessible
@@ -72,10 +69,11 @@ class KeyHealth:
         self.checks = 0
 
     def check(self) -> CheckResult:
-        """Ask the providers again (one call per KEK version). Thread-safe: no state."""
+        """Ask the vouched providers again (one call per KEK version). Thread-safe: no
+        state of its own."""
         checked_at = time.time()
         try:
-            fresh = Keyring.unlock(self.volume.config, self.provider_factory)
+            fresh = Keyring.unlock(self.volume.config, self.volume.operator)
         except KeyAccessError as exc:
             return CheckResult(None, exc, checked_at)
         return CheckResult(fresh, None, checked_at)

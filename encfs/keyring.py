@@ -12,27 +12,27 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from encfs import crypto
 from encfs.audit import AuditLog
 from encfs.errors import (
     IntegrityError,
     KeyAccessError,
+    NotVouched,
     ProviderConfigError,
     WrongKey,
 )
 from encfs.format.blocks import BINDING_SIZE
 from encfs.format.volume import VOLUME_KEY_SIZE, VolumeConfig
-from encfs.keys.provider import KeyProvider
-from encfs.keys.registry import open_provider
+
+if TYPE_CHECKING:
+    from encfs.trust import Operator
 
 log = logging.getLogger(__name__)
 
 SLOT_CIPHER_CACHE = 4096
 NAME_MEMO_ENTRIES = 16384  # per direction; ~3 MB at most
-
-ProviderFactory = Callable[[str, dict], KeyProvider]
 
 
 def _caller() -> dict[str, int]:
@@ -82,6 +82,9 @@ class _Material:
         self.name_memo = NameMemo()
         self.xattr_value_key = crypto.hkdf(volume_key, crypto.INFO_XATTR_VALUE_KEY, crypto.KEY_SIZE)
         self.binding_key = crypto.hkdf(volume_key, crypto.INFO_BINDING_KEY, crypto.KEY_SIZE)
+        self.config_mac_key = crypto.hkdf(
+            volume_key, crypto.INFO_CONFIG_MAC_KEY, crypto.KEY_SIZE
+        )
 
 
 class Keyring:
@@ -141,10 +144,11 @@ class Keyring:
     def unlock(
         cls,
         config: VolumeConfig,
-        provider_factory: ProviderFactory = open_provider,
+        operator: Operator,
         audit: AuditLog | None = None,
     ) -> Keyring:
-        """Recover every KEK version through its providers and unwrap the volume key.
+        """Recover every KEK version through the providers the operator vouched for and
+        unwrap the volume key.
 
         Raises the first version's KeyAccessError if no protector of a version opens;
         WrongKey if a KEK does not unwrap the volume key (wrong key or edited parameters).
@@ -153,7 +157,7 @@ class Keyring:
         volume_key: bytes | None = None
         for number in sorted(config.kek_versions, key=lambda v: v != config.current_kek):
             version = config.kek_versions[number]
-            kek = recover_kek(config, number, provider_factory, audit)
+            kek = recover_kek(config, number, operator, audit)
             try:
                 unwrapped = crypto.gcm_open(
                     kek, version.wrapped_volume_key, config.volume_key_aad(number)
@@ -170,8 +174,22 @@ class Keyring:
         assert volume_key is not None
         return cls(config, keks, volume_key)
 
+    def config_mac(self, message: bytes) -> bytes:
+        """HMAC-SHA256 of a volume config body (docs/FORMAT.md section 2)."""
+        return crypto.mac(self._live().config_mac_key, message, 32)
+
+    def volume_key_check(self) -> bytes:
+        """A check value of the volume key: what the operator's trust store pins."""
+        return crypto.hkdf(self._live().volume_key, crypto.INFO_VOLUME_KEY_CHECK, 32)
+
     def wrap_volume_key(self, kek: bytes, aad: bytes) -> bytes:
         return crypto.gcm_seal(kek, self._live().volume_key, aad)
+
+    def kek(self, kek_version: int) -> bytes:
+        kek = self._live().keks.get(kek_version)
+        if kek is None:
+            raise IntegrityError(f"KEK version {kek_version} is not loaded")
+        return kek
 
     def has_kek(self, kek_version: int) -> bool:
         return kek_version in self._live().keks
@@ -215,38 +233,51 @@ class Keyring:
 def recover_kek(
     config: VolumeConfig,
     number: int,
-    provider_factory: ProviderFactory,
+    operator: Operator,
     audit: AuditLog | None = None,
 ) -> bytes:
-    """Try each protector of KEK version `number` in order; the first that opens wins."""
+    """Recover KEK version `number` through the providers the operator vouched for.
+
+    For each keyslot of the version (in order), its vouched providers are asked (the
+    command line's first, then the trust store's); the first that opens wins. Keyslots
+    nobody vouched for are never run: their kind only says which providers may try.
+    """
     errors: list[KeyAccessError] = []
     binding = config.provider_binding(number)
     for protector in config.kek_versions[number].protectors:
-        provider = provider_factory(protector.provider, protector.options)
-        try:
-            kek = provider.recover(protector.record, binding)
-        except KeyAccessError as exc:
+        for spec, provider in operator.providers_for(protector):
+            try:
+                kek = provider.recover(protector.record, binding)
+            except KeyAccessError as exc:
+                if audit is not None:
+                    audit.event(
+                        "provider_error",
+                        kek_version=number,
+                        provider=protector.kind,
+                        outcome=type(exc).__name__,
+                        reason=str(exc),
+                        **_caller(),
+                    )
+                log.debug(
+                    "provider %s could not open KEK version %d: %s", protector.kind, number, exc
+                )
+                errors.append(exc)
+                continue
+            finally:
+                provider.close()
+            if len(kek) != crypto.KEY_SIZE:
+                raise ProviderConfigError(f"provider {protector.kind} returned a malformed KEK")
+            operator.note_opened(protector.id, spec)
             if audit is not None:
                 audit.event(
-                    "provider_error",
-                    kek_version=number,
-                    provider=protector.provider,
-                    outcome=type(exc).__name__,
-                    reason=str(exc),
+                    "unwrap", kek_version=number, provider=protector.kind, outcome="ok",
                     **_caller(),
                 )
-            log.debug(
-                "provider %s could not open KEK version %d: %s", protector.provider, number, exc
-            )
-            errors.append(exc)
-            continue
-        finally:
-            provider.close()
-        if len(kek) != crypto.KEY_SIZE:
-            raise ProviderConfigError(f"provider {protector.provider} returned a malformed KEK")
-        if audit is not None:
-            audit.event(
-                "unwrap", kek_version=number, provider=protector.provider, outcome="ok", **_caller()
-            )
-        return kek
-    raise errors[0]
+            return kek
+    if errors:
+        raise errors[0]
+    kinds = ", ".join(sorted({p.kind for p in config.kek_versions[number].protectors}))
+    raise NotVouched(
+        f"none of the key providers the operator vouched for matches a keyslot of KEK "
+        f"version {number} (its keyslots: {kinds})"
+    )

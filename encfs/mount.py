@@ -39,8 +39,6 @@ from encfs.fuse.loop import ReadyWaiter, serve_requests
 from encfs.fuse.operations import Operations, drop_kernel_cache
 from encfs.fuse.syncer import ThreadSyncer, open_syncer
 from encfs.fuse.warm import CpuWarmer
-from encfs.keyring import ProviderFactory
-from encfs.keys.registry import open_provider
 from encfs.systemd import Service
 from encfs.volume import Volume
 
@@ -170,7 +168,6 @@ def serve(
     on_ready: Callable[[], None],
     writeback_cache: bool = False,
     cpu_warmer: bool = True,
-    provider_factory: ProviderFactory = open_provider,
     service: Service | None = None,
     health_interval: float = health_mod.DEFAULT_INTERVAL,
     health_grace: float = health_mod.DEFAULT_GRACE,
@@ -189,7 +186,6 @@ def serve(
     service = service or Service.disabled()
     control = ControlServer(
         volume,
-        provider_factory,
         health_interval=health_interval,
         health_grace=health_grace,
         invalidate=drop_kernel_cache,

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from encfs import crypto
+from encfs import config_store, crypto
 from encfs.errors import IntegrityError, UsageError
 from encfs.format import names as fnames
 from encfs.format.blocks import (
@@ -45,10 +45,7 @@ from encfs.format.blocks import (
     slot_aad_prefix,
     slot_candidates,
 )
-from encfs.format.volume import KekVersion, Protector, VolumeConfig
-from encfs.keyring import ProviderFactory
-from encfs.keys.registry import open_provider
-from encfs.keyslots import editing_config, write_config
+from encfs.format.volume import KekVersion, Protector, VolumeConfig, now_utc, parse_time
 from encfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -61,10 +58,6 @@ CRASH_AFTER_ENV = "ENCFS_TESTONLY_ROTATION_CRASH_AFTER"
 def _crash_after() -> int | None:
     value = os.environ.get(CRASH_AFTER_ENV)
     return int(value) if value else None
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -98,12 +91,16 @@ class PassStats:
 # --- starting and finishing ----------------------------------------------------------------
 
 
-def start_rotation(volume: Volume, provider_factory: ProviderFactory = open_provider) -> int:
+def start_rotation(volume: Volume) -> int:
     """Make KEK version N+1 current (protected like version N), or resume a started one.
 
-    Returns the target version. New blocks use it from this moment on.
+    Returns the target version. New blocks use it from this moment on. Every keyslot of
+    version N must be vouched for by the operator (the new KEK is protected by exactly
+    those providers); one that is not refuses the rotation before anything changes.
     """
-    with editing_config(volume.backing_path) as (config, dir_fd):
+    with config_store.editing(
+        volume.backing_path, volume.keyring, volume.operator
+    ) as config:
         if config.rotation is not None:
             target = int(config.rotation["target"])
             if not volume.keyring.has_kek(target):
@@ -115,18 +112,19 @@ def start_rotation(volume: Volume, provider_factory: ProviderFactory = open_prov
         target = max(config.kek_versions) + 1
         if target > 0xFFFF:
             raise UsageError("no KEK version numbers left (65535 rotations)")
+        providers = [(p, volume.operator.provider(p)) for p in current.protectors]
         kek = crypto.random_key()
         binding = config.provider_binding(target)
         protectors = []
-        for protector in current.protectors:
-            provider = provider_factory(protector.provider, protector.options)
-            try:
+        try:
+            for protector, provider in providers:
                 protectors.append(
-                    Protector(protector.provider, protector.options, provider.protect(kek, binding))
+                    Protector(protector.id, protector.kind, provider.protect(kek, binding))
                 )
-            finally:
+        finally:
+            for _, provider in providers:
                 provider.close()
-        created = _now()
+        created = now_utc()
         config.kek_versions[target] = KekVersion(
             version=target,
             state="active",
@@ -136,59 +134,62 @@ def start_rotation(volume: Volume, provider_factory: ProviderFactory = open_prov
         )
         config.current_kek = target
         config.rotation = {"target": target, "started": created}
-        write_config(dir_fd, config)
-        volume.keyring.add_kek(target, kek, make_current=True)
-        volume.config = config
-        for protector in protectors:
-            volume.audit.event(
-                "wrap", kek_version=target, provider=protector.provider, outcome="ok"
-            )
-        volume.audit.event("rotation_start", target=target)
-        log.info("KEK version %d is current; re-wrapping DEKs", target)
-        return target
+    # Only once the config naming version `target` is on disk may a DEK be wrapped under it.
+    volume.keyring.add_kek(target, kek, make_current=True)
+    volume.config = config
+    for protector in protectors:
+        volume.audit.event("wrap", kek_version=target, provider=protector.kind, outcome="ok")
+    volume.audit.event("rotation_start", target=target)
+    log.info("KEK version %d is current; re-wrapping DEKs", target)
+    return target
 
 
 def finish_rotation(volume: Volume, target: int, purge_old: bool) -> list[int]:
     """After a verified pass: retire (or purge) every version but `target`."""
-    with editing_config(volume.backing_path) as (config, dir_fd):
+    with config_store.editing(
+        volume.backing_path, volume.keyring, volume.operator
+    ) as config:
         retired = []
         for number, version in list(config.kek_versions.items()):
             if number == target:
                 continue
             if purge_old:
                 del config.kek_versions[number]
-                volume.keyring.forget_kek(number)
             else:
                 version.state = "retired"
             retired.append(number)
         config.rotation = None
-        write_config(dir_fd, config)
-        volume.config = config
-        volume.audit.event(
-            "rotation_finish",
-            target=target,
-            **({"purged": retired} if purge_old else {"retired": retired}),
-        )
-        return retired
+    volume.config = config
+    if purge_old:
+        for number in retired:
+            volume.keyring.forget_kek(number)
+    volume.audit.event(
+        "rotation_finish",
+        target=target,
+        **({"purged": retired} if purge_old else {"retired": retired}),
+    )
+    return retired
 
 
 # --- the automatic rotation policy ---------------------------------------------------------
 
 
-def set_policy(backing_path: str, every_seconds: int | None, purge_old: bool) -> VolumeConfig:
+def set_policy(volume: Volume, every_seconds: int | None, purge_old: bool) -> VolumeConfig:
     """Set (or with None remove) the volume's automatic rotation policy; the new config.
 
-    The config is edited under its own lock, so this works mounted or not; a daemon reads
-    the policy again at its next check (or at once when told over the control socket).
+    The config is edited under its lock, authenticated with the keys of `volume` (the
+    daemon's on a mounted volume, an offline unlock otherwise).
     """
-    with editing_config(backing_path) as (config, dir_fd):
+    with config_store.editing(
+        volume.backing_path, volume.keyring, volume.operator
+    ) as config:
         config.rotation_policy = (
             None
             if every_seconds is None
             else {"every_seconds": int(every_seconds), "purge_old": bool(purge_old)}
         )
-        write_config(dir_fd, config)
-        return config
+    volume.config = config
+    return config
 
 
 def next_rotation(config: VolumeConfig) -> datetime | None:
@@ -197,9 +198,7 @@ def next_rotation(config: VolumeConfig) -> datetime | None:
     policy = config.rotation_policy
     if policy is None:
         return None
-    created = datetime.fromisoformat(config.kek_versions[config.current_kek].created)
-    if created.tzinfo is None:
-        created = created.replace(tzinfo=UTC)
+    created = parse_time(config.kek_versions[config.current_kek].created, "KEK created")
     return created + timedelta(seconds=policy["every_seconds"])
 
 
@@ -217,6 +216,29 @@ def policy_summary(config: VolumeConfig) -> dict:
     return {
         "rotation_policy": config.rotation_policy,
         "next_rotation": None if due is None else due.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def volume_report(volume: Volume, counts: Counter[int]) -> dict:
+    """The KEK versions, their states and the DEKs each protects: one report for the
+    offline `status` and the daemon's. A census count under a version the config does
+    not list (a config rolled back past a purge) or a malformed record is called out."""
+    config = volume.config
+    known = {str(v): n for v, n in sorted(counts.items()) if v in config.kek_versions}
+    unknown = {
+        str(v): n for v, n in sorted(counts.items()) if v > 0 and v not in config.kek_versions
+    }
+    return {
+        "backing": volume.backing_path,
+        "volume_id": config.volume_id.hex(),
+        "generation": config.generation,
+        "current_kek": config.current_kek,
+        "kek_versions": {str(n): v.state for n, v in sorted(config.kek_versions.items())},
+        "rotation": config.rotation,
+        **policy_summary(config),
+        "deks_per_version": known,
+        "unknown_kek_versions": unknown,
+        "malformed_key_records": counts.get(-1, 0),
     }
 
 
@@ -646,12 +668,11 @@ def verify_and_finish(
 
 def rotate_offline(
     volume: Volume,
-    provider_factory: ProviderFactory = open_provider,
     rate: float | None = None,
     purge_old: bool = False,
     on_progress=None,
 ) -> dict:
-    target = start_rotation(volume, provider_factory)
+    target = start_rotation(volume)
     rewrap = RewrapPass(volume, target)
     for stats in rewrap.steps():
         delay = throttle_delay(stats, rate)

@@ -21,15 +21,12 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-from encfs import backing, crypto
+from encfs import backing, config_store, crypto
 from encfs.audit import AuditLog
 from encfs.contents import FileContents
 from encfs.errors import (
-    ConfigError,
     IntegrityError,
-    NotAVolume,
     UsageError,
     VolumeBusy,
     VolumeExists,
@@ -44,10 +41,17 @@ from encfs.format.blocks import (
     Layout,
     binding_message,
 )
-from encfs.format.volume import VOLUME_KEY_SIZE, KekVersion, Protector, VolumeConfig
-from encfs.keyring import Keyring, ProviderFactory
+from encfs.format.volume import (
+    PROTECTOR_ID_SIZE,
+    VOLUME_KEY_SIZE,
+    KekVersion,
+    Protector,
+    VolumeConfig,
+    now_utc,
+)
+from encfs.keyring import Keyring
 from encfs.keys.provider import KeyProvider
-from encfs.keys.registry import open_provider
+from encfs.trust import Operator
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +157,6 @@ class DirHandle:
         self.entries: list[tuple[bytes, str]] | None = None  # (plain name, backing name)
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _oserror(code: int, what: str = "") -> OSError:
     return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
 
@@ -176,8 +176,14 @@ def create_volume(
     backing_path: str,
     provider: KeyProvider,
     block_size: int,
+    operator: Operator | None = None,
 ) -> VolumeConfig:
-    """Make a new volume in an empty (or new) directory; the directory is made 0700."""
+    """Make a new volume in an empty (or new) directory; the directory is made 0700.
+
+    The provider's options go to the operator's trust store (never into the backing
+    directory), with the volume key's check value and the first config generation.
+    """
+    operator = operator or Operator()
     try:
         Layout(block_size)
     except ValueError as exc:
@@ -196,59 +202,65 @@ def create_volume(
         made_directory = True
     os.chmod(backing_path, 0o700)
     try:
-        return _write_new_volume(backing_path, provider, block_size)
+        return _write_new_volume(backing_path, provider, block_size, operator)
     except BaseException:
         if made_directory:
             shutil.rmtree(backing_path, ignore_errors=True)
+        else:
+            for name in (fnames.CONFIG_FILE, fnames.DIR_ID_FILE):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(backing_path, name))
         raise
 
 
-def _write_new_volume(backing_path: str, provider: KeyProvider, block_size: int) -> VolumeConfig:
+def _write_new_volume(
+    backing_path: str, provider: KeyProvider, block_size: int, operator: Operator
+) -> VolumeConfig:
     volume_key = crypto.random_key(VOLUME_KEY_SIZE)
     kek = crypto.random_key()
+    now = now_utc()
     config = VolumeConfig(
         volume_id=crypto.random_key(16),
         block_size=block_size,
         features=DEFAULT_FEATURES,
-        created=_now(),
+        created=now,
         current_kek=1,
         kek_versions={},
+        generation=1,
     )
     record = provider.protect(kek, config.provider_binding(1))
+    protector_id = crypto.random_key(PROTECTOR_ID_SIZE).hex()
     config.kek_versions[1] = KekVersion(
         version=1,
         state="active",
-        created=config.created,
+        created=now,
         wrapped_volume_key=crypto.gcm_seal(kek, volume_key, config.volume_key_aad(1)),
-        protectors=[Protector(provider.name, provider.options, record)],
+        protectors=[Protector(protector_id, provider.name, record)],
     )
-    dir_fd = os.open(backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    keyring = Keyring(config, {1: kek}, volume_key)
+    operator.resolve_new(backing_path)
+    operator.vouch(protector_id, provider.name, provider.options)
+    # The operator's record first: a volume whose trust entry could not be written would
+    # need --keyfile at every mount, so it is not made at all.
+    operator.accept(config, keyring.volume_key_check())
     try:
-        backing.write_file_atomic(dir_fd, fnames.DIR_ID_FILE, crypto.random_key(16), 0o400)
-        backing.write_file_atomic(dir_fd, fnames.CONFIG_FILE, config.to_json(), 0o600)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(
+            backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+        try:
+            backing.write_file_atomic(dir_fd, fnames.DIR_ID_FILE, crypto.random_key(16), 0o400)
+        finally:
+            os.close(dir_fd)
+        config_store.write_new(backing_path, config, keyring)
+    except BaseException:
+        operator.forget(config.volume_id.hex())
+        raise
     return config
 
 
-def read_config(backing_path: str) -> VolumeConfig:
-    try:
-        dir_fd = os.open(backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotAVolume(f"backing directory {backing_path} does not exist") from None
-    except NotADirectoryError:
-        raise NotAVolume(f"{backing_path} is not a directory") from None
-    try:
-        data = backing.read_small_file(dir_fd, fnames.CONFIG_FILE)
-    except FileNotFoundError:
-        raise NotAVolume(
-            f"{backing_path} is not an encfs-gw volume (no {fnames.CONFIG_FILE})"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read the volume config: {exc.strerror}") from None
-    finally:
-        os.close(dir_fd)
-    return VolumeConfig.from_json(data)
+def read_config(backing_path: str, keyring: Keyring) -> VolumeConfig:
+    """The authentic config as on disk now (verified with the keys in memory)."""
+    return config_store.reread(backing_path, keyring)
 
 
 class Volume:
@@ -257,6 +269,8 @@ class Volume:
     def __init__(self, backing_path: str, config: VolumeConfig, keyring: Keyring) -> None:
         self.backing_path = backing_path
         self.config = config
+        # What vouched for this volume's providers (rotation protects new KEKs with it).
+        self.operator = Operator()
         self.layout = config.layout
         self.keyring = keyring
         self.read_only = False
@@ -294,13 +308,16 @@ class Volume:
     def unlock(
         cls,
         backing_path: str,
-        provider_factory: ProviderFactory = open_provider,
+        operator: Operator | None = None,
         audit: AuditLog | None = None,
     ) -> Volume:
+        """Open a volume with the key providers the operator vouched for (the command
+        line's, then the trust store's): config authenticated before anything is used."""
         crypto.self_test()
-        config = read_config(backing_path)
-        keyring = Keyring.unlock(config, provider_factory, audit)
+        operator = operator or Operator()
+        config, keyring = config_store.unlock(backing_path, operator, audit)
         volume = cls(backing_path, config, keyring)
+        volume.operator = operator
         if audit is not None:
             volume.audit = audit
         return volume

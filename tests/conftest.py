@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 
 from tests.helpers.mount import Volume, init_volume, mounted
+
+# The operator's trust store (encfs/trust.py) of this test session: never the real one of
+# the user running the tests. The CLI and daemons the tests start inherit it.
+_TRUST_DIR = tempfile.mkdtemp(prefix="encfs-gw-trust-")
+os.environ["ENCFS_GW_TRUST_DIR"] = os.path.join(_TRUST_DIR, "trust")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_TRUST_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def own_trust_store(tmp_path_factory, monkeypatch):
+    """A trust store for this test alone: copies of a golden volume share its volume id,
+    so each test that extracts one starts with a store that never saw it."""
+    path = tmp_path_factory.mktemp("trust") / "store"
+    monkeypatch.setenv("ENCFS_GW_TRUST_DIR", str(path))
+    return path
 
 
 def pytest_collection_modifyitems(config, items):

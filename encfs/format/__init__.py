@@ -14,12 +14,23 @@ FEATURE_SIV_NAMES = "aes-siv-names"
 FEATURE_LONG_NAMES = "long-names"
 # Symlink targets over 3,055 bytes kept in the symlink store (docs/FORMAT.md 5.3).
 FEATURE_LONG_SYMLINKS = "long-symlink-targets"
+# The whole config is authenticated (config_mac, generation) and names no provider
+# options: those are the operator's (docs/FORMAT.md section 2). Readers without it
+# refuse such a volume; volumes without it must be upgraded (`encfs-gw upgrade`).
+FEATURE_AUTH_CONFIG = "authenticated-config"
 KNOWN_FEATURES = frozenset(
-    {FEATURE_BLOCK_GCM, FEATURE_SIV_NAMES, FEATURE_LONG_NAMES, FEATURE_LONG_SYMLINKS}
+    {
+        FEATURE_BLOCK_GCM,
+        FEATURE_SIV_NAMES,
+        FEATURE_LONG_NAMES,
+        FEATURE_LONG_SYMLINKS,
+        FEATURE_AUTH_CONFIG,
+    }
 )
 DEFAULT_FEATURES = (
     FEATURE_BLOCK_GCM,
     FEATURE_SIV_NAMES,
     FEATURE_LONG_NAMES,
     FEATURE_LONG_SYMLINKS,
+    FEATURE_AUTH_CONFIG,
 )

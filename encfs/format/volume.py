@@ -1,40 +1,97 @@
 """The volume config record (`encfs-gw.conf`, JSON) and the AADs derived from it.
 
-The config holds no secret: the volume key appears only wrapped under each KEK version,
-and each KEK version only as provider records. The immutable parameters (format version,
-features, volume id, block size) are authenticated through the volume-key wrap AAD, so an
-edited block size or feature list fails like a wrong key instead of misreading data.
+The config lives in the untrusted backing directory, so it holds only *data*: the
+volume key wrapped under each KEK version, and per KEK version one opaque record per
+protector (keyslot), tagged with the protector's id and kind. It never names a file,
+a program, a library or a server: those are the operator's (`encfs.trust`).
+
+Authentication (feature `authenticated-config`): the whole document is covered by
+`config_mac`, an HMAC under a key derived from the volume key, which every protector of
+every KEK version unwraps. Nothing in the config is acted on before the MAC verifies,
+except feeding the records to providers the operator vouched for (docs/FORMAT.md 2).
+
+Parsing is strict: bounded size, no duplicate keys, no NaN, every field typed and
+range-checked, unknown fields refused. Any failure is a ConfigError (exit 12), never an
+exception of another kind.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from encfs.errors import ConfigError, KeyRevoked, UnsupportedFormat
-from encfs.format import FORMAT_NAME, FORMAT_VERSION, KNOWN_FEATURES, SUPPORTED_VERSIONS
+from encfs.format import (
+    FEATURE_AUTH_CONFIG,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    KNOWN_FEATURES,
+    SUPPORTED_VERSIONS,
+)
 from encfs.format.blocks import Layout
 
 VOLUME_ID_SIZE = 16
 VOLUME_KEY_SIZE = 64
+PROTECTOR_ID_SIZE = 8
+CONFIG_MAC_SIZE = 32
+MAX_CONFIG_BYTES = 1 << 20
+MAX_RECORD_DEPTH = 4
+MAX_KEK_VERSION = 0xFFFF
+# The longest rotation interval a policy may ask for (what `rotate-every` accepts).
+MAX_POLICY_SECONDS = 100 * 365 * 86400
 VOLUME_KEY_AAD_LABEL = b"EGWV"
 PROVIDER_BINDING_LABEL = b"encfs-gw KEK binding v1|"
+CONFIG_MAC_LABEL = b"EGWC"
 KEK_STATES = ("active", "retired")
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
+_KIND = re.compile(r"[a-z0-9][a-z0-9-]{0,31}\Z")
+_HEX = re.compile(r"[0-9a-f]*\Z")
+
+TOP_FIELDS = {
+    "format", "format_version", "features", "volume_id", "block_size", "created",
+    "generation", "kek", "rotation", "rotation_policy", "config_mac",
+}
+LEGACY_TOP_FIELDS = TOP_FIELDS - {"generation", "config_mac"}
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).strftime(TIME_FORMAT)
+
+
+def parse_time(value: Any, what: str) -> datetime:
+    """A UTC time as the config writes it (`2026-12-06T21:00:00Z`); ConfigError otherwise."""
+    if not isinstance(value, str) or not _TIME.match(value):
+        raise ConfigError(f"volume config: {what} is not a UTC time (YYYY-MM-DDTHH:MM:SSZ)")
+    try:
+        return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        raise ConfigError(f"volume config: {what} is not a valid date") from None
 
 
 @dataclass
 class Protector:
-    """One provider protecting one KEK version (a keyslot)."""
+    """One keyslot of one KEK version: which protector (id, kind) and its opaque record.
 
-    provider: str
-    options: dict[str, Any]
+    `id` is the same for one keyslot across KEK versions; `kind` is the provider's name,
+    a hint for which of the operator's providers may open it (never a reason to run one).
+    `legacy_options` holds what a volume made before `authenticated-config` stored about
+    the provider; it is shown by `upgrade` and never used without the operator's word.
+    """
+
+    id: str
+    kind: str
     record: dict[str, Any]
+    legacy_options: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"provider": self.provider, "options": self.options, "record": self.record}
+        return {"id": self.id, "kind": self.kind, "record": self.record}
 
 
 @dataclass
@@ -64,17 +121,31 @@ class VolumeConfig:
     current_kek: int
     kek_versions: dict[int, KekVersion]
     format_version: int = FORMAT_VERSION
+    # Bumped by every write: with the operator's record of the highest generation seen
+    # (encfs.trust), an older authentic config replayed into the backing store is refused.
+    generation: int = 1
     # A re-wrap pass in progress: {"target": KEK version, "started": time}. Present from
     # the moment version `target` becomes current until every DEK is wrapped under it.
     rotation: dict[str, Any] | None = None
     # Automatic rotation by the daemon: {"every_seconds": N, "purge_old": bool}, counted
-    # from the creation of the current KEK version. Not a format change: a reader that
-    # does not know it ignores it.
+    # from the creation of the current KEK version.
     rotation_policy: dict[str, Any] | None = None
 
     @property
     def layout(self) -> Layout:
         return Layout(self.block_size)
+
+    @property
+    def authenticated(self) -> bool:
+        return FEATURE_AUTH_CONFIG in self.features
+
+    def protector_ids(self) -> list[str]:
+        """Every keyslot id, in the order of the current version's protectors."""
+        seen: dict[str, None] = {}
+        for number in sorted(self.kek_versions, key=lambda v: v != self.current_kek):
+            for protector in self.kek_versions[number].protectors:
+                seen.setdefault(protector.id, None)
+        return list(seen)
 
     def params_digest(self) -> bytes:
         canonical = json.dumps(
@@ -95,6 +166,42 @@ class VolumeConfig:
     def provider_binding(self, kek_version: int) -> bytes:
         return PROVIDER_BINDING_LABEL + self.volume_id + struct.pack(">H", kek_version)
 
+    # --- serialising --------------------------------------------------------------------
+
+    def body(self) -> dict[str, Any]:
+        """The document without its MAC (what the MAC covers, canonically encoded)."""
+        self.validate()
+        doc: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "features": list(self.features),
+            "volume_id": self.volume_id.hex(),
+            "block_size": self.block_size,
+            "created": self.created,
+            "generation": self.generation,
+            "kek": {
+                "current": self.current_kek,
+                "versions": [self.kek_versions[v].to_dict() for v in sorted(self.kek_versions)],
+            },
+        }
+        if self.rotation is not None:
+            doc["rotation"] = self.rotation
+        if self.rotation_policy is not None:
+            doc["rotation_policy"] = self.rotation_policy
+        return doc
+
+    def mac_message(self) -> bytes:
+        return mac_message(self.body())
+
+    def to_json(self, config_mac: bytes) -> bytes:
+        if not self.authenticated:
+            raise ConfigError("refusing to write a volume config without authentication")
+        if len(config_mac) != CONFIG_MAC_SIZE:
+            raise ValueError("config MAC must be 32 bytes")
+        doc = self.body()
+        doc["config_mac"] = config_mac.hex()
+        return (json.dumps(doc, indent=2) + "\n").encode()
+
     def shredded_json(self, when: str) -> bytes:
         """What remains of the config after crypto-shredding: no key record at all."""
         doc = {
@@ -105,42 +212,27 @@ class VolumeConfig:
         }
         return (json.dumps(doc, indent=2) + "\n").encode()
 
-    def to_json(self) -> bytes:
-        self.validate()
-        doc = {
-            "format": FORMAT_NAME,
-            "format_version": self.format_version,
-            "features": list(self.features),
-            "volume_id": self.volume_id.hex(),
-            "block_size": self.block_size,
-            "created": self.created,
-            "kek": {
-                "current": self.current_kek,
-                "versions": [self.kek_versions[v].to_dict() for v in sorted(self.kek_versions)],
-            },
-        }
-        if self.rotation is not None:
-            doc["rotation"] = self.rotation
-        if self.rotation_policy is not None:
-            doc["rotation_policy"] = self.rotation_policy
-        return (json.dumps(doc, indent=2) + "\n").encode()
+    # --- parsing ------------------------------------------------------------------------
 
     @classmethod
-    def from_json(cls, data: bytes) -> VolumeConfig:
-        """Parse and validate: format name, version, features, then fields."""
-        try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"volume config is not valid JSON ({exc})") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+    def from_json(cls, data: bytes) -> tuple[VolumeConfig, bytes | None]:
+        """Parse and validate; returns the config and its stored MAC (None: a legacy
+        config made before `authenticated-config`, which only `upgrade` may open).
+
+        Nothing is authenticated yet: the caller must verify the MAC (encfs.config_store)
+        before acting on anything but the records of vouched protectors.
+        """
+        doc = load_document(data)
+        if doc.get("format") != FORMAT_NAME:
             raise ConfigError("volume config is not an encfs-gw config")
-        if doc.get("destroyed"):
+        if "destroyed" in doc:
             raise KeyRevoked(
-                f"volume {doc.get('volume_id')} was destroyed (crypto-shredded) at "
-                f"{doc['destroyed']}: its keys are gone and its data cannot be decrypted"
+                f"volume {_printable(doc.get('volume_id'))} was destroyed (crypto-shredded) "
+                f"at {_printable(doc.get('destroyed'))}: its keys are gone and its data "
+                "cannot be decrypted"
             )
         version = doc.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool):
+        if type(version) is not int:
             raise ConfigError("volume config has no format_version")
         if version not in SUPPORTED_VERSIONS:
             raise UnsupportedFormat(
@@ -148,49 +240,59 @@ class VolumeConfig:
                 f"(supported: {sorted(SUPPORTED_VERSIONS)}); upgrade encfs-gw"
             )
         features = doc.get("features")
-        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
-            raise ConfigError("volume config 'features' must be a list of strings")
+        if (
+            not isinstance(features, list)
+            or not all(isinstance(f, str) for f in features)
+            or len(set(features)) != len(features)
+        ):
+            raise ConfigError("volume config 'features' must be a list of distinct strings")
         unknown = sorted(set(features) - KNOWN_FEATURES)
         if unknown:
             raise UnsupportedFormat(
-                f"volume uses unknown feature flag(s) {', '.join(unknown)}; upgrade encfs-gw"
+                "volume uses unknown feature flag(s) "
+                f"{', '.join(_printable(f) for f in unknown)}; upgrade encfs-gw"
             )
-        try:
-            kek = doc["kek"]
-            config = cls(
-                format_version=version,
-                features=tuple(features),
-                volume_id=bytes.fromhex(doc["volume_id"]),
-                block_size=int(doc["block_size"]),
-                created=str(doc["created"]),
-                current_kek=int(kek["current"]),
-                kek_versions={
-                    int(v["version"]): KekVersion(
-                        version=int(v["version"]),
-                        state=str(v["state"]),
-                        created=str(v["created"]),
-                        wrapped_volume_key=bytes.fromhex(v["wrapped_volume_key"]),
-                        protectors=[
-                            Protector(str(p["provider"]), dict(p["options"]), dict(p["record"]))
-                            for p in v["protectors"]
-                        ],
-                    )
-                    for v in kek["versions"]
-                },
-                rotation=dict(doc["rotation"]) if doc.get("rotation") is not None else None,
-                rotation_policy=(
-                    dict(doc["rotation_policy"])
-                    if doc.get("rotation_policy") is not None
-                    else None
-                ),
+        authenticated = FEATURE_AUTH_CONFIG in features
+        allowed = TOP_FIELDS if authenticated else LEGACY_TOP_FIELDS
+        extra = sorted(set(doc) - allowed)
+        if extra:
+            raise ConfigError(
+                f"volume config has unknown field(s) {', '.join(_printable(f) for f in extra)}"
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"volume config is corrupt ({type(exc).__name__}: {exc})") from None
+        kek = _field(doc, "kek", dict)
+        if set(kek) != {"current", "versions"}:
+            raise ConfigError("volume config: 'kek' must hold exactly 'current' and 'versions'")
+        versions = _field(kek, "versions", list)
+        if not 1 <= len(versions) <= MAX_KEK_VERSION:
+            raise ConfigError("volume config: 'kek.versions' must list 1 to 65535 versions")
+        kek_versions: dict[int, KekVersion] = {}
+        for entry in versions:
+            parsed = _kek_version(entry, authenticated)
+            if parsed.version in kek_versions:
+                raise ConfigError(f"volume config lists KEK version {parsed.version} twice")
+            kek_versions[parsed.version] = parsed
+        config = cls(
+            format_version=version,
+            features=tuple(features),
+            volume_id=_hex_field(doc, "volume_id", VOLUME_ID_SIZE),
+            block_size=_int_field(doc, "block_size", 1, 1 << 30),
+            created=_time_field(doc, "created"),
+            current_kek=_int_field(kek, "current", 1, MAX_KEK_VERSION, "kek.current"),
+            kek_versions=kek_versions,
+            generation=(
+                _int_field(doc, "generation", 1, (1 << 53) - 1) if authenticated else 0
+            ),
+            rotation=_rotation(doc.get("rotation")),
+            rotation_policy=_policy(doc.get("rotation_policy")),
+        )
         config.validate()
-        return config
+        stored_mac = None
+        if authenticated:
+            stored_mac = _hex_field(doc, "config_mac", CONFIG_MAC_SIZE)
+        return config, stored_mac
 
     def validate(self) -> None:
-        """Runs on parse and on serialise."""
+        """Runs on parse and on serialise: the invariants between fields."""
         if len(self.volume_id) != VOLUME_ID_SIZE or self.volume_id == bytes(VOLUME_ID_SIZE):
             raise ConfigError("volume config has a bad volume_id")
         try:
@@ -200,27 +302,202 @@ class VolumeConfig:
         if not self.kek_versions or self.current_kek not in self.kek_versions:
             raise ConfigError("volume config names no usable current KEK version")
         for number, version in self.kek_versions.items():
-            if not 1 <= number <= 0xFFFF or version.state not in KEK_STATES:
+            if not 1 <= number <= MAX_KEK_VERSION or version.state not in KEK_STATES:
                 raise ConfigError(f"volume config has a bad KEK version entry {number}")
             if not version.protectors:
                 raise ConfigError(f"KEK version {number} has no provider protecting it")
             if len(version.wrapped_volume_key) != 12 + VOLUME_KEY_SIZE + 16:
                 raise ConfigError(f"KEK version {number} has a malformed wrapped volume key")
+            ids = [p.id for p in version.protectors]
+            if len(set(ids)) != len(ids):
+                raise ConfigError(f"KEK version {number} lists a protector twice")
         if self.kek_versions[self.current_kek].state != "active":
             raise ConfigError("the current KEK version is not active")
         if self.rotation is not None and self.rotation.get("target") != self.current_kek:
             raise ConfigError("volume config: a rotation targets a KEK version that is not current")
-        policy = self.rotation_policy
-        if policy is not None:
-            every = policy.get("every_seconds")
-            if (
-                set(policy) != {"every_seconds", "purge_old"}
-                or not isinstance(every, int)
-                or isinstance(every, bool)
-                or every < 1
-                or not isinstance(policy.get("purge_old"), bool)
-            ):
-                raise ConfigError(
-                    "volume config: rotation_policy must be "
-                    '{"every_seconds": N >= 1, "purge_old": true|false}'
-                )
+
+
+def mac_message(body: dict[str, Any]) -> bytes:
+    """What `config_mac` authenticates: a label and the canonical JSON of the body.
+
+    The canonical form (sorted keys, no spaces, ASCII) of the *parsed* document is what
+    is acted on, so the MAC covers exactly that; duplicate keys are refused at parse.
+    """
+    return CONFIG_MAC_LABEL + json.dumps(
+        body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
+
+
+def body_digest(body: dict[str, Any]) -> str:
+    """SHA-256 of the canonical body: the operator's record of what a generation held."""
+    return hashlib.sha256(mac_message(body)).hexdigest()
+
+
+# --- strict JSON -------------------------------------------------------------------------
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ConfigError(f"volume config repeats the key {_printable(key)}")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ConfigError(f"volume config holds a non-number {name}")
+
+
+def load_document(data: bytes, what: str = "volume config") -> dict[str, Any]:
+    """Bounded, strict JSON: an object, no duplicate keys, no NaN/Infinity, UTF-8."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        doc = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{what} is not valid JSON ({_one_line(exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{what} is not a JSON object")
+    return doc
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _printable(value: Any) -> str:
+    """An untrusted value in a one-line message: repr, control characters escaped, cut."""
+    text = ascii(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _field(doc: dict[str, Any], name: str, kind: type, where: str | None = None) -> Any:
+    value = doc.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise ConfigError(f"volume config: '{where or name}' is missing or not a {kind.__name__}")
+    return value
+
+
+def _int_field(
+    doc: dict[str, Any], name: str, low: int, high: int, where: str | None = None
+) -> int:
+    value = doc.get(name)
+    if type(value) is not int or not low <= value <= high:
+        raise ConfigError(
+            f"volume config: '{where or name}' must be an integer from {low} to {high}"
+        )
+    return value
+
+
+def _hex_field(doc: dict[str, Any], name: str, size: int, where: str | None = None) -> bytes:
+    value = doc.get(name)
+    if not isinstance(value, str) or len(value) != 2 * size or not _HEX.match(value):
+        raise ConfigError(
+            f"volume config: '{where or name}' must be {2 * size} lowercase hex digits"
+        )
+    return bytes.fromhex(value)
+
+
+def _time_field(doc: dict[str, Any], name: str, where: str | None = None) -> str:
+    value = doc.get(name)
+    parse_time(value, f"'{where or name}'")
+    return value
+
+
+def _kek_version(entry: Any, authenticated: bool) -> KekVersion:
+    if not isinstance(entry, dict):
+        raise ConfigError("volume config: a KEK version entry is not an object")
+    expected = {"version", "state", "created", "wrapped_volume_key", "protectors"}
+    if set(entry) != expected:
+        raise ConfigError(f"volume config: a KEK version entry must hold {sorted(expected)}")
+    number = _int_field(entry, "version", 1, MAX_KEK_VERSION, "kek.versions[].version")
+    where = f"KEK version {number}"
+    state = entry["state"]
+    if state not in KEK_STATES:
+        raise ConfigError(f"volume config: {where} has state {_printable(state)}")
+    raw_protectors = _field(entry, "protectors", list, f"{where} protectors")
+    if not 1 <= len(raw_protectors) <= 64:
+        raise ConfigError(f"volume config: {where} must have 1 to 64 protectors")
+    protectors = [
+        _protector(p, where, index, authenticated) for index, p in enumerate(raw_protectors)
+    ]
+    return KekVersion(
+        version=number,
+        state=state,
+        created=_time_field(entry, "created", f"{where} created"),
+        wrapped_volume_key=_hex_field(
+            entry, "wrapped_volume_key", 12 + VOLUME_KEY_SIZE + 16, f"{where} wrapped_volume_key"
+        ),
+        protectors=protectors,
+    )
+
+
+def _protector(entry: Any, where: str, index: int, authenticated: bool) -> Protector:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"volume config: a protector of {where} is not an object")
+    if authenticated:
+        if set(entry) != {"id", "kind", "record"}:
+            raise ConfigError(f"volume config: a protector of {where} must hold id, kind, record")
+        protector_id = _hex_field(entry, "id", PROTECTOR_ID_SIZE, f"{where} protector id").hex()
+        kind = entry["kind"]
+        legacy_options = None
+    else:  # made before authenticated-config: {"provider", "options", "record"}
+        if set(entry) != {"provider", "options", "record"}:
+            raise ConfigError(
+                f"volume config: a protector of {where} must hold provider, options, record"
+            )
+        kind = entry["provider"]
+        legacy_options = _field(entry, "options", dict, f"{where} protector options")
+        _check_depth(legacy_options, where)
+        protector_id = f"{index:016x}"  # keyslot position: the same across versions
+    if not isinstance(kind, str) or not _KIND.match(kind):
+        raise ConfigError(f"volume config: a protector of {where} has a bad kind")
+    record = _field(entry, "record", dict, f"{where} protector record")
+    _check_depth(record, where)
+    return Protector(protector_id, kind, record, legacy_options)
+
+
+def _check_depth(value: Any, where: str, depth: int = 0) -> None:
+    if depth > MAX_RECORD_DEPTH:
+        raise ConfigError(f"volume config: a protector record of {where} is nested too deeply")
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_depth(item, where, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_depth(item, where, depth + 1)
+
+
+def _rotation(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"target", "started"}:
+        raise ConfigError('volume config: rotation must be {"target": N, "started": TIME}')
+    _int_field(value, "target", 1, MAX_KEK_VERSION, "rotation.target")
+    _time_field(value, "started", "rotation.started")
+    return dict(value)
+
+
+def _policy(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    every = value.get("every_seconds") if isinstance(value, dict) else None
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"every_seconds", "purge_old"}
+        or type(every) is not int
+        or not 1 <= every <= MAX_POLICY_SECONDS
+        or not isinstance(value.get("purge_old"), bool)
+    ):
+        raise ConfigError(
+            "volume config: rotation_policy must be "
+            '{"every_seconds": 1 to 3153600000, "purge_old": true|false}'
+        )
+    return dict(value)

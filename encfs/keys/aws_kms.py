@@ -242,13 +242,23 @@ class AwsKmsProvider(KeyProvider):
             blob = b""
         if not isinstance(arn, str) or not arn or not blob:
             raise ProviderConfigError("aws-kms record is corrupt")
+        # The key is the operator's (`key=`), never the record's choice: KMS refuses a
+        # ciphertext of another key under KeyId, and DescribeKey's ARN is compared too.
+        key = self.options.get("key")
+        if not key:
+            raise ProviderConfigError("aws-kms provider options lack 'key'")
         if not self.options.get("no_state_check"):
-            self._check_state(arn, KeyRevoked, strict=False)
+            configured = self._check_state(key, KeyRevoked, strict=False)
+            if configured.startswith("arn:") and configured != arn:
+                raise WrongKey(
+                    f"this keyslot was made with AWS KMS key {arn}, not with the configured "
+                    f"key {configured}"
+                )
         answer = self._call(
             "decrypt",
-            arn,
+            key,
             KeyRevoked,
-            KeyId=arn,
+            KeyId=key,
             CiphertextBlob=blob,
             EncryptionContext=encryption_context(binding),
         )

@@ -34,6 +34,7 @@ from encfs.errors import (
     KeyRevoked,
     ProviderConfigError,
     ProviderUnavailable,
+    WrongKey,
 )
 from encfs.keys.provider import (
     KeyProvider,
@@ -222,6 +223,11 @@ class KmipProvider(KeyProvider):
         uid = record.get("uid")
         if not isinstance(uid, str) or not uid:
             raise ProviderConfigError("kmip record is corrupt (no uid)")
+        if uid != str(self._opt("uid")):  # the operator's key, never the record's choice
+            raise WrongKey(
+                f"this keyslot was made with KMIP key {uid}, not with the configured key "
+                f"{self._opt('uid')}"
+            )
         with self._session() as client:
             secret = self._fetch_secret(client, uid, self.describe())
         return open_with_secret(

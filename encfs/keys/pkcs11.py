@@ -356,6 +356,13 @@ class Pkcs11Provider(KeyProvider):
 
     def recover(self, record: Record, binding: bytes) -> bytes:
         label, nonce, ciphertext = _parse_record(record)
+        # The key is the one the operator configured; the record only says which key
+        # made it (the backing store never chooses the key, Tink's "bound client").
+        if label != self._opt("key"):
+            raise WrongKey(
+                f"this keyslot was made with PKCS#11 key {label!r}, not with the configured "
+                f"key {self._opt('key')!r}"
+            )
 
         def decrypt(pkcs11: Any, key: Any) -> bytes:
             try:

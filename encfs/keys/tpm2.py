@@ -308,6 +308,10 @@ class Tpm2Provider(KeyProvider):
 
     def recover(self, record: Record, binding: bytes) -> bytes:
         pcrs = self._check_pcrs(record.get("pcrs"), "record")
+        if pcrs != self.pcrs:  # the operator's PCR policy, never the record's choice
+            raise WrongKey(
+                f"this keyslot is sealed to PCRs {pcrs}, not to the configured PCRs {self.pcrs}"
+            )
         if record.get("primary") != PRIMARY or record.get("pcr_bank") != PCR_BANK:
             raise ProviderConfigError("tpm2 record uses an unknown primary key or PCR bank")
         public = _unb64(record.get("public"), "public")

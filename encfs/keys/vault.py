@@ -234,6 +234,11 @@ class VaultProvider(KeyProvider):
             or int(match.group(1)) != record.get("key_version")
         ):
             raise ProviderConfigError("vault record is corrupt")
+        if name != self._opt("key"):  # the operator's key, never the record's choice
+            raise WrongKey(
+                f"this keyslot was made with Vault transit key {name!r}, not with the "
+                f"configured key {self._opt('key')!r}"
+            )
         client = self._client()
         data = self._call(
             "decrypt",

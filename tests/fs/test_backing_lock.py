@@ -75,8 +75,12 @@ def test_network_backing_warns(backing, caplog, monkeypatch, magic):
 def test_nfs_without_lock_manager_is_refused(backing, monkeypatch):
     """flock on NFS without a lock manager fails with ENOLCK: refuse, leak nothing."""
 
+    real_flock = fcntl.flock
+
     def no_locks(fd: int, operation: int) -> None:
-        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        if not operation & fcntl.LOCK_NB:  # the trust store's and the config's locks
+            return real_flock(fd, operation)
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # the volume lock
 
     Volume.unlock(str(backing)).close()  # a first use: what it caches stays open
     monkeypatch.setattr(backing_mod, "fs_type", lambda fd: NFS_SUPER_MAGIC)

@@ -49,7 +49,7 @@ def test_destroyed_volume_cannot_be_opened_even_with_the_old_key(volume_with_dat
     saved_key = tmp_path / "saved-copy-of-key"
     shutil.copyfile(key, saved_key)
     audit = tmp_path / "audit.log"
-    actions = destroy_volume(str(backing), volume_id, str(audit))
+    actions = destroy_volume(str(backing), volume_id, audit_path=str(audit))
     assert any("deleted key file" in a for a in actions)
     assert not key.exists()
     doc = json.loads((backing / "encfs-gw.conf").read_text())

@@ -17,9 +17,8 @@ import pytest
 from encfs.errors import IntegrityError
 from encfs.format import FEATURE_LONG_SYMLINKS
 from encfs.format import names as fnames
-from encfs.keys.registry import open_provider
 from encfs.volume import ROOT_INODE, Volume
-from tests.golden.test_golden_volumes import extract
+from tests.golden.test_golden_volumes import extract_upgraded
 
 LONGEST = fnames.SYMLINK_TARGET_MAX  # 4095
 
@@ -123,14 +122,11 @@ def test_store_file_swapped_or_missing_is_an_integrity_error(vol, backing):
         vol.readlink(b.ino)
 
 
+@pytest.mark.usefixtures("own_trust_store")
 def test_volume_without_the_feature_keeps_the_old_limit(tmp_path):
     """A volume made before long-symlink-targets existed (the golden v1-keyfile)."""
-    golden = extract("v1-keyfile", tmp_path)
-
-    def with_test_key(provider: str, options: dict):
-        return open_provider(provider, {**options, "path": str(golden.keyfile)})
-
-    vol = Volume.unlock(str(golden.backing), with_test_key)
+    golden = extract_upgraded("v1-keyfile", tmp_path)
+    vol = Volume.unlock(str(golden.backing))
     try:
         assert FEATURE_LONG_SYMLINKS not in vol.config.features
         attr = vol.symlink(ROOT_INODE, b"fits", b"f" * 3055, 0, 0)

@@ -64,7 +64,7 @@ def test_revocation_drops_the_memo(vol, backing):
         vol.lookup(ROOT_INODE, b"secret-name")  # remembered, yet not answered
     with pytest.raises(KeyRevoked):
         _listing(vol, ROOT_INODE)
-    vol.keyring.restore(Keyring.unlock(vol.config))
+    vol.keyring.restore(Keyring.unlock(vol.config, vol.operator))
     assert vol.keyring.name_memo is not memo
     assert not vol.keyring.name_memo.plain  # the restored keys start a new memo
     assert vol.lookup(ROOT_INODE, b"secret-name").ino == attr.ino

@@ -16,14 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from encfs.errors import UnsupportedFormat
-from encfs.keys.registry import open_provider
+from encfs import upgrade
+from encfs.errors import ConfigAuthError, UnsupportedFormat
+from encfs.trust import Operator, OperatorSpec
 from encfs.volume import ROOT_INODE
 from encfs.volume import Volume as Engine
 from tests.helpers.mount import Volume, mounted, run_cli
 
+pytestmark = pytest.mark.usefixtures("own_trust_store")
+
 HERE = Path(__file__).parent / "volumes"
-GOLDEN = ["v1-keyfile", "v1-long-symlinks"]
+# Made before the `authenticated-config` feature: refused until `encfs-gw upgrade`.
+LEGACY = ["v1-keyfile", "v1-long-symlinks"]
+GOLDEN = LEGACY
 
 
 def extract(name: str, tmp_path: Path) -> Volume:
@@ -33,6 +38,16 @@ def extract(name: str, tmp_path: Path) -> Volume:
     shutil.copyfile(HERE / f"{name}.key", key)
     os.chmod(key, 0o600)
     return Volume(tmp_path / name / "backing", key)
+
+
+def extract_upgraded(name: str, tmp_path: Path) -> Volume:
+    """A private copy, upgraded through the engine if it is a legacy volume (its key
+    file vouched for), so it opens from the trust store afterwards."""
+    volume = extract(name, tmp_path)
+    if name in LEGACY:
+        operator = Operator([OperatorSpec.keyfile(str(volume.keyfile))])
+        upgrade.upgrade(str(volume.backing), operator, trust_stored=False)
+    return volume
 
 
 def check_manifest(root: Path, manifest: dict) -> None:
@@ -58,11 +73,40 @@ def check_manifest(root: Path, manifest: dict) -> None:
 
 
 @pytest.mark.fuse
+@pytest.mark.parametrize("name", LEGACY)
+def test_legacy_golden_volume_is_refused_until_upgraded(name, tmp_path):
+    """An unauthenticated config is never acted on: mount, status and fsck refuse it
+    (exit 19, one line naming the upgrade) even with the right key file."""
+    volume = extract(name, tmp_path)
+    (tmp_path / "mnt").mkdir()
+    for args in (
+        ("mount", volume.backing, tmp_path / "mnt", "--keyfile", volume.keyfile),
+        ("status", volume.backing, "--keyfile", volume.keyfile),
+        ("fsck", volume.backing, "--keyfile", volume.keyfile),
+    ):
+        result = run_cli(*args)
+        assert result.returncode == ConfigAuthError.exit_code, result.stderr
+        assert result.stderr.count("\n") == 1 and "encfs-gw upgrade" in result.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
+    listing = run_cli("upgrade", volume.backing)  # without a vouched provider: only shows
+    assert listing.returncode == 2, listing.stderr
+    assert "keyslot 0: keyfile" in listing.stdout and "KEK version 1 (current)" in listing.stdout
+    upgraded = run_cli("upgrade", volume.backing, "--keyfile", volume.keyfile)
+    assert upgraded.returncode == 0, upgraded.stderr
+    again = run_cli("upgrade", volume.backing, "--keyfile", volume.keyfile)
+    assert again.returncode == 2 and "already authenticated" in again.stderr
+    doc = json.loads((volume.backing / "encfs-gw.conf").read_text())
+    assert "authenticated-config" in doc["features"] and doc["generation"] == 1
+    assert "options" not in json.dumps(doc) and str(volume.keyfile) not in json.dumps(doc)
+
+
+@pytest.mark.fuse
 @pytest.mark.parametrize("name", GOLDEN)
 def test_golden_volume_mounts_and_matches_manifest(name, tmp_path):
-    volume = extract(name, tmp_path)
+    volume = extract_upgraded(name, tmp_path)
     manifest = json.loads((HERE / f"{name}.json").read_text())
     mnt = tmp_path / "mnt"
+    volume = Volume(volume.backing, None)  # opened from the trust store from now on
     with mounted(volume, mnt):
         check_manifest(mnt, manifest)
         # Then change it: the old format stays writable.
@@ -80,13 +124,9 @@ def test_golden_volume_mounts_and_matches_manifest(name, tmp_path):
 
 @pytest.mark.parametrize("name", GOLDEN)
 def test_golden_volume_through_the_engine(name, tmp_path):
-    volume = extract(name, tmp_path)
+    volume = extract_upgraded(name, tmp_path)
     manifest = json.loads((HERE / f"{name}.json").read_text())
-
-    def with_test_key(provider: str, options: dict):
-        return open_provider(provider, {**options, "path": str(volume.keyfile)})
-
-    engine = Engine.unlock(str(volume.backing), with_test_key)
+    engine = Engine.unlock(str(volume.backing))
     try:
         ino = engine.lookup(ROOT_INODE, b"two-groups").ino
         fh = engine.open(ino, os.O_RDONLY)

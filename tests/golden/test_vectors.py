@@ -5,6 +5,8 @@ equal the committed digests."""
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 import struct
 
 from cryptography.hazmat.primitives import hashes
@@ -62,7 +64,9 @@ def engine_record_and_slot(monkeypatch) -> tuple[bytes, bytes]:
         features=("aes256gcm-per-block-dek",),
         created="2026-01-01T00:00:00Z",
         current_kek=1,
-        kek_versions={1: KekVersion(1, "active", "x", bytes(92), [Protector("keyfile", {}, {})])},
+        kek_versions={
+            1: KekVersion(1, "active", "x", bytes(92), [Protector("00" * 8, "keyfile", {})])
+        },
     )
     keyring = Keyring(config, {1: KEK}, VOLUME_KEY)
     contents = FileContents(-1, Layout(16384), VOLUME_ID, FILE_ID, keyring)
@@ -80,3 +84,68 @@ def test_bytes_match_committed_digests():
     assert len(slot) == 64
     assert hashlib.sha256(record).hexdigest() == EXPECTED_RECORD_SHA256
     assert hashlib.sha256(slot).hexdigest() == EXPECTED_SLOT_SHA256
+
+
+# --- the volume config's MAC (docs/FORMAT.md section 2.3) ------------------------------------
+
+CONFIG_FEATURES = [
+    "aes256gcm-per-block-dek", "aes-siv-names", "long-names", "long-symlink-targets",
+    "authenticated-config",
+]  # fmt: skip
+EXPECTED_CONFIG_MAC = "64d4f1a56a5ed74c7e116e4cb6323e924ef2213189d27e92a5187624697692fa"
+EXPECTED_KEY_CHECK = "7b29468a29cc1904bff9ec5e6b74ec8a3b3659f57c3d92969661348ba6ac5174"
+
+
+def example_config() -> VolumeConfig:
+    return VolumeConfig(
+        volume_id=VOLUME_ID,
+        block_size=16384,
+        features=tuple(CONFIG_FEATURES),
+        created="2026-01-01T00:00:00Z",
+        current_kek=1,
+        kek_versions={
+            1: KekVersion(
+                1, "active", "2026-01-01T00:00:00Z", bytes([0xAB]) * 92,
+                [Protector("0102030405060708", "keyfile", {"sealed_kek": "cd" * 60})],
+            )
+        },
+        generation=7,
+    )
+
+
+def independent_config_mac() -> tuple[bytes, bytes]:
+    """The body as FORMAT.md 2.1 lists it, canonical JSON, HMAC under the HKDF'd key."""
+    body = {
+        "format": "encfs-gw", "format_version": 1, "features": CONFIG_FEATURES,
+        "volume_id": "11" * 16, "block_size": 16384, "created": "2026-01-01T00:00:00Z",
+        "generation": 7,
+        "kek": {"current": 1, "versions": [{
+            "version": 1, "state": "active", "created": "2026-01-01T00:00:00Z",
+            "wrapped_volume_key": "ab" * 92,
+            "protectors": [{"id": "0102030405060708", "kind": "keyfile",
+                            "record": {"sealed_kek": "cd" * 60}}],
+        }]},
+    }  # fmt: skip
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    mac_key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None,
+        info=b"encfs-gw v1: HMAC key authenticating the volume config",
+    ).derive(VOLUME_KEY)  # fmt: skip
+    check = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None,
+        info=b"encfs-gw v1: check value of the volume key, kept by the operator",
+    ).derive(VOLUME_KEY)  # fmt: skip
+    return hmac.new(mac_key, b"EGWC" + canonical, hashlib.sha256).digest(), check
+
+
+def test_config_mac_matches_independent_computation():
+    config = example_config()
+    keyring = Keyring(config, {1: KEK}, VOLUME_KEY)
+    mac, check = independent_config_mac()
+    assert keyring.config_mac(config.mac_message()) == mac
+    assert keyring.volume_key_check() == check
+    assert mac.hex() == EXPECTED_CONFIG_MAC
+    assert check.hex() == EXPECTED_KEY_CHECK
+    # What is written parses back to the same body and the same MAC.
+    parsed, stored = VolumeConfig.from_json(config.to_json(mac))
+    assert stored == mac and parsed.body() == config.body()

@@ -16,8 +16,8 @@ import pytest
 
 from encfs.format.blocks import Layout
 from encfs.fsck import FsckProblems
-from encfs.keys.registry import open_provider
 from encfs.volume import ROOT_INODE, Volume
+from tests.helpers.config import operator_for
 from tests.helpers.mount import init_volume, mounted, run_cli
 
 pytestmark = pytest.mark.fuse
@@ -100,10 +100,7 @@ def test_invalid_utf8_names_round_trip(volume, tmp_path):
 
 
 def backing_path_of(volume, *names: bytes) -> str:
-    def factory(provider, options):
-        return open_provider(provider, {**options, "path": str(volume.keyfile)})
-
-    vol = Volume.unlock(str(volume.backing), factory)
+    vol = Volume.unlock(str(volume.backing), operator_for(volume.keyfile))
     try:
         ino, path = ROOT_INODE, str(volume.backing)
         for name in names:

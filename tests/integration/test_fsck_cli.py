@@ -51,12 +51,9 @@ def backing_file(volume, *names: bytes) -> str:
 
 
 def _keyfile_factory(volume):
-    from encfs.keys.registry import open_provider
+    from tests.helpers.config import operator_for
 
-    def factory(name, options):
-        return open_provider(name, {**options, "path": str(volume.keyfile)})
-
-    return factory
+    return operator_for(volume.keyfile)
 
 
 def fsck(volume, *extra: str):

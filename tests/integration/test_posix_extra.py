@@ -26,7 +26,7 @@ import pytest
 
 from encfs.format import names as fnames
 from encfs.format.blocks import BLOCKS_PER_GROUP, KEY_RECORD_SIZE, Layout
-from tests.golden.test_golden_volumes import extract
+from tests.golden.test_golden_volumes import extract_upgraded
 from tests.helpers.mount import Volume, init_volume, mounted
 
 pytestmark = pytest.mark.fuse
@@ -114,8 +114,9 @@ def test_symlink_targets_relative_absolute_dangling_and_long(tmp_path):
         assert os.readlink(mnt / "long-absolute") == "short"
 
 
+@pytest.mark.usefixtures("own_trust_store")
 def test_volume_from_before_long_targets_keeps_its_limit(tmp_path):
-    volume = extract("v1-keyfile", tmp_path)
+    volume = extract_upgraded("v1-keyfile", tmp_path)
     with mounted(volume, tmp_path / "mnt") as mnt:
         os.symlink("f" * 3055, mnt / "fits")
         assert os.readlink(mnt / "fits") == "f" * 3055

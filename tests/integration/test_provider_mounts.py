@@ -16,6 +16,7 @@ or silences (connections accepted, never answered), so the shared server keeps r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -662,10 +663,10 @@ class KmipCase(NetworkCase):
         return [line for line in self.key.read_text().splitlines() if not line.startswith("--")]
 
     def deny(self, mode: str, backing: Path) -> None:
-        from encfs.volume import read_config
         from tests.providers.test_kmip import Operator
 
-        uid = read_config(str(backing)).kek_versions[1].protectors[0].options["uid"]
+        config = json.loads((backing / "encfs-gw.conf").read_text())
+        uid = config["kek"]["versions"][0]["protectors"][0]["record"]["uid"]
         with Operator(self.server["server"], self.pki) as operator:
             operator.revoke(uid)
             if mode == "destroy":

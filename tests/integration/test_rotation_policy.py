@@ -18,6 +18,8 @@ from encfs import rotation
 from encfs.cli import format_interval, parse_interval
 from encfs.errors import ConfigError, UsageError
 from encfs.format.volume import VolumeConfig
+from encfs.volume import Volume
+from tests.helpers.config import edit_config, operator_for
 from tests.helpers.mount import init_volume, mounted, run_cli
 
 CONFIG = "encfs-gw.conf"
@@ -40,14 +42,14 @@ def test_bad_intervals_are_usage_errors(text):
         parse_interval(text)
 
 
-def age_current_kek(backing, days: float) -> None:
-    path = backing / CONFIG
-    doc = json.loads(path.read_text())
-    created = datetime.now(UTC) - timedelta(days=days)
-    for version in doc["kek"]["versions"]:
-        if version["version"] == doc["kek"]["current"]:
-            version["created"] = created.strftime("%Y-%m-%dT%H:%M:%SZ")
-    path.write_text(json.dumps(doc, indent=2))
+def age_current_kek(volume, days: float) -> None:
+    """Make the current KEK look `days` old: an authentic edit, as the key holder."""
+    created = (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def age(config: VolumeConfig) -> None:
+        config.kek_versions[config.current_kek].created = created
+
+    edit_config(volume.backing, volume.keyfile, age)
 
 
 def status(target) -> dict:
@@ -56,10 +58,14 @@ def status(target) -> dict:
 
 def test_policy_is_validated_and_round_trips(tmp_path):
     volume = init_volume(tmp_path)
-    config = rotation.set_policy(str(volume.backing), 3600, purge_old=True)
+    engine = Volume.unlock(str(volume.backing), operator_for(volume.keyfile))
+    try:
+        config = rotation.set_policy(engine, 3600, purge_old=True)
+    finally:
+        engine.close()
     assert config.rotation_policy == {"every_seconds": 3600, "purge_old": True}
     raw = (volume.backing / CONFIG).read_bytes()
-    assert VolumeConfig.from_json(raw).rotation_policy == config.rotation_policy
+    assert VolumeConfig.from_json(raw)[0].rotation_policy == config.rotation_policy
     remaining = rotation.seconds_until_rotation(config)
     assert 3590 < remaining <= 3600
     for bad in ({"every_seconds": 0, "purge_old": True}, {"every_seconds": 10},
@@ -69,7 +75,11 @@ def test_policy_is_validated_and_round_trips(tmp_path):
         doc["rotation_policy"] = bad
         with pytest.raises(ConfigError):
             VolumeConfig.from_json(json.dumps(doc).encode())
-    assert rotation.set_policy(str(volume.backing), None, False).rotation_policy is None
+    engine = Volume.unlock(str(volume.backing), operator_for(volume.keyfile))
+    try:
+        assert rotation.set_policy(engine, None, False).rotation_policy is None
+    finally:
+        engine.close()
 
 
 def test_an_overdue_policy_rotates_on_mount_and_purges(tmp_path):
@@ -84,7 +94,7 @@ def test_an_overdue_policy_rotates_on_mount_and_purges(tmp_path):
     assert "every 30d, purging old versions" in result.stdout and "once mounted" in result.stdout
     offline = status(volume.backing)
     assert offline["rotation_policy"] == {"every_seconds": 2592000, "purge_old": True}
-    age_current_kek(volume.backing, days=31)
+    age_current_kek(volume, days=31)
 
     audit = tmp_path / "audit.log"
     with mounted(volume, mnt, f"audit_log={audit}"):
@@ -119,7 +129,7 @@ def test_policy_due_on_a_mount_applies_at_once(tmp_path):
     mnt = tmp_path / "mnt"
     with mounted(volume, mnt):
         (mnt / "a").write_bytes(b"x" * 100_000)
-    age_current_kek(volume.backing, days=2)
+    age_current_kek(volume, days=2)
     with mounted(volume, mnt):
         result = run_cli("rotate-every", mnt, "1d", check=True)
         assert "rotated to KEK version 2 now" in result.stdout

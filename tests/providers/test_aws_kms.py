@@ -166,13 +166,15 @@ def test_disabled_key_refused_for_protect_too(moto):
         provider.protect(os.urandom(32), BINDING)
 
 
-def test_unknown_key_in_record_is_revoked(moto):
+def test_record_never_chooses_the_key(moto):
+    """A record naming another key than the operator's `key=` is refused: the backing
+    store does not choose which KMS key is asked (issue 19)."""
     endpoint = moto.extra["endpoint"]
     provider = make(endpoint, new_key(endpoint))
     record = provider.protect(os.urandom(32), BINDING)
-    gone = record["key_arn"].rsplit("/", 1)[0] + "/00000000-0000-0000-0000-000000000000"
-    with pytest.raises(KeyRevoked, match="not found"):
-        provider.recover({**record, "key_arn": gone}, BINDING)
+    other = record["key_arn"].rsplit("/", 1)[0] + "/00000000-0000-0000-0000-000000000000"
+    with pytest.raises(WrongKey, match="not with the configured key"):
+        provider.recover({**record, "key_arn": other}, BINDING)
 
 
 def test_rotation_keeps_old_records(moto):

@@ -177,8 +177,8 @@ def test_wrong_pin_at_the_token(hsm, tmp_path):
     options["pin_file"] = str(bad)
     provider = Pkcs11Provider(options)
     with pytest.raises(WrongKey, match="wrong PIN"):
-        provider.recover({"mechanism": "CKM_AES_GCM", "key_label": "k", "nonce": "00" * 12,
-                          "ciphertext": "00" * 48}, BINDING)  # fmt: skip
+        provider.recover({"mechanism": "CKM_AES_GCM", "key_label": options["key"],
+                          "nonce": "00" * 12, "ciphertext": "00" * 48}, BINDING)  # fmt: skip
     provider.close()
 
 
