@@ -173,6 +173,14 @@ class Keyring:
     def wrap_volume_key(self, kek: bytes, aad: bytes) -> bytes:
         return crypto.gcm_seal(kek, self._live().volume_key, aad)
 
+    def protect_kek(self, kek_version: int, provider: KeyProvider, binding: bytes) -> dict:
+        """Protect a loaded KEK under `provider` again (its key version changed); the KEK
+        itself never leaves the keyring but to the provider."""
+        kek = self._live().keks.get(kek_version)
+        if kek is None:
+            raise ProviderConfigError(f"KEK version {kek_version} is not loaded")
+        return provider.protect(kek, binding)
+
     def has_kek(self, kek_version: int) -> bool:
         return kek_version in self._live().keks
 

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from encfs import backing
-from encfs.errors import NotAVolume, UsageError
+from encfs.errors import KeyAccessError, NotAVolume, UsageError
 from encfs.format import names as fnames
 from encfs.format.volume import Protector, VolumeConfig
 from encfs.keyring import ProviderFactory, recover_kek
 from encfs.keys.registry import open_provider
-from encfs.volume import read_config
+from encfs.volume import Volume, read_config
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -129,6 +134,132 @@ def rewrap_keks(backing_path: str, provider_factory: ProviderFactory = open_prov
                 count += 1
         write_config(dir_fd, config)
     return count
+
+
+# --- following the providers' own key versions ----------------------------------------------
+
+
+@dataclass
+class Reprotection:
+    """One stored KEK blob re-protected under its provider's current key version."""
+
+    kek_version: int
+    slot: int
+    provider: str
+    old_record: dict[str, Any]
+    new_record: dict[str, Any]
+    old_key_version: str
+    new_key_version: str | None
+
+
+def key_versions(
+    config: VolumeConfig, provider_factory: ProviderFactory = open_provider
+) -> dict[str, list[dict[str, Any]]]:
+    """For `status`: which provider (and provider key version) protects each KEK blob.
+    Reads the records only: no provider call."""
+    table: dict[str, list[dict[str, Any]]] = {}
+    for number, version in sorted(config.kek_versions.items()):
+        rows = table.setdefault(str(number), [])
+        for slot, protector in enumerate(version.protectors):
+            provider = provider_factory(protector.provider, protector.options)
+            try:
+                rows.append(
+                    {
+                        "slot": slot,
+                        "provider": provider.describe(),
+                        "key_version": provider.key_version(protector.record),
+                    }
+                )
+            finally:
+                provider.close()
+    return table
+
+
+def follow_key_versions(
+    volume: Volume, provider_factory: ProviderFactory = open_provider
+) -> list[Reprotection]:
+    """Re-protect every stored KEK blob whose provider now uses another key version than
+    the one the blob was made under (an Azure key URI without a version, Vault Transit
+    after `rotate`): the O(1) rewrap-kek, run by the daemon after a good health check.
+
+    The KEKs come from the volume's keyring (no unwrap); no DEK and no block is touched.
+    Each change is audited (`rewrap_kek`); a provider that fails is logged, audited and
+    left for the next check. The config is written once, by `replace_records`. Returns
+    the changes, which the caller applies to its in-memory config.
+    """
+    config = volume.config
+    current_versions: dict[tuple[str, str], str | None] = {}  # per provider and options
+    changes: list[Reprotection] = []
+    for number, version in sorted(config.kek_versions.items()):
+        for slot, protector in enumerate(version.protectors):
+            provider = provider_factory(protector.provider, protector.options)
+            try:
+                old = provider.key_version(protector.record)
+                if old is None:
+                    continue
+                which = (protector.provider, json.dumps(protector.options, sort_keys=True))
+                if which not in current_versions:
+                    current_versions[which] = provider.current_key_version()
+                current = current_versions[which]
+                if current is None or current == old:
+                    continue
+                record = volume.keyring.protect_kek(
+                    number, provider, config.provider_binding(number)
+                )
+                new = provider.key_version(record)
+                name = protector.provider
+                changes.append(Reprotection(number, slot, name, protector.record, record, old, new))
+            except KeyAccessError as exc:
+                where = f"{provider.describe()} (KEK version {number})"
+                log.warning("cannot follow the key version of %s: %s", where, exc)
+                volume.audit.event(
+                    "rewrap_kek",
+                    kek_version=number,
+                    provider=protector.provider,
+                    outcome=type(exc).__name__,
+                    reason=str(exc),
+                )
+            finally:
+                provider.close()
+    if changes:
+        replace_records(volume.backing_path, changes)
+        for change in changes:
+            log.info(
+                "KEK version %d (slot %d, %s) re-protected under provider key version %s "
+                "(was %s)",
+                change.kek_version,
+                change.slot,
+                change.provider,
+                change.new_key_version,
+                change.old_key_version,
+            )
+            volume.audit.event(
+                "rewrap_kek",
+                kek_version=change.kek_version,
+                provider=change.provider,
+                outcome="ok",
+                key_version=change.new_key_version,
+                previous_key_version=change.old_key_version,
+            )
+    return changes
+
+
+def apply_reprotections(config: VolumeConfig, changes: list[Reprotection]) -> None:
+    """Put re-protected records into an in-memory config (where the old record still is)."""
+    for change in changes:
+        version = config.kek_versions.get(change.kek_version)
+        for protector in version.protectors if version is not None else []:
+            if protector.provider == change.provider and protector.record == change.old_record:
+                protector.record = change.new_record
+
+
+def replace_records(backing_path: str, changes: list[Reprotection]) -> VolumeConfig:
+    """The config write of follow_key_versions: each old record that is still stored is
+    replaced by its new one, under the config lock, in one atomic write."""
+    with editing_config(backing_path) as (config, dir_fd):
+        apply_reprotections(config, changes)
+        write_config(dir_fd, config)
+        return config
 
 
 def destroy_volume(

@@ -397,7 +397,8 @@ class KeyVaultServer:
         with self.lock:
             identity = self.managed.get(client_id)
         if identity is None:  # what App Service answers for an identity it does not have
-            return 400, {"statusCode": 400, "message": "Unable to load the proper Managed Identity."}
+            message = "Unable to load the proper Managed Identity."
+            return 400, {"statusCode": 400, "message": message}
         token = self.issue_token(identity, resource.removesuffix("/.default"))
         return 200, {
             "access_token": token,

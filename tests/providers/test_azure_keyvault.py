@@ -82,7 +82,10 @@ class Setup:
         self.vault.allow(self.app, az.CRYPTO_USER)
         token = kv.issue_token(self.operator, self.vault.resource)
         self.keys = KeyClient(
-            self.vault.url, OperatorCredential(token), connection_verify=str(kv.ca_path)
+            self.vault.url,
+            OperatorCredential(token),
+            connection_verify=str(kv.ca_path),
+            proxies={"https": kv.proxy_url},  # whatever this process's HTTPS_PROXY says
         )
         self.token_file = az.token_file(tmp / f"{uuid.uuid4().hex}.token", self.token(self.app))
 
