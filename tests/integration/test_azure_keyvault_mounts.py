@@ -156,19 +156,21 @@ def test_disabled_key_under_a_busy_mount_then_reenabled(setup):
 def test_deleted_key_then_recovered(setup):
     name = setup.create()
     backing = init(setup, name)
-    with mount_own(backing, setup.tmp / "mnt", "health_interval=1") as mnt:
-        (mnt / "f").write_bytes(b"survives a soft-delete")
-        setup.keys.begin_delete_key(name).result()
-        reply = wait_for(mnt, lambda r: r["state"] == "INACCESSIBLE", "INACCESSIBLE")
-        assert "not found (deleted?)" in reply["reason"]
-        assert errno_of((mnt / "f").read_bytes) == errno.EKEYREVOKED
-    (setup.tmp / "mnt").mkdir(exist_ok=True)
+    (setup.tmp / "mnt").mkdir()
+    setup.keys.begin_delete_key(name).result()
     refused = run_cli("mount", backing, setup.tmp / "mnt")
     one_line_error(refused, 24, "key not found (deleted?)")
     assert not is_mounted(setup.tmp / "mnt")
     setup.keys.begin_recover_deleted_key(name).result()
     with mount_own(backing, setup.tmp / "mnt", "health_interval=1") as mnt:
-        assert (mnt / "f").read_bytes() == b"survives a soft-delete"
+        (mnt / "f").write_bytes(b"survives a soft-delete")
+        setup.keys.begin_delete_key(name).result()  # under the mount this time
+        reply = wait_for(mnt, lambda r: r["state"] == "INACCESSIBLE", "INACCESSIBLE")
+        assert "not found (deleted?)" in reply["reason"]
+        assert errno_of((mnt / "f").read_bytes) == errno.EKEYREVOKED
+        setup.keys.begin_recover_deleted_key(name).result()
+        wait_for(mnt, lambda r: r["state"] == "READY", "READY")
+        assert (mnt / "f").read_bytes() == b"survives a soft-delete"  # no remount
 
 
 def test_new_key_version_followed_by_the_daemon_then_old_version_disabled(setup):
