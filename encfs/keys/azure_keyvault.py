@@ -584,57 +584,41 @@ def _is_tls_error(exc: BaseException) -> bool:
     return False
 
 
+# 403 inner error codes that mean something else than a missing permission.
+_FORBIDDEN_CAUSES = {
+    "KeyDisabled": "the key is disabled",
+    "KeyExpired": "the key has expired",
+    "KeyNotYetValid": "the key is not yet valid",
+    "ForbiddenByFirewall": "the vault's firewall denies this client",
+    "KeyOperationForbidden": "the key does not allow {permission}",
+}
+
+
 def _map_status(
     status: int, doc: Any, what: str, permission: str, missing: type[KeyAccessError]
 ) -> KeyAccessError:
+    """An HTTP error answer (`{"error": {"code", "message", "innererror"}}`) -> one line."""
     error = doc.get("error") if isinstance(doc, dict) else None
     error = error if isinstance(error, dict) else {}
-    code = str(error.get("code") or status)
-    inner = (
-        (error.get("innererror") or {}).get("code")
-        if isinstance(error.get("innererror"), dict)
-        else None
-    )
-    message = str(error.get("message") or "").splitlines()[0:1]
-    detail = (
-        f" ({code}{'/' + inner if inner else ''}: {message[0][:200]})"
-        if message
-        else (f" ({code})")
-    )
+    inner_error = error.get("innererror")
+    inner = inner_error.get("code") if isinstance(inner_error, dict) else None
+    code = f"{error.get('code') or status}" + (f"/{inner}" if inner else "")
+    message = str(error.get("message") or "").strip().split("\n")[0][:200]
+    detail = f" ({code}: {message})" if message else f" ({code})"
+    refused = f"Azure Key Vault refused {what}"
     if status == 401:
-        return KeyRevoked(f"Azure Key Vault refused the access token for {what}{detail}")
+        return KeyRevoked(f"{refused}: the access token was not accepted{detail}")
     if status == 403:
-        if inner == "KeyDisabled":
-            return KeyRevoked(f"Azure Key Vault refused {what}: the key is disabled{detail}")
-        if inner in ("KeyExpired", "KeyNotYetValid"):
-            return KeyRevoked(
-                f"Azure Key Vault refused {what}: the key is outside its validity period{detail}"
-            )
-        if inner == "ForbiddenByFirewall":
-            return KeyRevoked(
-                f"Azure Key Vault refused {what}: the vault firewall denies this client{detail}"
-            )
-        if inner == "KeyOperationForbidden":
-            return KeyRevoked(
-                f"Azure Key Vault refused {what}: the key does not allow {permission}{detail}"
-            )
-        return KeyRevoked(
-            f"Azure Key Vault refused {what}: the identity lacks the {permission} permission"
-            f"{detail}"
-        )
+        cause = _FORBIDDEN_CAUSES.get(inner or "", "the identity lacks the {permission} permission")
+        return KeyRevoked(f"{refused}: {cause.format(permission=permission)}{detail}")
     if status == 404:
-        return missing(f"Azure Key Vault: {what} failed: key not found (deleted?){detail}")
+        return missing(f"{refused}: key not found (deleted?){detail}")
     if status == 409:
-        return KeyRevoked(
-            f"Azure Key Vault refused {what}: the key is deleted or being "
-            f"deleted or recovered{detail}"
-        )
+        return KeyRevoked(f"{refused}: the key is deleted, or being deleted or recovered{detail}")
     if status == 400 and permission == "unwrapKey":
-        return WrongKey(
-            f"Azure Key Vault: {what} failed: the key does not open this record{detail}"
-        )
+        return WrongKey(f"{refused}: the key does not open this record{detail}")
     if status == 429:
-        return ProviderUnavailable(f"Azure Key Vault throttled {what} (429){detail}")
+        return ProviderUnavailable(f"{refused}: throttled (429){detail}")
     if status >= 500:
-        return ProviderUnavailable(f"Azure Key Vault cannot serve {what} now ({status}){detail}")
-    return ProviderConfigError(f"Azure Key Vault refused {what} ({status}){detail}")
+        return ProviderUnavailable(f"{refused}: the service cannot serve it now ({status}){detail}")
+    return ProviderConfigError(f"{refused} ({status}){detail}")

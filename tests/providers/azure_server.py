@@ -864,6 +864,7 @@ class _TlsServer(ThreadingHTTPServer):
         self.conn_lock = threading.Lock()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        connection = request  # the TLS socket once wrapped (the raw one is detached then)
         with self.conn_lock:
             self.connections.add(request)
         try:
@@ -873,18 +874,19 @@ class _TlsServer(ThreadingHTTPServer):
             try:
                 request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 request.settimeout(30)
-                tls = self.context.wrap_socket(request, server_side=True)
+                connection = self.context.wrap_socket(request, server_side=True)
             except (OSError, ssl.SSLError):
                 return
             with self.conn_lock:
-                self.connections.add(tls)
-            self.finish_request(tls, client_address)
+                self.connections.add(connection)
+            self.finish_request(connection, client_address)
         except Exception:  # a broken client connection ends only itself
             pass
         finally:
-            self.shutdown_request(request)
+            self.shutdown_request(connection)
             with self.conn_lock:
                 self.connections.discard(request)
+                self.connections.discard(connection)
 
     def close_connections(self) -> None:
         with self.conn_lock:

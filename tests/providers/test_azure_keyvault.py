@@ -393,7 +393,7 @@ def test_token_for_another_resource_is_refused(setup):
     provider = setup.provider(name)
     record = provider.protect(os.urandom(32), BINDING)
     az.token_file(setup.token_file, setup.kv.issue_token(setup.app, az.HSM_URL))
-    with pytest.raises(KeyRevoked, match=r"refused the access token .*Invalid audience"):
+    with pytest.raises(KeyRevoked, match=r"access token was not accepted .*Invalid audience"):
         AzureKeyVaultProvider(provider.options).recover(record, BINDING)
 
 
