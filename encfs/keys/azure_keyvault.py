@@ -25,7 +25,7 @@ SPEC: `azure-keyvault:uri=https://VAULT.vault.azure.net/keys/NAME[/VERSION][,ca=
 (Managed HSM: `https://HSM.managedhsm.azure.net/keys/NAME`.) Credentials: azure-identity's
 DefaultAzureCredential chain (environment service principal with a secret or certificate,
 workload identity, managed identity, ...), a user-assigned managed identity by client id,
-workload identity, or a pre-obtained access token read from a 0600 file at each use.
+workload identity, or a pre-obtained access token read from a 0600 file when a token is needed.
 Never a secret on the command line or in the volume config.
 """
 
