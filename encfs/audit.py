@@ -1,6 +1,7 @@
 """The key-use audit trail (layer L3): one JSON line per key event.
 
 Events: unwrap (a KEK recovered through a provider), wrap (a new KEK protected),
+rewrap_kek (a stored KEK re-protected under the provider's new key version, or why not),
 rotation_start / rotation_finish, revalidation (a health check and its outcome),
 state_change, provider_error, crypto_shred. Each line carries the time, volume id, KEK
 version, provider, outcome and, when known, the uid/pid that asked. Never key material,
@@ -37,6 +38,8 @@ ALLOWED_FIELDS = frozenset(
         "deks_rewrapped",
         "retired",
         "purged",
+        "key_version",
+        "previous_key_version",
     }
 )
 

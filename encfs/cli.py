@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_remove.add_argument("backing", metavar="BACKING")
     p_remove.add_argument("slot", metavar="SLOT", help="its number in `provider list`, or its id")
     _key_arguments(p_remove)
+    p_check = provider_sub.add_parser(
+        "check", help="preflight every protector now: key, version, state, unwrap time"
+    )
+    p_check.add_argument("backing", metavar="TARGET", help="backing directory or mountpoint")
+    p_check.add_argument("--json", action="store_true", help="the report as one JSON object")
+    _key_arguments(p_check)
 
     rotate = sub.add_parser("rotate", help="new KEK version; re-wrap every DEK (no re-encryption)")
     rotate.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
@@ -499,6 +505,8 @@ def _detach_stdio(log_file: str | None) -> None:
 def cmd_provider(args: argparse.Namespace) -> int:
     from encfs import keyslots
 
+    if args.provider_command == "check":
+        return _provider_check(args)
     backing = os.path.abspath(args.backing)
     if args.provider_command == "list":
         for row in keyslots.list_protectors(backing, _operator(args)):
@@ -514,6 +522,77 @@ def cmd_provider(args: argparse.Namespace) -> int:
     else:
         removed = keyslots.remove_protector(backing, args.slot, _operator(args))
         print(f"removed keyslot {args.slot}: {removed}")
+    return 0
+
+
+def _provider_check(args: argparse.Namespace) -> int:
+    """Run every vouched protector's preflight (mounted or not): one line (or JSON entry)
+    each; exits with the first failure's code after reporting them all. Only providers
+    the operator vouched for run, on the records of their keyslots, as when the volume
+    is opened; a keyslot nobody here vouched for is reported, never run."""
+    import time
+
+    from encfs import config_store
+    from encfs.errors import KeyAccessError, NotVouched
+
+    backing, mounted = _resolve_target(args.backing)
+    config = config_store.peek(backing)
+    operator = _operator(args)
+    operator.resolve(config.volume_id.hex(), backing)
+    results: list[dict[str, Any]] = []
+    first_error: KeyAccessError | None = None
+    for number, version in sorted(config.kek_versions.items()):
+        for slot, protector in enumerate(version.protectors):
+            row: dict[str, Any] = {"kek_version": number, "slot": slot, "id": protector.id}
+            try:
+                provider = operator.provider(protector)
+            except NotVouched:
+                row.update(ok=None, provider=protector.kind, skipped="not vouched for on this host")
+                results.append(row)
+                continue
+            row["provider"] = provider.describe()
+            binding = config.provider_binding(number)
+            started = time.monotonic()
+            try:
+                row.update(ok=True, **provider.inspect(protector.record, binding))
+            except KeyAccessError as exc:
+                first_error = first_error or exc
+                row.update(ok=False, error=str(exc), exit_code=exc.exit_code)
+                row["key_version"] = provider.key_version(protector.record)
+            finally:
+                provider.close()
+            row["seconds"] = round(time.monotonic() - started, 3)
+            results.append(row)
+    if args.json:
+        report = {"backing": backing, "mounted": mounted, "ok": first_error is None}
+        print(json.dumps({**report, "protectors": results}))
+    else:
+        for row in results:
+            where = f"KEK v{row['kek_version']} slot {row['slot']} {row['provider']}"
+            if row["ok"] is None:
+                print(f"{where}: SKIPPED: {row['skipped']}")
+                continue
+            if not row["ok"]:
+                print(f"{where}: FAILED: {row['error']}")
+                continue
+            version = row.get("key_version")
+            current = row.get("current_key_version")
+            words = [f"key {row.get('key', row['provider'])}"]
+            if version is not None:
+                words.append(
+                    f"key version {version}"
+                    + ("" if current in (None, version) else f" (provider's current: {current})")
+                )
+            words.append(f"state {row.get('state')}")
+            words.append(f"proven: {', '.join(row.get('proven', []))}")
+            words.append(f"unwrap {row.get('unwrap_ms')} ms")
+            print(f"{where}: OK: " + "; ".join(words))
+    if first_error is not None:
+        failed = sum(row["ok"] is False for row in results)
+        raise _error_with_code(
+            f"{failed} of {len(results)} protector(s) failed the check (first: {first_error})",
+            first_error.exit_code,
+        )
     return 0
 
 
@@ -668,6 +747,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         current = " (current)" if int(number) == reply["current_kek"] else ""
         deks = reply["deks_per_version"].get(number, 0)
         print(f"KEK version {number}{current}: {state}, {deks} DEKs")
+        for row in reply.get("key_versions", {}).get(number, []):
+            key_version = row.get("key_version")
+            suffix = f" (provider key version {key_version})" if key_version is not None else ""
+            print(f"  slot {row['slot']}: {row['provider']}{suffix}")
     if reply.get("rotation"):
         print(
             f"rotation to version {reply['rotation']['target']} in progress: run rotate to resume"

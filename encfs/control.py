@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from encfs import health as health_mod
-from encfs import rotation
+from encfs import keyslots, rotation
 from encfs.client import socket_path
 from encfs.errors import EncfsError, UsageError
 from encfs.format.volume import MAX_POLICY_SECONDS
@@ -72,7 +72,8 @@ class ControlServer:
         return f"{self.health.state.value}: {self.health.reason}"
 
     async def check_now(self) -> dict:
-        """One revalidation; on a fall to INACCESSIBLE drop the kernel's cached data."""
+        """One revalidation; on a fall to INACCESSIBLE drop the kernel's cached data. When
+        the keys are good, follow the providers' key versions."""
         async with self._check_lock:
             before = self.health.state
             result = await trio.to_thread.run_sync(self.health.check)
@@ -83,7 +84,24 @@ class ControlServer:
                     await trio.to_thread.run_sync(self.invalidate, self.volume.known_inodes())
                 if self.on_state_change is not None:
                     self.on_state_change(self.status_line())
+            if state is health_mod.State.READY:
+                await self.follow_key_versions()
             return self.health.summary()
+
+    async def follow_key_versions(self) -> None:
+        """Re-protect the stored KEK blobs whose provider key has a new current version
+        (keyslots.follow_key_versions); not while a rotation edits the KEK versions."""
+        if self._rotating or self.volume.config.rotation is not None:
+            return
+        try:
+            changes = await trio.to_thread.run_sync(
+                keyslots.follow_key_versions, self.volume
+            )
+        except EncfsError as exc:
+            log.warning("cannot follow the providers' key versions: %s", exc)
+            return
+        # Back on the trio thread: the records the next check (and status) will use.
+        keyslots.apply_reprotections(self.volume.config, changes)
 
     async def health_loop(self) -> None:
         """Revalidate every interval (jittered by up to 10 %, so fleets do not align)."""

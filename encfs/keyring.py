@@ -27,6 +27,7 @@ from encfs.format.blocks import BINDING_SIZE
 from encfs.format.volume import VOLUME_KEY_SIZE, VolumeConfig
 
 if TYPE_CHECKING:
+    from encfs.keys.provider import KeyProvider
     from encfs.trust import Operator
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,14 @@ class Keyring:
         if kek is None:
             raise IntegrityError(f"KEK version {kek_version} is not loaded")
         return kek
+
+    def protect_kek(self, kek_version: int, provider: KeyProvider, binding: bytes) -> dict:
+        """Protect a loaded KEK under `provider` again (its key version changed); the KEK
+        itself never leaves the keyring but to the provider."""
+        kek = self._live().keks.get(kek_version)
+        if kek is None:
+            raise ProviderConfigError(f"KEK version {kek_version} is not loaded")
+        return provider.protect(kek, binding)
 
     def has_kek(self, kek_version: int) -> bool:
         return kek_version in self._live().keks

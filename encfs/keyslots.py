@@ -10,16 +10,24 @@ only the keyslot's id, kind and records, and a new authenticated generation.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from encfs import config_store, crypto
 from encfs.audit import AuditLog
-from encfs.errors import NotVouched, UsageError, VolumeBusy
+from encfs.errors import KeyAccessError, NotVouched, UsageError, VolumeBusy
 from encfs.format import names as fnames
 from encfs.format.volume import PROTECTOR_ID_SIZE, Protector, VolumeConfig
 from encfs.trust import Operator
+
+if TYPE_CHECKING:
+    from encfs.volume import Volume
+
+log = logging.getLogger(__name__)
 
 
 def list_protectors(backing_path: str, operator: Operator | None = None) -> list[dict[str, Any]]:
@@ -142,6 +150,136 @@ def rewrap_keks(backing_path: str, operator: Operator | None = None) -> int:
                     provider.close()
                 count += 1
     return count
+
+
+# --- following the providers' own key versions ----------------------------------------------
+
+
+@dataclass
+class Reprotection:
+    """One stored KEK blob re-protected under its provider's current key version."""
+
+    kek_version: int
+    protector_id: str
+    kind: str
+    old_record: dict[str, Any]
+    new_record: dict[str, Any]
+    old_key_version: str
+    new_key_version: str | None
+
+
+def key_versions(config: VolumeConfig, operator: Operator) -> dict[str, list[dict[str, Any]]]:
+    """For `status`: which provider (and provider key version) protects each KEK blob.
+    Reads the records only: no provider call. A keyslot nobody here vouched for shows
+    its kind only."""
+    table: dict[str, list[dict[str, Any]]] = {}
+    for number, version in sorted(config.kek_versions.items()):
+        rows = table.setdefault(str(number), [])
+        for slot, protector in enumerate(version.protectors):
+            row: dict[str, Any] = {"slot": slot, "id": protector.id, "key_version": None}
+            try:
+                provider = operator.provider(protector)
+            except (NotVouched, KeyAccessError):
+                row["provider"] = f"{protector.kind} (not vouched for on this host)"
+                rows.append(row)
+                continue
+            try:
+                row["provider"] = provider.describe()
+                row["key_version"] = provider.key_version(protector.record)
+            finally:
+                provider.close()
+            rows.append(row)
+    return table
+
+
+def follow_key_versions(volume: Volume) -> list[Reprotection]:
+    """Re-protect every stored KEK blob whose provider now uses another key version than
+    the one the blob was made under (an Azure key URI without a version, Vault Transit
+    after `rotate`): the O(1) rewrap-kek, run by the daemon after a good health check.
+
+    Only keyslots the operator vouched for are asked. The KEKs come from the volume's
+    keyring (no unwrap); no DEK and no block is touched. Each change is audited
+    (`rewrap_kek`); a provider that fails is logged, audited and left for the next
+    check. The config is written once, by `replace_records`. Returns the changes, which
+    the caller applies to its in-memory config.
+    """
+    config = volume.config
+    current_versions: dict[tuple[str, str], str | None] = {}  # per provider and options
+    changes: list[Reprotection] = []
+    for number, version in sorted(config.kek_versions.items()):
+        for protector in version.protectors:
+            options = volume.operator.vouched_options(protector)
+            if options is None:
+                continue  # never run a keyslot nobody here vouched for
+            provider = volume.operator.factory(protector.kind, options)
+            try:
+                old = provider.key_version(protector.record)
+                if old is None:
+                    continue
+                which = (protector.kind, json.dumps(options, sort_keys=True))
+                if which not in current_versions:
+                    current_versions[which] = provider.current_key_version()
+                current = current_versions[which]
+                if current is None or current == old:
+                    continue
+                record = volume.keyring.protect_kek(
+                    number, provider, config.provider_binding(number)
+                )
+                new = provider.key_version(record)
+                changes.append(
+                    Reprotection(number, protector.id, protector.kind, protector.record,
+                                 record, old, new)
+                )  # fmt: skip
+            except KeyAccessError as exc:
+                where = f"{provider.describe()} (KEK version {number})"
+                log.warning("cannot follow the key version of %s: %s", where, exc)
+                volume.audit.event(
+                    "rewrap_kek",
+                    kek_version=number,
+                    provider=protector.kind,
+                    outcome=type(exc).__name__,
+                    reason=str(exc),
+                )
+            finally:
+                provider.close()
+    if changes:
+        replace_records(volume, changes)
+        for change in changes:
+            log.info(
+                "KEK version %d (keyslot %s, %s) re-protected under provider key version %s "
+                "(was %s)",
+                change.kek_version,
+                change.protector_id,
+                change.kind,
+                change.new_key_version,
+                change.old_key_version,
+            )
+            volume.audit.event(
+                "rewrap_kek",
+                kek_version=change.kek_version,
+                provider=change.kind,
+                outcome="ok",
+                key_version=change.new_key_version,
+                previous_key_version=change.old_key_version,
+            )
+    return changes
+
+
+def apply_reprotections(config: VolumeConfig, changes: list[Reprotection]) -> None:
+    """Put re-protected records into a config (where the old record still is)."""
+    for change in changes:
+        version = config.kek_versions.get(change.kek_version)
+        for protector in version.protectors if version is not None else []:
+            if protector.id == change.protector_id and protector.record == change.old_record:
+                protector.record = change.new_record
+
+
+def replace_records(volume: Volume, changes: list[Reprotection]) -> VolumeConfig:
+    """The config write of follow_key_versions: each old record that is still stored is
+    replaced by its new one, under the config lock, in one authenticated write."""
+    with config_store.editing(volume.backing_path, volume.keyring, volume.operator) as config:
+        apply_reprotections(config, changes)
+    return config
 
 
 def destroy_volume(

@@ -191,7 +191,9 @@ def serve(
         invalidate=drop_kernel_cache,
         mount_options=sorted(options),
     )
-    control.on_state_change = lambda _line: service.set_health(control.health.state.value)
+    control.on_state_change = lambda _line: service.set_health(
+        control.health.state.value, control.health.reason
+    )
     syncer = open_syncer()
     operations = Operations(volume, syncer)
     operations.enable_writeback_cache = writeback_cache

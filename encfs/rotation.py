@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from encfs import config_store, crypto
+from encfs import config_store, crypto, keyslots
 from encfs.errors import IntegrityError, UsageError
 from encfs.format import names as fnames
 from encfs.format.blocks import (
@@ -234,6 +234,7 @@ def volume_report(volume: Volume, counts: Counter[int]) -> dict:
         "generation": config.generation,
         "current_kek": config.current_kek,
         "kek_versions": {str(n): v.state for n, v in sorted(config.kek_versions.items())},
+        "key_versions": keyslots.key_versions(config, volume.operator),
         "rotation": config.rotation,
         **policy_summary(config),
         "deks_per_version": known,

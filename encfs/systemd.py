@@ -8,8 +8,9 @@ to ping). This module is a self-contained client of that protocol: it needs no l
 and no running systemd, and without `$NOTIFY_SOCKET` every call is a no-op.
 
 `Service` is what a mount tells the manager. Its STATUS line is
-`<HEALTH>: mounted BACKING on MOUNTPOINT`; the key health task calls `set_health()` with
-READY, DEGRADED or INACCESSIBLE and the line is re-sent when the word changes.
+`<HEALTH>: mounted BACKING on MOUNTPOINT`, followed by ` (<cause>)` when the health is not
+READY; the key health task calls `set_health()` with READY, DEGRADED or INACCESSIBLE and
+the cause (the provider's one-line error), and the line is re-sent when either changes.
 
 Notifications never fail the daemon: a send error is logged once and otherwise ignored.
 """
@@ -140,6 +141,7 @@ class Service:
         self.backing = backing
         self.mountpoint = mountpoint
         self.health = HEALTH_READY
+        self.reason = ""
         self.is_ready = False
         self.is_stopping = False
 
@@ -152,7 +154,10 @@ class Service:
         return self.notifier.watchdog_interval
 
     def status_line(self) -> str:
-        return f"{self.health}: mounted {self.backing} on {self.mountpoint}"
+        line = f"{self.health}: mounted {self.backing} on {self.mountpoint}"
+        if self.reason and self.health != HEALTH_READY:
+            line += f" ({self.reason})"
+        return line
 
     def starting(self, what: str) -> None:
         self.notifier.notify(("STATUS", what))
@@ -164,10 +169,11 @@ class Service:
             ("READY", 1), ("STATUS", self.status_line()), ("MAINPID", os.getpid())
         )
 
-    def set_health(self, health: str) -> None:
-        """Change the health word (READY, DEGRADED, INACCESSIBLE) and re-send STATUS."""
-        changed = health != self.health
-        self.health = health
+    def set_health(self, health: str, reason: str = "") -> None:
+        """Change the health word (READY, DEGRADED, INACCESSIBLE) and its cause, and
+        re-send STATUS."""
+        changed = (health, reason) != (self.health, self.reason)
+        self.health, self.reason = health, reason
         if changed and self.is_ready and not self.is_stopping:
             self.notifier.notify(("STATUS", self.status_line()))
 

@@ -1035,7 +1035,7 @@ class Volume:
             try:
                 file_header = FileHeader.unpack(header)
                 self._check_binding(inode, file_header)
-            except IntegrityError:
+            except BaseException:  # tampered, or the keys are wiped (revoked): open again later
                 os.close(inode.data_fd)
                 inode.data_fd = None
                 raise

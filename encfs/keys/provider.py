@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import os
 import stat
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -81,6 +82,36 @@ class KeyProvider(abc.ABC):
     def describe(self) -> str:
         """A short human description for status output (no secrets)."""
         return self.name
+
+    # -- the provider's own key versions (for providers whose key has versions) --
+
+    def key_version(self, record: Record) -> str | None:
+        """The provider key version `record` was made under (no provider call), or None
+        when the provider has no key versions the volume could follow."""
+        return None
+
+    def current_key_version(self) -> str | None:
+        """The provider key version protect() would use now (one provider call at most),
+        or None as for key_version. When it differs from a stored record's key_version,
+        the daemon re-protects that KEK blob under it (the O(1) rewrap-kek)."""
+        return None
+
+    def inspect(self, record: Record, binding: bytes) -> dict[str, Any]:
+        """`provider check`: prove the provider still opens `record` and report what it
+        knows (key, key version, state, operations proven, time to unwrap). Raises the
+        provider's KeyAccessError when it does not. Providers with more to check (key
+        state, permissions) override it."""
+        started = time.monotonic()
+        self.recover(record, binding)
+        elapsed = time.monotonic() - started
+        return {
+            "key": self.describe(),
+            "key_version": self.key_version(record),
+            "current_key_version": self.current_key_version(),
+            "state": "usable",
+            "proven": ["unwrap"],
+            "unwrap_ms": round(elapsed * 1000, 1),
+        }
 
     def destroy(self, record: Record) -> str | None:
         """Crypto-shredding: destroy what this provider holds for `record`, if it can.

@@ -21,6 +21,7 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "kmip": ("encfs.keys.kmip", "KmipProvider"),
     "vault": ("encfs.keys.vault", "VaultProvider"),
     "aws-kms": ("encfs.keys.aws_kms", "AwsKmsProvider"),
+    "azure-keyvault": ("encfs.keys.azure_keyvault", "AzureKeyVaultProvider"),
 }
 
 

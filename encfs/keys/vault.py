@@ -5,7 +5,9 @@ protect = `transit/encrypt/KEY` and recover = `transit/decrypt/KEY`, with the bi
 chacha20-poly1305, and should not be exportable). The record holds the `vault:vN:...`
 ciphertext, N and the key name. Vault enforces key versions: after `rotate` old records
 still open until `min_decryption_version` is raised past them, then they are refused
-(KeyRevoked), as are records of a deleted key.
+(KeyRevoked), as are records of a deleted key. A mounted volume follows the key: when
+the key's latest version is not the record's (`current_key_version`), the daemon
+re-protects the record under it.
 
 SPEC: `vault:addr=URL,key=NAME[,mount=transit][,token-file=PATH][,ca=PATH]`
       `[,namespace=NS][,timeout=SECONDS][,create]`
@@ -254,6 +256,24 @@ class VaultProvider(KeyProvider):
         if len(kek) != crypto.KEY_SIZE:
             raise WrongKey(f"Vault transit key {name!r} returned a malformed KEK")
         return kek
+
+    def key_version(self, record: Record) -> str | None:
+        version = record.get("key_version")
+        return str(version) if isinstance(version, int) else None
+
+    def current_key_version(self) -> str | None:
+        """The Transit key's latest version (encrypt always uses it); None when the token
+        may not read the key's metadata."""
+        client = self._client()
+        name = self._opt("key")
+        try:
+            data = self._call("key lookup", client.secrets.transit.read_key, name=name)["data"]
+        except _NotFound:
+            raise KeyRevoked(f"Vault transit key {name!r} not found (deleted?)") from None
+        except KeyRevoked:
+            return None
+        latest = data.get("latest_version")
+        return str(latest) if isinstance(latest, int) else None
 
     def describe(self) -> str:
         options = self.options

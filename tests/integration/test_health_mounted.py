@@ -109,6 +109,20 @@ def test_revoke_makes_mount_inaccessible_and_recovery_needs_no_remount(tmp_path,
         assert (mnt / "after").read_bytes() == b"written after recovery"
 
 
+def test_file_first_opened_while_revoked_reads_back_after_recovery(tmp_path, keyserver):
+    """An open refused while the keys are wiped leaves nothing half-opened behind: once the
+    key is back the file reads its contents (it used to read as empty until remount)."""
+    backing = init(tmp_path, keyserver)
+    with mount_own(backing, tmp_path / "mnt") as mnt:
+        (mnt / "f").write_bytes(b"written just before the revocation")
+        keyserver.set("revoked")
+        assert check(mnt)["state"] == "INACCESSIBLE"
+        assert errno_of((mnt / "f").read_bytes) == errno.EKEYREVOKED
+        keyserver.set("ok")
+        assert check(mnt)["state"] == "READY"
+        assert (mnt / "f").read_bytes() == b"written just before the revocation"
+
+
 def test_unreachable_provider_degrades_then_grace_runs_out(tmp_path, keyserver):
     backing = init(tmp_path, keyserver)
     # A grace of 1 ms: the second failed check is always past it.

@@ -61,6 +61,19 @@ SCRUBBED = (
     "AWS_SESSION_TOKEN",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_KMS",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_CLIENT_CERTIFICATE_PATH",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_AUTHORITY_HOST",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "MSI_ENDPOINT",
 )
 FILES = {
     "hello.txt": b"hello through the provider\n",
@@ -277,12 +290,22 @@ def moto_server(work: Path) -> Iterator[servers.Server]:
         yield server
 
 
+@contextlib.contextmanager
+def keyvault_server(work: Path) -> Iterator[Any]:
+    pytest.importorskip("azure.keyvault.keys", reason="the [azure] extra is not installed")
+    from tests.providers import azure_server
+
+    with azure_server.running(work) as server:
+        yield server
+
+
 SERVERS = {
     "tpm2": swtpm,
     "pkcs11": softhsm,
     "kmip": kmip_server,
     "vault": bao_server,
     "aws-kms": moto_server,
+    "azure-keyvault": keyvault_server,
 }
 
 
@@ -779,6 +802,52 @@ class AwsKmsCase(NetworkCase):
         return self.server.port
 
 
+class AzureKeyVaultCase(NetworkCase):
+    """The Key Vault test server (not Azure): the vault host reaches it through its CONNECT
+    proxy, named by HTTPS_PROXY (a relay's port once `before_unreachable` has run)."""
+
+    name = "azure-keyvault"
+    deny_modes = ("disable", "delete", "expire")  # wrong credentials: no access policy: 403
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        from tests.providers.test_azure_keyvault import Setup
+
+        self.setup = Setup(self.server, self.tmp)
+        self.key = self.setup.create()
+        self.env["HTTPS_PROXY"] = f"http://{servers.HOST}:{self.port}"
+
+    def server_port(self) -> int:
+        return self.server.proxy_port
+
+    def before_unreachable(self) -> None:
+        super().before_unreachable()
+        self.env["HTTPS_PROXY"] = f"http://{servers.HOST}:{self.port}"
+
+    def spec(self) -> str:
+        return "azure-keyvault:" + self.setup.spec(self.key, extra=f",timeout={NET_TIMEOUT}")
+
+    def secrets(self) -> list[str]:
+        return [self.setup.token_file.read_text().strip()]
+
+    def deny(self, mode: str, backing: Path) -> None:
+        from datetime import UTC, datetime, timedelta
+
+        keys = self.setup.keys
+        if mode == "disable":
+            keys.update_key_properties(self.key, enabled=False)
+        elif mode == "delete":
+            keys.begin_delete_key(self.key).result()
+        else:
+            keys.update_key_properties(self.key, expires_on=datetime.now(UTC) - timedelta(1))
+
+    def wrong(self) -> None:  # a valid token of an identity this vault gives no access
+        from tests.providers import azure_server
+
+        stranger = azure_server.Identity("stranger")
+        azure_server.token_file(self.setup.token_file, self.setup.token(stranger))
+
+
 CASES: dict[str, type[Case]] = {
     c.name: c
     for c in (
@@ -793,6 +862,7 @@ CASES: dict[str, type[Case]] = {
         KmipCase,
         VaultCase,
         AwsKmsCase,
+        AzureKeyVaultCase,
     )
 }
 DENIED = [(name, mode) for name, c in CASES.items() for mode in c.deny_modes]

@@ -4,7 +4,8 @@ Vault Transit (an OpenBao dev server) and PKCS#11 (a SoftHSM2 token) never relea
 their root key: the volume stores each KEK version wrapped by it. `rotate` asks the
 provider to wrap the new KEK, the pass re-wraps every DEK (block ciphertext untouched),
 `--purge-old` drops the old KEK version; `rewrap-kek` follows the provider's own key
-rotation, after which the provider's old key version can be disabled for good. The
+rotation, after which the provider's old key version can be disabled for good, and a
+mounted volume's daemon does the same by itself when the Transit key rotates. The
 releasing provider (key file) is covered by test_rotation.py.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,3 +139,54 @@ def test_pkcs11_rotation_offline_then_online(softhsm, tmp_path):
     with mount_own(backing, tmp_path / "mnt") as mnt:
         for name, data in files.items():
             assert (mnt / name).read_bytes() == data, name
+
+
+def test_vault_key_rotated_in_the_server_is_followed_by_the_daemon(bao, tmp_path):
+    """No rewrap-kek by hand: the mounted volume's daemon sees the Transit key's new
+    latest version at its health check and re-protects the stored KEK blob under it
+    (audited); the old Transit key version can then be retired while the volume stays
+    READY, and it mounts again afterwards."""
+    key = "kek-" + uuid.uuid4().hex[:12]
+    spec = (
+        f"vault:addr={bao.extra['addr']},key={key},"
+        f"token-file={token_file(tmp_path, bao.extra['token'])},create"
+    )
+    backing = tmp_path / "vol.backing"
+    run_cli("init", backing, "--provider", spec, check=True)
+    audit = tmp_path / "audit.log"
+    data = os.urandom(40_000)
+
+    def wait_for(mnt: Path, condition) -> dict:
+        deadline = time.monotonic() + 30
+        while not condition(reply := status(mnt)):
+            assert time.monotonic() < deadline, reply
+            time.sleep(0.2)
+        return reply
+
+    def key_version(reply: dict) -> str:
+        return reply["key_versions"]["1"][0]["key_version"]
+
+    options = ("health_interval=1", f"audit_log={audit}")
+    with mounted(Volume(backing, None), tmp_path / "mnt", *options) as mnt:
+        (mnt / "f").write_bytes(data)
+        assert key_version(status(mnt)) == "1"
+        servers.vault_request(bao, "POST", f"transit/keys/{key}/rotate")
+        reply = wait_for(mnt, lambda r: key_version(r) == "2")
+        config = json.loads((backing / "encfs-gw.conf").read_text())
+        (protector,) = config["kek"]["versions"][0]["protectors"]
+        assert protector["record"]["ciphertext"].startswith("vault:v2:")
+        servers.vault_request(
+            bao, "POST", f"transit/keys/{key}/config", {"min_decryption_version": 2}
+        )
+        reply = wait_for(mnt, lambda r, seen=reply["checks"]: r["checks"] >= seen + 2)
+        assert reply["state"] == "READY", reply
+        assert (mnt / "f").read_bytes() == data
+    with mount_own(backing, tmp_path / "mnt") as mnt:
+        assert (mnt / "f").read_bytes() == data
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    (rewrap,) = [e for e in events if e["event"] == "rewrap_kek"]
+    assert (rewrap["previous_key_version"], rewrap["key_version"], rewrap["outcome"]) == (
+        "1",
+        "2",
+        "ok",
+    )

@@ -429,7 +429,8 @@ def test_watchdog_pings_at_half_the_configured_interval(tmp_path, notify_path):
 
 @pytest.mark.fuse
 def test_status_follows_the_key_health(tmp_path, notify_path):
-    """STATUS= says INACCESSIBLE when the key goes away and READY when it is back.
+    """STATUS= says INACCESSIBLE, with the cause, when the key goes away and READY when
+    it is back.
     The daemon is asked to revalidate at once (what `encfs-gw status --check` does), so
     nothing waits for the health interval."""
     sock, address = notify_path
@@ -441,7 +442,9 @@ def test_status_follows_the_key_health(tmp_path, notify_path):
         volume.keyfile.rename(away)
         assert revalidate_now(volume.backing) == "INACCESSIBLE"
         pid, fields = sock.wait_for("STATUS")
-        assert pid == p.pid and fields == {"STATUS": f"INACCESSIBLE: {mounted_on}"}
+        assert pid == p.pid and set(fields) == {"STATUS"}
+        cause = f"key denied: key file {volume.keyfile} not found"
+        assert fields["STATUS"].startswith(f"INACCESSIBLE: {mounted_on} ({cause}"), fields
         away.rename(volume.keyfile)
         assert revalidate_now(volume.backing) == "READY"
         _, fields = sock.wait_for("STATUS")
