@@ -41,6 +41,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 
+from encfs.client import volume_lock_holder  # noqa: E402
 from encfs.format.blocks import HEADER_SIZE, KEY_AREA_SIZE, Layout  # noqa: E402
 
 ENCFS = [sys.executable, "-m", "encfs"]
@@ -58,7 +59,10 @@ def cli(*args: object, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def daemon_pid(backing: Path) -> int:
-    return int((backing / "encfs-gw.lock").read_text().strip())
+    pid = volume_lock_holder(str(backing))
+    if pid is None:
+        raise SystemExit(f"no process holds the lock of {backing}")
+    return pid
 
 
 def proc_io(pid: int) -> dict[str, int]:

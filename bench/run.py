@@ -407,10 +407,10 @@ class EncfsGw(Target):
         return elapsed
 
     def lock_pid(self) -> int | None:
-        try:
-            return int((self.backing / "encfs-gw.lock").read_text().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
+        """The daemon: the holder of the volume lock (/proc/locks)."""
+        from encfs.client import volume_lock_holder
+
+        return volume_lock_holder(str(self.backing))
 
     def unmount(self) -> None:
         self.note_hwm()

@@ -15,11 +15,18 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
-from encfs import __version__
-from encfs.errors import EncfsError, MountFailed, MountpointError, NotMounted, UsageError
-from encfs.format import names as fnames
+from encfs import __version__, hygiene
+from encfs.errors import (
+    ControlSocketError,
+    EncfsError,
+    MountFailed,
+    MountpointError,
+    NotAVolume,
+    NotMounted,
+    UsageError,
+)
 from encfs.format.blocks import DEFAULT_BLOCK_SIZE
 from encfs.keys.registry import open_provider, parse_spec
 from encfs.trust import Operator, OperatorSpec
@@ -49,7 +56,7 @@ class _Parser(argparse.ArgumentParser):
         command = self.prog.removeprefix("encfs-gw").strip()
         where = f" {command}" if command else ""
         print(
-            f"encfs-gw: error: {message} (see encfs-gw{where} --help)",
+            f"encfs-gw: error: {one_line(message)} (see encfs-gw{where} --help)",
             file=sys.stderr,
         )
         raise SystemExit(UsageError.exit_code)
@@ -68,6 +75,18 @@ def _key_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="open the volume with this key provider (vouched by you; repeatable)",
     )
+MAX_RATE = 1e9  # DEKs per second: far beyond any machine, so "no limit" in practice
+
+
+def _positive_rate(text: str) -> float:
+    """--rate: a finite number of DEKs per second, > 0 (not nan, inf or negative)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0 < rate <= MAX_RATE:  # also false for nan
+        raise argparse.ArgumentTypeError(f"expected DEKs per second, 0 < N <= 1e9: {text!r}")
+    return rate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rotate = sub.add_parser("rotate", help="new KEK version; re-wrap every DEK (no re-encryption)")
     rotate.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
-    rotate.add_argument("--rate", type=float, metavar="DEKS_PER_S", help="throttle the pass")
+    rotate.add_argument(
+        "--rate", type=_positive_rate, metavar="DEKS_PER_S", help="throttle the pass"
+    )
     rotate.add_argument("--json", action="store_true", help="progress and result as JSON lines")
     rotate.add_argument(
         "--purge-old", action="store_true", help="drop old KEK versions once none is needed"
@@ -213,18 +234,37 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and os.path.basename(sys.argv[0]) == MOUNT_HELPER:
         return mount_helper()  # run as /sbin/mount.fuse.encfs-gw (a symlink to encfs-gw)
+    # Every verb may unwrap a key or read a secret (a passphrase, a PIN, a token):
+    # nothing of this process may be read by others of the uid, nor dumped.
+    hygiene.protect_secrets()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed its one-line usage error
         return int(exc.code or 0) and UsageError.exit_code
     daemon = args.command == "mount"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("encfs-gw: %(levelname)s %(message)s"))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO if daemon else logging.WARNING,
-        format="encfs-gw: %(levelname)s %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
     return _run(COMMANDS[args.command], args)
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line: control characters (a newline in a path) and bytes
+    that are not UTF-8 escaped, as Python writes them."""
+    text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Log lines never break: a path with a newline in a message is escaped. (Tracebacks
+    of internal errors keep their lines.)"""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
 
 
 def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -232,10 +272,46 @@ def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace)
     try:
         return command(args)
     except EncfsError as exc:
-        print(f"encfs-gw: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _report(exc)
+    except BaseExceptionGroup as group:  # from the daemon's trio nursery
+        first = _first_encfs_error(group)
+        if first is None:
+            raise
+        return _report(first)
     except KeyboardInterrupt:
         return 130
+
+
+def _report(exc: EncfsError) -> int:
+    print(f"encfs-gw: error: {one_line(str(exc))}", file=sys.stderr)
+    return exc.exit_code
+
+
+def _first_encfs_error(group: BaseExceptionGroup) -> EncfsError | None:
+    """The error to report when every leaf of the group is an EncfsError."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending[:0] = list(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if leaves and all(isinstance(leaf, EncfsError) for leaf in leaves):
+        return leaves[0]  # type: ignore[return-value]
+    return None
+
+
+def backing_argument(path: str) -> str:
+    """The absolute path of a BACKING argument; never a symlink (the volume is opened
+    with O_NOFOLLOW, and a symlink someone else controls would choose the volume)."""
+    absolute = os.path.abspath(path)
+    if os.path.islink(absolute):
+        raise NotAVolume(
+            f"{absolute} is a symlink; give the backing directory itself "
+            f"({os.path.realpath(absolute)})"
+        )
+    return absolute
 
 
 # --- init ---------------------------------------------------------------------------------
@@ -245,6 +321,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from encfs.volume import create_volume
 
     backing = os.path.abspath(args.backing)
+    if os.path.islink(backing):
+        raise UsageError(f"{backing} is a symlink; give the directory itself")
     if args.provider and args.keyfile:
         raise UsageError(
             "--keyfile and --provider exclude each other (use --provider keyfile:PATH)"
@@ -358,12 +436,15 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
     from encfs.systemd import Notifier, Service
     from encfs.volume import Volume
 
-    backing = os.path.abspath(args.backing)
+    backing = backing_argument(args.backing)
     mountpoint = os.path.abspath(args.mountpoint)
     fuse_opts, engine_opts = _split_options(args.options)
     nonempty = "nonempty" in engine_opts
     health_interval = _seconds_option(engine_opts, "health_interval", health.DEFAULT_INTERVAL)
     health_grace = _seconds_option(engine_opts, "health_grace", health.DEFAULT_GRACE)
+    options = mount_mod.fuse_options(
+        backing, fuse_opts, auto_unmount="no_auto_unmount" not in engine_opts
+    )
 
     # A background daemon shares the caller's terminal until the mount is live: show only
     # warnings and errors there (the failure line, not the informational log).
@@ -387,6 +468,7 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
         # "not a volume" before "mountpoint busy"; nothing of it is used before it is
         # authenticated but the volume id the audit log names.
         config = config_store.peek(backing)
+        mount_mod.check_paths(backing, mountpoint)
         mount_mod.check_mountpoint(mountpoint, allow_nonempty=nonempty)
         if "protect_mountpoint" in engine_opts:
             mount_mod.protect_mountpoint(mountpoint, allow_nonempty=nonempty)
@@ -396,9 +478,7 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
         mount_mod.serve(
             volume,
             mountpoint,
-            mount_mod.fuse_options(
-                backing, fuse_opts, auto_unmount="no_auto_unmount" not in engine_opts
-            ),
+            options,
             on_ready,
             writeback_cache="writeback_cache" in engine_opts,
             cpu_warmer="no_cpu_warmer" not in engine_opts,
@@ -507,7 +587,7 @@ def cmd_provider(args: argparse.Namespace) -> int:
 
     if args.provider_command == "check":
         return _provider_check(args)
-    backing = os.path.abspath(args.backing)
+    backing = backing_argument(args.backing)
     if args.provider_command == "list":
         for row in keyslots.list_protectors(backing, _operator(args)):
             marker = " (current)" if row["current"] else ""
@@ -535,7 +615,7 @@ def _provider_check(args: argparse.Namespace) -> int:
     from encfs import config_store
     from encfs.errors import KeyAccessError, NotVouched
 
-    backing, mounted = _resolve_target(args.backing)
+    backing, mounted, _ = _resolve_target(args.backing)
     config = config_store.peek(backing)
     operator = _operator(args)
     operator.resolve(config.volume_id.hex(), backing)
@@ -599,15 +679,44 @@ def _provider_check(args: argparse.Namespace) -> int:
 # --- rotate, status, rewrap-kek -------------------------------------------------------------
 
 
-def _resolve_target(target: str) -> tuple[str, bool]:
-    """(backing directory, mounted?) for a backing directory or an encfs-gw mountpoint."""
-    from encfs.client import FSTYPE, find_mount
+class _Target(NamedTuple):
+    backing: str
+    mounted: bool
+    mountpoint: str | None  # when TARGET was a mountpoint: the daemon must serve it
+
+
+def _resolve_target(target: str) -> _Target:
+    """The backing directory of a TARGET (a backing directory or an encfs-gw mountpoint),
+    and whether its daemon runs (its control socket is there; the daemon's identity is
+    checked when it is reached)."""
+    from encfs import client
 
     path = os.path.abspath(target)
-    found = find_mount(path)
-    if found is not None and found[0] == FSTYPE:
-        return found[1], True
-    return path, False
+    found = client.find_mount(path)
+    if found is not None and found[0] == client.FSTYPE:
+        return _Target(found[1], True, os.path.realpath(path))
+    backing = backing_argument(path)
+    return _Target(backing, client.daemon_listening(backing), None)
+
+
+def _ask_daemon(target: _Target, request: dict) -> Any:
+    """The replies of the volume's daemon (identity checked, see encfs.client)."""
+    from encfs import client
+
+    return client.request(target.backing, request, target.mountpoint)
+
+
+def _one_reply(target: _Target, request: dict) -> dict:
+    replies = list(_ask_daemon(target, request))
+    if len(replies) != 1:
+        raise ControlSocketError(
+            f"malformed reply from the daemon of {target.backing} "
+            f"({len(replies)} lines, not one)"
+        )
+    reply = replies[0]
+    if "error" in reply:
+        raise _error_with_code(reply["error"], reply.get("exit_code", 1))
+    return reply
 
 
 class _Progress:
@@ -668,14 +777,13 @@ def _print_result(result: dict, as_json: bool) -> None:
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    backing, mounted = _resolve_target(args.target)
+    target = _resolve_target(args.target)
+    backing, mounted = target.backing, target.mounted
     progress = _Progress(args.json)
     if mounted:
-        from encfs import client
-
         result: dict = {}
         request = {"op": "rotate", "rate": args.rate, "purge_old": args.purge_old}
-        for message in client.request(backing, request):
+        for message in _ask_daemon(target, request):
             if "progress" in message:
                 progress(message["progress"])
             elif "error" in message:
@@ -702,25 +810,37 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         finally:
             volume.close()
     progress.close()
-    _print_result(result, args.json)
+    try:
+        _print_result(result, args.json)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ControlSocketError(f"malformed reply from the daemon of {backing}") from None
     return 0 if result.get("done") else 1
 
 
-def _error_with_code(message: str, code: int) -> EncfsError:
+# Codes a daemon may report in an error reply; anything else is a malformed reply.
+def _error_with_code(message: Any, code: Any) -> EncfsError:
+    from encfs.errors import KeyAccessError
+
+    known = {cls.exit_code for cls in _error_classes(EncfsError)} | {KeyAccessError.exit_code}
+    if not isinstance(message, str) or type(code) is not int or code not in known:
+        return ControlSocketError("malformed error reply from the daemon")
     error = EncfsError(message)
     error.exit_code = code
     return error
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    backing, mounted = _resolve_target(args.target)
-    if mounted:
-        from encfs import client
+def _error_classes(base: type) -> list[type]:
+    found = [base]
+    for sub in base.__subclasses__():
+        found += _error_classes(sub)
+    return found
 
-        request = {"op": "status", "check": args.check}
-        (reply,) = list(client.request(backing, request))
-        if "error" in reply:
-            raise _error_with_code(reply["error"], reply.get("exit_code", 1))
+
+def cmd_status(args: argparse.Namespace) -> int:
+    target = _resolve_target(args.target)
+    backing, mounted = target.backing, target.mounted
+    if mounted:
+        reply = _one_reply(target, {"op": "status", "check": args.check})
     else:
         from encfs import rotation
         from encfs.volume import Volume
@@ -734,32 +854,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reply))
         return 0
-    print(f"volume: {reply['backing']} ({'mounted' if mounted else 'not mounted'})")
-    print(f"volume id: {reply['volume_id']}")
+    try:
+        lines = _status_lines(reply, mounted)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ControlSocketError(f"malformed status reply from the daemon of {backing}") from None
+    print("\n".join(lines))
+    return 0
+
+
+def _status_lines(reply: dict, mounted: bool) -> list[str]:
+    """The report, built whole before a line is printed (a malformed reply prints none)."""
+    lines = [
+        f"volume: {reply['backing']} ({'mounted' if mounted else 'not mounted'})",
+        f"volume id: {reply['volume_id']}",
+    ]
     if mounted:
-        print(f"key health: {reply['state']}: {reply['reason']}")
+        lines.append(f"key health: {reply['state']}: {reply['reason']}")
         if reply.get("last_check") is not None:
-            print(f"last check: {reply['last_check']}")
-        print(f"providers: {', '.join(reply['providers'])}")
-        print(f"mount options: {','.join(reply['mount_options']) or '(defaults)'}")
-        print("counters: " + ", ".join(f"{k}={v}" for k, v in reply["counters"].items()))
+            lines.append(f"last check: {reply['last_check']}")
+        lines.append(f"providers: {', '.join(reply['providers'])}")
+        lines.append(f"mount options: {','.join(reply['mount_options']) or '(defaults)'}")
+        lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in reply["counters"].items()))
     for number, state in reply["kek_versions"].items():
         current = " (current)" if int(number) == reply["current_kek"] else ""
         deks = reply["deks_per_version"].get(number, 0)
-        print(f"KEK version {number}{current}: {state}, {deks} DEKs")
+        lines.append(f"KEK version {number}{current}: {state}, {deks} DEKs")
         for row in reply.get("key_versions", {}).get(number, []):
             key_version = row.get("key_version")
             suffix = f" (provider key version {key_version})" if key_version is not None else ""
-            print(f"  slot {row['slot']}: {row['provider']}{suffix}")
+            lines.append(f"  slot {row['slot']}: {row['provider']}{suffix}")
     if reply.get("rotation"):
-        print(
+        lines.append(
             f"rotation to version {reply['rotation']['target']} in progress: run rotate to resume"
         )
     if reply.get("rotation_policy"):
-        print(_policy_line(reply["rotation_policy"], reply["next_rotation"]))
-    for line in rotation_summary_lines(reply):
-        print(line)
-    return 0
+        lines.append(_policy_line(reply["rotation_policy"], reply["next_rotation"]))
+    return lines + rotation_summary_lines(reply)
 
 
 def rotation_summary_lines(reply: dict) -> list[str]:
@@ -812,14 +942,11 @@ def parse_interval(text: str) -> int | None:
 
 def cmd_rotate_every(args: argparse.Namespace) -> int:
     every_seconds = parse_interval(args.interval)
-    backing, mounted = _resolve_target(args.target)
+    target = _resolve_target(args.target)
+    backing, mounted = target.backing, target.mounted
     if mounted:  # the daemon holds the keys that authenticate the config: it writes it
-        from encfs import client
-
         request = {"op": "policy", "every_seconds": every_seconds, "purge_old": args.purge_old}
-        (summary,) = list(client.request(backing, request))
-        if "error" in summary:
-            raise _error_with_code(summary["error"], summary.get("exit_code", 1))
+        summary = _one_reply(target, request)
         if summary.get("rotated_to") is not None:
             print(f"the policy was due: rotated to KEK version {summary['rotated_to']} now")
     else:
@@ -862,7 +989,7 @@ def _policy_line(policy: dict, next_rotation: str) -> str:
 def cmd_rewrap_kek(args: argparse.Namespace) -> int:
     from encfs import keyslots
 
-    backing, _ = _resolve_target(args.target)
+    backing = _resolve_target(args.target).backing
     count = keyslots.rewrap_keks(backing, _operator(args))
     print(f"re-protected {count} stored KEK blob(s) under the providers' current keys")
     return 0
@@ -875,7 +1002,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     from encfs import fsck as fsck_mod
     from encfs.volume import Volume
 
-    backing = os.path.abspath(args.backing)
+    backing = backing_argument(args.backing)
     volume = Volume.unlock(backing, _operator(args))  # takes the lock: not mounted
     # The report names every damaged block (with its plaintext path): the engine's own
     # per-block warnings would only repeat it with inode numbers.
@@ -945,7 +1072,7 @@ class _FsckProgress:
 def cmd_destroy(args: argparse.Namespace) -> int:
     from encfs import keyslots
 
-    backing = os.path.abspath(args.backing)
+    backing = backing_argument(args.backing)
     actions = keyslots.destroy_volume(
         backing, args.confirm, _operator(args), audit_path=args.audit_log
     )
@@ -1010,13 +1137,14 @@ def cmd_trust(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    from encfs.client import FSTYPE, find_mount
+    """fusermount3 -u, then wait for the volume's daemon (the holder of its lock) to exit."""
+    from encfs import client
 
     mountpoint = os.path.abspath(args.mountpoint)
-    found = find_mount(mountpoint)
-    if found is None or found[0] != FSTYPE:
+    entry = client.mount_entry(mountpoint)
+    if entry is None or entry["fstype"] != client.FSTYPE:
         raise NotMounted(f"{mountpoint} is not an encfs-gw mount")
-    pidfd = _daemon_pidfd(found[1])
+    pidfd = _daemon_pidfd(entry)
     result = subprocess.run(
         ["fusermount3", "-u", mountpoint], capture_output=True, text=True, check=False
     )
@@ -1032,12 +1160,23 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _daemon_pidfd(backing: str) -> int | None:
+def _daemon_pidfd(entry: dict[str, str]) -> int | None:
+    """A pidfd of the mount's daemon: the process holding its volume's lock, if it runs
+    as the user the kernel says made the mount (so a mount that only claims a volume's
+    backing directory as its source never makes us wait for that volume's daemon)."""
+    from encfs import client
+
+    pid = client.volume_lock_holder(entry["source"])
+    if pid is None:
+        return None
+    options = dict(
+        option.partition("=")[::2] for option in entry["super_options"].split(",")
+    )
+    if options.get("user_id") != str(client.process_euid(pid)):
+        return None
     try:
-        with open(os.path.join(backing, fnames.LOCK_FILE)) as lock:
-            pid = int(lock.read().strip() or 0)
-        return os.pidfd_open(pid) if pid > 0 else None
-    except (OSError, ValueError):
+        return os.pidfd_open(pid)
+    except OSError:
         return None
 
 

@@ -1,9 +1,12 @@
 """The daemon's control socket (layer L6): `rotate` and `status` on a mounted volume.
 
-An AF_UNIX stream socket in a private runtime directory (0700), the socket itself 0600,
-and every connection's peer credentials checked (SO_PEERCRED): only root or the uid the
-daemon runs as may talk to it. The protocol is JSON lines: one request, then progress
-lines, then a final line with "done" or "error".
+An AF_UNIX stream socket in a private runtime directory (0700, checked after opening:
+`encfs.client.open_runtime_dir`), bound through the directory's descriptor, the socket
+itself 0600, and every connection's peer credentials checked (SO_PEERCRED): only root or
+the uid the daemon runs as may talk to it (others get ControlSocketError's code, 27).
+Clients check the daemon in turn (`encfs.client.check_daemon_identity`). The protocol is
+JSON lines: one request, then progress lines, then a final line with "done" or "error".
+A request naming a mountpoint other than this daemon's is refused.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import trio
 
 from encfs import health as health_mod
 from encfs import keyslots, rotation
-from encfs.client import socket_path
-from encfs.errors import EncfsError, UsageError
+from encfs.client import fd_path, open_runtime_dir, socket_name, socket_path
+from encfs.errors import ControlSocketError, EncfsError, NotMounted, UsageError
 from encfs.format.volume import MAX_POLICY_SECONDS
 from encfs.volume import Volume, read_config
 
@@ -52,9 +55,15 @@ class ControlServer:
         health_grace: float = health_mod.DEFAULT_GRACE,
         invalidate: Callable[[list[int]], None] | None = None,
         mount_options: list[str] | None = None,
+        mountpoint: str | None = None,
     ) -> None:
         self.volume = volume
-        self.path = socket_path(volume.backing_path)
+        self.path = socket_path(volume.backing_path)  # for messages
+        self.mountpoint = mountpoint
+        # Made and checked now, before anything is mounted: an unsafe runtime directory
+        # refuses the mount with one line (ControlSocketError) instead of failing later.
+        self._dir_fd = open_runtime_dir(create=True)
+        self._name = socket_name(volume.backing_path)
         self.health_interval = health_interval
         self.invalidate = invalidate
         self.mount_options = mount_options or []
@@ -166,14 +175,13 @@ class ControlServer:
         return 0.0, int(result["target"])
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        os.chmod(os.path.dirname(self.path), 0o700)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        # A socket left by a daemon that died (we hold the volume lock: it is gone).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._name, dir_fd=self._dir_fd)
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
-            await listener.bind(self.path)
+            await listener.bind(fd_path(self._dir_fd, self._name))
         finally:
             os.umask(old_umask)
         listener.listen(8)
@@ -191,16 +199,31 @@ class ControlServer:
         finally:
             listener.close()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+                os.unlink(self._name, dir_fd=self._dir_fd)
+
+    def close(self) -> None:
+        """Release the runtime directory's descriptor (after serve() returned)."""
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
     async def _handle(self, conn: trio.socket.SocketType) -> None:
         stream = trio.SocketStream(conn)
         async with stream:
             if not _peer_allowed(conn._sock):
-                await _send(stream, {"error": "permission denied", "exit_code": 23})
+                await _send(
+                    stream,
+                    {
+                        "error": "permission denied: the daemon serves only its own user and root",
+                        "exit_code": ControlSocketError.exit_code,
+                    },
+                )
                 return
             try:
                 request = json.loads(await _receive_line(stream))
+                if not isinstance(request, dict):
+                    raise ValueError("the request is not a JSON object")
+                self._check_mountpoint(request)
                 if request.get("op") == "rotate":
                     await self._rotate(stream, request)
                 elif request.get("op") == "policy":  # set (or clear) the rotation policy
@@ -238,12 +261,22 @@ class ControlServer:
         async with self._policy_lock:
             rotation.set_policy(self.volume, every, purge_old)
 
+    def _check_mountpoint(self, request: dict) -> None:
+        """A client that found us through a mountpoint says which: it must be ours."""
+        asked = request.get("mountpoint")
+        if asked is not None and self.mountpoint is not None and asked != self.mountpoint:
+            raise NotMounted(
+                f"{asked} is not the mountpoint of this daemon of {self.volume.backing_path} "
+                f"(mounted on {self.mountpoint})"
+            )
+
     async def _status(self) -> dict:
         counts = await trio.to_thread.run_sync(rotation.census, self.volume)
         config = self.volume.config
         return {
             **self.health.summary(),
             **rotation.volume_report(self.volume, counts),
+            "mountpoint": self.mountpoint,
             "mount_options": self.mount_options,
             "counters": dict(self.volume.counters),
             "providers": sorted(

@@ -78,6 +78,14 @@ class NotMounted(EncfsError):
     exit_code = 17
 
 
+class ControlSocketError(EncfsError):
+    """The control channel to a daemon is not safe or was refused: its runtime directory
+    cannot be made private, the socket is not served by the volume's daemon (peer
+    credentials), the daemon refused this user, or its reply was malformed."""
+
+    exit_code = 27
+
+
 class KeyAccessError(EncfsError):
     """Base class of every failure to obtain a KEK. Never shadow the builtin KeyError."""
 

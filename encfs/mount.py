@@ -26,15 +26,16 @@ import stat
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pyfuse3
 import trio
 
 from encfs import health as health_mod
+from encfs import hygiene
 from encfs.client import find_mount
 from encfs.control import ControlServer
-from encfs.errors import MountFailed, MountpointError
+from encfs.errors import MountFailed, MountpointError, UsageError
 from encfs.fuse.loop import ReadyWaiter, serve_requests
 from encfs.fuse.operations import Operations, drop_kernel_cache
 from encfs.fuse.syncer import ThreadSyncer, open_syncer
@@ -44,13 +45,22 @@ from encfs.volume import Volume
 
 log = logging.getLogger(__name__)
 
-PR_SET_DUMPABLE = 4
 M_TRIM_THRESHOLD = -1  # <malloc.h> mallopt parameters
 M_MMAP_THRESHOLD = -3
 MALLOC_MMAP_BYTES = 32 << 20  # glibc's maximum mmap threshold on 64-bit
 MALLOC_TRIM_BYTES = 256 << 20
 READ_AHEAD_KB = 1024
 DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw", "auto_unmount")
+# What `-o` may pass to FUSE: the kernel's generic mount flags and FUSE's access options.
+# fsname= and subtype= are the daemon's (clients find a mount's volume by them), and
+# options such as max_read= break the session (libfuse refuses them after the mount).
+USER_FUSE_OPTIONS = (
+    "allow_other", "allow_root", "default_permissions", "auto_unmount",
+    "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec",
+    "noatime", "atime", "relatime", "norelatime", "strictatime", "nostrictatime",
+    "nodiratime", "diratime", "sync", "async", "dirsync",
+)
+DAEMON_FUSE_OPTIONS = ("fsname", "subtype")
 # <linux/fs.h>: the kernel reads and writes an int although the ioctl numbers say long.
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
@@ -58,14 +68,15 @@ FS_IMMUTABLE_FL = 0x00000010
 
 
 def harden_process() -> None:
-    """No core dumps (they would hold keys and plaintext), many descriptors, umask 0.
+    """Not dumpable and no core dumps (they would hold keys and plaintext), many
+    descriptors, umask 0.
 
     umask 0: the kernel already applied the caller's umask to the modes it sends us, so
-    the backing objects get exactly the requested modes.
+    the backing objects get exactly the requested modes. Our own children never inherit
+    it: key-provider programs run with hygiene.CHILD_UMASK.
     """
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    hygiene.protect_secrets()
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -151,20 +162,55 @@ def protect_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
 
 def fuse_options(
     backing_path: str, user_options: list[str], auto_unmount: bool = True
-) -> set[str]:
-    options = set(DEFAULT_FUSE_OPTIONS)
-    if not auto_unmount:
-        options.discard("auto_unmount")
-    options.add(f"fsname={escape_fsname(os.path.abspath(backing_path))}")
+) -> list[str]:
+    """The options of the FUSE mount, in a defined order: the daemon's, then the user's.
+
+    The user cannot replace the daemon's (fsname names the backing directory, which is
+    how `status`, `rotate` and `unmount` find the volume's daemon): UsageError.
+    """
+    options = [o for o in DEFAULT_FUSE_OPTIONS if auto_unmount or o != "auto_unmount"]
+    options.insert(0, f"fsname={escape_fsname(os.path.abspath(backing_path))}")
     for option in user_options:
-        options.add(option)
+        name = option.partition("=")[0]
+        if name in DAEMON_FUSE_OPTIONS:
+            raise UsageError(f"mount option {name}= is set by encfs-gw itself")
+        if option not in USER_FUSE_OPTIONS:
+            raise UsageError(
+                f"unsupported mount option {option!r} (FUSE options: "
+                f"{', '.join(USER_FUSE_OPTIONS)}; encfs-gw's own are in README.md)"
+            )
+        if option not in options and (auto_unmount or option != "auto_unmount"):
+            options.append(option)
     return options
+
+
+def check_paths(backing_path: str, mountpoint: str) -> None:
+    """The mountpoint is not a symlink, and neither path lies inside the other.
+
+    A symlink would be followed by the mount but not by fusermount3 (and someone who
+    can change it chooses where the volume appears); a mountpoint inside its own
+    backing directory, or a backing directory under its mountpoint, would be hidden by
+    the mount or loop back through it.
+    """
+    if os.path.islink(mountpoint):
+        raise MountpointError(
+            f"mountpoint {mountpoint} is a symlink; give the directory itself "
+            f"({os.path.realpath(mountpoint)})"
+        )
+    real_backing = os.path.realpath(backing_path)
+    real_mountpoint = os.path.realpath(mountpoint)
+    for inner, outer, what in (
+        (real_mountpoint, real_backing, "inside its backing directory"),
+        (real_backing, real_mountpoint, "the backing directory is inside it"),
+    ):
+        if inner == outer or inner.startswith(outer.rstrip("/") + "/"):
+            raise MountpointError(f"mountpoint {mountpoint}: {what} ({backing_path})")
 
 
 def serve(
     volume: Volume,
     mountpoint: str,
-    options: set[str],
+    options: list[str],
     on_ready: Callable[[], None],
     writeback_cache: bool = False,
     cpu_warmer: bool = True,
@@ -189,7 +235,8 @@ def serve(
         health_interval=health_interval,
         health_grace=health_grace,
         invalidate=drop_kernel_cache,
-        mount_options=sorted(options),
+        mount_options=list(options),
+        mountpoint=os.path.realpath(mountpoint),
     )
     control.on_state_change = lambda _line: service.set_health(
         control.health.state.value, control.health.reason
@@ -200,8 +247,12 @@ def serve(
     volume.defer_closes()
     fds_before = _socket_fds()
     try:
-        pyfuse3.init(operations, mountpoint, options)
+        # libfuse runs fusermount3 (which stays, as auto_unmount's watcher) with our
+        # environment: it gets none of the secrets in it.
+        with _secrets_out_of_environ():
+            pyfuse3.init(operations, mountpoint, options)
     except RuntimeError as exc:
+        control.close()
         raise MountFailed(f"the kernel refused the FUSE mount on {mountpoint} ({exc})") from None
     guard = None
     if "auto_unmount" in options:
@@ -220,6 +271,7 @@ def serve(
         service.stopping()
         pyfuse3.close(unmount=clean)
         syncer.close()
+        control.close()
         volume.sync()
         volume.close()
         if guard is not None and clean:
@@ -234,7 +286,7 @@ def serve(
 # with ECONNABORTED and the dead mount stays (3 kills in 12 here). So a small guard
 # process holds a copy of that socket until the daemon is gone and the connection is
 # aborted (ENOTCONN) or unmounted: then fusermount3's own check succeeds.
-_GUARD = """
+_GUARD = hygiene.HELPER_PRELUDE + """
 import errno, os, signal, sys, time
 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(s, signal.SIG_IGN)
@@ -255,6 +307,16 @@ while time.monotonic() < deadline:
             break
     time.sleep(0.02)
 """
+
+
+@contextlib.contextmanager
+def _secrets_out_of_environ() -> Iterator[None]:
+    """Our environment without its secrets (the C environ too) for as long as it lasts."""
+    saved = {name: os.environ.pop(name) for name in list(os.environ) if hygiene.is_secret_env(name)}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _socket_fds() -> set[int]:
@@ -278,6 +340,7 @@ def _start_unmount_guard(
         guard = subprocess.Popen(
             [sys.executable, "-I", "-c", _GUARD, mountpoint, str(read_end)],
             pass_fds=(read_end, *new_sockets),
+            env=hygiene.helper_environment(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

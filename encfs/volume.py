@@ -197,19 +197,29 @@ def create_volume(
         if os.listdir(backing_path):
             raise UsageError(f"{backing_path} is not empty; a volume needs an empty directory")
     provider.prepare_new()  # may refuse (an existing key file): before anything is made
-    if not os.path.lexists(backing_path):
-        os.makedirs(backing_path, mode=0o700)
-        made_directory = True
-    os.chmod(backing_path, 0o700)
     try:
-        return _write_new_volume(backing_path, provider, block_size, operator)
+        try:
+            if not os.path.lexists(backing_path):
+                os.makedirs(backing_path, mode=0o700)
+                made_directory = True
+            os.chmod(backing_path, 0o700)
+        except OSError as exc:  # e.g. under /proc, on a read-only filesystem
+            raise UsageError(
+                f"cannot create the volume in {backing_path}: {exc.strerror}"
+            ) from None
+        try:
+            return _write_new_volume(backing_path, provider, block_size, operator)
+        except OSError as exc:
+            raise UsageError(f"cannot write the volume in {backing_path}: {exc.strerror}") from None
     except BaseException:
+        # A failed init leaves nothing behind: not the directory, not the key file.
         if made_directory:
             shutil.rmtree(backing_path, ignore_errors=True)
         else:
             for name in (fnames.CONFIG_FILE, fnames.DIR_ID_FILE):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(backing_path, name))
+        provider.discard_new()
         raise
 
 
@@ -350,15 +360,12 @@ class Volume:
                 "local_lock=flock or all); never mount this volume on two hosts at once",
                 network,
             )
-        # The holder's pid lets `encfs-gw unmount` wait for the daemon to finish. Written
-        # over the old one, then cut: the block is reused, so a full disk still mounts.
-        pid = f"{os.getpid()}\n".encode()
-        try:
-            backing.pwrite_all(fd, pid.ljust(os.fstat(fd).st_size, b"\n"), 0)
-            os.ftruncate(fd, len(pid))
-        except OSError as exc:  # ENOSPC, EDQUOT on a new lock file: the lock still holds
-            os.ftruncate(fd, 0)  # no stale pid
-            log.warning("cannot record the daemon pid in the lock file: %s", exc.strerror)
+        # The lock file stays empty: the holder's pid is in /proc/locks for those who may
+        # know it (`encfs-gw unmount`: encfs.client.volume_lock_holder), not in the backing
+        # store. Volumes of older versions kept a pid here: it goes.
+        if os.fstat(fd).st_size:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
         return fd
 
     def defer_closes(self) -> None:

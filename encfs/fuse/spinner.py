@@ -1,8 +1,10 @@
 """The CPU warmer's spinner process (`python -I -S spinner.py SHM PIPE IDLE_NS PARENT`).
 
 Started by `encfs.fuse.warm.CpuWarmer`; stdlib only, and it holds nothing of the
-volume: it reads the time of the last request from a shared page and busy-loops at
-SCHED_IDLE priority until IDLE_NS have passed without one, then blocks on the pipe.
+volume (its environment is encfs.hygiene.helper_environment(), and it makes itself not
+dumpable and without core files before anything else, as exec reset that): it reads
+the time of the last request from a shared page and busy-loops at SCHED_IDLE priority
+until IDLE_NS have passed without one, then blocks on the pipe.
 It asks for SCHED_IDLE first and exits (REFUSED_SCHED_IDLE) if refused, so it never competes
 with real work, and it dies with the daemon (PR_SET_PDEATHSIG, and the pipe's end).
 """
@@ -10,12 +12,14 @@ with real work, and it dies with the daemon (PR_SET_PDEATHSIG, and the pipe's en
 import ctypes
 import mmap
 import os
+import resource
 import signal
 import struct
 import sys
 import time
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 # The shared page (warm.py writes it): the monotonic time of the last request close to
 # the one before (u64), then the spinner's state.
 STAMP = struct.Struct("=Q")
@@ -25,10 +29,13 @@ REFUSED_SCHED_IDLE = 3  # exit status: it may not run at idle priority, so it do
 
 
 def main(argv: list[str]) -> int:
+    libc = ctypes.CDLL(None)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     shm_fd, pipe_fd, idle_after_ns, parent = (int(a) for a in argv[1:5])
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # the daemon ends it, not the terminal
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the daemon died before prctl
         return 0
     try:

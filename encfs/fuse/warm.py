@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 
+from encfs import hygiene
 from encfs.fuse import spinner
 from encfs.fuse.spinner import ASLEEP, REFUSED_SCHED_IDLE, SPINNING, STAMP, STATE_OFFSET
 
@@ -75,6 +76,7 @@ class CpuWarmer:
             process = subprocess.Popen(
                 [sys.executable, "-I", "-S", SPINNER, *map(str, arguments)],
                 pass_fds=(shm_fd, pipe_r),
+                env=hygiene.helper_environment(),  # none of our secrets
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,  # it may be the CLI's pipe still; stop() tells

@@ -5,9 +5,11 @@ SPEC: `command:[--timeout=SECONDS] ARGV...` -- ARGV is split like a shell would
 when the spec is parsed and stored as an absolute path.
 
 The program runs with stdin on /dev/null, in its own session (no controlling terminal),
-with ENCFS_GW_PURPOSE=protect|recover and ENCFS_GW_VOLUME_BINDING=<hex of the binding>
-added to the environment. Its stderr is passed through. On exit status 0 its stdout,
-less one trailing newline, must be exactly 64 hex digits: the key that seals the KEK
+with umask 077 and our environment less the secrets encfs-gw knows of (encfs.hygiene:
+VAULT_TOKEN, ENCFS_PKCS11_PIN, AWS credentials, passphrase variables), plus
+ENCFS_GW_PURPOSE=protect|recover and ENCFS_GW_VOLUME_BINDING=<hex of the binding>.
+Its stderr is passed through. On exit status 0 its stdout, less one trailing newline,
+must be exactly 64 hex digits: the key that seals the KEK
 (AES-256-GCM, binding as AAD). A program that prints a *passphrase* belongs to the
 passphrase provider (`prog | encfs-gw ... --provider passphrase:stdin`), which stretches
 it with Argon2id; this provider never stretches.
@@ -31,6 +33,7 @@ import sys
 import time
 from typing import Any, NamedTuple
 
+from encfs import hygiene
 from encfs.errors import (
     KeyMissing,
     KeyPermissions,
@@ -126,11 +129,11 @@ class CommandProvider(KeyProvider):
 
     def _run(self, purpose: str, binding: bytes) -> _Run:
         argv, timeout = self.argv, self.timeout
-        env = dict(os.environ, **{ENV_PURPOSE: purpose, ENV_BINDING: binding.hex()})
+        env = hygiene.provider_environment({ENV_PURPOSE: purpose, ENV_BINDING: binding.hex()})
         try:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=env, start_new_session=True, close_fds=True,
+                env=env, start_new_session=True, close_fds=True, umask=hygiene.CHILD_UMASK,
             )
         except FileNotFoundError:
             raise KeyMissing(f"command {argv[0]} not found") from None

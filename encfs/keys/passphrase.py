@@ -33,7 +33,7 @@ from typing import Any
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-from encfs import crypto
+from encfs import crypto, hygiene
 from encfs.errors import KeyMissing, KeyPermissions, ProviderConfigError, WrongKey
 from encfs.keys.provider import KeyProvider, Record, open_with_secret, seal_with_secret
 
@@ -165,6 +165,8 @@ class PassphraseProvider(KeyProvider):
         # tty/stdin can be read only once per process: keep the passphrase for later
         # KEK versions of the same mount; close() drops it.
         self._cached: bytes | None = None
+        if isinstance(self.options.get("var"), str):
+            hygiene.register_secret_env(self.options["var"])  # never passed to a child
 
     @classmethod
     def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
@@ -178,6 +180,7 @@ class PassphraseProvider(KeyProvider):
         if kind == "file" and arg:
             return {"source": "file", "path": os.path.abspath(arg)}
         if kind == "env" and _ENV_NAME.match(arg):
+            hygiene.register_secret_env(arg)
             return {"source": "env", "var": arg}
         raise ProviderConfigError(f"bad passphrase spec {spec_args!r}; use {_USAGE}")
 

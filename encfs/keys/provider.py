@@ -67,6 +67,10 @@ class KeyProvider(abc.ABC):
         here and refuses to overwrite existing material (VolumeExists).
         """
 
+    def discard_new(self) -> None:
+        """Undo prepare_new() when what it was for failed (a failed `init` leaves nothing
+        behind). Default: nothing was made locally."""
+
     @abc.abstractmethod
     def protect(self, kek: bytes, binding: bytes) -> Record:
         """Protect `kek`; return the JSON-serialisable record to store (no secrets)."""
@@ -204,9 +208,12 @@ def absolute_paths(options: dict[str, Any], *names: str) -> None:
 
 
 def read_secret_file(path: str, what: str) -> str:
-    """First line of a 0600 file (like ssh insists for private keys); no trailing newline."""
+    """First line of a 0600 file (like ssh insists for private keys); no trailing newline.
+
+    Opened with O_NONBLOCK, so a FIFO nobody writes to reads as empty instead of hanging.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise KeyMissing(f"{what} file {path} not found") from None
     except PermissionError:
@@ -220,6 +227,8 @@ def read_secret_file(path: str, what: str) -> str:
                 f"{what} file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
                 f"it must not be accessible by group or others (chmod 600 {path})"
             )
+        if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
+            os.set_blocking(fd, True)  # a writer is there (else EOF at once): wait for it
         data = os.read(fd, 65536)
     finally:
         os.close(fd)

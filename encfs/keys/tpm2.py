@@ -32,7 +32,7 @@ import tempfile
 import time
 from typing import Any
 
-from encfs import crypto
+from encfs import crypto, hygiene
 from encfs.errors import (
     KeyAccessError,
     KeyPermissions,
@@ -160,7 +160,7 @@ class _Session:
     """One protect/recover: a private temp dir, a deadline and the flush discipline."""
 
     def __init__(self, tcti: str | None, timeout: float) -> None:
-        self.env = dict(os.environ)
+        self.env = hygiene.provider_environment()
         if tcti:
             self.env["TPM2TOOLS_TCTI"] = tcti
         active = self.env.get("TPM2TOOLS_TCTI", "")
@@ -181,7 +181,7 @@ class _Session:
         try:
             return subprocess.run(
                 argv, input=stdin, capture_output=True, env=self.env, cwd=self.dir,
-                timeout=remaining, check=False,
+                timeout=remaining, check=False, umask=hygiene.CHILD_UMASK,
             )
         except FileNotFoundError:
             raise ProviderConfigError(

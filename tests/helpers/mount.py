@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from encfs.client import volume_lock_holder
+
 ENCFS_GW = [sys.executable, "-m", "encfs"]
 TIMEOUT = 60
 
@@ -52,10 +54,8 @@ def init_volume(tmp_path: Path, name: str = "vol", block_size: int | None = None
 
 
 def daemon_pid(backing: Path) -> int | None:
-    try:
-        return int((backing / "encfs-gw.lock").read_text().strip())
-    except (OSError, ValueError):
-        return None
+    """The process holding the volume lock (the daemon of a mount), from /proc/locks."""
+    return volume_lock_holder(str(backing))
 
 
 def is_mounted(mountpoint: Path) -> bool:

@@ -11,8 +11,8 @@ through every iteration. An iteration has its own seed and does:
    fsync/fdatasync of files and fsync of directories, and reads checked against the
    model. In some iterations a key rotation (`encfs-gw rotate MOUNTPOINT --rate R`) runs
    in the daemon at the same time;
-3. when the writer is about to make its N-th system call (N seeded), the daemon (pid in
-   BACKING/encfs-gw.lock) gets SIGKILL, after a seeded busy-wait so the kill lands at
+3. when the writer is about to make its N-th system call (N seeded), the daemon (the
+   holder of the volume lock, from /proc/locks) gets SIGKILL, after a seeded busy-wait so the kill lands at
    different points of the daemon's handling of that call. The test waits for the daemon
    to die (pidfd, no sleeps), lets the writer's interrupted call fail (ENOTCONN or
    ECONNABORTED), makes sure the dead mount is gone (`fusermount3 -u -z` if the

@@ -54,7 +54,7 @@ import trio
 from encfs import cli, client, systemd
 from encfs import mount as mount_mod
 from encfs.errors import MountpointError, UsageError, WrongKey
-from tests.helpers.mount import ENCFS_GW, Volume, init_volume, mounted, run_cli
+from tests.helpers.mount import ENCFS_GW, Volume, daemon_pid, init_volume, mounted, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "encfs-gw@.service"
@@ -893,7 +893,7 @@ def test_service_mount_namespace_would_hide_the_mount(tmp_path):
          str(volume.backing), str(mnt), "--keyfile", str(volume.keyfile)],
         capture_output=True, text=True, timeout=WAIT, check=False,
     )
-    pid = int((volume.backing / "encfs-gw.lock").read_text().strip() or 0)
+    pid = daemon_pid(volume.backing) or 0
     try:
         assert result.returncode == 0, result.stderr
         assert Path(f"/proc/{pid}/cmdline").read_bytes()  # the daemon serves ...
@@ -944,7 +944,7 @@ def fstab_scenario(argv: list[str]) -> None:
         if done.returncode == 0:
             (mnt / f"{label}.txt").write_text(label)
             entry["files"] = sorted(os.listdir(mnt))
-            pid = int(Path(backing, "encfs-gw.lock").read_text().strip())
+            pid = client.volume_lock_holder(str(backing))
             entry["umount"] = run("umount", str(mnt)).returncode
             entry["daemon_exited"] = exited(pid)
             entry["after"] = client.find_mount(str(mnt))
@@ -963,9 +963,9 @@ def fstab_scenario(argv: list[str]) -> None:
     finally:
         if client.find_mount(str(mnt)) is not None:
             run("umount", "-l", str(mnt))
-        text = Path(backing, "encfs-gw.lock").read_text().strip()
-        if text and Path(f"/proc/{text}").exists():
-            os.kill(int(text), signal.SIGKILL)
+        holder = client.volume_lock_holder(str(backing))
+        if holder is not None:
+            os.kill(holder, signal.SIGKILL)
         print(json.dumps(results))
 
 

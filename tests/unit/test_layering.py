@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "encfs"
 # module (relative path prefix) -> layer number
 LAYERS = {
     "errors": 0,
+    "hygiene": 0,
     "__init__": 0,
     "crypto": 1,
     "format": 2,
