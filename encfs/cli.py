@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import select
+import signal
 import subprocess
 import sys
 import traceback
@@ -40,6 +41,9 @@ ENGINE_OPTIONS = {"writeback_cache", "nonempty", "protect_mountpoint", "no_auto_
                   "audit_required", "no_cpu_warmer"}
 # -o NAME=VALUE options consumed by encfs-gw: key health timing (seconds) and the audit log
 ENGINE_VALUE_OPTIONS = {"health_interval", "health_grace", "audit_log"}
+# Tests only: a daemon stops itself (SIGSTOP) once unmounted, its volume closed and its
+# keys wiped, so that a memory scan sees what it leaves (tests/integration/test_key_memory.py).
+STOP_AT_EXIT_ENV = "ENCFS_GW_TEST_STOP_AT_EXIT"
 
 
 def default_keyfile(volume_hint: str) -> str:
@@ -489,6 +493,8 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
     except EncfsError as exc:
         service.failed(str(exc))
         raise
+    if os.environ.get(STOP_AT_EXIT_ENV) == "1":
+        os.kill(os.getpid(), signal.SIGSTOP)
     return 0
 
 

@@ -120,12 +120,29 @@ class FileContents:
         BlockIntegrityError for a block that opens under none of its slots.
 
         The hot loop of every read: one C unpack per key record, the slot ciphers looked
-        up once per call, no objects per slot.
+        up once per call, no objects per slot. DEKs are unwrapped into one buffer that is
+        zeroed before we return: no DEK is ever a `bytes` object that would linger in
+        freed memory.
         """
+        dek = bytearray(crypto.KEY_SIZE)
+        try:
+            self._open_each_into(first, keys, records, last_length, out, dek, {})
+        finally:
+            crypto.wipe(dek)
+
+    def _open_each_into(
+        self,
+        first: int,
+        keys: memoryview,
+        records: memoryview,
+        last_length: int,
+        out: memoryview,
+        dek: bytearray,
+        openers: dict[int, crypto.AESGCM_],
+    ) -> None:
         record_size = self.layout.record_size
         block_size = self.layout.block_size
         count = len(keys) // KEY_RECORD_SIZE
-        openers: dict[int, crypto.AESGCM_] = {}
         slot_aad = SLOT_AAD_FROM_PREFIX.pack
         slot_prefix = self._slot_aad_prefix
         block_aad = _BLOCK_AAD_FROM_PREFIX.pack
@@ -153,7 +170,7 @@ class FileContents:
                     opener = openers[version] = self.keyring.slot_cipher(version, self.file_id)
                 try:
                     wrapped_aad = slot_aad(slot_prefix, index, version, generation)
-                    dek = opener.decrypt(slot_nonce, sealed, wrapped_aad)
+                    opener.decrypt_into(slot_nonce, sealed, wrapped_aad, dek)
                     aesgcm(dek).decrypt_into(nonce, body, aad, target)
                     break
                 except invalid_tag:
@@ -173,10 +190,11 @@ class FileContents:
     ) -> bytes:
         """Encrypt a block under a fresh DEK into `out` (its record); return the key slot.
 
-        `randomness`: SEAL_RANDOM_SIZE bytes (DEK, block nonce, slot nonce); `wrapper`:
-        the slot cipher of `kek_version` for this file.
+        `randomness`: SEAL_RANDOM_SIZE bytes (DEK, block nonce, slot nonce), a slice of a
+        buffer the caller zeroes afterwards; `wrapper`: the slot cipher of `kek_version`
+        for this file.
         """
-        dek = bytes(randomness[: crypto.KEY_SIZE])
+        dek = randomness[: crypto.KEY_SIZE]
         nonce = bytes(randomness[crypto.KEY_SIZE : crypto.KEY_SIZE + NONCE_SIZE])
         slot_nonce = bytes(randomness[crypto.KEY_SIZE + NONCE_SIZE : SEAL_RANDOM_SIZE])
         out[:NONCE_SIZE] = nonce
@@ -199,15 +217,19 @@ class FileContents:
         """Encrypt a block under a fresh DEK; return (record, packed key slot)."""
         record = bytearray(len(plaintext) + RECORD_OVERHEAD)
         kek_version = self.keyring.current_kek_version
-        slot = self._seal_block_into(
-            block_index,
-            plaintext,
-            generation,
-            memoryview(record),
-            crypto.random_bytes(SEAL_RANDOM_SIZE),
-            kek_version,
-            self.keyring.slot_cipher(kek_version, self.file_id),
-        )
+        randomness = crypto.random_secret(SEAL_RANDOM_SIZE)
+        try:
+            slot = self._seal_block_into(
+                block_index,
+                plaintext,
+                generation,
+                memoryview(record),
+                memoryview(randomness),
+                kek_version,
+                self.keyring.slot_cipher(kek_version, self.file_id),
+            )
+        finally:
+            crypto.wipe(randomness)
         return bytes(record), slot
 
     # --- reads ----------------------------------------------------------------------
@@ -404,10 +426,47 @@ class FileContents:
             sizes = [len(blocks[index]) + RECORD_OVERHEAD for index in run]
             records = bytearray(sum(sizes))
             view = memoryview(records)
-            kek_version = self.keyring.current_kek_version
-            wrapper = self.keyring.slot_cipher(kek_version, self.file_id)
-            randomness = memoryview(crypto.random_bytes(SEAL_RANDOM_SIZE * len(run)))
-            position = 0
+            randomness = crypto.random_secret(SEAL_RANDOM_SIZE * len(run))  # DEKs, nonces
+            try:
+                self._seal_run(run, blocks, keys, final_keys, view, sizes, randomness)
+            finally:
+                crypto.wipe(randomness)  # the DEKs are wrapped in `keys` now
+            key_offset = self.layout.key_record_offset(first)
+            record_offset = self.layout.record_offset(first)
+            if st is None:
+                st = os.fstat(self.fd)
+            cipher_size = st.st_size
+            try:
+                self._reserve(st, (key_offset, len(keys)), (record_offset, len(records)))
+                backing.pwrite_all(self.fd, keys, key_offset)  # 1. new DEKs beside the old
+                backing.pwrite_all(self.fd, records, record_offset)  # 2. data
+            except OSError:
+                self._undo_run(original_keys, key_offset, cipher_size)
+                if stored == 0:
+                    raise
+                return stored
+            backing.pwrite_all(self.fd, final_keys, key_offset)  # 3. retire the old DEKs
+            stored += len(run)
+            st = None  # the size may have changed
+        return stored
+
+    def _seal_run(
+        self,
+        run: list[int],
+        blocks: dict[int, bytes | memoryview],
+        keys: bytearray,
+        final_keys: bytearray,
+        view: memoryview,
+        sizes: list[int],
+        random_buffer: bytearray,
+    ) -> None:
+        """Seal the blocks of one run into `view` under fresh DEKs (from `random_buffer`),
+        their new slots into `keys` (beside the old) and `final_keys` (alone)."""
+        kek_version = self.keyring.current_kek_version
+        wrapper = self.keyring.slot_cipher(kek_version, self.file_id)
+        randomness = memoryview(random_buffer)
+        position = 0
+        try:
             for k, index in enumerate(run):
                 base = k * KEY_RECORD_SIZE
                 slots = self._slots_newest_first(index, keys, base)
@@ -429,24 +488,8 @@ class FileContents:
                 position += sizes[k]
                 keys[free : free + SLOT_SIZE] = packed
                 final_keys[free : free + SLOT_SIZE] = packed
-            key_offset = self.layout.key_record_offset(first)
-            record_offset = self.layout.record_offset(first)
-            if st is None:
-                st = os.fstat(self.fd)
-            cipher_size = st.st_size
-            try:
-                self._reserve(st, (key_offset, len(keys)), (record_offset, len(records)))
-                backing.pwrite_all(self.fd, keys, key_offset)  # 1. new DEKs beside the old
-                backing.pwrite_all(self.fd, records, record_offset)  # 2. data
-            except OSError:
-                self._undo_run(original_keys, key_offset, cipher_size)
-                if stored == 0:
-                    raise
-                return stored
-            backing.pwrite_all(self.fd, final_keys, key_offset)  # 3. retire the old DEKs
-            stored += len(run)
-            st = None  # the size may have changed
-        return stored
+        finally:
+            randomness.release()
 
     def _undo_run(self, original_keys: bytes, key_offset: int, cipher_size: int) -> None:
         """After a failed step 1 or 2: the run's old key records and the old size back

@@ -1,12 +1,16 @@
 """Cryptographic recipes over pyca/cryptography (layer L1: no I/O, no files, no FUSE).
 
 Everything here raises `IntegrityError` on authentication failure and never returns a
-"failed" value. Keys are `bytes`; zeroing Python bytes is impossible, so key hygiene is
-best effort (the daemon disables core dumps and never logs key material).
+"failed" value. Keys may be any bytes-like object. Key material meant to be wiped is
+made in mutable buffers with no intermediate `bytes` (the `*_into` and `*_secret`
+functions: `bytes` cannot be zeroed and the heap does not clear freed blocks), and the
+keyring keeps it in locked pages (encfs.secmem). Secret values (tags, MACs, keys) are
+compared in constant time: tags_equal, tag_in.
 """
 
 from __future__ import annotations
 
+import hmac as _hmac
 import os
 import struct
 
@@ -16,6 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from encfs.errors import IntegrityError
+from encfs.secmem import random_into, zero
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -49,8 +54,66 @@ def random_nonce() -> bytes:
     return os.urandom(NONCE_SIZE)
 
 
+def random_secret(size: int = KEY_SIZE) -> bytearray:
+    """A random key in a buffer that can be wiped (no `bytes` copy is ever made)."""
+    key = bytearray(size)
+    random_into(key)
+    return key
+
+
 def hkdf(key: bytes, info: bytes, length: int, salt: bytes | None = None) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
+
+
+def hkdf_into(
+    key: bytes | bytearray | memoryview,
+    info: bytes,
+    out: bytearray | memoryview,
+    salt: bytes | None = None,
+) -> None:
+    """HKDF-SHA256 of len(out) bytes written straight into `out` (a key buffer)."""
+    HKDF(algorithm=hashes.SHA256(), length=len(out), salt=salt, info=info).derive_into(key, out)
+
+
+def wipe(buffer: bytearray | memoryview) -> None:
+    """Zero a key buffer in place."""
+    zero(buffer)
+
+
+def tags_equal(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bool:
+    """Constant-time equality of two tags, MACs or keys."""
+    return _hmac.compare_digest(a, b)
+
+
+def tag_in(tag: bytes, candidates: tuple[bytes, ...] | list[bytes]) -> bool:
+    """Whether `tag` equals one of `candidates`, comparing with every one of them in
+    constant time (no early exit that would tell which one matched)."""
+    found = False
+    for candidate in candidates:
+        found |= _hmac.compare_digest(tag, candidate)
+    return found
+
+
+_HEX_DIGITS = {c: v for v, c in enumerate(b"0123456789abcdef")} | {
+    c: v for v, c in enumerate(b"ABCDEF", 10)
+}
+
+
+def secret_from_hex(text: bytes | bytearray | memoryview) -> bytearray | None:
+    """Decode hex digits into a wipeable buffer with no intermediate copy (unlike
+    bytes.fromhex); None if `text` is not hex of even length."""
+    view = memoryview(text).cast("B")
+    if len(view) % 2:
+        return None
+    out = bytearray(len(view) // 2)
+    digits = _HEX_DIGITS
+    for i in range(len(out)):
+        high, low = digits.get(view[2 * i]), digits.get(view[2 * i + 1])
+        if high is None or low is None:
+            zero(out)
+            return None
+        out[i] = high << 4 | low
+    return out
 
 
 def gcm_seal(key: bytes, plaintext: bytes, aad: bytes, *, nonce: bytes | None = None) -> bytes:
@@ -68,6 +131,18 @@ def gcm_open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
         raise IntegrityError("authentication failed") from None
 
 
+def gcm_open_secret(key: bytes | bytearray | memoryview, sealed: bytes, aad: bytes) -> bytearray:
+    """gcm_open for a sealed key: the plaintext goes straight into a wipeable buffer."""
+    if len(sealed) < NONCE_SIZE + TAG_SIZE:
+        raise IntegrityError("sealed blob too short")
+    out = bytearray(len(sealed) - NONCE_SIZE - TAG_SIZE)
+    try:
+        AESGCM(key).decrypt_into(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad, out)
+    except InvalidTag:
+        raise IntegrityError("authentication failed") from None
+    return out
+
+
 def mac(key: bytes, message: bytes, length: int = 16) -> bytes:
     """HMAC-SHA256 truncated to `length` bytes."""
     h = hmac.HMAC(key, hashes.SHA256())
@@ -75,12 +150,27 @@ def mac(key: bytes, message: bytes, length: int = 16) -> bytes:
     return h.finalize()[:length]
 
 
+class Mac:
+    """HMAC-SHA256 under one key, kept inside an OpenSSL context (no Python copy of the
+    key); truncated to `length` bytes. Freed with the object, and cleared then."""
+
+    __slots__ = ("_template",)
+
+    def __init__(self, key: bytes | bytearray | memoryview) -> None:
+        self._template = hmac.HMAC(key, hashes.SHA256())
+
+    def tag(self, message: bytes, length: int = 16) -> bytes:
+        h = self._template.copy()
+        h.update(message)
+        return h.finalize()[:length]
+
+
 class SivCipher:
     """Deterministic AES-SIV (RFC 5297) for names, symlink targets and xattrs."""
 
     __slots__ = ("_siv",)
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes | bytearray | memoryview) -> None:
         self._siv = AESSIV(key)
 
     def seal(self, plaintext: bytes, associated: list[bytes]) -> bytes:

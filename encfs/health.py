@@ -89,6 +89,8 @@ class KeyHealth:
             if previous is not State.READY:
                 self.volume.keyring.restore(result.fresh)
                 self._change(State.READY, "the key provider answered again")
+            else:
+                result.fresh.close()  # the keys in use stay; this copy is wiped at once
             self.degraded_since = None
             return self.state
         error = result.error

@@ -25,6 +25,7 @@ from encfs.errors import (
 )
 from encfs.format.blocks import BINDING_SIZE
 from encfs.format.volume import VOLUME_KEY_SIZE, VolumeConfig
+from encfs.secmem import SecretArena
 
 if TYPE_CHECKING:
     from encfs.keys.provider import KeyProvider
@@ -65,38 +66,90 @@ class NameMemo:
 
 
 class _Material:
-    """Everything derived from the unwrapped keys; dropped as a whole on revocation."""
+    """Everything derived from the unwrapped keys; wiped as a whole on revocation.
 
-    def __init__(self, keks: dict[int, bytes], volume_key: bytes) -> None:
-        self.keks = dict(keks)
-        self.volume_key = volume_key  # kept only to wrap it under new KEK versions
+    The raw keys (KEKs, the volume key, the xattr value key) live in a SecretArena:
+    locked pages of their own, zeroed by wipe(). Keys that only feed a cipher object
+    (names, symlinks, xattr names, header bindings, each file's DEK-wrap key) are derived
+    into a scratch buffer that is zeroed as soon as the cipher object holds the key: their
+    only copy is then inside that object's OpenSSL context, which OpenSSL clears when the
+    object is freed. wipe() drops every such object and zeroes the arena.
+
+    The key buffers given to it are taken over: a bytearray is zeroed once copied.
+    """
+
+    def __init__(
+        self, keks: dict[int, bytes | bytearray], volume_key: bytes | bytearray | memoryview
+    ) -> None:
+        self.arena = SecretArena()
+        self.keks: dict[int, memoryview] = {v: self.arena.store(k) for v, k in keks.items()}
+        self.volume_key = self.arena.store(volume_key)  # only to wrap it under new KEKs
         self.slot_ciphers: OrderedDict[tuple[int, bytes], crypto.AESGCM_] = OrderedDict()
-        self.name_cipher = crypto.SivCipher(
-            crypto.hkdf(volume_key, crypto.INFO_NAME_KEY, crypto.SIV_KEY_SIZE)
-        )
-        self.symlink_cipher = crypto.SivCipher(
-            crypto.hkdf(volume_key, crypto.INFO_SYMLINK_KEY, crypto.SIV_KEY_SIZE)
-        )
-        self.xattr_name_cipher = crypto.SivCipher(
-            crypto.hkdf(volume_key, crypto.INFO_XATTR_NAME_KEY, crypto.SIV_KEY_SIZE)
-        )
+        self.name_cipher = crypto.SivCipher(self._derived(crypto.INFO_NAME_KEY))
+        self.symlink_cipher = crypto.SivCipher(self._derived(crypto.INFO_SYMLINK_KEY))
+        self.xattr_name_cipher = crypto.SivCipher(self._derived(crypto.INFO_XATTR_NAME_KEY))
+        self.binding_mac = crypto.Mac(self._derived(crypto.INFO_BINDING_KEY, crypto.KEY_SIZE))
+        self.config_mac = crypto.Mac(self._derived(crypto.INFO_CONFIG_MAC_KEY, crypto.KEY_SIZE))
+        self._zero_scratch()
         self.name_memo = NameMemo()
-        self.xattr_value_key = crypto.hkdf(volume_key, crypto.INFO_XATTR_VALUE_KEY, crypto.KEY_SIZE)
-        self.binding_key = crypto.hkdf(volume_key, crypto.INFO_BINDING_KEY, crypto.KEY_SIZE)
-        self.config_mac_key = crypto.hkdf(
-            volume_key, crypto.INFO_CONFIG_MAC_KEY, crypto.KEY_SIZE
-        )
+        self.xattr_value_key = self.arena.take(crypto.KEY_SIZE)
+        crypto.hkdf_into(self.volume_key, crypto.INFO_XATTR_VALUE_KEY, self.xattr_value_key)
+
+    _scratch: bytearray | None = None
+
+    def _derived(self, info: bytes, size: int = crypto.SIV_KEY_SIZE) -> memoryview:
+        """HKDF(volume key, info) in the scratch buffer, valid until _zero_scratch()."""
+        if self._scratch is None:
+            self._scratch = bytearray(crypto.SIV_KEY_SIZE)
+        view = memoryview(self._scratch)[:size]
+        crypto.hkdf_into(self.volume_key, info, view)
+        return view
+
+    def _zero_scratch(self) -> None:
+        if self._scratch is not None:
+            crypto.wipe(self._scratch)
+            self._scratch = None
+
+    def add_kek(self, kek_version: int, kek: bytes | bytearray | memoryview) -> None:
+        self.keks[kek_version] = self.arena.store(kek)
+
+    def slot_cipher(self, kek_version: int, file_id: bytes, volume_id: bytes) -> crypto.AESGCM_:
+        kek = self.keks.get(kek_version)
+        if kek is None:
+            raise IntegrityError(f"key slot names unknown KEK version {kek_version}")
+        wrap_key = bytearray(crypto.KEY_SIZE)
+        try:
+            crypto.hkdf_into(kek, crypto.INFO_DEK_WRAP_KEY + file_id, wrap_key, volume_id)
+            return crypto.AESGCM_(wrap_key)
+        finally:
+            crypto.wipe(wrap_key)
+
+    def wipe(self) -> None:
+        """Drop every cipher object (OpenSSL clears their keys) and zero the arena."""
+        self.slot_ciphers.clear()
+        for name in (
+            "name_cipher", "symlink_cipher", "xattr_name_cipher", "binding_mac", "config_mac"
+        ):
+            setattr(self, name, None)
+        self.name_memo = NameMemo()  # plaintext names: not keys, but not kept either
+        self.keks.clear()
+        self.arena.wipe()
 
 
 class Keyring:
     """KEKs by version, the volume key and the keys derived from them.
 
-    `wipe()` drops all of it (a revoked key: Python cannot zero immutable bytes, so this
-    is best effort: the references go, the memory is reused); every later use raises
-    the revocation error until `restore()` brings freshly unwrapped keys back.
+    `wipe()` zeroes all of it (see _Material: what is wiped and what pyca/OpenSSL keep
+    until their objects are freed); every later use raises the revocation error until
+    `restore()` brings freshly unwrapped keys back. `close()` wipes for good.
     """
 
-    def __init__(self, config: VolumeConfig, keks: dict[int, bytes], volume_key: bytes) -> None:
+    def __init__(
+        self,
+        config: VolumeConfig,
+        keks: dict[int, bytes | bytearray],
+        volume_key: bytes | bytearray | memoryview,
+    ) -> None:
         self.volume_id = config.volume_id
         self.current_kek_version = config.current_kek
         self._material: _Material | None = _Material(keks, volume_key)
@@ -112,14 +165,27 @@ class Keyring:
     def available(self) -> bool:
         return self._material is not None
 
+    @property
+    def locked_in_memory(self) -> bool:
+        """The keys' pages are locked in RAM (never swapped)."""
+        return self._material is not None and self._material.arena.locked
+
     def wipe(self, because: KeyAccessError) -> None:
+        if self._material is not None:
+            self._material.wipe()
         self._material = None
         self._wiped_because = because
+
+    def close(self) -> None:
+        """Wipe the keys for good (unmount, end of an offline command, a discarded check)."""
+        self.wipe(KeyAccessError("the volume's keys were wiped when it was closed"))
 
     def restore(self, fresh: Keyring) -> None:
         self._material = fresh._live()
         self.current_kek_version = fresh.current_kek_version
         self._wiped_because = None
+        fresh._material = None  # one owner: closing `fresh` must not wipe our keys
+        fresh._wiped_because = KeyAccessError("these keys were handed over (restore)")
 
     @property
     def name_cipher(self) -> crypto.SivCipher:
@@ -138,7 +204,7 @@ class Keyring:
         return self._live().xattr_name_cipher
 
     @property
-    def xattr_value_key(self) -> bytes:
+    def xattr_value_key(self) -> memoryview:
         return self._live().xattr_value_key
 
     @classmethod
@@ -154,30 +220,40 @@ class Keyring:
         Raises the first version's KeyAccessError if no protector of a version opens;
         WrongKey if a KEK does not unwrap the volume key (wrong key or edited parameters).
         """
-        keks: dict[int, bytes] = {}
-        volume_key: bytes | None = None
-        for number in sorted(config.kek_versions, key=lambda v: v != config.current_kek):
-            version = config.kek_versions[number]
-            kek = recover_kek(config, number, operator, audit)
-            try:
-                unwrapped = crypto.gcm_open(
-                    kek, version.wrapped_volume_key, config.volume_key_aad(number)
-                )
-            except IntegrityError:
-                raise WrongKey(
-                    f"KEK version {number} does not open this volume "
-                    "(wrong key, or the volume's parameters were altered)"
-                ) from None
-            if len(unwrapped) != VOLUME_KEY_SIZE or (volume_key not in (None, unwrapped)):
-                raise WrongKey(f"KEK version {number} unwraps a different volume key")
-            volume_key = unwrapped
-            keks[number] = kek
-        assert volume_key is not None
-        return cls(config, keks, volume_key)
+        keks: dict[int, bytes | bytearray] = {}
+        volume_key: bytearray | None = None
+        try:
+            for number in sorted(config.kek_versions, key=lambda v: v != config.current_kek):
+                version = config.kek_versions[number]
+                kek = keks[number] = recover_kek(config, number, operator, audit)
+                try:
+                    unwrapped = crypto.gcm_open_secret(
+                        kek, version.wrapped_volume_key, config.volume_key_aad(number)
+                    )
+                except IntegrityError:
+                    raise WrongKey(
+                        f"KEK version {number} does not open this volume "
+                        "(wrong key, or the volume's parameters were altered)"
+                    ) from None
+                if volume_key is not None:
+                    same = crypto.tags_equal(volume_key, unwrapped)
+                    crypto.wipe(unwrapped)
+                    if not same:
+                        raise WrongKey(f"KEK version {number} unwraps a different volume key")
+                elif len(unwrapped) != VOLUME_KEY_SIZE:
+                    raise WrongKey(f"KEK version {number} unwraps a malformed volume key")
+                else:
+                    volume_key = unwrapped
+            assert volume_key is not None
+            return cls(config, keks, volume_key)  # takes the buffers over (zeroes them)
+        finally:
+            for buffer in (*keks.values(), volume_key):
+                if isinstance(buffer, bytearray):
+                    crypto.wipe(buffer)
 
     def config_mac(self, message: bytes) -> bytes:
         """HMAC-SHA256 of a volume config body (docs/FORMAT.md section 2)."""
-        return crypto.mac(self._live().config_mac_key, message, 32)
+        return self._live().config_mac.tag(message, 32)
 
     def volume_key_check(self) -> bytes:
         """A check value of the volume key: what the operator's trust store pins."""
@@ -186,38 +262,46 @@ class Keyring:
     def wrap_volume_key(self, kek: bytes, aad: bytes) -> bytes:
         return crypto.gcm_seal(kek, self._live().volume_key, aad)
 
-    def kek(self, kek_version: int) -> bytes:
+    def kek(self, kek_version: int) -> bytearray:
+        """A copy of a loaded KEK (an offline command protects it again); the caller
+        zeroes it when done (crypto.wipe): the keyring's own copy stays in its arena."""
         kek = self._live().keks.get(kek_version)
         if kek is None:
             raise IntegrityError(f"KEK version {kek_version} is not loaded")
-        return kek
+        return bytearray(kek)
 
     def protect_kek(self, kek_version: int, provider: KeyProvider, binding: bytes) -> dict:
         """Protect a loaded KEK under `provider` again (its key version changed); the KEK
-        itself never leaves the keyring but to the provider."""
-        kek = self._live().keks.get(kek_version)
-        if kek is None:
+        itself never leaves the keyring but to the provider (a copy, zeroed after)."""
+        if kek_version not in self._live().keks:
             raise ProviderConfigError(f"KEK version {kek_version} is not loaded")
-        return provider.protect(kek, binding)
+        kek = self.kek(kek_version)
+        try:
+            return provider.protect(kek, binding)
+        finally:
+            crypto.wipe(kek)
 
     def has_kek(self, kek_version: int) -> bool:
         return kek_version in self._live().keks
 
-    def add_kek(self, kek_version: int, kek: bytes, make_current: bool) -> None:
-        """Learn a new KEK version (rotation); new DEKs use it at once if current."""
-        self._live().keks[kek_version] = kek
+    def add_kek(self, kek_version: int, kek: bytes | bytearray, make_current: bool) -> None:
+        """Learn a new KEK version (rotation); new DEKs use it at once if current. A
+        bytearray given is taken over (zeroed once copied)."""
+        self._live().add_kek(kek_version, kek)
         if make_current:
             self.current_kek_version = kek_version
 
     def forget_kek(self, kek_version: int) -> None:
         """Drop a purged version from memory (its slot ciphers too)."""
         material = self._live()
-        material.keks.pop(kek_version, None)
+        kek = material.keks.pop(kek_version, None)
+        if kek is not None:
+            crypto.wipe(kek)
         for cache_key in [k for k in material.slot_ciphers if k[0] == kek_version]:
             del material.slot_ciphers[cache_key]
 
     def binding_tag(self, message: bytes) -> bytes:
-        return crypto.mac(self._live().binding_key, message, BINDING_SIZE)
+        return self._live().binding_mac.tag(message, BINDING_SIZE)
 
     def slot_cipher(self, kek_version: int, file_id: bytes) -> crypto.AESGCM_:
         """The AES-GCM object that wraps the DEKs of `file_id` under `kek_version`."""
@@ -227,12 +311,7 @@ class Keyring:
         if cipher is not None:
             material.slot_ciphers.move_to_end(cache_key)
             return cipher
-        kek = material.keks.get(kek_version)
-        if kek is None:
-            raise IntegrityError(f"key slot names unknown KEK version {kek_version}")
-        cipher = crypto.AESGCM_(
-            crypto.hkdf(kek, crypto.INFO_DEK_WRAP_KEY + file_id, crypto.KEY_SIZE, self.volume_id)
-        )
+        cipher = material.slot_cipher(kek_version, file_id, self.volume_id)
         material.slot_ciphers[cache_key] = cipher
         if len(material.slot_ciphers) > SLOT_CIPHER_CACHE:
             material.slot_ciphers.popitem(last=False)

@@ -482,16 +482,34 @@ class RewrapPass:
         return cipher
 
     def _group(self, fd: int, keys: _FileKeys, group: int, area: bytes) -> None:
-        # The hot loop of the pass: per DEK one unwrap and one wrap (both in Rust). The
-        # record fields come from one C-level unpack; the common record (one slot in use)
-        # is handled inline, any other by _other_record. Everything per file or group is
-        # prepared once: each line here costs ~0.1 us per DEK, times hundreds of thousands.
         records = _records_in_use(area)
         if not records:
             return
-        target = self.target
         both = bytearray(area)  # step 1: old and new slots side by side
         final = bytearray(area)  # step 2: only the new slots
+        dek = bytearray(crypto.KEY_SIZE)  # every DEK passes through here; zeroed at the end
+        try:
+            self._rewrap_area(fd, keys, group, area, records, both, final, dek)
+        finally:
+            crypto.wipe(dek)
+
+    def _rewrap_area(
+        self,
+        fd: int,
+        keys: _FileKeys,
+        group: int,
+        area: bytes,
+        records: int,
+        both: bytearray,
+        final: bytearray,
+        dek: bytearray,
+    ) -> None:
+        # The hot loop of the pass: per DEK one unwrap (into `dek`) and one wrap (both in
+        # Rust). The record fields come from one C-level unpack; the common record (one
+        # slot in use) is handled inline, any other by _other_record. Everything per file
+        # or group is prepared once: each line here costs ~0.1 us per DEK, times hundreds
+        # of thousands.
+        target = self.target
         stats = self.stats
         rewrapped = seen = 0
         nonces = crypto.random_bytes(NONCE_SIZE * records)
@@ -513,10 +531,10 @@ class RewrapPass:
             elif v1 and not (v0 or g0 or r0 or r1) and n0 == zero_nonce and s0 == zero_sealed:
                 newest, version, generation, nonce, sealed = 1, v1, g1, n1, s1
             else:
-                opened = self._other_record(fields, keys, block_index, base, final)
+                opened = self._other_record(fields, keys, block_index, base, final, dek)
                 if opened is None:
                     continue
-                newest, generation, dek = opened
+                newest, generation = opened
                 version = -1
             if version != -1:
                 seen += 1
@@ -525,8 +543,8 @@ class RewrapPass:
                 try:
                     if version != cipher_version:
                         cipher, cipher_version = self._opener(keys, version), version
-                    dek = cipher.decrypt(
-                        nonce, sealed, aad(aad_prefix, block_index, version, generation)
+                    cipher.decrypt_into(
+                        nonce, sealed, aad(aad_prefix, block_index, version, generation), dek
                     )
                 except (crypto.InvalidTag_, IntegrityError):
                     seen -= 1
@@ -560,11 +578,18 @@ class RewrapPass:
             stats.key_bytes_written += len(final)
 
     def _other_record(
-        self, fields: tuple, keys: _FileKeys, block_index: int, base: int, final: bytearray
-    ) -> tuple[int, int, bytes] | None:
+        self,
+        fields: tuple,
+        keys: _FileKeys,
+        block_index: int,
+        base: int,
+        final: bytearray,
+        dek: bytearray,
+    ) -> tuple[int, int] | None:
         """A record that is not one slot in use: empty, two slots (a pass or a writer was
-        interrupted), or malformed. Returns (newest position, generation, DEK) when it
-        needs a new wrap; else it is accounted for here and None is returned."""
+        interrupted), or malformed. Returns (newest position, generation), the DEK in
+        `dek`, when it needs a new wrap; else it is accounted for here and None is
+        returned."""
         candidates = slot_candidates(fields)
         if candidates is None:
             self.stats.unreadable_slots += 1
@@ -585,12 +610,12 @@ class RewrapPass:
                 aad = SLOT_AAD_FROM_PREFIX.pack(
                     keys.aad_prefix, block_index, kek_version, generation
                 )
-                dek = self._opener(keys, kek_version).decrypt(nonce, sealed, aad)
+                self._opener(keys, kek_version).decrypt_into(nonce, sealed, aad, dek)
             except (crypto.InvalidTag_, IntegrityError):
                 continue
             self.stats.deks_seen += 1
             self.versions[self.target] += 1
-            return newest, generation, dek
+            return newest, generation
         self._unopened(newest_version, block_index)
         return None
 

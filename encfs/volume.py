@@ -393,6 +393,7 @@ class Volume:
             self._close_fd = os.close
         for fd in (self._root_fd, self._lock_fd):
             os.close(fd)
+        self.keyring.close()  # zeroed before the process goes on (or exits)
 
     def sync(self) -> None:
         backing.syncfs(self._root_fd)
@@ -1087,13 +1088,14 @@ class Volume:
         return FileHeader(file_id=file_id, bindings=(self._binding(location, file_id), _ZERO_TAG))
 
     def _check_binding(self, inode: Inode, header: FileHeader) -> None:
+        # Tags are compared in constant time, with both bindings every time.
         if header.unbound:
-            if header.bindings[0] != self._unbound_tag(header.file_id):
+            if not crypto.tags_equal(header.bindings[0], self._unbound_tag(header.file_id)):
                 raise IntegrityError(f"inode {inode.ino}: file header flags were altered")
             return
         if inode.location is None:
             return
-        if self._binding(inode.location, header.file_id) not in header.bindings:
+        if not crypto.tag_in(self._binding(inode.location, header.file_id), header.bindings):
             raise IntegrityError(
                 f"inode {inode.ino}: file header is bound to another name "
                 "(ciphertext replaced or moved in the backing store)"

@@ -19,28 +19,61 @@ from encfs.errors import KeyMissing, KeyPermissions, ProviderConfigError, Volume
 from encfs.keys.provider import KeyProvider, Record, open_with_secret, seal_with_secret
 
 KEY_FILE_MODE = 0o600
+HEX_DIGITS = b"0123456789abcdef"
 
 
-def create_key_file(path: str) -> None:
-    """Write a new random key to `path` (0600, O_EXCL: never overwrites)."""
+def _missing_dirs(parent: str) -> list[str]:
+    """The directories that makedirs(parent) would create, outermost last."""
+    missing = []
+    while parent and not os.path.lexists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    return missing
+
+
+def create_key_file(path: str) -> list[str]:
+    """Write a new random key to `path` (0600, O_EXCL: never overwrites). Returns the
+    directories it had to make (so a failed `init` can remove them again)."""
     parent = os.path.dirname(path) or "."
-    os.makedirs(parent, mode=0o700, exist_ok=True)
+    made = _missing_dirs(os.path.abspath(parent))
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise KeyMissing(
+            f"cannot create the directory of key file {path}: {exc.strerror}"
+        ) from None
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, KEY_FILE_MODE)
     except FileExistsError:
         raise VolumeExists(f"key file {path} already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise KeyMissing(f"cannot create key file {path}: {exc.strerror}") from None
+    key = crypto.random_secret()
+    text = bytearray(2 * crypto.KEY_SIZE + 1)
     try:
         os.fchmod(fd, KEY_FILE_MODE)
-        os.write(fd, crypto.random_key().hex().encode() + b"\n")
+        for i, byte in enumerate(key):  # no bytes object of the key's hex ever exists
+            text[2 * i] = HEX_DIGITS[byte >> 4]
+            text[2 * i + 1] = HEX_DIGITS[byte & 15]
+        text[-1] = ord("\n")
+        os.write(fd, text)
         os.fsync(fd)
     finally:
         os.close(fd)
+        crypto.wipe(key)
+        crypto.wipe(text)
+    return made
 
 
-def read_key_file(path: str) -> bytes:
-    """Read and validate a key file; raise KeyMissing/KeyPermissions/ProviderConfigError."""
+def read_key_file(path: str) -> bytearray:
+    """Read and validate a key file; raise KeyMissing/KeyPermissions/ProviderConfigError.
+
+    Opened with O_NONBLOCK (a FIFO planted as the key file must not hang us) and checked
+    to be a regular file before a byte is read. The key comes back in a bytearray, and
+    the file's text never becomes a `bytes` object: the caller zeroes both.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise KeyMissing(f"key file {path} not found") from None
     except PermissionError:
@@ -58,21 +91,37 @@ def read_key_file(path: str) -> bytes:
             )
         if st.st_uid not in (os.geteuid(), 0):
             raise KeyPermissions(f"key file {path} is owned by uid {st.st_uid}, not by this user")
-        data = os.read(fd, 4096)
+        data = bytearray(MAX_KEY_FILE_BYTES)
+        try:
+            size = os.readv(fd, [data])
+        except OSError as exc:
+            raise KeyMissing(f"key file {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
-    return parse_key_bytes(data, path)
+    try:
+        return parse_key_bytes(memoryview(data)[:size], path)
+    finally:
+        crypto.wipe(data)
 
 
-def parse_key_bytes(data: bytes, path: str) -> bytes:
-    text = data.strip()
-    if len(text) == 2 * crypto.KEY_SIZE:
-        try:
-            return bytes.fromhex(text.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            pass
-    if len(data) == crypto.KEY_SIZE:
-        return data
+MAX_KEY_FILE_BYTES = 4096
+_WHITESPACE = b" \t\r\n\v\f"
+
+
+def parse_key_bytes(data: bytes | bytearray | memoryview, path: str) -> bytearray:
+    """64 hex digits (surrounding whitespace ignored) or 32 raw bytes, into a bytearray."""
+    view = memoryview(data).cast("B")
+    start, end = 0, len(view)
+    while start < end and view[start] in _WHITESPACE:
+        start += 1
+    while end > start and view[end - 1] in _WHITESPACE:
+        end -= 1
+    if end - start == 2 * crypto.KEY_SIZE:
+        key = crypto.secret_from_hex(view[start:end])
+        if key is not None:
+            return key
+    if len(view) == crypto.KEY_SIZE:
+        return bytearray(view)
     raise ProviderConfigError(
         f"key file {path} does not hold a 256-bit key (64 hex digits or 32 raw bytes)"
     )
@@ -94,20 +143,50 @@ class KeyfileProvider(KeyProvider):
             raise ProviderConfigError("keyfile provider options lack 'path'")
         return path
 
+    _created: tuple[int, int, list[str]] | None = None  # (dev, ino, dirs) of prepare_new
+
     def prepare_new(self) -> None:
-        create_key_file(self.path)
+        made = create_key_file(self.path)
+        st = os.lstat(self.path)
+        self._created = (st.st_dev, st.st_ino, made)
+
+    def discard_new(self) -> None:
+        """Remove the key file prepare_new made (and the directories it made for it),
+        if it is still that file."""
+        if self._created is None:
+            return
+        dev, ino, made = self._created
+        self._created = None
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(self.path)
+        except OSError:
+            return
+        for directory in made:  # innermost first; only if still empty
+            try:
+                os.rmdir(directory)
+            except OSError:
+                return
 
     def protect(self, kek: bytes, binding: bytes) -> Record:
-        return {"sealed_kek": seal_with_secret(read_key_file(self.path), kek, binding)}
-
-    def recover(self, record: Record, binding: bytes) -> bytes:
         secret = read_key_file(self.path)
-        return open_with_secret(
-            secret,
-            record.get("sealed_kek"),
-            binding,
-            f"key file {self.path} does not open this volume",
-        )
+        try:
+            return {"sealed_kek": seal_with_secret(secret, kek, binding)}
+        finally:
+            crypto.wipe(secret)
+
+    def recover(self, record: Record, binding: bytes) -> bytearray:
+        secret = read_key_file(self.path)
+        try:
+            return open_with_secret(
+                secret,
+                record.get("sealed_kek"),
+                binding,
+                f"key file {self.path} does not open this volume",
+            )
+        finally:
+            crypto.wipe(secret)
 
     def describe(self) -> str:
         return f"keyfile:{self.path}"

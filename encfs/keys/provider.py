@@ -136,14 +136,17 @@ def seal_with_secret(secret: bytes, kek: bytes, binding: bytes) -> str:
     return crypto.gcm_seal(secret, kek, binding).hex()
 
 
-def open_with_secret(secret: bytes, sealed_hex: Any, binding: bytes, what: str) -> bytes:
-    """Open a KEK sealed by seal_with_secret; a bad secret gives WrongKey(`what`)."""
+def open_with_secret(secret: bytes, sealed_hex: Any, binding: bytes, what: str) -> bytearray:
+    """Open a KEK sealed by seal_with_secret; a bad secret gives WrongKey(`what`).
+
+    The KEK comes back in a bytearray (the keyring takes it over and zeroes it).
+    """
     try:
         sealed = bytes.fromhex(sealed_hex)
     except (TypeError, ValueError):
         raise ProviderConfigError("provider record is corrupt (sealed_kek is not hex)") from None
     try:
-        return crypto.gcm_open(secret, sealed, binding)
+        return crypto.gcm_open_secret(secret, sealed, binding)
     except IntegrityError:
         raise WrongKey(what) from None
 

@@ -57,7 +57,10 @@ def independent_record_and_slot() -> tuple[bytes, bytes]:
 
 
 def engine_record_and_slot(monkeypatch) -> tuple[bytes, bytes]:
-    monkeypatch.setattr(crypto, "random_bytes", lambda size: DEK + BLOCK_NONCE + SLOT_NONCE)
+    # The engine draws each block's DEK and nonces into one wipeable buffer.
+    monkeypatch.setattr(
+        crypto, "random_secret", lambda size: bytearray(DEK + BLOCK_NONCE + SLOT_NONCE)
+    )
     config = VolumeConfig(
         volume_id=VOLUME_ID,
         block_size=16384,

@@ -13,6 +13,7 @@ LAYERS = {
     "hygiene": 0,
     "__init__": 0,
     "crypto": 1,
+    "secmem": 1,
     "format": 2,
     "keys": 2,
     "backing": 3,
