@@ -284,6 +284,11 @@ def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace)
         return _report(first)
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a system error no layer turned into its own: still one line
+        log.debug("unexpected system error", exc_info=True)
+        what = f": {exc.filename}" if exc.filename else ""
+        print(f"encfs-gw: error: {one_line(f'{exc.strerror or exc}{what}')}", file=sys.stderr)
+        return EncfsError.exit_code
 
 
 def _report(exc: EncfsError) -> int:

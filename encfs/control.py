@@ -211,6 +211,11 @@ class ControlServer:
         stream = trio.SocketStream(conn)
         async with stream:
             if not _peer_allowed(conn._sock):
+                # Its request is read (and ignored) first: closing on unread data would
+                # reset the connection before the refusal arrives.
+                unwanted = (ValueError, trio.BrokenResourceError)
+                with trio.move_on_after(1), contextlib.suppress(*unwanted):
+                    await _receive_line(stream)
                 await _send(
                     stream,
                     {

@@ -51,14 +51,14 @@ MALLOC_MMAP_BYTES = 32 << 20  # glibc's maximum mmap threshold on 64-bit
 MALLOC_TRIM_BYTES = 256 << 20
 READ_AHEAD_KB = 1024
 DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw", "auto_unmount")
-# What `-o` may pass to FUSE: the kernel's generic mount flags and FUSE's access options.
-# fsname= and subtype= are the daemon's (clients find a mount's volume by them), and
-# options such as max_read= break the session (libfuse refuses them after the mount).
+# What `-o` may pass to FUSE: the generic mount flags libfuse 3 knows and FUSE's access
+# options (each mounts: tests/integration/test_cli_errors.py). fsname= and subtype= are
+# the daemon's (clients find a mount's volume by them); others, such as max_read=, break
+# the session after the mount, and libfuse refuses relatime and the like.
 USER_FUSE_OPTIONS = (
     "allow_other", "allow_root", "default_permissions", "auto_unmount",
     "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec",
-    "noatime", "atime", "relatime", "norelatime", "strictatime", "nostrictatime",
-    "nodiratime", "diratime", "sync", "async", "dirsync",
+    "noatime", "atime", "sync", "async", "dirsync",
 )
 DAEMON_FUSE_OPTIONS = ("fsname", "subtype")
 # <linux/fs.h>: the kernel reads and writes an int although the ioctl numbers say long.

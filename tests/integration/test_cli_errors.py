@@ -526,3 +526,195 @@ def test_unmount_other_filesystem_type():
     # /proc is a mount point, but not an encfs-gw one: refused, never unmounted.
     assert_one_line(run_cli("unmount", "/proc"), NotMounted)
     assert os.path.exists("/proc/self/mountinfo")
+
+
+# --- issue 20: bad input that gave a traceback, a hang or a wrong answer ---------------------
+# (The table in test_cli_bad_input.py runs every verb on such inputs; these check more.)
+
+
+def test_init_under_proc_leaves_nothing_behind(tmp_path):
+    """It gave a traceback and left the key file behind, so a retry said "exists"."""
+    key = tmp_path / "vol.key"
+    assert_one_line(run_cli("init", "/proc/encfs-gw-test/vol", "--keyfile", key), UsageError)
+    assert not key.exists()
+    config = tmp_path / "config"  # the default key file's directories are not left either
+    result = run_cli("init", "/proc/encfs-gw-test/vol", env={**os.environ,
+                                                             "XDG_CONFIG_HOME": str(config)})
+    assert_one_line(result, UsageError)
+    assert not config.exists()
+    assert run_cli("init", tmp_path / "vol", "--keyfile", key).returncode == 0  # the retry
+
+
+@pytest.mark.fuse
+def test_backing_directory_that_is_a_symlink(tmp_path, pristine):
+    link = tmp_path / "link"
+    link.symlink_to(pristine.backing)
+    (tmp_path / "mnt").mkdir()
+    for argv in (
+        ["mount", link, tmp_path / "mnt", "--keyfile", pristine.keyfile],
+        ["fsck", link, "--keyfile", pristine.keyfile],
+        ["status", link, "--keyfile", pristine.keyfile],
+    ):
+        result = run_cli(*argv)
+        assert_one_line(result, NotAVolume)
+        assert f"give the backing directory itself ({pristine.backing})" in result.stderr
+    assert_one_line(run_cli("init", link, "--keyfile", tmp_path / "k"), UsageError)
+    assert_nothing_left(pristine, tmp_path / "mnt")
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("option", ["max_read=1", "fsname=/other", "subtype=x", "relatime"])
+def test_mount_option_refused(tmp_path, pristine, option):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = run_cli("mount", pristine.backing, mountpoint, "--keyfile", pristine.keyfile,
+                     "-o", option)
+    assert_one_line(result, UsageError)
+    assert_nothing_left(pristine, mountpoint)
+
+
+@pytest.mark.fuse
+def test_every_allowed_fuse_option_mounts_in_order(tmp_path, pristine):
+    from encfs.mount import USER_FUSE_OPTIONS
+
+    everything = [o for o in USER_FUSE_OPTIONS if o != "allow_root"]  # excludes allow_other
+    for options in (everything, ["allow_root"]):
+        with mounted(pristine, tmp_path / "mnt", ",".join(options)) as mnt:
+            assert (mnt / "dir" / "data.bin").read_bytes() == PAYLOAD
+            shown = json.loads(run_cli("status", mnt, "--json").stdout)["mount_options"]
+            assert shown[:4] == [f"fsname={pristine.backing}", "default_permissions",
+                                 "subtype=encfs-gw", "auto_unmount"]
+            assert shown[4:] == [o for o in options if o not in shown[:4]]
+
+
+FAKE_DAEMON = """
+import fcntl, os, socket, sys
+from encfs import client
+backing = sys.argv[1]
+with open(sys.argv[2], "rb") as f:
+    reply = f.read()
+lock = os.open(os.path.join(backing, "encfs-gw.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(lock, fcntl.LOCK_EX)  # the volume's lock: to the CLI, this is its daemon
+directory = client.open_runtime_dir(create=True)
+name = client.socket_name(backing)
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(client.fd_path(directory, name))
+listener.listen(4)
+print("ready", flush=True)
+try:
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(reply)
+            except OSError:  # the client hung up on a reply too long
+                pass
+finally:
+    os.unlink(name, dir_fd=directory)
+"""
+
+MALFORMED_REPLIES = {
+    "not-json": b"KEK version 99 is current\n",
+    "a-list": b"[1, 2]\n",
+    "no-reply": b"",
+    "two-lines": b'{"done": true}\n{"done": true}\n',
+    "missing-fields": b'{"done": true}\n',
+    "bad-error": b'{"error": ["x"], "exit_code": "99"}\n',
+    "unknown-exit-code": b'{"error": "x", "exit_code": 250}\n',
+    "cut-line": b'{"done": true, "backing": "' + b"x" * (2 << 20),  # 2 MiB, no newline
+}
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("reply", list(MALFORMED_REPLIES))
+def test_malformed_reply_on_the_control_socket(tmp_path, reply):
+    """A daemon that holds the volume's lock and answers garbage: one line, code 27."""
+    from encfs.errors import ControlSocketError
+
+    volume = init_volume(tmp_path)
+    (tmp_path / "reply").write_bytes(MALFORMED_REPLIES[reply])
+    fake = subprocess.Popen(
+        [*ENCFS_GW[:1], "-c", FAKE_DAEMON, str(volume.backing), str(tmp_path / "reply")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == "ready\n"
+        for argv in (["status", volume.backing], ["rotate", volume.backing]):
+            result = run_cli(*argv)
+            assert result.returncode == ControlSocketError.exit_code, result.stderr
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), result.stderr
+            assert "KEK version 99" not in result.stdout + result.stderr
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+@pytest.mark.fuse
+def test_key_file_that_is_a_fifo_does_not_hang(tmp_path, pristine):
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo, 0o600)
+    from encfs.errors import ProviderConfigError
+
+    result = mount_cli(pristine, tmp_path / "mnt", fifo)  # run_cli's timeout: no hang
+    assert_one_line(result, ProviderConfigError)
+    assert "not a regular file" in result.stderr
+    assert_nothing_left(pristine, tmp_path / "mnt")
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("rate", ["-5", "nan", "inf", "0", "1e12", "fast"])
+def test_rotate_rate_must_be_a_positive_number(pristine, rate):
+    result = run_cli("rotate", pristine.backing, "--keyfile", pristine.keyfile, "--rate", rate)
+    assert_one_line(result, UsageError)
+
+
+@pytest.mark.fuse
+def test_mountpoint_that_is_a_symlink(tmp_path, pristine):
+    """It gave fusermount3's "Transport endpoint is not connected" on two lines."""
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real")
+    result = run_cli("mount", pristine.backing, link, "--keyfile", pristine.keyfile)
+    assert_one_line(result, MountpointError)
+    assert f"is a symlink; give the directory itself ({tmp_path / 'real'})" in result.stderr
+    assert_nothing_left(pristine, tmp_path / "real")
+
+
+@pytest.mark.fuse
+def test_mountpoint_and_backing_directory_must_not_nest(tmp_path):
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    volume = init_volume(outer)  # outer/vol.backing: the backing inside the mountpoint
+    inner = volume.backing / "inner"
+    inner.mkdir()
+    try:
+        for mountpoint, why in ((inner, "inside its backing directory"),
+                                (volume.backing, "inside its backing directory"),
+                                (outer, "the backing directory is inside it")):
+            result = run_cli("mount", volume.backing, mountpoint, "--keyfile", volume.keyfile,
+                             "-o", "nonempty")
+            assert_one_line(result, MountpointError)
+            assert why in result.stderr
+            assert_nothing_left(volume, mountpoint)
+    finally:
+        inner.rmdir()
+
+
+def test_paths_with_newlines_give_one_line(tmp_path):
+    weird = tmp_path / "new\nline"
+    weird.mkdir()
+    for argv in (
+        ["mount", weird, tmp_path / "mnt"],
+        ["fsck", weird],
+        ["status", weird],
+        ["unmount", weird],
+        ["init", tmp_path / "v", "--keyfile", "/proc/a\nb/k"],
+        ["rotate-every", weird, "x\ny"],
+    ):
+        result = run_cli(*argv)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), (argv, result.stderr)
+        assert "\\n" in lines[0]
+        assert result.returncode >= 2 and "Traceback" not in result.stderr

@@ -160,6 +160,13 @@ def scan(pid: int, needles: dict[str, bytes]) -> dict[str, int]:
     return counts
 
 
+def locked_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmLck line")
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -221,6 +228,8 @@ def test_memory_scan_before_and_after_inaccessible_and_at_exit(tmp_path):
         assert ready["KEK"] == 1 and ready["volume key"] == 1, ready  # the locked arena
         assert ready["key file key"] == ready["key file text"] == 0, ready
         assert not any(n for name, n in ready.items() if name.startswith("DEK ")), ready
+        assert max(ready.values()) <= 2, ready  # derived keys: in their live cipher contexts
+        assert locked_kib(pid) > 0  # the arena's pages are locked in RAM
         for helper in helpers:
             assert not any(scan(helper, keys).values()), f"helper {helper} holds a key"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -246,3 +247,34 @@ def test_tpm_error_codes_seen_from_tpm2_tools(stderr, error):
     """Messages captured from tpm2-tools 5.4 (the first two and the last two above were
     produced by this swtpm); the lockout one needs a hierarchy password to trigger."""
     assert type(classify("tpm2_x", stderr, WrongKey)) is error
+
+
+def test_tools_run_with_umask_077_and_without_secrets(swtpm, tmp_path, monkeypatch):
+    """tpm2-tools as the daemon runs them (umask 0, secrets in its environment): each tool
+    is started with umask 077 and none of the secrets. A shim first in PATH records what
+    each tool was started with, then runs the real one."""
+    shim, log = tmp_path / "shim", tmp_path / "log"
+    shim.mkdir()
+    for tool in ("tpm2_createprimary", "tpm2_create", "tpm2_load", "tpm2_unseal",
+                 "tpm2_flushcontext", "tpm2_startauthsession", "tpm2_policypcr",
+                 "tpm2_pcrread"):
+        real = shutil.which(tool)
+        if real is None:
+            continue
+        (shim / tool).write_text(
+            f'#!/bin/sh\necho "$(umask) $VAULT_TOKEN$ENCFS_PKCS11_PIN" >> {log}\n'
+            f'exec {real} "$@"\n'
+        )
+        (shim / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}:{os.environ['PATH']}")
+    monkeypatch.setenv("VAULT_TOKEN", "secret-token")
+    monkeypatch.setenv("ENCFS_PKCS11_PIN", "secret-pin")
+    old_umask = os.umask(0)
+    try:
+        provider = make(swtpm)
+        kek = os.urandom(32)
+        assert provider.recover(provider.protect(kek, BINDING), BINDING) == kek
+    finally:
+        os.umask(old_umask)
+    calls = log.read_text().splitlines()
+    assert calls and set(calls) == {"0077 "}, calls
