@@ -22,6 +22,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 
 def preload() -> None:
     # Everything encfs-gw imports lazily, and the codecs and stdlib modules it touches.
+    import _strptime  # noqa: F401
     import argparse  # noqa: F401
     import encodings.idna
     import encodings.unicode_escape  # noqa: F401
@@ -38,6 +39,7 @@ def preload() -> None:
 
     import encfs.cli
     import encfs.client
+    import encfs.config_store
     import encfs.control
     import encfs.fsck
     import encfs.health

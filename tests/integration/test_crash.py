@@ -12,11 +12,11 @@ through every iteration. An iteration has its own seed and does:
    model. In some iterations a key rotation (`encfs-gw rotate MOUNTPOINT --rate R`) runs
    in the daemon at the same time;
 3. when the writer is about to make its N-th system call (N seeded), the daemon (the
-   holder of the volume lock, from /proc/locks) gets SIGKILL, after a seeded busy-wait so the kill lands at
-   different points of the daemon's handling of that call. The test waits for the daemon
-   to die (pidfd, no sleeps), lets the writer's interrupted call fail (ENOTCONN or
-   ECONNABORTED), makes sure the dead mount is gone (`fusermount3 -u -z` if the
-   auto_unmount watcher has not already removed it) and that no mount is left;
+   holder of the volume lock, from /proc/locks) gets SIGKILL, after a seeded busy-wait so
+   the kill lands at different points of the daemon's handling of that call. The test
+   waits for the daemon to die (pidfd, no sleeps), lets the writer's interrupted call
+   fail (ENOTCONN or ECONNABORTED), makes sure the dead mount is gone (`fusermount3 -u
+   -z` if the auto_unmount watcher has not already removed it) and that no mount is left;
 4. `encfs-gw fsck BACKING --json`: clean, or only findings a crash may leave: debris
    anywhere (temporary entries, orphaned long-name sidecars) and, on the file of the
    interrupted operation only, a torn tail, orphaned key records or a block that does not
