@@ -1099,7 +1099,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 def cmd_upgrade(args: argparse.Namespace) -> int:
     from encfs import upgrade
 
-    backing = os.path.abspath(args.backing)
+    backing = backing_argument(args.backing)
     config = upgrade.read_legacy(backing)
     print("the volume config (not authenticated: compare it with what you set up):")
     for line in upgrade.describe(config):
@@ -1117,7 +1117,7 @@ def cmd_trust(args: argparse.Namespace) -> int:
     forget one; prints what this host now vouches for."""
     from encfs import config_store
 
-    backing = os.path.abspath(args.backing)
+    backing = backing_argument(args.backing)
     operator = _operator(args)
     if args.forget:
         volume_id = args.forget.lower()

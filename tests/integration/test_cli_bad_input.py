@@ -92,8 +92,12 @@ VERBS = {
     "provider-add": "provider add {} keyfile:{N} --keyfile {K}",
     "provider-remove": "provider remove {} 1",
     "destroy": "destroy {} --yes-destroy-all-data 0123456789abcdef0123456789abcdef",
+    "provider-check": "provider check {}",
+    "trust": "trust {} --keyfile {K}",
+    "upgrade": "upgrade {} --keyfile {K}",
     "mount-keyfile": "mount {V} {M} --keyfile {}",
     "fsck-keyfile": "fsck {V} --keyfile {}",
+    "trust-keyfile": "trust {V} --keyfile {}",
 }
 # Combinations that are not broken input: init makes a volume in a missing or empty
 # directory, and any empty directory is a fine mountpoint.
@@ -134,6 +138,9 @@ BROKEN_ARGUMENTS = {
     "unknown-verb": "frobnicate {V}",
     "missing-argument": "mount {V}",
     "unknown-flag": "status {V} --frobnicate",
+    "trust-forget-bad-id": "trust {V} --forget nothex",
+    "upgrade-current-volume": "upgrade {V} --keyfile {K}",
+    "provider-unknown-spec": "status {V} --provider frobnicate:x",
 }
 
 
