@@ -63,10 +63,6 @@ def list_protectors(backing_path: str, operator: Operator | None = None) -> list
     return rows
 
 
-def _keks(keyring: Any, config: VolumeConfig) -> dict[int, bytes]:
-    return {number: keyring.kek(number) for number in config.kek_versions}
-
-
 def add_protector(
     backing_path: str, kind: str, options: dict[str, Any], operator: Operator | None = None
 ) -> int:
@@ -82,14 +78,18 @@ def add_protector(
         with config_store.editing(backing_path, keyring, operator) as current:
             if set(current.kek_versions) != set(config.kek_versions):
                 raise UsageError("the volume's KEK versions changed meanwhile; run it again")
-            keks = _keks(keyring, current)
             for number, version in sorted(current.kek_versions.items()):
-                record = new_provider.protect(keks[number], current.provider_binding(number))
+                kek = keyring.kek(number)
+                try:
+                    record = new_provider.protect(kek, current.provider_binding(number))
+                finally:
+                    crypto.wipe(kek)
                 version.protectors.append(Protector(protector_id, kind, record))
             operator.vouch(protector_id, kind, new_provider.options)
         return len(current.kek_versions)
     finally:
         new_provider.close()
+        keyring.close()
 
 
 def remove_protector(backing_path: str, slot: str, operator: Operator | None = None) -> str:
@@ -97,6 +97,13 @@ def remove_protector(backing_path: str, slot: str, operator: Operator | None = N
     version; refuse the last one of a version."""
     operator = operator or Operator()
     _, keyring = config_store.unlock(backing_path, operator)
+    try:
+        return _remove(backing_path, slot, operator, keyring)
+    finally:
+        keyring.close()
+
+
+def _remove(backing_path: str, slot: str, operator: Operator, keyring: Any) -> str:
     with config_store.editing(backing_path, keyring, operator) as config:
         protector_id = _slot_id(config, slot)
         removed = ""
@@ -138,17 +145,23 @@ def rewrap_keks(backing_path: str, operator: Operator | None = None) -> int:
     count = 0
     operator = operator or Operator()
     _, keyring = config_store.unlock(backing_path, operator)
-    with config_store.editing(backing_path, keyring, operator) as config:
-        for number, version in sorted(config.kek_versions.items()):
-            kek = keyring.kek(number)
-            binding = config.provider_binding(number)
-            for protector in version.protectors:
-                provider = operator.provider(protector)
+    try:
+        with config_store.editing(backing_path, keyring, operator) as config:
+            for number, version in sorted(config.kek_versions.items()):
+                kek = keyring.kek(number)
+                binding = config.provider_binding(number)
                 try:
-                    protector.record = provider.protect(kek, binding)
+                    for protector in version.protectors:
+                        provider = operator.provider(protector)
+                        try:
+                            protector.record = provider.protect(kek, binding)
+                        finally:
+                            provider.close()
+                        count += 1
                 finally:
-                    provider.close()
-                count += 1
+                    crypto.wipe(kek)
+    finally:
+        keyring.close()
     return count
 
 

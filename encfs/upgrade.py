@@ -25,7 +25,7 @@ import json
 import os
 
 from encfs import config_store, crypto
-from encfs.errors import ConfigAuthError, IntegrityError, UsageError, VolumeBusy, WrongKey
+from encfs.errors import ConfigAuthError, UsageError, VolumeBusy
 from encfs.format import FEATURE_AUTH_CONFIG
 from encfs.format import names as fnames
 from encfs.format.volume import PROTECTOR_ID_SIZE, Protector, VolumeConfig
@@ -112,6 +112,8 @@ def upgrade(backing_path: str, operator: Operator, trust_stored: bool) -> Volume
         operator.entry = None
         keyring.current_kek_version = new.current_kek
         config_store.write_new(backing_path, new, keyring)
+        check = keyring.volume_key_check()
+        keyring.close()
     finally:
         os.close(lock_fd)
     # After the write: a failure here leaves an upgraded volume that the next command
@@ -119,7 +121,7 @@ def upgrade(backing_path: str, operator: Operator, trust_stored: bool) -> Volume
     # operator vouches for this config: it replaces what the store knew of the volume
     # (e.g. another copy of it, upgraded before).
     operator.accept_rollback = True
-    operator.accept(new, keyring.volume_key_check())
+    operator.accept(new, check)
     return new
 
 
@@ -162,14 +164,14 @@ def _authenticated(config: VolumeConfig, keyring: Keyring) -> VolumeConfig:
     for number, version in config.kek_versions.items():
         kek = keyring.kek(number)
         try:
-            crypto.gcm_open(kek, version.wrapped_volume_key, config.volume_key_aad(number))
-        except IntegrityError:
-            raise WrongKey(f"KEK version {number} does not open this volume") from None
+            wrapped = keyring.wrap_volume_key(kek, new.volume_key_aad(number))
+        finally:
+            crypto.wipe(kek)
         new.kek_versions[number] = type(version)(
             version=number,
             state=version.state,
             created=version.created,
-            wrapped_volume_key=keyring.wrap_volume_key(kek, new.volume_key_aad(number)),
+            wrapped_volume_key=wrapped,
             protectors=[Protector(p.id, p.kind, p.record) for p in version.protectors],
         )
     new.validate()
