@@ -31,7 +31,7 @@ from encfs.errors import (
     VolumeBusy,
     VolumeExists,
 )
-from encfs.format import DEFAULT_FEATURES, FEATURE_LONG_SYMLINKS
+from encfs.format import DEFAULT_FEATURES, FEATURE_BOUND_NAMES, FEATURE_LONG_SYMLINKS, places
 from encfs.format import names as fnames
 from encfs.format.blocks import (
     BINDING_SIZE,
@@ -41,6 +41,7 @@ from encfs.format.blocks import (
     Layout,
     binding_message,
 )
+from encfs.format.places import DirRecord, LinkRecord
 from encfs.format.volume import (
     PROTECTOR_ID_SIZE,
     VOLUME_KEY_SIZE,
@@ -87,10 +88,16 @@ class Attr:
     blksize: int = STAT_BLKSIZE
 
 
+class BindingError(IntegrityError):
+    """An object is bound to another place than the one it was reached by (its
+    ciphertext, id record or target was moved, swapped or copied in the backing store)."""
+
+
 class Inode:
     """A backing object known to the kernel (lookups > 0) or open (opens > 0)."""
 
     __slots__ = (
+        "bad_place",
         "contents",
         "data_fd",
         "dir_id",
@@ -100,6 +107,7 @@ class Inode:
         "lookups",
         "mode",
         "opens",
+        "pinned",
         "xattrs_stored",
     )
 
@@ -118,6 +126,13 @@ class Inode:
         # Whether the backing object holds any of our xattrs (None: not known yet). All
         # xattr changes pass through us, so `ls -l`'s getxattr per entry costs no syscall.
         self.xattrs_stored: bool | None = None
+        # Why this directory's id record does not verify for its place (one warning, then
+        # the same error on every use until it is reached by another name).
+        self.bad_place: str | None = None
+        # Handles on backing objects this inode stood for before (a renamed symlink of a
+        # bound volume is a new backing symlink): they keep the backing inode numbers the
+        # kernel may still use from being reused by another object.
+        self.pinned: list[int] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -147,6 +162,23 @@ class PendingDir:
         """Make the id durable before the directory becomes visible (blocking I/O)."""
         for fd in self.sync_fds():
             os.fsync(fd)
+
+
+@dataclass(eq=False)
+class _Move:
+    """One object moved by a backing rename, and how its binding follows it."""
+
+    st: os.stat_result  # the object, before the rename
+    parent: Inode  # where it is before the rename
+    backing_name: str
+    old_location: tuple[bytes, bytes]
+    new_parent: Inode  # where it goes
+    new_backing: str
+    new_location: tuple[bytes, bytes]
+    final: bool = True  # step 3 wanted (not for a directory about to be removed)
+    fd: int | None = None  # file: O_PATH handle; directory: its id record, O_RDWR
+    record: DirRecord | LinkRecord | None = None  # as it was before the rename
+    current: tuple[Inode, str] | None = None  # where its backing object is now
 
 
 class DirHandle:
@@ -258,7 +290,9 @@ def _write_new_volume(
             backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         )
         try:
-            backing.write_file_atomic(dir_fd, fnames.DIR_ID_FILE, crypto.random_key(16), 0o400)
+            backing.write_file_atomic(
+                dir_fd, fnames.DIR_ID_FILE, root_dir_record(config, keyring), 0o400
+            )
         finally:
             os.close(dir_fd)
         config_store.write_new(backing_path, config, keyring)
@@ -266,6 +300,16 @@ def _write_new_volume(
         operator.forget(config.volume_id.hex())
         raise
     return config
+
+
+def root_dir_record(config: VolumeConfig, keyring: Keyring) -> bytes:
+    """The root's `.egw-dirid` of a new volume: a random id, bound to the volume when
+    the volume binds directories to their place (FORMAT.md 5.1)."""
+    dir_id = crypto.random_key(places.DIR_ID_SIZE)
+    if FEATURE_BOUND_NAMES not in config.features:
+        return dir_id
+    tag = keyring.binding_tag(places.root_binding_message(config.volume_id, dir_id))
+    return DirRecord(dir_id, (tag, places.ZERO_BINDING)).pack()
 
 
 def read_config(backing_path: str, keyring: Keyring) -> VolumeConfig:
@@ -284,6 +328,9 @@ class Volume:
         self.layout = config.layout
         self.keyring = keyring
         self.read_only = False
+        # Directories and symlink targets bound to their place (docs/FORMAT.md 5.1, 5.3);
+        # volumes made before the feature keep their unbound formats.
+        self.bound_names = FEATURE_BOUND_NAMES in config.features
         self._root_fd = os.open(
             backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         )
@@ -381,7 +428,9 @@ class Volume:
         return self._closer is not None and self._closer.settle()
 
     def close(self) -> None:
-        """Forget everything and release every descriptor (after unmount)."""
+        """Forget everything and release every descriptor (after unmount). Idempotent."""
+        if self._lock_fd < 0:
+            return
         for inode in list(self._inodes.values()):
             self._drop(inode, force=True)
         self._inodes.clear()
@@ -393,6 +442,7 @@ class Volume:
             self._close_fd = os.close
         for fd in (self._root_fd, self._lock_fd):
             os.close(fd)
+        self._root_fd = self._lock_fd = -1
         self.keyring.close()  # zeroed before the process goes on (or exits)
 
     def sync(self) -> None:
@@ -449,6 +499,9 @@ class Volume:
             inode.data_fd = None
             inode.contents = None
         self._close_fd(inode.fd)
+        for fd in inode.pinned or ():
+            self._close_fd(fd)
+        inode.pinned = None
         self._inodes.pop(inode.ino, None)
 
     def known_inodes(self) -> list[int]:
@@ -501,17 +554,75 @@ class Volume:
 
     # --- names -----------------------------------------------------------------------
     def _dir_id(self, directory: Inode) -> bytes:
+        """The id of a directory (read once), verified against the place it was reached
+        by on a bound volume: nothing inside a directory moved, swapped or given another
+        directory's id record in the backing store is listed or looked up."""
         if directory.dir_id is None:
+            if directory.bad_place is not None:
+                raise BindingError(directory.bad_place)
             try:
-                dir_id = backing.read_small_file(directory.fd, fnames.DIR_ID_FILE, 64)
+                raw = backing.read_small_file(directory.fd, fnames.DIR_ID_FILE, 64)
             except FileNotFoundError:
                 raise IntegrityError(
                     f"directory inode {directory.ino} has no directory id"
                 ) from None
-            if len(dir_id) != fnames.DIR_ID_SIZE:
-                raise IntegrityError(f"directory inode {directory.ino} has a bad directory id")
-            directory.dir_id = dir_id
+            if not self.bound_names:
+                if len(raw) != fnames.DIR_ID_SIZE:
+                    raise IntegrityError(
+                        f"directory inode {directory.ino} has a bad directory id"
+                    )
+                directory.dir_id = raw
+                return raw
+            try:
+                record = DirRecord.unpack(raw)
+            except IntegrityError as exc:
+                raise IntegrityError(f"directory inode {directory.ino}: {exc}") from None
+            problem = self._dir_place_problem(directory, record)
+            if problem is not None:
+                directory.bad_place = f"directory inode {directory.ino}: {problem}"
+                self.counters["integrity_errors"] += 1
+                log.warning("integrity failure: %s", directory.bad_place)
+                raise BindingError(directory.bad_place)
+            directory.dir_id = record.dir_id
         return directory.dir_id
+
+    def _dir_place_problem(self, directory: Inode, record: DirRecord) -> str | None:
+        """Why a bound directory's id record does not verify for its place, or None."""
+        if directory.ino == ROOT_INODE:
+            if self._root_tag(record.dir_id) in record.bindings:
+                return None
+            return "the root's id record is not bound to this volume's root"
+        if directory.location is None:
+            return "reached without a name: its binding cannot be checked"
+        if self._dir_tag(directory.location, record.dir_id) in record.bindings:
+            return None
+        return (
+            "its id record is bound to another place "
+            "(directory moved, swapped or its .egw-dirid replaced in the backing store)"
+        )
+
+    def _dir_tag(self, location: tuple[bytes, bytes], dir_id: bytes) -> bytes:
+        parent_id, plain_name = location
+        return self.keyring.binding_tag(
+            places.dir_binding_message(
+                self.config.volume_id, parent_id, fnames.pad_name(plain_name), dir_id
+            )
+        )
+
+    def _root_tag(self, dir_id: bytes) -> bytes:
+        return self.keyring.binding_tag(
+            places.root_binding_message(self.config.volume_id, dir_id)
+        )
+
+    def _place(self, inode: Inode, location: tuple[bytes, bytes]) -> None:
+        """Record the place an inode was reached by. A directory of a bound volume
+        reached by another place than the one it was verified for (its backing name was
+        changed behind our back) is verified again before its next use."""
+        if inode.location != location:
+            if self.bound_names and inode.is_dir:
+                inode.dir_id = None
+                inode.bad_place = None
+            inode.location = location
 
     def _encode(self, directory: Inode, plain_name: bytes) -> tuple[str, str]:
         """(backing name, full encoded name); they differ for long names."""
@@ -577,7 +688,7 @@ class Volume:
     def _child(self, parent: Inode, plain_name: bytes) -> tuple[Inode, os.stat_result]:
         backing_name, _ = self._encode(parent, plain_name)
         inode, st = self._register(backing.open_path(backing_name, parent.fd))
-        inode.location = (self._dir_id(parent), plain_name)
+        self._place(inode, (self._dir_id(parent), plain_name))
         return inode, st
 
     def lookup(self, parent_ino: int, plain_name: bytes) -> Attr:
@@ -606,7 +717,7 @@ class Volume:
         self, parent: Inode, backing_name: str, plain_name: bytes, uid: int, gid: int
     ) -> Inode:
         inode, st = self._register(backing.open_path(backing_name, parent.fd))
-        inode.location = (self._dir_id(parent), plain_name)
+        self._place(inode, (self._dir_id(parent), plain_name))
         owner = self._owner(parent, uid, gid)
         if os.geteuid() == 0 and (st.st_uid, st.st_gid) != owner:
             backing.chown_fd(inode.fd, *owner)
@@ -653,13 +764,20 @@ class Volume:
                 dir_fd=parent.fd,
             )
             # The temporary directory is ours alone: the id file needs no atomic rename.
+            # On a bound volume the record is bound to the final place at once (the
+            # temporary name is never looked up).
+            dir_id = crypto.random_key(fnames.DIR_ID_SIZE)
+            record = dir_id
+            if self.bound_names:
+                tag = self._dir_tag((self._dir_id(parent), plain_name), dir_id)
+                record = DirRecord(dir_id, (tag, places.ZERO_BINDING)).pack()
             pending.id_fd = os.open(
                 fnames.DIR_ID_FILE,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o400,
+                places.DIR_RECORD_MODE if self.bound_names else 0o400,
                 dir_fd=pending.dir_fd,
             )
-            backing.pwrite_all(pending.id_fd, crypto.random_key(fnames.DIR_ID_SIZE), 0)
+            backing.pwrite_all(pending.id_fd, record, 0)
             os.chmod(pending.dir_fd, stat.S_IMODE(mode))
         except BaseException:
             self.mkdir_end(pending)
@@ -742,7 +860,11 @@ class Volume:
         backing_name, encoded = self._encode(parent, plain_name)
         self._check_free(parent, backing_name)
         long_id = None
-        if fnames.symlink_fits_inline(len(target)):
+        if self.bound_names:
+            record = self._new_link_record((self._dir_id(parent), plain_name), target)
+            long_id = record.link_id if record.stored else None
+            cipher_target = record.encode()
+        elif fnames.symlink_fits_inline(len(target)):
             cipher_target = fnames.b64encode(
                 self.keyring.symlink_cipher.seal(target, fnames.symlink_aad())
             )
@@ -765,6 +887,14 @@ class Volume:
         if inode.mode != stat.S_IFLNK:
             raise _oserror(errno.EINVAL)
         cipher_target = os.readlink("", dir_fd=inode.fd)
+        if self.bound_names:
+            try:
+                record = LinkRecord.decode(cipher_target)
+                self._check_link_place(inode, record)
+                return self._open_link_target(record)
+            except IntegrityError as exc:
+                self._report_integrity(inode, exc)
+                raise
         long_id = fnames.long_symlink_id(cipher_target)
         if long_id is not None:
             return self._load_long_target(long_id)
@@ -772,11 +902,56 @@ class Volume:
             fnames.b64decode_strict(cipher_target), fnames.symlink_aad()
         )
 
+    # Bound symlinks (docs/FORMAT.md 5.3): the backing target holds a random link id, two
+    # place bindings and the target sealed under the link id (or, when too long, the
+    # target sealed into the store file named by the link id). A backing symlink cannot
+    # be changed, so a rename makes new ones (`_rebind_link`).
+    def _link_tag(self, location: tuple[bytes, bytes], record: LinkRecord) -> bytes:
+        dir_id, plain_name = location
+        return self.keyring.binding_tag(
+            places.symlink_binding_message(
+                self.config.volume_id,
+                dir_id,
+                fnames.pad_name(plain_name),
+                record.flags,
+                record.link_id,
+            )
+        )
+
+    def _new_link_record(self, location: tuple[bytes, bytes], target: bytes) -> LinkRecord:
+        """A new bound symlink target for `location` (storing a long target first)."""
+        link_id = crypto.random_bytes(places.LINK_ID_SIZE)
+        sealed = self.keyring.symlink_cipher.seal(target, places.link_aad(link_id))
+        unbound = places.ZERO_BINDING, places.ZERO_BINDING
+        if places.bound_target_fits_inline(len(target)):
+            record = LinkRecord(0, link_id, unbound, sealed)
+        else:
+            self._store_long_target(target, link_id)
+            record = LinkRecord(places.LINK_FLAG_STORED, link_id, unbound, b"")
+        return dataclasses.replace(
+            record, bindings=(self._link_tag(location, record), places.ZERO_BINDING)
+        )
+
+    def _check_link_place(self, inode: Inode, record: LinkRecord) -> None:
+        if inode.location is None:
+            raise BindingError(f"symlink inode {inode.ino} reached without a name")
+        if self._link_tag(inode.location, record) not in record.bindings:
+            raise BindingError(
+                f"symlink inode {inode.ino}: its target is bound to another place "
+                "(symlink target moved, swapped or copied in the backing store)"
+            )
+
+    def _open_link_target(self, record: LinkRecord) -> bytes:
+        if record.stored:
+            return self._load_long_target(record.link_id)
+        return self.keyring.symlink_cipher.open(record.sealed, places.link_aad(record.link_id))
+
     # Targets too long for a backing symlink: sealed into the symlink store (one file per
     # symlink, named by a random id; hard links of the symlink share it). Written before
     # the symlink, removed after its last link: a crash leaves at worst an unused file.
-    def _store_long_target(self, target: bytes) -> bytes:
-        long_id = crypto.random_bytes(fnames.LONG_SYMLINK_ID_SIZE)
+    def _store_long_target(self, target: bytes, long_id: bytes | None = None) -> bytes:
+        if long_id is None:
+            long_id = crypto.random_bytes(fnames.LONG_SYMLINK_ID_SIZE)
         sealed = self.keyring.symlink_cipher.seal(target, fnames.long_symlink_aad(long_id))
         with contextlib.suppress(FileExistsError):
             os.mkdir(fnames.SYMLINK_STORE_DIR, 0o700, dir_fd=self._root_fd)
@@ -805,30 +980,43 @@ class Volume:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fnames.long_symlink_path(long_id), dir_fd=self._root_fd)
 
+    def _stored_target_id(self, cipher_target: str) -> bytes | None:
+        """The store id a backing symlink target names, if its target is stored."""
+        if self.bound_names:
+            if len(cipher_target) != places.STORED_LINK_LENGTH:
+                return None
+            record = LinkRecord.decode(cipher_target)
+            return record.link_id if record.stored else None
+        return fnames.long_symlink_id(cipher_target)
+
     def _last_long_symlink(
         self, dir_fd: int, backing_name: str, st: os.stat_result
     ) -> bytes | None:
         """The store id of a long-target symlink whose last link `backing_name` is."""
         if not stat.S_ISLNK(st.st_mode) or st.st_nlink != 1:
             return None
-        if st.st_size != fnames.LONG_SYMLINK_MARKER_SIZE:
+        if st.st_size not in (fnames.LONG_SYMLINK_MARKER_SIZE, places.STORED_LINK_LENGTH):
             return None
         try:
-            return fnames.long_symlink_id(os.readlink(backing_name, dir_fd=dir_fd))
+            return self._stored_target_id(os.readlink(backing_name, dir_fd=dir_fd))
         except (OSError, IntegrityError):
             return None
 
     def _symlink_size(self, inode: Inode, st: os.stat_result) -> int:
-        if st.st_size == fnames.LONG_SYMLINK_MARKER_SIZE:
-            try:
-                long_id = fnames.long_symlink_id(os.readlink("", dir_fd=inode.fd))
-                if long_id is not None:
-                    path = fnames.long_symlink_path(long_id)
-                    sealed_size = os.stat(path, dir_fd=self._root_fd).st_size
-                    return max(0, sealed_size - fnames.SIV_TAG_SIZE)
-            except (OSError, IntegrityError):
-                return 0  # readlink reports the damage
-        # base64url without padding: the sealed length, then minus the SIV tag (exact).
+        if self.bound_names:
+            if st.st_size != places.STORED_LINK_LENGTH:
+                return places.bound_inline_target_size(st.st_size)
+        elif st.st_size != fnames.LONG_SYMLINK_MARKER_SIZE:
+            # base64url without padding: the sealed length, then minus the SIV tag (exact).
+            return max(0, st.st_size * 3 // 4 - fnames.SIV_TAG_SIZE)
+        try:
+            long_id = self._stored_target_id(os.readlink("", dir_fd=inode.fd))
+            if long_id is not None:
+                path = fnames.long_symlink_path(long_id)
+                sealed_size = os.stat(path, dir_fd=self._root_fd).st_size
+                return max(0, sealed_size - fnames.SIV_TAG_SIZE)
+        except (OSError, IntegrityError):
+            return 0  # readlink reports the damage
         return max(0, st.st_size * 3 // 4 - fnames.SIV_TAG_SIZE)
 
     def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attr:
@@ -837,6 +1025,8 @@ class Volume:
         if inode.is_dir:
             raise _oserror(errno.EPERM)
         parent = self._dir(new_parent_ino)
+        if self.bound_names and inode.mode == stat.S_IFLNK:
+            return self._copy_symlink(inode, parent, new_name)
         backing_name, encoded = self._encode(parent, new_name)
         self._check_free(parent, backing_name)
         self._write_sidecar(parent, backing_name, encoded)
@@ -846,6 +1036,16 @@ class Volume:
         backing.link_fd(inode.fd, parent.fd, backing_name)
         inode.lookups += 1
         return self.getattr(ino)
+
+    def _copy_symlink(self, inode: Inode, parent: Inode, new_name: bytes) -> Attr:
+        """link(2) of a symlink on a bound volume: a second symlink with the same target,
+        owner and times, bound to its own name (its own inode: a target bound to one
+        place cannot be shared by two names, and an unbound one could be moved anywhere)."""
+        target = self.readlink(inode.ino)
+        st = os.fstat(inode.fd)
+        attr = self.symlink(parent.ino, new_name, target, st.st_uid, st.st_gid)
+        backing.utimens_fd(self.inode(attr.ino).fd, st.st_atime_ns, st.st_mtime_ns)
+        return self.getattr(attr.ino)
 
     # --- removing and renaming -------------------------------------------------------
     def unlink(self, parent_ino: int, plain_name: bytes) -> None:
@@ -908,7 +1108,7 @@ class Volume:
         self.counters["moves"] += 1
         old_parent = self._dir(old_parent_ino)
         new_parent = self._dir(new_parent_ino)
-        old_backing, _ = self._encode(old_parent, old_name)
+        old_backing, old_encoded = self._encode(old_parent, old_name)
         new_backing, new_encoded = self._encode(new_parent, new_name)
         old_st = os.stat(old_backing, dir_fd=old_parent.fd, follow_symlinks=False)
         try:
@@ -917,22 +1117,22 @@ class Volume:
             new_st = None
         old_location = (self._dir_id(old_parent), old_name)
         new_location = (self._dir_id(new_parent), new_name)
+        forth = _Move(old_st, old_parent, old_backing, old_location, new_parent, new_backing,
+                      new_location)
+
+        def exchange() -> None:
+            backing.renameat2(
+                old_parent.fd, old_backing, new_parent.fd, new_backing, backing.RENAME_EXCHANGE
+            )
+
         if flags & backing.RENAME_EXCHANGE:
             if new_st is None:
                 raise _oserror(errno.ENOENT)
-            _, old_encoded = self._encode(old_parent, old_name)
             self._write_sidecar(new_parent, new_backing, new_encoded)
             self._write_sidecar(old_parent, old_backing, old_encoded)
-            moves = [
-                (old_st, old_parent, old_backing, new_location),
-                (new_st, new_parent, new_backing, old_location),
-            ]
-            self._moved(
-                moves,
-                lambda: backing.renameat2(
-                    old_parent.fd, old_backing, new_parent.fd, new_backing, backing.RENAME_EXCHANGE
-                ),
-            )
+            back = _Move(new_st, new_parent, new_backing, new_location, old_parent, old_backing,
+                         old_location)
+            self._moved([forth, back], exchange)
             return
         if new_st is not None:
             if flags & backing.RENAME_NOREPLACE:
@@ -944,10 +1144,11 @@ class Volume:
                     raise _oserror(errno.EISDIR)
                 if not self._is_empty_dir(new_parent.fd, new_backing):
                     raise _oserror(errno.ENOTEMPTY)
-                # Swap atomically, then remove the (empty) directory that was replaced.
-                backing.renameat2(
-                    old_parent.fd, old_backing, new_parent.fd, new_backing, backing.RENAME_EXCHANGE
-                )
+                # Swap atomically (the replaced directory bound to the old place for that
+                # instant), then remove the (empty) directory that was replaced.
+                back = _Move(new_st, new_parent, new_backing, new_location, old_parent,
+                             old_backing, old_location, final=False)
+                self._moved([forth, back], exchange)
                 tmp = backing.temp_name()
                 backing.renameat2(
                     old_parent.fd, old_backing, old_parent.fd, tmp, backing.RENAME_NOREPLACE
@@ -962,7 +1163,7 @@ class Volume:
         )
         self._write_sidecar(new_parent, new_backing, new_encoded)
         self._moved(
-            [(old_st, old_parent, old_backing, new_location)],
+            [forth],
             lambda: os.rename(
                 old_backing, new_backing, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd
             ),
@@ -972,24 +1173,159 @@ class Volume:
         if replaced_long_id is not None:
             self._remove_long_target(replaced_long_id)
 
-    def _moved(
-        self,
-        moves: list[tuple[os.stat_result, Inode, str, tuple[bytes, bytes]]],
-        rename: Callable[[], None],
-    ) -> None:
-        """Run a backing rename, carrying name bindings and known inodes' locations."""
-        fds = self._bound_files(moves)
+    def _moved(self, moves: list[_Move], rename: Callable[[], None]) -> None:
+        """Run a backing rename, carrying bindings and known inodes' places along.
+
+        Every moved object is first made valid at its old place and its new one (a file
+        header or a directory id record: binding A := old place, B := new place; a bound
+        symlink is replaced by one whose target carries both), then renamed, then made
+        valid at its new place only. At every instant each name on disk verifies, so a
+        crash never makes anything fail. Nothing is re-bound that did not verify at its
+        old place: the rename of tampered data fails (EIO) instead of laundering it.
+        """
         try:
+            for move in moves:
+                self._bind_both(move)
             rename()
-            for fd in fds:
-                self._bind_final(fd)
+            for move in moves:
+                move.current = move.new_parent, move.new_backing
+            durable = self._renamed_durably(moves)
+            for move in moves:
+                if move.final:
+                    self._bind_new(move, durable)
         finally:
-            for fd in fds:
-                os.close(fd)
-        for st, _, _, new_location in moves:
-            moved = self._inodes.get(self._fuse_ino(st.st_ino))
+            for move in moves:
+                if move.fd is not None:
+                    os.close(move.fd)
+                    move.fd = None
+                self._follow_link(move)
+        for move in moves:
+            moved = self._inodes.get(self._fuse_ino(move.st.st_ino))
             if moved is not None:
-                moved.location = new_location
+                moved.location = move.new_location
+
+    def _bind_both(self, move: _Move) -> None:
+        """Step 1: make the object valid at its old and its new place."""
+        kind = stat.S_IFMT(move.st.st_mode)
+        if kind == stat.S_IFREG and move.st.st_nlink == 1:
+            move.fd = backing.open_path(move.backing_name, move.parent.fd)
+            self._rewrite_header(move.fd, lambda header: self._header_both(header, move))
+        elif kind == stat.S_IFDIR and self.bound_names:
+            dir_fd = backing.open_path(move.backing_name, move.parent.fd)
+            try:
+                move.fd = os.open(
+                    fnames.DIR_ID_FILE, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+                )
+            finally:
+                os.close(dir_fd)
+            record = DirRecord.unpack(os.pread(move.fd, places.DIR_RECORD_SIZE + 1, 0))
+            old_tag = self._dir_tag(move.old_location, record.dir_id)
+            if old_tag not in record.bindings:
+                raise BindingError(
+                    "the directory to rename is bound to another place (moved, swapped or "
+                    "its .egw-dirid replaced in the backing store): not re-bound"
+                )
+            new_tag = self._dir_tag(move.new_location, record.dir_id)
+            move.record = record
+            backing.pwrite_all(move.fd, DirRecord(record.dir_id, (old_tag, new_tag)).pack(), 0)
+            # Durable before the rename can be: a power loss must never leave the
+            # directory at its new name with only its old place in the record.
+            os.fdatasync(move.fd)
+        elif kind == stat.S_IFLNK and self.bound_names:
+            link = LinkRecord.decode(os.readlink(move.backing_name, dir_fd=move.parent.fd))
+            old_tag = self._link_tag(move.old_location, link)
+            if old_tag not in link.bindings:
+                raise BindingError(
+                    "the symlink to rename is bound to another place (its target moved, "
+                    "swapped or copied in the backing store): not re-bound"
+                )
+            move.record = link
+            both = dataclasses.replace(
+                link, bindings=(old_tag, self._link_tag(move.new_location, link))
+            )
+            self._replace_link(move.parent, move.backing_name, both, move.st)
+            move.current = move.parent, move.backing_name
+
+    def _bind_new(self, move: _Move, durable: bool) -> None:
+        """Step 3, after the rename: valid at the new place only. A failure here leaves
+        the object valid at both places (the next rename rewrites both), so it is logged,
+        not passed on: the rename itself happened."""
+        kind = stat.S_IFMT(move.st.st_mode)
+        try:
+            if kind == stat.S_IFREG and move.fd is not None:
+                self._rewrite_header(move.fd, self._header_new)
+            elif kind == stat.S_IFDIR and isinstance(move.record, DirRecord):
+                # Only once the rename is durable: else a power loss could keep the
+                # record's new state and lose the rename.
+                if durable:
+                    new_tag = self._dir_tag(move.new_location, move.record.dir_id)
+                    record = DirRecord(move.record.dir_id, (new_tag, places.ZERO_BINDING))
+                    backing.pwrite_all(move.fd, record.pack(), 0)
+            elif kind == stat.S_IFLNK and isinstance(move.record, LinkRecord):
+                final = dataclasses.replace(
+                    move.record,
+                    bindings=(self._link_tag(move.new_location, move.record), places.ZERO_BINDING),
+                )
+                self._replace_link(move.new_parent, move.new_backing, final, move.st)
+        except OSError as exc:
+            log.warning("a renamed entry keeps its old place valid too: %s", exc)
+
+    def _renamed_durably(self, moves: list[_Move]) -> bool:
+        """After the rename of a directory of a bound volume: make the rename durable
+        (fsync of both parents), so that step 3 cannot outlive it. False if that is
+        impossible (a parent the daemon cannot open for reading)."""
+        if not any(isinstance(move.record, DirRecord) for move in moves):
+            return True
+        parents = {id(m.parent): m.parent for m in moves} | {
+            id(m.new_parent): m.new_parent for m in moves
+        }
+        try:
+            for parent in parents.values():
+                os.fsync(parent.fd)
+        except OSError as exc:
+            log.debug("cannot make a directory rename durable: %s", exc)
+            return False
+        return True
+
+    def _replace_link(self, parent: Inode, backing_name: str, link: LinkRecord,
+                      st: os.stat_result) -> None:
+        """Atomically replace a bound symlink by one with other bindings (the same target,
+        link id, owner and times): a new backing symlink renamed over it."""
+        tmp = backing.temp_name()
+        os.symlink(link.encode(), tmp, dir_fd=parent.fd)
+        try:
+            fd = backing.open_path(tmp, parent.fd)
+            try:
+                if os.geteuid() == 0:
+                    backing.chown_fd(fd, st.st_uid, st.st_gid)
+                backing.utimens_fd(fd, st.st_atime_ns, st.st_mtime_ns)
+            finally:
+                os.close(fd)
+            os.rename(tmp, backing_name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=parent.fd)
+            raise
+
+    def _follow_link(self, move: _Move) -> None:
+        """A known symlink inode stands for the backing symlink now at its name (the one
+        it had was replaced). Its first handle stays open, so the backing inode number the
+        kernel knows it by is not reused while the kernel may ask for it."""
+        if move.current is None or not isinstance(move.record, LinkRecord):
+            return
+        moved = self._inodes.get(self._fuse_ino(move.st.st_ino))
+        if moved is None:
+            return
+        parent, backing_name = move.current
+        try:
+            fd = backing.open_path(backing_name, parent.fd)
+        except OSError:
+            return
+        if moved.pinned is None:
+            moved.pinned = [moved.fd]
+        else:
+            os.close(moved.fd)  # an intermediate symlink nobody else knows the number of
+        moved.fd = fd
 
     # --- attributes changes ----------------------------------------------------------
     def setattr(
@@ -1115,40 +1451,25 @@ class Volume:
         finally:
             os.close(fd)
 
-    def _bind_pending(self, path_fd: int, new: tuple[bytes, bytes]) -> None:
-        """Step 1 of moving a name binding: binding B takes the new name, A stays.
+    def _header_both(self, header: FileHeader, move: _Move) -> FileHeader:
+        """Step 1 of a rename for a file header: binding A := old name, B := new name,
+        once the header verified for the old name (never re-bind what did not)."""
+        if header.unbound:
+            return header
+        old_tag = self._binding(move.old_location, header.file_id)
+        if old_tag not in header.bindings:
+            raise BindingError(
+                "the file to rename is bound to another name (ciphertext replaced or moved "
+                "in the backing store): not re-bound"
+            )
+        return dataclasses.replace(
+            header, bindings=(old_tag, self._binding(move.new_location, header.file_id))
+        )
 
-        Then the backing rename happens, then `_bind_final`: at every instant the name
-        on disk matches binding A or B, so a crash mid-rename never makes a file fail.
-        """
-
-        def pending(header: FileHeader) -> FileHeader:
-            if header.unbound:
-                return header
-            tag = self._binding(new, header.file_id)
-            return dataclasses.replace(header, bindings=(header.bindings[0], tag))
-
-        self._rewrite_header(path_fd, pending)
-
-    def _bind_final(self, path_fd: int) -> None:
-        def final(header: FileHeader) -> FileHeader:
-            if header.unbound:
-                return header
-            return dataclasses.replace(header, bindings=(header.bindings[1], _ZERO_TAG))
-
-        self._rewrite_header(path_fd, final)
-
-    def _bound_files(
-        self, moves: list[tuple[os.stat_result, Inode, str, tuple[bytes, bytes]]]
-    ) -> list[int]:
-        """O_PATH handles of the moved regular files whose binding must follow them."""
-        fds = []
-        for st, parent, backing_name, new_location in moves:
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                fd = backing.open_path(backing_name, parent.fd)
-                fds.append(fd)
-                self._bind_pending(fd, new_location)
-        return fds
+    def _header_new(self, header: FileHeader) -> FileHeader:
+        if header.unbound:
+            return header
+        return dataclasses.replace(header, bindings=(header.bindings[1], _ZERO_TAG))
 
     def _close_data(self, inode: Inode) -> None:
         if inode.data_fd is not None:
@@ -1319,6 +1640,8 @@ class Volume:
     # --- directories -----------------------------------------------------------------
     def opendir(self, ino: int) -> int:
         inode = self._dir(ino)
+        if self.bound_names:
+            self._dir_id(inode)  # a directory bound to another place is not opened (EIO)
         inode.opens += 1
         fh = self._next_fh
         self._next_fh += 1
@@ -1340,6 +1663,8 @@ class Volume:
         return _entries_from(handle.entries, start)
 
     def _list(self, directory: Inode) -> list[tuple[bytes, str | None]]:
+        if self.bound_names:
+            self._dir_id(directory)  # the whole listing fails, not each entry
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory.fd)
         try:
             names = os.listdir(fd)
@@ -1366,6 +1691,8 @@ class Volume:
         """Every backing entry of a directory, for fsck: (backing name, kind, plain name
         or None, error or None); kind is 'short', 'long' or 'reserved'."""
         directory = self._dir(ino)
+        if self.bound_names:
+            self._dir_id(directory)
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory.fd)
         try:
             names = sorted(os.listdir(fd))
@@ -1417,7 +1744,7 @@ class Volume:
         inode = self._inodes.get(self._fuse_ino(st.st_ino))
         if inode is None or st.st_dev != self._root_dev:
             inode, st = self._register(backing.open_path(backing_name, directory.fd))
-        inode.location = (self._dir_id(directory), plain_name)
+        self._place(inode, (self._dir_id(directory), plain_name))
         return self._attr(inode, st)
 
     def releasedir(self, fh: int) -> None:

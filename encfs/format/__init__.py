@@ -18,6 +18,9 @@ FEATURE_LONG_SYMLINKS = "long-symlink-targets"
 # options: those are the operator's (docs/FORMAT.md section 2). Readers without it
 # refuse such a volume; volumes without it must be upgraded (`encfs-gw upgrade`).
 FEATURE_AUTH_CONFIG = "authenticated-config"
+# Directories and symlink targets bound to their place (parent directory id and name),
+# as file headers are: docs/FORMAT.md 5.1 and 5.3 (encfs/format/places.py).
+FEATURE_BOUND_NAMES = "bound-names"
 KNOWN_FEATURES = frozenset(
     {
         FEATURE_BLOCK_GCM,
@@ -25,6 +28,7 @@ KNOWN_FEATURES = frozenset(
         FEATURE_LONG_NAMES,
         FEATURE_LONG_SYMLINKS,
         FEATURE_AUTH_CONFIG,
+        FEATURE_BOUND_NAMES,
     }
 )
 DEFAULT_FEATURES = (
@@ -33,4 +37,5 @@ DEFAULT_FEATURES = (
     FEATURE_LONG_NAMES,
     FEATURE_LONG_SYMLINKS,
     FEATURE_AUTH_CONFIG,
+    FEATURE_BOUND_NAMES,
 )

@@ -23,6 +23,8 @@ DIR_ID_SIZE = 16
 LONG_NAME_PREFIX = ".egwL"
 LONG_NAME_SIDECAR_SUFFIX = ".name"
 TEMP_PREFIX = ".egw-tmp-"
+# fsck's evidence of data that failed a check, kept as it was (never shown by the mount).
+QUARANTINE_DIR = ".egw-quarantine"
 CONFIG_FILE = "encfs-gw.conf"
 LOCK_FILE = "encfs-gw.lock"
 NAME_AAD_LABEL = b"EGWN"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from encfs import volume as volume_mod
+from encfs.format import DEFAULT_FEATURES, FEATURE_BOUND_NAMES
 from encfs.keys.keyfile import KeyfileProvider
 from encfs.volume import Volume, create_volume
 
@@ -13,6 +15,32 @@ def backing(tmp_path):
     path = tmp_path / "backing"
     create_volume(str(path), KeyfileProvider({"path": str(tmp_path / "key")}), 4096)
     return path
+
+
+def make_legacy_volume(tmp_path, monkeypatch, name: str = "legacy"):
+    """A volume as made before the `bound-names` feature (directories and symlink targets
+    not bound to their place): the features of that time, through the same code."""
+    monkeypatch.setattr(
+        volume_mod,
+        "DEFAULT_FEATURES",
+        tuple(f for f in DEFAULT_FEATURES if f != FEATURE_BOUND_NAMES),
+    )
+    path = tmp_path / name
+    create_volume(str(path), KeyfileProvider({"path": str(tmp_path / f"{name}.key")}), 4096)
+    monkeypatch.undo()
+    return path
+
+
+@pytest.fixture
+def legacy_backing(tmp_path, monkeypatch):
+    return make_legacy_volume(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def legacy_vol(legacy_backing):
+    volume = Volume.unlock(str(legacy_backing))
+    yield volume
+    volume.close()
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """Symlink targets up to PATH_MAX - 1 bytes: inline up to 3,055, the symlink store beyond.
 
-The engine on a real volume (no kernel): where each target is kept, the sizes reported,
-the store's life cycle (hard links share, unlink/rename of the last link remove) and
-what tampering with the store gives.
+The engine on a real volume (no kernel) made without `bound-names` (the unbound target
+encoding of FORMAT.md 5.3; bound targets: tests/fs/test_bound_names.py): where each
+target is kept, the sizes reported, the store's life cycle (hard links share,
+unlink/rename of the last link remove) and what tampering with the store gives.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ from encfs.volume import ROOT_INODE, Volume
 from tests.golden.test_golden_volumes import extract_upgraded
 
 LONGEST = fnames.SYMLINK_TARGET_MAX  # 4095
+
+
+@pytest.fixture
+def backing(legacy_backing):
+    return legacy_backing
+
+
+@pytest.fixture
+def vol(legacy_vol):
+    return legacy_vol
 
 
 def store(backing) -> list[str]:
