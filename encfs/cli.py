@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     fsck.add_argument("--repair", action="store_true", help="fix what needs no guessing")
     fsck.add_argument("--json", action="store_true", help="the report as one JSON object")
     _key_arguments(fsck)
+    fsck.add_argument(
+        "--export-quarantine",
+        metavar="DIR",
+        help="write the quarantined evidence and what of it decrypts into DIR (new or "
+        "empty), outside the volume; checks nothing",
+    )
 
     destroy = sub.add_parser(
         "destroy", help="crypto-shred a volume: destroy every KEK record (irreversible)"
@@ -1014,10 +1020,14 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     from encfs.volume import Volume
 
     backing = backing_argument(args.backing)
+    if args.export_quarantine is not None and args.repair:
+        raise UsageError("--export-quarantine checks and repairs nothing: not with --repair")
     volume = Volume.unlock(backing, _operator(args))  # takes the lock: not mounted
     # The report names every damaged block (with its plaintext path): the engine's own
     # per-block warnings would only repeat it with inode numbers.
     logging.getLogger("encfs.volume").setLevel(logging.ERROR)
+    if args.export_quarantine is not None:
+        return _export_quarantine(volume, os.path.abspath(args.export_quarantine), args.json)
     bar = _FsckProgress(enabled=sys.stderr.isatty() and not args.json)
     try:
         report = fsck_mod.fsck(volume, repair=args.repair, on_progress=bar)
@@ -1035,7 +1045,11 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                 else "NOT repairable"
             )
             path = _printable(finding.path)
-            print(f"{path}{block}: {finding.kind}: {finding.detail} [{state}]")
+            kept = f", evidence in quarantine {finding.quarantine}" if finding.quarantine else ""
+            print(
+                f"{path}{block}: {finding.kind}: {finding.detail} "
+                f"[looks like {finding.looks_like}; {state}{kept}]"
+            )
         summary = report.as_dict()
         print(
             f"checked {report.files} files, {report.directories} directories, "
@@ -1043,11 +1057,39 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             f"({report.bytes / 1048576:.1f} MiB): {len(report.findings)} problem(s), "
             f"{summary['repaired']} repaired, {summary['remaining']} remaining"
         )
+        if report.quarantined:
+            print(
+                f"the quarantine holds {report.quarantined} item(s) of evidence: "
+                f"encfs-gw fsck {_printable(backing)} --export-quarantine DIR reads them out"
+            )
     if report.remaining:
         raise fsck_mod.FsckProblems(
             f"{len(report.remaining)} problem(s) remain"
             + ("" if args.repair else "; run fsck --repair to fix the repairable ones")
         )
+    return 0
+
+
+def _export_quarantine(volume: Any, destination: str, as_json: bool) -> int:
+    from encfs import quarantine
+
+    try:
+        exported = quarantine.export(volume, destination)
+    except OSError as exc:
+        raise UsageError(f"cannot export into {destination}: {exc.strerror}") from None
+    finally:
+        volume.close()
+    if as_json:
+        print(json.dumps([
+            {"item": e.item, "finding": e.record, "notes": e.notes} for e in exported
+        ]))
+        return 0
+    for e in exported:
+        what = e.record.get("kind", "finding record unreadable")
+        print(f"{e.item}: {_printable(e.record.get('path', '?'))}: {what}")
+        for note in e.notes:
+            print(f"  {_printable(note)}")
+    print(f"exported {len(exported)} quarantine item(s) into {_printable(destination)}")
     return 0
 
 

@@ -1,18 +1,28 @@
 """Offline volume check and repair (layer L4).
 
 Walks the volume from the root with the key: every name decrypts, every directory has
-its id, every symlink target opens, every file header and name binding verifies, every
-block authenticates, key records beyond the end of a file are empty, link counts match
-the names found. `repair` fixes only what needs no guessing and never deletes data that
-can be read: leftover temporary entries, orphaned long-name sidecars, orphaned key
-records, half-created files (a header that was never completely written), a torn last
-block (cut off at the last block that authenticates), and undecryptable entries (moved
-into /lost+found, never deleted).
+its id (bound to its place on a bound volume), every symlink target opens (and is bound
+to its link), every file header and name binding verifies, every block authenticates,
+key records beyond the end of a file are empty, link counts match the names found.
+
+Each finding says what it looks like, as far as the format can tell: `crash debris`
+(what an interrupted operation of encfs-gw leaves, and nothing else), `tampering` (no
+crash of encfs-gw leaves it: data altered, moved, swapped or replaced in the backing
+store, or damaged by the storage), or `crash or tampering` (a crash and a deliberate
+truncation leave the same bytes).
+
+`repair` never deletes data that can be read and never makes data that failed
+authentication readable or valid (nothing is re-tagged). It removes crash debris that
+holds no data (temporary entries, orphaned long-name sidecars); it moves what failed
+authentication, unchanged, into the quarantine (encfs/quarantine.py), where the mount
+never shows it and only `fsck --export-quarantine` reads it; and before it changes a
+file (a torn tail cut off, orphaned key records cleared, a half-written header cleared)
+it copies the file as it was into the quarantine. A block that fails inside readable
+data, or a last block that fails where no crash could have cut it, is reported and left.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -21,19 +31,28 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from encfs import backing
+from encfs import backing, quarantine
 from encfs.errors import EncfsError, IntegrityError
 from encfs.format import names as fnames
 from encfs.format.blocks import (
     BLOCKS_PER_GROUP,
     HEADER_SIZE,
+    KEY_RECORD_FIELDS,
     KEY_RECORD_SIZE,
+    slot_candidates,
 )
-from encfs.volume import ROOT_INODE, Volume
+from encfs.format.places import STORED_LINK_LENGTH, LinkRecord
+from encfs.volume import ROOT_INODE, BindingError, Volume
 
 log = logging.getLogger(__name__)
 
-LOST_AND_FOUND = b"lost+found"
+CRASH = "crash debris"
+TAMPERING = "tampering"
+EITHER = "crash or tampering"
+# A kill inside a pwrite stops it at a page boundary (the kernel copies page by page and
+# checks for a fatal signal between pages): a file extended by an interrupted write ends
+# at a multiple of this.
+PAGE_SIZE = os.sysconf("SC_PAGESIZE")
 
 
 class FsckProblems(EncfsError):
@@ -50,6 +69,8 @@ class Finding:
     repairable: bool
     repaired: bool = False
     block: int | None = None
+    looks_like: str = TAMPERING
+    quarantine: str | None = None  # the quarantine item holding the evidence
 
 
 @dataclass
@@ -60,6 +81,7 @@ class Report:
     symlinks: int = 0
     blocks: int = 0
     bytes: int = 0
+    quarantined: int = 0  # items in the quarantine after this run
 
     @property
     def remaining(self) -> list[Finding]:
@@ -75,6 +97,7 @@ class Report:
             "findings": [asdict(f) for f in self.findings],
             "repaired": sum(f.repaired for f in self.findings),
             "remaining": len(self.remaining),
+            "quarantined": self.quarantined,
         }
 
 
@@ -93,19 +116,49 @@ class Checker:
         self._nlink: dict[int, tuple[int, str]] = {}
 
     # --- reporting -----------------------------------------------------------------------
-    def _find(self, path: str, kind: str, detail: str, repairable: bool, fix=None, block=None):
-        finding = Finding(path, kind, detail, repairable, block=block)
-        if repairable and self.repair and fix is not None:
+    def _find(
+        self,
+        path: str,
+        kind: str,
+        detail: str,
+        looks_like: str,
+        fix: Callable[[], str | None] | None = None,
+        block: int | None = None,
+    ) -> None:
+        """Record a finding; with --repair run its fix (which returns the quarantine
+        item it made, if any)."""
+        finding = Finding(path, kind, detail, fix is not None, block=block, looks_like=looks_like)
+        if self.repair and fix is not None:
             try:
-                fix()
+                finding.quarantine = fix()
                 finding.repaired = True
             except (OSError, EncfsError) as exc:
                 finding.detail += f" (repair failed: {exc})"
         self.report.findings.append(finding)
 
+    def _quarantine_entry(
+        self, dir_ino: int, backing_name: str, path: str, kind: str, detail: str,
+        looks_like: str, backing_path: str, store_id: bytes | None = None,
+    ) -> Callable[[], str]:
+        """A fix that moves a backing entry, unchanged, into the quarantine."""
+
+        def fix() -> str:
+            return quarantine.move_in(
+                self.volume,
+                self.volume.directory_fd(dir_ino),
+                backing_name,
+                _record(path, kind, detail, looks_like, backing_path),
+                store_id,
+            )
+
+        return fix
+
     # --- the walk --------------------------------------------------------------------------
     def run(self) -> Report:
-        self._directory(ROOT_INODE, "")
+        try:
+            self._directory(ROOT_INODE, "", "")
+        except IntegrityError as exc:
+            self._find("/", _dir_kind(exc), str(exc), TAMPERING)
         for ino, (nlink, path) in self._nlink.items():
             found = self._names_per_inode[ino]
             if found != nlink:
@@ -113,28 +166,34 @@ class Checker:
                     path,
                     "link count",
                     f"the backing inode has {nlink} links but {found} readable names",
-                    repairable=False,
+                    TAMPERING,
                 )
+        self.report.quarantined = len(quarantine.items(self.volume))
         return self.report
 
-    def _directory(self, ino: int, path: str) -> None:
+    def _directory(self, ino: int, path: str, backing_path: str) -> None:
+        entries = self.volume.scan_directory(ino)  # raises if the directory fails
         self.report.directories += 1
-        entries = self.volume.scan_directory(ino)
         present = {name for name, *_ in entries}
         for backing_name, kind, plain, error in entries:
             where = f"{path}/{plain.decode(errors='surrogateescape')}" if plain else path
+            backing_where = f"{backing_path}/{backing_name}"
             if kind == "reserved":
                 self._reserved(ino, path, backing_name, present)
             elif plain is None:
+                detail = error or ""
                 self._find(
                     f"{path}/<backing {backing_name}>",
                     "undecryptable name",
-                    error or "",
-                    repairable=True,
-                    fix=lambda b=backing_name: self._to_lost_and_found(ino, b),
+                    detail,
+                    TAMPERING,
+                    fix=self._quarantine_entry(
+                        ino, backing_name, f"{path}/<backing {backing_name}>",
+                        "undecryptable name", detail, TAMPERING, backing_where,
+                    ),
                 )
             else:
-                self._entry(ino, plain, where)
+                self._entry(ino, plain, where, backing_name, backing_where)
 
     def _reserved(self, ino: int, path: str, name: str, present: set[str]) -> None:
         dir_fd = self.volume.directory_fd(ino)
@@ -143,13 +202,21 @@ class Checker:
         ):
             return
         if name.startswith(fnames.TEMP_PREFIX):
-            self._find(
-                f"{path}/<backing {name}>",
-                "leftover temporary entry",
-                "left by an interrupted mkdir, rmdir, rename or config write",
-                repairable=_only_reserved_inside(dir_fd, name),
-                fix=lambda: _remove(dir_fd, name),
-            )
+            if _only_reserved_inside(dir_fd, name):
+                self._find(
+                    f"{path}/<backing {name}>",
+                    "leftover temporary entry",
+                    "left by an interrupted mkdir, rmdir, rename or config write",
+                    CRASH,
+                    fix=lambda: _remove(dir_fd, name),
+                )
+            else:
+                self._find(
+                    f"{path}/<backing {name}>",
+                    "leftover temporary entry",
+                    "a temporary directory holding entries: no crash of encfs-gw leaves one",
+                    TAMPERING,
+                )
         elif name.endswith(fnames.LONG_NAME_SIDECAR_SUFFIX) and name.startswith(
             fnames.LONG_NAME_PREFIX
         ):
@@ -158,44 +225,76 @@ class Checker:
                     f"{path}/<backing {name}>",
                     "orphaned long-name sidecar",
                     "its entry is gone",
-                    repairable=True,
-                    fix=lambda: os.unlink(name, dir_fd=dir_fd),
+                    CRASH,
+                    fix=lambda: _unlink(dir_fd, name),
                 )
         elif not name.startswith(".egw"):
             self._find(
                 f"{path}/<backing {name}>",
                 "unknown entry",
                 "not written by encfs-gw",
-                repairable=False,
+                TAMPERING,
             )
 
-    def _entry(self, parent: int, plain: bytes, path: str) -> None:
+    def _entry(
+        self, parent: int, plain: bytes, path: str, backing_name: str, backing_path: str
+    ) -> None:
         try:
             attr = self.volume.lookup(parent, plain)
-        except OSError as exc:
-            self._find(path, "unreadable entry", str(exc), repairable=False)
-            return
-        except IntegrityError as exc:
-            self._find(path, "unreadable entry", str(exc), repairable=False)
+        except (OSError, IntegrityError) as exc:
+            self._find(path, "unreadable entry", str(exc), TAMPERING)
             return
         self._names_per_inode[attr.ino] += 1
         if stat.S_ISDIR(attr.mode):
             try:
-                self._directory(attr.ino, path)
+                self._directory(attr.ino, path, backing_path)
             except IntegrityError as exc:
-                self._find(path, "directory without id", str(exc), repairable=False)
+                kind = _dir_kind(exc)
+                detail = f"{exc}; its contents were not checked"
+                self._find(
+                    path, kind, detail, TAMPERING,
+                    fix=self._quarantine_entry(
+                        parent, backing_name, path, kind, detail, TAMPERING, backing_path
+                    ),
+                )
         elif stat.S_ISLNK(attr.mode):
             self.report.symlinks += 1
             try:
                 self.volume.readlink(attr.ino)
             except IntegrityError as exc:
-                self._find(path, "symlink target", str(exc), repairable=False)
+                kind = (
+                    "symlink bound to another place"
+                    if isinstance(exc, BindingError)
+                    else "symlink target does not open"
+                )
+                self._find(
+                    path, kind, str(exc), TAMPERING,
+                    fix=self._quarantine_entry(
+                        parent, backing_name, path, kind, str(exc), TAMPERING, backing_path,
+                        self._store_id(attr.ino),
+                    ),
+                )
         elif stat.S_ISREG(attr.mode):
             self._nlink.setdefault(attr.ino, (attr.nlink, path))
             if self._names_per_inode[attr.ino] == 1:
-                self._file(parent, plain, attr.ino, path)
+                self._file(parent, attr.ino, path, backing_name, backing_path)
 
-    def _file(self, parent: int, plain: bytes, ino: int, path: str) -> None:
+    def _store_id(self, ino: int) -> bytes | None:
+        """The symlink store file a (failed) symlink names, to keep a copy beside it."""
+        try:
+            cipher_target = os.readlink("", dir_fd=self.volume.inode(ino).fd)
+            if self.volume.bound_names:
+                if len(cipher_target) != STORED_LINK_LENGTH:
+                    return None
+                record = LinkRecord.decode(cipher_target)
+                return record.link_id if record.stored else None
+            return fnames.long_symlink_id(cipher_target)
+        except (OSError, IntegrityError):
+            return None
+
+    def _file(
+        self, parent: int, ino: int, path: str, backing_name: str, backing_path: str
+    ) -> None:
         self.report.files += 1
         volume = self.volume
         data_fd = backing.reopen(volume.inode(ino).fd, os.O_RDWR)
@@ -205,35 +304,54 @@ class Checker:
                 self._find(
                     path,
                     "half-created file",
-                    f"header cut at {cipher_size} bytes",
-                    repairable=True,
-                    fix=lambda: os.ftruncate(data_fd, 0),
+                    f"header cut at {cipher_size} bytes (a crash while it was written)",
+                    CRASH,
+                    fix=self._copy_then(
+                        data_fd, path, "half-created file", CRASH, backing_path,
+                        lambda: os.ftruncate(data_fd, 0),
+                    ),
                 )
                 return
             try:
                 fh = volume.open(ino, os.O_RDONLY)
             except IntegrityError as exc:
+                bound_elsewhere = isinstance(exc, BindingError)
+                kind = "file bound to another name" if bound_elsewhere else "bad header"
                 self._find(
-                    path,
-                    "bad header",
-                    str(exc),
-                    repairable=True,
-                    fix=lambda: self._to_lost_and_found(
-                        parent, volume.backing_name(parent, plain)[0]
+                    path, kind, str(exc), TAMPERING,
+                    fix=self._quarantine_entry(
+                        parent, backing_name, path, kind, str(exc), TAMPERING, backing_path
                     ),
                 )
                 return
             try:
-                self._blocks(fh, ino, data_fd, path)
+                self._blocks(fh, ino, data_fd, path, backing_path)
             finally:
                 volume.release(fh)
-            self._orphan_slots(data_fd, path)
+            self._orphan_slots(data_fd, path, backing_path)
         finally:
             os.close(data_fd)
         if self.on_progress is not None:
             self.on_progress(self.report)
 
-    def _blocks(self, fh: int, ino: int, data_fd: int, path: str) -> None:
+    def _copy_then(
+        self, data_fd: int, path: str, kind: str, looks_like: str, backing_path: str,
+        change: Callable[[], object],
+    ) -> Callable[[], str]:
+        """A fix that first copies the file as it is into the quarantine, then changes it."""
+
+        def fix() -> str:
+            item = quarantine.copy_in(
+                self.volume, data_fd,
+                _record(path, kind, "copy of the file before the repair", looks_like,
+                        backing_path),
+            )
+            change()
+            return item
+
+        return fix
+
+    def _blocks(self, fh: int, ino: int, data_fd: int, path: str, backing_path: str) -> None:
         volume = self.volume
         block_size = volume.layout.block_size
         size = volume.getattr(ino).size
@@ -254,20 +372,60 @@ class Checker:
                 except IntegrityError:
                     bad.append(block_offset // block_size)
         last = (size - 1) // block_size if size else -1
+        cipher_size = os.fstat(data_fd).st_size
         for index in bad:
-            torn_tail = index == last
-            self._find(
-                path,
-                "torn tail" if torn_tail else "block does not authenticate",
-                f"block {index}",
-                repairable=torn_tail,
-                fix=(lambda i=index: volume.setattr(ino, size=i * block_size))
-                if torn_tail
-                else None,
-                block=index,
-            )
+            interrupted = self._live_slots(data_fd, index) == 2
+            if index != last:
+                self._find(
+                    path,
+                    "block does not authenticate",
+                    f"block {index}: "
+                    + (
+                        "it has two key slots: a kill inside the write of its record"
+                        if interrupted
+                        else "a complete block with one key: no crash leaves that"
+                    )
+                    + " (not repaired: the rest of the file reads)",
+                    CRASH if interrupted else TAMPERING,
+                    block=index,
+                )
+            elif interrupted or cipher_size % PAGE_SIZE == 0:
+                why = (
+                    "it has two key slots: a kill while the block was rewritten or cut"
+                    if interrupted
+                    else f"the file ends at a page boundary ({cipher_size} bytes): a kill "
+                    "inside the write that extended it"
+                )
+                self._find(
+                    path,
+                    "torn tail",
+                    f"block {index}: {why}; repair cuts the file at block {index} "
+                    "(the whole file kept in quarantine first)",
+                    CRASH,
+                    fix=self._copy_then(
+                        data_fd, path, "torn tail", CRASH, backing_path,
+                        lambda i=index: volume.setattr(ino, size=i * block_size),
+                    ),
+                    block=index,
+                )
+            else:
+                self._find(
+                    path,
+                    "last block does not authenticate",
+                    f"block {index}: a complete last block with one key, not cut where a "
+                    "crash cuts: no crash leaves that (not repaired)",
+                    TAMPERING,
+                    block=index,
+                )
 
-    def _orphan_slots(self, data_fd: int, path: str) -> None:
+    def _live_slots(self, data_fd: int, index: int) -> int:
+        raw = os.pread(data_fd, KEY_RECORD_SIZE, self.volume.layout.key_record_offset(index))
+        if len(raw) < KEY_RECORD_SIZE:
+            return 0
+        candidates = slot_candidates(KEY_RECORD_FIELDS.unpack(raw))
+        return len(candidates) if candidates is not None else 0
+
+    def _orphan_slots(self, data_fd: int, path: str, backing_path: str) -> None:
         """Key records of blocks past the end of the file must be empty."""
         layout = self.volume.layout
         cipher_size = os.fstat(data_fd).st_size
@@ -284,34 +442,32 @@ class Checker:
             self._find(
                 path,
                 "orphaned key records",
-                "key slots of blocks past the end of the file",
-                repairable=True,
-                fix=lambda: os.pwrite(data_fd, bytes(end - start), start),
+                "key slots of blocks past the end of the file: an interrupted write or "
+                "truncate leaves them, and so does a file cut short at a block boundary "
+                "by someone else (the format cannot tell which); repair clears them (the "
+                "whole file kept in quarantine first)",
+                EITHER,
+                fix=self._copy_then(
+                    data_fd, path, "orphaned key records", EITHER, backing_path,
+                    lambda: backing.pwrite_all(data_fd, bytes(end - start), start),
+                ),
             )
 
-    # --- lost+found ------------------------------------------------------------------------
-    def _lost_and_found(self) -> int:
-        try:
-            return self.volume.lookup(ROOT_INODE, LOST_AND_FOUND).ino
-        except FileNotFoundError:
-            return self.volume.mkdir(ROOT_INODE, LOST_AND_FOUND, 0o40700, 0, 0).ino
 
-    def _to_lost_and_found(self, parent: int, backing_name: str) -> None:
-        """Move a backing entry, unread, into /lost+found under a readable name."""
-        target = self._lost_and_found()
-        source_fd = self.volume.directory_fd(parent)
-        plain = b"undecryptable-" + backing_name.encode()[:200]
-        new_backing, encoded = self.volume.backing_name(target, plain)
-        target_fd = self.volume.directory_fd(target)
-        if new_backing != encoded:
-            backing.write_file_atomic(
-                target_fd, fnames.sidecar_name(new_backing), encoded.encode(), 0o400
-            )
-        st = os.stat(backing_name, dir_fd=source_fd, follow_symlinks=False)
-        if stat.S_ISREG(st.st_mode) and st.st_size >= HEADER_SIZE:
-            with contextlib.suppress(IntegrityError):  # a bad header stays as it is
-                self.volume.unbind_file(parent, backing_name)
-        backing.renameat2(source_fd, backing_name, target_fd, new_backing, backing.RENAME_NOREPLACE)
+def _dir_kind(exc: IntegrityError) -> str:
+    if isinstance(exc, BindingError):
+        return "directory bound to another place"
+    return "bad directory id"
+
+
+def _record(path: str, kind: str, detail: str, looks_like: str, backing_path: str) -> dict:
+    return {
+        "path": path,
+        "kind": kind,
+        "detail": detail,
+        "looks_like": looks_like,
+        "backing_path": backing_path.lstrip("/"),
+    }
 
 
 def _only_reserved_inside(dir_fd: int, name: str) -> bool:
@@ -323,6 +479,10 @@ def _only_reserved_inside(dir_fd: int, name: str) -> bool:
         return all(fnames.classify(n) == "reserved" for n in os.listdir(fd))
     finally:
         os.close(fd)
+
+
+def _unlink(dir_fd: int, name: str) -> None:
+    os.unlink(name, dir_fd=dir_fd)
 
 
 def _remove(dir_fd: int, name: str) -> None:

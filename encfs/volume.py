@@ -645,8 +645,12 @@ class Volume:
 
     def _decode(self, directory: Inode, backing_name: str) -> bytes | None:
         """Plaintext of a backing entry name; None for reserved entries."""
+        return self.plain_name_in(directory.fd, self._dir_id(directory), backing_name)
+
+    def plain_name_in(self, dir_fd: int, dir_id: bytes, backing_name: str) -> bytes | None:
+        """Plaintext of a backing entry name in the directory `dir_fd` whose id is
+        `dir_id`; None for reserved entries."""
         memo = self.keyring.name_memo  # raises once the keys are revoked
-        dir_id = self._dir_id(directory)
         known = memo.plain.get((dir_id, backing_name))
         if known is not None:
             return known
@@ -655,7 +659,7 @@ class Volume:
             return None
         if kind == "long":
             encoded = backing.read_small_file(
-                directory.fd, fnames.sidecar_name(backing_name), 4096
+                dir_fd, fnames.sidecar_name(backing_name), 4096
             ).decode("ascii", "replace")
             if fnames.long_name_stub(encoded) != backing_name:
                 raise IntegrityError("long-name sidecar does not match its entry")
@@ -1432,7 +1436,7 @@ class Volume:
         if inode.location is None:
             return
         if not crypto.tag_in(self._binding(inode.location, header.file_id), header.bindings):
-            raise IntegrityError(
+            raise BindingError(
                 f"inode {inode.ino}: file header is bound to another name "
                 "(ciphertext replaced or moved in the backing store)"
             )
@@ -1709,14 +1713,6 @@ class Volume:
             except (IntegrityError, OSError) as exc:
                 out.append((backing_name, kind, None, str(exc)))
         return out
-
-    def unbind_file(self, parent_ino: int, backing_name: str) -> None:
-        """Make a file readable under any name (fsck moving it to lost+found)."""
-        path_fd = backing.open_path(backing_name, self._dir(parent_ino).fd)
-        try:
-            self._rewrite_header(path_fd, self._unbind)
-        finally:
-            os.close(path_fd)
 
     def directory_fd(self, ino: int) -> int:
         """The backing directory handle of a directory inode (for fsck repairs)."""

@@ -79,11 +79,12 @@ def test_tampered_block_is_reported_with_path_and_block(populated, tmp_path):
     result = fsck(volume, "--repair")  # not repairable: readable data is never cut off
     assert result.returncode == FsckProblems.exit_code
     assert "/dir/big block 2: block does not authenticate" in result.stdout
-    assert "NOT repairable" in result.stdout
+    assert "looks like tampering; NOT repairable" in result.stdout
     assert result.stderr.strip().startswith("encfs-gw: error: 1 problem(s) remain")
     report = json.loads(fsck(volume, "--json").stdout)
     (finding,) = report["findings"]
     assert finding["path"] == "/dir/big" and finding["block"] == 2
+    assert finding["looks_like"] == "tampering" and report["quarantined"] == 0
     with mounted(volume, tmp_path / "mnt") as mnt:  # the other blocks still read
         with open(mnt / "dir" / "big", "rb") as f:
             assert f.read(2 * BLOCK) == files["big"][: 2 * BLOCK]
@@ -94,17 +95,23 @@ def test_repair_cleans_crash_debris_then_the_volume_is_clean(populated, tmp_path
     volume, files = populated
     (volume.backing / f"{TEMP_PREFIX}00000000000000aa").write_bytes(b"half-written")
     path = backing_file(volume, b"dir", b"big")
-    os.truncate(path, Layout(BLOCK).record_offset(5) + 30)  # a torn last block
+    # A kill inside the write that extended the file: cut at a page boundary in block 4.
+    os.truncate(path, 6 * 4096)
+    assert Layout(BLOCK).record_offset(4) < 6 * 4096 < Layout(BLOCK).record_offset(5)
     result = fsck(volume)
     assert result.returncode == FsckProblems.exit_code
-    assert "repairable (--repair)" in result.stdout
+    assert "/dir/big block 4: torn tail" in result.stdout
+    assert "looks like crash debris; repairable (--repair)" in result.stdout
     assert "run fsck --repair" in result.stderr
     result = fsck(volume, "--repair")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "remaining" in result.stdout and " 0 remaining" in result.stdout
-    assert fsck(volume).returncode == 0
+    assert "evidence in quarantine" in result.stdout
+    result = fsck(volume)
+    assert result.returncode == 0
+    assert "the quarantine holds 1 item(s)" in result.stdout
     with mounted(volume, tmp_path / "mnt") as mnt:
-        assert (mnt / "dir" / "big").read_bytes() == files["big"][: 5 * BLOCK]
+        assert (mnt / "dir" / "big").read_bytes() == files["big"][: 4 * BLOCK]
         assert (mnt / "dir" / "small").read_bytes() == files["small"]
 
 
@@ -141,3 +148,34 @@ def test_destroy_needs_the_volume_id_then_nothing_opens(populated, tmp_path):
     result = run_cli("mount", volume.backing, tmp_path / "mnt2", "--keyfile", volume.keyfile)
     assert result.returncode == KeyRevoked.exit_code
     assert "destroyed" in result.stderr
+
+
+def test_swapped_files_quarantined_and_exported_by_the_operator(populated, tmp_path):
+    volume, files = populated
+    big, small = backing_file(volume, b"dir", b"big"), backing_file(volume, b"dir", b"small")
+    os.rename(big, big + ".x")
+    os.rename(small, big)
+    os.rename(big + ".x", small)
+    result = fsck(volume, "--repair")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "/dir/big: file bound to another name" in result.stdout
+    assert "/dir/small: file bound to another name" in result.stdout
+    assert result.stdout.count("looks like tampering; repaired, evidence in quarantine") == 2
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        assert sorted(os.listdir(mnt / "dir")) == []  # nothing readable came back
+        assert sorted(os.listdir(mnt)) == ["dir", "link"]
+    out = tmp_path / "evidence"
+    result = fsck(volume, "--export-quarantine", out)
+    assert result.returncode == 0, result.stderr
+    assert "exported 2 quarantine item(s)" in result.stdout
+    exported = {
+        json.loads((item / "finding.json").read_text())["path"]: item for item in out.iterdir()
+    }
+    # The operator sees what the attacker put under each name, outside the volume.
+    assert (exported["/dir/big"] / "plaintext" / "big").read_bytes() == files["small"]
+    assert (exported["/dir/small"] / "plaintext" / "small").read_bytes() == files["big"]
+    result = fsck(volume, "--export-quarantine", out)
+    assert result.returncode == UsageError.exit_code  # not over an earlier export
+    result = fsck(volume, "--repair", "--export-quarantine", tmp_path / "other")
+    assert result.returncode == UsageError.exit_code
+    assert result.stderr.count("\n") == 1

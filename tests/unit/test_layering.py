@@ -28,6 +28,7 @@ LAYERS = {
     "health": 4,
     "fsck": 4,
     "upgrade": 4,
+    "quarantine": 4,
     "fuse": 5,
     "mount": 6,
     "systemd": 6,
