@@ -3,6 +3,11 @@ regenerate an existing one in place (a format change adds a new directory/tarbal
 
     .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-keyfile
     .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-long-symlinks
+    .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-bound-names
+
+A volume gets the default features of the encfs-gw that runs this (each golden volume
+was made when its newest feature was the newest default); what a feature adds to the
+tree is added only when the volume has it, so older volumes keep their manifests.
 
 Writes NAME.tar (the backing tree), NAME.key (test-only key file) and NAME.json (the
 plaintext manifest the tests compare against).
@@ -18,7 +23,7 @@ import sys
 import tarfile
 import tempfile
 
-from encfs.format import FEATURE_LONG_SYMLINKS
+from encfs.format import FEATURE_BOUND_NAMES, FEATURE_LONG_SYMLINKS
 from encfs.keys.keyfile import KeyfileProvider
 from encfs.volume import ROOT_INODE, Volume, create_volume
 
@@ -88,6 +93,21 @@ def main(prefix: str) -> None:
             ("longest-link", "/" + "t" * 4094),  # PATH_MAX - 1 bytes
         ):
             vol.symlink(ROOT_INODE, name.encode(), target.encode(), 0, 0)
+            manifest[name] = {"type": "symlink", "target": target}
+    if FEATURE_BOUND_NAMES in vol.config.features:  # v1-bound-names and later
+        # Renamed objects carry bindings rewritten by the rename protocols (FORMAT.md 4).
+        moved = vol.mkdir(ROOT_INODE, b"to-move", stat.S_IFDIR | 0o755, 0, 0)
+        add_file(moved.ino, "moved dir/inside", b"inside", b"inside a renamed directory\n")
+        read_only = vol.mkdir(moved.ino, b"read-only", stat.S_IFDIR | 0o755, 0, 0)
+        add_file(read_only.ino, "moved dir/read-only/kept", b"kept", b"kept\n")
+        vol.setattr(read_only.ino, mode=stat.S_IFDIR | 0o555)
+        vol.rename(ROOT_INODE, b"to-move", d1.ino, b"moved dir")
+        vol.rename(d1.ino, b"moved dir", ROOT_INODE, b"moved dir")
+        manifest["moved dir"] = {"type": "dir", "mode": 0o755}
+        manifest["moved dir/read-only"] = {"type": "dir", "mode": 0o555}
+        for name, target in (("short-moved", "short target"), ("long-moved", "m/" * 1600)):
+            vol.symlink(ROOT_INODE, b"before-" + name.encode(), target.encode(), 0, 0)
+            vol.rename(ROOT_INODE, b"before-" + name.encode(), ROOT_INODE, name.encode())
             manifest[name] = {"type": "symlink", "target": target}
     vol.close()
     os.unlink(os.path.join(backing, "encfs-gw.lock"))

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from encfs import upgrade
-from encfs.errors import ConfigAuthError, UnsupportedFormat
+from encfs.errors import ConfigAuthError, IntegrityError, UnsupportedFormat
+from encfs.format import FEATURE_BOUND_NAMES
 from encfs.trust import Operator, OperatorSpec
 from encfs.volume import ROOT_INODE
 from encfs.volume import Volume as Engine
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("own_trust_store")
 HERE = Path(__file__).parent / "volumes"
 # Made before the `authenticated-config` feature: refused until `encfs-gw upgrade`.
 LEGACY = ["v1-keyfile", "v1-long-symlinks"]
-GOLDEN = LEGACY
+# Directories and symlink targets bound to their place (and an authenticated config).
+GOLDEN = [*LEGACY, "v1-bound-names"]
 
 
 def extract(name: str, tmp_path: Path) -> Volume:
@@ -44,9 +46,11 @@ def extract_upgraded(name: str, tmp_path: Path) -> Volume:
     """A private copy, upgraded through the engine if it is a legacy volume (its key
     file vouched for), so it opens from the trust store afterwards."""
     volume = extract(name, tmp_path)
+    operator = Operator([OperatorSpec.keyfile(str(volume.keyfile))])
     if name in LEGACY:
-        operator = Operator([OperatorSpec.keyfile(str(volume.keyfile))])
         upgrade.upgrade(str(volume.backing), operator, trust_stored=False)
+    else:  # opened once with its key file vouched for: the trust store records it
+        Engine.unlock(str(volume.backing), operator).close()
     return volume
 
 
@@ -154,3 +158,50 @@ def test_golden_volume_with_unknown_version_or_flag_refused(edit, code, tmp_path
     result = run_cli("mount", volume.backing, tmp_path / "mnt", "--keyfile", volume.keyfile)
     assert result.returncode == code
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("encfs-gw: error:")
+
+
+def _engine(volume: Volume) -> Engine:
+    return Engine.unlock(str(volume.backing))
+
+
+def _swap_dirs(volume: Volume, first: bytes, second: bytes) -> None:
+    engine = _engine(volume)
+    try:
+        paths = [volume.backing / engine.backing_name(ROOT_INODE, n)[0] for n in (first, second)]
+    finally:
+        engine.close()
+    paths[0].rename(paths[0].with_name("swap"))
+    paths[1].rename(paths[0])
+    paths[0].with_name("swap").rename(paths[1])
+
+
+def _listing(engine: Engine, name: bytes) -> list[bytes]:
+    fh = engine.opendir(engine.lookup(ROOT_INODE, name).ino)
+    try:
+        return sorted(n for n, b, _ in engine.readdir(fh, 0) if b is not None)
+    finally:
+        engine.releasedir(fh)
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden_directories_swapped(name, tmp_path):
+    """v1-bound-names refuses swapped directories; volumes made before the feature keep
+    their old behaviour (no binding checks: the swap goes unnoticed)."""
+    volume = extract_upgraded(name, tmp_path)
+    manifest = json.loads((HERE / f"{name}.json").read_text())
+    second = b"moved dir" if "moved dir" in manifest else b"other"  # (renamed twice)
+    if second == b"other":
+        engine = _engine(volume)
+        engine.mkdir(ROOT_INODE, second, 0o40755, 0, 0)
+        engine.close()
+    _swap_dirs(volume, b"dir", second)
+    engine = _engine(volume)
+    try:
+        if FEATURE_BOUND_NAMES in engine.config.features:
+            for directory in (b"dir", second):
+                with pytest.raises(IntegrityError):
+                    _listing(engine, directory)
+        else:
+            assert _listing(engine, second) == [b"sub dir \xc3\xa9"]
+    finally:
+        engine.close()

@@ -4,13 +4,15 @@ equal the committed digests."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import struct
+import types
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from encfs import contents as contents_mod
@@ -152,3 +154,86 @@ def test_config_mac_matches_independent_computation():
     # What is written parses back to the same body and the same MAC.
     parsed, stored = VolumeConfig.from_json(config.to_json(mac))
     assert stored == mac and parsed.body() == config.body()
+
+
+# --- places (feature bound-names): a directory id record and a bound symlink target ---------
+
+PARENT_ID = bytes([0x77]) * 16
+DIR_ID = bytes([0x88]) * 16
+ROOT_ID = bytes([0x99]) * 16
+LINK_ID = bytes([0xAA]) * 18
+LINK_TARGET = b"../target"
+
+EXPECTED_DIR_RECORD = (
+    "88888888888888888888888888888888"  # dir id
+    "106d0e708976826756c60851b7dd4d0a"  # binding A: "docs" in directory 77..77
+    "00000000000000000000000000000000"  # binding B: none (no rename under way)
+)
+EXPECTED_ROOT_BINDING = "b2b91a0e09852579e6836365e077ace5"
+EXPECTED_LINK_TARGET = (
+    "AKqqqqqqqqqqqqqqqqqqqqqqqvXd4OBBQ8aIX33-3EU5AvcAAAAAAAAAAAAAAAAAAAAA"  # header: 68 chars
+    "GLF0_8m-D-RnRuxr5d7PUlgUYHxrbNFmqQ"  # AES-SIV(target): 16-byte tag, 9 bytes
+)
+
+
+def _hkdf(info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(VOLUME_KEY)
+
+
+def _hmac16(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()[:16]
+
+
+def independent_places() -> tuple[bytes, bytes, str]:
+    """docs/FORMAT.md 5.1 and 5.3, computed by hand."""
+    binding_key = _hkdf(b"encfs-gw v1: HMAC key binding file headers to their names", 32)
+    padded_docs = b"docs" + bytes(12)
+    dir_tag = _hmac16(
+        binding_key,
+        b"EGWD directory binding" + VOLUME_ID + PARENT_ID + struct.pack(">H", 16) + padded_docs
+        + DIR_ID,
+    )
+    root_tag = _hmac16(binding_key, b"EGWD root binding" + VOLUME_ID + ROOT_ID)
+    symlink_key = _hkdf(b"encfs-gw v1: AES-SIV key for symlink targets", 64)
+    sealed = AESSIV(symlink_key).encrypt(LINK_TARGET, [b"EGWS", LINK_ID])
+    padded_link = b"link" + bytes(12)
+    link_tag = _hmac16(
+        binding_key,
+        b"EGWS link binding" + VOLUME_ID + PARENT_ID + struct.pack(">H", 16) + padded_link
+        + b"\x00" + LINK_ID,
+    )
+    raw = b"\x00" + LINK_ID + link_tag + bytes(16) + sealed
+    target = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return DIR_ID + dir_tag + bytes(16), root_tag, target
+
+
+def engine_places(monkeypatch) -> tuple[bytes, bytes, str]:
+    from encfs.format.places import DirRecord
+    from encfs.volume import Volume
+
+    config = VolumeConfig(
+        volume_id=VOLUME_ID,
+        block_size=16384,
+        features=("aes256gcm-per-block-dek", "bound-names"),
+        created="2026-01-01T00:00:00Z",
+        current_kek=1,
+        kek_versions={
+            1: KekVersion(1, "active", "x", bytes(92), [Protector("00" * 8, "keyfile", {})])
+        },
+    )
+    engine = types.SimpleNamespace(keyring=Keyring(config, {1: KEK}, VOLUME_KEY), config=config)
+    engine._link_tag = lambda location, record: Volume._link_tag(engine, location, record)
+    dir_tag = Volume._dir_tag(engine, (PARENT_ID, b"docs"), DIR_ID)
+    root_tag = Volume._root_tag(engine, ROOT_ID)
+    monkeypatch.setattr(crypto, "random_bytes", lambda size: LINK_ID)
+    link = Volume._new_link_record(engine, (PARENT_ID, b"link"), LINK_TARGET)
+    record = DirRecord(DIR_ID, (dir_tag, bytes(16))).pack()
+    return record, root_tag, link.encode()
+
+
+def test_places_engine_matches_independent_computation_and_committed_bytes(monkeypatch):
+    record, root_tag, target = independent_places()
+    assert engine_places(monkeypatch) == (record, root_tag, target)
+    assert record.hex() == EXPECTED_DIR_RECORD
+    assert root_tag.hex() == EXPECTED_ROOT_BINDING
+    assert target == EXPECTED_LINK_TARGET

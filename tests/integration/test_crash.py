@@ -20,7 +20,8 @@ through every iteration. An iteration has its own seed and does:
 4. `encfs-gw fsck BACKING --json`: clean, or only findings a crash may leave: debris
    anywhere (temporary entries, orphaned long-name sidecars) and, on the file of the
    interrupted operation only, a torn tail, orphaned key records or a block that does not
-   authenticate (see below). `fsck --repair` must repair every repairable finding;
+   authenticate (see below), none of which fsck says looks like tampering.
+   `fsck --repair` must repair every repairable finding;
 5. the next mount (or the final one) compares the whole tree with the model.
 
 What "nothing lost" means. A kill -9 of the daemon is not a power cut: whatever the daemon
@@ -676,6 +677,8 @@ class Harness:
         for finding in report["findings"]:
             kind, path = finding["kind"], finding["path"]
             self.figures.findings[kind] += 1
+            # A kill leaves nothing fsck takes for tampering.
+            assert finding["looks_like"] != "tampering", f"{where}: {finding}"
             if kind in DEBRIS:
                 continue
             assert path in paths, f"{where}: {kind} on {path}, not the interrupted file"
