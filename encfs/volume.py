@@ -181,6 +181,34 @@ class _Move:
     current: tuple[Inode, str] | None = None  # where its backing object is now
 
 
+@dataclass(eq=False)
+class PendingRename:
+    """A rename between its stages (`Volume.rename_begin`)."""
+
+    moves: list[_Move]
+    rename: Callable[[], None]
+    clean_up: Callable[[], None] | None = None
+    renamed: bool = False
+
+    @property
+    def sync_before(self) -> list[int]:
+        """Descriptors to fsync before the backing rename: the id records of moved
+        directories (a power loss must not keep the rename and lose their new place)."""
+        return [m.fd for m in self.moves if isinstance(m.record, DirRecord) and m.fd is not None]
+
+    def sync_after(self) -> list[int]:
+        """Descriptors to fsync after it (the parents, when a directory moved), so that
+        step 3 never outlives the rename. A parent the daemon cannot read is an O_PATH
+        handle, whose fsync fails: the caller then skips step 3 for directories."""
+        if not self.sync_before:
+            return []
+        parents = {}
+        for move in self.moves:
+            parents[move.parent.ino] = move.parent.fd
+            parents[move.new_parent.ino] = move.new_parent.fd
+        return list(parents.values())
+
+
 class DirHandle:
     __slots__ = ("entries", "inode")
 
@@ -1109,6 +1137,39 @@ class Volume:
         new_name: bytes,
         flags: int = 0,
     ) -> None:
+        """A rename in one call (the FUSE adapter runs the same stages, with the fsyncs
+        of a directory's rename off the request loop)."""
+        pending = self.rename_begin(old_parent_ino, old_name, new_parent_ino, new_name, flags)
+        if pending is None:
+            return
+        try:
+            for fd in pending.sync_before:
+                os.fsync(fd)
+            self.rename_apply(pending)
+            durable = True
+            try:
+                for fd in pending.sync_after():
+                    os.fsync(fd)
+            except OSError as exc:
+                log.debug("cannot make a directory rename durable: %s", exc)
+                durable = False
+            self.rename_finish(pending, durable)
+        finally:
+            self.rename_end(pending)
+
+    def rename_begin(
+        self,
+        old_parent_ino: int,
+        old_name: bytes,
+        new_parent_ino: int,
+        new_name: bytes,
+        flags: int = 0,
+    ) -> PendingRename | None:
+        """Check a rename and make every object it moves valid at both places (step 1 of
+        docs/FORMAT.md section 4); None if there is nothing to do. Then: `sync_before`
+        (fsync, any thread), `rename_apply`, `sync_after()` (fsync; failure: not durable),
+        `rename_finish`, and always `rename_end`. The kernel holds both parents locked
+        for the whole rename."""
         self.counters["moves"] += 1
         old_parent = self._dir(old_parent_ino)
         new_parent = self._dir(new_parent_ino)
@@ -1136,13 +1197,12 @@ class Volume:
             self._write_sidecar(old_parent, old_backing, old_encoded)
             back = _Move(new_st, new_parent, new_backing, new_location, old_parent, old_backing,
                          old_location)
-            self._moved([forth, back], exchange)
-            return
+            return self._prepare([forth, back], exchange)
         if new_st is not None:
             if flags & backing.RENAME_NOREPLACE:
                 raise _oserror(errno.EEXIST)
             if old_st.st_ino == new_st.st_ino:
-                return  # same object (hard links to one file): POSIX says do nothing
+                return None  # same object (hard links to one file): POSIX says do nothing
             if stat.S_ISDIR(new_st.st_mode):
                 if not stat.S_ISDIR(old_st.st_mode):
                     raise _oserror(errno.EISDIR)
@@ -1152,61 +1212,78 @@ class Volume:
                 # instant), then remove the (empty) directory that was replaced.
                 back = _Move(new_st, new_parent, new_backing, new_location, old_parent,
                              old_backing, old_location, final=False)
-                self._moved([forth, back], exchange)
-                tmp = backing.temp_name()
-                backing.renameat2(
-                    old_parent.fd, old_backing, old_parent.fd, tmp, backing.RENAME_NOREPLACE
-                )
-                self._remove_sidecar(old_parent, old_backing)
-                self._remove_tree(old_parent.fd, tmp)
-                return
+
+                def remove_replaced() -> None:
+                    tmp = backing.temp_name()
+                    backing.renameat2(
+                        old_parent.fd, old_backing, old_parent.fd, tmp, backing.RENAME_NOREPLACE
+                    )
+                    self._remove_sidecar(old_parent, old_backing)
+                    self._remove_tree(old_parent.fd, tmp)
+
+                return self._prepare([forth, back], exchange, remove_replaced)
             if stat.S_ISDIR(old_st.st_mode):
                 raise _oserror(errno.ENOTDIR)
         replaced_long_id = (
             None if new_st is None else self._last_long_symlink(new_parent.fd, new_backing, new_st)
         )
         self._write_sidecar(new_parent, new_backing, new_encoded)
-        self._moved(
-            [forth],
-            lambda: os.rename(
-                old_backing, new_backing, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd
-            ),
-        )
-        if (old_parent.ino, old_backing) != (new_parent.ino, new_backing):
-            self._remove_sidecar(old_parent, old_backing)
-        if replaced_long_id is not None:
-            self._remove_long_target(replaced_long_id)
 
-    def _moved(self, moves: list[_Move], rename: Callable[[], None]) -> None:
-        """Run a backing rename, carrying bindings and known inodes' places along.
+        def rename() -> None:
+            with self._replaced(new_parent, new_backing) if new_st else contextlib.nullcontext():
+                os.rename(
+                    old_backing, new_backing, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd
+                )
 
-        Every moved object is first made valid at its old place and its new one (a file
-        header or a directory id record: binding A := old place, B := new place; a bound
-        symlink is replaced by one whose target carries both), then renamed, then made
-        valid at its new place only. At every instant each name on disk verifies, so a
-        crash never makes anything fail. Nothing is re-bound that did not verify at its
-        old place: the rename of tampered data fails (EIO) instead of laundering it.
-        """
+        def clean_up() -> None:
+            if (old_parent.ino, old_backing) != (new_parent.ino, new_backing):
+                self._remove_sidecar(old_parent, old_backing)
+            if replaced_long_id is not None:
+                self._remove_long_target(replaced_long_id)
+
+        return self._prepare([forth], rename, clean_up)
+
+    def _prepare(
+        self,
+        moves: list[_Move],
+        rename: Callable[[], None],
+        clean_up: Callable[[], None] | None = None,
+    ) -> PendingRename:
+        pending = PendingRename(moves, rename, clean_up)
         try:
             for move in moves:
                 self._bind_both(move)
-            rename()
-            for move in moves:
-                move.current = move.new_parent, move.new_backing
-            durable = self._renamed_durably(moves)
-            for move in moves:
-                if move.final:
-                    self._bind_new(move, durable)
-        finally:
-            for move in moves:
-                if move.fd is not None:
-                    os.close(move.fd)
-                    move.fd = None
                 self._follow_link(move)
-        for move in moves:
+        except BaseException:
+            self.rename_end(pending)
+            raise
+        return pending
+
+    def rename_apply(self, pending: PendingRename) -> None:
+        """Step 2: the backing rename; the moved objects' known inodes follow."""
+        pending.rename()
+        pending.renamed = True
+        for move in pending.moves:
+            move.current = move.new_parent, move.new_backing
             moved = self._inodes.get(self._fuse_ino(move.st.st_ino))
             if moved is not None:
                 moved.location = move.new_location
+
+    def rename_finish(self, pending: PendingRename, durable: bool) -> None:
+        """Step 3 (for a directory only if `durable`: the rename was fsynced), then what
+        the rename left to remove (a replaced directory, sidecars, a stored target)."""
+        for move in pending.moves:
+            if move.final:
+                self._bind_new(move, durable)
+                self._follow_link(move)
+        if pending.clean_up is not None:
+            pending.clean_up()
+
+    def rename_end(self, pending: PendingRename) -> None:
+        for move in pending.moves:
+            if move.fd is not None:
+                os.close(move.fd)
+                move.fd = None
 
     def _bind_both(self, move: _Move) -> None:
         """Step 1: make the object valid at its old and its new place."""
@@ -1232,9 +1309,6 @@ class Volume:
             new_tag = self._dir_tag(move.new_location, record.dir_id)
             move.record = record
             backing.pwrite_all(move.fd, DirRecord(record.dir_id, (old_tag, new_tag)).pack(), 0)
-            # Durable before the rename can be: a power loss must never leave the
-            # directory at its new name with only its old place in the record.
-            os.fdatasync(move.fd)
         elif kind == stat.S_IFLNK and self.bound_names:
             link = LinkRecord.decode(os.readlink(move.backing_name, dir_fd=move.parent.fd))
             old_tag = self._link_tag(move.old_location, link)
@@ -1261,7 +1335,7 @@ class Volume:
             elif kind == stat.S_IFDIR and isinstance(move.record, DirRecord):
                 # Only once the rename is durable: else a power loss could keep the
                 # record's new state and lose the rename.
-                if durable:
+                if durable and move.fd is not None:
                     new_tag = self._dir_tag(move.new_location, move.record.dir_id)
                     record = DirRecord(move.record.dir_id, (new_tag, places.ZERO_BINDING))
                     backing.pwrite_all(move.fd, record.pack(), 0)
@@ -1273,23 +1347,6 @@ class Volume:
                 self._replace_link(move.new_parent, move.new_backing, final, move.st)
         except OSError as exc:
             log.warning("a renamed entry keeps its old place valid too: %s", exc)
-
-    def _renamed_durably(self, moves: list[_Move]) -> bool:
-        """After the rename of a directory of a bound volume: make the rename durable
-        (fsync of both parents), so that step 3 cannot outlive it. False if that is
-        impossible (a parent the daemon cannot open for reading)."""
-        if not any(isinstance(move.record, DirRecord) for move in moves):
-            return True
-        parents = {id(m.parent): m.parent for m in moves} | {
-            id(m.new_parent): m.new_parent for m in moves
-        }
-        try:
-            for parent in parents.values():
-                os.fsync(parent.fd)
-        except OSError as exc:
-            log.debug("cannot make a directory rename durable: %s", exc)
-            return False
-        return True
 
     def _replace_link(self, parent: Inode, backing_name: str, link: LinkRecord,
                       st: os.stat_result) -> None:
@@ -1305,11 +1362,27 @@ class Volume:
                 backing.utimens_fd(fd, st.st_atime_ns, st.st_mtime_ns)
             finally:
                 os.close(fd)
-            os.rename(tmp, backing_name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+            with self._replaced(parent, backing_name):
+                os.rename(tmp, backing_name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=parent.fd)
             raise
+
+    @contextlib.contextmanager
+    def _replaced(self, parent: Inode, backing_name: str) -> Iterator[None]:
+        """Around a rename over `backing_name`: the replaced object is freed by the last
+        close of a handle held meanwhile, on the deferred closer (freeing an inode with
+        data blocks takes milliseconds on ext4, which the rename would otherwise spend)."""
+        try:
+            fd = backing.open_path(backing_name, parent.fd)
+        except FileNotFoundError:
+            fd = None
+        try:
+            yield
+        finally:
+            if fd is not None:
+                self._close_fd(fd)
 
     def _follow_link(self, move: _Move) -> None:
         """A known symlink inode stands for the backing symlink now at its name (the one

@@ -233,7 +233,27 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: Any,
     ) -> None:
-        self.volume.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        volume = self.volume
+        pending = volume.rename_begin(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        if pending is None:
+            return
+        try:
+            # A directory's rename fsyncs its id record before and its parents after the
+            # backing rename (docs/FORMAT.md 4): other requests go on meanwhile.
+            if pending.sync_before:
+                await self.syncer.fsync_all(pending.sync_before)
+            volume.rename_apply(pending)
+            durable = True
+            after = pending.sync_after()
+            if after:
+                try:
+                    await self.syncer.fsync_all(after)
+                except OSError as exc:
+                    log.debug("cannot make a directory rename durable: %s", exc)
+                    durable = False
+            volume.rename_finish(pending, durable)
+        finally:
+            volume.rename_end(pending)
 
     @_translate
     async def link(

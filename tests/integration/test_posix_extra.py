@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from encfs.format import names as fnames
+from encfs.format import places
 from encfs.format.blocks import BLOCKS_PER_GROUP, KEY_RECORD_SIZE, Layout
 from tests.golden.test_golden_volumes import extract_upgraded
 from tests.helpers.mount import Volume, init_volume, mounted
@@ -65,7 +66,7 @@ def test_symlink_targets_relative_absolute_dangling_and_long(tmp_path):
             "absolute": absolute,
             "dangling": "no/such/file",
             "dangling-abs": "/nonexistent-egw/" + "n" * 200,
-            "inline-long": "./" * 1522 + "dir/target",  # 3,054 bytes: still inline
+            "inline-long": "./" * 1497 + "dir/target",  # 3,004 bytes: still inline
             "long-relative": "./" * 1523 + "dir/./target",  # 3,058: in the symlink store
             "long-absolute": absolute.replace("/dir/", "/" + "./" * 1900 + "dir/"),
             "path-max": "./" * 2042 + "dir//target",  # 4,095 = PATH_MAX - 1
@@ -74,7 +75,8 @@ def test_symlink_targets_relative_absolute_dangling_and_long(tmp_path):
         for name, target in targets.items():
             os.symlink(target, mnt / name)
         lengths = {name: len(os.fsencode(t)) for name, t in targets.items()}
-        assert lengths["inline-long"] <= 3055 < lengths["long-relative"]
+        inline_max = places.BOUND_INLINE_TARGET_MAX  # a new volume binds its symlinks
+        assert lengths["inline-long"] == inline_max < lengths["long-relative"]
         assert lengths["path-max"] == lengths["long-dangling"] == 4095
         for name, target in targets.items():
             st = os.lstat(mnt / name)
@@ -91,12 +93,14 @@ def test_symlink_targets_relative_absolute_dangling_and_long(tmp_path):
         with pytest.raises(OSError) as info:
             os.symlink("p" * 4096, mnt / "too-long")
         assert info.value.errno == errno.ENAMETOOLONG
-        long_names = {n for n, length in lengths.items() if length > 3055}
+        long_names = {n for n, length in lengths.items() if length > inline_max}
         assert len(store_files(volume)) == len(long_names)
-        # Hard links of a symlink share its stored target; rename keeps it.
+        # A hard link of a symlink is a copy bound to its own name, with its own stored
+        # target (docs/LIMITS.md); rename keeps the stored target.
         os.link(mnt / "long-relative", mnt / "dir" / "hard", follow_symlinks=False)
         os.rename(mnt / "long-relative", mnt / "dir" / "renamed")
-        assert os.lstat(mnt / "dir" / "hard").st_nlink == 2
+        assert os.lstat(mnt / "dir" / "hard").st_nlink == 1
+        assert len(store_files(volume)) == len(long_names) + 1
         os.unlink(mnt / "dir" / "renamed")
         assert os.readlink(mnt / "dir" / "hard") == targets["long-relative"]
         assert len(store_files(volume)) == len(long_names)
