@@ -1768,8 +1768,7 @@ class Volume:
         """Every backing entry of a directory, for fsck: (backing name, kind, plain name
         or None, error or None); kind is 'short', 'long' or 'reserved'."""
         directory = self._dir(ino)
-        if self.bound_names:
-            self._dir_id(directory)
+        self._dir_id(directory)  # a directory without a valid id fails as a whole
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory.fd)
         try:
             names = sorted(os.listdir(fd))

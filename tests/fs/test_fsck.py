@@ -418,3 +418,16 @@ def test_legacy_volume_swapped_directories_go_unnoticed(tmp_path, monkeypatch):
     os.rename(two, one)
     os.rename(one + ".x", two)
     assert run(backing).findings == []
+
+
+def test_root_bound_to_another_volume_or_directory_is_reported(backing):
+    populate(backing)
+    root_record = backing / DIR_ID_FILE
+    os.chmod(root_record, 0o600)
+    shutil.copyfile(os.path.join(backing_of(backing, b"dir"), DIR_ID_FILE), root_record)
+    report = run(backing, repair=True)
+    (finding,) = report.findings
+    assert (finding.path, finding.kind, finding.looks_like) == (
+        "/", "directory bound to another place", TAMPERING
+    )
+    assert not finding.repairable and quarantined(backing) == {}
