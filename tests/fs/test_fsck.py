@@ -401,7 +401,7 @@ def test_quarantine_record_holds_no_plaintext_name(backing):
     run(backing, repair=True)
     (item,) = os.listdir(backing / QUARANTINE_DIR)
     record = (backing / QUARANTINE_DIR / item / quarantine.RECORD).read_bytes()
-    assert b"/a" not in record and b"bound" not in record
+    assert b'"path"' not in record and b"bound to another" not in record
     with pytest.raises(ValueError):
         json.loads(record)
 
