@@ -564,6 +564,48 @@ def test_kill_at_every_step_of_a_rename(tmp_path, monkeypatch, case):
     assert step > 2
 
 
+@pytest.mark.parametrize("operation", ["mkdir", "rmdir", "symlink", "link of a symlink"])
+def test_kill_at_every_step_of_mkdir_rmdir_symlink(tmp_path, monkeypatch, operation):
+    """The same for the other namespace changes that write bindings: after each death,
+    every name reads, and the entry is there (and valid) or not."""
+    step = 0
+    while True:
+        step += 1
+        backing = build_tree(tmp_path, step)
+        vol = Volume.unlock(backing)
+        die_at(monkeypatch, step)
+        try:
+            if operation == "mkdir":
+                vol.mkdir(ROOT_INODE, b"new", 0o40755, 0, 0)
+            elif operation == "rmdir":
+                vol.rmdir(ROOT_INODE, b"e")
+            elif operation == "symlink":
+                vol.symlink(ROOT_INODE, b"new", b"/" + b"n" * 3500, 0, 0)
+            else:
+                vol.link(ino_of(vol, b"l"), ino_of(vol, b"b"), b"new")
+            crashed = False
+        except Crash:
+            crashed = True
+        finally:
+            monkeypatch.undo()
+        vol.close()
+        vol = Volume.unlock(backing)
+        try:
+            after = snapshot(vol)  # every name reads
+            if operation == "rmdir":
+                assert after.get((b"e",)) in (None, "dir")
+            else:
+                new = [k for k in after if k[-1] == b"new"]
+                assert len(new) <= 1
+                assert not new or after[new[0]] in ("dir", b"/" + b"n" * 3500,
+                                                    b"/long/" + b"t" * 3500)
+        finally:
+            vol.close()
+        if not crashed:
+            break
+    assert step > 1
+
+
 # --- the non-root daemon -------------------------------------------------------------------
 
 OTHER_UID = 42424
