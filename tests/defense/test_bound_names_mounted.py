@@ -19,8 +19,8 @@ import pytest
 from encfs.format.blocks import Layout
 from encfs.format.names import DIR_ID_FILE, QUARANTINE_DIR
 from encfs.fsck import FsckProblems
-from encfs.keys.registry import open_provider
 from encfs.volume import ROOT_INODE, Volume
+from tests.helpers.config import operator_for
 from tests.helpers.mount import init_volume, mounted, run_cli
 
 pytestmark = pytest.mark.fuse
@@ -37,10 +37,7 @@ def vol(tmp_path):
 def backing_path(volume, *names: str) -> str:
     """The backing path of a plaintext path (computed with the engine and the key)."""
 
-    def factory(name, options):
-        return open_provider(name, {**options, "path": str(volume.keyfile)})
-
-    engine = Volume.unlock(str(volume.backing), factory)
+    engine = Volume.unlock(str(volume.backing), operator_for(volume.keyfile))
     try:
         ino, path = ROOT_INODE, str(volume.backing)
         for name in names:

@@ -658,10 +658,11 @@ def run_as_other_user(work: Path) -> None:
         """
     )
     venv_python = os.path.join(os.getcwd(), ".venv", "bin", "python")
+    env = {**os.environ, "ENCFS_GW_TRUST_DIR": str(work / "trust"), "HOME": str(work)}
     result = subprocess.run(
         ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups", "--",
          venv_python if os.access(venv_python, os.X_OK) else sys.executable, "-c", script],
-        capture_output=True, text=True, timeout=60, check=False, cwd=str(work),
+        capture_output=True, text=True, timeout=60, check=False, cwd=str(work), env=env,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["refused", "payload"]

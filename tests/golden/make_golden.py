@@ -42,6 +42,8 @@ def content_of(name: str, size: int) -> bytes:
 def main(prefix: str) -> None:
     os.umask(0)
     work = tempfile.mkdtemp()
+    # The operator's trust entry of a throwaway volume goes to a throwaway store.
+    os.environ["ENCFS_GW_TRUST_DIR"] = os.path.join(work, "trust")
     backing = os.path.join(work, "backing")
     key = prefix + ".key"
     create_volume(backing, KeyfileProvider({"path": os.path.abspath(key)}), 16384)
