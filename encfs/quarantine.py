@@ -104,6 +104,10 @@ def move_in(
                 )
                 backing.write_file_atomic(item, TARGET, data, 0o400)
         backing.renameat2(dir_fd, backing_name, item, OBJECT, backing.RENAME_NOREPLACE)
+    except BaseException:
+        _drop_item(area, item, name)  # nothing was moved: no empty item stays behind
+        raise
+    try:
         os.fsync(item)
         with contextlib.suppress(OSError):  # (an O_PATH handle of an unreadable directory)
             os.fsync(dir_fd)
@@ -126,10 +130,25 @@ def copy_in(volume: Volume, data_fd: int, record: dict[str, Any]) -> str:
         finally:
             os.close(out)
         os.fsync(item)
+    except BaseException:
+        _drop_item(area, item, name)  # an incomplete copy is no evidence: the repair stops
+        raise
+    os.close(item)
+    os.close(area)
+    return name
+
+
+def _drop_item(area: int, item: int, name: str) -> None:
+    """Remove an item that failed while being made, then close both handles."""
+    try:
+        for entry in os.listdir(item):
+            with contextlib.suppress(OSError):
+                os.unlink(entry, dir_fd=item)
+        with contextlib.suppress(OSError):
+            os.rmdir(name, dir_fd=area)
     finally:
         os.close(item)
         os.close(area)
-    return name
 
 
 def _copy_fd(source: int, dest: int) -> None:
@@ -228,7 +247,10 @@ def _export_item(volume: Volume, item: int, name: str, out: str) -> Exported:
     store_copy = None
     with contextlib.suppress(FileNotFoundError):
         store_copy = backing.read_small_file(item, TARGET, 2 * fnames.SYMLINK_TARGET_MAX)
-    _export_plain(volume, item, OBJECT, plain_path, result.notes, "", store_copy)
+    try:
+        _export_plain(volume, item, OBJECT, plain_path, result.notes, "", store_copy)
+    except FileNotFoundError:
+        result.notes.append("the item holds no object")
     with open(os.path.join(out, "finding.json"), "w") as f:
         json.dump({**result.record, "export_notes": result.notes}, f, indent=2)
         f.write("\n")

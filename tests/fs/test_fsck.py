@@ -431,3 +431,21 @@ def test_root_bound_to_another_volume_or_directory_is_reported(backing):
         "/", "directory bound to another place", TAMPERING
     )
     assert not finding.repairable and quarantined(backing) == {}
+
+
+def test_no_repair_without_its_evidence(backing, monkeypatch):
+    """If the copy into the quarantine fails (a full disk), the file is not changed."""
+    populate(backing)
+    path = backing_of(backing, b"a")
+    os.truncate(path, LAYOUT.record_offset(3) + 20)
+    cut = content(path)
+
+    def full(source, dest):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(quarantine, "_copy_fd", full)
+    (finding,) = run(backing, repair=True).findings
+    assert not finding.repaired and "repair failed" in finding.detail
+    assert content(path) == cut
+    assert quarantined(backing) == {}
+    assert not os.listdir(backing / QUARANTINE_DIR)
