@@ -617,12 +617,12 @@ class Volume:
     def _dir_place_problem(self, directory: Inode, record: DirRecord) -> str | None:
         """Why a bound directory's id record does not verify for its place, or None."""
         if directory.ino == ROOT_INODE:
-            if self._root_tag(record.dir_id) in record.bindings:
+            if crypto.tag_in(self._root_tag(record.dir_id), record.bindings):
                 return None
             return "the root's id record is not bound to this volume's root"
         if directory.location is None:
             return "reached without a name: its binding cannot be checked"
-        if self._dir_tag(directory.location, record.dir_id) in record.bindings:
+        if crypto.tag_in(self._dir_tag(directory.location, record.dir_id), record.bindings):
             return None
         return (
             "its id record is bound to another place "
@@ -967,7 +967,7 @@ class Volume:
     def _check_link_place(self, inode: Inode, record: LinkRecord) -> None:
         if inode.location is None:
             raise BindingError(f"symlink inode {inode.ino} reached without a name")
-        if self._link_tag(inode.location, record) not in record.bindings:
+        if not crypto.tag_in(self._link_tag(inode.location, record), record.bindings):
             raise BindingError(
                 f"symlink inode {inode.ino}: its target is bound to another place "
                 "(symlink target moved, swapped or copied in the backing store)"
@@ -1301,7 +1301,7 @@ class Volume:
                 os.close(dir_fd)
             record = DirRecord.unpack(os.pread(move.fd, places.DIR_RECORD_SIZE + 1, 0))
             old_tag = self._dir_tag(move.old_location, record.dir_id)
-            if old_tag not in record.bindings:
+            if not crypto.tag_in(old_tag, record.bindings):
                 raise BindingError(
                     "the directory to rename is bound to another place (moved, swapped or "
                     "its .egw-dirid replaced in the backing store): not re-bound"
@@ -1312,7 +1312,7 @@ class Volume:
         elif kind == stat.S_IFLNK and self.bound_names:
             link = LinkRecord.decode(os.readlink(move.backing_name, dir_fd=move.parent.fd))
             old_tag = self._link_tag(move.old_location, link)
-            if old_tag not in link.bindings:
+            if not crypto.tag_in(old_tag, link.bindings):
                 raise BindingError(
                     "the symlink to rename is bound to another place (its target moved, "
                     "swapped or copied in the backing store): not re-bound"
@@ -1534,7 +1534,7 @@ class Volume:
         if header.unbound:
             return header
         old_tag = self._binding(move.old_location, header.file_id)
-        if old_tag not in header.bindings:
+        if not crypto.tag_in(old_tag, header.bindings):
             raise BindingError(
                 "the file to rename is bound to another name (ciphertext replaced or moved "
                 "in the backing store): not re-bound"
