@@ -448,6 +448,7 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
     """Mount and serve until unmounted; `ready_fd` (background mode) hears READY once live."""
     from encfs import config_store, health
     from encfs import mount as mount_mod
+    from encfs.mountpoint import check_mountpoint
     from encfs.systemd import Notifier, Service
     from encfs.volume import Volume
 
@@ -457,9 +458,7 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
     nonempty = "nonempty" in engine_opts
     health_interval = _seconds_option(engine_opts, "health_interval", health.DEFAULT_INTERVAL)
     health_grace = _seconds_option(engine_opts, "health_grace", health.DEFAULT_GRACE)
-    options = mount_mod.fuse_options(
-        backing, fuse_opts, auto_unmount="no_auto_unmount" not in engine_opts
-    )
+    options = mount_mod.fuse_options(backing, fuse_opts)
 
     # A background daemon shares the caller's terminal until the mount is live: show only
     # warnings and errors there (the failure line, not the informational log).
@@ -484,9 +483,9 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
         # authenticated but the volume id the audit log names.
         config = config_store.peek(backing)
         mount_mod.check_paths(backing, mountpoint)
-        mount_mod.check_mountpoint(mountpoint, allow_nonempty=nonempty)
-        if "protect_mountpoint" in engine_opts:
-            mount_mod.protect_mountpoint(mountpoint, allow_nonempty=nonempty)
+        check_mountpoint(mountpoint, backing, allow_nonempty=nonempty)
+        if "no_auto_unmount" in engine_opts:
+            log.warning("-o no_auto_unmount is ignored: a dead mount is kept by default")
         audit = _audit_log(config.volume_id, engine_opts)
         service.starting(f"unlocking {backing}")
         volume = Volume.unlock(backing, _operator(args), audit=audit)
@@ -500,6 +499,8 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
             health_interval=health_interval,
             health_grace=health_grace,
             service=service,
+            allow_nonempty=nonempty,
+            protect_mountpoint="protect_mountpoint" in engine_opts,
         )
     except EncfsError as exc:
         service.failed(str(exc))
@@ -703,16 +704,19 @@ class _Target(NamedTuple):
 
 
 def _resolve_target(target: str) -> _Target:
-    """The backing directory of a TARGET (a backing directory or an encfs-gw mountpoint),
-    and whether its daemon runs (its control socket is there; the daemon's identity is
-    checked when it is reached)."""
+    """The backing directory of a TARGET (a backing directory or an encfs-gw mountpoint:
+    the topmost mount there, ours or the guard a dead one left), and whether its daemon
+    runs (its control socket is there; the daemon's identity is checked when it is
+    reached)."""
     from encfs import client
+    from encfs.mountpoint import resolve, top_mount
 
     path = os.path.abspath(target)
-    found = client.find_mount(path)
-    if found is not None and found[0] == client.FSTYPE:
-        return _Target(found[1], True, os.path.realpath(path))
-    backing = backing_argument(path)
+    top = top_mount(path)
+    if top is not None and top.fstype == client.FSTYPE:
+        return _Target(top.source, True, resolve(path))
+    guarded = top.guarded_backing if top is not None else None
+    backing = guarded or backing_argument(path)
     return _Target(backing, client.daemon_listening(backing), None)
 
 
@@ -1190,26 +1194,35 @@ def cmd_trust(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    """fusermount3 -u, then wait for the volume's daemon (the holder of its lock) to exit."""
+    """fusermount3 -u, wait for the volume's daemon (the holder of its lock) to exit, then
+    remove what the mount left on the mountpoint (its guard; the dead mounts of a daemon
+    that died)."""
     from encfs import client
+    from encfs import mountpoint as mountpoint_mod
 
     mountpoint = os.path.abspath(args.mountpoint)
-    entry = client.mount_entry(mountpoint)
-    if entry is None or entry["fstype"] != client.FSTYPE:
+    top = mountpoint_mod.top_mount(mountpoint)
+    if top is not None and top.fstype == client.FSTYPE:
+        backing = top.source
+        entry = client.mount_entry(mountpoint)
+        pidfd = _daemon_pidfd(entry) if entry is not None and entry["source"] == backing else None
+        result = subprocess.run(
+            ["fusermount3", "-u", mountpoint], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            detail = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
+            raise MountpointError(f"cannot unmount {mountpoint}: {detail}")
+        if pidfd is not None:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            if not poller.poll(UNMOUNT_WAIT_SECONDS * 1000):
+                raise MountFailed(f"the daemon of {mountpoint} did not exit after unmount")
+            os.close(pidfd)
+    elif top is not None and top.guarded_backing is not None:
+        backing = top.guarded_backing  # the daemon died and its dead mount was removed
+    else:
         raise NotMounted(f"{mountpoint} is not an encfs-gw mount")
-    pidfd = _daemon_pidfd(entry)
-    result = subprocess.run(
-        ["fusermount3", "-u", mountpoint], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        detail = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
-        raise MountpointError(f"cannot unmount {mountpoint}: {detail}")
-    if pidfd is not None:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        if not poller.poll(UNMOUNT_WAIT_SECONDS * 1000):
-            raise MountFailed(f"the daemon of {mountpoint} did not exit after unmount")
-        os.close(pidfd)
+    mountpoint_mod.remove_leftovers(mountpoint, backing)
     return 0
 
 

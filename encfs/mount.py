@@ -5,25 +5,21 @@ session loop to answer INIT, so a worker thread stats the mountpoint and only th
 the caller told the mount is live (ready callback: the ready pipe of the forked
 background mount; and sd_notify READY=1 through `encfs.systemd.Service`).
 
-`auto_unmount` is on by default: if the daemon dies, however it dies, fusermount3's
-watcher removes the mount (helped by a guard process, see _GUARD), so there is never a
-dead mount. What is left is the directory underneath, which writers must not mistake for
-the volume: the mountpoint must be empty (else `-o nonempty`), and `-o protect_mountpoint`
-makes it immutable (chattr +i) before mounting, so that while nothing is mounted there
-nobody, root included, can create a file in it (see docs/systemd.md).
+When the daemon dies its mount stays, dead (ENOTCONN), over a read-only guard (root), so
+that nothing written by path lands in the directory underneath; the next mount of the
+volume replaces the dead mount (encfs.mountpoint.MountSite, docs/systemd.md). A
+deliberate end (SIGTERM, `umount`, `encfs-gw unmount`) removes the guard too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import logging
 import os
 import resource
 import signal
 import stat
-import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -33,13 +29,14 @@ import trio
 
 from encfs import health as health_mod
 from encfs import hygiene
-from encfs.client import find_mount
 from encfs.control import ControlServer
 from encfs.errors import MountFailed, MountpointError, UsageError
 from encfs.fuse.loop import ReadyWaiter, serve_requests
 from encfs.fuse.operations import Operations, drop_kernel_cache
 from encfs.fuse.syncer import ThreadSyncer, open_syncer
 from encfs.fuse.warm import CpuWarmer
+from encfs.mountpoint import MountSite
+from encfs.mountpoint import resolve as resolve_mountpoint
 from encfs.systemd import Service
 from encfs.volume import Volume
 
@@ -50,7 +47,9 @@ M_MMAP_THRESHOLD = -3
 MALLOC_MMAP_BYTES = 32 << 20  # glibc's maximum mmap threshold on 64-bit
 MALLOC_TRIM_BYTES = 256 << 20
 READ_AHEAD_KB = 1024
-DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw", "auto_unmount")
+# No auto_unmount: a dead mount (ENOTCONN) is safer than an exposed directory
+# (encfs.mountpoint); `-o auto_unmount` asks for it.
+DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw")
 # What `-o` may pass to FUSE: the generic mount flags libfuse 3 knows and FUSE's access
 # options (each mounts: tests/integration/test_cli_errors.py). fsname= and subtype= are
 # the daemon's (clients find a mount's volume by them); others, such as max_read=, break
@@ -61,10 +60,6 @@ USER_FUSE_OPTIONS = (
     "noatime", "atime", "sync", "async", "dirsync",
 )
 DAEMON_FUSE_OPTIONS = ("fsname", "subtype")
-# <linux/fs.h>: the kernel reads and writes an int although the ioctl numbers say long.
-FS_IOC_GETFLAGS = 0x80086601
-FS_IOC_SETFLAGS = 0x40086602
-FS_IMMUTABLE_FL = 0x00000010
 
 
 def harden_process() -> None:
@@ -102,73 +97,13 @@ def escape_fsname(backing_path: str) -> str:
     return backing_path.replace("\\", "\\\\").replace(",", "\\,")
 
 
-def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
-    try:
-        st = os.stat(mountpoint)
-    except FileNotFoundError:
-        raise MountpointError(f"mountpoint {mountpoint} does not exist") from None
-    except OSError as exc:
-        raise MountpointError(f"mountpoint {mountpoint}: {exc.strerror}") from None
-    if not os.path.isdir(mountpoint):
-        raise MountpointError(f"mountpoint {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint) or find_mount(mountpoint) is not None:
-        raise MountpointError(f"mountpoint {mountpoint} is already a mount point (busy)")
-    del st
-    if not allow_nonempty:
-        _check_empty(mountpoint)
-
-
-def _check_empty(mountpoint: str) -> None:
-    """Files under a mount are hidden by it; ones that appear while it is down are leaks."""
-    try:
-        with os.scandir(mountpoint) as entries:
-            empty = next(entries, None) is None
-    except OSError as exc:
-        raise MountpointError(f"mountpoint {mountpoint}: {exc.strerror}") from None
-    if not empty:
-        raise MountpointError(
-            f"mountpoint {mountpoint} is not empty (the mount would hide its files; "
-            f"use -o nonempty to mount anyway)"
-        )
-
-
-def protect_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
-    """Make the directory under the mount immutable, so writes there fail while unmounted.
-
-    Needs CAP_LINUX_IMMUTABLE and a file system with inode flags (ext4, xfs, btrfs, tmpfs
-    on Linux >= 6.0). Undo with `chattr -i MOUNTPOINT` while it is not mounted.
-    """
-    try:
-        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise MountpointError(f"mountpoint {mountpoint}: {exc.strerror}") from None
-    try:
-        flags = bytearray(8)
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags)
-        (value,) = struct.unpack_from("i", flags)
-        if not value & FS_IMMUTABLE_FL:
-            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", value | FS_IMMUTABLE_FL))
-            log.debug("made %s immutable (protect_mountpoint)", mountpoint)
-    except OSError as exc:
-        raise MountpointError(
-            f"cannot make mountpoint {mountpoint} immutable for -o protect_mountpoint "
-            f"({exc.strerror}; needs root or CAP_LINUX_IMMUTABLE and inode flag support)"
-        ) from None
-    finally:
-        os.close(fd)
-    if not allow_nonempty:
-        _check_empty(mountpoint)  # nothing can have appeared since: it is immutable now
-
-
-def fuse_options(
-    backing_path: str, user_options: list[str], auto_unmount: bool = True
-) -> list[str]:
+def fuse_options(backing_path: str, user_options: list[str]) -> list[str]:
     """The options of the FUSE mount, in a defined order: the daemon's, then the user's.
 
     The user cannot replace the daemon's (fsname names the backing directory, which is
     how `status`, `rotate` and `unmount` find the volume's daemon): UsageError.
     """
-    options = [o for o in DEFAULT_FUSE_OPTIONS if auto_unmount or o != "auto_unmount"]
+    options = list(DEFAULT_FUSE_OPTIONS)
     options.insert(0, f"fsname={escape_fsname(os.path.abspath(backing_path))}")
     for option in user_options:
         name = option.partition("=")[0]
@@ -179,7 +114,7 @@ def fuse_options(
                 f"unsupported mount option {option!r} (FUSE options: "
                 f"{', '.join(USER_FUSE_OPTIONS)}; encfs-gw's own are in README.md)"
             )
-        if option not in options and (auto_unmount or option != "auto_unmount"):
+        if option not in options:
             options.append(option)
     return options
 
@@ -192,13 +127,19 @@ def check_paths(backing_path: str, mountpoint: str) -> None:
     backing directory, or a backing directory under its mountpoint, would be hidden by
     the mount or loop back through it.
     """
-    if os.path.islink(mountpoint):
+    # readlink, not lstat: a mount left on the mountpoint gets no request (a stopped
+    # daemon's would never answer).
+    try:
+        os.readlink(mountpoint)
+    except OSError:
+        pass  # not a symlink (EINVAL), or missing: check_mountpoint says which
+    else:
         raise MountpointError(
             f"mountpoint {mountpoint} is a symlink; give the directory itself "
             f"({os.path.realpath(mountpoint)})"
         )
     real_backing = os.path.realpath(backing_path)
-    real_mountpoint = os.path.realpath(mountpoint)
+    real_mountpoint = resolve_mountpoint(mountpoint)
     for inner, outer, what in (
         (real_mountpoint, real_backing, "inside its backing directory"),
         (real_backing, real_mountpoint, "the backing directory is inside it"),
@@ -217,8 +158,15 @@ def serve(
     service: Service | None = None,
     health_interval: float = health_mod.DEFAULT_INTERVAL,
     health_grace: float = health_mod.DEFAULT_GRACE,
+    allow_nonempty: bool = False,
+    protect_mountpoint: bool = False,
 ) -> None:
     """Mount, serve until unmounted or signalled, then flush and release everything.
+
+    Called with the volume lock held: the mountpoint is made ready first (dead mounts of
+    this volume replaced, the guard placed; `allow_nonempty`, `protect_mountpoint`: see
+    encfs.mountpoint.MountSite). A deliberate end (SIGTERM: `systemctl stop`, or an
+    unmount from outside) removes the guard as well; a crash leaves it.
 
     The key health task revalidates the key every `health_interval` seconds; on
     revocation the kernel's cached pages and attributes are dropped (drop_kernel_cache)
@@ -230,13 +178,14 @@ def serve(
     when the mount goes away, and WATCHDOG=1 from the trio loop if the manager wants it.
     """
     service = service or Service.disabled()
+    site = MountSite(mountpoint, volume.backing_path, allow_nonempty, protect_mountpoint)
     control = ControlServer(
         volume,
         health_interval=health_interval,
         health_grace=health_grace,
         invalidate=drop_kernel_cache,
         mount_options=list(options),
-        mountpoint=os.path.realpath(mountpoint),
+        mountpoint=site.target,
     )
     control.on_state_change = lambda _line: service.set_health(
         control.health.state.value, control.health.reason
@@ -245,15 +194,28 @@ def serve(
     operations = Operations(volume, syncer)
     operations.enable_writeback_cache = writeback_cache
     volume.defer_closes()
+    try:
+        site.prepare()
+    except BaseException:
+        control.close()
+        raise
     fds_before = _socket_fds()
     try:
-        # libfuse runs fusermount3 (which stays, as auto_unmount's watcher) with our
-        # environment: it gets none of the secrets in it.
+        # libfuse runs fusermount3 (not root, or with -o auto_unmount: it stays as the
+        # watcher) with our environment: it gets none of the secrets in it.
         with _secrets_out_of_environ():
             pyfuse3.init(operations, mountpoint, options)
     except RuntimeError as exc:
         control.close()
+        site.abandon()
         raise MountFailed(f"the kernel refused the FUSE mount on {mountpoint} ({exc})") from None
+    try:
+        site.mounted()
+    except BaseException:
+        pyfuse3.close(unmount=True)
+        control.close()
+        site.abandon()
+        raise
     guard = None
     if "auto_unmount" in options:
         guard = _start_unmount_guard(mountpoint, _socket_fds() - fds_before)
@@ -266,10 +228,13 @@ def serve(
     finally:
         if warmer is not None:
             warmer.stop()
-        # After a crash the dead mount is not unmounted here; with auto_unmount (the
-        # default) fusermount3 removes it as soon as this process is gone.
+        # After a crash the dead mount stays (ENOTCONN), over the guard.
         service.stopping()
         pyfuse3.close(unmount=clean)
+        if clean:
+            site.release()
+        else:  # a crash: the dead mount and the guard stay
+            site.leave()
         syncer.close()
         control.close()
         volume.sync()

@@ -15,14 +15,14 @@ through every iteration. An iteration has its own seed and does:
    holder of the volume lock, from /proc/locks) gets SIGKILL, after a seeded busy-wait so
    the kill lands at different points of the daemon's handling of that call. The test
    waits for the daemon to die (pidfd, no sleeps), lets the writer's interrupted call
-   fail (ENOTCONN or ECONNABORTED), makes sure the dead mount is gone (`fusermount3 -u
-   -z` if the auto_unmount watcher has not already removed it) and that no mount is left;
+   fail (ENOTCONN or ECONNABORTED), and checks what the kill left: the dead mount
+   (ENOTCONN) over the read-only guard, with the directory underneath still empty;
 4. `encfs-gw fsck BACKING --json`: clean, or only findings a crash may leave: debris
    anywhere (temporary entries, orphaned long-name sidecars) and, on the file of the
    interrupted operation only, a torn tail, orphaned key records or a block that does not
    authenticate (see below), none of which fsck says looks like tampering.
    `fsck --repair` must repair every repairable finding;
-5. the next mount (or the final one) compares the whole tree with the model.
+5. the next mount (which replaces the dead mount) compares the whole tree with the model.
 
 What "nothing lost" means. A kill -9 of the daemon is not a power cut: whatever the daemon
 wrote to the backing store before dying is still in the backing page cache. So every
@@ -71,8 +71,17 @@ from pathlib import Path
 
 import pytest
 
+from encfs import mountpoint
 from encfs.fsck import FsckProblems
-from tests.helpers.mount import ENCFS_GW, Volume, daemon_pid, init_volume, is_mounted, run_cli
+from tests.helpers.mount import (
+    ENCFS_GW,
+    Volume,
+    clear_mountpoint,
+    daemon_pid,
+    init_volume,
+    is_mounted,
+    run_cli,
+)
 
 pytestmark = pytest.mark.fuse
 
@@ -215,16 +224,13 @@ class Writer(threading.Thread):
     def died_of_the_kill(self, exc: OSError) -> bool:
         """The call failed because the daemon was killed under it: a dead connection; or,
         once the daemon is gone, EIO for a write in flight at the kill (Linux 6.18, about
-        one run in four at seed 20240611, with no EIO in the daemon's log) or ENOENT for
-        a path resolved after auto_unmount removed the mount (it then names the empty
-        mountpoint directory). An error the daemon itself sent still fails the test."""
+        one run in four at seed 20240611, with no EIO in the daemon's log). An error the
+        daemon itself sent still fails the test."""
         if exc.errno in DEAD_CONNECTION:
             return True
         if process_running(self.daemon_pid):
             return False
-        return exc.errno == errno.EIO or (
-            exc.errno == errno.ENOENT and not os.path.ismount(self.mnt)
-        )
+        return exc.errno == errno.EIO
 
     def path(self, relative: str) -> str:
         return str(self.mnt / relative) if relative else str(self.mnt)
@@ -636,23 +642,29 @@ class Harness:
             os.close(pidfd)
         self.figures.kills += 1
 
-    def ensure_unmounted(self) -> None:
-        if is_mounted(self.mnt):  # auto_unmount's watcher may not have removed it yet
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True,
-                           check=False, timeout=WAIT)
-        assert not is_mounted(self.mnt), "the dead mount is still mounted"
+    def check_dead_mount(self, where: str) -> None:
+        """What a kill leaves: the dead mount over the guard, nothing underneath."""
+        stack = mountpoint.mount_stack(str(self.mnt))
+        assert [m.fstype for m in stack] == ["tmpfs", mountpoint.FSTYPE], f"{where}: {stack}"
+        with pytest.raises(OSError) as dead:  # (a stat may still come from the cache)
+            (self.mnt / "written-after-the-kill").write_bytes(b"plaintext")
+        assert dead.value.errno == errno.ENOTCONN, where
+        under = mountpoint.open_underneath(str(self.mnt))
+        try:
+            assert os.listdir(under) == [], f"{where}: written under the mount"
+        finally:
+            os.close(under)
 
     def teardown(self) -> None:
-        """After a failure: our daemon (only if it is still ours) and its mount go."""
+        """After a failure: our daemon (only if it is still ours) and its mounts go."""
         if not is_mounted(self.mnt):
             return
         pid = daemon_pid(self.volume.backing)
-        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False,
-                       capture_output=True, timeout=WAIT)
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if os.fsencode(self.volume.backing) in cmdline:
                 os.kill(pid, signal.SIGKILL)
+        clear_mountpoint(self.mnt)
 
     # --- fsck ----------------------------------------------------------------------------
     def fsck(self, *extra: str) -> tuple[int, dict]:
@@ -790,7 +802,7 @@ class Harness:
             raise AssertionError(f"{where}: before the kill: {writer.error!r}") from writer.error
         if rotate is not None:
             rotate.communicate(timeout=WAIT)  # it fails: the daemon died mid-request
-        self.ensure_unmounted()
+        self.check_dead_mount(where)
         self.figures.ops += writer.completed
         op = writer.interrupted
         self.figures.interrupted[op.kind if op else "none"] += 1

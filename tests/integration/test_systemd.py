@@ -6,8 +6,8 @@ There is no systemd as PID 1 here, so each piece is checked the way systemd woul
   SO_PASSCRED so every message's sender PID is known (NotifyAccess=main);
 * the daemon (`encfs-gw mount --foreground`) with NOTIFY_SOCKET/WATCHDOG_USEC set:
   READY=1 only once the mount answers, STATUS=, WATCHDOG=1, STOPPING=1 on SIGTERM, exit 0;
-  a failed mount exits non-zero without READY=1; SIGKILL leaves no mount (auto_unmount)
-  and, with protect_mountpoint, no writable directory underneath;
+  a failed mount exits non-zero without READY=1; SIGKILL leaves a dead mount (ENOTCONN)
+  over the read-only guard, and the next daemon mounts in its place;
 * the unit with the real `systemd-analyze verify` and `security --offline=yes`, and its
   process restrictions (CapabilityBoundingSet=, NoNewPrivileges=, SystemCallFilter=,
   MemoryDenyWriteExecute=, RestrictAddressFamilies=, LockPersonality=, UMask=,
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import itertools
 import json
@@ -51,10 +52,18 @@ from pathlib import Path
 import pytest
 import trio
 
-from encfs import cli, client, systemd
+from encfs import cli, client, mountpoint, systemd
 from encfs import mount as mount_mod
 from encfs.errors import MountpointError, UsageError, WrongKey
-from tests.helpers.mount import ENCFS_GW, Volume, daemon_pid, init_volume, mounted, run_cli
+from tests.helpers.mount import (
+    ENCFS_GW,
+    Volume,
+    clear_mountpoint,
+    daemon_pid,
+    init_volume,
+    mounted,
+    run_cli,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "encfs-gw@.service"
@@ -121,53 +130,56 @@ def notify_path(tmp_path) -> Iterator[tuple[NotifySocket, str]]:
 # --- the daemon in the foreground, as the unit runs it ---------------------------------------
 
 
-def set_immutable(path: Path, on: bool) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+@contextlib.contextmanager
+def underneath(mnt: Path) -> Iterator[int]:
+    """A descriptor on the directory `mnt` itself, under whatever is mounted on it."""
+    fd = mountpoint.open_underneath(str(mnt))
     try:
-        buf = bytearray(8)
-        fcntl.ioctl(fd, mount_mod.FS_IOC_GETFLAGS, buf)
-        (flags,) = struct.unpack_from("i", buf)
-        flags = flags | mount_mod.FS_IMMUTABLE_FL if on else flags & ~mount_mod.FS_IMMUTABLE_FL
-        fcntl.ioctl(fd, mount_mod.FS_IOC_SETFLAGS, struct.pack("i", flags))
+        yield fd
     finally:
         os.close(fd)
+
+
+def set_immutable(path: Path, on: bool) -> None:
+    with underneath(path) as fd:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, mountpoint.FS_IOC_GETFLAGS, buf)
+        (flags,) = struct.unpack_from("i", buf)
+        flags = flags | mountpoint.FS_IMMUTABLE_FL if on else flags & ~mountpoint.FS_IMMUTABLE_FL
+        fcntl.ioctl(fd, mountpoint.FS_IOC_SETFLAGS, struct.pack("i", flags))
 
 
 def is_immutable(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
+    with underneath(path) as fd:
         buf = bytearray(8)
-        fcntl.ioctl(fd, mount_mod.FS_IOC_GETFLAGS, buf)
-        return bool(struct.unpack_from("i", buf)[0] & mount_mod.FS_IMMUTABLE_FL)
-    finally:
-        os.close(fd)
+        fcntl.ioctl(fd, mountpoint.FS_IOC_GETFLAGS, buf)
+        return bool(struct.unpack_from("i", buf)[0] & mountpoint.FS_IMMUTABLE_FL)
 
 
-def fstype(mountpoint: Path) -> str | None:
-    found = client.find_mount(str(mountpoint))
-    return found[0] if found else None
+def fstype(mnt: Path) -> str | None:
+    """The type of the topmost mount on `mnt`."""
+    top = mountpoint.top_mount(str(mnt))
+    return top.fstype if top else None
 
 
-def wait_unmounted(mountpoint: Path, timeout: float = WAIT) -> bool:
-    """Bounded poll of /proc/self/mountinfo until nothing is mounted on `mountpoint`."""
+def wait_unmounted(mnt: Path, timeout: float = WAIT) -> bool:
+    """Bounded poll of /proc/self/mountinfo until nothing is mounted on `mnt`."""
     deadline = time.monotonic() + timeout
-    while fstype(mountpoint) is not None:
+    while fstype(mnt) is not None:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
     return True
 
 
-def cleanup_mount(proc: subprocess.Popen | None, mountpoint: Path) -> None:
+def cleanup_mount(proc: subprocess.Popen | None, mnt: Path) -> None:
     if proc is not None and proc.poll() is None:
         proc.kill()
     if proc is not None:
         proc.wait(WAIT)
-    if fstype(mountpoint) is not None:
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
-        wait_unmounted(mountpoint)
-    if mountpoint.is_dir() and is_immutable(mountpoint):
-        set_immutable(mountpoint, False)
+    clear_mountpoint(mnt)
+    if mnt.is_dir() and is_immutable(mnt):
+        set_immutable(mnt, False)
 
 
 def daemon_argv(volume: Volume, mnt: Path, *options: str, keyfile: Path | None = None):
@@ -197,7 +209,8 @@ def notify_env(address: str, **extra: str) -> dict[str, str]:
 
 def assert_live(mnt: Path, backing: Path) -> None:
     """The mount answers right now: it is ours in mountinfo and a stat and a listing work."""
-    assert client.find_mount(str(mnt)) == (client.FSTYPE, str(backing))
+    top = mountpoint.top_mount(str(mnt))
+    assert top is not None and (top.fstype, top.source) == (client.FSTYPE, str(backing))
     assert os.stat(mnt).st_dev != os.stat(mnt.parent).st_dev
     assert isinstance(os.listdir(mnt), list)
 
@@ -470,7 +483,10 @@ def test_failed_mount_wrong_key_exits_nonzero_without_ready(tmp_path, notify_pat
 
 
 @pytest.mark.fuse
-def test_sigkill_leaves_no_mount_and_no_writable_directory(tmp_path, notify_path):
+def test_sigkill_leaves_a_dead_mount_and_the_restart_takes_over(tmp_path, notify_path):
+    """What Restart= does after a SIGKILL: the same command again, on the dead mount.
+    Meanwhile writes by path fail (ENOTCONN) and the directory underneath stays empty and
+    immutable (protect_mountpoint, as in the unit). Details: test_dead_daemon.py."""
     sock, address = notify_path
     volume, mnt = init_volume(tmp_path), tmp_path / "mnt"
     argv = daemon_argv(volume, mnt, "protect_mountpoint")
@@ -479,36 +495,27 @@ def test_sigkill_leaves_no_mount_and_no_writable_directory(tmp_path, notify_path
         (mnt / "data").write_text("secret")
         proc.kill()
         assert proc.wait(WAIT) == -signal.SIGKILL
-        assert wait_unmounted(mnt), "auto_unmount left the dead mount"
-        assert is_immutable(mnt)
+        assert fstype(mnt) == client.FSTYPE  # the dead mount stays
         for attempt in (
             lambda: (mnt / "leak").write_text("plaintext"),
             lambda: (mnt / "dir").mkdir(),
             lambda: os.symlink("x", mnt / "link"),
         ):
-            with pytest.raises(PermissionError):
+            with pytest.raises(OSError) as info:
                 attempt()
-        assert os.listdir(mnt) == []
+            assert info.value.errno == errno.ENOTCONN
+        assert is_immutable(mnt)
+        with underneath(mnt) as fd:
+            assert os.listdir(fd) == []
+    with foreground(argv, notify_env(address), mnt, tmp_path / "log2") as proc:
+        pid, _ = sock.wait_for("READY", "1")
+        assert pid == proc.pid
+        assert_live(mnt, volume.backing)
+        assert (mnt / "data").read_text() == "secret"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+        assert fstype(mnt) is None  # a deliberate stop takes the guard away too
     assert not is_immutable(mnt)  # the test's cleanup, not the daemon, removed the flag
-
-
-@pytest.mark.fuse
-def test_unprotected_leak_is_refused_at_the_next_mount(tmp_path, notify_path):
-    """Without protect_mountpoint a write after a crash lands underneath; the next mount
-    then refuses (the non-empty check), so the leak is seen rather than hidden."""
-    sock, address = notify_path
-    volume, mnt = init_volume(tmp_path), tmp_path / "mnt"
-    with foreground(daemon_argv(volume, mnt), notify_env(address), mnt, tmp_path / "log") as p:
-        sock.wait_for("READY", "1")
-        p.kill()
-        p.wait(WAIT)
-        assert wait_unmounted(mnt)
-        (mnt / "leak").write_text("plaintext written while nothing was mounted")
-    result = run_cli("mount", volume.backing, mnt, "--keyfile", volume.keyfile)
-    assert result.returncode == MountpointError.exit_code
-    assert "is not empty" in result.stderr and fstype(mnt) is None
-    with mounted(volume, mnt, "nonempty") as again:
-        assert os.listdir(again) == []  # the leak is hidden under the mount, by request
 
 
 @pytest.mark.fuse

@@ -31,6 +31,7 @@ LAYERS = {
     "quarantine": 4,
     "fuse": 5,
     "mount": 6,
+    "mountpoint": 6,
     "systemd": 6,
     "control": 6,
     "client": 6,
