@@ -5,9 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup bytecode test demo lint bench bench-rotation clean install uninstall
+.PHONY: setup container-root bytecode test demo lint bench bench-rotation clean install uninstall
 
-setup: $(STAMP)
+setup: $(STAMP) container-root
+
+# tests/container's Debian 12 root and wheelhouse, cached in /var/cache/encfs-gw-test
+# (made once; a no-op when they are there).
+container-root: $(STAMP)
+	bash scripts/container-root.sh
 
 # Re-run setup when the dependency lists change; every step below is idempotent.
 $(STAMP): pyproject.toml deps/apt.txt scripts/setup.sh

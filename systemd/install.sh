@@ -6,7 +6,9 @@
 # mount(8) looks for mount.<type> helpers), CONFDIR=/etc/encfs-gw, PYTHON=python3, DESTDIR=
 # (staging root). The package goes into its own venv, $PREFIX/lib/encfs-gw/venv, from PyPI
 # and this checkout; a venv cannot be moved, so DESTDIR needs NO_PACKAGE=1 (the files
-# below only, for packagers who install the Python package themselves).
+# below only, for packagers who install the Python package themselves). WHEELHOUSE=DIR
+# installs it from wheels in DIR instead, with no network (made where there is one:
+# `pip wheel . -w DIR`); tests/container installs it that way.
 set -eu
 
 PREFIX=${PREFIX:-/usr/local}
@@ -16,6 +18,7 @@ CONFDIR=${CONFDIR:-/etc/encfs-gw}
 PYTHON=${PYTHON:-python3}
 DESTDIR=${DESTDIR:-}
 NO_PACKAGE=${NO_PACKAGE:-0}
+WHEELHOUSE=${WHEELHOUSE:-}
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 VENV=$PREFIX/lib/encfs-gw/venv
@@ -32,7 +35,11 @@ install_all() {
             exit 2
         fi
         "$PYTHON" -m venv "$VENV"
-        "$VENV/bin/pip" install --quiet --upgrade "$SRC"
+        if [ -n "$WHEELHOUSE" ]; then
+            "$VENV/bin/pip" install --quiet --upgrade --no-index --find-links "$WHEELHOUSE" encfs
+        else
+            "$VENV/bin/pip" install --quiet --upgrade "$SRC"
+        fi
         install -d -m 0755 "$PREFIX/bin"
         ln -sfn "$VENV/bin/encfs-gw" "$PREFIX/bin/encfs-gw"
     fi
@@ -42,6 +49,7 @@ install_all() {
     sed "s#/usr/local/bin/encfs-gw#$PREFIX/bin/encfs-gw#" "$SRC/systemd/encfs-gw@.service" \
         > "$DESTDIR$UNITDIR/encfs-gw@.service"
     chmod 0644 "$DESTDIR$UNITDIR/encfs-gw@.service"
+    install -m 0644 "$SRC/systemd/encfs-gw-keyfile@.service" "$DESTDIR$UNITDIR/"
     install -d -m 0700 "$DESTDIR$CONFDIR"
     for doc in $DOCS; do
         install -m 0644 "$SRC/$doc" "$DESTDIR$DOCDIR/"
@@ -51,7 +59,8 @@ install_all() {
 }
 
 uninstall_all() {
-    rm -f "$DESTDIR$UNITDIR/encfs-gw@.service" "$DESTDIR$SBINDIR/$HELPER"
+    rm -f "$DESTDIR$UNITDIR/encfs-gw@.service" "$DESTDIR$UNITDIR/encfs-gw-keyfile@.service" \
+        "$DESTDIR$SBINDIR/$HELPER"
     for doc in $DOCS; do
         rm -f "$DESTDIR$DOCDIR/$(basename "$doc")"
     done

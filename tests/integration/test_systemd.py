@@ -68,6 +68,7 @@ from tests.helpers.mount import (
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "encfs-gw@.service"
 CONSUMER = REPO / "systemd" / "example-consumer.service"
+KEYFILE_UNIT = REPO / "systemd" / "encfs-gw-keyfile@.service"
 NETWORK_DROPIN = REPO / "systemd" / "network.conf"
 INSTALL = REPO / "systemd" / "install.sh"
 DOCS = REPO / "docs" / "systemd.md"
@@ -588,6 +589,7 @@ def unit_copy(tmp_path: Path) -> Path:
         UNIT.read_text().replace("/usr/local/bin/encfs-gw", exe)
     )
     shutil.copy(CONSUMER, units / CONSUMER.name)
+    shutil.copy(KEYFILE_UNIT, units / KEYFILE_UNIT.name)
     dropin = units / "encfs-gw@srv-secret.service.d"
     dropin.mkdir(exist_ok=True)
     shutil.copy(NETWORK_DROPIN, dropin / NETWORK_DROPIN.name)
@@ -602,7 +604,7 @@ needs_analyze = pytest.mark.skipif(
 @needs_analyze
 @pytest.mark.parametrize(
     "unit", ["encfs-gw@srv-secret.service", "encfs-gw@srv-my\\x2dvol.service",
-             "example-consumer.service"]
+             "example-consumer.service", "encfs-gw-keyfile@secret.service"]
 )
 def test_units_verify_cleanly(tmp_path, unit):
     units = unit_copy(tmp_path)
@@ -1025,7 +1027,8 @@ def test_install_and_uninstall_files(tmp_path):
     assert done.returncode == 0, done.stderr
     unit = dest / "etc/systemd/system/encfs-gw@.service"
     helper = dest / "sbin/mount.fuse.encfs-gw"
-    expected = [unit, helper, dest / "usr/local/share/doc/encfs-gw/systemd.md",
+    expected = [unit, helper, dest / "etc/systemd/system/encfs-gw-keyfile@.service",
+                dest / "usr/local/share/doc/encfs-gw/systemd.md",
                 dest / "usr/local/share/doc/encfs-gw/example.conf",
                 dest / "usr/local/share/doc/encfs-gw/example-consumer.service",
                 dest / "usr/local/share/doc/encfs-gw/network.conf"]
