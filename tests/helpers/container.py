@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -219,11 +218,6 @@ class Container:
             raise AssertionError(f"{exc}; now {self.show(unit, *expected)}; journal:\n"
                                  f"{self.journal(unit)[-3000:]}") from None
 
-    def journal(self, unit: str, cursor_file: str | None = None) -> str:
+    def journal(self, unit: str) -> str:
         return self.run("journalctl", "--no-pager", "-o", "short-monotonic", "-u", unit,
                         check=False).stdout
-
-    def journal_json(self, unit: str) -> list[dict]:
-        out = self.run("journalctl", "--no-pager", "-o", "json", "-u", unit,
-                       check=False).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
