@@ -281,7 +281,7 @@ def _detach_top(target: str, what: Mount) -> None:
 
 def _fusermount_unmount(target: str) -> None:
     done = subprocess.run(["fusermount3", "-u", "-z", target], capture_output=True,
-                          text=True, check=False)
+                          text=True, check=False, env={"PATH": os.defpath})  # no secrets
     if done.returncode != 0:
         detail = (done.stderr.strip().splitlines() or ["unmount failed"])[-1]
         raise MountpointError(f"cannot remove the dead mount on {target}: {detail}")
