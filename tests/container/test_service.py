@@ -250,9 +250,11 @@ def test_revoked_key_shows_inaccessible_then_ready_again(container):
     set_key_state(box, "revoke", "revoked")
     check = box.run("encfs-gw", "status", "--check", "--json", vol.mountpoint)
     assert json.loads(check.stdout)["state"] == "INACCESSIBLE"
-    box.wait_for_unit(vol.unit, 10, StatusText=f"INACCESSIBLE: {vol.mounted_on}")
+    inaccessible = f"INACCESSIBLE: {vol.mounted_on} (key denied: "  # then the cause
+    wait_until(lambda: box.show(vol.unit, "StatusText")["StatusText"].startswith(inaccessible),
+               10, "StatusText INACCESSIBLE")
     status = box.run("systemctl", "status", "--no-pager", vol.unit, check=False).stdout
-    assert f'Status: "INACCESSIBLE: {vol.mounted_on}"' in status
+    assert f'Status: "{inaccessible}' in status and "(exit 77)" in status
     assert box.sh(f"cat {vol.mountpoint}/anything", check=False).returncode != 0
     set_key_state(box, "revoke", "ok")
     box.run("encfs-gw", "status", "--check", vol.mountpoint)
