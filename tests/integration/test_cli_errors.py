@@ -582,9 +582,9 @@ def test_every_allowed_fuse_option_mounts_in_order(tmp_path, pristine):
         with mounted(pristine, tmp_path / "mnt", ",".join(options)) as mnt:
             assert (mnt / "dir" / "data.bin").read_bytes() == PAYLOAD
             shown = json.loads(run_cli("status", mnt, "--json").stdout)["mount_options"]
-            assert shown[:4] == [f"fsname={pristine.backing}", "default_permissions",
-                                 "subtype=encfs-gw", "auto_unmount"]
-            assert shown[4:] == [o for o in options if o not in shown[:4]]
+            assert shown[:3] == [f"fsname={pristine.backing}", "default_permissions",
+                                 "subtype=encfs-gw"]
+            assert shown[3:] == [o for o in options if o not in shown[:3]]
 
 
 FAKE_DAEMON = """

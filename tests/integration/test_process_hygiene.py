@@ -3,7 +3,8 @@ findings 3-5).
 
 * Every encfs-gw process that may hold a key or a secret is not dumpable and has a core
   limit of 0: the daemon, the CLI verbs (init, mount, fsck, status, rotate, rewrap-kek,
-  provider add, destroy) and the helpers (unmount guard, CPU warmer).
+  provider add, destroy) and the helpers (CPU warmer; with -o auto_unmount, the unmount
+  guard).
 * The helpers get none of our environment's secrets (VAULT_TOKEN, ENCFS_PKCS11_PIN, AWS
   credentials, a passphrase:env: variable): the guard and the warmer only PATH and
   LC_ALL; fusermount3 (auto_unmount's watcher, started by libfuse) our environment
@@ -191,7 +192,8 @@ def test_helpers_hold_no_secret_and_are_not_dumpable(public_dir):
     result = as_nobody(home, "init", backing, "--provider", f"passphrase:env:{PASSPHRASE_VAR}",
                        env=env)
     assert result.returncode == 0, result.stderr
-    result = as_nobody(home, "mount", backing, mnt, env=env)
+    # -o auto_unmount: the unmount guard and fusermount3's watcher run only with it.
+    result = as_nobody(home, "mount", backing, mnt, "-o", "auto_unmount", env=env)
     assert result.returncode == 0, result.stderr
     try:
         daemon = daemon_pid(backing)
@@ -240,7 +242,7 @@ def test_helpers_of_a_root_daemon_hold_no_secret(tmp_path):
     mnt.mkdir()
     result = run_cli("init", backing, "--provider", f"passphrase:env:{PASSPHRASE_VAR}", env=env)
     assert result.returncode == 0, result.stderr
-    run_cli("mount", backing, mnt, env=env, check=True)
+    run_cli("mount", backing, mnt, "-o", "auto_unmount", env=env, check=True)
     try:
         daemon = daemon_pid(backing)
         assert daemon is not None

@@ -12,9 +12,9 @@ from encfs.mount import USER_FUSE_OPTIONS, fuse_options
 
 def test_the_daemons_options_come_first_in_a_fixed_order():
     assert fuse_options("/srv/b", []) == [
-        "fsname=/srv/b", "default_permissions", "subtype=encfs-gw", "auto_unmount",
+        "fsname=/srv/b", "default_permissions", "subtype=encfs-gw",
     ]
-    assert fuse_options("/srv/b", ["ro", "allow_other"], auto_unmount=False) == [
+    assert fuse_options("/srv/b", ["ro", "allow_other"]) == [
         "fsname=/srv/b", "default_permissions", "subtype=encfs-gw", "ro", "allow_other",
     ]
 
@@ -24,12 +24,13 @@ def test_the_same_input_gives_the_same_list_every_time():
     options = ["noexec", "allow_other", "ro", "nodev", "noatime"]
     first = fuse_options("/srv/b", options)
     assert all(fuse_options("/srv/b", options) == first for _ in range(20))
-    assert first[4:] == options
+    assert first[3:] == options
 
 
-def test_duplicates_are_dropped_and_auto_unmount_stays_off_when_asked():
+def test_duplicates_are_dropped_and_auto_unmount_only_on_request():
     assert fuse_options("/b", ["ro", "ro", "default_permissions"]).count("ro") == 1
-    assert "auto_unmount" not in fuse_options("/b", ["auto_unmount"], auto_unmount=False)
+    assert "auto_unmount" not in fuse_options("/b", [])  # a dead mount stays by default
+    assert fuse_options("/b", ["auto_unmount"])[-1] == "auto_unmount"
 
 
 @pytest.mark.parametrize("option", ["fsname=/other/volume", "subtype=other", "fsname="])
@@ -45,8 +46,8 @@ def test_unknown_options_are_usage_errors(option):
 
 
 def test_every_allowed_option_passes():
-    assert fuse_options("/b", list(USER_FUSE_OPTIONS))[4:] == [
-        o for o in USER_FUSE_OPTIONS if o not in ("default_permissions", "auto_unmount")
+    assert fuse_options("/b", list(USER_FUSE_OPTIONS))[3:] == [
+        o for o in USER_FUSE_OPTIONS if o != "default_permissions"
     ]
 
 
