@@ -46,6 +46,7 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
+from encfs import hygiene
 from encfs.client import FSTYPE, volume_lock_holder
 from encfs.errors import MountpointError
 
@@ -281,7 +282,7 @@ def _detach_top(target: str, what: Mount) -> None:
 
 def _fusermount_unmount(target: str) -> None:
     done = subprocess.run(["fusermount3", "-u", "-z", target], capture_output=True,
-                          text=True, check=False, env={"PATH": os.defpath})  # no secrets
+                          text=True, check=False, env=hygiene.helper_environment())
     if done.returncode != 0:
         detail = (done.stderr.strip().splitlines() or ["unmount failed"])[-1]
         raise MountpointError(f"cannot remove the dead mount on {target}: {detail}")
