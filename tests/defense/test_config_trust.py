@@ -21,6 +21,9 @@ import pytest
 
 from encfs.errors import ConfigAuthError, ConfigError, NotVouched, WrongKey
 from tests.helpers.mount import Volume, init_volume, mounted, run_cli
+from tests.providers.servers_tpm import MISSING as TPM_TOOLS_MISSING
+from tests.providers.servers_tpm import SKIP_REASON as TPM_SKIP_REASON
+from tests.providers.servers_tpm import Swtpm
 
 CONFIG = "encfs-gw.conf"
 ALLOWED_CODES = {0, 2, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20, 21, 22, 23, 24, 25, 26, 28, 29,
@@ -478,3 +481,52 @@ def test_trust_store_writable_by_others_vouches_for_nothing(victim, tmp_path):
     finally:
         store.chmod(0o700)
     run_cli("status", victim.backing, check=True)
+
+
+# --- a substituted volume a vouched provider can be made to open ---------------------------
+
+
+@pytest.mark.skipif(bool(TPM_TOOLS_MISSING), reason=TPM_SKIP_REASON)
+def test_volume_substituted_through_a_local_tpm_is_refused(tmp_path, canaries):
+    """A local user who can talk to the TPM seals an object of their own: a whole volume
+    of the attacker's (their own volume key, their TPM object, the victim's volume id and
+    keyslot id) opens with the provider the victim vouched for, and its MAC is valid.
+    The trust store's volume key check refuses it (exit 19); nothing is mounted."""
+    tpm = Swtpm(tmp_path / "tpm")
+    tpm.start()
+    try:
+        env = {**os.environ, "TPM2TOOLS_TCTI": tpm.tcti}
+        victim = tmp_path / "victim.backing"
+        run_cli("init", victim, "--provider", "tpm2:timeout=30", env=env, check=True)
+        doc = read_doc(victim)
+        attacker_env = {**env, "ENCFS_GW_TRUST_DIR": str(tmp_path / "attacker-trust")}
+        code = f"""
+import sys
+from encfs import crypto
+from encfs.format.volume import KekVersion, Protector, VolumeConfig, now_utc
+from encfs.keyring import Keyring
+from encfs.keys.tpm2 import Tpm2Provider
+provider = Tpm2Provider(Tpm2Provider.options_from_spec("timeout=30"))
+config = VolumeConfig(volume_id=bytes.fromhex({doc["volume_id"]!r}), block_size=16384,
+    features=tuple({doc["features"]!r}), created=now_utc(), current_kek=1,
+    kek_versions={{}}, generation=99)
+vk, kek = crypto.random_key(64), crypto.random_key()
+config.kek_versions[1] = KekVersion(1, "active", now_utc(),
+    crypto.gcm_seal(kek, vk, config.volume_key_aad(1)),
+    [Protector({doc["kek"]["versions"][0]["protectors"][0]["id"]!r}, "tpm2",
+               provider.protect(kek, config.provider_binding(1)))])
+keyring = Keyring(config, {{1: kek}}, vk)
+sys.stdout.buffer.write(config.to_json(keyring.config_mac(config.mac_message())))
+"""
+        forged = subprocess.run(
+            [os.sys.executable, "-c", code], env=attacker_env, capture_output=True, check=True
+        ).stdout
+        (victim / CONFIG).write_bytes(forged)
+        (tmp_path / "mnt").mkdir()
+        result = run_cli("mount", victim, tmp_path / "mnt", env=env)
+        assert_refused(result, ConfigAuthError.exit_code)
+        assert "substituted volume" in result.stderr
+        assert not os.path.ismount(tmp_path / "mnt")
+        canaries.assert_untouched()
+    finally:
+        tpm.stop()
