@@ -30,7 +30,9 @@ trio in two places:
   vCPU dominates a small request's round trip: stat of 10,000 names 30% faster,
   random 4 KiB I/O 1.5x). The window shrinks to nothing while requests come rarely.
   It does not spin while a worker thread runs (`run_in_thread`): the spin holds the
-  GIL, which the worker needs to start and to hand back its result.
+  GIL, which the worker needs to start and to hand back its result, nor when the
+  waiter's `busy_poll` is off (encfs.fuse.cpu_policy decides: by default not where a
+  busy core costs, such as on battery or under a CPU quota).
 Everything else is trio itself.
 """
 
@@ -151,6 +153,7 @@ class IdleWait:
         self.fd = fd
         self.polls = 0  # times it waited (for tests and statistics)
         self.sleeps = 0  # of which the spin ended with nothing ready
+        self.spun = 0.0  # seconds spent spinning (the thread is busy throughout)
         self.spin = SpinWindow()
         self._poller = select.poll()
         self._poller.register(epoll_fd, select.POLLIN)
@@ -192,21 +195,24 @@ class IdleWait:
         sleep = runner.clock.deadline_to_sleep_time(runner.deadlines.next_deadline())
         return float(min(sleep, IDLE_POLL_CAP))
 
-    def __call__(self) -> bool:
+    def __call__(self, busy_poll: bool = True) -> bool:
         """True when `fd` became readable and nothing of trio's did (then the caller
-        returns with no checkpoint); False: go through trio."""
+        returns with no checkpoint); False: go through trio. `busy_poll` False: no spin,
+        one look, then sleep."""
         timeout = self._trio_idle_timeout()
         if timeout <= 0:
             return False
         self.polls += 1
         poll = self._poller.poll
         start = clock()
-        spinning = not _threads_in_flight
+        spinning = busy_poll and not _threads_in_flight
         spin_end = start + min(self.spin.seconds, timeout) if spinning else start
         while True:  # the spin: non-blocking polls until the window ends
             ready = poll(0)
             if ready or clock() >= spin_end:
                 break
+        if spinning:
+            self.spun += clock() - start
         if not ready:
             self.sleeps += 1
             ready = poll(math.ceil(timeout * 1000))
@@ -221,12 +227,14 @@ class ReadyWaiter:
 
     def __init__(self, budget: int = FAST_PATH_BUDGET, warmer: CpuWarmer | None = None) -> None:
         self.budget = budget
-        self._warmer = warmer  # told before every wait for a request
+        self.warmer = warmer  # told before every wait for a request (None: no warmer)
+        self.busy_poll = True  # spin before sleeping (IdleWait); cpu_policy switches it
         self._streak = 0
         self._fd = -1
         self._poller = select.poll()
         self._idle: IdleWait | None = None  # made in the trio run, for this fd
         self._idle_available = True  # False once this trio lacks what IdleWait reads
+        self._spun_before = 0.0  # spin seconds of IdleWaits replaced (another fd)
         self.fast = 0  # returns without a checkpoint (for tests and statistics)
         self.idle = 0  # of which after blocking in IdleWait
 
@@ -236,9 +244,14 @@ class ReadyWaiter:
         not)."""
         return self._idle.polls if self._idle is not None else 0
 
+    @property
+    def busy_poll_seconds(self) -> float:
+        """Seconds the idle wait has spent spinning (CPU time: it spins on a CPU)."""
+        return self._spun_before + (self._idle.spun if self._idle is not None else 0.0)
+
     async def __call__(self, fd: int) -> None:
-        if self._warmer is not None:
-            self._warmer.touch()
+        if self.warmer is not None:
+            self.warmer.touch()
         if fd != self._fd:
             if self._fd >= 0:
                 self._poller.unregister(self._fd)
@@ -250,9 +263,10 @@ class ReadyWaiter:
                 self.fast += 1
                 return
             if self._idle_available and (self._idle is None or self._idle.fd != fd):
+                self._spun_before += self._idle.spun if self._idle is not None else 0.0
                 self._idle = IdleWait.for_current_run(fd)
                 self._idle_available = self._idle is not None
-            if self._idle is not None and self._idle():
+            if self._idle is not None and self._idle(self.busy_poll):
                 self._streak += 1
                 self.fast += 1
                 self.idle += 1

@@ -319,6 +319,37 @@ def test_request_arriving_during_the_spin_is_served_without_sleeping(monkeypatch
             assert not scope.cancelled_caught
             assert (waiter.idle, waiter.idle_polls) == (1, 1)
             assert waiter._idle is not None and waiter._idle.sleeps == 0
+            # The spin's time is counted: from the first reading to the one after it.
+            assert abs(waiter.busy_poll_seconds - 2e-6) < 1e-9
+
+        trio.run(main)
+
+
+def test_no_spin_when_busy_poll_is_off(monkeypatch):
+    """busy_poll off (encfs.fuse.cpu_policy: on battery, under a quota ...): one look,
+    then the blocking poll; a request a spin would have caught finds it asleep."""
+    with pipe() as (read_end, write_end):
+        waiter = loop.ReadyWaiter()
+        waiter.busy_poll = False
+        readings = []
+
+        def clock():
+            readings.append(None)
+            if len(readings) == 2:
+                os.write(write_end, b"x")  # would be caught by a spin
+            return len(readings) * 1e-6
+
+        async def main():
+            await trio.testing.wait_all_tasks_blocked()
+            monkeypatch.setattr(loop, "clock", clock)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await waiter(read_end)
+            assert not scope.cancelled_caught
+            assert waiter._idle is not None
+            assert (waiter.idle, waiter._idle.sleeps) == (1, 1)  # polled asleep, no spin
+            assert waiter.busy_poll_seconds == 0.0
+            assert waiter._idle.spin.seconds == loop.SPIN_MAX  # the window is left alone
 
         trio.run(main)
 
