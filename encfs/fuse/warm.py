@@ -27,6 +27,7 @@ import contextlib
 import logging
 import mmap
 import os
+import select
 import subprocess
 import sys
 import time
@@ -55,12 +56,14 @@ class CpuWarmer:
         self._pipe_w = pipe_w
         self.wakeups = 0  # times touch() woke it (for tests and statistics)
         self._last_touch = 0
+        self._final_cpu: float | None = None  # its CPU seconds, once it has exited
 
     @classmethod
     def start(cls, idle_after_ns: int = IDLE_AFTER_NS) -> CpuWarmer | None:
-        """Start the spinner; None on a single CPU (nothing to keep awake) or if it
-        cannot be started (a warning: the mount works, only without it)."""
-        if (os.cpu_count() or 1) < 2:
+        """Start the spinner; None on a single CPU (nothing to keep awake: the only one
+        we may run on is the client's) or if it cannot be started (a warning: the mount
+        works, only without it)."""
+        if len(os.sched_getaffinity(0)) < 2:
             return None
         opened: list[int] = []  # closed here whatever happens (the child has copies)
         shared = None
@@ -113,14 +116,50 @@ class CpuWarmer:
     def asleep(self) -> bool:
         return self._shared[STATE_OFFSET] == ASLEEP
 
+    @property
+    def running(self) -> bool:
+        return self._final_cpu is None and self.process.poll() is None
+
+    @property
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the spinner has used (all of it, once stopped)."""
+        if self._final_cpu is not None:
+            return self._final_cpu
+        return _cpu_seconds(self.process.pid)
+
     def stop(self) -> None:
-        """End the spinner (it sees the pipe close) and wait for it."""
+        """End the spinner (it sees the pipe close) and wait for it; its CPU time is read
+        once it has exited and before it is reaped (a zombie still has its times)."""
         os.close(self._pipe_w)
-        try:
-            status = self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+        if not _wait_exit(self.process.pid, timeout=5):
             self.process.kill()
-            status = self.process.wait()
+            _wait_exit(self.process.pid, timeout=5)
+        self._final_cpu = _cpu_seconds(self.process.pid)
+        status = self.process.wait()
         if status == REFUSED_SCHED_IDLE:
             log.warning("the CPU warmer did not run: SCHED_IDLE was refused")
         self._shared.close()
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until `pid` (our child) has exited, without reaping it; False on timeout."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # (Linux < 5.3, or already reaped)
+        return True
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(int(timeout * 1000)))
+    finally:
+        os.close(pidfd)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process from /proc (0.0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
