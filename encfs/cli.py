@@ -39,8 +39,10 @@ MOUNT_HELPER = "mount.fuse.encfs-gw"  # what mount(8) runs for type fuse.encfs-g
 # -o options consumed by encfs-gw, not passed to FUSE
 ENGINE_OPTIONS = {"writeback_cache", "nonempty", "protect_mountpoint", "no_auto_unmount",
                   "audit_required", "no_cpu_warmer"}
-# -o NAME=VALUE options consumed by encfs-gw: key health timing (seconds) and the audit log
-ENGINE_VALUE_OPTIONS = {"health_interval", "health_grace", "audit_log"}
+# -o NAME=VALUE options consumed by encfs-gw: key health timing (seconds), the audit log,
+# and the modes (auto, on, off) of the CPU warmer and the request loop's busy-poll
+ENGINE_VALUE_OPTIONS = {"health_interval", "health_grace", "audit_log", "cpu_warmer", "busy_poll"}
+CPU_HELPER_MODES = ("auto", "on", "off")
 # Tests only: a daemon stops itself (SIGSTOP) once unmounted, its volume closed and its
 # keys wiped, so that a memory scan sees what it leaves (tests/integration/test_key_memory.py).
 STOP_AT_EXIT_ENV = "ENCFS_GW_TEST_STOP_AT_EXIT"
@@ -386,6 +388,21 @@ def _seconds_option(engine_opts: dict[str, str], name: str, default: float) -> f
     return seconds
 
 
+def _cpu_helper_modes(engine_opts: dict[str, str]) -> tuple[str, str]:
+    """(cpu_warmer, busy_poll) modes; -o no_cpu_warmer is cpu_warmer=off."""
+    modes = []
+    for name in ("cpu_warmer", "busy_poll"):
+        mode = engine_opts.get(name, "auto")
+        if mode not in CPU_HELPER_MODES:
+            raise UsageError(f"mount option {name}={mode}: expected auto, on or off")
+        modes.append(mode)
+    if "no_cpu_warmer" in engine_opts:
+        if modes[0] != "off" and "cpu_warmer" in engine_opts:
+            raise UsageError(f"mount options no_cpu_warmer and cpu_warmer={modes[0]} contradict")
+        modes[0] = "off"
+    return modes[0], modes[1]
+
+
 def _operator(args: argparse.Namespace) -> Operator:
     """What this command's operator vouches for: the providers named on the command line
     (--keyfile, --provider, in that order) and the trust store."""
@@ -458,6 +475,7 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
     nonempty = "nonempty" in engine_opts
     health_interval = _seconds_option(engine_opts, "health_interval", health.DEFAULT_INTERVAL)
     health_grace = _seconds_option(engine_opts, "health_grace", health.DEFAULT_GRACE)
+    cpu_warmer, busy_poll = _cpu_helper_modes(engine_opts)
     options = mount_mod.fuse_options(backing, fuse_opts)
 
     # A background daemon shares the caller's terminal until the mount is live: show only
@@ -495,7 +513,8 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
             options,
             on_ready,
             writeback_cache="writeback_cache" in engine_opts,
-            cpu_warmer="no_cpu_warmer" not in engine_opts,
+            cpu_warmer=cpu_warmer,
+            busy_poll=busy_poll,
             health_interval=health_interval,
             health_grace=health_grace,
             service=service,
@@ -896,6 +915,8 @@ def _status_lines(reply: dict, mounted: bool) -> list[str]:
         lines.append(f"providers: {', '.join(reply['providers'])}")
         lines.append(f"mount options: {','.join(reply['mount_options']) or '(defaults)'}")
         lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in reply["counters"].items()))
+        if reply.get("cpu"):
+            lines += _cpu_lines(reply["cpu"])
     for number, state in reply["kek_versions"].items():
         current = " (current)" if int(number) == reply["current_kek"] else ""
         deks = reply["deks_per_version"].get(number, 0)
@@ -911,6 +932,20 @@ def _status_lines(reply: dict, mounted: bool) -> list[str]:
     if reply.get("rotation_policy"):
         lines.append(_policy_line(reply["rotation_policy"], reply["next_rotation"]))
     return lines + rotation_summary_lines(reply)
+
+
+def _cpu_lines(cpu: dict) -> list[str]:
+    """The CPU warmer and the busy-poll: on or off, why, and the CPU time they used."""
+    lines = []
+    for key, label in (("cpu_warmer", "CPU warmer"), ("busy_poll", "busy-poll")):
+        helper = cpu[key]
+        state = "on" if helper["on"] else "off"
+        if helper["on"] and helper.get("running") is False:
+            state = "on, not running (one CPU, or it could not start: see the log)"
+        lines.append(
+            f"{label}: {state} ({helper['reason']}); {float(helper['cpu_seconds']):.3f} CPU s"
+        )
+    return lines
 
 
 def rotation_summary_lines(reply: dict) -> list[str]:

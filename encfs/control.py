@@ -71,6 +71,8 @@ class ControlServer:
             volume, volume.audit, grace=health_grace, clock=trio.current_time
         )
         self.on_state_change: Callable[[str], None] | None = None
+        # The CPU warmer's and the busy-poll's state for `status` (encfs.mount sets it).
+        self.cpu_status: Callable[[], dict] | None = None
         self._rotating = False
         self._check_lock = trio.Lock()
         self._policy_changed = trio.Event()
@@ -287,6 +289,7 @@ class ControlServer:
             "providers": sorted(
                 {p.kind for v in config.kek_versions.values() for p in v.protectors}
             ),
+            **({"cpu": self.cpu_status()} if self.cpu_status is not None else {}),
         }
 
     async def _resume(self) -> None:

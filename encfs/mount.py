@@ -31,10 +31,10 @@ from encfs import health as health_mod
 from encfs import hygiene
 from encfs.control import ControlServer
 from encfs.errors import MountFailed, MountpointError, UsageError
+from encfs.fuse.cpu_policy import CpuHelpers
 from encfs.fuse.loop import ReadyWaiter, serve_requests
 from encfs.fuse.operations import Operations, drop_kernel_cache
 from encfs.fuse.syncer import ThreadSyncer, open_syncer
-from encfs.fuse.warm import CpuWarmer
 from encfs.mountpoint import MountSite
 from encfs.mountpoint import resolve as resolve_mountpoint
 from encfs.systemd import Service
@@ -154,7 +154,8 @@ def serve(
     options: list[str],
     on_ready: Callable[[], None],
     writeback_cache: bool = False,
-    cpu_warmer: bool = True,
+    cpu_warmer: str = "auto",
+    busy_poll: str = "auto",
     service: Service | None = None,
     health_interval: float = health_mod.DEFAULT_INTERVAL,
     health_grace: float = health_mod.DEFAULT_GRACE,
@@ -172,7 +173,9 @@ def serve(
     revocation the kernel's cached pages and attributes are dropped (drop_kernel_cache)
     and systemd's STATUS= line follows every state change.
 
-    `cpu_warmer`: keep the clients' CPUs awake while requests flow (`CpuWarmer`).
+    `cpu_warmer`, `busy_poll`: "auto", "on" or "off" for the CPU warmer (it keeps the
+    clients' CPUs awake while requests flow) and the request loop's spin before it
+    sleeps; auto looks at the machine (encfs.fuse.cpu_policy).
 
     `service` (sd_notify) hears READY=1 once the mount answers, STOPPING=1 on SIGTERM or
     when the mount goes away, and WATCHDOG=1 from the trio loop if the manager wants it.
@@ -219,15 +222,16 @@ def serve(
     guard = None
     if "auto_unmount" in options:
         guard = _start_unmount_guard(mountpoint, _socket_fds() - fds_before)
-    warmer = CpuWarmer.start() if cpu_warmer else None
+    waiter = ReadyWaiter()
+    helpers = CpuHelpers(waiter, cpu_warmer, busy_poll)
+    helpers.apply()
+    control.cpu_status = helpers.status
     clean = False
     try:
-        waiter = ReadyWaiter(warmer=warmer)
-        trio.run(_serve, mountpoint, on_ready, control, service, waiter, syncer)
+        trio.run(_serve, mountpoint, on_ready, control, service, waiter, syncer, helpers)
         clean = True
     finally:
-        if warmer is not None:
-            warmer.stop()
+        helpers.stop()
         # After a crash the dead mount stays (ENOTCONN), over the guard.
         service.stopping()
         pyfuse3.close(unmount=clean)
@@ -327,12 +331,14 @@ async def _serve(
     service: Service,
     waiter: ReadyWaiter,
     syncer: ThreadSyncer,
+    helpers: CpuHelpers,
 ) -> None:
     async with trio.open_nursery() as nursery:
         if service.watchdog_interval:
             nursery.start_soon(_watchdog, service)
         await nursery.start(control.serve)
         await nursery.start(syncer.run)
+        nursery.start_soon(helpers.run)
         nursery.start_soon(_main_then_cancel, nursery.cancel_scope, service, waiter)
         nursery.start_soon(_signal_ready, mountpoint, on_ready, service)
         nursery.start_soon(_handle_signals, service)

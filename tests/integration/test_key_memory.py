@@ -207,8 +207,9 @@ def test_memory_scan_before_and_after_inaccessible_and_at_exit(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     env = dict(os.environ, ENCFS_GW_TEST_STOP_AT_EXIT="1")
-    run_cli("mount", volume.backing, mnt, "--keyfile", volume.keyfile, "-o", "auto_unmount",
-            check=True, env=env)  # (auto_unmount: its unmount guard is scanned too)
+    # auto_unmount and cpu_warmer=on: its unmount guard and CPU warmer are scanned too.
+    run_cli("mount", volume.backing, mnt, "--keyfile", volume.keyfile, "-o",
+            "auto_unmount,cpu_warmer=on", check=True, env=env)
     pid = daemon_pid(volume.backing)
     assert pid is not None
     try:

@@ -192,8 +192,9 @@ def test_helpers_hold_no_secret_and_are_not_dumpable(public_dir):
     result = as_nobody(home, "init", backing, "--provider", f"passphrase:env:{PASSPHRASE_VAR}",
                        env=env)
     assert result.returncode == 0, result.stderr
-    # -o auto_unmount: the unmount guard and fusermount3's watcher run only with it.
-    result = as_nobody(home, "mount", backing, mnt, "-o", "auto_unmount", env=env)
+    # -o auto_unmount: the unmount guard and fusermount3's watcher run only with it;
+    # cpu_warmer=on: the warmer runs on any machine (auto leaves it off on few CPUs).
+    result = as_nobody(home, "mount", backing, mnt, "-o", "auto_unmount,cpu_warmer=on", env=env)
     assert result.returncode == 0, result.stderr
     try:
         daemon = daemon_pid(backing)
@@ -242,7 +243,7 @@ def test_helpers_of_a_root_daemon_hold_no_secret(tmp_path):
     mnt.mkdir()
     result = run_cli("init", backing, "--provider", f"passphrase:env:{PASSPHRASE_VAR}", env=env)
     assert result.returncode == 0, result.stderr
-    run_cli("mount", backing, mnt, "-o", "auto_unmount", env=env, check=True)
+    run_cli("mount", backing, mnt, "-o", "auto_unmount,cpu_warmer=on", env=env, check=True)
     try:
         daemon = daemon_pid(backing)
         assert daemon is not None

@@ -37,9 +37,9 @@ def _warmers(pid):
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
-def test_cpu_warmer_runs_with_the_mount_at_idle_priority(tmp_path):
+def test_cpu_warmer_forced_on_runs_with_the_mount_at_idle_priority(tmp_path):
     volume = init_volume(tmp_path)
-    with mounted(volume, tmp_path / "mnt") as mnt:
+    with mounted(volume, tmp_path / "mnt", "cpu_warmer=on") as mnt:
         pid = daemon_pid(volume.backing)
         (spinner,) = _warmers(pid)
         # It asks for SCHED_IDLE as it starts, while the mount is already serving.
