@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import queue
+import resource
 import secrets
 import threading
 
@@ -167,6 +168,15 @@ def is_enoent(exc: OSError) -> bool:
     return exc.errno == errno.ENOENT
 
 
+def max_pending_closes() -> int:
+    """How many closes may wait for the closer: a sixteenth of the descriptor limit,
+    64 to 1024 (1,024 at a limit of 20,000, 256 at 4,096)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(64, min(1024, soft // 16))
+
+
 class DeferredCloser:
     """Closes descriptors on a worker thread that uses only idle CPU time.
 
@@ -178,11 +188,19 @@ class DeferredCloser:
     `rm -rf` of 4,000 files: 1.16-1.36 -> 0.90-1.00 s here). The space comes back a
     little later, so a caller that runs out of space calls `settle` and retries; `settle`
     and `stop` close what is still queued themselves, at their own priority.
+
+    Idle CPU time may not come: other work, or our own CPU warmer (also SCHED_IDLE),
+    can keep every CPU busy, and the queue then held 17,000-19,000 descriptors under
+    stress-ng, near the daemon's limit. So at most `max_pending` closes wait: past that,
+    `close` closes on the caller's thread (`inline` counts those), and the daemon's
+    descriptors stay bounded whatever the load.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_pending: int | None = None) -> None:
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._pending = 0  # queued, not yet closed (guarded by _idle)
+        self.max_pending = max_pending or max_pending_closes()
+        self.inline = 0  # closes done by the caller because max_pending were waiting
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="encfs-closer", daemon=True)
         self._thread.start()
@@ -191,8 +209,17 @@ class DeferredCloser:
 
     def close(self, fd: int) -> None:
         with self._idle:
-            self._pending += 1
-        self._queue.put(fd)
+            queue_full = self._pending >= self.max_pending
+            if not queue_full:
+                self._pending += 1
+        if not queue_full:
+            self._queue.put(fd)
+            return
+        self.inline += 1
+        try:
+            os.close(fd)
+        except OSError as exc:
+            log.warning("closing a backing descriptor failed: %s", exc.strerror)
 
     def _run(self) -> None:
         while (fd := self._queue.get()) is not None:

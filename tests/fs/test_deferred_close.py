@@ -180,9 +180,9 @@ def test_the_closer_uses_only_idle_cpu_time():
 class StuckCloser(backing_mod.DeferredCloser):
     """A closer thread that never gets CPU time until `release` (a busy machine)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_pending: int | None = None) -> None:
         self.release = threading.Event()
-        super().__init__()
+        super().__init__(max_pending)
 
     def _run(self) -> None:
         self.release.wait()
@@ -208,3 +208,36 @@ def test_settle_and_stop_close_what_is_queued_themselves():
         closer.stop()
     with pytest.raises(OSError):
         os.fstat(more)
+
+
+def test_a_starved_closer_holds_at_most_max_pending_descriptors():
+    """Its thread gets no CPU (all CPUs busy, as under stress-ng with our SCHED_IDLE
+    warmer beside it): past max_pending the caller closes, so the descriptors the daemon
+    holds for it stay bounded; what was queued is closed later as before."""
+    closer = StuckCloser(max_pending=4)
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(10)]
+    try:
+        for fd in fds:
+            closer.close(fd)
+        assert closer._pending == 4 and closer.inline == 6
+        for fd in fds[:4]:
+            os.fstat(fd)  # queued, still open
+        for fd in fds[4:]:
+            with pytest.raises(OSError) as caught:
+                os.fstat(fd)  # closed by close() itself
+            assert caught.value.errno == errno.EBADF
+    finally:
+        closer.release.set()
+        closer.stop()
+    for fd in fds[:4]:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_the_bound_follows_the_descriptor_limit(monkeypatch):
+    limits = {20_000: 1024, 4096: 256, 1024: 64, 256: 64, 1 << 20: 1024}
+    for soft, bound in limits.items():
+        monkeypatch.setattr(
+            backing_mod.resource, "getrlimit", lambda _which, soft=soft: (soft, soft)
+        )
+        assert backing_mod.max_pending_closes() == bound

@@ -12,6 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -175,3 +179,76 @@ def test_forced_off_nothing_spins(tmp_path):
         assert cpu["cpu_warmer"]["cpu_seconds"] == cpu["busy_poll"]["cpu_seconds"] == 0.0
         assert spinners(pid) == []
 
+
+# --- the deferred closer beside the warmer ------------------------------------------------
+
+NOFILE = 1024  # the daemon's limit here: the closer may hold 1024 // 16 = 64 closes
+PENDING_BOUND = 64
+FILES_PER_ROUND = 100
+ROUNDS = 10
+
+
+def closer_thread(daemon: int) -> int:
+    """The deferred closer: the daemon's one SCHED_IDLE thread."""
+    idle = [int(t) for t in os.listdir(f"/proc/{daemon}/task")
+            if os.sched_getscheduler(int(t)) == os.SCHED_IDLE]
+    assert len(idle) == 1, idle
+    return idle[0]
+
+
+def descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_deleting_many_files_keeps_descriptors_bounded_while_the_warmer_spins(tmp_path):
+    """The closer at SCHED_IDLE gets no CPU while the warmer spins and other work keeps
+    the CPUs busy (stress-ng: 17,000-19,000 descriptors). Here its CPU is taken by a
+    normal-priority busy loop pinned beside it, the warmer and the busy-poll forced on,
+    and 1,000 files are created and deleted through the mount: the daemon never holds
+    more than the live files, the closer's bound and its own few descriptors."""
+    volume = init_volume(tmp_path)
+    mnt = tmp_path / "mnt"
+
+    def low_nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+        os.sched_setaffinity(0, two_cpus())
+
+    with mounted(volume, mnt, "cpu_warmer=on,busy_poll=on", preexec=low_nofile) as pid:
+        (spinner,) = spinners(pid)
+        closer = closer_thread(pid)
+        busy_cpu = max(two_cpus())
+        os.sched_setaffinity(closer, {busy_cpu})
+        hog = subprocess.Popen(
+            ["taskset", "-c", str(busy_cpu), sys.executable, "-c", "while True: pass"]
+        )
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                with contextlib.suppress(OSError):
+                    peak[0] = max(peak[0], descriptors(pid))
+                done.wait(0.002)  # a sampling interval, not a wait for readiness
+
+        base = descriptors(pid)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            for round_number in range(ROUNDS):
+                directory = mnt / f"d{round_number}"
+                directory.mkdir()
+                for i in range(FILES_PER_ROUND):
+                    (directory / f"f{i}").write_bytes(b"x" * 100)
+                for i in range(FILES_PER_ROUND):
+                    os.unlink(directory / f"f{i}")
+                directory.rmdir()
+        finally:
+            done.set()
+            sampler.join()
+            hog.kill()
+            hog.wait()
+        assert spinners(pid) == [spinner]  # it ran all along
+        # Live files of a round (and their directory), the queued closes, a little slack
+        # for the descriptors of requests in flight.
+        limit = base + FILES_PER_ROUND + 1 + PENDING_BOUND + 16
+        assert peak[0] <= limit, f"peak {peak[0]} descriptors (base {base}, limit {limit})"
