@@ -8,11 +8,17 @@ bench/README.md describes the workloads and how to read the report.
 Targets alternate inside each repetition (A B C D, A B C D, ...) so drift on a shared
 machine hits all of them; each (target, repetition) starts from a fresh volume. Mounts and
 daemons are removed on exit, on errors and on Ctrl-C/SIGTERM.
+
+Every workload also reports the CPU seconds of each FUSE target's processes: the daemon
+and all its helpers (encfs-gw's CPU warmer and unmount guard, fusermount3) or gocryptfs,
+measured from a cgroup of their own (cgroup2 cpu.stat), or from /proc where no cgroup2
+can be made.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -34,6 +40,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -155,16 +164,18 @@ def proc_status_kib(pid: int | None, field: str) -> int | None:
 
 
 def proc_cpu_s(pid: int | None) -> float | None:
-    """user+sys CPU seconds of all threads of `pid` and of its live child processes
-    (encfs-gw's CPU warmer counts as the daemon's)."""
+    """user+sys CPU seconds of `pid` (all threads), of its children it has reaped
+    (cutime, cstime) and, recursively, of its live child processes (encfs-gw's CPU warmer
+    and unmount guard count as the daemon's)."""
     if not pid:
         return None
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))
     except (OSError, IndexError, ValueError):
         return None
+    total = ticks / os.sysconf("SC_CLK_TCK")
     for child in child_pids(pid):
         total += proc_cpu_s(child) or 0.0
     return total
@@ -198,6 +209,60 @@ def evict(directory: Path) -> None:
                 os.close(fd)
 
 
+# --- CPU accounting -----------------------------------------------------------------------
+
+
+def cgroup2_mount() -> Path | None:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            if " - cgroup2 " in line:
+                return Path(line.split()[4].encode().decode("unicode_escape"))
+    return None
+
+
+def make_run_cgroup() -> Path | None:
+    """A cgroup2 directory for this run (each target gets one below it), or None: the
+    targets' CPU then comes from /proc."""
+    root = cgroup2_mount()
+    if root is None:
+        return None
+    path = root / f"encfs-gw-bench-{os.getpid()}"
+    try:
+        path.mkdir()
+        return path
+    except OSError as exc:
+        log(f"no cgroup for CPU accounting ({exc}): CPU seconds come from /proc")
+        return None
+
+
+def remove_cgroup(path: Path) -> None:
+    """Remove `path` and the cgroups below it (what is left in them goes to the root)."""
+    root = cgroup2_mount()
+    for child in sorted(path.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+        if root is not None:
+            try:
+                left = (child / "cgroup.procs").read_text().split()
+            except OSError:
+                left = []
+            for pid in left:
+                with contextlib.suppress(OSError):
+                    (root / "cgroup.procs").write_text(pid)
+        try:
+            child.rmdir()
+        except OSError as exc:
+            log(f"cannot remove cgroup {child}: {exc}")
+
+
+def cgroup_cpu_s(path: Path) -> float | None:
+    try:
+        for line in (path / "cpu.stat").read_text().splitlines():
+            if line.startswith("usage_usec "):
+                return int(line.split()[1]) / 1e6
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 # --- targets ------------------------------------------------------------------------------
 
 DAEMON_CPU_S = [0.0]  # CPU of the detached encfs-gw daemons (not our children, see main)
@@ -207,6 +272,7 @@ class Target:
     name = "?"
     label = "?"
     is_fuse = True
+    harness_child = False  # its daemon is our child (gocryptfs), not detached (encfs-gw)
 
     def __init__(self, root: Path):
         self.root = root / self.name
@@ -215,6 +281,36 @@ class Target:
         self.logfile = root / f"{self.name}.log"
         self.pid: int | None = None
         self.hwm_mib = 0.0
+        self.cgroup: Path | None = None  # its processes' cgroup (CPU accounting)
+        self.cpu_done = 0.0  # without a cgroup: CPU of the daemons that have exited
+
+    def use_cgroup(self, run_cgroup: Path | None) -> None:
+        if run_cgroup is not None and self.is_fuse:
+            self.cgroup = run_cgroup / self.name
+            self.cgroup.mkdir(exist_ok=True)
+
+    def enter_cgroup(self) -> None:
+        """In a child before exec: join this target's cgroup (the daemon and its helpers
+        are started from there, so their CPU is charged to it)."""
+        if self.cgroup is not None:
+            (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds this target's processes have used so far (None for native: its
+        filesystem work is the kernel's, in the client's own time)."""
+        if not self.is_fuse:
+            return None
+        if self.cgroup is not None:
+            return cgroup_cpu_s(self.cgroup)
+        return self.cpu_done + (proc_cpu_s(self.pid) or 0.0)
+
+    def count_exiting_daemon(self) -> None:
+        """Before an unmount: without a cgroup, its CPU would leave with the daemon."""
+        cpu = proc_cpu_s(self.pid) or 0.0
+        if self.cgroup is None:
+            self.cpu_done += cpu
+        if not self.harness_child:  # (the harness's children are in os.times())
+            DAEMON_CPU_S[0] += cpu
 
     @property
     def data(self) -> Path:
@@ -283,6 +379,9 @@ class Target:
     def version(self) -> str:
         return ""
 
+    def describe(self) -> str:
+        return self.version()
+
 
 class Native(Target):
     name = label = "native"
@@ -304,6 +403,7 @@ class Native(Target):
 
 class Gocryptfs(Target):
     name = label = "gocryptfs"
+    harness_child = True
 
     def __init__(self, root: Path):
         super().__init__(root)
@@ -330,7 +430,8 @@ class Gocryptfs(Target):
                      "-notifypid", str(os.getpid()), str(self.backing), str(self.mnt)],
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                     start_new_session=True,
-                    preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, old_mask))
+                    preexec_fn=lambda: (self.enter_cgroup(),
+                                        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)))
             self.pid = self.proc.pid
             deadline = start + MOUNT_TIMEOUT
             while True:
@@ -352,6 +453,7 @@ class Gocryptfs(Target):
 
     def unmount(self) -> None:
         self.note_hwm()
+        self.count_exiting_daemon()
         run(["fusermount3", "-u", self.mnt], timeout=60)
         assert self.proc is not None
         try:
@@ -382,6 +484,7 @@ class EncfsGw(Target):
     def __init__(self, root: Path):
         super().__init__(root)
         self.keyfile = self.root / "key"
+        self.helpers = ""  # what `status` says of the CPU warmer and the busy-poll
 
     def create(self) -> None:
         super().create()
@@ -395,7 +498,8 @@ class EncfsGw(Target):
             cmd += ["-o", opt]
         start = time.perf_counter()
         try:
-            result = run(cmd, check=False, timeout=MOUNT_TIMEOUT)
+            result = run(cmd, check=False, timeout=MOUNT_TIMEOUT,
+                         preexec_fn=self.enter_cgroup)
         finally:  # even after a timeout: the detached daemon must be found for cleanup
             self.pid = self.lock_pid()
         elapsed = time.perf_counter() - start
@@ -404,7 +508,20 @@ class EncfsGw(Target):
                              f"{tail(result.stderr)}")
         if not mounted(self.mnt):
             raise BenchError("encfs-gw mount returned 0 but is not in mountinfo")
+        if not self.helpers:
+            self.helpers = self.helper_state()
         return elapsed
+
+    def helper_state(self) -> str:
+        """The CPU warmer's and the busy-poll's decision, from `encfs-gw status`."""
+        result = run([ENCFS_GW, "status", self.mnt, "--json"], check=False)
+        try:
+            cpu = json.loads(result.stdout)["cpu"]
+        except (ValueError, KeyError, TypeError):
+            return "CPU warmer and busy-poll: not reported by this encfs-gw"
+        return "; ".join(
+            f"{label} {'on' if cpu[key]['on'] else 'off'} ({cpu[key]['reason']})"
+            for key, label in (("cpu_warmer", "CPU warmer"), ("busy_poll", "busy-poll")))
 
     def lock_pid(self) -> int | None:
         """The daemon: the holder of the volume lock (/proc/locks)."""
@@ -414,7 +531,7 @@ class EncfsGw(Target):
 
     def unmount(self) -> None:
         self.note_hwm()
-        DAEMON_CPU_S[0] += proc_cpu_s(self.pid) or 0.0
+        self.count_exiting_daemon()
         run([ENCFS_GW, "unmount", self.mnt], timeout=UNMOUNT_WAIT + 30)
         if pid_alive(self.pid):
             raise BenchError(f"encfs-gw daemon {self.pid} still alive after unmount")
@@ -429,6 +546,9 @@ class EncfsGw(Target):
         opts = ",".join(self.options) or "defaults"
         return f"{ver} (-o {opts}); {libs.stdout.decode().strip()}"
 
+    def describe(self) -> str:
+        return f"{self.version()}; {self.helpers or 'CPU helpers: not seen (no mount)'}"
+
 
 class EncfsGwWriteback(EncfsGw):
     name = "encfs-gw-wb"
@@ -436,8 +556,17 @@ class EncfsGwWriteback(EncfsGw):
     options = ("writeback_cache",)
 
 
+class EncfsGwSpin(EncfsGw):
+    """The CPU warmer and the busy-poll forced on, whatever the machine (not a default
+    target: it shows what they buy and what they cost where auto leaves them off)."""
+    name = "encfs-gw-spin"
+    label = "encfs-gw +spin"
+    options = ("cpu_warmer=on,busy_poll=on",)
+
+
 TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (Native, Gocryptfs, EncfsGw, EncfsGwWriteback)}
+    t.name: t for t in (Native, Gocryptfs, EncfsGw, EncfsGwWriteback, EncfsGwSpin)}
+DEFAULT_TARGETS = ["native", "gocryptfs", "encfs-gw", "encfs-gw-wb"]
 
 
 # --- results ------------------------------------------------------------------------------
@@ -462,16 +591,19 @@ ROWS = [
     ("ls_cold", "ls -l dir of {n}, cold (after remount)", "s", "low"),
     ("ls_warm", "ls -l dir of {n}, warm", "s", "low"),
     ("rss_mib", "daemon peak RSS (VmHWM)", "MiB", "low"),
-    ("cpu_seq_write", "daemon CPU during seq write", "CPU s", "low"),
-    ("cpu_seq_read_cold", "daemon CPU during seq read cold", "CPU s", "low"),
-    ("cpu_randrw", "daemon CPU during randrw", "CPU s", "low"),
 ]
+# Rows with a CPU column: the CPU seconds of the target's processes (the daemon and all
+# its helpers, or gocryptfs) during that workload, stored under key + CPU; per mount for
+# mount time, per run for the warm medians.
+CPU = ".cpu"
+CPU_ROWS = {key for key, _label, _unit, better in ROWS
+            if better in ("high", "low") and key != "rss_mib"}
 BETTER = {key: better for key, _label, _unit, better in ROWS}
+BETTER |= {key + CPU: "low" for key in CPU_ROWS}
 GROUPS = {
     "mount": ["mount_ms"],
-    "seq": ["seq_write", "cpu_seq_write", "seq_read_cold", "cpu_seq_read_cold",
-            "seq_read_cached"],
-    "randrw": ["randrw", "cpu_randrw"],
+    "seq": ["seq_write", "seq_read_cold", "seq_read_cached"],
+    "randrw": ["randrw"],
     "small": ["cp_a", "find_wc", "du_s", "tree_check", "rm_rf"],
     "sqlite": ["sqlite_ins", "sqlite_check"],
     "meta": ["meta_create", "stat_cold", "stat_warm", "ls_cold", "ls_warm"],
@@ -567,25 +699,33 @@ def render(res: Results, targets: list[Target], cfg: Config, meta: dict) -> str:
             f"{cfg.meta_entries} entries; {cfg.mount_samples * cfg.reps} mount samples per "
             f"target.", "",
             "## Results: median (min-max)", "",
-            "| workload | unit | " + " | ".join(labels[n] for n in names) + " |",
-            "|---|---|" + "---|" * len(names)]
+            f"Each FUSE target's CPU column: {meta['cpu_method']}, during that workload (per "
+            "mount for mount time; per run for the warm rows). Native's filesystem work is "
+            "the kernel's, in the client's time: no column.", ""]
+    columns = [c for t in targets for c in
+               [(t.name, "", t.label)] + ([(t.name, CPU, f"{t.label} CPU s")] if t.is_fuse
+                                          else [])]
+    out += ["| workload | unit | " + " | ".join(head for _n, _k, head in columns) + " |",
+            "|---|---|" + "---|" * len(columns)]
     for key, label, unit, better in ROWS:
-        cells = [cell(res, n, key, better) for n in names]
+        cells = [cell(res, n, key + suffix, better if not suffix else "low")
+                 if not suffix or key in CPU_ROWS else NA for n, suffix, _h in columns]
         if all(c == NA for c in cells):
             continue
         label = label.format(n=cfg.meta_entries, rows=cfg.sqlite_rows, tx=cfg.sqlite_tx)
         out.append(f"| {label} | {unit} | " + " | ".join(cells) + " |")
-    others = [n for n in names if n != "gocryptfs"]
+    others = [c for c in columns if c[0] != "gocryptfs" and not (c[0] == "native" and c[1])]
     if "gocryptfs" in names and others:
         out += ["", "## Relative to gocryptfs (>1 = faster / smaller than gocryptfs)", "",
-                "Throughput: target/gocryptfs. Times, RSS and CPU: gocryptfs/target. "
-                "Medians only.", "",
-                "| workload | " + " | ".join(labels[n] for n in others) + " |",
+                "Throughput: target/gocryptfs. Times, RSS and CPU seconds: gocryptfs/target "
+                "(a CPU column >1: less CPU than gocryptfs for the same work). Medians only.",
+                "", "| workload | " + " | ".join(head for _n, _k, head in others) + " |",
                 "|---|" + "---|" * len(others)]
         for key, label, _unit, better in ROWS:
             if better == "check":
                 continue
-            cells = [fmt_ratio(res, n, key) for n in others]
+            cells = [fmt_ratio(res, n, key + suffix) if not suffix or key in CPU_ROWS else NA
+                     for n, suffix, _h in others]
             if all(c == NA for c in cells):
                 continue
             label = label.format(n="N", rows="N", tx="M")
@@ -706,8 +846,7 @@ class Runner:
             if t.is_fuse and not self.broken and file_tail(t.logfile):
                 msg += f"\n--- daemon log tail ({t.logfile.name}) ---\n{file_tail(t.logfile)}"
             log(f"  !!! {t.label} {group} FAILED: {msg.splitlines()[0]}")
-            keys = [k for k in GROUPS[group] if k not in self.done
-                    and (t.is_fuse or not k.startswith("cpu_"))]
+            keys = [k for k in GROUPS[group] if k not in self.done]
             for k in keys:  # a check that never ran counts as failed
                 if BETTER[k] == "check":
                     self.res.add(t.name, k, 0.0)
@@ -751,37 +890,45 @@ class Runner:
 
     def w_mount(self, t: Target) -> None:
         for _ in range(self.cfg.mount_samples):
-            elapsed = t.mount()
+            elapsed = self.with_cpu(t, "mount_ms", t.mount)
             t.unmount()
             self.record(t, "mount_ms", elapsed * 1000)
         t.mount()
 
-    def cpu_around(self, t: Target, key: str, fn: Callable[[], dict]) -> dict:
-        before = proc_cpu_s(t.pid)
-        job = fn()
-        after = proc_cpu_s(t.pid)
+    def with_cpu(self, t: Target, key: str, fn: Callable[[], T], runs: int = 1) -> T:
+        """fn(), recording the CPU seconds the target's processes used meanwhile (divided
+        by `runs`) as the CPU column of row `key`."""
+        before = t.cpu_s()
+        result = fn()
+        after = t.cpu_s()
         if before is not None and after is not None:
-            self.record(t, key, after - before)
-        return job
+            self.record(t, key + CPU, (after - before) / runs)
+        return result
+
+    def timed_cpu(self, t: Target, key: str, cmd: list,
+                  **kw) -> tuple[float, subprocess.CompletedProcess]:
+        """`timed(cmd)` with the target's CPU seconds recorded for row `key`."""
+        return self.with_cpu(t, key, lambda: timed(cmd, **kw))
 
     def w_seq(self, t: Target) -> None:
         size = self.cfg.seq_mib << 20
         # crc32c headers in every block: the cold read checks offset and contents
         common = ["--filename=seq.bin", "--bs=1M", f"--size={size}", "--verify=crc32c"]
-        job = self.cpu_around(t, "cpu_seq_write", lambda: fio(
+        job = self.with_cpu(t, "seq_write", lambda: fio(
             ["--name=seqwrite", "--rw=write", "--end_fsync=1", "--fallocate=none",
              "--do_verify=0", *common], t.data, self.work))
         self.record(t, "seq_write", job["write"]["bw_bytes"] / 2**20)
         t.remount()
         if (got := os.stat(t.data / "seq.bin").st_size) != size:
             raise BenchError(f"after remount seq.bin has {got} bytes, expected {size}")
-        job = self.cpu_around(t, "cpu_seq_read_cold", lambda: fio(
+        job = self.with_cpu(t, "seq_read_cold", lambda: fio(
             ["--name=seqread", "--rw=read", *common], t.data, self.work))
         self.record(t, "seq_read_cold", job["read"]["bw_bytes"] / 2**20)
         # fio's invalidate=1 drops the FUSE page cache, not the backing one; native keeps
         # its page cache (invalidate=0) so its row is a plain page-cache read
         inval = [] if t.is_fuse else ["--invalidate=0"]
-        job = fio(["--name=seqread", "--rw=read", *inval, *common], t.data, self.work)
+        job = self.with_cpu(t, "seq_read_cached", lambda: fio(
+            ["--name=seqread", "--rw=read", *inval, *common], t.data, self.work))
         self.record(t, "seq_read_cached", job["read"]["bw_bytes"] / 2**20)
         os.unlink(t.data / "seq.bin")
 
@@ -790,7 +937,7 @@ class Runner:
         fio(["--name=layout", "--rw=write", "--bs=1M", "--end_fsync=1", "--fallocate=none",
              *common], t.data, self.work)
         t.remount()
-        job = self.cpu_around(t, "cpu_randrw", lambda: fio(
+        job = self.with_cpu(t, "randrw", lambda: fio(
             ["--name=randrw", "--rw=randrw", "--bs=4k", f"--runtime={self.cfg.randrw_seconds}",
              "--time_based", *common], t.data, self.work))
         self.record(t, "randrw", job["read"]["iops"] + job["write"]["iops"])
@@ -798,15 +945,15 @@ class Runner:
 
     def w_small(self, t: Target) -> None:
         dst = t.data / "tree"
-        secs, _ = timed(["cp", "-a", self.tree["path"], dst])
+        secs, _ = self.timed_cpu(t, "cp_a", ["cp", "-a", self.tree["path"], dst])
         self.record(t, "cp_a", secs)
         t.remount()
-        secs, r = timed(["bash", "-c", "find tree | wc -l"], cwd=t.data)
+        secs, r = self.timed_cpu(t, "find_wc", ["bash", "-c", "find tree | wc -l"], cwd=t.data)
         if (count := int(r.stdout or 0)) != self.tree["entries"]:
             raise BenchError(f"find listed {count} entries after remount, expected "
                              f"{self.tree['entries']}")
         self.record(t, "find_wc", secs)
-        secs, _ = timed(["du", "-s", "tree"], cwd=t.data)
+        secs, _ = self.timed_cpu(t, "du_s", ["du", "-s", "tree"], cwd=t.data)
         self.record(t, "du_s", secs)
         problems = check_tree(dst, self.tree["meta"])
         if problems:
@@ -815,7 +962,7 @@ class Runner:
                               + "\n".join(problems[:12]))
         else:
             self.record(t, "tree_check", 1.0)
-        secs, _ = timed(["rm", "-rf", "tree"], cwd=t.data)
+        secs, _ = self.timed_cpu(t, "rm_rf", ["rm", "-rf", "tree"], cwd=t.data)
         if os.path.lexists(dst):
             raise BenchError("rm -rf tree left the directory behind")
         self.record(t, "rm_rf", secs)
@@ -823,7 +970,7 @@ class Runner:
     def w_sqlite(self, t: Target) -> None:
         db = t.data / "bench.db"
         with open(self.sql_file, "rb") as sql:
-            secs, _ = timed(["sqlite3", "-batch", db], stdin=sql)
+            secs, _ = self.timed_cpu(t, "sqlite_ins", ["sqlite3", "-batch", db], stdin=sql)
         self.record(t, "sqlite_ins", secs)
         t.remount()
         r = run(["sqlite3", "-batch", db, "PRAGMA integrity_check;",
@@ -843,7 +990,8 @@ class Runner:
         n = self.cfg.meta_entries
         d = t.data / "meta"
         d.mkdir()
-        secs, _ = timed(["xargs", "-0", "-a", self.names_file, "touch"], cwd=d)
+        secs, _ = self.timed_cpu(t, "meta_create", ["xargs", "-0", "-a", self.names_file, "touch"],
+                                 cwd=d)
         self.record(t, "meta_create", secs)
 
         def stat_all() -> float:  # by name, no readdir first: LOOKUP + GETATTR per entry
@@ -859,14 +1007,19 @@ class Runner:
                 raise BenchError(f"ls -l printed {lines} lines, expected {n + 1}")
             return secs
 
+        def warm(fn: Callable[[], float]) -> float:
+            return statistics.median([fn() for _ in range(WARM_RUNS)])
+
         t.remount()
-        self.record(t, "stat_cold", stat_all())
+        self.record(t, "stat_cold", self.with_cpu(t, "stat_cold", stat_all))
         # Warm runs take ~17 ms from the kernel's caches on every target (native too), so
-        # one run is timer noise: the median of WARM_RUNS.
-        self.record(t, "stat_warm", statistics.median(stat_all() for _ in range(WARM_RUNS)))
+        # one run is timer noise: the median of WARM_RUNS (CPU: their mean).
+        self.record(t, "stat_warm",
+                    self.with_cpu(t, "stat_warm", lambda: warm(stat_all), runs=WARM_RUNS))
         t.remount()
-        self.record(t, "ls_cold", ls_all())
-        self.record(t, "ls_warm", statistics.median(ls_all() for _ in range(WARM_RUNS)))
+        self.record(t, "ls_cold", self.with_cpu(t, "ls_cold", ls_all))
+        self.record(t, "ls_warm",
+                    self.with_cpu(t, "ls_warm", lambda: warm(ls_all), runs=WARM_RUNS))
 
 
 def describe(path: str) -> tuple:
@@ -1006,8 +1159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                    help="scratch parent on the disk under test (default /var/tmp)")
-    p.add_argument("--targets", default=",".join(TARGETS),
-                   help=f"comma-separated subset of {','.join(TARGETS)}")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"comma-separated, of {','.join(TARGETS)} (default: all but "
+                        "encfs-gw-spin)")
     p.add_argument("--workloads", default=",".join(GROUPS),
                    help=f"comma-separated subset of {','.join(GROUPS)}")
     p.add_argument("--keep", action="store_true", help="keep the scratch dir (daemon logs)")
@@ -1032,6 +1186,9 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="encfs-gw-bench-", dir=args.workdir))
     targets = [TARGETS[n](work) for n in names]
+    run_cgroup = make_run_cgroup()
+    for t in targets:
+        t.use_cgroup(run_cgroup)
 
     started = datetime.datetime.now()
     loads = [os.getloadavg()[0]]
@@ -1039,7 +1196,10 @@ def main(argv: list[str] | None = None) -> int:
                   "mode": "quick" if args.quick else "full",
                   "mode_flag": "--quick " if args.quick else "",
                   "machine": machine_info(work), "tools": tool_versions(),
-                  "versions": {t.name: t.version() for t in targets},
+                  "cpu_method": "cgroup2 cpu.stat usage_usec of a cgroup per target (its "
+                                "daemon, the daemon's helpers and the mount command)"
+                                if run_cgroup else "/proc: the daemon's process tree "
+                                "(user+sys, reaped children and live helpers included)",
                   "checkout_start": checkout_state(), "status": "complete"}
     res = Results()
     t0, busy0, own0 = time.perf_counter(), machine_busy_s(), own_cpu_s()
@@ -1065,6 +1225,8 @@ def main(argv: list[str] | None = None) -> int:
                 t.destroy()
             except Exception as exc:  # keep cleaning the others
                 log(f"cleanup of {t.label} failed: {exc}")
+        if run_cgroup is not None:
+            remove_cgroup(run_cgroup)
         if args.keep:
             log(f"kept scratch dir {work}")
         else:
@@ -1072,6 +1234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     loads.append(os.getloadavg()[0])
     meta["wall_s"] = wall = time.perf_counter() - t0
+    meta["versions"] = {t.name: t.describe() for t in targets}
     meta["checkout_end"] = checkout_state()
     # Other jobs' CPU = all CPU used during the run minus ours (kernel writeback threads
     # land on the "others" side, a few percent).
