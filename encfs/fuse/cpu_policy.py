@@ -327,13 +327,21 @@ class CpuHelpers:
         warmer.stop()
         self._warmer_cpu_done += warmer.cpu_seconds
 
+    def apply_safely(self) -> None:
+        """apply(), logging instead of raising: a surprise in /proc or /sys must not take
+        the daemon down (the helpers then stay as they were)."""
+        try:
+            self.apply()
+        except Exception:
+            log.exception("cannot switch the CPU warmer and the busy-poll")
+
     async def run(self) -> None:
         """Look at the machine again every RECHECK_SECONDS (auto modes only)."""
         if not self.automatic:
             return
         while True:
             await trio.sleep(RECHECK_SECONDS)
-            self.apply()
+            self.apply_safely()
 
     def stop(self) -> None:
         self._stop_warmer()
@@ -345,7 +353,7 @@ class CpuHelpers:
 
     def status(self) -> dict[str, Any]:
         """The report after a fresh look at the machine (what `status` asks for)."""
-        self.apply()
+        self.apply_safely()
         return self.report()
 
     def report(self) -> dict[str, Any]:

@@ -320,3 +320,20 @@ def test_auto_looks_at_the_machine_again_every_recheck_interval():
     assert looks == [cpu_policy.RECHECK_SECONDS * n for n in (1, 2, 3)]
     assert helpers.facts == MachineFacts(2, None, None, None)
     assert "2 CPUs" in helpers.report()["busy_poll"]["reason"]
+
+
+def test_a_surprise_while_looking_again_keeps_the_helpers_as_they_were():
+    """An unexpected error reading the machine is logged; status still answers."""
+    calls = []
+
+    def facts() -> MachineFacts:
+        calls.append(None)
+        if len(calls) > 1:
+            raise ValueError("a malformed file in /sys")
+        return MachineFacts(2, None, None, None)
+
+    helpers = CpuHelpers(ReadyWaiter(), "auto", "off", facts=facts)
+    helpers.apply()
+    report = helpers.status()
+    assert len(calls) == 2
+    assert report["cpu_warmer"]["reason"] == "auto: 2 CPUs available to the daemon (fewer than 3)"
