@@ -16,6 +16,7 @@ import queue
 import resource
 import secrets
 import threading
+import weakref
 
 from encfs.format.names import TEMP_PREFIX
 
@@ -168,6 +169,24 @@ def is_enoent(exc: OSError) -> bool:
     return exc.errno == errno.ENOENT
 
 
+_deferring = True  # False while our spinning helpers run (defer_closes)
+_closers: weakref.WeakSet[DeferredCloser] = weakref.WeakSet()
+
+
+def defer_closes(on: bool) -> None:
+    """Whether closes go to the closers (True, the default) or happen on the caller's
+    thread; turning it off closes what the closers hold queued, here and now."""
+    global _deferring
+    _deferring = on
+    if not on:
+        for closer in list(_closers):
+            closer.settle()
+
+
+def closes_deferred() -> bool:
+    return _deferring
+
+
 def max_pending_closes() -> int:
     """How many closes may wait for the closer: a sixteenth of the descriptor limit,
     64 to 1024 (1,024 at a limit of 20,000, 256 at 4,096)."""
@@ -189,27 +208,35 @@ class DeferredCloser:
     little later, so a caller that runs out of space calls `settle` and retries; `settle`
     and `stop` close what is still queued themselves, at their own priority.
 
-    Idle CPU time may not come: other work, or our own CPU warmer (also SCHED_IDLE),
-    can keep every CPU busy, and the queue then held 17,000-19,000 descriptors under
-    stress-ng, near the daemon's limit. So at most `max_pending` closes wait: past that,
-    `close` closes on the caller's thread (`inline` counts those), and the daemon's
-    descriptors stay bounded whatever the load.
+    Idle CPU time may not come: other work can keep every CPU busy, and the queue then
+    held 17,000-19,000 descriptors under stress-ng, near the daemon's limit. So at most
+    `max_pending` closes wait: past that, `close` closes on the caller's thread
+    (`inline` counts those), and the daemon's descriptors stay bounded whatever the load.
+
+    Our own spinning helpers (the CPU warmer, the request loop's busy-poll) starve it
+    whatever its priority: while they run the request loop answers flat out and holds
+    the GIL, which the closer needs for every close (3,000 unlinks with both forced on:
+    the queue reached the bound; at normal priority it still lagged by hundreds). So
+    while one of them is on, `defer_closes(False)` (encfs.fuse.cpu_policy) makes every
+    close happen on the caller's thread, as before the closer existed: what is queued
+    is closed at once, and the closer is never left behind by our own spinning.
     """
 
     def __init__(self, max_pending: int | None = None) -> None:
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._pending = 0  # queued, not yet closed (guarded by _idle)
         self.max_pending = max_pending or max_pending_closes()
-        self.inline = 0  # closes done by the caller because max_pending were waiting
+        self.inline = 0  # closes done by the caller: max_pending waiting, or not deferring
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="encfs-closer", daemon=True)
         self._thread.start()
         with contextlib.suppress(OSError):  # (best effort: it works at normal priority too)
             os.sched_setscheduler(self._thread.native_id, os.SCHED_IDLE, os.sched_param(0))
+        _closers.add(self)
 
     def close(self, fd: int) -> None:
         with self._idle:
-            queue_full = self._pending >= self.max_pending
+            queue_full = self._pending >= self.max_pending or not _deferring
             if not queue_full:
                 self._pending += 1
         if not queue_full:

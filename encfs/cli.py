@@ -945,6 +945,11 @@ def _cpu_lines(cpu: dict) -> list[str]:
         lines.append(
             f"{label}: {state} ({helper['reason']}); {float(helper['cpu_seconds']):.3f} CPU s"
         )
+    if "deferred_closes" in cpu:
+        lines.append(
+            "deferred closes: on (idle CPU time)" if cpu["deferred_closes"]
+            else "deferred closes: off (a helper spins: closed by the request loop)"
+        )
     return lines
 
 

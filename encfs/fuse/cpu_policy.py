@@ -10,7 +10,9 @@ polls (the warmer then only burns power). Each helper has a mode, `-o cpu_warmer
 those holds for the machine the daemon runs on (`MachineFacts`, read from /proc and
 /sys). `CpuHelpers` applies the modes at the mount and again every RECHECK_SECONDS (and
 at every `status`), so a laptop unplugged after the mount stops spinning, and reports
-the decision, its reason and the CPU seconds each helper has used.
+the decision, its reason and the CPU seconds each helper has used. While either helper
+is on, backing descriptors are closed on the request loop's thread rather than by the
+deferred closer, which the spinning would starve (encfs.backing.defer_closes).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import trio
 
+from encfs import backing
 from encfs.fuse.loop import ReadyWaiter
 from encfs.fuse.warm import CpuWarmer
 
@@ -318,6 +321,14 @@ class CpuHelpers:
                 self.waiter.warmer = self.warmer
         elif not warmer.on and self.warmer is not None:
             self._stop_warmer()
+        # While anything of ours spins, the deferred closer would be starved by it: close
+        # on the request loop's thread instead (encfs.backing.DeferredCloser).
+        backing.defer_closes(not self.spinning)
+
+    @property
+    def spinning(self) -> bool:
+        """Whether a helper of ours may spin now (the warmer runs or the busy-poll is on)."""
+        return self.waiter.busy_poll or self.warmer is not None
 
     def _stop_warmer(self) -> None:
         warmer, self.warmer = self.warmer, None
@@ -345,6 +356,7 @@ class CpuHelpers:
 
     def stop(self) -> None:
         self._stop_warmer()
+        backing.defer_closes(True)
 
     @property
     def warmer_cpu_seconds(self) -> float:
@@ -372,5 +384,6 @@ class CpuHelpers:
                 **asdict(busy_poll),
                 "cpu_seconds": round(self.waiter.busy_poll_seconds, 3),
             },
+            "deferred_closes": backing.closes_deferred(),
             "machine": self.facts.as_dict() if self.facts is not None else None,
         }

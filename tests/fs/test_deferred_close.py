@@ -241,3 +241,33 @@ def test_the_bound_follows_the_descriptor_limit(monkeypatch):
             backing_mod.resource, "getrlimit", lambda _which, soft=soft: (soft, soft)
         )
         assert backing_mod.max_pending_closes() == bound
+
+
+def test_while_our_helpers_spin_closes_are_not_deferred():
+    """defer_closes(False) (cpu_policy, while the warmer or the busy-poll is on): what
+    the closer holds queued is closed at once, and every later close happens on the
+    caller's thread, so a closer our own spinning starves holds nothing."""
+    closer = StuckCloser()  # its thread never runs: as starved as it can be
+    queued = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+    later = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+    try:
+        for fd in queued:
+            closer.close(fd)
+        assert closer._pending == 3 and backing_mod.closes_deferred()
+        backing_mod.defer_closes(False)
+        assert closer._pending == 0 and not backing_mod.closes_deferred()
+        for fd in later:
+            closer.close(fd)
+        assert closer._pending == 0 and closer.inline == 3
+        for fd in queued + later:
+            with pytest.raises(OSError) as caught:
+                os.fstat(fd)
+            assert caught.value.errno == errno.EBADF
+        backing_mod.defer_closes(True)
+        again = os.open(os.devnull, os.O_RDONLY)
+        closer.close(again)
+        assert closer._pending == 1  # deferred again
+    finally:
+        backing_mod.defer_closes(True)
+        closer.release.set()
+        closer.stop()

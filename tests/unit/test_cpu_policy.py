@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from encfs import backing
 from encfs.fuse import cpu_policy
 from encfs.fuse.cpu_policy import CpuHelpers, MachineFacts, decide
 from encfs.fuse.loop import ReadyWaiter
@@ -337,3 +338,32 @@ def test_a_surprise_while_looking_again_keeps_the_helpers_as_they_were():
     report = helpers.status()
     assert len(calls) == 2
     assert report["cpu_warmer"]["reason"] == "auto: 2 CPUs available to the daemon (fewer than 3)"
+
+
+@pytest.mark.parametrize(
+    ("warmer_mode", "busy_poll_mode", "deferred"),
+    [("off", "off", True), ("off", "on", False), ("auto", "auto", True)],
+)
+def test_closes_are_not_deferred_while_a_helper_spins(warmer_mode, busy_poll_mode, deferred):
+    """The deferred closer would be starved by our spinning (encfs.backing): while a
+    helper is on, closes happen on the request loop's thread; status says which."""
+    facts = MachineFacts(2, None, None, None)  # auto: off
+    helpers = CpuHelpers(ReadyWaiter(), warmer_mode, busy_poll_mode, facts=lambda: facts)
+    try:
+        helpers.apply()
+        assert backing.closes_deferred() is deferred
+        assert helpers.report()["deferred_closes"] is deferred
+    finally:
+        helpers.stop()
+    assert backing.closes_deferred()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the spinner needs two CPUs")
+def test_closes_are_not_deferred_while_the_warmer_runs():
+    helpers = CpuHelpers(ReadyWaiter(), "on", "off", facts=lambda: QUIET)
+    try:
+        helpers.apply()
+        assert helpers.warmer is not None and not backing.closes_deferred()
+    finally:
+        helpers.stop()
+    assert backing.closes_deferred()
