@@ -9,9 +9,13 @@ the machine. gocryptfs gets the same effect from the Go runtime's spinning threa
 
 So while requests arrive, a helper process busy-loops at SCHED_IDLE priority: a CPU that
 runs only it counts as idle for the scheduler, the woken client takes that CPU at once,
-and the spinner gets nothing while any other thread wants to run. It stops spinning
-IDLE_AFTER after the last request (it then blocks on a pipe, costing nothing) and starts
-again at the next request. It keeps off the CPU our request loop runs on (spinner.py).
+and the spinner gets next to nothing while any other thread wants to run (in its own
+session it also lowers its autogroup to nice 19: SCHED_IDLE alone yields only within a
+scheduling group, and with autogroups it took half a CPU from another session's work;
+a cgroup, such as a systemd service's, is still one group with its siblings' weight).
+It stops spinning IDLE_AFTER after the last request (it then blocks on a pipe, costing
+nothing) and starts again at the next request. It keeps off the CPU our request loop
+runs on (spinner.py).
 It is a separate interpreter, so the spin never holds our GIL, and it holds no key, no
 name and no data: only the time of the last request.
 

@@ -158,3 +158,52 @@ def test_a_warmer_that_cannot_start_leaves_the_mount_alone(monkeypatch, failing)
         monkeypatch.setattr(warm.os, failing, refuse)
     assert CpuWarmer.start() is None
     assert set(os.listdir("/proc/self/fd")) == fds_before
+
+
+def _autogroups_enabled() -> bool:
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _autogroups_enabled(), reason="the kernel has no autogroups on")
+def test_spinner_yields_to_another_sessions_work():
+    """With autogroups each session is a scheduling group, and SCHED_IDLE yields only
+    within one: a spinner at autogroup nice 0 took half of a CPU from a busy loop in
+    another session. At nice 19 it gets a few percent of it at most."""
+    cpus = sorted(os.sched_getaffinity(0))
+    ours, theirs = cpus[0], cpus[1]
+    warmer = CpuWarmer.start()
+    assert warmer is not None
+    spinner = warmer.process.pid
+    hog = None
+    try:
+        assert _until(lambda: os.sched_getscheduler(spinner) == os.SCHED_IDLE)
+
+        def autogroup() -> str:
+            with open(f"/proc/{spinner}/autogroup") as f:
+                return f.read()
+
+        assert _until(lambda: autogroup().endswith("nice 19\n")), autogroup()
+        os.sched_setaffinity(0, {ours})  # the "daemon": the spinner keeps off this CPU
+        hog = subprocess.Popen(
+            ["taskset", "-c", str(theirs), sys.executable, "-c", "while True: pass"],
+            start_new_session=True,  # another session, so another autogroup
+        )
+        assert _until(lambda: _cpu_ticks(hog.pid) > 0)
+        spinner_before, hog_before = _cpu_ticks(spinner), _cpu_ticks(hog.pid)
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:  # requests close together: keep it spinning
+            warmer.touch()
+        spinner_used = _cpu_ticks(spinner) - spinner_before
+        hog_used = _cpu_ticks(hog.pid) - hog_before
+    finally:
+        os.sched_setaffinity(0, cpus)
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        warmer.stop()
+    assert hog_used > 0
+    assert spinner_used <= 0.1 * hog_used, (spinner_used, hog_used)
