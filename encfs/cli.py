@@ -20,13 +20,17 @@ from typing import Any, NamedTuple, NoReturn
 
 from encfs import __version__, hygiene
 from encfs.errors import (
+    INTERRUPTED,
+    OTHER_EXIT_CODES,
     ControlSocketError,
     EncfsError,
+    FsckProblems,
     MountFailed,
     MountpointError,
     NotAVolume,
     NotMounted,
     UsageError,
+    exit_codes,
 )
 from encfs.format.blocks import DEFAULT_BLOCK_SIZE
 from encfs.keys.registry import open_provider, parse_spec
@@ -289,7 +293,7 @@ def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace)
             raise
         return _report(first)
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     except OSError as exc:  # a system error no layer turned into its own: still one line
         log.debug("unexpected system error", exc_info=True)
         what = f": {exc.filename}" if exc.filename else ""
@@ -840,21 +844,12 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 # Codes a daemon may report in an error reply; anything else is a malformed reply.
 def _error_with_code(message: Any, code: Any) -> EncfsError:
-    from encfs.errors import KeyAccessError
-
-    known = {cls.exit_code for cls in _error_classes(EncfsError)} | {KeyAccessError.exit_code}
+    known = set(exit_codes()) - set(OTHER_EXIT_CODES)
     if not isinstance(message, str) or type(code) is not int or code not in known:
         return ControlSocketError("malformed error reply from the daemon")
     error = EncfsError(message)
     error.exit_code = code
     return error
-
-
-def _error_classes(base: type) -> list[type]:
-    found = [base]
-    for sub in base.__subclasses__():
-        found += _error_classes(sub)
-    return found
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -1067,7 +1062,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                 f"encfs-gw fsck {_printable(backing)} --export-quarantine DIR reads them out"
             )
     if report.remaining:
-        raise fsck_mod.FsckProblems(
+        raise FsckProblems(
             f"{len(report.remaining)} problem(s) remain"
             + ("" if args.repair else "; run fsck --repair to fix the repairable ones")
         )

@@ -55,12 +55,6 @@ EITHER = "crash or tampering"
 PAGE_SIZE = os.sysconf("SC_PAGESIZE")
 
 
-class FsckProblems(EncfsError):
-    """fsck found problems that remain (not repaired, or not repairable)."""
-
-    exit_code = 31
-
-
 @dataclass
 class Finding:
     path: str  # plaintext path when known, else the backing path

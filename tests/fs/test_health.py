@@ -119,7 +119,7 @@ def test_unreachable_degrades_then_grace_runs_out_then_recovers(setup):
 
 
 def test_audit_log_is_0600_and_required_log_fails_closed(tmp_path):
-    from encfs.audit import AuditError
+    from encfs.errors import AuditError
 
     log = AuditLog(b"\x01" * 16, str(tmp_path / "a.log"))
     log.event("unwrap", kek_version=1, provider="keyfile", outcome="ok")
