@@ -349,7 +349,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     spec = args.provider or f"keyfile:{args.keyfile or default_keyfile(backing)}"
     name, options = parse_spec(spec)
     provider = open_provider(name, options)
-    operator = Operator()
+    operator = Operator(factory=open_provider)
     config = create_volume(backing, provider, args.block_size, operator)
     print(f"created volume {config.volume_id.hex()} in {backing}")
     print(f"key provider: {provider.describe()}")
@@ -392,10 +392,11 @@ def _seconds_option(engine_opts: dict[str, str], name: str, default: float) -> f
 
 def _operator(args: argparse.Namespace) -> Operator:
     """What this command's operator vouches for: the providers named on the command line
-    (--keyfile, --provider, in that order) and the trust store."""
+    (--keyfile, --provider, in that order) and the trust store. The CLI is a composition
+    root: the registry makes the providers (docs/dev/ARCHITECTURE.md)."""
     specs = [OperatorSpec.keyfile(args.keyfile)] if getattr(args, "keyfile", None) else []
-    specs += [OperatorSpec.parse(spec) for spec in getattr(args, "providers", [])]
-    return Operator(specs)
+    specs += [OperatorSpec(*parse_spec(spec)) for spec in getattr(args, "providers", [])]
+    return Operator(specs, factory=open_provider)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

@@ -236,14 +236,13 @@ def create_volume(
     backing_path: str,
     provider: KeyProvider,
     block_size: int,
-    operator: Operator | None = None,
+    operator: Operator,
 ) -> VolumeConfig:
     """Make a new volume in an empty (or new) directory; the directory is made 0700.
 
     The provider's options go to the operator's trust store (never into the backing
     directory), with the volume key's check value and the first config generation.
     """
-    operator = operator or Operator()
     try:
         Layout(block_size)
     except ValueError as exc:
@@ -348,11 +347,13 @@ def read_config(backing_path: str, keyring: Keyring) -> VolumeConfig:
 class Volume:
     """An unlocked, opened volume. One instance per mount (or per offline tool run)."""
 
-    def __init__(self, backing_path: str, config: VolumeConfig, keyring: Keyring) -> None:
+    def __init__(
+        self, backing_path: str, config: VolumeConfig, keyring: Keyring, operator: Operator
+    ) -> None:
         self.backing_path = backing_path
         self.config = config
         # What vouched for this volume's providers (rotation protects new KEKs with it).
-        self.operator = Operator()
+        self.operator = operator
         self.layout = config.layout
         self.keyring = keyring
         self.read_only = False
@@ -393,16 +394,14 @@ class Volume:
     def unlock(
         cls,
         backing_path: str,
-        operator: Operator | None = None,
+        operator: Operator,
         audit: AuditLog | None = None,
     ) -> Volume:
         """Open a volume with the key providers the operator vouched for (the command
         line's, then the trust store's): config authenticated before anything is used."""
         crypto.self_test()
-        operator = operator or Operator()
         config, keyring = config_store.unlock(backing_path, operator, audit)
-        volume = cls(backing_path, config, keyring)
-        volume.operator = operator
+        volume = cls(backing_path, config, keyring, operator)
         if audit is not None:
             volume.audit = audit
         return volume

@@ -14,6 +14,7 @@ from encfs.errors import KeyRevoked, ProviderUnavailable
 from encfs.health import KeyHealth, State
 from encfs.keys.registry import open_provider
 from encfs.volume import ROOT_INODE, Volume, create_volume
+from tests.helpers.config import trusted
 
 SCRIPT = """#!/bin/sh
 state=$(cat "{state}")
@@ -52,8 +53,8 @@ class Clock:
 def setup(tmp_path):
     switch = Switch(tmp_path)
     provider = open_provider("command", {"argv": switch.spec_argv, "timeout": 10})
-    create_volume(str(tmp_path / "b"), provider, 4096)
-    volume = Volume.unlock(str(tmp_path / "b"))
+    create_volume(str(tmp_path / "b"), provider, 4096, trusted())
+    volume = Volume.unlock(str(tmp_path / "b"), trusted())
     fh, attr = volume.create(ROOT_INODE, b"secret.txt", 0o100644, os.O_RDWR, 0, 0)
     volume.write(fh, 0, b"written before the revocation")
     clock = Clock()

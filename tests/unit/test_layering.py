@@ -105,3 +105,10 @@ def test_fuse_adapter_knows_no_providers_crypto_or_format():
     for path in (PACKAGE / "fuse").glob("*.py"):
         for name in imports_of(path):
             assert not name.startswith(("encfs.keys", "encfs.crypto", "encfs.format")), path
+
+
+def test_only_the_composition_roots_use_the_provider_registry():
+    """Everything else gets providers through an injected factory (trust.Operator)."""
+    for path in all_modules():
+        if any(n.startswith("encfs.keys.registry") for n in imports_of(path)):
+            assert module_key(path) in ("cli", "keys"), path
