@@ -139,7 +139,9 @@ def reread(backing_path: str, keyring: Keyring) -> VolumeConfig:
 
 def write_at(dir_fd: int, config: VolumeConfig, keyring: Keyring) -> None:
     data = config.to_json(keyring.config_mac(config.mac_message()))
-    backing.write_file_atomic(dir_fd, fnames.CONFIG_FILE, data, 0o600)
+    backing.write_file_atomic(
+        dir_fd, fnames.CONFIG_FILE, data, 0o600, temp_prefix=fnames.TEMP_PREFIX
+    )
 
 
 @contextlib.contextmanager
@@ -197,6 +199,8 @@ def shred(backing_path: str, config: VolumeConfig, when: str) -> None:
             os.fsync(old_fd)
         finally:
             os.close(old_fd)
-        backing.write_file_atomic(dir_fd, fnames.CONFIG_FILE, config.shredded_json(when))
+        backing.write_file_atomic(
+            dir_fd, fnames.CONFIG_FILE, config.shredded_json(when), temp_prefix=fnames.TEMP_PREFIX
+        )
     finally:
         os.close(dir_fd)

@@ -221,6 +221,15 @@ def _oserror(code: int, what: str = "") -> OSError:
     return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
 
 
+def _temp_name() -> str:
+    """A temporary backing entry: a reserved name, never listed or looked up."""
+    return backing.temp_name(fnames.TEMP_PREFIX)
+
+
+def _write_atomic(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    backing.write_file_atomic(dir_fd, name, data, mode, temp_prefix=fnames.TEMP_PREFIX)
+
+
 # --- creating and opening volumes ---------------------------------------------------------
 
 
@@ -317,9 +326,7 @@ def _write_new_volume(
             backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         )
         try:
-            backing.write_file_atomic(
-                dir_fd, fnames.DIR_ID_FILE, root_dir_record(config, keyring), 0o400
-            )
+            _write_atomic(dir_fd, fnames.DIR_ID_FILE, root_dir_record(config, keyring), 0o400)
         finally:
             os.close(dir_fd)
         config_store.write_new(backing_path, config, keyring)
@@ -700,7 +707,7 @@ class Volume:
 
     def _write_sidecar(self, directory: Inode, backing_name: str, encoded: str) -> None:
         if backing_name != encoded:
-            backing.write_file_atomic(
+            _write_atomic(
                 directory.fd, fnames.sidecar_name(backing_name), encoded.encode(), 0o400
             )
 
@@ -786,7 +793,7 @@ class Volume:
         self._check_free(parent, backing_name)
         if os.fstat(parent.fd).st_mode & stat.S_ISGID:
             mode |= stat.S_ISGID
-        pending = PendingDir(parent, plain_name, backing_name, encoded, backing.temp_name())
+        pending = PendingDir(parent, plain_name, backing_name, encoded, _temp_name())
         os.mkdir(pending.temp_name, stat.S_IMODE(mode) | 0o700, dir_fd=parent.fd)
         try:
             pending.dir_fd = os.open(
@@ -993,7 +1000,7 @@ class Volume:
         )
         try:
             name = fnames.long_symlink_path(long_id).rsplit("/", 1)[1]
-            backing.write_file_atomic(store_fd, name, sealed, 0o400)
+            _write_atomic(store_fd, name, sealed, 0o400)
         finally:
             os.close(store_fd)
         return long_id
@@ -1123,7 +1130,7 @@ class Volume:
         if not self._is_empty_dir(parent.fd, backing_name):
             raise _oserror(errno.ENOTEMPTY)
         # Move it out of sight first so a crash leaves a temp entry, never a dir without id.
-        tmp = backing.temp_name()
+        tmp = _temp_name()
         backing.renameat2(parent.fd, backing_name, parent.fd, tmp, backing.RENAME_NOREPLACE)
         self._remove_sidecar(parent, backing_name)
         self._remove_tree(parent.fd, tmp)
@@ -1213,7 +1220,7 @@ class Volume:
                              old_backing, old_location, final=False)
 
                 def remove_replaced() -> None:
-                    tmp = backing.temp_name()
+                    tmp = _temp_name()
                     backing.renameat2(
                         old_parent.fd, old_backing, old_parent.fd, tmp, backing.RENAME_NOREPLACE
                     )
@@ -1351,7 +1358,7 @@ class Volume:
                       st: os.stat_result) -> None:
         """Atomically replace a bound symlink by one with other bindings (the same target,
         link id, owner and times): a new backing symlink renamed over it."""
-        tmp = backing.temp_name()
+        tmp = _temp_name()
         os.symlink(link.encode(), tmp, dir_fd=parent.fd)
         try:
             fd = backing.open_path(tmp, parent.fd)

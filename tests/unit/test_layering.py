@@ -112,3 +112,9 @@ def test_only_the_composition_roots_use_the_provider_registry():
     for path in all_modules():
         if any(n.startswith("encfs.keys.registry") for n in imports_of(path)):
             assert module_key(path) in ("cli", "keys"), path
+
+
+def test_backing_imports_only_errors():
+    """The OS layer knows no format: the caller names temporary entries."""
+    names = [n for n in imports_of(PACKAGE / "backing.py") if n.startswith("encfs")]
+    assert set(names) <= {"encfs.errors"}, names
