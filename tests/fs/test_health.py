@@ -60,11 +60,8 @@ def setup(tmp_path):
     clock = Clock()
     audit_path = tmp_path / "audit.log"
     audit = AuditLog(volume.config.volume_id, str(audit_path))
-    invalidations = []
-    health = KeyHealth(
-        volume, audit, grace=600, clock=clock, on_inaccessible=lambda: invalidations.append(1)
-    )
-    yield switch, volume, health, clock, fh, attr, audit_path, invalidations
+    health = KeyHealth(volume, audit, grace=600, clock=clock)
+    yield switch, volume, health, clock, fh, attr, audit_path
     volume.close()
 
 
@@ -73,11 +70,11 @@ def events(audit_path) -> list[dict]:
 
 
 def test_revoked_key_makes_everything_fail_then_recovers(setup):
-    switch, volume, health, _, fh, attr, audit_path, invalidations = setup
+    switch, volume, health, _, fh, attr, audit_path = setup
     assert health.apply(health.check()) is State.READY
     switch.set("revoked")
     assert health.apply(health.check()) is State.INACCESSIBLE
-    assert invalidations == [1]
+    assert not volume.keyring.available
     assert "key denied" in health.reason
     for action in (
         lambda: volume.read(fh, 0, 100),
@@ -104,7 +101,7 @@ def test_revoked_key_makes_everything_fail_then_recovers(setup):
 
 
 def test_unreachable_degrades_then_grace_runs_out_then_recovers(setup):
-    switch, volume, health, clock, fh, _, _, _ = setup
+    switch, volume, health, clock, fh, _, _ = setup
     switch.set("down")
     assert health.apply(health.check()) is State.DEGRADED
     assert volume.read(fh, 0, 7) == b"written"  # still serving during the grace period
