@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from encfs import config_store, crypto
 from encfs.audit import AuditLog
-from encfs.errors import KeyAccessError, NotVouched, UsageError, VolumeBusy
-from encfs.format import names as fnames
+from encfs.errors import KeyAccessError, NotVouched, UsageError
 from encfs.format.volume import PROTECTOR_ID_SIZE, Protector, VolumeConfig
 from encfs.trust import Operator
 
@@ -310,21 +309,8 @@ def destroy_volume(
             f"--yes-destroy-all-data {volume_id}"
         )
     operator.entry = operator.store.load(volume_id)
-    import fcntl
-
-    dir_fd = os.open(backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    lock_fd = config_store.lock_volume_at(backing_path)
     try:
-        lock_fd = os.open(
-            fnames.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-            dir_fd=dir_fd,
-        )
-    finally:
-        os.close(dir_fd)
-    try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VolumeBusy(f"volume {backing_path} is mounted; unmount it first") from None
         for number, version in sorted(config.kek_versions.items()):
             for protector in version.protectors:
                 try:

@@ -28,10 +28,9 @@ from encfs.contents import FileContents
 from encfs.errors import (
     IntegrityError,
     UsageError,
-    VolumeBusy,
     VolumeExists,
 )
-from encfs.format import DEFAULT_FEATURES, FEATURE_BOUND_NAMES, FEATURE_LONG_SYMLINKS, places
+from encfs.format import FEATURE_BOUND_NAMES, FEATURE_LONG_SYMLINKS, places
 from encfs.format import names as fnames
 from encfs.format.blocks import (
     BINDING_SIZE,
@@ -43,12 +42,7 @@ from encfs.format.blocks import (
 )
 from encfs.format.places import DirRecord, LinkRecord
 from encfs.format.volume import (
-    PROTECTOR_ID_SIZE,
-    VOLUME_KEY_SIZE,
-    KekVersion,
-    Protector,
     VolumeConfig,
-    now_utc,
 )
 from encfs.keyring import Keyring
 from encfs.keys.provider import KeyProvider
@@ -60,16 +54,6 @@ ROOT_INODE = 1
 _ZERO_TAG = bytes(BINDING_SIZE)
 UNBOUND_LABEL = b"EGWF unbound"
 STAT_BLKSIZE = 131072  # big st_blksize: cp/stdio then write in 128 KiB chunks
-# statfs f_type of network filesystems, on which the volume lock (flock) may not keep a
-# second host out: NFS only forwards it when the server's lock manager works and the
-# mount is not local_lock=flock|all; SMB and 9p clients may keep it local.
-NETWORK_FS_TYPES = {
-    0x6969: "NFS",
-    0x517B: "SMB",
-    0xFF534D42: "CIFS",
-    0xFE534D42: "SMB2",
-    0x01021997: "9p",
-}
 
 
 @dataclass(slots=True)
@@ -294,30 +278,10 @@ def create_volume(
 def _write_new_volume(
     backing_path: str, provider: KeyProvider, block_size: int, operator: Operator
 ) -> VolumeConfig:
-    volume_key = crypto.random_key(VOLUME_KEY_SIZE)
-    kek = crypto.random_key()
-    now = now_utc()
-    config = VolumeConfig(
-        volume_id=crypto.random_key(16),
-        block_size=block_size,
-        features=DEFAULT_FEATURES,
-        created=now,
-        current_kek=1,
-        kek_versions={},
-        generation=1,
-    )
-    record = provider.protect(kek, config.provider_binding(1))
-    protector_id = crypto.random_key(PROTECTOR_ID_SIZE).hex()
-    config.kek_versions[1] = KekVersion(
-        version=1,
-        state="active",
-        created=now,
-        wrapped_volume_key=crypto.gcm_seal(kek, volume_key, config.volume_key_aad(1)),
-        protectors=[Protector(protector_id, provider.name, record)],
-    )
-    keyring = Keyring(config, {1: kek}, volume_key)
+    config, keyring = config_store.new_config(provider, block_size)
+    (protector,) = config.kek_versions[1].protectors
     operator.resolve_new(backing_path)
-    operator.vouch(protector_id, provider.name, provider.options)
+    operator.vouch(protector.id, provider.name, provider.options)
     # The operator's record first: a volume whose trust entry could not be written would
     # need --keyfile at every mount, so it is not made at all.
     operator.accept(config, keyring.volume_key_check())
@@ -333,6 +297,8 @@ def _write_new_volume(
     except BaseException:
         operator.forget(config.volume_id.hex())
         raise
+    finally:
+        keyring.close()
     return config
 
 
@@ -371,7 +337,9 @@ class Volume:
             backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         )
         try:
-            self._lock_fd = self._take_lock()
+            self._lock_fd = config_store.lock_volume(
+                self._root_fd, backing_path, warn_if_network=True
+            )
         except BaseException:
             os.close(self._root_fd)
             raise
@@ -412,42 +380,6 @@ class Volume:
         if audit is not None:
             volume.audit = audit
         return volume
-
-    def _take_lock(self) -> int:
-        import fcntl
-
-        fd = os.open(
-            fnames.LOCK_FILE,
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=self._root_fd,
-        )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise VolumeBusy(f"volume {self.backing_path} is already in use (mounted?)") from None
-        except OSError as exc:  # ENOLCK: e.g. NFS without a lock manager
-            os.close(fd)
-            raise VolumeBusy(
-                f"cannot lock volume {self.backing_path}: {exc.strerror}; without the lock "
-                "two mounts could write at once (NFS: run the lock manager, or use NFSv4)"
-            ) from None
-        network = NETWORK_FS_TYPES.get(backing.fs_type(fd))
-        if network is not None:
-            log.warning(
-                "the backing directory is on %s: the volume lock keeps other hosts out only "
-                "if the server enforces locks (NFS: a working lock manager, not "
-                "local_lock=flock or all); never mount this volume on two hosts at once",
-                network,
-            )
-        # The lock file stays empty: the holder's pid is in /proc/locks for those who may
-        # know it (`encfs-gw unmount`: encfs.client.volume_lock_holder), not in the backing
-        # store. Volumes of older versions kept a pid here: it goes.
-        if os.fstat(fd).st_size:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-        return fd
 
     def defer_closes(self) -> None:
         """Close the descriptors of forgotten inodes on a worker thread (the daemon: the

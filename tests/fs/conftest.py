@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from encfs import volume as volume_mod
+from encfs import config_store
 from encfs.format import DEFAULT_FEATURES, FEATURE_BOUND_NAMES
 from encfs.keys.keyfile import KeyfileProvider
 from encfs.volume import Volume, create_volume
@@ -22,7 +22,7 @@ def make_legacy_volume(tmp_path, monkeypatch, name: str = "legacy"):
     """A volume as made before the `bound-names` feature (directories and symlink targets
     not bound to their place): the features of that time, through the same code."""
     monkeypatch.setattr(
-        volume_mod,
+        config_store,
         "DEFAULT_FEATURES",
         tuple(f for f in DEFAULT_FEATURES if f != FEATURE_BOUND_NAMES),
     )

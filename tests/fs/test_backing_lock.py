@@ -1,6 +1,7 @@
 """The volume lock on storage where flock may not work (NFS-backed volumes).
 
-`Volume` takes flock(LOCK_EX) on BACKING/encfs-gw.lock for its lifetime (mount, fsck).
+`Volume` takes flock(LOCK_EX) on BACKING/encfs-gw.lock for its lifetime (mount, fsck):
+`encfs.config_store.lock_volume`.
 On NFS that lock reaches other hosts only through the server's lock manager; without one
 flock fails with ENOLCK, and with `local_lock=flock|all` it stays on the host. So a volume
 on a network filesystem gets a warning, and a lock that cannot be taken refuses the
@@ -24,8 +25,9 @@ import pytest
 
 from encfs import backing as backing_mod
 from encfs.client import volume_lock_holder
+from encfs.config_store import NETWORK_FS_TYPES
 from encfs.errors import VolumeBusy
-from encfs.volume import NETWORK_FS_TYPES, Volume
+from encfs.volume import Volume
 from tests.helpers.config import trusted
 
 NFS_SUPER_MAGIC = 0x6969
@@ -67,7 +69,7 @@ def test_local_backing_takes_the_lock_quietly(backing, caplog):
 @pytest.mark.parametrize("magic", sorted(NETWORK_FS_TYPES))
 def test_network_backing_warns(backing, caplog, monkeypatch, magic):
     monkeypatch.setattr(backing_mod, "fs_type", lambda fd: magic)
-    with caplog.at_level(logging.WARNING, logger="encfs.volume"):
+    with caplog.at_level(logging.WARNING, logger="encfs.config_store"):
         volume = Volume.unlock(str(backing), trusted())
     volume.close()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
