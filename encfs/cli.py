@@ -337,7 +337,7 @@ def backing_argument(path: str) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from encfs.volume import create_volume
+    from encfs.engine import create_volume
 
     backing = os.path.abspath(args.backing)
     if os.path.islink(backing):
@@ -453,9 +453,9 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
     """Mount and serve until unmounted; `ready_fd` (background mode) hears READY once live."""
     from encfs import config_store, health
     from encfs import mount as mount_mod
+    from encfs.engine import Volume
     from encfs.mountpoint import check_mountpoint
     from encfs.systemd import Notifier, Service
-    from encfs.volume import Volume
 
     backing = backing_argument(args.backing)
     mountpoint = os.path.abspath(args.mountpoint)
@@ -823,7 +823,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
                 result = message
     else:
         from encfs import rotation
-        from encfs.volume import Volume
+        from encfs.engine import Volume
 
         volume = Volume.unlock(backing, _operator(args))
         try:
@@ -860,7 +860,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         reply = _one_reply(target, {"op": "status", "check": args.check})
     else:
         from encfs import rotation
-        from encfs.volume import Volume
+        from encfs.engine import Volume
 
         volume = Volume.unlock(backing, _operator(args))
         try:
@@ -968,7 +968,7 @@ def cmd_rotate_every(args: argparse.Namespace) -> int:
             print(f"the policy was due: rotated to KEK version {summary['rotated_to']} now")
     else:
         from encfs import rotation
-        from encfs.volume import Volume
+        from encfs.engine import Volume
 
         volume = Volume.unlock(backing, _operator(args))
         try:
@@ -1017,7 +1017,7 @@ def cmd_rewrap_kek(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     from encfs import fsck as fsck_mod
-    from encfs.volume import Volume
+    from encfs.engine import Volume
 
     backing = backing_argument(args.backing)
     if args.export_quarantine is not None and args.repair:
@@ -1025,7 +1025,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     volume = Volume.unlock(backing, _operator(args))  # takes the lock: not mounted
     # The report names every damaged block (with its plaintext path): the engine's own
     # per-block warnings would only repeat it with inode numbers.
-    logging.getLogger("encfs.volume").setLevel(logging.ERROR)
+    logging.getLogger("encfs.engine").setLevel(logging.ERROR)
     if args.export_quarantine is not None:
         return _export_quarantine(volume, os.path.abspath(args.export_quarantine), args.json)
     bar = _FsckProgress(enabled=sys.stderr.isatty() and not args.json)

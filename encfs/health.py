@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from encfs.audit import AuditLog
+from encfs.engine import Volume
 from encfs.errors import (
     KeyAccessError,
     KeyMissing,
@@ -24,7 +25,6 @@ from encfs.errors import (
     WrongKey,
 )
 from encfs.keyring import Keyring
-from encfs.volume import Volume
 
 log = logging.getLogger(__name__)
 

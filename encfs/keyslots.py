@@ -24,7 +24,7 @@ from encfs.format.volume import PROTECTOR_ID_SIZE, Protector, VolumeConfig
 from encfs.trust import Operator
 
 if TYPE_CHECKING:
-    from encfs.volume import Volume
+    from encfs.engine import Volume
 
 log = logging.getLogger(__name__)
 

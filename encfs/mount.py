@@ -30,6 +30,7 @@ import trio
 from encfs import health as health_mod
 from encfs import hygiene
 from encfs.control import ControlServer
+from encfs.engine import Volume
 from encfs.errors import MountFailed, MountpointError, UsageError
 from encfs.fuse.loop import ReadyWaiter, serve_requests
 from encfs.fuse.operations import Operations, drop_kernel_cache
@@ -38,7 +39,6 @@ from encfs.fuse.warm import CpuWarmer
 from encfs.mountpoint import MountSite
 from encfs.mountpoint import resolve as resolve_mountpoint
 from encfs.systemd import Service
-from encfs.volume import Volume
 
 log = logging.getLogger(__name__)
 

@@ -32,12 +32,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from encfs import backing
-from encfs.contents import FileContents
+from encfs.engine import Volume
+from encfs.engine.contents import FileContents
 from encfs.errors import IntegrityError, UsageError
 from encfs.format import names as fnames
 from encfs.format.blocks import FileHeader
 from encfs.format.places import LinkRecord, link_aad
-from encfs.volume import Volume
 
 QUARANTINE_DIR = fnames.QUARANTINE_DIR
 OBJECT = "object"

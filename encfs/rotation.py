@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from encfs import config_store, crypto, keyslots
+from encfs.engine import Volume
 from encfs.errors import IntegrityError, UsageError
 from encfs.format import keyarea
 from encfs.format import names as fnames
@@ -47,7 +48,6 @@ from encfs.format.blocks import (
     slot_candidates,
 )
 from encfs.format.volume import KekVersion, Protector, VolumeConfig, now_utc, parse_time
-from encfs.volume import Volume
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import stat
 
 import pytest
 
+from encfs.engine import ROOT_INODE, Volume, create_volume
 from encfs.errors import IntegrityError, WrongKey
 from encfs.format.blocks import HEADER_SIZE, KEY_AREA_SIZE, KEY_RECORD_SIZE, Layout
 from encfs.keys.keyfile import KeyfileProvider
-from encfs.volume import ROOT_INODE, Volume, create_volume
 from tests.helpers.config import trusted
 
 BS = 4096

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from encfs import config_store
+from encfs.engine import Volume, create_volume
 from encfs.format import DEFAULT_FEATURES, FEATURE_BOUND_NAMES
 from encfs.keys.keyfile import KeyfileProvider
-from encfs.volume import Volume, create_volume
 from tests.helpers.config import trusted
 
 

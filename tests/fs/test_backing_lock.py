@@ -26,8 +26,8 @@ import pytest
 from encfs import backing as backing_mod
 from encfs.client import volume_lock_holder
 from encfs.config_store import NETWORK_FS_TYPES
+from encfs.engine import Volume
 from encfs.errors import VolumeBusy
-from encfs.volume import Volume
 from tests.helpers.config import trusted
 
 NFS_SUPER_MAGIC = 0x6969

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from encfs import backing as backing_mod
+from encfs.engine import ROOT_INODE, BindingError, Volume, create_volume
 from encfs.errors import IntegrityError
 from encfs.format import FEATURE_BOUND_NAMES, places
 from encfs.format import names as fnames
 from encfs.format.places import DirRecord, LinkRecord
 from encfs.keys.keyfile import KeyfileProvider
-from encfs.volume import ROOT_INODE, BindingError, Volume, create_volume
 from tests.fs.conftest import make_legacy_volume
 from tests.helpers.config import trusted
 
@@ -126,7 +126,7 @@ def test_directories_swapped_in_one_parent(tree, backing, caplog):
     os.rename(path_b, path_a)
     os.rename(path_a + ".swap", path_b)
     try:
-        with caplog.at_level(logging.WARNING, logger="encfs.volume"):
+        with caplog.at_level(logging.WARNING, logger="encfs.engine"):
             for name in (b"a", b"b"):
                 ino = vol.lookup(ROOT_INODE, name).ino  # the entry itself: metadata only
                 with pytest.raises(BindingError, match=f"directory inode {ino}"):
@@ -636,7 +636,7 @@ def run_as_other_user(work: Path) -> None:
         from encfs.keys.keyfile import KeyfileProvider
         from encfs.keys.registry import open_provider
         from encfs.trust import Operator
-        from encfs.volume import ROOT_INODE, Volume, create_volume
+        from encfs.engine import ROOT_INODE, Volume, create_volume
         def trusted():
             return Operator(factory=open_provider)
         backing = {str(work / "backing")!r}

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from encfs import contents as contents_mod
-from encfs.volume import ROOT_INODE, Volume
+from encfs.engine import ROOT_INODE, Volume
+from encfs.engine import contents as contents_mod
 from tests.helpers.config import trusted
 
 BS = 4096

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from encfs import backing as backing_mod
+from encfs.engine import ROOT_INODE
 from encfs.format.blocks import BLOCKS_PER_GROUP
-from encfs.volume import ROOT_INODE
 
 BLOCK = 4096  # the `backing` fixture's block size
 GROUP = BLOCK * BLOCKS_PER_GROUP

@@ -20,8 +20,8 @@ import pytest
 import trio
 
 from encfs import backing as backing_mod
+from encfs.engine import ROOT_INODE
 from encfs.fuse.operations import Operations
-from encfs.volume import ROOT_INODE
 
 
 class GatedCloser(backing_mod.DeferredCloser):

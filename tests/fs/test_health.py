@@ -10,10 +10,10 @@ import stat
 import pytest
 
 from encfs.audit import AuditLog
+from encfs.engine import ROOT_INODE, Volume, create_volume
 from encfs.errors import KeyRevoked, ProviderUnavailable
 from encfs.health import KeyHealth, State
 from encfs.keys.registry import open_provider
-from encfs.volume import ROOT_INODE, Volume, create_volume
 from tests.helpers.config import trusted
 
 SCRIPT = """#!/bin/sh

@@ -15,10 +15,10 @@ import stat
 
 import pytest
 
+from encfs.engine import ROOT_INODE, Volume
 from encfs.errors import IntegrityError
 from encfs.format import FEATURE_LONG_SYMLINKS
 from encfs.format import names as fnames
-from encfs.volume import ROOT_INODE, Volume
 from tests.golden.test_golden_volumes import extract_upgraded
 from tests.helpers.config import trusted
 

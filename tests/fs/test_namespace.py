@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from encfs.volume import ROOT_INODE
+from encfs.engine import ROOT_INODE
 from tests.helpers.config import trusted
 
 
@@ -156,7 +156,7 @@ def test_deferred_closes_free_unlinked_files_and_drain_on_close(backing):
     """The daemon closes forgotten inodes' descriptors on a worker thread (the last close
     of an unlinked file is where ext4 deletes it). Every one is closed by Volume.close(),
     before the volume lock goes: nothing is left open, and the space comes back."""
-    from encfs.volume import Volume
+    from encfs.engine import Volume
 
     before = open_fds()
     vol = Volume.unlock(str(backing), trusted())

@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 
 from encfs import rotation
+from encfs.engine import ROOT_INODE
 from encfs.format import keyarea
 from encfs.format.blocks import (
     HEADER_SIZE,
@@ -20,7 +21,6 @@ from encfs.format.blocks import (
     FileHeader,
     slot_aad,
 )
-from encfs.volume import ROOT_INODE
 
 BLOCKS = 40  # two groups at 4 KiB blocks: the second one partly used
 

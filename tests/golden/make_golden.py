@@ -23,9 +23,9 @@ import sys
 import tarfile
 import tempfile
 
+from encfs.engine import ROOT_INODE, Volume, create_volume
 from encfs.format import FEATURE_BOUND_NAMES, FEATURE_LONG_SYMLINKS
 from encfs.keys.keyfile import KeyfileProvider
-from encfs.volume import ROOT_INODE, Volume, create_volume
 from tests.helpers.config import trusted
 
 FIXED_NS = 1_700_000_000_123_456_789

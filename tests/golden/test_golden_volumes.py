@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from encfs import upgrade
+from encfs.engine import ROOT_INODE
+from encfs.engine import Volume as Engine
 from encfs.errors import ConfigAuthError, IntegrityError, UnsupportedFormat
 from encfs.format import FEATURE_BOUND_NAMES
-from encfs.volume import ROOT_INODE
-from encfs.volume import Volume as Engine
 from tests.helpers.config import operator_for, trusted
 from tests.helpers.mount import Volume, mounted, run_cli
 

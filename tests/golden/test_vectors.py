@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from encfs import contents as contents_mod
 from encfs import crypto
-from encfs.contents import FileContents
+from encfs.engine import contents as contents_mod
+from encfs.engine.contents import FileContents
 from encfs.format.blocks import Layout
 from encfs.format.volume import KekVersion, Protector, VolumeConfig
 from encfs.keyring import Keyring
@@ -208,8 +208,8 @@ def independent_places() -> tuple[bytes, bytes, str]:
 
 
 def engine_places(monkeypatch) -> tuple[bytes, bytes, str]:
+    from encfs.engine import Volume
     from encfs.format.places import DirRecord
-    from encfs.volume import Volume
 
     config = VolumeConfig(
         volume_id=VOLUME_ID,

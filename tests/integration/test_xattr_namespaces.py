@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from encfs.volume import ROOT_INODE
-from encfs.volume import Volume as EngineVolume
+from encfs.engine import ROOT_INODE
+from encfs.engine import Volume as EngineVolume
 from tests.helpers.config import trusted
 from tests.helpers.mount import init_volume, mounted
 

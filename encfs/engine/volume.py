@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from encfs import backing, config_store, crypto
 from encfs.audit import AuditLog
-from encfs.contents import FileContents
+from encfs.engine.contents import FileContents
 from encfs.errors import (
     IntegrityError,
     UsageError,
@@ -310,11 +310,6 @@ def root_dir_record(config: VolumeConfig, keyring: Keyring) -> bytes:
         return dir_id
     tag = keyring.binding_tag(places.root_binding_message(config.volume_id, dir_id))
     return DirRecord(dir_id, (tag, places.ZERO_BINDING)).pack()
-
-
-def read_config(backing_path: str, keyring: Keyring) -> VolumeConfig:
-    """The authentic config as on disk now (verified with the keys in memory)."""
-    return config_store.reread(backing_path, keyring)
 
 
 class Volume:
