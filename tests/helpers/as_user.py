@@ -37,6 +37,20 @@ def preload() -> None:
     import subprocess  # noqa: F401
     import tempfile  # noqa: F401
 
+    import encfs.cli
+    import encfs.client
+    import encfs.config_store
+    import encfs.control
+    import encfs.engine
+    import encfs.fsck
+    import encfs.health
+    import encfs.keys.command
+    import encfs.keys.keyfile
+    import encfs.keys.registry
+    import encfs.keyslots
+    import encfs.mount
+    import encfs.rotation
+    import encfs.systemd  # noqa: F401
 
 
 def main() -> int:
