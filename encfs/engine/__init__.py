@@ -2,6 +2,9 @@
 usable without FUSE. `Volume` is its facade; what it is made of is in
 docs/dev/ARCHITECTURE.md."""
 
-from encfs.engine.volume import ROOT_INODE, Attr, BindingError, Volume, create_volume
+from encfs.engine.bindings import BindingError
+from encfs.engine.create import create_volume
+from encfs.engine.inodes import ROOT_INODE, Attr
+from encfs.engine.volume import Volume
 
 __all__ = ["ROOT_INODE", "Attr", "BindingError", "Volume", "create_volume"]

@@ -36,7 +36,7 @@ def write_file(backing, name: bytes, data: bytes) -> str:
         fh, _ = vol.create(ROOT_INODE, name, 0o100644, os.O_RDWR, 0, 0)
         vol.write(fh, 0, data)
         vol.release(fh)
-        return os.path.join(backing, vol._encode(vol.inode(ROOT_INODE), name)[0])
+        return os.path.join(backing, vol.backing_name(ROOT_INODE, name)[0])
     finally:
         vol.close()
 

@@ -49,10 +49,8 @@ class GatedCloser(backing_mod.DeferredCloser):
 
 
 def install_gated(vol) -> GatedCloser:
-    vol.defer_closes()
-    vol._closer.stop()
-    vol._closer = closer = GatedCloser()
-    vol._close_fd = closer.close
+    closer = GatedCloser()
+    vol.defer_closes(closer)
     return closer
 
 
