@@ -20,7 +20,7 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from encfs.errors import EncfsError
+from encfs.errors import AuditError
 
 log = logging.getLogger("encfs.audit")
 
@@ -42,12 +42,6 @@ ALLOWED_FIELDS = frozenset(
         "previous_key_version",
     }
 )
-
-
-class AuditError(EncfsError):
-    """The audit log cannot be written and the volume requires it."""
-
-    exit_code = 18
 
 
 class AuditLog:

@@ -1,4 +1,6 @@
-"""The backing store through directory handles (layer L3: pure OS, no crypto).
+"""The backing store through directory handles (layer L3: pure OS; no crypto, no
+format: the names of temporary entries come from the caller, which knows which names
+the volume's format reserves).
 
 Every object is reached relative to an O_PATH file descriptor with O_NOFOLLOW, never by
 joining path strings, so a symlink swapped into the backing tree cannot redirect us.
@@ -17,8 +19,6 @@ import resource
 import secrets
 import threading
 import weakref
-
-from encfs.format.names import TEMP_PREFIX
 
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
@@ -132,13 +132,16 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         offset += written
 
 
-def temp_name() -> str:
-    return TEMP_PREFIX + secrets.token_hex(8)
+def temp_name(prefix: str) -> str:
+    """A new name for a temporary entry: `prefix` and 16 random hex digits."""
+    return prefix + secrets.token_hex(8)
 
 
-def write_file_atomic(dir_fd: int, name: str, data: bytes, mode: int = 0o600) -> None:
+def write_file_atomic(
+    dir_fd: int, name: str, data: bytes, mode: int = 0o600, *, temp_prefix: str
+) -> None:
     """Temp file in the same directory, fsync, rename over `name`, fsync the directory."""
-    tmp = temp_name()
+    tmp = temp_name(temp_prefix)
     fd = os.open(
         tmp,
         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,

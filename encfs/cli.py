@@ -20,13 +20,17 @@ from typing import Any, NamedTuple, NoReturn
 
 from encfs import __version__, hygiene
 from encfs.errors import (
+    INTERRUPTED,
+    OTHER_EXIT_CODES,
     ControlSocketError,
     EncfsError,
+    FsckProblems,
     MountFailed,
     MountpointError,
     NotAVolume,
     NotMounted,
     UsageError,
+    exit_codes,
 )
 from encfs.format.blocks import DEFAULT_BLOCK_SIZE
 from encfs.keys.registry import open_provider, parse_spec
@@ -291,7 +295,7 @@ def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace)
             raise
         return _report(first)
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     except OSError as exc:  # a system error no layer turned into its own: still one line
         log.debug("unexpected system error", exc_info=True)
         what = f": {exc.filename}" if exc.filename else ""
@@ -335,7 +339,7 @@ def backing_argument(path: str) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from encfs.volume import create_volume
+    from encfs.engine import create_volume
 
     backing = os.path.abspath(args.backing)
     if os.path.islink(backing):
@@ -347,7 +351,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     spec = args.provider or f"keyfile:{args.keyfile or default_keyfile(backing)}"
     name, options = parse_spec(spec)
     provider = open_provider(name, options)
-    operator = Operator()
+    operator = Operator(factory=open_provider)
     config = create_volume(backing, provider, args.block_size, operator)
     print(f"created volume {config.volume_id.hex()} in {backing}")
     print(f"key provider: {provider.describe()}")
@@ -405,10 +409,11 @@ def _cpu_helper_modes(engine_opts: dict[str, str]) -> tuple[str, str]:
 
 def _operator(args: argparse.Namespace) -> Operator:
     """What this command's operator vouches for: the providers named on the command line
-    (--keyfile, --provider, in that order) and the trust store."""
+    (--keyfile, --provider, in that order) and the trust store. The CLI is a composition
+    root: the registry makes the providers (docs/dev/ARCHITECTURE.md)."""
     specs = [OperatorSpec.keyfile(args.keyfile)] if getattr(args, "keyfile", None) else []
-    specs += [OperatorSpec.parse(spec) for spec in getattr(args, "providers", [])]
-    return Operator(specs)
+    specs += [OperatorSpec(*parse_spec(spec)) for spec in getattr(args, "providers", [])]
+    return Operator(specs, factory=open_provider)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -465,9 +470,9 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
     """Mount and serve until unmounted; `ready_fd` (background mode) hears READY once live."""
     from encfs import config_store, health
     from encfs import mount as mount_mod
+    from encfs.engine import Volume
     from encfs.mountpoint import check_mountpoint
     from encfs.systemd import Notifier, Service
-    from encfs.volume import Volume
 
     backing = backing_argument(args.backing)
     mountpoint = os.path.abspath(args.mountpoint)
@@ -837,7 +842,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
                 result = message
     else:
         from encfs import rotation
-        from encfs.volume import Volume
+        from encfs.engine import Volume
 
         volume = Volume.unlock(backing, _operator(args))
         try:
@@ -859,21 +864,12 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 # Codes a daemon may report in an error reply; anything else is a malformed reply.
 def _error_with_code(message: Any, code: Any) -> EncfsError:
-    from encfs.errors import KeyAccessError
-
-    known = {cls.exit_code for cls in _error_classes(EncfsError)} | {KeyAccessError.exit_code}
+    known = set(exit_codes()) - set(OTHER_EXIT_CODES)
     if not isinstance(message, str) or type(code) is not int or code not in known:
         return ControlSocketError("malformed error reply from the daemon")
     error = EncfsError(message)
     error.exit_code = code
     return error
-
-
-def _error_classes(base: type) -> list[type]:
-    found = [base]
-    for sub in base.__subclasses__():
-        found += _error_classes(sub)
-    return found
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -883,7 +879,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         reply = _one_reply(target, {"op": "status", "check": args.check})
     else:
         from encfs import rotation
-        from encfs.volume import Volume
+        from encfs.engine import Volume
 
         volume = Volume.unlock(backing, _operator(args))
         try:
@@ -1012,7 +1008,7 @@ def cmd_rotate_every(args: argparse.Namespace) -> int:
             print(f"the policy was due: rotated to KEK version {summary['rotated_to']} now")
     else:
         from encfs import rotation
-        from encfs.volume import Volume
+        from encfs.engine import Volume
 
         volume = Volume.unlock(backing, _operator(args))
         try:
@@ -1061,7 +1057,7 @@ def cmd_rewrap_kek(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     from encfs import fsck as fsck_mod
-    from encfs.volume import Volume
+    from encfs.engine import Volume
 
     backing = backing_argument(args.backing)
     if args.export_quarantine is not None and args.repair:
@@ -1069,7 +1065,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     volume = Volume.unlock(backing, _operator(args))  # takes the lock: not mounted
     # The report names every damaged block (with its plaintext path): the engine's own
     # per-block warnings would only repeat it with inode numbers.
-    logging.getLogger("encfs.volume").setLevel(logging.ERROR)
+    logging.getLogger("encfs.engine").setLevel(logging.ERROR)
     if args.export_quarantine is not None:
         return _export_quarantine(volume, os.path.abspath(args.export_quarantine), args.json)
     bar = _FsckProgress(enabled=sys.stderr.isatty() and not args.json)
@@ -1107,7 +1103,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                 f"encfs-gw fsck {_printable(backing)} --export-quarantine DIR reads them out"
             )
     if report.remaining:
-        raise fsck_mod.FsckProblems(
+        raise FsckProblems(
             f"{len(report.remaining)} problem(s) remain"
             + ("" if args.repair else "; run fsck --repair to fix the repairable ones")
         )

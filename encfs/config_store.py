@@ -1,4 +1,5 @@
-"""The volume config on disk (layer L3): read, authenticate, edit under a lock, write.
+"""The volume config on disk and the volume lock (layer L3): create, read, authenticate,
+edit under a lock, write, shred.
 
 The config is in the untrusted backing directory. Opening a volume goes in this order,
 and nothing in the config is acted on before step 4 (docs/FORMAT.md section 2):
@@ -15,6 +16,10 @@ and nothing in the config is acted on before step 4 (docs/FORMAT.md section 2):
 Writers (rotation, policy, keyslots) edit under an flock on the backing directory:
 read, verify the MAC with the key already in memory (no provider call), change, bump
 the generation, MAC, write atomically, and raise the operator's generation floor.
+
+The volume lock (`lock_volume`, an flock on BACKING/encfs-gw.lock) is another lock: it
+is held for the whole life of a mount or an offline tool (fsck, rotate, destroy,
+upgrade), so that two of them never work on one volume at once.
 """
 
 from __future__ import annotations
@@ -22,17 +27,41 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hmac
+import logging
 import os
 import stat
 from collections.abc import Iterator
 
-from encfs import backing
+from encfs import backing, crypto
 from encfs.audit import AuditLog
-from encfs.errors import ConfigAuthError, ConfigError, NotAVolume
+from encfs.errors import ConfigAuthError, ConfigError, NotAVolume, VolumeBusy
+from encfs.format import DEFAULT_FEATURES
 from encfs.format import names as fnames
-from encfs.format.volume import MAX_CONFIG_BYTES, VolumeConfig
+from encfs.format.volume import (
+    MAX_CONFIG_BYTES,
+    PROTECTOR_ID_SIZE,
+    VOLUME_KEY_SIZE,
+    KekVersion,
+    Protector,
+    VolumeConfig,
+    now_utc,
+)
 from encfs.keyring import Keyring
+from encfs.keys.provider import KeyProvider
 from encfs.trust import Operator
+
+log = logging.getLogger(__name__)
+
+# statfs f_type of network filesystems, on which the volume lock (flock) may not keep a
+# second host out: NFS only forwards it when the server's lock manager works and the
+# mount is not local_lock=flock|all; SMB and 9p clients may keep it local.
+NETWORK_FS_TYPES = {
+    0x6969: "NFS",
+    0x517B: "SMB",
+    0xFF534D42: "CIFS",
+    0xFE534D42: "SMB2",
+    0x01021997: "9p",
+}
 
 
 def _open_backing(backing_path: str) -> int:
@@ -139,7 +168,9 @@ def reread(backing_path: str, keyring: Keyring) -> VolumeConfig:
 
 def write_at(dir_fd: int, config: VolumeConfig, keyring: Keyring) -> None:
     data = config.to_json(keyring.config_mac(config.mac_message()))
-    backing.write_file_atomic(dir_fd, fnames.CONFIG_FILE, data, 0o600)
+    backing.write_file_atomic(
+        dir_fd, fnames.CONFIG_FILE, data, 0o600, temp_prefix=fnames.TEMP_PREFIX
+    )
 
 
 @contextlib.contextmanager
@@ -197,6 +228,82 @@ def shred(backing_path: str, config: VolumeConfig, when: str) -> None:
             os.fsync(old_fd)
         finally:
             os.close(old_fd)
-        backing.write_file_atomic(dir_fd, fnames.CONFIG_FILE, config.shredded_json(when))
+        backing.write_file_atomic(
+            dir_fd, fnames.CONFIG_FILE, config.shredded_json(when), temp_prefix=fnames.TEMP_PREFIX
+        )
+    finally:
+        os.close(dir_fd)
+
+
+def new_config(provider: KeyProvider, block_size: int) -> tuple[VolumeConfig, Keyring]:
+    """The first config of a new volume, and the keyring that opens it: a random volume
+    key and KEK version 1, protected by `provider` (its one keyslot)."""
+    volume_key = crypto.random_key(VOLUME_KEY_SIZE)
+    kek = crypto.random_key()
+    now = now_utc()
+    config = VolumeConfig(
+        volume_id=crypto.random_key(16),
+        block_size=block_size,
+        features=DEFAULT_FEATURES,
+        created=now,
+        current_kek=1,
+        kek_versions={},
+        generation=1,
+    )
+    record = provider.protect(kek, config.provider_binding(1))
+    protector_id = crypto.random_key(PROTECTOR_ID_SIZE).hex()
+    config.kek_versions[1] = KekVersion(
+        version=1,
+        state="active",
+        created=now,
+        wrapped_volume_key=crypto.gcm_seal(kek, volume_key, config.volume_key_aad(1)),
+        protectors=[Protector(protector_id, provider.name, record)],
+    )
+    return config, Keyring(config, {1: kek}, volume_key)
+
+
+def lock_volume(dir_fd: int, backing_path: str, *, warn_if_network: bool = False) -> int:
+    """Take the volume lock: the descriptor of BACKING/encfs-gw.lock (in the directory
+    `dir_fd`), flock'ed exclusively until it is closed. VolumeBusy if another process
+    holds it, or if it cannot be taken (ENOLCK: e.g. NFS without a lock manager).
+
+    The lock file stays empty: the holder's pid is in /proc/locks for those who may
+    know it (`encfs-gw unmount`: encfs.client.volume_lock_holder), not in the backing
+    store. Volumes of older versions kept a pid there: it goes.
+    """
+    fd = os.open(
+        fnames.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+        dir_fd=dir_fd,
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise VolumeBusy(f"volume {backing_path} is already in use (mounted?)") from None
+    except OSError as exc:  # ENOLCK: e.g. NFS without a lock manager
+        os.close(fd)
+        raise VolumeBusy(
+            f"cannot lock volume {backing_path}: {exc.strerror}; without the lock "
+            "two mounts could write at once (NFS: run the lock manager, or use NFSv4)"
+        ) from None
+    network = NETWORK_FS_TYPES.get(backing.fs_type(fd)) if warn_if_network else None
+    if network is not None:
+        log.warning(
+            "the backing directory is on %s: the volume lock keeps other hosts out only "
+            "if the server enforces locks (NFS: a working lock manager, not "
+            "local_lock=flock or all); never mount this volume on two hosts at once",
+            network,
+        )
+    if os.fstat(fd).st_size:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+    return fd
+
+
+def lock_volume_at(backing_path: str) -> int:
+    """`lock_volume` for a backing directory given by its path (offline tools)."""
+    dir_fd = _open_backing(backing_path)
+    try:
+        return lock_volume(dir_fd, backing_path)
     finally:
         os.close(dir_fd)

@@ -23,12 +23,12 @@ from typing import Any
 
 import trio
 
+from encfs import config_store, keyslots, rotation
 from encfs import health as health_mod
-from encfs import keyslots, rotation
 from encfs.client import fd_path, open_runtime_dir, socket_name, socket_path
+from encfs.engine import Volume
 from encfs.errors import ControlSocketError, EncfsError, NotMounted, UsageError
 from encfs.format.volume import MAX_POLICY_SECONDS
-from encfs.volume import Volume, read_config
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class ControlServer:
         try:
             # Authenticated with the keys in memory: an altered config is refused here
             # (logged), and the daemon keeps serving with the config it has.
-            config = read_config(self.volume.backing_path, self.volume.keyring)
+            config = config_store.reread(self.volume.backing_path, self.volume.keyring)
         except (EncfsError, OSError) as exc:
             log.warning("cannot read the rotation policy: %s", exc)
             return POLICY_RETRY, None

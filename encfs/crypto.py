@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac as _hmac
 import os
-import struct
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
@@ -183,14 +182,6 @@ class SivCipher:
             return self._siv.decrypt(sealed, associated)
         except InvalidTag:
             raise IntegrityError("authentication failed") from None
-
-
-def wrap_key_aad(label: bytes, *fields: bytes | int) -> bytes:
-    """Build an AAD from a label and fixed-width fields (ints become big-endian u64)."""
-    parts = [label]
-    for field in fields:
-        parts.append(struct.pack(">Q", field) if isinstance(field, int) else field)
-    return b"".join(parts)
 
 
 def self_test() -> None:

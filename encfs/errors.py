@@ -1,21 +1,36 @@
-"""The exception hierarchy of encfs-gw (layer L0: imports nothing from encfs).
+"""The exception hierarchy of encfs-gw and its exit codes (layer L0: imports nothing
+from encfs).
 
 Every user-facing error carries a stable exit code and a one-line message; the CLI
-prints the message and exits with the code, never a traceback. The codes are listed
-in docs/EXITCODES.md and are never reused for another meaning.
+prints the message and exits with the code, never a traceback. This module is the one
+table of exit codes: every class that sets `exit_code` is defined here (a test checks
+that no other module does, and that no two classes share a code), and `exit_codes()`
+lists them with the codes no exception stands for. docs/EXITCODES.md is generated from
+it (`scripts/exitcodes.py`); codes are never reused for another meaning.
 """
 
 from __future__ import annotations
 
+SUCCESS = 0
+INTERRUPTED = 130  # the shell's code for SIGINT: a Ctrl-C ends a command with it
+# Codes no exception class stands for, with their meaning.
+OTHER_EXIT_CODES = {
+    SUCCESS: "success",
+    INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
 
 class EncfsError(Exception):
-    """Base class. `exit_code` is what the CLI exits with."""
+    """An unexpected internal error (its traceback is printed), an error reply of a
+    daemon that named no code, or `rotate` left DEKs under older KEK versions (see its
+    warnings; run it again)."""
 
     exit_code = 1
 
 
 class UsageError(EncfsError):
-    """The command line is wrong."""
+    """The command line is wrong (bad arguments, a bad block size, a non-empty directory
+    for `init`)."""
 
     exit_code = 2
 
@@ -48,13 +63,14 @@ class ConfigAuthError(EncfsError):
 
 
 class VolumeExists(EncfsError):
-    """init refuses to overwrite an existing volume or key file."""
+    """`init` refuses to overwrite an existing volume or key file."""
 
     exit_code = 13
 
 
 class VolumeBusy(EncfsError):
-    """The volume is already mounted (its lock is held by another process)."""
+    """The volume is already in use (its lock is held by another process: mounted), or
+    its lock cannot be taken (ENOLCK, e.g. NFS without a lock manager)."""
 
     exit_code = 14
 
@@ -73,7 +89,8 @@ class MountFailed(EncfsError):
 
 
 class NotMounted(EncfsError):
-    """unmount/status was given a path that is not an encfs-gw mount."""
+    """`unmount` was given a path that is not an encfs-gw mount, or no daemon answers
+    for the volume."""
 
     exit_code = 17
 
@@ -87,7 +104,8 @@ class ControlSocketError(EncfsError):
 
 
 class KeyAccessError(EncfsError):
-    """Base class of every failure to obtain a KEK. Never shadow the builtin KeyError."""
+    """Any other failure to obtain a KEK from a key provider (the base class of codes
+    21-26; never shadow the builtin KeyError)."""
 
     exit_code = 20
 
@@ -142,6 +160,12 @@ class TrustStoreError(EncfsError):
     exit_code = 28
 
 
+class AuditError(EncfsError):
+    """The audit log cannot be written and `-o audit_required` was given."""
+
+    exit_code = 18
+
+
 class IntegrityError(EncfsError):
     """Ciphertext, a key record or a header failed authentication or validation.
 
@@ -149,3 +173,33 @@ class IntegrityError(EncfsError):
     """
 
     exit_code = 30
+
+
+class FsckProblems(EncfsError):
+    """fsck found problems that remain (not repaired, or not repairable)."""
+
+    exit_code = 31
+
+
+def _error_classes(base: type[EncfsError] = EncfsError) -> list[type[EncfsError]]:
+    found = [base]
+    for sub in base.__subclasses__():
+        found += _error_classes(sub)
+    return found
+
+
+def _meaning(cls: type) -> str:
+    """A class's docstring as one paragraph of text."""
+    return " ".join((cls.__doc__ or "").split())
+
+
+def exit_codes() -> dict[int, tuple[str, str]]:
+    """code -> (exception class name, or "" for none; meaning), in code order: the
+    classes of this module that set their own `exit_code`, and OTHER_EXIT_CODES."""
+    table: dict[int, tuple[str, str]] = {
+        code: ("", meaning) for code, meaning in OTHER_EXIT_CODES.items()
+    }
+    for cls in _error_classes():
+        if "exit_code" in vars(cls) and cls.__module__ == __name__:
+            table[cls.exit_code] = (cls.__name__, _meaning(cls))
+    return dict(sorted(table.items()))

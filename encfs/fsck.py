@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from encfs import backing, quarantine
+from encfs.engine import ROOT_INODE, BindingError, Volume
 from encfs.errors import EncfsError, IntegrityError
 from encfs.format import names as fnames
 from encfs.format.blocks import (
@@ -42,7 +43,6 @@ from encfs.format.blocks import (
     slot_candidates,
 )
 from encfs.format.places import STORED_LINK_LENGTH, LinkRecord
-from encfs.volume import ROOT_INODE, BindingError, Volume
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,6 @@ EITHER = "crash or tampering"
 # checks for a fatal signal between pages): a file extended by an interrupted write ends
 # at a multiple of this.
 PAGE_SIZE = os.sysconf("SC_PAGESIZE")
-
-
-class FsckProblems(EncfsError):
-    """fsck found problems that remain (not repaired, or not repairable)."""
-
-    exit_code = 31
 
 
 @dataclass

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from encfs.audit import AuditLog
+from encfs.engine import Volume
 from encfs.errors import (
     KeyAccessError,
     KeyMissing,
@@ -24,7 +25,6 @@ from encfs.errors import (
     WrongKey,
 )
 from encfs.keyring import Keyring
-from encfs.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,11 @@ class KeyHealth:
         audit: AuditLog,
         grace: float = DEFAULT_GRACE,
         clock: Callable[[], float] = time.monotonic,
-        on_inaccessible: Callable[[], None] | None = None,
     ) -> None:
         self.volume = volume
         self.audit = audit
         self.grace = grace
         self.clock = clock
-        self.on_inaccessible = on_inaccessible
         self.state = State.READY
         self.reason = "keys unwrapped at mount"
         self.last_check: float | None = None  # wall-clock time of the last check
@@ -116,8 +114,6 @@ class KeyHealth:
             return
         self.volume.keyring.wipe(error)
         self._change(State.INACCESSIBLE, reason)
-        if self.on_inaccessible is not None:
-            self.on_inaccessible()
 
     def _change(self, state: State, reason: str) -> None:
         previous, self.state, self.reason = self.state, state, reason

@@ -19,24 +19,22 @@ from typing import TYPE_CHECKING, Any
 
 from encfs import config_store, crypto
 from encfs.audit import AuditLog
-from encfs.errors import KeyAccessError, NotVouched, UsageError, VolumeBusy
-from encfs.format import names as fnames
+from encfs.errors import KeyAccessError, NotVouched, UsageError
 from encfs.format.volume import PROTECTOR_ID_SIZE, Protector, VolumeConfig
 from encfs.trust import Operator
 
 if TYPE_CHECKING:
-    from encfs.volume import Volume
+    from encfs.engine import Volume
 
 log = logging.getLogger(__name__)
 
 
-def list_protectors(backing_path: str, operator: Operator | None = None) -> list[dict[str, Any]]:
+def list_protectors(backing_path: str, operator: Operator) -> list[dict[str, Any]]:
     """Every keyslot of every KEK version, and what vouches for it on this host.
 
     Reads the config without authenticating it (no key needed to list): a keyslot the
     operator never vouched for shows as such and is never run.
     """
-    operator = operator or Operator()
     config = config_store.peek(backing_path)
     entry = operator.store.load(config.volume_id.hex())
     rows = []
@@ -64,10 +62,9 @@ def list_protectors(backing_path: str, operator: Operator | None = None) -> list
 
 
 def add_protector(
-    backing_path: str, kind: str, options: dict[str, Any], operator: Operator | None = None
+    backing_path: str, kind: str, options: dict[str, Any], operator: Operator
 ) -> int:
     """Protect every KEK version under a new provider; return the number of versions."""
-    operator = operator or Operator()
     # Every KEK first: if the volume cannot be opened, no escrow key file (that would
     # protect nothing yet block a retry) and no server-side key is created.
     config, keyring = config_store.unlock(backing_path, operator)
@@ -92,10 +89,9 @@ def add_protector(
         keyring.close()
 
 
-def remove_protector(backing_path: str, slot: str, operator: Operator | None = None) -> str:
+def remove_protector(backing_path: str, slot: str, operator: Operator) -> str:
     """Remove keyslot `slot` (its index in `provider list`, or its id) from every KEK
     version; refuse the last one of a version."""
-    operator = operator or Operator()
     _, keyring = config_store.unlock(backing_path, operator)
     try:
         return _remove(backing_path, slot, operator, keyring)
@@ -135,7 +131,7 @@ def _slot_id(config: VolumeConfig, slot: str) -> str:
     return current[index].id
 
 
-def rewrap_keks(backing_path: str, operator: Operator | None = None) -> int:
+def rewrap_keks(backing_path: str, operator: Operator) -> int:
     """Re-protect every stored KEK under its provider's current key (O(1) in volume size).
 
     For when the provider's own key got a new version (Vault/KMS rotation, a new HSM
@@ -143,7 +139,6 @@ def rewrap_keks(backing_path: str, operator: Operator | None = None) -> int:
     vouched for on this host (a keyslot nobody here vouches for cannot be re-protected).
     """
     count = 0
-    operator = operator or Operator()
     _, keyring = config_store.unlock(backing_path, operator)
     try:
         with config_store.editing(backing_path, keyring, operator) as config:
@@ -298,7 +293,7 @@ def replace_records(volume: Volume, changes: list[Reprotection]) -> VolumeConfig
 def destroy_volume(
     backing_path: str,
     confirm_volume_id: str,
-    operator: Operator | None = None,
+    operator: Operator,
     audit_path: str | None = None,
 ) -> list[str]:
     """Crypto-shred a volume: every KEK record gone, provider-held keys destroyed where
@@ -306,7 +301,6 @@ def destroy_volume(
     id as confirmation. Needs no key: the config is not authenticated first, and only
     vouched providers are asked to destroy anything."""
     actions: list[str] = []
-    operator = operator or Operator()
     config = config_store.peek(backing_path)
     volume_id = config.volume_id.hex()
     if confirm_volume_id.lower() != volume_id:
@@ -315,21 +309,8 @@ def destroy_volume(
             f"--yes-destroy-all-data {volume_id}"
         )
     operator.entry = operator.store.load(volume_id)
-    import fcntl
-
-    dir_fd = os.open(backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    lock_fd = config_store.lock_volume_at(backing_path)
     try:
-        lock_fd = os.open(
-            fnames.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-            dir_fd=dir_fd,
-        )
-    finally:
-        os.close(dir_fd)
-    try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VolumeBusy(f"volume {backing_path} is mounted; unmount it first") from None
         for number, version in sorted(config.kek_versions.items()):
             for protector in version.protectors:
                 try:

@@ -30,6 +30,7 @@ import trio
 from encfs import health as health_mod
 from encfs import hygiene
 from encfs.control import ControlServer
+from encfs.engine import Volume
 from encfs.errors import MountFailed, MountpointError, UsageError
 from encfs.fuse.cpu_policy import CpuHelpers
 from encfs.fuse.loop import ReadyWaiter, serve_requests
@@ -38,7 +39,6 @@ from encfs.fuse.syncer import ThreadSyncer, open_syncer
 from encfs.mountpoint import MountSite
 from encfs.mountpoint import resolve as resolve_mountpoint
 from encfs.systemd import Service
-from encfs.volume import Volume
 
 log = logging.getLogger(__name__)
 

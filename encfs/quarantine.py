@@ -32,12 +32,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from encfs import backing
-from encfs.contents import FileContents
+from encfs.engine import Volume
+from encfs.engine.contents import FileContents
 from encfs.errors import IntegrityError, UsageError
 from encfs.format import names as fnames
 from encfs.format.blocks import FileHeader
 from encfs.format.places import LinkRecord, link_aad
-from encfs.volume import Volume
 
 QUARANTINE_DIR = fnames.QUARANTINE_DIR
 OBJECT = "object"
@@ -74,7 +74,7 @@ def _new_item(volume: Volume, record: dict[str, Any]) -> tuple[int, int, str]:
     try:
         data = json.dumps({**record, "item": name, "time": _now()}).encode()
         sealed = volume.keyring.name_cipher.seal(data, _record_aad(volume, name))
-        backing.write_file_atomic(item, RECORD, sealed, 0o400)
+        backing.write_file_atomic(item, RECORD, sealed, 0o400, temp_prefix=fnames.TEMP_PREFIX)
     except BaseException:
         os.close(item)
         os.close(area)
@@ -102,7 +102,9 @@ def move_in(
                     volume.root_fd, fnames.long_symlink_path(store_id),
                     2 * fnames.SYMLINK_TARGET_MAX,
                 )
-                backing.write_file_atomic(item, TARGET, data, 0o400)
+                backing.write_file_atomic(
+                    item, TARGET, data, 0o400, temp_prefix=fnames.TEMP_PREFIX
+                )
         backing.renameat2(dir_fd, backing_name, item, OBJECT, backing.RENAME_NOREPLACE)
     except BaseException:
         _drop_item(area, item, name)  # nothing was moved: no empty item stays behind

@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from encfs import config_store, crypto, keyslots
+from encfs.engine import Volume
 from encfs.errors import IntegrityError, UsageError
+from encfs.format import keyarea
 from encfs.format import names as fnames
 from encfs.format.blocks import (
     BLOCKS_PER_GROUP,
@@ -46,7 +48,6 @@ from encfs.format.blocks import (
     slot_candidates,
 )
 from encfs.format.volume import KekVersion, Protector, VolumeConfig, now_utc, parse_time
-from encfs.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -343,63 +344,6 @@ def _advise_key_areas(layout: Layout, fd: int, cipher_size: int) -> None:
         group += 1
 
 
-def _records_in_use(area: bytes | bytearray) -> int:
-    """Key records up to the last non-zero byte: the all-zero rest (the unused records of
-    a small file's group) is skipped in one C-speed scan instead of record by record."""
-    used = len(area.rstrip(b"\0"))
-    return min(-(-used // KEY_RECORD_SIZE), len(area) // KEY_RECORD_SIZE)
-
-
-def _slot_mask(position: int) -> int:
-    """A key area as a big-endian integer: ones over the bytes of every record's slot at
-    `position`."""
-    slot = b"\xff" * SLOT_SIZE
-    record = slot + EMPTY_SLOT if position == 0 else EMPTY_SLOT + slot
-    return int.from_bytes(record * BLOCKS_PER_GROUP)
-
-
-_SLOT_MASKS = (_slot_mask(0), _slot_mask(1))
-
-
-def _uniform_version(area: bytes, records: int) -> int | None:
-    """The KEK version of every record in use, if all of them use the same slot position
-    under the same version with the other slot empty (the state a pass leaves); else None.
-
-    Three C-level checks per area instead of Python per record: the other slots are zero
-    (one big-integer AND), and the version and reserved bytes, read with a stride of one
-    record, are the same in every record.
-    """
-    whole = int.from_bytes(area.ljust(KEY_AREA_SIZE, b"\0"))
-    used = records * KEY_RECORD_SIZE
-    for position in (0, 1):
-        if whole & _SLOT_MASKS[1 - position]:
-            continue
-        start = position * SLOT_SIZE
-        high = area[start:used:KEY_RECORD_SIZE]
-        low = area[start + 1 : used : KEY_RECORD_SIZE]
-        reserved = area[start + 3 : used : KEY_RECORD_SIZE]
-        version = high[0] << 8 | low[0]
-        if (
-            version
-            and high.count(high[0]) == records
-            and low.count(low[0]) == records
-            and reserved.count(0) == records
-        ):
-            return version
-    return None
-
-
-def _newest_versions(area: bytes | bytearray) -> Iterator[int]:
-    """Per record in use: the KEK version of its newest slot, -1 if malformed, 0 if empty.
-
-    The census's slow path (areas _uniform_version cannot vouch for): the plain rules.
-    """
-    records = _records_in_use(area)
-    for fields in KEY_RECORD_FIELDS.iter_unpack(memoryview(area)[: records * KEY_RECORD_SIZE]):
-        candidates = slot_candidates(fields)
-        yield -1 if candidates is None else (candidates[0][1] if candidates else 0)
-
-
 @dataclass
 class _FileKeys:
     """What every group of one file shares: computed once per file."""
@@ -482,7 +426,7 @@ class RewrapPass:
         return cipher
 
     def _group(self, fd: int, keys: _FileKeys, group: int, area: bytes) -> None:
-        records = _records_in_use(area)
+        records = keyarea.records_in_use(area)
         if not records:
             return
         both = bytearray(area)  # step 1: old and new slots side by side
@@ -631,18 +575,6 @@ class RewrapPass:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _count_area(area: bytes, counts: Counter[int]) -> None:
-    """Add the newest KEK version of every record of a key area to `counts` (0: empty
-    record, -1: malformed)."""
-    records = _records_in_use(area)
-    if records:
-        version = _uniform_version(area, records)
-        if version is None:
-            counts.update(_newest_versions(area))
-        else:
-            counts[version] += records
-
-
 def census(volume: Volume, prefetch: bool = True) -> Counter[int]:
     """How many DEKs are wrapped under each KEK version (reads key areas only; -1 counts
     malformed records).
@@ -654,7 +586,7 @@ def census(volume: Volume, prefetch: bool = True) -> Counter[int]:
     for fd, _ in data_files(volume, prefetch=prefetch):
         group = 0
         while area := os.pread(fd, KEY_AREA_SIZE, group_start(group)):
-            _count_area(area, counts)
+            keyarea.count_versions(area, counts)
             group += 1
     counts.pop(0, None)  # empty records hold no DEK
     return counts

@@ -33,14 +33,13 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from encfs.errors import ConfigAuthError, ConfigError, NotVouched, TrustStoreError
 from encfs.format.volume import Protector, VolumeConfig, body_digest, load_document, now_utc
-from encfs.keys.provider import KeyProvider
-from encfs.keys.registry import open_provider, parse_spec
+from encfs.keys.provider import KeyProvider, ProviderFactory
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +47,6 @@ TRUST_DIR_ENV = "ENCFS_GW_TRUST_DIR"
 ROOT_TRUST_DIR = "/var/lib/encfs-gw/trust"
 LOCK_NAME = ".lock"
 _ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.json\Z")
-
-ProviderFactory = Callable[[str, dict], KeyProvider]
-
 
 def default_trust_dir() -> str:
     chosen = os.environ.get(TRUST_DIR_ENV)
@@ -275,15 +271,11 @@ class TrustStore:
 
 @dataclass
 class OperatorSpec:
-    """A provider the operator named on the command line."""
+    """A provider the operator named on the command line (`--provider SPEC`: the
+    registry parses it, in the CLI)."""
 
     kind: str
     options: dict[str, Any]
-
-    @classmethod
-    def parse(cls, spec: str) -> OperatorSpec:
-        kind, options = parse_spec(spec)
-        return cls(kind, options)
 
     @classmethod
     def keyfile(cls, path: str) -> OperatorSpec:
@@ -293,14 +285,17 @@ class OperatorSpec:
 class Operator:
     """Everything the operator vouches for in one command: the providers named on its
     command line, and the trust store. `resolve` picks the store's entry for the volume a
-    config claims to be; the keyring then asks only the providers this object yields."""
+    config claims to be; the keyring then asks only the providers this object yields.
+
+    `factory` makes a provider from its kind and options: the composition root passes
+    the registry's (keys.registry.open_provider), so this layer never imports it."""
 
     def __init__(
         self,
         specs: list[OperatorSpec] | None = None,
         store: TrustStore | None = None,
-        factory: ProviderFactory = open_provider,
         *,
+        factory: ProviderFactory,
         new_path: bool = False,
         accept_rollback: bool = False,
     ) -> None:

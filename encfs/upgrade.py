@@ -20,14 +20,12 @@ vouched for later with `encfs-gw trust`; they are never run until then.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 
 from encfs import config_store, crypto
-from encfs.errors import ConfigAuthError, UsageError, VolumeBusy
+from encfs.errors import ConfigAuthError, UsageError
 from encfs.format import FEATURE_AUTH_CONFIG
-from encfs.format import names as fnames
 from encfs.format.volume import PROTECTOR_ID_SIZE, Protector, VolumeConfig
 from encfs.keyring import Keyring
 from encfs.trust import Operator, TrustEntry, VouchedProvider, canonical_backing
@@ -91,7 +89,7 @@ def upgrade(backing_path: str, operator: Operator, trust_stored: bool) -> Volume
             p.id: VouchedProvider(p.kind, dict(p.legacy_options or {}))
             for v in config.kek_versions.values() for p in v.protectors
         })
-    lock_fd = _lock_volume(backing_path)
+    lock_fd = config_store.lock_volume_at(backing_path)
     try:
         keyring = Keyring.unlock(config, operator)
         # Stored options the operator vouched for, before the ids change.
@@ -123,23 +121,6 @@ def upgrade(backing_path: str, operator: Operator, trust_stored: bool) -> Volume
     operator.accept_rollback = True
     operator.accept(new, check)
     return new
-
-
-def _lock_volume(backing_path: str) -> int:
-    dir_fd = os.open(backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fd = os.open(
-            fnames.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-            dir_fd=dir_fd,
-        )
-    finally:
-        os.close(dir_fd)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise VolumeBusy(f"volume {backing_path} is in use (mounted?); unmount it first") from None
-    return fd
 
 
 def _new_ids(config: VolumeConfig) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 A backing file is
 
-    header (32 bytes)
+    header (64 bytes)
     group 0: key area (32 blocks x 2 slots x 64 bytes = 4096 bytes), then 32 block records
     group 1: ...
 

@@ -17,9 +17,9 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from encfs.engine import Attr, Volume
 from encfs.fuse.errno_map import errno_for
 from encfs.fuse.syncer import ThreadSyncer
-from encfs.volume import Attr, Volume
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import abc
 import os
 import stat
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 from encfs import crypto
@@ -127,6 +127,12 @@ class KeyProvider(abc.ABC):
 
     def close(self) -> None:
         """Release connections/sessions."""
+
+
+# What makes a provider instance from its kind and options. The registry's open_provider
+# is one; only a composition root (the CLI, the daemon's mount) passes it to the layers
+# that need providers (encfs.trust.Operator), which never import the registry themselves.
+ProviderFactory = Callable[[str, Mapping[str, Any]], KeyProvider]
 
 
 def seal_with_secret(secret: bytes, kek: bytes, binding: bytes) -> str:

@@ -16,10 +16,10 @@ import shutil
 
 import pytest
 
+from encfs.engine import ROOT_INODE, Volume
+from encfs.errors import FsckProblems
 from encfs.format.blocks import Layout
 from encfs.format.names import DIR_ID_FILE, QUARANTINE_DIR
-from encfs.fsck import FsckProblems
-from encfs.volume import ROOT_INODE, Volume
 from tests.helpers.config import operator_for
 from tests.helpers.mount import init_volume, mounted, run_cli
 

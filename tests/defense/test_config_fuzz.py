@@ -22,8 +22,8 @@ import pytest
 from encfs import config_store
 from encfs.errors import EncfsError
 from encfs.format.volume import VolumeConfig, body_digest
-from encfs.trust import Operator, OperatorSpec
 from tests.defense.test_config_trust import ALLOWED_CODES, Canaries
+from tests.helpers.config import operator_for
 from tests.helpers.mount import init_volume, run_cli
 
 CONFIG = "encfs-gw.conf"
@@ -125,7 +125,7 @@ def test_mutated_configs_are_refused_or_identical_in_process(target, canaries):
         else:
             data = json.dumps(mutate_doc(doc, rng, canaries, volume.backing)).encode()
         (volume.backing / CONFIG).write_bytes(data)
-        operator = Operator([OperatorSpec.keyfile(str(volume.keyfile))])
+        operator = operator_for(volume.keyfile)
         try:
             opened, _ = config_store.unlock(str(volume.backing), operator)
         except EncfsError as exc:

@@ -11,10 +11,11 @@ import stat
 
 import pytest
 
+from encfs.engine import ROOT_INODE, Volume, create_volume
 from encfs.errors import IntegrityError, WrongKey
 from encfs.format.blocks import HEADER_SIZE, KEY_AREA_SIZE, KEY_RECORD_SIZE, Layout
 from encfs.keys.keyfile import KeyfileProvider
-from encfs.volume import ROOT_INODE, Volume, create_volume
+from tests.helpers.config import trusted
 
 BS = 4096
 LAYOUT = Layout(BS)
@@ -23,18 +24,19 @@ SIZE = BS + 1000  # two blocks, the second partial
 
 def make_volume(tmp_path, name="backing"):
     path = tmp_path / name
-    create_volume(str(path), KeyfileProvider({"path": str(tmp_path / f"{name}.key")}), BS)
+    key = KeyfileProvider({"path": str(tmp_path / f"{name}.key")})
+    create_volume(str(path), key, BS, trusted())
     return path
 
 
 def write_file(backing, name: bytes, data: bytes) -> str:
     """Create a file through the engine; return its backing path."""
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         fh, _ = vol.create(ROOT_INODE, name, 0o100644, os.O_RDWR, 0, 0)
         vol.write(fh, 0, data)
         vol.release(fh)
-        return os.path.join(backing, vol._encode(vol.inode(ROOT_INODE), name)[0])
+        return os.path.join(backing, vol.backing_name(ROOT_INODE, name)[0])
     finally:
         vol.close()
 
@@ -82,7 +84,7 @@ def used_regions(path: str) -> list[tuple[str, int, int]]:
 
 def test_every_used_byte_flip_is_detected(two_files):
     backing, path_a, data_a, _, data_b = two_files
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         assert read_file(vol, b"a") == data_a
         checked = 0
@@ -103,7 +105,7 @@ def test_every_used_byte_flip_is_detected(two_files):
 def test_flips_anywhere_never_give_other_data(two_files):
     """Unused bytes (empty slots, slots of absent blocks) may be ignored, never misread."""
     backing, path_a, data_a, _, _ = two_files
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         for offset in range(0, os.path.getsize(path_a), 7):
             flip(path_a, offset)
@@ -132,7 +134,7 @@ def test_swapped_blocks_within_a_file(tmp_path):
     # Swap blocks 0 and 1 together with their key records: still refused (AAD index).
     swap(path, LAYOUT.record_offset(0), LAYOUT.record_offset(1), LAYOUT.record_size)
     swap(path, LAYOUT.key_record_offset(0), LAYOUT.key_record_offset(1), KEY_RECORD_SIZE)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         fh = vol.open(vol.lookup(ROOT_INODE, b"f").ino, os.O_RDONLY)
         with pytest.raises(IntegrityError):
@@ -157,7 +159,7 @@ def test_block_moved_to_another_file(two_files):
         f.write(keys)
         f.seek(LAYOUT.record_offset(0))
         f.write(record)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         fh = vol.open(vol.lookup(ROOT_INODE, b"b").ino, os.O_RDONLY)
         with pytest.raises(IntegrityError):
@@ -171,7 +173,7 @@ def test_block_moved_to_another_file(two_files):
 def test_truncated_mid_block(two_files):
     backing, path_a, data_a, _, _ = two_files
     os.truncate(path_a, LAYOUT.record_offset(1) + 500)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         fh = vol.open(vol.lookup(ROOT_INODE, b"a").ino, os.O_RDONLY)
         assert vol.read(fh, 0, BS) == data_a[:BS]
@@ -185,7 +187,7 @@ def test_truncated_mid_block(two_files):
 def test_file_replaced_by_another_files_ciphertext(two_files):
     backing, path_a, _, path_b, data_b = two_files
     shutil.copyfile(path_b, path_a)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         with pytest.raises(IntegrityError, match="bound to another name"):
             read_file(vol, b"a")
@@ -200,7 +202,7 @@ def test_file_copied_from_another_volume(tmp_path):
     path_1 = write_file(backing_1, b"same", os.urandom(SIZE))
     path_2 = write_file(backing_2, b"same", os.urandom(SIZE))
     shutil.copyfile(path_1, path_2)
-    vol = Volume.unlock(str(backing_2))
+    vol = Volume.unlock(str(backing_2), trusted())
     try:
         with pytest.raises(IntegrityError):
             read_file(vol, b"same")
@@ -216,7 +218,7 @@ def test_replayed_block_ciphertext(tmp_path):
         old_record = f.read(LAYOUT.record_size)
         f.seek(LAYOUT.key_record_offset(0))
         old_keys = f.read(KEY_RECORD_SIZE)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     fh = vol.open(vol.lookup(ROOT_INODE, b"r").ino, os.O_RDWR)
     vol.write(fh, 0, b"new" * 1000)
     vol.release(fh)
@@ -224,7 +226,7 @@ def test_replayed_block_ciphertext(tmp_path):
     with open(path, "r+b") as f:  # replay only the old block ciphertext
         f.seek(LAYOUT.record_offset(0))
         f.write(old_record)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         with pytest.raises(IntegrityError):
             read_file(vol, b"r")
@@ -235,7 +237,7 @@ def test_replayed_block_ciphertext(tmp_path):
     with open(path, "r+b") as f:
         f.seek(LAYOUT.key_record_offset(0))
         f.write(old_keys)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         assert read_file(vol, b"r")[:BS] == (b"old" * 2000)[:BS]
     finally:
@@ -244,13 +246,13 @@ def test_replayed_block_ciphertext(tmp_path):
 
 def test_renamed_and_moved_backing_names(two_files, tmp_path):
     backing, path_a, _, _, data_b = two_files
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     vol.mkdir(ROOT_INODE, b"sub", 0o40755, 0, 0)
     vol.close()
     sub_path = next(p for p in os.scandir(backing) if p.is_dir()).path
     # An entry moved into another directory does not decrypt there (dir id in the AAD).
     os.rename(path_a, os.path.join(sub_path, os.path.basename(path_a)))
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         fh = vol.opendir(vol.lookup(ROOT_INODE, b"sub").ino)
         assert [n for n, _, _ in vol.readdir(fh, 0)] == [b".", b".."]
@@ -265,11 +267,11 @@ def test_renamed_and_moved_backing_names(two_files, tmp_path):
 def test_hard_linked_file_is_unbound_but_still_authenticated(tmp_path):
     backing = make_volume(tmp_path)
     write_file(backing, b"x", b"data")
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     ino = vol.lookup(ROOT_INODE, b"x").ino
     vol.link(ino, ROOT_INODE, b"y")
     vol.close()
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         assert read_file(vol, b"y") == b"data"
         assert read_file(vol, b"x") == b"data"
@@ -280,7 +282,7 @@ def test_hard_linked_file_is_unbound_but_still_authenticated(tmp_path):
 def test_crash_between_rename_steps_keeps_file_readable(tmp_path, monkeypatch):
     backing = make_volume(tmp_path)
     write_file(backing, b"old", b"payload")
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     real_rename = os.rename
 
     def crash(*args, **kwargs):
@@ -291,7 +293,7 @@ def test_crash_between_rename_steps_keeps_file_readable(tmp_path, monkeypatch):
         vol.rename(ROOT_INODE, b"old", ROOT_INODE, b"new")
     monkeypatch.setattr(os, "rename", real_rename)
     vol.close()
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         assert read_file(vol, b"old") == b"payload"
         vol.rename(ROOT_INODE, b"old", ROOT_INODE, b"new")
@@ -307,7 +309,7 @@ def test_edited_immutable_parameters_refused(tmp_path):
     doc["block_size"] = 8192
     config_path.write_text(json.dumps(doc))
     with pytest.raises(WrongKey, match="parameters were altered"):
-        Volume.unlock(str(backing))
+        Volume.unlock(str(backing), trusted())
 
 
 def test_key_area_tail_is_sparse_region(tmp_path):

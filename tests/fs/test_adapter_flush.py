@@ -9,8 +9,8 @@ import pyfuse3
 import pytest
 import trio
 
+from encfs.engine import ROOT_INODE
 from encfs.fuse.operations import Operations
-from encfs.volume import ROOT_INODE
 
 
 def test_flush_answers_enosys_and_leaves_the_data_alone(vol):

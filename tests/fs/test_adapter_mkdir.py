@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import trio
 
+from encfs.engine import ROOT_INODE
 from encfs.fuse.operations import Operations
 from encfs.fuse.syncer import ThreadSyncer, open_syncer
-from encfs.volume import ROOT_INODE
 
 
 class SlowDisk(ThreadSyncer):

@@ -1,6 +1,7 @@
 """The volume lock on storage where flock may not work (NFS-backed volumes).
 
-`Volume` takes flock(LOCK_EX) on BACKING/encfs-gw.lock for its lifetime (mount, fsck).
+`Volume` takes flock(LOCK_EX) on BACKING/encfs-gw.lock for its lifetime (mount, fsck):
+`encfs.config_store.lock_volume`.
 On NFS that lock reaches other hosts only through the server's lock manager; without one
 flock fails with ENOLCK, and with `local_lock=flock|all` it stays on the host. So a volume
 on a network filesystem gets a warning, and a lock that cannot be taken refuses the
@@ -24,8 +25,10 @@ import pytest
 
 from encfs import backing as backing_mod
 from encfs.client import volume_lock_holder
+from encfs.config_store import NETWORK_FS_TYPES
+from encfs.engine import Volume
 from encfs.errors import VolumeBusy
-from encfs.volume import NETWORK_FS_TYPES, Volume
+from tests.helpers.config import trusted
 
 NFS_SUPER_MAGIC = 0x6969
 
@@ -49,7 +52,7 @@ def test_fs_type_is_statfs_f_type(path, tmp_path):
 
 def test_local_backing_takes_the_lock_quietly(backing, caplog):
     with caplog.at_level(logging.WARNING):
-        volume = Volume.unlock(str(backing))
+        volume = Volume.unlock(str(backing), trusted())
     try:
         assert not [r for r in caplog.records if "lock" in r.getMessage()]
         # The holder is found in /proc/locks; the backing store does not record it.
@@ -57,7 +60,7 @@ def test_local_backing_takes_the_lock_quietly(backing, caplog):
         assert volume_lock_holder(str(backing)) == os.getpid()
         before = open_fds()
         with pytest.raises(VolumeBusy, match="already in use"):
-            Volume.unlock(str(backing))
+            Volume.unlock(str(backing), trusted())
         assert open_fds() == before
     finally:
         volume.close()
@@ -66,8 +69,8 @@ def test_local_backing_takes_the_lock_quietly(backing, caplog):
 @pytest.mark.parametrize("magic", sorted(NETWORK_FS_TYPES))
 def test_network_backing_warns(backing, caplog, monkeypatch, magic):
     monkeypatch.setattr(backing_mod, "fs_type", lambda fd: magic)
-    with caplog.at_level(logging.WARNING, logger="encfs.volume"):
-        volume = Volume.unlock(str(backing))
+    with caplog.at_level(logging.WARNING, logger="encfs.config_store"):
+        volume = Volume.unlock(str(backing), trusted())
     volume.close()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
@@ -85,12 +88,12 @@ def test_nfs_without_lock_manager_is_refused(backing, monkeypatch):
             return real_flock(fd, operation)
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # the volume lock
 
-    Volume.unlock(str(backing)).close()  # a first use: what it caches stays open
+    Volume.unlock(str(backing), trusted()).close()  # a first use: what it caches stays open
     monkeypatch.setattr(backing_mod, "fs_type", lambda fd: NFS_SUPER_MAGIC)
     monkeypatch.setattr(fcntl, "flock", no_locks)
     before = open_fds()
     with pytest.raises(VolumeBusy, match="cannot lock volume") as info:
-        Volume.unlock(str(backing))
+        Volume.unlock(str(backing), trusted())
     assert "lock manager" in str(info.value)
     assert info.value.exit_code == 14
     assert open_fds() == before  # the lock file and the backing root are closed again

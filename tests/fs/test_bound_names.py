@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 
 from encfs import backing as backing_mod
+from encfs.engine import ROOT_INODE, BindingError, Volume, create_volume
 from encfs.errors import IntegrityError
 from encfs.format import FEATURE_BOUND_NAMES, places
 from encfs.format import names as fnames
 from encfs.format.places import DirRecord, LinkRecord
 from encfs.keys.keyfile import KeyfileProvider
-from encfs.volume import ROOT_INODE, BindingError, Volume, create_volume
 from tests.fs.conftest import make_legacy_volume
+from tests.helpers.config import trusted
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
@@ -84,7 +85,7 @@ def dir_record(path: str) -> DirRecord:
 def reopen(vol: Volume) -> Volume:
     path = vol.backing_path
     vol.close()
-    return Volume.unlock(path)
+    return Volume.unlock(path, trusted())
 
 
 @pytest.fixture
@@ -125,7 +126,7 @@ def test_directories_swapped_in_one_parent(tree, backing, caplog):
     os.rename(path_b, path_a)
     os.rename(path_a + ".swap", path_b)
     try:
-        with caplog.at_level(logging.WARNING, logger="encfs.volume"):
+        with caplog.at_level(logging.WARNING, logger="encfs.engine"):
             for name in (b"a", b"b"):
                 ino = vol.lookup(ROOT_INODE, name).ino  # the entry itself: metadata only
                 with pytest.raises(BindingError, match=f"directory inode {ino}"):
@@ -168,7 +169,7 @@ def test_root_record_replaced_by_a_subdirectory_record(tree, backing):
     root_record = os.path.join(backing, fnames.DIR_ID_FILE)
     os.chmod(root_record, 0o600)
     shutil.copyfile(os.path.join(path_a, fnames.DIR_ID_FILE), root_record)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         with pytest.raises(BindingError, match="root"):
             names(vol, ROOT_INODE)
@@ -500,8 +501,9 @@ def die_at(monkeypatch, step: int) -> list[str]:
 
 def build_tree(tmp_path, step: int) -> str:
     backing = tmp_path / f"backing-{step}"
-    create_volume(str(backing), KeyfileProvider({"path": str(tmp_path / f"key-{step}")}), 4096)
-    vol = Volume.unlock(str(backing))
+    key = KeyfileProvider({"path": str(tmp_path / f"key-{step}")})
+    create_volume(str(backing), key, 4096, trusted())
+    vol = Volume.unlock(str(backing), trusted())
     a = vol.mkdir(ROOT_INODE, b"a", 0o40755, 0, 0).ino
     write(vol, a, b"x", b"x in a")
     write(vol, vol.mkdir(a, b"inner", 0o40755, 0, 0).ino, b"deep", b"deep")
@@ -525,7 +527,7 @@ def test_kill_at_every_step_of_a_rename(tmp_path, monkeypatch, case):
     while True:
         step += 1
         backing = build_tree(tmp_path, step)
-        vol = Volume.unlock(backing)
+        vol = Volume.unlock(backing, trusted())
         before = snapshot(vol)
         done = die_at(monkeypatch, step)
         try:
@@ -536,7 +538,7 @@ def test_kill_at_every_step_of_a_rename(tmp_path, monkeypatch, case):
         finally:
             monkeypatch.undo()
         vol.close()
-        vol = Volume.unlock(backing)
+        vol = Volume.unlock(backing, trusted())
         try:
             after = snapshot(vol)  # every name reads
             if after == before:
@@ -572,7 +574,7 @@ def test_kill_at_every_step_of_mkdir_rmdir_symlink(tmp_path, monkeypatch, operat
     while True:
         step += 1
         backing = build_tree(tmp_path, step)
-        vol = Volume.unlock(backing)
+        vol = Volume.unlock(backing, trusted())
         die_at(monkeypatch, step)
         try:
             if operation == "mkdir":
@@ -589,7 +591,7 @@ def test_kill_at_every_step_of_mkdir_rmdir_symlink(tmp_path, monkeypatch, operat
         finally:
             monkeypatch.undo()
         vol.close()
-        vol = Volume.unlock(backing)
+        vol = Volume.unlock(backing, trusted())
         try:
             after = snapshot(vol)  # every name reads
             if operation == "rmdir":
@@ -632,10 +634,14 @@ def run_as_other_user(work: Path) -> None:
         import errno, os, sys
         sys.path.insert(0, {os.getcwd()!r})
         from encfs.keys.keyfile import KeyfileProvider
-        from encfs.volume import ROOT_INODE, Volume, create_volume
+        from encfs.keys.registry import open_provider
+        from encfs.trust import Operator
+        from encfs.engine import ROOT_INODE, Volume, create_volume
+        def trusted():
+            return Operator(factory=open_provider)
         backing = {str(work / "backing")!r}
-        create_volume(backing, KeyfileProvider({{"path": {str(work / "key")!r}}}), 4096)
-        vol = Volume.unlock(backing)
+        create_volume(backing, KeyfileProvider({{"path": {str(work / "key")!r}}}), 4096, trusted())
+        vol = Volume.unlock(backing, trusted())
         d = vol.mkdir(ROOT_INODE, b"ro", 0o40755, os.getuid(), os.getgid()).ino
         fh, _ = vol.create(d, b"f", 0o100644, os.O_RDWR, os.getuid(), os.getgid())
         vol.write(fh, 0, b"payload")
@@ -649,7 +655,7 @@ def run_as_other_user(work: Path) -> None:
         except PermissionError:
             print("refused")
         vol.close()
-        vol = Volume.unlock(backing)
+        vol = Volume.unlock(backing, trusted())
         ino = vol.lookup(ROOT_INODE, b"ro2").ino
         fh = vol.open(vol.lookup(ino, b"f").ino, os.O_RDONLY)
         print(bytes(vol.read(fh, 0, 100)).decode())
@@ -673,7 +679,7 @@ def run_as_other_user(work: Path) -> None:
 
 def test_legacy_volume_keeps_its_formats(tmp_path, monkeypatch):
     backing = make_legacy_volume(tmp_path, monkeypatch)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         assert not vol.bound_names
         a = vol.mkdir(ROOT_INODE, b"a", 0o40755, 0, 0).ino
@@ -694,7 +700,7 @@ def test_legacy_volume_keeps_its_formats(tmp_path, monkeypatch):
     os.rename(pa, pa + ".swap")
     os.rename(pb, pa)
     os.rename(pa + ".swap", pb)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         assert names(vol, ino_of(vol, b"b")) == [b"x"]
     finally:

@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from encfs import contents as contents_mod
-from encfs.volume import ROOT_INODE, Volume
+from encfs.engine import ROOT_INODE, Volume
+from encfs.engine import contents as contents_mod
+from tests.helpers.config import trusted
 
 BS = 4096
 
@@ -77,7 +78,7 @@ def test_crash_between_write_steps_keeps_old_or_new(
     backing, monkeypatch, crash_after, old_len, offset, new_len
 ):
     """A crash after any of the 3 pwrites of a block write leaves old or new data."""
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     fh, _ = vol.create(ROOT_INODE, b"c", 0o100644, os.O_RDWR, 0, 0)
     old = os.urandom(old_len)
     vol.write(fh, 0, old)
@@ -100,7 +101,7 @@ def test_crash_between_write_steps_keeps_old_or_new(
     monkeypatch.setattr(contents_mod.os, "pwrite", real_pwrite)
     vol.close()
 
-    reopened = Volume.unlock(str(backing))
+    reopened = Volume.unlock(str(backing), trusted())
     ino = reopened.lookup(ROOT_INODE, b"c").ino
     fh = reopened.open(ino, os.O_RDONLY)
     got = reopened.read(fh, 0, 1 << 20)

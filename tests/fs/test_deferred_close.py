@@ -20,8 +20,8 @@ import pytest
 import trio
 
 from encfs import backing as backing_mod
+from encfs.engine import ROOT_INODE
 from encfs.fuse.operations import Operations
-from encfs.volume import ROOT_INODE
 
 
 class GatedCloser(backing_mod.DeferredCloser):
@@ -49,10 +49,8 @@ class GatedCloser(backing_mod.DeferredCloser):
 
 
 def install_gated(vol) -> GatedCloser:
-    vol.defer_closes()
-    vol._closer.stop()
-    vol._closer = closer = GatedCloser()
-    vol._close_fd = closer.close
+    closer = GatedCloser()
+    vol.defer_closes(closer)
     return closer
 
 

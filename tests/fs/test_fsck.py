@@ -11,21 +11,22 @@ import stat
 
 import pytest
 
-from encfs import contents as contents_mod
 from encfs import quarantine
+from encfs.engine import ROOT_INODE, Volume
+from encfs.engine import contents as contents_mod
 from encfs.errors import IntegrityError, UsageError
 from encfs.format.blocks import KEY_RECORD_SIZE, Layout
 from encfs.format.names import DIR_ID_FILE, QUARANTINE_DIR, TEMP_PREFIX
 from encfs.fsck import CRASH, EITHER, PAGE_SIZE, TAMPERING, fsck
-from encfs.volume import ROOT_INODE, Volume
 from tests.fs.conftest import make_legacy_volume
+from tests.helpers.config import trusted
 
 BS = 4096
 LAYOUT = Layout(BS)
 
 
 def populate(backing) -> dict[bytes, bytes]:
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     files = {}
     try:
         d = vol.mkdir(ROOT_INODE, b"dir", 0o40755, 0, 0)
@@ -45,7 +46,7 @@ def populate(backing) -> dict[bytes, bytes]:
 
 
 def backing_of(backing, *names: bytes) -> str:
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         ino, path = ROOT_INODE, str(backing)
         for name in names:
@@ -57,7 +58,7 @@ def backing_of(backing, *names: bytes) -> str:
 
 
 def run(backing, repair=False):
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         return fsck(vol, repair=repair)
     finally:
@@ -65,7 +66,7 @@ def run(backing, repair=False):
 
 
 def read(backing, *names: bytes) -> bytes:
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         ino = ROOT_INODE
         for name in names:
@@ -87,7 +88,7 @@ def quarantined(backing) -> dict[str, str]:
 
 
 def export(backing, destination) -> list[quarantine.Exported]:
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         return quarantine.export(vol, str(destination))
     finally:
@@ -143,7 +144,7 @@ def test_torn_tail_at_a_page_boundary_is_cut_after_a_copy(backing):
     """A kill inside the write that extended a file leaves it cut at a page boundary."""
     populate(backing)
     data = os.urandom(BS + 4090)  # the last record spans a page boundary
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     fh, _ = vol.create(ROOT_INODE, b"t", 0o100644, os.O_RDWR, 0, 0)
     vol.write(fh, 0, data)
     vol.release(fh)
@@ -169,7 +170,7 @@ def test_torn_tail_of_an_interrupted_truncate_is_cut(backing, monkeypatch):
     """Killed between cutting the file and writing the shortened last record (FORMAT.md
     section 4): two key slots on a block that fails."""
     files = populate(backing)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     ino = vol.lookup(ROOT_INODE, b"a").ino
     real = contents_mod.backing.pwrite_all
     calls = []
@@ -223,7 +224,7 @@ def test_debris_of_crashes_is_cleaned(backing):
     with open(path_b, "r+b") as f:
         f.seek(LAYOUT.key_record_offset(5))
         f.write(os.urandom(KEY_RECORD_SIZE))
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     fh, _ = vol.create(ROOT_INODE, b"half", 0o100644, os.O_RDWR, 0, 0)
     vol.release(fh)
     vol.close()
@@ -256,7 +257,7 @@ def test_undecryptable_entry_is_quarantined_unchanged(backing, tmp_path):
     assert finding.repaired and finding.looks_like == TAMPERING
     ((item, kept),) = quarantined(backing).items()
     assert content(kept) == before  # not re-tagged, not moved into the volume
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     try:
         with pytest.raises(FileNotFoundError):
             vol.lookup(ROOT_INODE, b"lost+found")
@@ -313,7 +314,7 @@ def test_swapped_files_nothing_becomes_readable(backing):
 
 
 def test_swapped_directories_reported_with_paths_and_quarantined(backing, tmp_path):
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     for name in (b"one", b"two"):
         d = vol.mkdir(ROOT_INODE, name, 0o40755, 0, 0).ino
         fh, _ = vol.create(d, b"f", 0o100644, os.O_RDWR, 0, 0)
@@ -345,7 +346,7 @@ def test_swapped_directories_reported_with_paths_and_quarantined(backing, tmp_pa
 
 def test_copied_dir_id_record_is_reported(backing):
     populate(backing)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     vol.mkdir(ROOT_INODE, b"other", 0o40755, 0, 0)
     vol.close()
     source = os.path.join(backing_of(backing, b"dir"), DIR_ID_FILE)
@@ -358,7 +359,7 @@ def test_copied_dir_id_record_is_reported(backing):
 
 @pytest.mark.parametrize("targets", [(b"short one", b"short two"), (b"s" * 3500, b"t" * 3600)])
 def test_swapped_symlink_targets_reported_and_quarantined(backing, tmp_path, targets):
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     for name, target in zip((b"p", b"q"), targets, strict=True):
         vol.symlink(ROOT_INODE, name, target, 0, 0)
     vol.close()
@@ -409,7 +410,7 @@ def test_quarantine_record_holds_no_plaintext_name(backing):
 def test_legacy_volume_swapped_directories_go_unnoticed(tmp_path, monkeypatch):
     """What `bound-names` adds: a volume made before it cannot tell."""
     backing = make_legacy_volume(tmp_path, monkeypatch)
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     for name in (b"one", b"two"):
         vol.mkdir(ROOT_INODE, name, 0o40755, 0, 0)
     vol.close()

@@ -10,10 +10,11 @@ import stat
 import pytest
 
 from encfs.audit import AuditLog
+from encfs.engine import ROOT_INODE, Volume, create_volume
 from encfs.errors import KeyRevoked, ProviderUnavailable
 from encfs.health import KeyHealth, State
 from encfs.keys.registry import open_provider
-from encfs.volume import ROOT_INODE, Volume, create_volume
+from tests.helpers.config import trusted
 
 SCRIPT = """#!/bin/sh
 state=$(cat "{state}")
@@ -52,18 +53,15 @@ class Clock:
 def setup(tmp_path):
     switch = Switch(tmp_path)
     provider = open_provider("command", {"argv": switch.spec_argv, "timeout": 10})
-    create_volume(str(tmp_path / "b"), provider, 4096)
-    volume = Volume.unlock(str(tmp_path / "b"))
+    create_volume(str(tmp_path / "b"), provider, 4096, trusted())
+    volume = Volume.unlock(str(tmp_path / "b"), trusted())
     fh, attr = volume.create(ROOT_INODE, b"secret.txt", 0o100644, os.O_RDWR, 0, 0)
     volume.write(fh, 0, b"written before the revocation")
     clock = Clock()
     audit_path = tmp_path / "audit.log"
     audit = AuditLog(volume.config.volume_id, str(audit_path))
-    invalidations = []
-    health = KeyHealth(
-        volume, audit, grace=600, clock=clock, on_inaccessible=lambda: invalidations.append(1)
-    )
-    yield switch, volume, health, clock, fh, attr, audit_path, invalidations
+    health = KeyHealth(volume, audit, grace=600, clock=clock)
+    yield switch, volume, health, clock, fh, attr, audit_path
     volume.close()
 
 
@@ -72,11 +70,11 @@ def events(audit_path) -> list[dict]:
 
 
 def test_revoked_key_makes_everything_fail_then_recovers(setup):
-    switch, volume, health, _, fh, attr, audit_path, invalidations = setup
+    switch, volume, health, _, fh, attr, audit_path = setup
     assert health.apply(health.check()) is State.READY
     switch.set("revoked")
     assert health.apply(health.check()) is State.INACCESSIBLE
-    assert invalidations == [1]
+    assert not volume.keyring.available
     assert "key denied" in health.reason
     for action in (
         lambda: volume.read(fh, 0, 100),
@@ -103,7 +101,7 @@ def test_revoked_key_makes_everything_fail_then_recovers(setup):
 
 
 def test_unreachable_degrades_then_grace_runs_out_then_recovers(setup):
-    switch, volume, health, clock, fh, _, _, _ = setup
+    switch, volume, health, clock, fh, _, _ = setup
     switch.set("down")
     assert health.apply(health.check()) is State.DEGRADED
     assert volume.read(fh, 0, 7) == b"written"  # still serving during the grace period
@@ -119,7 +117,7 @@ def test_unreachable_degrades_then_grace_runs_out_then_recovers(setup):
 
 
 def test_audit_log_is_0600_and_required_log_fails_closed(tmp_path):
-    from encfs.audit import AuditError
+    from encfs.errors import AuditError
 
     log = AuditLog(b"\x01" * 16, str(tmp_path / "a.log"))
     log.event("unwrap", kek_version=1, provider="keyfile", outcome="ok")

@@ -15,11 +15,12 @@ import stat
 
 import pytest
 
+from encfs.engine import ROOT_INODE, Volume
 from encfs.errors import IntegrityError
 from encfs.format import FEATURE_LONG_SYMLINKS
 from encfs.format import names as fnames
-from encfs.volume import ROOT_INODE, Volume
 from tests.golden.test_golden_volumes import extract_upgraded
+from tests.helpers.config import trusted
 
 LONGEST = fnames.SYMLINK_TARGET_MAX  # 4095
 
@@ -137,7 +138,7 @@ def test_store_file_swapped_or_missing_is_an_integrity_error(vol, backing):
 def test_volume_without_the_feature_keeps_the_old_limit(tmp_path):
     """A volume made before long-symlink-targets existed (the golden v1-keyfile)."""
     golden = extract_upgraded("v1-keyfile", tmp_path)
-    vol = Volume.unlock(str(golden.backing))
+    vol = Volume.unlock(str(golden.backing), trusted())
     try:
         assert FEATURE_LONG_SYMLINKS not in vol.config.features
         attr = vol.symlink(ROOT_INODE, b"fits", b"f" * 3055, 0, 0)

@@ -7,9 +7,9 @@ import os
 import pytest
 
 from encfs import keyring as keyring_mod
+from encfs.engine import ROOT_INODE
 from encfs.errors import KeyRevoked
 from encfs.keyring import Keyring
-from encfs.volume import ROOT_INODE
 
 
 def _listing(vol, ino):

@@ -8,7 +8,8 @@ import stat
 
 import pytest
 
-from encfs.volume import ROOT_INODE
+from encfs.engine import ROOT_INODE
+from tests.helpers.config import trusted
 
 
 def names_of(vol, ino):
@@ -155,10 +156,10 @@ def test_deferred_closes_free_unlinked_files_and_drain_on_close(backing):
     """The daemon closes forgotten inodes' descriptors on a worker thread (the last close
     of an unlinked file is where ext4 deletes it). Every one is closed by Volume.close(),
     before the volume lock goes: nothing is left open, and the space comes back."""
-    from encfs.volume import Volume
+    from encfs.engine import Volume
 
     before = open_fds()
-    vol = Volume.unlock(str(backing))
+    vol = Volume.unlock(str(backing), trusted())
     vol.defer_closes()
     free_inodes = os.statvfs(backing).f_ffree
     for i in range(50):
@@ -173,7 +174,7 @@ def test_deferred_closes_free_unlinked_files_and_drain_on_close(backing):
     # All 50 inodes deleted (a margin for other processes on the same filesystem).
     assert os.statvfs(backing).f_ffree >= free_inodes - 10
     # The lock is free again: a second unlock works.
-    Volume.unlock(str(backing)).close()
+    Volume.unlock(str(backing), trusted()).close()
 
 
 def test_mkdir_in_steps_leaves_nothing_behind_when_the_name_is_taken(vol, backing):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from encfs import contents as contents_mod
-from encfs.volume import ROOT_INODE
+from encfs.engine import ROOT_INODE
+from encfs.engine import contents as contents_mod
 
 BS = 4096  # the engine fixtures' block size
 

@@ -11,6 +11,8 @@ from collections import Counter
 import pytest
 
 from encfs import rotation
+from encfs.engine import ROOT_INODE
+from encfs.format import keyarea
 from encfs.format.blocks import (
     HEADER_SIZE,
     KEY_AREA_SIZE,
@@ -19,7 +21,6 @@ from encfs.format.blocks import (
     FileHeader,
     slot_aad,
 )
-from encfs.volume import ROOT_INODE
 
 BLOCKS = 40  # two groups at 4 KiB blocks: the second one partly used
 
@@ -196,20 +197,20 @@ def test_sparse_holes_are_not_counted_and_stay_empty(vol):
 
 
 def test_census_fast_path_agrees_with_the_per_record_rules(vol, file_data):
-    """Mutations of a real key area; the C-level shortcut (_uniform_version) must never
+    """Mutations of a real key area; the C-level shortcut (keyarea.uniform_version) must never
     disagree with the per-record classification it stands in for."""
     fd = backing_fd(vol)
     try:
         clean = os.pread(fd, KEY_AREA_SIZE, vol.layout.group_start(0))
     finally:
         os.close(fd)
-    records = rotation._records_in_use(clean)
+    records = keyarea.records_in_use(clean)
     assert records == 32
     moved = b"".join(
         bytes(SLOT_SIZE) + clean[k : k + SLOT_SIZE] for k in range(0, KEY_AREA_SIZE, 128)
     )
-    assert rotation._uniform_version(clean, records) == 1  # both fast paths are taken
-    assert rotation._uniform_version(moved, records) == 1
+    assert keyarea.uniform_version(clean, records) == 1  # both fast paths are taken
+    assert keyarea.uniform_version(moved, records) == 1
     rnd = random.Random(7)
     for _ in range(3000):
         area = bytearray(rnd.choice([clean, moved]))
@@ -220,8 +221,8 @@ def test_census_fast_path_agrees_with_the_per_record_rules(vol, file_data):
             k = rnd.randrange(32) * KEY_RECORD_SIZE
             area[k : k + KEY_RECORD_SIZE] = bytes(KEY_RECORD_SIZE)
         fast: Counter[int] = Counter()
-        rotation._count_area(bytes(area), fast)
-        slow = Counter(rotation._newest_versions(bytes(area)))
+        keyarea.count_versions(bytes(area), fast)
+        slow = Counter(keyarea.newest_versions(bytes(area)))
         assert fast == slow, (fast, slow)
 
 

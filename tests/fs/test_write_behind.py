@@ -6,8 +6,8 @@ import itertools
 import os
 
 from encfs import backing
-from encfs import contents as contents_mod
-from encfs.volume import ROOT_INODE
+from encfs.engine import ROOT_INODE
+from encfs.engine import contents as contents_mod
 
 CHUNK = 256 * 1024
 

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
+from encfs.engine import ROOT_INODE
 from encfs.errors import IntegrityError
-from encfs.volume import ROOT_INODE
 
 
 @pytest.fixture

@@ -23,9 +23,10 @@ import sys
 import tarfile
 import tempfile
 
+from encfs.engine import ROOT_INODE, Volume, create_volume
 from encfs.format import FEATURE_BOUND_NAMES, FEATURE_LONG_SYMLINKS
 from encfs.keys.keyfile import KeyfileProvider
-from encfs.volume import ROOT_INODE, Volume, create_volume
+from tests.helpers.config import trusted
 
 FIXED_NS = 1_700_000_000_123_456_789
 
@@ -46,8 +47,8 @@ def main(prefix: str) -> None:
     os.environ["ENCFS_GW_TRUST_DIR"] = os.path.join(work, "trust")
     backing = os.path.join(work, "backing")
     key = prefix + ".key"
-    create_volume(backing, KeyfileProvider({"path": os.path.abspath(key)}), 16384)
-    vol = Volume.unlock(backing)
+    create_volume(backing, KeyfileProvider({"path": os.path.abspath(key)}), 16384, trusted())
+    vol = Volume.unlock(backing, trusted())
     manifest: dict[str, dict] = {}
 
     def add_file(parent: int, path: str, name: bytes, data: bytes, mode: int = 0o644) -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from encfs import upgrade
+from encfs.engine import ROOT_INODE
+from encfs.engine import Volume as Engine
 from encfs.errors import ConfigAuthError, IntegrityError, UnsupportedFormat
 from encfs.format import FEATURE_BOUND_NAMES
-from encfs.trust import Operator, OperatorSpec
-from encfs.volume import ROOT_INODE
-from encfs.volume import Volume as Engine
+from tests.helpers.config import operator_for, trusted
 from tests.helpers.mount import Volume, mounted, run_cli
 
 pytestmark = pytest.mark.usefixtures("own_trust_store")
@@ -46,7 +46,7 @@ def extract_upgraded(name: str, tmp_path: Path) -> Volume:
     """A private copy, upgraded through the engine if it is a legacy volume (its key
     file vouched for), so it opens from the trust store afterwards."""
     volume = extract(name, tmp_path)
-    operator = Operator([OperatorSpec.keyfile(str(volume.keyfile))])
+    operator = operator_for(volume.keyfile)
     if name in LEGACY:
         upgrade.upgrade(str(volume.backing), operator, trust_stored=False)
     else:  # opened once with its key file vouched for: the trust store records it
@@ -130,7 +130,7 @@ def test_golden_volume_mounts_and_matches_manifest(name, tmp_path):
 def test_golden_volume_through_the_engine(name, tmp_path):
     volume = extract_upgraded(name, tmp_path)
     manifest = json.loads((HERE / f"{name}.json").read_text())
-    engine = Engine.unlock(str(volume.backing))
+    engine = Engine.unlock(str(volume.backing), trusted())
     try:
         ino = engine.lookup(ROOT_INODE, b"two-groups").ino
         fh = engine.open(ino, os.O_RDONLY)
@@ -161,7 +161,7 @@ def test_golden_volume_with_unknown_version_or_flag_refused(edit, code, tmp_path
 
 
 def _engine(volume: Volume) -> Engine:
-    return Engine.unlock(str(volume.backing))
+    return Engine.unlock(str(volume.backing), trusted())
 
 
 def _swap_dirs(volume: Volume, first: bytes, second: bytes) -> None:

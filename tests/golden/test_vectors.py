@@ -9,15 +9,14 @@ import hashlib
 import hmac
 import json
 import struct
-import types
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from encfs import contents as contents_mod
 from encfs import crypto
-from encfs.contents import FileContents
+from encfs.engine import contents as contents_mod
+from encfs.engine.contents import FileContents
 from encfs.format.blocks import Layout
 from encfs.format.volume import KekVersion, Protector, VolumeConfig
 from encfs.keyring import Keyring
@@ -208,8 +207,9 @@ def independent_places() -> tuple[bytes, bytes, str]:
 
 
 def engine_places(monkeypatch) -> tuple[bytes, bytes, str]:
+    from encfs.engine.bindings import Bindings
+    from encfs.engine.symlinks import Symlinks
     from encfs.format.places import DirRecord
-    from encfs.volume import Volume
 
     config = VolumeConfig(
         volume_id=VOLUME_ID,
@@ -221,12 +221,14 @@ def engine_places(monkeypatch) -> tuple[bytes, bytes, str]:
             1: KekVersion(1, "active", "x", bytes(92), [Protector("00" * 8, "keyfile", {})])
         },
     )
-    engine = types.SimpleNamespace(keyring=Keyring(config, {1: KEK}, VOLUME_KEY), config=config)
-    engine._link_tag = lambda location, record: Volume._link_tag(engine, location, record)
-    dir_tag = Volume._dir_tag(engine, (PARENT_ID, b"docs"), DIR_ID)
-    root_tag = Volume._root_tag(engine, ROOT_ID)
+    keyring = Keyring(config, {1: KEK}, VOLUME_KEY)
+    bindings = Bindings(config.volume_id, keyring)
+    dir_tag = bindings.dir_tag((PARENT_ID, b"docs"), DIR_ID)
+    root_tag = bindings.root_tag(ROOT_ID)
     monkeypatch.setattr(crypto, "random_bytes", lambda size: LINK_ID)
-    link = Volume._new_link_record(engine, (PARENT_ID, b"link"), LINK_TARGET)
+    # The target fits the backing symlink: the symlink store (root_fd) is not touched.
+    symlinks = Symlinks(-1, keyring, bindings, True, config.features)
+    link = symlinks.new_record((PARENT_ID, b"link"), LINK_TARGET)
     record = DirRecord(DIR_ID, (dir_tag, bytes(16))).pack()
     return record, root_tag, link.encode()
 

@@ -41,6 +41,7 @@ def preload() -> None:
     import encfs.client
     import encfs.config_store
     import encfs.control
+    import encfs.engine
     import encfs.fsck
     import encfs.health
     import encfs.keys.command
@@ -49,8 +50,7 @@ def preload() -> None:
     import encfs.keyslots
     import encfs.mount
     import encfs.rotation
-    import encfs.systemd
-    import encfs.volume  # noqa: F401
+    import encfs.systemd  # noqa: F401
 
 
 def main() -> int:

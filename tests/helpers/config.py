@@ -11,11 +11,21 @@ from pathlib import Path
 
 from encfs import config_store
 from encfs.format.volume import VolumeConfig
+from encfs.keys.registry import open_provider
 from encfs.trust import Operator, OperatorSpec
 
 
 def operator_for(keyfile: Path | None) -> Operator:
-    return Operator([OperatorSpec.keyfile(str(keyfile))] if keyfile else [])
+    """An operator naming `keyfile` (None: the test session's trust store alone), with
+    the registry as its provider factory, as the CLI builds one."""
+    return Operator(
+        [OperatorSpec.keyfile(str(keyfile))] if keyfile else [], factory=open_provider
+    )
+
+
+def trusted() -> Operator:
+    """The operator of the test session's trust store (what `init` recorded)."""
+    return operator_for(None)
 
 
 def edit_config(

@@ -205,15 +205,3 @@ def test_every_verb_on_broken_paths(world, tmp_path, verb, broken):
 @pytest.mark.parametrize("case", list(BROKEN_ARGUMENTS))
 def test_every_verb_on_broken_arguments(world, tmp_path, case):
     run_case(BROKEN_ARGUMENTS[case], None, world, tmp_path)
-
-
-def test_the_documented_table_is_the_code_table():
-    """README's table lists every code the exception classes use (and no other)."""
-    from encfs import errors
-
-    def subclasses(cls: type) -> list[type]:
-        return [cls] + [s for sub in cls.__subclasses__() for s in subclasses(sub)]
-
-    codes = {cls.exit_code for cls in subclasses(errors.EncfsError)}
-    codes |= {18, 31}  # AuditError (encfs.audit), FsckProblems (encfs.fsck)
-    assert codes | {0} <= documented_exit_codes()

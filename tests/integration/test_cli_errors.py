@@ -601,6 +601,10 @@ lock = os.open(os.path.join(backing, "encfs-gw.lock"), os.O_RDWR | os.O_CREAT, 0
 fcntl.flock(lock, fcntl.LOCK_EX)  # the volume's lock: to the CLI, this is its daemon
 directory = client.open_runtime_dir(create=True)
 name = client.socket_name(backing)
+try:  # a socket left by a killed run with the same --basetemp (we hold the lock)
+    os.unlink(name, dir_fd=directory)
+except FileNotFoundError:
+    pass
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(client.fd_path(directory, name))
 listener.listen(4)

@@ -72,7 +72,7 @@ from pathlib import Path
 import pytest
 
 from encfs import mountpoint
-from encfs.fsck import FsckProblems
+from encfs.errors import FsckProblems
 from tests.helpers.mount import (
     ENCFS_GW,
     Volume,

@@ -86,6 +86,10 @@ def site(request, tmp_path) -> Iterator[tuple[Volume, Path, Path]]:
     finally:
         kill_daemon(volume)
         clear_mountpoint(mnt)
+        # protect_mountpoint leaves the directory immutable (by design): pytest could
+        # never remove it from its temporary directory otherwise.
+        if mnt.is_dir():
+            subprocess.run(["chattr", "-i", str(mnt)], check=False, capture_output=True)
         if request.param == "tmpfs":
             umount(parent, 2)
 

@@ -12,11 +12,10 @@ import os
 
 import pytest
 
-from encfs.errors import KeyRevoked, UsageError, VolumeBusy
+from encfs.engine import ROOT_INODE, Volume
+from encfs.errors import FsckProblems, KeyRevoked, UsageError, VolumeBusy
 from encfs.format.blocks import Layout
 from encfs.format.names import TEMP_PREFIX
-from encfs.fsck import FsckProblems
-from encfs.volume import ROOT_INODE, Volume
 from tests.helpers.mount import init_volume, mounted, run_cli
 
 pytestmark = pytest.mark.fuse

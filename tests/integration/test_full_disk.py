@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from encfs.fsck import FsckProblems
+from encfs.errors import FsckProblems
 from tests.helpers.mount import (
     ENCFS_GW,
     Volume,

@@ -16,9 +16,9 @@ import pytest
 
 from encfs import rotation
 from encfs.cli import format_interval, parse_interval
+from encfs.engine import Volume
 from encfs.errors import ConfigError, UsageError
 from encfs.format.volume import VolumeConfig
-from encfs.volume import Volume
 from tests.helpers.config import edit_config, operator_for
 from tests.helpers.mount import init_volume, mounted, run_cli
 

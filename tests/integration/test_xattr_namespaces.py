@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from encfs.volume import ROOT_INODE
-from encfs.volume import Volume as EngineVolume
+from encfs.engine import ROOT_INODE
+from encfs.engine import Volume as EngineVolume
+from tests.helpers.config import trusted
 from tests.helpers.mount import init_volume, mounted
 
 pytestmark = pytest.mark.fuse
@@ -113,7 +114,7 @@ def test_label_stored_by_an_earlier_version_is_hidden_and_removable(tmp_path):
     volume = init_volume(tmp_path)
     with mounted(volume, tmp_path / "mnt") as mnt:
         (mnt / "f").write_bytes(b"data")
-    engine = EngineVolume.unlock(str(volume.backing))
+    engine = EngineVolume.unlock(str(volume.backing), trusted())
     try:
         ino = engine.lookup(ROOT_INODE, b"f").ino
         engine.setxattr(ino, b"user.kept", b"v")  # the engine stores any name
@@ -124,7 +125,7 @@ def test_label_stored_by_an_earlier_version_is_hidden_and_removable(tmp_path):
         assert os.listxattr(mnt / "f") == ["user.kept"]
         assert errno_of(lambda: os.getxattr(mnt / "f", "security.selinux")) == errno.EOPNOTSUPP
         os.removexattr(mnt / "f", "security.selinux")
-    engine = EngineVolume.unlock(str(volume.backing))
+    engine = EngineVolume.unlock(str(volume.backing), trusted())
     try:
         assert engine.listxattr(engine.lookup(ROOT_INODE, b"f").ino) == [b"user.kept"]
     finally:

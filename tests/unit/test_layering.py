@@ -21,8 +21,7 @@ LAYERS = {
     "audit": 3,
     "trust": 3,
     "config_store": 3,
-    "contents": 4,
-    "volume": 4,
+    "engine": 4,
     "keyslots": 4,
     "rotation": 4,
     "health": 4,
@@ -105,3 +104,16 @@ def test_fuse_adapter_knows_no_providers_crypto_or_format():
     for path in (PACKAGE / "fuse").glob("*.py"):
         for name in imports_of(path):
             assert not name.startswith(("encfs.keys", "encfs.crypto", "encfs.format")), path
+
+
+def test_only_the_composition_roots_use_the_provider_registry():
+    """Everything else gets providers through an injected factory (trust.Operator)."""
+    for path in all_modules():
+        if any(n.startswith("encfs.keys.registry") for n in imports_of(path)):
+            assert module_key(path) in ("cli", "keys"), path
+
+
+def test_backing_imports_only_errors():
+    """The OS layer knows no format: the caller names temporary entries."""
+    names = [n for n in imports_of(PACKAGE / "backing.py") if n.startswith("encfs")]
+    assert set(names) <= {"encfs.errors"}, names

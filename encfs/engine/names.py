@@ -1,0 +1,227 @@
+"""Names in the backing store (layer L4): a plaintext name's backing name in a directory
+and back, each directory's id (verified for its place on a bound volume), long-name
+sidecars, the reserved temporary entries, and directory listings.
+
+A backing name is the name sealed with AES-SIV under the name key and the directory's
+id, base64url-encoded (docs/FORMAT.md 3); one too long for the backing filesystem is a
+stub whose full encoding is in a sidecar file next to it. Both directions go through the
+keyring's name memo, so a name is encrypted or checked once, not on every request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+
+from encfs import backing
+from encfs.engine.bindings import BindingError, Bindings, Location
+from encfs.engine.inodes import Inode, oserror
+from encfs.errors import IntegrityError
+from encfs.format import names as fnames
+from encfs.format.places import DirRecord
+from encfs.keyring import Keyring
+
+log = logging.getLogger(__name__)
+
+# (backing name, kind ('short', 'long' or 'reserved'), plain name or None, error or None)
+ScanEntry = tuple[str, str, bytes | None, str | None]
+
+
+def temp_name() -> str:
+    """A temporary backing entry: a reserved name, never listed or looked up."""
+    return backing.temp_name(fnames.TEMP_PREFIX)
+
+
+def write_atomic(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    backing.write_file_atomic(dir_fd, name, data, mode, temp_prefix=fnames.TEMP_PREFIX)
+
+
+def is_empty_dir(dir_fd: int, name: str) -> bool:
+    """A backing directory that holds nothing but reserved entries (its id, temp files)."""
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        return all(
+            fnames.classify(n) == "reserved" and not n.startswith(fnames.LONG_NAME_PREFIX)
+            for n in os.listdir(fd)
+        )
+    finally:
+        os.close(fd)
+
+
+def remove_tree(dir_fd: int, name: str) -> None:
+    """Remove a backing directory holding only reserved entries (ids, temp files)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    try:
+        for entry in os.listdir(fd):
+            os.unlink(entry, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def _backing_names(directory: Inode) -> list[str]:
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory.fd)
+    try:
+        return sorted(os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+class Names:
+    """Name encryption and directory ids of one volume."""
+
+    def __init__(
+        self, keyring: Keyring, bindings: Bindings, bound: bool, counters: dict[str, int]
+    ) -> None:
+        self._keyring = keyring
+        self._bindings = bindings
+        self._bound = bound  # directories bound to their place (feature bound-names)
+        self._counters = counters  # the volume's (integrity_errors)
+
+    def dir_id(self, directory: Inode) -> bytes:
+        """The id of a directory (read once), verified against the place it was reached
+        by on a bound volume: nothing inside a directory moved, swapped or given another
+        directory's id record in the backing store is listed or looked up."""
+        if directory.dir_id is None:
+            if directory.bad_place is not None:
+                raise BindingError(directory.bad_place)
+            try:
+                raw = backing.read_small_file(directory.fd, fnames.DIR_ID_FILE, 64)
+            except FileNotFoundError:
+                raise IntegrityError(
+                    f"directory inode {directory.ino} has no directory id"
+                ) from None
+            if not self._bound:
+                if len(raw) != fnames.DIR_ID_SIZE:
+                    raise IntegrityError(
+                        f"directory inode {directory.ino} has a bad directory id"
+                    )
+                directory.dir_id = raw
+                return raw
+            try:
+                record = DirRecord.unpack(raw)
+            except IntegrityError as exc:
+                raise IntegrityError(f"directory inode {directory.ino}: {exc}") from None
+            problem = self._bindings.dir_problem(directory, record)
+            if problem is not None:
+                directory.bad_place = f"directory inode {directory.ino}: {problem}"
+                self._counters["integrity_errors"] += 1
+                log.warning("integrity failure: %s", directory.bad_place)
+                raise BindingError(directory.bad_place)
+            directory.dir_id = record.dir_id
+        return directory.dir_id
+
+    def location(self, parent: Inode, plain_name: bytes) -> Location:
+        return self.dir_id(parent), plain_name
+
+    def place(self, inode: Inode, location: Location) -> None:
+        """Record the place an inode was reached by. A directory of a bound volume
+        reached by another place than the one it was verified for (its backing name was
+        changed behind our back) is verified again before its next use."""
+        if inode.location != location:
+            if self._bound and inode.is_dir:
+                inode.dir_id = None
+                inode.bad_place = None
+            inode.location = location
+
+    def encode(self, directory: Inode, plain_name: bytes) -> tuple[str, str]:
+        """(backing name, full encoded name); they differ for long names."""
+        memo = self._keyring.name_memo  # raises once the keys are revoked
+        dir_id = self.dir_id(directory)
+        known = memo.backing.get((dir_id, plain_name))
+        if known is not None:
+            return known
+        try:
+            padded = fnames.pad_name(plain_name)
+        except IntegrityError:
+            raise oserror(
+                errno.ENAMETOOLONG if len(plain_name) > fnames.NAME_MAX else errno.EINVAL
+            ) from None
+        sealed = self._keyring.name_cipher.seal(padded, fnames.name_aad(dir_id))
+        encoded = fnames.b64encode(sealed)
+        backing_name = fnames.long_name_stub(encoded) if fnames.is_long(encoded) else encoded
+        memo.remember(dir_id, plain_name, backing_name, encoded)
+        return backing_name, encoded
+
+    def decode(self, directory: Inode, backing_name: str) -> bytes | None:
+        """Plaintext of a backing entry name; None for reserved entries."""
+        return self.plain_name_in(directory.fd, self.dir_id(directory), backing_name)
+
+    def plain_name_in(self, dir_fd: int, dir_id: bytes, backing_name: str) -> bytes | None:
+        """Plaintext of a backing entry name in the directory `dir_fd` whose id is
+        `dir_id`; None for reserved entries."""
+        memo = self._keyring.name_memo  # raises once the keys are revoked
+        known = memo.plain.get((dir_id, backing_name))
+        if known is not None:
+            return known
+        kind = fnames.classify(backing_name)
+        if kind == "reserved":
+            return None
+        if kind == "long":
+            encoded = backing.read_small_file(
+                dir_fd, fnames.sidecar_name(backing_name), 4096
+            ).decode("ascii", "replace")
+            if fnames.long_name_stub(encoded) != backing_name:
+                raise IntegrityError("long-name sidecar does not match its entry")
+        else:
+            encoded = backing_name
+        sealed = fnames.b64decode_strict(encoded)
+        padded = self._keyring.name_cipher.open(sealed, fnames.name_aad(dir_id))
+        plain_name = fnames.unpad_name(padded)
+        memo.remember(dir_id, plain_name, backing_name, encoded)
+        return plain_name
+
+    @staticmethod
+    def write_sidecar(directory: Inode, backing_name: str, encoded: str) -> None:
+        if backing_name != encoded:
+            write_atomic(directory.fd, fnames.sidecar_name(backing_name), encoded.encode(), 0o400)
+
+    @staticmethod
+    def remove_sidecar(directory: Inode, backing_name: str) -> None:
+        if fnames.classify(backing_name) == "long":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fnames.sidecar_name(backing_name), dir_fd=directory.fd)
+
+    # --- listings -------------------------------------------------------------------------
+    def listing(self, directory: Inode) -> list[tuple[bytes, str | None]]:
+        """(plain name, backing name) of every entry, '.' and '..' first (backing name
+        None); an entry whose name does not decrypt is skipped, with a warning."""
+        if self._bound:
+            self.dir_id(directory)  # the whole listing fails, not each entry
+        entries: list[tuple[bytes, str | None]] = [(b".", None), (b"..", None)]
+        for backing_name in _backing_names(directory):
+            try:
+                plain = self.decode(directory, backing_name)
+            except (IntegrityError, OSError) as exc:
+                self._counters["integrity_errors"] += 1
+                log.warning(
+                    "skipping undecryptable entry %r in directory inode %d: %s",
+                    backing_name,
+                    directory.ino,
+                    exc,
+                )
+                continue
+            if plain is not None:
+                entries.append((plain, backing_name))
+        return entries
+
+    def scan(self, directory: Inode) -> list[ScanEntry]:
+        """Every backing entry of a directory, for fsck; a directory without a valid id
+        fails as a whole."""
+        self.dir_id(directory)
+        out: list[ScanEntry] = []
+        for backing_name in _backing_names(directory):
+            kind = fnames.classify(backing_name)
+            if kind == "reserved":
+                out.append((backing_name, kind, None, None))
+                continue
+            try:
+                out.append((backing_name, kind, self.decode(directory, backing_name), None))
+            except (IntegrityError, OSError) as exc:
+                out.append((backing_name, kind, None, str(exc)))
+        return out

@@ -1,0 +1,305 @@
+"""Rename in three steps (layer L4; docs/FORMAT.md section 4): make every moved object
+valid at its old and its new place, rename in the backing store, then valid at the new
+place only.
+
+A crash between the steps leaves objects valid where they are. The fsyncs a directory's
+rename needs between the steps are the caller's (the FUSE adapter runs them off the
+request loop); `Volume.rename` runs all of it in one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from encfs import backing, crypto
+from encfs.engine.bindings import BindingError, Bindings, Location, rewrite_header
+from encfs.engine.inodes import Inode, InodeTable, oserror
+from encfs.engine.names import Names, is_empty_dir, remove_tree, temp_name
+from encfs.engine.symlinks import Symlinks
+from encfs.format import names as fnames
+from encfs.format import places
+from encfs.format.places import DirRecord, LinkRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Move:
+    """One object moved by a backing rename, and how its binding follows it."""
+
+    st: os.stat_result  # the object, before the rename
+    parent: Inode  # where it is before the rename
+    backing_name: str
+    old_location: Location
+    new_parent: Inode  # where it goes
+    new_backing: str
+    new_location: Location
+    final: bool = True  # step 3 wanted (not for a directory about to be removed)
+    fd: int | None = None  # file: O_PATH handle; directory: its id record, O_RDWR
+    record: DirRecord | LinkRecord | None = None  # as it was before the rename
+    current: tuple[Inode, str] | None = None  # where its backing object is now
+
+
+@dataclass(eq=False)
+class PendingRename:
+    """A rename between its stages (`Volume.rename_begin`)."""
+
+    moves: list[_Move]
+    rename: Callable[[], None]
+    clean_up: Callable[[], None] | None = None
+    renamed: bool = False
+
+    @property
+    def sync_before(self) -> list[int]:
+        """Descriptors to fsync before the backing rename: the id records of moved
+        directories (a power loss must not keep the rename and lose their new place)."""
+        return [m.fd for m in self.moves if isinstance(m.record, DirRecord) and m.fd is not None]
+
+    def sync_after(self) -> list[int]:
+        """Descriptors to fsync after it (the parents, when a directory moved), so that
+        step 3 never outlives the rename. A parent the daemon cannot read is an O_PATH
+        handle, whose fsync fails: the caller then skips step 3 for directories."""
+        if not self.sync_before:
+            return []
+        parents = {}
+        for move in self.moves:
+            parents[move.parent.ino] = move.parent.fd
+            parents[move.new_parent.ino] = move.new_parent.fd
+        return list(parents.values())
+
+
+class Renames:
+    """The rename protocol of one volume."""
+
+    def __init__(
+        self,
+        inodes: InodeTable,
+        names: Names,
+        bindings: Bindings,
+        symlinks: Symlinks,
+        bound: bool,
+    ) -> None:
+        self._inodes = inodes
+        self._names = names
+        self._bindings = bindings
+        self._symlinks = symlinks
+        self._bound = bound
+
+    def begin(
+        self, old_parent: Inode, old_name: bytes, new_parent: Inode, new_name: bytes, flags: int
+    ) -> PendingRename | None:
+        """Check a rename and make every object it moves valid at both places (step 1);
+        None if there is nothing to do."""
+        names = self._names
+        old_backing, old_encoded = names.encode(old_parent, old_name)
+        new_backing, new_encoded = names.encode(new_parent, new_name)
+        old_st = os.stat(old_backing, dir_fd=old_parent.fd, follow_symlinks=False)
+        try:
+            new_st = os.stat(new_backing, dir_fd=new_parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            new_st = None
+        old_location = names.location(old_parent, old_name)
+        new_location = names.location(new_parent, new_name)
+        forth = _Move(old_st, old_parent, old_backing, old_location, new_parent, new_backing,
+                      new_location)
+
+        def exchange() -> None:
+            backing.renameat2(
+                old_parent.fd, old_backing, new_parent.fd, new_backing, backing.RENAME_EXCHANGE
+            )
+
+        if flags & backing.RENAME_EXCHANGE:
+            if new_st is None:
+                raise oserror(errno.ENOENT)
+            names.write_sidecar(new_parent, new_backing, new_encoded)
+            names.write_sidecar(old_parent, old_backing, old_encoded)
+            back = _Move(new_st, new_parent, new_backing, new_location, old_parent, old_backing,
+                         old_location)
+            return self._prepare([forth, back], exchange)
+        if new_st is not None:
+            if flags & backing.RENAME_NOREPLACE:
+                raise oserror(errno.EEXIST)
+            if old_st.st_ino == new_st.st_ino:
+                return None  # same object (hard links to one file): POSIX says do nothing
+            if stat.S_ISDIR(new_st.st_mode):
+                if not stat.S_ISDIR(old_st.st_mode):
+                    raise oserror(errno.EISDIR)
+                if not is_empty_dir(new_parent.fd, new_backing):
+                    raise oserror(errno.ENOTEMPTY)
+                # Swap atomically (the replaced directory bound to the old place for that
+                # instant), then remove the (empty) directory that was replaced.
+                back = _Move(new_st, new_parent, new_backing, new_location, old_parent,
+                             old_backing, old_location, final=False)
+
+                def remove_replaced() -> None:
+                    tmp = temp_name()
+                    backing.renameat2(
+                        old_parent.fd, old_backing, old_parent.fd, tmp, backing.RENAME_NOREPLACE
+                    )
+                    names.remove_sidecar(old_parent, old_backing)
+                    remove_tree(old_parent.fd, tmp)
+
+                return self._prepare([forth, back], exchange, remove_replaced)
+            if stat.S_ISDIR(old_st.st_mode):
+                raise oserror(errno.ENOTDIR)
+        replaced_long_id = (
+            None
+            if new_st is None
+            else self._symlinks.last_stored_link(new_parent.fd, new_backing, new_st)
+        )
+        names.write_sidecar(new_parent, new_backing, new_encoded)
+
+        def rename() -> None:
+            replacing = self._inodes.replaced(new_parent, new_backing)
+            with replacing if new_st else contextlib.nullcontext():
+                os.rename(
+                    old_backing, new_backing, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd
+                )
+
+        def clean_up() -> None:
+            if (old_parent.ino, old_backing) != (new_parent.ino, new_backing):
+                names.remove_sidecar(old_parent, old_backing)
+            if replaced_long_id is not None:
+                self._symlinks.remove_stored(replaced_long_id)
+
+        return self._prepare([forth], rename, clean_up)
+
+    def _prepare(
+        self,
+        moves: list[_Move],
+        rename: Callable[[], None],
+        clean_up: Callable[[], None] | None = None,
+    ) -> PendingRename:
+        pending = PendingRename(moves, rename, clean_up)
+        try:
+            for move in moves:
+                self._bind_both(move)
+                self._follow_link(move)
+        except BaseException:
+            self.end(pending)
+            raise
+        return pending
+
+    def apply(self, pending: PendingRename) -> None:
+        """Step 2: the backing rename; the moved objects' known inodes follow."""
+        pending.rename()
+        pending.renamed = True
+        for move in pending.moves:
+            move.current = move.new_parent, move.new_backing
+            moved = self._inodes.inodes.get(self._inodes.fuse_ino(move.st.st_ino))
+            if moved is not None:
+                moved.location = move.new_location
+
+    def finish(self, pending: PendingRename, durable: bool) -> None:
+        """Step 3 (for a directory only if `durable`: the rename was fsynced), then what
+        the rename left to remove (a replaced directory, sidecars, a stored target)."""
+        for move in pending.moves:
+            if move.final:
+                self._bind_new(move, durable)
+                self._follow_link(move)
+        if pending.clean_up is not None:
+            pending.clean_up()
+
+    @staticmethod
+    def end(pending: PendingRename) -> None:
+        for move in pending.moves:
+            if move.fd is not None:
+                os.close(move.fd)
+                move.fd = None
+
+    def _bind_both(self, move: _Move) -> None:
+        """Step 1: make the object valid at its old and its new place."""
+        kind = stat.S_IFMT(move.st.st_mode)
+        bindings = self._bindings
+        if kind == stat.S_IFREG and move.st.st_nlink == 1:
+            move.fd = backing.open_path(move.backing_name, move.parent.fd)
+            rewrite_header(
+                move.fd,
+                lambda header: bindings.file_both(header, move.old_location, move.new_location),
+            )
+        elif kind == stat.S_IFDIR and self._bound:
+            dir_fd = backing.open_path(move.backing_name, move.parent.fd)
+            try:
+                move.fd = os.open(
+                    fnames.DIR_ID_FILE, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+                )
+            finally:
+                os.close(dir_fd)
+            record = DirRecord.unpack(os.pread(move.fd, places.DIR_RECORD_SIZE + 1, 0))
+            old_tag = bindings.dir_tag(move.old_location, record.dir_id)
+            if not crypto.tag_in(old_tag, record.bindings):
+                raise BindingError(
+                    "the directory to rename is bound to another place (moved, swapped or "
+                    "its .egw-dirid replaced in the backing store): not re-bound"
+                )
+            new_tag = bindings.dir_tag(move.new_location, record.dir_id)
+            move.record = record
+            backing.pwrite_all(move.fd, DirRecord(record.dir_id, (old_tag, new_tag)).pack(), 0)
+        elif kind == stat.S_IFLNK and self._bound:
+            link = LinkRecord.decode(os.readlink(move.backing_name, dir_fd=move.parent.fd))
+            old_tag = bindings.link_tag(move.old_location, link)
+            if not crypto.tag_in(old_tag, link.bindings):
+                raise BindingError(
+                    "the symlink to rename is bound to another place (its target moved, "
+                    "swapped or copied in the backing store): not re-bound"
+                )
+            move.record = link
+            both = dataclasses.replace(
+                link, bindings=(old_tag, bindings.link_tag(move.new_location, link))
+            )
+            Symlinks.replace(self._inodes, move.parent, move.backing_name, both, move.st)
+            move.current = move.parent, move.backing_name
+
+    def _bind_new(self, move: _Move, durable: bool) -> None:
+        """Step 3, after the rename: valid at the new place only. A failure here leaves
+        the object valid at both places (the next rename rewrites both), so it is logged,
+        not passed on: the rename itself happened."""
+        kind = stat.S_IFMT(move.st.st_mode)
+        bindings = self._bindings
+        try:
+            if kind == stat.S_IFREG and move.fd is not None:
+                rewrite_header(move.fd, bindings.file_new)
+            elif kind == stat.S_IFDIR and isinstance(move.record, DirRecord):
+                # Only once the rename is durable: else a power loss could keep the
+                # record's new state and lose the rename.
+                if durable and move.fd is not None:
+                    new_tag = bindings.dir_tag(move.new_location, move.record.dir_id)
+                    record = DirRecord(move.record.dir_id, (new_tag, places.ZERO_BINDING))
+                    backing.pwrite_all(move.fd, record.pack(), 0)
+            elif kind == stat.S_IFLNK and isinstance(move.record, LinkRecord):
+                final = dataclasses.replace(
+                    move.record,
+                    bindings=(
+                        bindings.link_tag(move.new_location, move.record), places.ZERO_BINDING
+                    ),
+                )
+                Symlinks.replace(self._inodes, move.new_parent, move.new_backing, final, move.st)
+        except OSError as exc:
+            log.warning("a renamed entry keeps its old place valid too: %s", exc)
+
+    def _follow_link(self, move: _Move) -> None:
+        """A known symlink inode stands for the backing symlink now at its name (the one
+        it had was replaced). Its first handle stays open, so the backing inode number the
+        kernel knows it by is not reused while the kernel may ask for it."""
+        if move.current is None or not isinstance(move.record, LinkRecord):
+            return
+        moved = self._inodes.inodes.get(self._inodes.fuse_ino(move.st.st_ino))
+        if moved is None:
+            return
+        parent, backing_name = move.current
+        try:
+            fd = backing.open_path(backing_name, parent.fd)
+        except OSError:
+            return
+        if moved.pinned is None:
+            moved.pinned = [moved.fd]
+        else:
+            os.close(moved.fd)  # an intermediate symlink nobody else knows the number of
+        moved.fd = fd
