@@ -33,7 +33,7 @@ demo: setup bytecode
 
 bench: setup bytecode
 	bash bench/install.sh
-	$(PY) bench/run.py $(if $(QUICK),--quick)
+	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(BASELINE),--baseline $(BASELINE))
 
 # Issue 5's measure: a 4 GiB volume, the re-wrap pass against re-encrypting by copy.
 bench-rotation: setup bytecode

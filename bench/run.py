@@ -480,6 +480,7 @@ class Gocryptfs(Target):
 class EncfsGw(Target):
     name = label = "encfs-gw"
     options: tuple[str, ...] = ()
+    binary: Path = ENCFS_GW  # the encfs-gw of this checkout; --baseline adds another
 
     def __init__(self, root: Path):
         super().__init__(root)
@@ -488,11 +489,11 @@ class EncfsGw(Target):
 
     def create(self) -> None:
         super().create()
-        run([ENCFS_GW, "init", self.backing, "--keyfile", self.keyfile])
+        run([self.binary, "init", self.backing, "--keyfile", self.keyfile])
 
     def mount(self) -> float:
         """`encfs-gw mount` returns once the mount is live (key file provider)."""
-        cmd = [ENCFS_GW, "mount", self.backing, self.mnt, "--keyfile", self.keyfile,
+        cmd = [self.binary, "mount", self.backing, self.mnt, "--keyfile", self.keyfile,
                "--log-file", self.logfile]
         for opt in self.options:
             cmd += ["-o", opt]
@@ -514,7 +515,7 @@ class EncfsGw(Target):
 
     def helper_state(self) -> str:
         """The CPU warmer's and the busy-poll's decision, from `encfs-gw status`."""
-        result = run([ENCFS_GW, "status", self.mnt, "--json"], check=False)
+        result = run([self.binary, "status", self.mnt, "--json"], check=False)
         try:
             cpu = json.loads(result.stdout)["cpu"]
         except (ValueError, KeyError, TypeError):
@@ -532,14 +533,14 @@ class EncfsGw(Target):
     def unmount(self) -> None:
         self.note_hwm()
         self.count_exiting_daemon()
-        run([ENCFS_GW, "unmount", self.mnt], timeout=UNMOUNT_WAIT + 30)
+        run([self.binary, "unmount", self.mnt], timeout=UNMOUNT_WAIT + 30)
         if pid_alive(self.pid):
             raise BenchError(f"encfs-gw daemon {self.pid} still alive after unmount")
         self.pid = None
 
     def version(self) -> str:
-        ver = run([ENCFS_GW, "--version"], check=False).stdout.decode().strip()
-        libs = run([ENCFS_GW.parent / "python", "-c",
+        ver = run([self.binary, "--version"], check=False).stdout.decode().strip()
+        libs = run([self.binary.parent / "python", "-c",
                     "import importlib.metadata as m, platform; print('Python ' + "
                     "platform.python_version(), *(f'{p} {m.version(p)}' for p in "
                     "('pyfuse3', 'trio', 'cryptography')), sep=', ')"], check=False)
@@ -564,8 +565,25 @@ class EncfsGwSpin(EncfsGw):
     options = ("cpu_warmer=on,busy_poll=on",)
 
 
+class EncfsGwBaseline(EncfsGw):
+    """The encfs-gw of another checkout (`--baseline PATH/.venv/bin/encfs-gw`), with its
+    defaults: before and after a change measured in the same run, on the same machine."""
+    name = "encfs-gw-base"
+    label = "encfs-gw (baseline)"
+
+
+def set_baseline(binary: Path) -> None:
+    """Point the baseline target at `binary` and name it after that checkout's commit."""
+    EncfsGwBaseline.binary = binary
+    checkout = binary.resolve().parent.parent.parent
+    head = run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], check=False)
+    commit = head.stdout.decode().strip() if head.returncode == 0 else checkout.name
+    EncfsGwBaseline.label = f"encfs-gw @{commit}"
+
+
 TARGETS: dict[str, type[Target]] = {
-    t.name: t for t in (Native, Gocryptfs, EncfsGw, EncfsGwWriteback, EncfsGwSpin)}
+    t.name: t for t in (Native, Gocryptfs, EncfsGw, EncfsGwWriteback, EncfsGwSpin,
+                        EncfsGwBaseline)}
 DEFAULT_TARGETS = ["native", "gocryptfs", "encfs-gw", "encfs-gw-wb"]
 
 
@@ -1165,6 +1183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default=",".join(GROUPS),
                    help=f"comma-separated subset of {','.join(GROUPS)}")
     p.add_argument("--keep", action="store_true", help="keep the scratch dir (daemon logs)")
+    p.add_argument("--baseline", type=Path, metavar="ENCFS_GW",
+                   help="the encfs-gw of another checkout (e.g. a worktree of an older "
+                        "commit, after its `make setup`): adds the target encfs-gw-base")
     args = p.parse_args(argv)
 
     cfg = QUICK if args.quick else FULL
@@ -1172,6 +1193,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg.reps = args.reps
     groups = [g for g in args.workloads.split(",") if g]
     names = [n for n in args.targets.split(",") if n]
+    if args.baseline:
+        if not os.access(args.baseline, os.X_OK):
+            p.error(f"--baseline {args.baseline}: not an executable")
+        set_baseline(args.baseline)
+        if "encfs-gw-base" not in names:
+            names.insert(names.index("encfs-gw") if "encfs-gw" in names else len(names),
+                         "encfs-gw-base")
+    elif "encfs-gw-base" in names:
+        p.error("the target encfs-gw-base needs --baseline")
     if bad := (set(groups) - set(GROUPS)) | (set(names) - set(TARGETS)):
         p.error(f"unknown workloads or targets: {sorted(bad)}")
     if os.geteuid() != 0:
