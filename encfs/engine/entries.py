@@ -21,6 +21,7 @@ from encfs.engine.files import Files
 from encfs.engine.inodes import Inode, InodeTable, oserror
 from encfs.engine.names import Names, is_empty_dir, remove_tree, temp_name
 from encfs.engine.symlinks import Symlinks
+from encfs.engine.xattrs import Xattrs
 from encfs.format import names as fnames
 from encfs.format import places
 from encfs.format.places import DirRecord
@@ -70,6 +71,7 @@ class Entries:
         bindings: Bindings,
         symlinks: Symlinks,
         files: Files,
+        xattrs: Xattrs,
         bound: bool,
     ) -> None:
         self._inodes = inodes
@@ -77,6 +79,7 @@ class Entries:
         self._bindings = bindings
         self._symlinks = symlinks
         self._files = files
+        self._xattrs = xattrs  # an object's xattr store file goes with its last name
         self._bound = bound
 
     def _adopt_new(
@@ -160,7 +163,9 @@ class Entries:
         tmp = temp_name()
         backing.renameat2(parent.fd, backing_name, parent.fd, tmp, backing.RENAME_NOREPLACE)
         self._names.remove_sidecar(parent, backing_name)
+        xattr_set = self._xattrs.last_name_set(parent.fd, tmp, st)
         remove_tree(parent.fd, tmp)
+        self._xattrs.discard_after(xattr_set, st)
 
     # --- files and other objects ----------------------------------------------------------
     def create(self, parent: Inode, plain_name: bytes, mode: int, uid: int, gid: int) -> Inode:
@@ -237,7 +242,9 @@ class Entries:
         if stat.S_ISDIR(st.st_mode):
             raise oserror(errno.EISDIR)
         long_id = self._symlinks.last_stored_link(parent.fd, backing_name, st)
+        xattr_set = self._xattrs.last_name_set(parent.fd, backing_name, st)
         os.unlink(backing_name, dir_fd=parent.fd)
         self._names.remove_sidecar(parent, backing_name)
         if long_id is not None:
             self._symlinks.remove_stored(long_id)
+        self._xattrs.discard_after(xattr_set, st)

@@ -55,10 +55,12 @@ class Inode:
         "data_fd",
         "dir_id",
         "fd",
+        "file_id",
         "ino",
         "location",
         "lookups",
         "mode",
+        "on_drop",
         "opens",
         "pinned",
         "xattrs_stored",
@@ -71,6 +73,7 @@ class Inode:
         self.lookups = 0
         self.opens = 0
         self.dir_id: bytes | None = None
+        self.file_id: bytes | None = None  # a regular file's, once read (xattr sets)
         self.data_fd: int | None = None  # shared by all open handles of a regular file
         self.contents: FileContents | None = None
         # (parent dir id, plain name) it was last reached by: checked against the file
@@ -86,6 +89,9 @@ class Inode:
         # bound volume is a new backing symlink): they keep the backing inode numbers the
         # kernel may still use from being reused by another object.
         self.pinned: list[int] | None = None
+        # What to do when this inode is dropped: an unlinked file that was still open
+        # takes its xattr store file with it then (engine/xattrs.py).
+        self.on_drop: Callable[[], None] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -172,6 +178,9 @@ class InodeTable:
             self.close_fd(inode.data_fd)
             inode.data_fd = None
             inode.contents = None
+        if inode.on_drop is not None:
+            on_drop, inode.on_drop = inode.on_drop, None
+            on_drop()
         self.close_fd(inode.fd)
         for fd in inode.pinned or ():
             self.close_fd(fd)

@@ -23,6 +23,7 @@ from encfs.engine.bindings import BindingError, Bindings, Location, rewrite_head
 from encfs.engine.inodes import Inode, InodeTable, oserror
 from encfs.engine.names import Names, is_empty_dir, remove_tree, temp_name
 from encfs.engine.symlinks import Symlinks
+from encfs.engine.xattrs import Xattrs
 from encfs.format import names as fnames
 from encfs.format import places
 from encfs.format.places import DirRecord, LinkRecord
@@ -84,12 +85,14 @@ class Renames:
         names: Names,
         bindings: Bindings,
         symlinks: Symlinks,
+        xattrs: Xattrs,
         bound: bool,
     ) -> None:
         self._inodes = inodes
         self._names = names
         self._bindings = bindings
         self._symlinks = symlinks
+        self._xattrs = xattrs  # a replaced object's xattr store file goes with it
         self._bound = bound
 
     def begin(
@@ -144,7 +147,10 @@ class Renames:
                         old_parent.fd, old_backing, old_parent.fd, tmp, backing.RENAME_NOREPLACE
                     )
                     names.remove_sidecar(old_parent, old_backing)
+                    replaced_st = os.stat(tmp, dir_fd=old_parent.fd, follow_symlinks=False)
+                    xattr_set = self._xattrs.last_name_set(old_parent.fd, tmp, replaced_st)
                     remove_tree(old_parent.fd, tmp)
+                    self._xattrs.discard_after(xattr_set, replaced_st)
 
                 return self._prepare([forth, back], exchange, remove_replaced)
             if stat.S_ISDIR(old_st.st_mode):
@@ -153,6 +159,11 @@ class Renames:
             None
             if new_st is None
             else self._symlinks.last_stored_link(new_parent.fd, new_backing, new_st)
+        )
+        replaced_set = (
+            None
+            if new_st is None
+            else self._xattrs.last_name_set(new_parent.fd, new_backing, new_st)
         )
         names.write_sidecar(new_parent, new_backing, new_encoded)
 
@@ -168,6 +179,8 @@ class Renames:
                 names.remove_sidecar(old_parent, old_backing)
             if replaced_long_id is not None:
                 self._symlinks.remove_stored(replaced_long_id)
+            if new_st is not None:
+                self._xattrs.discard_after(replaced_set, new_st)
 
         return self._prepare([forth], rename, clean_up)
 
@@ -254,7 +267,10 @@ class Renames:
             both = dataclasses.replace(
                 link, bindings=(old_tag, bindings.link_tag(move.new_location, link))
             )
-            Symlinks.replace(self._inodes, move.parent, move.backing_name, both, move.st)
+            Symlinks.replace(
+                self._inodes, move.parent, move.backing_name, both, move.st,
+                self._xattrs.link_record(move.parent.fd, move.backing_name),
+            )
             move.current = move.parent, move.backing_name
 
     def _bind_new(self, move: _Move, durable: bool) -> None:
@@ -280,7 +296,10 @@ class Renames:
                         bindings.link_tag(move.new_location, move.record), places.ZERO_BINDING
                     ),
                 )
-                Symlinks.replace(self._inodes, move.new_parent, move.new_backing, final, move.st)
+                Symlinks.replace(
+                    self._inodes, move.new_parent, move.new_backing, final, move.st,
+                    self._xattrs.link_record(move.new_parent.fd, move.new_backing),
+                )
         except OSError as exc:
             log.warning("a renamed entry keeps its old place valid too: %s", exc)
 

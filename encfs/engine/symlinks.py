@@ -26,6 +26,7 @@ from encfs.engine.names import temp_name, write_atomic
 from encfs.errors import IntegrityError
 from encfs.format import FEATURE_LONG_SYMLINKS, places
 from encfs.format import names as fnames
+from encfs.format import xattrs as xformat
 from encfs.format.places import LinkRecord
 from encfs.keyring import Keyring
 
@@ -172,15 +173,17 @@ class Symlinks:
     @staticmethod
     def replace(
         table: InodeTable, parent: Inode, backing_name: str, link: LinkRecord,
-        st: os.stat_result,
+        st: os.stat_result, xattr_record: bytes | None = None,
     ) -> None:
         """Atomically replace a bound symlink by one with other bindings (the same target,
-        link id, owner and times): a new backing symlink renamed over it."""
+        link id, owner, times and xattr set record): a new backing symlink renamed over it."""
         tmp = temp_name()
         os.symlink(link.encode(), tmp, dir_fd=parent.fd)
         try:
             fd = backing.open_path(tmp, parent.fd)
             try:
+                if xattr_record is not None:  # the same link id: the set moves unchanged
+                    os.setxattr(f"/proc/self/fd/{fd}", xformat.SET_XATTR_TRUSTED, xattr_record)
                 if os.geteuid() == 0:
                     backing.chown_fd(fd, st.st_uid, st.st_gid)
                 backing.utimens_fd(fd, st.st_atime_ns, st.st_mtime_ns)

@@ -35,7 +35,7 @@ from encfs.engine.rename import PendingRename, Renames
 from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs
 from encfs.errors import IntegrityError
-from encfs.format import FEATURE_BOUND_NAMES
+from encfs.format import FEATURE_BOUND_NAMES, FEATURE_XATTR_SETS
 from encfs.format.volume import VolumeConfig
 from encfs.keyring import Keyring
 from encfs.trust import Operator
@@ -67,6 +67,9 @@ class Volume:
         # Directories and symlink targets bound to their place (docs/FORMAT.md 5.1, 5.3);
         # volumes made before the feature keep their unbound formats.
         self.bound_names = FEATURE_BOUND_NAMES in config.features
+        # Each object's xattrs as one sealed set (docs/FORMAT.md 5.4.2); older volumes keep
+        # one backing xattr per attribute (5.4.1).
+        self.xattr_sets = FEATURE_XATTR_SETS in config.features
         self._root_fd = os.open(
             backing_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         )
@@ -95,11 +98,22 @@ class Volume:
         self._files = Files(
             self._inodes, bindings, self.layout, config.volume_id, keyring, self.counters
         )
-        self._entries = Entries(
-            self._inodes, self._names, bindings, self._symlinks, self._files, bound
+        self._xattrs = Xattrs(
+            keyring,
+            self._names,
+            self.counters,
+            self._inodes,
+            self._root_fd,
+            config.volume_id,
+            self.xattr_sets,
+            bound,
         )
-        self._xattrs = Xattrs(keyring, self._names, self.counters)
-        self._renames = Renames(self._inodes, self._names, bindings, self._symlinks, bound)
+        self._entries = Entries(
+            self._inodes, self._names, bindings, self._symlinks, self._files, self._xattrs, bound
+        )
+        self._renames = Renames(
+            self._inodes, self._names, bindings, self._symlinks, self._xattrs, bound
+        )
 
     @classmethod
     def unlock(
@@ -334,7 +348,9 @@ class Volume:
         target = self.readlink(inode.ino)
         st = os.fstat(inode.fd)
         attr = self.symlink(parent.ino, new_name, target, st.st_uid, st.st_gid)
-        backing.utimens_fd(self._inodes.get(attr.ino).fd, st.st_atime_ns, st.st_mtime_ns)
+        copy = self._inodes.get(attr.ino)
+        self._xattrs.copy(inode, copy)
+        backing.utimens_fd(copy.fd, st.st_atime_ns, st.st_mtime_ns)
         return self.getattr(attr.ino)
 
     # --- removing and renaming -------------------------------------------------------

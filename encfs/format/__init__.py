@@ -21,6 +21,9 @@ FEATURE_AUTH_CONFIG = "authenticated-config"
 # Directories and symlink targets bound to their place (parent directory id and name),
 # as file headers are: docs/FORMAT.md 5.1 and 5.3 (encfs/format/places.py).
 FEATURE_BOUND_NAMES = "bound-names"
+# All of an object's extended attributes in one sealed set (one backing xattr, or the
+# xattr store when too large), also on symlinks and special files: docs/FORMAT.md 5.4.2.
+FEATURE_XATTR_SETS = "xattr-sets"
 KNOWN_FEATURES = frozenset(
     {
         FEATURE_BLOCK_GCM,
@@ -29,6 +32,7 @@ KNOWN_FEATURES = frozenset(
         FEATURE_LONG_SYMLINKS,
         FEATURE_AUTH_CONFIG,
         FEATURE_BOUND_NAMES,
+        FEATURE_XATTR_SETS,
     }
 )
 DEFAULT_FEATURES = (
@@ -38,4 +42,5 @@ DEFAULT_FEATURES = (
     FEATURE_LONG_SYMLINKS,
     FEATURE_AUTH_CONFIG,
     FEATURE_BOUND_NAMES,
+    FEATURE_XATTR_SETS,
 )

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import struct
 
 from cryptography.hazmat.primitives import hashes
@@ -239,3 +240,56 @@ def test_places_engine_matches_independent_computation_and_committed_bytes(monke
     assert record.hex() == EXPECTED_DIR_RECORD
     assert root_tag.hex() == EXPECTED_ROOT_BINDING
     assert target == EXPECTED_LINK_TARGET
+
+
+# --- xattr sets (feature xattr-sets): one sealed set per object ------------------------------
+
+XATTR_NONCE = bytes([0xBB]) * 12
+XATTR_SET = {b"user.mime_type": b"text/plain", b"user.a": b"1"}
+EXPECTED_XATTR_BODY = (
+    "06" "757365722e61" "00000001" "31"  # "user.a" = "1"
+    "0e" "757365722e6d696d655f74797065" "0000000a" "746578742f706c61696e"  # user.mime_type
+)
+EXPECTED_XATTR_RECORD_SHA256 = "442c917d63b10316e217de8462884d39476faa9c01066818164b8741dae443e2"
+
+
+def independent_xattr_record() -> bytes:
+    """docs/FORMAT.md 5.4.2, computed by hand: a file's inline set."""
+    key = _hkdf(b"encfs-gw v1: AES-GCM key for xattr values", 32)
+    body = bytes.fromhex(EXPECTED_XATTR_BODY)
+    aad = b"EGWXS" + VOLUME_ID + b"\x01" + b"\x10" + FILE_ID + b"\x00"
+    return b"\x00" + XATTR_NONCE + AESGCM(key).encrypt(XATTR_NONCE, body, aad)
+
+
+def test_xattr_set_engine_matches_independent_computation_and_committed_bytes(
+    monkeypatch, tmp_path
+):
+    from encfs.engine.xattr_sets import SetOwner, XattrSets
+    from encfs.format import xattrs as xformat
+
+    assert xformat.encode_body(XATTR_SET).hex() == EXPECTED_XATTR_BODY
+    config = VolumeConfig(
+        volume_id=VOLUME_ID,
+        block_size=16384,
+        features=("aes256gcm-per-block-dek", "xattr-sets"),
+        created="2026-01-01T00:00:00Z",
+        current_kek=1,
+        kek_versions={
+            1: KekVersion(1, "active", "x", bytes(92), [Protector("00" * 8, "keyfile", {})])
+        },
+    )
+    keyring = Keyring(config, {1: KEK}, VOLUME_KEY)
+    target = tmp_path / "object"
+    target.write_bytes(b"")
+    root_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sets = XattrSets(keyring.xattr_value_key, VOLUME_ID, root_fd)
+        owner = SetOwner(str(target), xformat.KIND_FILE, FILE_ID, xformat.SET_XATTR_USER)
+        monkeypatch.setattr(crypto, "random_nonce", lambda: XATTR_NONCE)
+        sets.write(owner, dict(XATTR_SET), was_stored=False)
+        record = os.getxattr(target, xformat.SET_XATTR_USER)
+        assert sets.read(owner) == XATTR_SET
+    finally:
+        os.close(root_fd)
+    assert record == independent_xattr_record()
+    assert hashlib.sha256(record).hexdigest() == EXPECTED_XATTR_RECORD_SHA256
