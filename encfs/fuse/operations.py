@@ -38,8 +38,17 @@ XATTR_UNSUPPORTED_PREFIX = b"system."
 XATTR_SELINUX = b"security.selinux"
 
 
+# ext4 knows these namespaces and nothing else (EOPNOTSUPP for "foo" or "os2.foo"); the
+# kernel passes any name to a FUSE daemon, so the answer is given here.
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+
 def _unsupported_xattr(name: bytes) -> bool:
-    return name.startswith(XATTR_UNSUPPORTED_PREFIX) or name == XATTR_SELINUX
+    return (
+        name.startswith(XATTR_UNSUPPORTED_PREFIX)
+        or name == XATTR_SELINUX
+        or not name.startswith(XATTR_NAMESPACES)
+    )
 
 
 P = ParamSpec("P")
