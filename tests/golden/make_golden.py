@@ -4,13 +4,15 @@ regenerate an existing one in place (a format change adds a new directory/tarbal
     .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-keyfile
     .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-long-symlinks
     .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-bound-names
+    .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-xattr-sets   (as root)
 
 A volume gets the default features of the encfs-gw that runs this (each golden volume
 was made when its newest feature was the newest default); what a feature adds to the
 tree is added only when the volume has it, so older volumes keep their manifests.
 
 Writes NAME.tar (the backing tree), NAME.key (test-only key file) and NAME.json (the
-plaintext manifest the tests compare against).
+plaintext manifest the tests compare against); for volumes whose backing objects carry
+xattrs (tarfile keeps none), NAME.xattrs.json: backing path -> {xattr name: hex value}.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tarfile
 import tempfile
 
 from encfs.engine import ROOT_INODE, Volume, create_volume
-from encfs.format import FEATURE_BOUND_NAMES, FEATURE_LONG_SYMLINKS
+from encfs.format import FEATURE_BOUND_NAMES, FEATURE_LONG_SYMLINKS, FEATURE_XATTR_SETS
 from encfs.keys.keyfile import KeyfileProvider
 from tests.helpers.config import trusted
 
@@ -112,8 +114,35 @@ def main(prefix: str) -> None:
             vol.symlink(ROOT_INODE, b"before-" + name.encode(), target.encode(), 0, 0)
             vol.rename(ROOT_INODE, b"before-" + name.encode(), ROOT_INODE, name.encode())
             manifest[name] = {"type": "symlink", "target": target}
+    if FEATURE_XATTR_SETS in vol.config.features:  # v1-xattr-sets and later
+        # A small set (inline), a large one (the xattr store), trusted.* on a symlink.
+        def add_xattrs(path: str, attributes: dict[bytes, bytes]) -> None:
+            ino = ROOT_INODE
+            for part in path.encode().split(b"/"):
+                ino = vol.lookup(ino, part).ino
+            for name, value in attributes.items():
+                vol.setxattr(ino, name, value)
+            manifest[path]["xattrs"] = {n.decode(): v.hex() for n, v in attributes.items()}
+
+        add_xattrs("status.txt", {b"user.mime_type": b"text/plain", b"user.a": b"1"})
+        add_xattrs("dir", {b"user.big": content_of("xattr", 5000), b"trusted.t": b"\0\1"})
+        add_xattrs("rel-link", {b"trusted.link": b"on the link itself"})
     vol.close()
     os.unlink(os.path.join(backing, "encfs-gw.lock"))
+    backing_xattrs: dict[str, dict[str, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(backing):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            found = {
+                n: os.getxattr(path, n, follow_symlinks=False).hex()
+                for n in os.listxattr(path, follow_symlinks=False)
+            }
+            if found:
+                backing_xattrs[os.path.relpath(path, backing)] = found
+    if backing_xattrs:
+        with open(prefix + ".xattrs.json", "w") as f:
+            json.dump(backing_xattrs, f, indent=2, sort_keys=True)
+            f.write("\n")
     with tarfile.open(prefix + ".tar", "w", format=tarfile.PAX_FORMAT) as tar:
         tar.add(backing, arcname="backing")
     with open(prefix + ".json", "w") as f:

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.usefixtures("own_trust_store")
 HERE = Path(__file__).parent / "volumes"
 # Made before the `authenticated-config` feature: refused until `encfs-gw upgrade`.
 LEGACY = ["v1-keyfile", "v1-long-symlinks"]
-# Directories and symlink targets bound to their place (and an authenticated config).
-GOLDEN = [*LEGACY, "v1-bound-names"]
+# Directories and symlink targets bound to their place (and an authenticated config);
+# then each object's xattrs as one sealed set (inline, in the xattr store, on a symlink).
+GOLDEN = [*LEGACY, "v1-bound-names", "v1-xattr-sets"]
 
 
 def extract(name: str, tmp_path: Path) -> Volume:
@@ -39,7 +40,13 @@ def extract(name: str, tmp_path: Path) -> Volume:
     key = tmp_path / f"{name}.key"
     shutil.copyfile(HERE / f"{name}.key", key)
     os.chmod(key, 0o600)
-    return Volume(tmp_path / name / "backing", key)
+    backing = tmp_path / name / "backing"
+    xattrs = HERE / f"{name}.xattrs.json"  # (tarfile keeps no xattrs)
+    if xattrs.exists():
+        for rel, attributes in json.loads(xattrs.read_text()).items():
+            for xattr, value in attributes.items():
+                os.setxattr(backing / rel, xattr, bytes.fromhex(value), follow_symlinks=False)
+    return Volume(backing, key)
 
 
 def extract_upgraded(name: str, tmp_path: Path) -> Volume:
@@ -74,6 +81,9 @@ def check_manifest(root: Path, manifest: dict) -> None:
             assert stat.S_IMODE(st.st_mode) == want["mode"], rel
         else:
             assert os.readlink(path) == want["target"], rel
+        stored = {n: os.getxattr(path, n, follow_symlinks=False).hex()
+                  for n in os.listxattr(path, follow_symlinks=False)}
+        assert stored == want.get("xattrs", {}), rel
 
 
 @pytest.mark.fuse
@@ -119,11 +129,20 @@ def test_golden_volume_mounts_and_matches_manifest(name, tmp_path):
         with open(mnt / "two-groups", "r+b") as f:
             f.seek(16384 * 32 - 5)
             f.write(b"X" * 10)
+        os.setxattr(mnt / "added", "user.added", b"in this volume's own form")
     with mounted(volume, mnt):
+        assert os.getxattr(mnt / "added", "user.added") == b"in this volume's own form"
         assert (mnt / "added").read_bytes() == b"new data"
         assert (mnt / "dir" / "status.txt").read_text() == "It works!\n"
         data = (mnt / "two-groups").read_bytes()
         assert data[16384 * 32 - 5 : 16384 * 32 + 5] == b"X" * 10
+    # Volumes made before xattr-sets keep one backing xattr per attribute (FORMAT.md 5.4.1).
+    doc = json.loads((volume.backing / "encfs-gw.conf").read_text())
+    forms = set()
+    for entry in volume.backing.iterdir():
+        for xattr in os.listxattr(entry, follow_symlinks=False):
+            forms.add("set" if xattr.endswith("egw-xattrs") else "per-name")
+    assert forms == ({"set"} if "xattr-sets" in doc["features"] else {"per-name"})
 
 
 @pytest.mark.parametrize("name", GOLDEN)
@@ -137,6 +156,31 @@ def test_golden_volume_through_the_engine(name, tmp_path):
         data = engine.read(fh, 0, 1 << 21)
         engine.release(fh)
         assert hashlib.sha256(data).hexdigest() == manifest["two-groups"]["sha256"]
+        for rel, want in manifest.items():  # every object's xattrs, as the engine reads them
+            ino = ROOT_INODE
+            for part in rel.encode().split(b"/"):
+                ino = engine.lookup(ino, part).ino
+            found = {n.decode(): engine.getxattr(ino, n).hex() for n in engine.listxattr(ino)}
+            assert found == want.get("xattrs", {}), rel
+    finally:
+        engine.close()
+
+
+def test_golden_xattr_sets_swapped_between_files_give_eio(tmp_path):
+    """v1-xattr-sets: a file's set record copied onto another file does not open there."""
+    volume = extract_upgraded("v1-xattr-sets", tmp_path)
+    engine = _engine(volume)
+    try:
+        source = volume.backing / engine.backing_name(ROOT_INODE, b"status.txt")[0]
+        victim = volume.backing / engine.backing_name(ROOT_INODE, b"empty")[0]
+    finally:
+        engine.close()
+    os.setxattr(victim, "user.egw-xattrs", os.getxattr(source, "user.egw-xattrs"))
+    engine = _engine(volume)
+    try:
+        with pytest.raises(IntegrityError):
+            engine.listxattr(engine.lookup(ROOT_INODE, b"empty").ino)
+        assert engine.getxattr(engine.lookup(ROOT_INODE, b"status.txt").ino, b"user.a") == b"1"
     finally:
         engine.close()
 
