@@ -41,6 +41,7 @@ XATTR_SELINUX = b"security.selinux"
 # ext4 knows these namespaces and nothing else (EOPNOTSUPP for "foo" or "os2.foo"); the
 # kernel passes any name to a FUSE daemon, so the answer is given here.
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+XATTR_TRUSTED_PREFIX = b"trusted."
 
 
 def _unsupported_xattr(name: bytes) -> bool:
@@ -364,7 +365,12 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         # A label stored before security.selinux was refused is hidden (removable still).
-        return [name for name in self.volume.listxattr(inode) if not _unsupported_xattr(name)]
+        names = [name for name in self.volume.listxattr(inode) if not _unsupported_xattr(name)]
+        # ext4 lists trusted.* only to CAP_SYS_ADMIN; FUSE tells the caller's uid, not its
+        # capabilities, so root's processes see them and others' do not.
+        if ctx.uid != 0:
+            names = [name for name in names if not name.startswith(XATTR_TRUSTED_PREFIX)]
+        return names
 
     @_translate
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
