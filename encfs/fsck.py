@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from encfs import backing, quarantine
-from encfs.engine import ROOT_INODE, BindingError, Volume
+from encfs.engine import ROOT_INODE, Attr, BindingError, Volume
 from encfs.errors import EncfsError, IntegrityError
 from encfs.format import names as fnames
 from encfs.format.blocks import (
@@ -239,6 +239,26 @@ class Checker:
             self._find(path, "unreadable entry", str(exc), TAMPERING)
             return
         self._names_per_inode[attr.ino] += 1
+        findings = len(self.report.findings)
+        self._object(parent, attr, plain, path, backing_name, backing_path)
+        # Then its xattr set (docs/FORMAT.md 5.4.2), once per object and only when nothing
+        # else was found on it (a failed header or place fails the set's owner too).
+        if (
+            self.volume.xattr_sets
+            and self._names_per_inode[attr.ino] == 1
+            and len(self.report.findings) == findings
+        ):
+            try:
+                self.volume.listxattr(attr.ino)
+            except IntegrityError as exc:
+                self._find(path, "xattr set does not open", str(exc), TAMPERING)
+            except OSError:
+                pass  # (a non-root fsck cannot read trusted.* sets; nothing to say)
+
+    def _object(
+        self, parent: int, attr: Attr, plain: bytes, path: str, backing_name: str,
+        backing_path: str,
+    ) -> None:
         if stat.S_ISDIR(attr.mode):
             try:
                 self._directory(attr.ino, path, backing_path)

@@ -450,3 +450,25 @@ def test_no_repair_without_its_evidence(backing, monkeypatch):
     assert content(path) == cut
     assert quarantined(backing) == {}
     assert not os.listdir(backing / QUARANTINE_DIR)
+
+
+def test_xattr_set_that_does_not_open_is_reported(backing):
+    """A set record copied onto another file (or altered) is reported as tampering with
+    the object's path; fsck changes nothing for it (the object's data is fine)."""
+    populate(backing)
+    vol = Volume.unlock(str(backing), trusted())
+    try:
+        vol.setxattr(vol.lookup(ROOT_INODE, b"a").ino, b"user.k", b"for a")
+        vol.setxattr(vol.lookup(ROOT_INODE, b"dir").ino, b"user.k", b"v" * 5000)  # stored
+    finally:
+        vol.close()
+    assert run(backing).findings == []
+    record = os.getxattr(backing_of(backing, b"a"), "user.egw-xattrs")
+    os.setxattr(backing_of(backing, b"b"), "user.egw-xattrs", record)
+    for report in (run(backing), run(backing, repair=True)):
+        (finding,) = report.findings
+        assert (finding.path, finding.kind, finding.looks_like) == (
+            "/b", "xattr set does not open", TAMPERING
+        )
+        assert not finding.repaired
+    assert read(backing, b"b")  # the file itself still reads
