@@ -91,29 +91,32 @@ def body_size(attributes: dict[bytes, bytes]) -> int:
 
 
 def decode_body(body: bytes) -> dict[bytes, bytes]:
-    """Strict: names sorted, distinct, 1-255 bytes without NUL; values <= 64 KiB."""
-    if len(body) > BODY_MAX:
+    """Strict: names sorted, distinct, 1-255 bytes without NUL; values <= 64 KiB; the
+    names fit one listxattr reply. (Every getxattr decodes the whole set: kept tight.)"""
+    end = len(body)
+    if end > BODY_MAX:
         raise IntegrityError("xattr set too large")
     attributes: dict[bytes, bytes] = {}
     previous = b""
+    listed = 0
     offset = 0
-    while offset < len(body):
-        (name_length,) = _NAME_LENGTH.unpack_from(body, offset)
-        offset += 1
-        name = body[offset : offset + name_length]
-        offset += name_length
-        if offset + 4 > len(body) or not name or b"\0" in name:
+    while offset < end:
+        name_length = body[offset]
+        name_end = offset + 1 + name_length
+        value_start = name_end + 4
+        if name_length == 0 or value_start > end:
             raise IntegrityError("bad xattr set entry")
-        (value_length,) = _VALUE_LENGTH.unpack_from(body, offset)
-        offset += 4
-        if value_length > VALUE_MAX or offset + value_length > len(body):
+        name = body[offset + 1 : name_end]
+        value_length = int.from_bytes(body[name_end:value_start], "big")
+        offset = value_start + value_length
+        if value_length > VALUE_MAX or offset > end:
             raise IntegrityError("bad xattr set value length")
-        if name <= previous:
-            raise IntegrityError("xattr set names not sorted or repeated")
-        attributes[name] = body[offset : offset + value_length]
-        offset += value_length
+        if name <= previous or b"\0" in name:
+            raise IntegrityError("xattr set names not sorted, repeated or with a NUL")
+        attributes[name] = body[value_start:offset]
+        listed += name_length + 1
         previous = name
-    if list_size(attributes) > LIST_MAX:
+    if listed > LIST_MAX:
         raise IntegrityError("xattr set names longer than a listxattr reply")
     return attributes
 
