@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import random
+import resource
 import select
 import shlex
 import shutil
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -54,6 +56,9 @@ MOUNT_TIMEOUT = 30
 UNMOUNT_WAIT = 120
 NA = "-"
 WARM_RUNS = 5  # the warm stat and ls rows: median of this many runs
+SCALE_NOFILE = 4096  # descriptor limit of the FUSE daemons in the scale workload (issue 23)
+SCALE_BIG_DIR = 5  # the scale tree's one big directory holds 1/5 of its entries
+SCALE_DIR_ENTRIES = 1000  # the rest: directories of this many files
 
 
 @dataclass
@@ -67,12 +72,15 @@ class Config:
     sqlite_tx: int
     meta_entries: int
     mount_samples: int  # mount/unmount cycles per (target, repetition)
+    scale_entries: int  # the scale tree (first repetition only)
 
 
 FULL = Config(reps=3, seq_mib=1024, randrw_mib=64, randrw_seconds=20, full_tree=True,
-              sqlite_rows=20000, sqlite_tx=200, meta_entries=10000, mount_samples=5)
+              sqlite_rows=20000, sqlite_tx=200, meta_entries=10000, mount_samples=5,
+              scale_entries=100_000)
 QUICK = Config(reps=1, seq_mib=128, randrw_mib=32, randrw_seconds=4, full_tree=False,
-               sqlite_rows=2000, sqlite_tx=20, meta_entries=1000, mount_samples=2)
+               sqlite_rows=2000, sqlite_tx=20, meta_entries=1000, mount_samples=2,
+               scale_entries=20_000)
 
 
 class BenchError(Exception):
@@ -311,6 +319,12 @@ class Target:
             self.cpu_done += cpu
         if not self.harness_child:  # (the harness's children are in os.times())
             DAEMON_CPU_S[0] += cpu
+        self.nofile: int | None = None  # the daemon's descriptor limit (None: ours)
+
+    def limit_descriptors(self) -> None:
+        """In the daemon's child process, before exec: soft and hard limit `nofile`."""
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     @property
     def data(self) -> Path:
@@ -431,7 +445,8 @@ class Gocryptfs(Target):
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                     start_new_session=True,
                     preexec_fn=lambda: (self.enter_cgroup(),
-                                        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)))
+                                        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask),
+                                        self.limit_descriptors()))
             self.pid = self.proc.pid
             deadline = start + MOUNT_TIMEOUT
             while True:
@@ -500,7 +515,7 @@ class EncfsGw(Target):
         start = time.perf_counter()
         try:
             result = run(cmd, check=False, timeout=MOUNT_TIMEOUT,
-                         preexec_fn=self.enter_cgroup)
+                         preexec_fn=lambda: (self.enter_cgroup(), self.limit_descriptors()))
         finally:  # even after a timeout: the detached daemon must be found for cleanup
             self.pid = self.lock_pid()
         elapsed = time.perf_counter() - start
@@ -609,13 +624,23 @@ ROWS = [
     ("ls_cold", "ls -l dir of {n}, cold (after remount)", "s", "low"),
     ("ls_warm", "ls -l dir of {n}, warm", "s", "low"),
     ("rss_mib", "daemon peak RSS (VmHWM)", "MiB", "low"),
+    ("scale_create", "scale: create {scale} entries (one dir of {big})", "s", "low"),
+    ("scale_ls_lr", "scale: ls -lR (after remount)", "s", "low"),
+    ("scale_find", "scale: find \\| wc -l", "s", "low"),
+    ("scale_du", "scale: du -s", "s", "low"),
+    ("scale_remount", "scale: unmount + mount", "s", "low"),
+    ("scale_rm_rf", "scale: rm -rf (after the remount)", "s", "low"),
+    ("scale_rss_inode", "scale: RSS growth per listed entry (ls -lR)", "bytes", "low"),
+    ("scale_rss_peak", "scale: daemon peak RSS", "MiB", "low"),
+    ("scale_fd_peak", "scale: daemon peak open descriptors (limit 4096)", "fds", "low"),
 ]
 # Rows with a CPU column: the CPU seconds of the target's processes (the daemon and all
 # its helpers, or gocryptfs) during that workload, stored under key + CPU; per mount for
 # mount time, per run for the warm medians.
 CPU = ".cpu"
 CPU_ROWS = {key for key, _label, _unit, better in ROWS
-            if better in ("high", "low") and key != "rss_mib"}
+            if better in ("high", "low")
+            and key not in ("rss_mib", "scale_rss_inode", "scale_rss_peak", "scale_fd_peak")}
 BETTER = {key: better for key, _label, _unit, better in ROWS}
 BETTER |= {key + CPU: "low" for key in CPU_ROWS}
 GROUPS = {
@@ -625,6 +650,8 @@ GROUPS = {
     "small": ["cp_a", "find_wc", "du_s", "tree_check", "rm_rf"],
     "sqlite": ["sqlite_ins", "sqlite_check"],
     "meta": ["meta_create", "stat_cold", "stat_warm", "ls_cold", "ls_warm"],
+    "scale": ["scale_create", "scale_ls_lr", "scale_find", "scale_du", "scale_remount",
+              "scale_rm_rf", "scale_rss_inode", "scale_rss_peak", "scale_fd_peak"],
 }
 # Issue 8's targets for encfs-gw with default options: (label, key, minimum ratio over
 # gocryptfs); mount time and RSS are absolute limits (key, label, maximum, unit).
@@ -730,7 +757,8 @@ def render(res: Results, targets: list[Target], cfg: Config, meta: dict) -> str:
                  if not suffix or key in CPU_ROWS else NA for n, suffix, _h in columns]
         if all(c == NA for c in cells):
             continue
-        label = label.format(n=cfg.meta_entries, rows=cfg.sqlite_rows, tx=cfg.sqlite_tx)
+        label = label.format(n=cfg.meta_entries, rows=cfg.sqlite_rows, tx=cfg.sqlite_tx,
+                             scale=cfg.scale_entries, big=cfg.scale_entries // SCALE_BIG_DIR)
         out.append(f"| {label} | {unit} | " + " | ".join(cells) + " |")
     others = [c for c in columns if c[0] != "gocryptfs" and not (c[0] == "native" and c[1])]
     if "gocryptfs" in names and others:
@@ -746,7 +774,7 @@ def render(res: Results, targets: list[Target], cfg: Config, meta: dict) -> str:
                      for n, suffix, _h in others]
             if all(c == NA for c in cells):
                 continue
-            label = label.format(n="N", rows="N", tx="M")
+            label = label.format(n="N", rows="N", tx="M", scale="N", big="N/5")
             out.append(f"| {label} | " + " | ".join(cells) + " |")
         out += render_targets(res, [n for n in names if n.startswith("encfs-gw")], labels)
     out += ["", "## Failures", ""]
@@ -897,6 +925,8 @@ class Runner:
             self.step(t, "small", self.w_small)
             self.step(t, "sqlite", self.w_sqlite)
             self.step(t, "meta", self.w_meta)
+            if rep == 0:  # one run: minutes per target
+                self.step(t, "scale", self.w_scale)
             if t.is_fuse and not self.broken:
                 try:
                     t.unmount()
@@ -1038,6 +1068,113 @@ class Runner:
         self.record(t, "ls_cold", self.with_cpu(t, "ls_cold", ls_all))
         self.record(t, "ls_warm",
                     self.with_cpu(t, "ls_warm", lambda: warm(ls_all), runs=WARM_RUNS))
+
+
+    def w_scale(self, t: Target) -> None:
+        """Issue 23's scale run, sized by --scale-entries: a tree with one big directory,
+        made through the mount with the daemon's descriptor limit at SCALE_NOFILE, then
+        ls -lR, find, du, a remount and rm -rf, each timed; the daemon's RSS and open
+        descriptors sampled throughout."""
+        n = self.cfg.scale_entries
+        top = t.data / "scale"
+        if t.is_fuse:
+            t.unmount()
+            t.nofile = SCALE_NOFILE
+            t.mount()
+        sampler = DaemonSampler(t.pid) if t.is_fuse else None
+        try:
+            start = time.perf_counter()
+            made = self.with_cpu(t, "scale_create", lambda: make_scale_tree(top, n))
+            self.record(t, "scale_create", time.perf_counter() - start)
+            if t.is_fuse:
+                t.unmount()
+                t.mount()
+                sampler.watch(t.pid)
+            rss_before = proc_status_kib(t.pid, "VmRSS")
+            secs, r = self.timed_cpu(t, "scale_ls_lr", ["ls", "-lR", top], capture_output=False,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            if r.stderr:
+                raise BenchError(f"ls -lR: {tail(r.stderr)}")
+            self.record(t, "scale_ls_lr", secs)
+            rss_after = proc_status_kib(t.pid, "VmRSS")
+            if rss_before is not None and rss_after is not None:
+                self.record(t, "scale_rss_inode", (rss_after - rss_before) * 1024 / made)
+            secs, r = self.timed_cpu(
+                t, "scale_find", ["sh", "-c", 'find "$1" | wc -l', "find", top])
+            if int(r.stdout) != made + 1:
+                raise BenchError(f"find counted {int(r.stdout)} entries, expected {made + 1}")
+            self.record(t, "scale_find", secs)
+            secs, _ = self.timed_cpu(t, "scale_du", ["du", "-s", top])
+            self.record(t, "scale_du", secs)
+            if t.is_fuse:
+                start = time.perf_counter()
+                t.unmount()
+                t.mount()
+                self.record(t, "scale_remount", time.perf_counter() - start)
+                sampler.watch(t.pid)
+            secs, _ = self.timed_cpu(t, "scale_rm_rf", ["rm", "-rf", top])
+            self.record(t, "scale_rm_rf", secs)
+        finally:
+            if sampler is not None:
+                sampler.stop()
+                self.record(t, "scale_fd_peak", sampler.fd_peak)
+                self.record(t, "scale_rss_peak", sampler.rss_peak_kib / 1024)
+            if t.is_fuse:  # what follows runs with the usual limit again
+                t.nofile = None
+                if t.healthy():
+                    t.unmount()
+                    t.mount()
+
+
+class DaemonSampler:
+    """Open descriptors and RSS of a daemon, every 0.2 s from a thread; the peaks."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.fd_peak = 0
+        self.rss_peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def watch(self, pid: int | None) -> None:
+        """The daemon after a remount."""
+        self.pid = pid
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                fds = len(os.listdir(f"/proc/{self.pid}/fd"))
+            except OSError:
+                continue  # between an unmount and the next mount
+            self.fd_peak = max(self.fd_peak, fds)
+            self.rss_peak_kib = max(self.rss_peak_kib, proc_status_kib(self.pid, "VmRSS") or 0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_scale_tree(top: Path, entries: int) -> int:
+    """`entries` entries under `top`: one directory with a fifth of them (files), the
+    rest directories of SCALE_DIR_ENTRIES - 1 files each. Returns the count made."""
+    made = 0
+    big = top / "big"
+    big.mkdir(parents=True)
+    made += 1
+    for index in range(entries // SCALE_BIG_DIR):
+        os.close(os.open(big / f"f{index:07d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        made += 1
+    group = 0
+    while made < entries:
+        directory = top / f"d{group:05d}"
+        directory.mkdir()
+        made += 1
+        for index in range(min(SCALE_DIR_ENTRIES - 1, entries - made)):
+            os.close(os.open(directory / f"f{index:04d}", os.O_WRONLY | os.O_CREAT, 0o644))
+            made += 1
+        group += 1
+    return made
 
 
 def describe(path: str) -> tuple:
@@ -1186,11 +1323,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", type=Path, metavar="ENCFS_GW",
                    help="the encfs-gw of another checkout (e.g. a worktree of an older "
                         "commit, after its `make setup`): adds the target encfs-gw-base")
+    p.add_argument("--scale-entries", type=int,
+                   help="entries of the scale workload's tree (default 100000, quick 20000)")
     args = p.parse_args(argv)
 
     cfg = QUICK if args.quick else FULL
     if args.reps:
         cfg.reps = args.reps
+    if args.scale_entries:
+        cfg.scale_entries = args.scale_entries
     groups = [g for g in args.workloads.split(",") if g]
     names = [n for n in args.targets.split(",") if n]
     if args.baseline:

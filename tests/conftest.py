@@ -30,6 +30,12 @@ def own_trust_store(tmp_path_factory, monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Slow (soak, scale) tests run only when asked for: `-m slow`.
+    if "slow" not in (config.getoption("markexpr") or ""):
+        skip_slow = pytest.mark.skip(reason="slow: run with -m slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3"):
         return
     skip = pytest.mark.skip(reason="needs root, /dev/fuse and fusermount3 (FUSE mount)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -77,16 +78,25 @@ def clear_mountpoint(mountpoint: Path) -> None:
         libc.umount2(os.fsencode(mountpoint), 2)  # MNT_DETACH
 
 
+def _limit_descriptors(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
 @contextlib.contextmanager
-def mounted(volume: Volume, mountpoint: Path, *options: str) -> Iterator[Path]:
+def mounted(
+    volume: Volume, mountpoint: Path, *options: str, nofile: int | None = None
+) -> Iterator[Path]:
+    """Mount `volume` on `mountpoint` for the block. nofile: the daemon's descriptor
+    limit (soft and hard, so the daemon cannot raise it)."""
     mountpoint.mkdir(exist_ok=True)
     args = ["mount", volume.backing, mountpoint]
     if volume.keyfile is not None:
         args += ["--keyfile", volume.keyfile]
     for option in options:
         args += ["-o", option]
+    limit = {} if nofile is None else {"preexec_fn": lambda: _limit_descriptors(nofile)}
     try:
-        run_cli(*args, check=True)
+        run_cli(*args, check=True, **limit)
     except (AssertionError, subprocess.TimeoutExpired):
         # A half-started daemon must not outlive the test (nor hold the mountpoint).
         pid = daemon_pid(volume.backing)

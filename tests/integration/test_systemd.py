@@ -712,6 +712,7 @@ def sandbox_exec(argv: list[str]) -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, tuple(cfg["nofile"]))  # LimitNOFILE=
     keep = {CAP_NAMES.index(c.removeprefix("CAP_")) for c in cfg["caps"]}
     last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     for cap in range(last_cap + 1):
@@ -803,6 +804,7 @@ def unit_sandbox_config() -> dict:
     assert not any(f.startswith("~") for f in filters)  # an allow-list only
     (errno_name,) = unit_settings("SystemCallErrorNumber")
     (umask,) = unit_settings("UMask")
+    (nofile,) = unit_settings("LimitNOFILE")
     assert unit_settings("NoNewPrivileges") == ["yes"] and unit_settings("LimitCORE") == ["0"]
     return {
         "caps": caps,
@@ -812,7 +814,18 @@ def unit_sandbox_config() -> dict:
         "mdwe": unit_settings("MemoryDenyWriteExecute") == ["yes"],
         "lock_personality": unit_settings("LockPersonality") == ["yes"],
         "umask": int(umask, 8),
+        "nofile": descriptor_limits(nofile),
     }
+
+
+def descriptor_limits(setting: str) -> list[int]:
+    """LimitNOFILE=SOFT:HARD as systemd applies it, the hard limit capped at ours (a
+    container without CAP_SYS_RESOURCE cannot raise it; systemd could)."""
+    import resource
+
+    soft, hard = (int(limit) for limit in setting.split(":"))
+    hard = min(hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    return [min(soft, hard), hard]
 
 
 def sandboxed(config: dict, argv: list[str]) -> list[str]:
@@ -865,6 +878,10 @@ def test_daemon_runs_under_the_units_process_restrictions(public_tmp, case):
             assert pid == p.pid
             status = Path(f"/proc/{p.pid}/status").read_text()
             assert re.search(r"NoNewPrivs:\s+1", status) and re.search(r"Seccomp:\s+2", status)
+            # The unit's soft descriptor limit is raised to its hard one by the daemon.
+            limits = Path(f"/proc/{p.pid}/limits").read_text()
+            hard = config["nofile"][1]
+            assert re.search(rf"Max open files\s+{hard}\s+{hard}\s", limits), limits
             root = run_as(None, f"""
                 cd {mnt}; chmod 755 .
                 echo data > f; test "$(cat f)" = data; truncate -s 100000 f
