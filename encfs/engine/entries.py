@@ -85,7 +85,7 @@ class Entries:
     def _adopt_new(
         self, parent: Inode, backing_name: str, plain_name: bytes, uid: int, gid: int
     ) -> Inode:
-        inode, st = self._inodes.register(backing.open_path(backing_name, parent.fd))
+        inode, st = self._inodes.register_at(parent, backing_name)
         self._names.place(inode, self._names.location(parent, plain_name))
         parent_st = os.fstat(parent.fd)
         if parent_st.st_mode & stat.S_ISGID:
@@ -161,6 +161,7 @@ class Entries:
             raise oserror(errno.ENOTEMPTY)
         # Move it out of sight first so a crash leaves a temp entry, never a dir without id.
         tmp = temp_name()
+        self._inodes.unname_at(parent, backing_name, st)
         backing.renameat2(parent.fd, backing_name, parent.fd, tmp, backing.RENAME_NOREPLACE)
         self._names.remove_sidecar(parent, backing_name)
         xattr_set = self._xattrs.last_name_set(parent.fd, tmp, st)
@@ -243,6 +244,7 @@ class Entries:
             raise oserror(errno.EISDIR)
         long_id = self._symlinks.last_stored_link(parent.fd, backing_name, st)
         xattr_set = self._xattrs.last_name_set(parent.fd, backing_name, st)
+        self._inodes.unname_at(parent, backing_name, st)
         os.unlink(backing_name, dir_fd=parent.fd)
         self._names.remove_sidecar(parent, backing_name)
         if long_id is not None:

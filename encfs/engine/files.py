@@ -50,10 +50,11 @@ class Files:
     def open_data(self, inode: Inode) -> None:
         if inode.data_fd is not None:
             return
+        new_descriptor = self._inodes.new_descriptor
         try:
-            inode.data_fd = backing.reopen(inode.fd, os.O_RDWR)
+            inode.data_fd = new_descriptor(lambda: backing.reopen(inode.fd, os.O_RDWR))
         except PermissionError:
-            inode.data_fd = backing.reopen(inode.fd, os.O_RDONLY)
+            inode.data_fd = new_descriptor(lambda: backing.reopen(inode.fd, os.O_RDONLY))
         inode.contents = None
         header = os.pread(inode.data_fd, HEADER_SIZE, 0)
         if header:

@@ -2,17 +2,31 @@
 are open, by inode number; their lookup and open counts; the open handles.
 
 Lookup counts follow pyfuse3: lookup/create/mkdir/symlink/mknod/link and every accepted
-readdirplus entry add one, forget subtracts, and an inode's backing handle is released
-only when its lookup count and open count both reach zero. Inode numbers are the backing
-ones, but for the root (ROOT_INODE), whose number is swapped with the backing root's.
+readdirplus entry add one, forget subtracts, and an inode leaves the table when its
+lookup count and open count both reach zero. Inode numbers are the backing ones, but for
+the root (ROOT_INODE), whose number is swapped with the backing root's.
+
+Descriptors stay bounded however many inodes the kernel caches (issue 23): an inode
+holds a backing handle only while it is open (an open file's data descriptor serves as
+its handle), held by an operation in progress, nameless, or in the LRU cache of handles,
+whose size comes from the descriptor limit (`handle_capacity`). Any other inode is
+reopened on demand by its parent's handle and its backing name (openat, O_NOFOLLOW), and
+what is reopened must be the same backing inode (st_dev, st_ino): else ESTALE. Every
+change of names goes through the volume, which keeps each inode's recorded name current:
+a rename moves it, and an inode whose recorded name is removed (unlink, rmdir, a rename
+over it) keeps a handle until the kernel forgets it, so its backing inode, and with it the
+inode number the kernel knows, is not freed and reused meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import resource
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,8 +36,26 @@ from encfs import backing
 if TYPE_CHECKING:
     from encfs.engine.contents import FileContents
 
+log = logging.getLogger(__name__)
+
 ROOT_INODE = 1
 STAT_BLKSIZE = 131072  # big st_blksize: cp/stdio then write in 128 KiB chunks
+# The handle cache: a quarter of the descriptor limit (the rest is for open files, the
+# daemon's own descriptors and deferred closes), at least a few (an operation uses up to
+# four inodes' handles at once, and the most recently used are never evicted by a trim),
+# at most HANDLE_CACHE_MAX (each cached handle pins a backing inode in the kernel's cache).
+HANDLE_CACHE_MIN = 16
+HANDLE_CACHE_MAX = 16384
+DEFERRED_CLOSES_MAX = 1024
+
+
+def handle_capacity(descriptor_limit: int | None = None) -> int:
+    """Cached handles for a descriptor limit (default: this process's soft limit)."""
+    if descriptor_limit is None:
+        descriptor_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if descriptor_limit == resource.RLIM_INFINITY:
+            return HANDLE_CACHE_MAX
+    return max(HANDLE_CACHE_MIN, min(descriptor_limit // 4, HANDLE_CACHE_MAX))
 
 
 @dataclass(slots=True)
@@ -50,25 +82,44 @@ class Inode:
     """A backing object known to the kernel (lookups > 0) or open (opens > 0)."""
 
     __slots__ = (
+        "_fd",
+        "backing_ino",
+        "backing_name",
         "bad_place",
         "contents",
         "data_fd",
         "dir_id",
-        "fd",
         "file_id",
+        "holds",
         "ino",
         "location",
         "lookups",
         "mode",
         "on_drop",
         "opens",
+        "parent_ino",
         "pinned",
+        "table",
         "xattrs_stored",
     )
 
-    def __init__(self, ino: int, fd: int, mode: int) -> None:
+    def __init__(
+        self,
+        ino: int,
+        fd: int,
+        mode: int,
+        table: InodeTable | None = None,
+        backing_ino: int = 0,
+    ) -> None:
         self.ino = ino
-        self.fd = fd  # O_PATH handle (directories: an O_RDONLY directory fd)
+        self._fd = fd  # O_PATH handle (directories: an O_RDONLY directory fd), or -1
+        self.table = table
+        self.backing_ino = backing_ino  # st_ino of the backing object it stands for
+        # Where it is reopened from when its handle was evicted: the parent's inode number
+        # and its backing name there (None: no name known; it keeps its handle).
+        self.parent_ino: int | None = None
+        self.backing_name: str | None = None
+        self.holds = 0  # operations in progress that need its handle to stay open
         self.mode = stat.S_IFMT(mode)
         self.lookups = 0
         self.opens = 0
@@ -97,6 +148,23 @@ class Inode:
     def is_dir(self) -> bool:
         return self.mode == stat.S_IFDIR
 
+    @property
+    def fd(self) -> int:
+        """The backing handle, reopened if it was evicted (ESTALE if that fails)."""
+        if self._fd >= 0:
+            if self.table is not None:
+                self.table.touch(self)
+            return self._fd
+        if self.data_fd is not None:  # an open file: its data descriptor will do
+            return self.data_fd
+        if self.table is None:
+            raise oserror(errno.ESTALE, f"inode {self.ino} has no handle")
+        return self.table.reopen(self)
+
+    @property
+    def has_handle(self) -> bool:
+        return self._fd >= 0
+
 
 class DirHandle:
     __slots__ = ("entries", "inode")
@@ -113,13 +181,17 @@ class InodeTable:
     directly on the data path (one dict lookup per read or write).
     """
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, capacity: int | None = None) -> None:
         st = os.fstat(root_fd)
         self.root_dev = st.st_dev
         self._root_backing_ino = st.st_ino
-        root = Inode(ROOT_INODE, os.dup(root_fd), st.st_mode)
+        root = Inode(ROOT_INODE, os.dup(root_fd), st.st_mode, self, st.st_ino)
         root.lookups = 1  # the kernel's reference to the root is never forgotten
         self.inodes: dict[int, Inode] = {ROOT_INODE: root}
+        # Inodes whose handle may be closed, least recently used first (the root, open
+        # directories, held and nameless inodes are never in it).
+        self.cache: OrderedDict[int, Inode] = OrderedDict()
+        self.capacity = handle_capacity() if capacity is None else capacity
         self.files: dict[int, Inode] = {}  # file handle -> its inode
         self.dirs: dict[int, DirHandle] = {}  # directory handle -> its listing
         self._next_fh = 1
@@ -148,8 +220,12 @@ class InodeTable:
             raise oserror(errno.ENOTDIR)
         return inode
 
-    def register(self, fd: int) -> tuple[Inode, os.stat_result]:
-        """Adopt an O_PATH handle: reuse the known inode (closing fd) or make a new one."""
+    def register(
+        self, fd: int, parent: Inode | None = None, backing_name: str | None = None
+    ) -> tuple[Inode, os.stat_result]:
+        """Adopt an O_PATH handle on `backing_name` in `parent` (None: reached without a
+        name, by ".."): reuse the known inode (closing fd) or make a new one. Either way
+        the name it was reached by is the one it is reopened by from now on."""
         st = os.fstat(fd)
         if st.st_dev != self.root_dev:
             os.close(fd)
@@ -157,8 +233,21 @@ class InodeTable:
         ino = self.fuse_ino(st.st_ino)
         known = self.inodes.get(ino)
         if known is not None:
-            os.close(fd)
+            if known._fd < 0 and known.backing_ino == st.st_ino:
+                self._adopt_handle(known, fd, st)  # reopened by this lookup: keep it
+            else:
+                os.close(fd)
+            if parent is not None and known.backing_ino == st.st_ino:
+                self.name(known, parent, backing_name)
             return known, st
+        inode = Inode(ino, -1, st.st_mode, self, st.st_ino)
+        self.inodes[ino] = inode
+        if parent is not None:
+            inode.parent_ino, inode.backing_name = parent.ino, backing_name
+        self._adopt_handle(inode, fd, st)
+        return inode, st
+
+    def _adopt_handle(self, inode: Inode, fd: int, st: os.stat_result) -> None:
         if stat.S_ISDIR(st.st_mode):
             try:  # a real directory fd: usable as dir_fd, for fsync and for listing
                 dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
@@ -166,9 +255,8 @@ class InodeTable:
                 fd = dir_fd
             except PermissionError:
                 pass
-        inode = Inode(ino, fd, st.st_mode)
-        self.inodes[ino] = inode
-        return inode, st
+        inode._fd = fd
+        self.settle(inode)
 
     def drop(self, inode: Inode, force: bool = False) -> None:
         """Release an inode nobody holds any more (or every inode, with `force`)."""
@@ -181,11 +269,180 @@ class InodeTable:
         if inode.on_drop is not None:
             on_drop, inode.on_drop = inode.on_drop, None
             on_drop()
-        self.close_fd(inode.fd)
+        self.cache.pop(inode.ino, None)
+        if inode._fd >= 0:
+            self.close_fd(inode._fd)
+            inode._fd = -1
         for fd in inode.pinned or ():
             self.close_fd(fd)
         inode.pinned = None
         self.inodes.pop(inode.ino, None)
+
+    def settle(self, inode: Inode) -> None:
+        """After a change of an inode's handle, holds, opens or name: its handle goes
+        into the cache if it may be evicted, or out of it if it may not."""
+        if inode._fd >= 0 and self._evictable(inode):
+            self.cache[inode.ino] = inode
+            self.cache.move_to_end(inode.ino)
+            self.trim()
+        else:
+            self.cache.pop(inode.ino, None)
+
+    @staticmethod
+    def _evictable(inode: Inode) -> bool:
+        return (
+            inode.ino != ROOT_INODE
+            and inode.parent_ino is not None
+            and inode.holds == 0
+            and not (inode.is_dir and inode.opens > 0)  # its fd may be with fsyncdir
+        )
+
+    # --- the handle cache -------------------------------------------------------------------
+    def touch(self, inode: Inode) -> None:
+        """A handle was used: it is the most recently used now."""
+        # (A KeyError: not evictable; the root, open directories, held, nameless.)
+        with contextlib.suppress(KeyError):
+            self.cache.move_to_end(inode.ino)
+
+    def trim(self, keep: int | None = None) -> int:
+        """Close the least recently used handles beyond `keep` (default: the capacity);
+        how many were closed. Never the few most recently used (HANDLE_CACHE_MIN): an
+        operation in progress may be using them."""
+        keep = self.capacity if keep is None else max(keep, HANDLE_CACHE_MIN)
+        closed = 0
+        while len(self.cache) > keep:
+            _, inode = self.cache.popitem(last=False)
+            if inode._fd >= 0:
+                # Not the deferred closer: the object has a name, so this close frees
+                # nothing on the backing filesystem (and the bound must hold at once).
+                os.close(inode._fd)
+                inode._fd = -1
+                closed += 1
+        return closed
+
+    def new_descriptor(self, opener: Callable[[], int]) -> int:
+        """`opener()`, run once more after `shed` when the daemon is out of descriptors
+        (EMFILE: its own table is full; ENFILE: the system's)."""
+        try:
+            return opener()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self.shed():
+                raise
+        return opener()
+
+    def register_at(self, parent: Inode, backing_name: str) -> tuple[Inode, os.stat_result]:
+        """The inode of the entry `backing_name` in `parent`: the known one, or a new one
+        without a handle yet (a lookup or a listed entry needs only its attributes; the
+        handle is opened by name on first use, and must then be the same inode)."""
+        st = os.stat(backing_name, dir_fd=parent.fd, follow_symlinks=False)
+        if st.st_dev != self.root_dev:
+            raise oserror(errno.EXDEV, "backing entry on another filesystem")
+        ino = self.fuse_ino(st.st_ino)
+        inode = self.inodes.get(ino)
+        if inode is None:
+            inode = Inode(ino, -1, st.st_mode, self, st.st_ino)
+            inode.parent_ino, inode.backing_name = parent.ino, backing_name
+            self.inodes[ino] = inode
+        elif inode.backing_ino == st.st_ino:
+            self.name(inode, parent, backing_name)
+        return inode, st
+
+    def shed(self) -> int:
+        """Out of descriptors: close every cached handle that may be (and finish the
+        deferred closes); how many descriptors that gave back."""
+        closed = self.trim(0)
+        if self.settle_closes():
+            closed += 1
+        return closed
+
+    def reopen(self, inode: Inode) -> int:
+        """A new handle on an inode whose handle was evicted: by its parent's handle and
+        its backing name, and only if that is still the same backing inode."""
+        parent = self.inodes.get(inode.parent_ino) if inode.parent_ino is not None else None
+        if parent is None or inode.backing_name is None:
+            raise oserror(errno.ESTALE, f"inode {inode.ino}: no name to reopen it by")
+        name = inode.backing_name
+        try:
+            fd = self.new_descriptor(lambda: backing.open_path(name, parent.fd))
+        except FileNotFoundError:
+            raise self._stale(inode, "its backing name is gone") from None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (self.root_dev, inode.backing_ino):
+            os.close(fd)
+            raise self._stale(inode, "its backing name holds another object")
+        self._adopt_handle(inode, fd, st)
+        return inode._fd
+
+    def _stale(self, inode: Inode, why: str) -> OSError:
+        # Every rename and removal goes through the volume, which keeps recorded names
+        # current: this is a change made in the backing store behind the mount's back.
+        log.warning("inode %d cannot be reopened: %s (changed in the backing store?)",
+                    inode.ino, why)
+        return oserror(errno.ESTALE, f"inode {inode.ino}")
+
+    def rebase(self, inode: Inode, fd: int) -> None:
+        """The inode stands for another backing object from now on (a bound symlink
+        renamed: a new backing symlink), whose handle `fd` is; its old handle is the
+        caller's to keep or close."""
+        inode._fd = fd
+        inode.backing_ino = os.fstat(fd).st_ino
+        self.settle(inode)
+
+    def name(self, inode: Inode, parent: Inode, backing_name: str | None) -> None:
+        """`inode` was reached as `backing_name` in `parent`: reopen it by that."""
+        if (inode.parent_ino, inode.backing_name) != (parent.ino, backing_name):
+            inode.parent_ino, inode.backing_name = parent.ino, backing_name
+            if inode.backing_name is None:
+                inode.parent_ino = None
+            self.settle(inode)
+
+    def unname(self, inode: Inode) -> None:
+        """Its recorded name is about to go (unlink, rmdir, a rename over it): it keeps
+        a handle of its own until the kernel forgets it (or it is reached by a name
+        again), so its backing inode and number stay its own. Call before the removal."""
+        if inode._fd < 0:
+            if inode.data_fd is not None:
+                inode._fd = os.dup(inode.data_fd)
+            else:
+                self.reopen(inode)
+        inode.parent_ino = inode.backing_name = None
+        self.settle(inode)
+
+    def known_at(self, parent: Inode, backing_name: str, st: os.stat_result) -> Inode | None:
+        """The known inode recorded at `backing_name` in `parent`, which `st` describes."""
+        inode = self.inodes.get(self.fuse_ino(st.st_ino))
+        if inode is None or inode.backing_ino != st.st_ino:
+            return None
+        if (inode.parent_ino, inode.backing_name) != (parent.ino, backing_name):
+            return None
+        return inode
+
+    def unname_at(self, parent: Inode, backing_name: str, st: os.stat_result) -> None:
+        """`unname` the known inode recorded at `backing_name`, if there is one."""
+        inode = self.known_at(parent, backing_name, st)
+        if inode is not None:
+            self.unname(inode)
+
+    def hold(self, *inodes: Inode | None) -> list[Inode]:
+        """Keep their handles open (never evicted) until `unhold`: an operation that
+        spans awaits (a rename: its fsyncs run on threads) or removes their names."""
+        held = [inode for inode in inodes if inode is not None]
+        for inode in held:
+            inode.fd  # noqa: B018 (opened now, while its name is sure to be valid)
+            inode.holds += 1
+            self.cache.pop(inode.ino, None)
+        return held
+
+    def unhold(self, held: list[Inode]) -> None:
+        for inode in held:
+            inode.holds -= 1
+            if self.inodes.get(inode.ino) is inode:
+                self.settle(inode)
+        held.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Known inodes, cached handles and the cache's capacity."""
+        return {"known": len(self.inodes), "cached": len(self.cache), "capacity": self.capacity}
 
     def forget(self, ino: int, count: int) -> None:
         inode = self.inodes.get(ino)
@@ -217,7 +474,11 @@ class InodeTable:
             if closer is None:
                 return
             self._closer.stop()
-        self._closer = closer or backing.DeferredCloser()
+        # Descriptors waiting for the closer count against the limit too: at most half
+        # as many as the cache holds.
+        self._closer = closer or backing.DeferredCloser(
+            max_pending=min(DEFERRED_CLOSES_MAX, max(HANDLE_CACHE_MIN, self.capacity // 2))
+        )
         self.close_fd = self._closer.close
 
     def settle_closes(self) -> bool:
@@ -234,6 +495,13 @@ class InodeTable:
             fd = backing.open_path(backing_name, parent.fd)
         except FileNotFoundError:
             fd = None
+        if fd is not None:
+            # A known inode recorded at that name keeps its own handle (unname).
+            known = self.known_at(parent, backing_name, os.fstat(fd))
+            if known is not None:
+                if known._fd < 0 and known.data_fd is None:
+                    known._fd, fd = fd, None
+                self.unname(known)
         try:
             yield
         finally:
@@ -245,6 +513,7 @@ class InodeTable:
         for inode in list(self.inodes.values()):
             self.drop(inode, force=True)
         self.inodes.clear()
+        self.cache.clear()
         self.files.clear()
         self.dirs.clear()
         if self._closer is not None:

@@ -16,7 +16,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from encfs import backing, crypto
 from encfs.engine.bindings import BindingError, Bindings, Location, rewrite_header
@@ -56,6 +56,7 @@ class PendingRename:
     rename: Callable[[], None]
     clean_up: Callable[[], None] | None = None
     renamed: bool = False
+    held: list[Inode] = field(default_factory=list)  # their handles kept open until `end`
 
     @property
     def sync_before(self) -> list[int]:
@@ -100,6 +101,32 @@ class Renames:
     ) -> PendingRename | None:
         """Check a rename and make every object it moves valid at both places (step 1);
         None if there is nothing to do."""
+        held: list[Inode] = []
+        try:
+            pending = self._plan(old_parent, old_name, new_parent, new_name, flags, held)
+        except BaseException:
+            self._inodes.unhold(held)
+            raise
+        if pending is None:
+            self._inodes.unhold(held)
+        else:
+            pending.held = held
+        return pending
+
+    def _known(self, st: os.stat_result) -> Inode | None:
+        """The known inode of the backing object `st` describes, if any."""
+        inode = self._inodes.inodes.get(self._inodes.fuse_ino(st.st_ino))
+        return inode if inode is not None and inode.backing_ino == st.st_ino else None
+
+    def _plan(
+        self,
+        old_parent: Inode,
+        old_name: bytes,
+        new_parent: Inode,
+        new_name: bytes,
+        flags: int,
+        held: list[Inode],
+    ) -> PendingRename | None:
         names = self._names
         old_backing, old_encoded = names.encode(old_parent, old_name)
         new_backing, new_encoded = names.encode(new_parent, new_name)
@@ -108,6 +135,12 @@ class Renames:
             new_st = os.stat(new_backing, dir_fd=new_parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             new_st = None
+        # Their handles stay open through the stages (issue 23: handles are evicted):
+        # the parents' go to fsync threads, the moved and replaced objects' are what
+        # their inodes keep (a removed one, a bound symlink's first one).
+        held += self._inodes.hold(
+            old_parent, new_parent, self._known(old_st), new_st and self._known(new_st)
+        )
         old_location = names.location(old_parent, old_name)
         new_location = names.location(new_parent, new_name)
         forth = _Move(old_st, old_parent, old_backing, old_location, new_parent, new_backing,
@@ -143,6 +176,7 @@ class Renames:
 
                 def remove_replaced() -> None:
                     tmp = temp_name()
+                    self._inodes.unname_at(old_parent, old_backing, new_st)
                     backing.renameat2(
                         old_parent.fd, old_backing, old_parent.fd, tmp, backing.RENAME_NOREPLACE
                     )
@@ -209,6 +243,7 @@ class Renames:
             moved = self._inodes.inodes.get(self._inodes.fuse_ino(move.st.st_ino))
             if moved is not None:
                 moved.location = move.new_location
+                self._inodes.name(moved, move.new_parent, move.new_backing)
 
     def finish(self, pending: PendingRename, durable: bool) -> None:
         """Step 3 (for a directory only if `durable`: the rename was fsynced), then what
@@ -220,8 +255,8 @@ class Renames:
         if pending.clean_up is not None:
             pending.clean_up()
 
-    @staticmethod
-    def end(pending: PendingRename) -> None:
+    def end(self, pending: PendingRename) -> None:
+        self._inodes.unhold(pending.held)
         for move in pending.moves:
             if move.fd is not None:
                 os.close(move.fd)
@@ -317,8 +352,11 @@ class Renames:
             fd = backing.open_path(backing_name, parent.fd)
         except OSError:
             return
-        if moved.pinned is None:
-            moved.pinned = [moved.fd]
-        else:
-            os.close(moved.fd)  # an intermediate symlink nobody else knows the number of
-        moved.fd = fd
+        if moved.has_handle:  # (held by the rename: never evicted meanwhile)
+            old_fd = moved.fd
+            if moved.pinned is None:
+                moved.pinned = [old_fd]
+            else:
+                os.close(old_fd)  # an intermediate symlink nobody else knows the number of
+        self._inodes.rebase(moved, fd)
+        self._inodes.name(moved, parent, backing_name)

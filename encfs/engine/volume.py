@@ -179,6 +179,19 @@ class Volume:
         if inode is not None:
             self._inodes.drop(inode)
 
+    def limit_handles(self, capacity: int) -> None:
+        """Keep at most `capacity` handles of inodes nobody has open (tests)."""
+        self._inodes.capacity = capacity
+        self._inodes.trim()
+
+    def shed_handles(self) -> bool:
+        """Out of descriptors: close the cached handles; False if that gave none back."""
+        return self._inodes.shed() > 0
+
+    def handle_stats(self) -> dict[str, int]:
+        """Known inodes, cached handles and the capacity of the handle cache."""
+        return self._inodes.stats()
+
     # --- attributes ------------------------------------------------------------------
     def _attr(self, inode: Inode, st: os.stat_result) -> Attr:
         if stat.S_ISREG(st.st_mode):
@@ -247,7 +260,7 @@ class Volume:
             )
         else:
             backing_name, _ = self._names.encode(parent, plain_name)
-            inode, st = self._inodes.register(backing.open_path(backing_name, parent.fd))
+            inode, st = self._inodes.register_at(parent, backing_name)
             self._names.place(inode, self._names.location(parent, plain_name))
         inode.lookups += 1
         return self._attr(inode, st)
@@ -456,7 +469,9 @@ class Volume:
         inode = self._inodes.directory(ino)
         if self.bound_names:
             self._names.dir_id(inode)  # a directory bound to another place is not opened (EIO)
+        inode.fd  # noqa: B018 (an open directory keeps its handle: fsyncdir's thread uses it)
         inode.opens += 1
+        self._inodes.settle(inode)
         fh = self._inodes.new_handle()
         self._inodes.dirs[fh] = DirHandle(inode)
         return fh
@@ -486,20 +501,21 @@ class Volume:
             finally:
                 os.close(fd)
             return self._attr(Inode(inodes.fuse_ino(st.st_ino), -1, st.st_mode), st)
-        # A known inode needs no new handle: the one it holds pins the backing inode, so
-        # its number cannot have been reused.
-        st = os.stat(backing_name, dir_fd=directory.fd, follow_symlinks=False)
-        inode = inodes.inodes.get(inodes.fuse_ino(st.st_ino))
-        if inode is None or st.st_dev != inodes.root_dev:
-            inode, st = inodes.register(backing.open_path(backing_name, directory.fd))
+        # No handle is opened: the known inode of that number is this object (removed
+        # ones keep a handle, so a number cannot have been reused), and a new one opens
+        # its handle by name on first use.
+        inode, st = inodes.register_at(directory, backing_name)
         self._names.place(inode, self._names.location(directory, plain_name))
         return self._attr(inode, st)
 
     def releasedir(self, fh: int) -> None:
         handle = self._inodes.dirs.pop(fh, None)
         if handle is not None:
-            handle.inode.opens -= 1
-            self._inodes.drop(handle.inode)
+            inode = handle.inode
+            inode.opens -= 1
+            self._inodes.drop(inode)
+            if inode.opens == 0 and self._inodes.inodes.get(inode.ino) is inode:
+                self._inodes.settle(inode)  # its handle may be evicted again
 
     def fsyncdir_fd(self, fh: int) -> int:
         return self._inodes.dirs[fh].inode.fd

@@ -63,10 +63,18 @@ _RETRY_WHEN_FULL = frozenset(
     {"write", "create", "mkdir", "mknod", "symlink", "link", "rename", "setattr", "setxattr"}
 )
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+# Handlers that run once more after the daemon gave back the descriptors of its handle
+# cache when it ran out of them (issue 23): those above, and those that change nothing.
+# Not readdir: it may have replied some entries already.
+_RETRY_WHEN_NO_DESCRIPTORS = _RETRY_WHEN_FULL | {
+    "lookup", "getattr", "open", "opendir", "readlink", "getxattr", "listxattr", "statfs",
+}
+_NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
 
 def _translate(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     retry_when_full = handler.__name__ in _RETRY_WHEN_FULL
+    retry_when_no_descriptors = handler.__name__ in _RETRY_WHEN_NO_DESCRIPTORS
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -74,9 +82,14 @@ def _translate(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             try:
                 return await handler(*args, **kwargs)
             except OSError as exc:
-                if not (retry_when_full and exc.errno in _FULL):
-                    raise
-                if not args[0].volume.settle_closes():  # type: ignore[attr-defined]
+                volume = args[0].volume  # type: ignore[attr-defined]
+                if retry_when_full and exc.errno in _FULL:
+                    if not volume.settle_closes():
+                        raise
+                elif retry_when_no_descriptors and exc.errno in _NO_DESCRIPTORS:
+                    if not volume.shed_handles():
+                        raise
+                else:
                     raise
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
