@@ -69,7 +69,18 @@ def test_large_tree_with_bounded_descriptors(volume, tmp_path):
 
     def step(name: str, sampler: Sampler):
         sampler.mark(name)
-        return _Timer(name, timings)
+        return _Timer(name, timings, save)
+
+    def save() -> None:
+        """The figures so far (a long run that fails late keeps them)."""
+        samples = [s for sampler in samplers for s in sampler.samples]
+        report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+        report["fd_peak"] = max(s.fds for s in samples)
+        report["rss_peak_kib"] = max(s.rss_kib for s in samples)
+        report["samples"] = len(samples)
+        if path := os.environ.get("ENCFS_GW_SCALE_REPORT"):
+            Path(path).write_text(json.dumps(
+                {**report, "series": [vars(s) for s in samples]}, indent=1))
 
     try:
         with mounted(volume, tmp_path / "mnt", nofile=DAEMON_NOFILE) as mnt:
@@ -101,6 +112,7 @@ def test_large_tree_with_bounded_descriptors(volume, tmp_path):
             start = time.perf_counter()
         with mounted(volume, tmp_path / "mnt", nofile=DAEMON_NOFILE) as mnt:
             timings["remount"] = time.perf_counter() - start
+            save()
             sampler = Sampler(_pid(volume), every=1.0)
             samplers.append(sampler)
             with step("rm -rf", sampler):
@@ -110,29 +122,25 @@ def test_large_tree_with_bounded_descriptors(volume, tmp_path):
     finally:
         for sampler in samplers:
             sampler.stop()
-    samples = [s for sampler in samplers for s in sampler.samples]
-    report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    report["fd_peak"] = max(s.fds for s in samples)
-    report["rss_peak_kib"] = max(s.rss_kib for s in samples)
-    report["samples"] = len(samples)
+    save()
     print(json.dumps(report, indent=1))
-    if path := os.environ.get("ENCFS_GW_SCALE_REPORT"):
-        Path(path).write_text(json.dumps(
-            {**report, "series": [vars(s) for s in samples]}, indent=1))
+    samples = [s for sampler in samplers for s in sampler.samples]
     over = [s for s in samples if s.fds > BOUND]
     assert not over, f"the daemon held more than {BOUND} descriptors: {over[:5]}"
 
 
 class _Timer:
-    def __init__(self, name: str, timings: dict[str, float]) -> None:
+    def __init__(self, name: str, timings: dict[str, float], save) -> None:
         self.name = name
         self.timings = timings
+        self.save = save
 
     def __enter__(self) -> None:
         self.start = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
         self.timings[self.name] = time.perf_counter() - self.start
+        self.save()
 
 
 def _pid(volume) -> int:
