@@ -86,6 +86,7 @@ class Inode:
         "backing_ino",
         "backing_name",
         "bad_place",
+        "children",
         "contents",
         "data_fd",
         "dir_id",
@@ -119,6 +120,11 @@ class Inode:
         # and its backing name there (None: no name known; it keeps its handle).
         self.parent_ino: int | None = None
         self.backing_name: str | None = None
+        # Inodes in the table whose recorded name is in this directory: it stays in the
+        # table (its handle may still be evicted) until they are gone or renamed, so each
+        # of them can always be reopened by name, even after the kernel forgot this one
+        # (a hard link kept alive by another name; the engine used without FUSE).
+        self.children = 0
         self.holds = 0  # operations in progress that need its handle to stay open
         self.mode = stat.S_IFMT(mode)
         self.lookups = 0
@@ -243,7 +249,7 @@ class InodeTable:
         inode = Inode(ino, -1, st.st_mode, self, st.st_ino)
         self.inodes[ino] = inode
         if parent is not None:
-            inode.parent_ino, inode.backing_name = parent.ino, backing_name
+            self._set_name(inode, parent.ino, backing_name)
         self._adopt_handle(inode, fd, st)
         return inode, st
 
@@ -260,7 +266,10 @@ class InodeTable:
 
     def drop(self, inode: Inode, force: bool = False) -> None:
         """Release an inode nobody holds any more (or every inode, with `force`)."""
-        if not force and (inode.lookups > 0 or inode.opens > 0 or inode.ino == ROOT_INODE):
+        if not force and (
+            inode.lookups > 0 or inode.opens > 0 or inode.children > 0
+            or inode.ino == ROOT_INODE
+        ):
             return
         if inode.data_fd is not None:
             self.close_fd(inode.data_fd)
@@ -277,6 +286,7 @@ class InodeTable:
             self.close_fd(fd)
         inode.pinned = None
         self.inodes.pop(inode.ino, None)
+        self._set_name(inode, None, None)
 
     def settle(self, inode: Inode) -> None:
         """After a change of an inode's handle, holds, opens or name: its handle goes
@@ -341,7 +351,7 @@ class InodeTable:
         inode = self.inodes.get(ino)
         if inode is None:
             inode = Inode(ino, -1, st.st_mode, self, st.st_ino)
-            inode.parent_ino, inode.backing_name = parent.ino, backing_name
+            self._set_name(inode, parent.ino, backing_name)
             self.inodes[ino] = inode
         elif inode.backing_ino == st.st_ino:
             self.name(inode, parent, backing_name)
@@ -391,10 +401,33 @@ class InodeTable:
     def name(self, inode: Inode, parent: Inode, backing_name: str | None) -> None:
         """`inode` was reached as `backing_name` in `parent`: reopen it by that."""
         if (inode.parent_ino, inode.backing_name) != (parent.ino, backing_name):
-            inode.parent_ino, inode.backing_name = parent.ino, backing_name
-            if inode.backing_name is None:
-                inode.parent_ino = None
+            self._set_name(inode, parent.ino if backing_name is not None else None,
+                           backing_name)
             self.settle(inode)
+
+    def _set_name(self, inode: Inode, parent_ino: int | None, backing_name: str | None) -> None:
+        """Record where `inode` is reopened from, keeping the parents' `children` counts:
+        a parent nobody else holds leaves the table with its last named child."""
+        old_parent_ino = inode.parent_ino
+        inode.parent_ino, inode.backing_name = parent_ino, backing_name
+        if old_parent_ino == parent_ino:
+            return
+        if parent_ino is not None and (parent := self.inodes.get(parent_ino)) is not None:
+            parent.children += 1
+        # Iterative, not recursive: dropping a parent may release its own parent in turn.
+        while old_parent_ino is not None:
+            old_parent = self.inodes.get(old_parent_ino)
+            if old_parent is None:
+                return
+            old_parent.children = max(0, old_parent.children - 1)  # (a forced drop)
+            if old_parent.children > 0 or old_parent.lookups > 0 or old_parent.opens > 0:
+                return
+            if old_parent.ino == ROOT_INODE:
+                return
+            old_parent_ino = old_parent.parent_ino
+            old_parent.parent_ino = None  # released here, not again by drop
+            old_parent.backing_name = None
+            self.drop(old_parent)
 
     def unname(self, inode: Inode) -> None:
         """Its recorded name is about to go (unlink, rmdir, a rename over it): it keeps
@@ -405,7 +438,7 @@ class InodeTable:
                 inode._fd = os.dup(inode.data_fd)
             else:
                 self.reopen(inode)
-        inode.parent_ino = inode.backing_name = None
+        self._set_name(inode, None, None)
         self.settle(inode)
 
     def known_at(self, parent: Inode, backing_name: str, st: os.stat_result) -> Inode | None:

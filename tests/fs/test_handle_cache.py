@@ -154,3 +154,22 @@ def test_open_files_and_directories_keep_their_descriptors(small):
     for fh in handles:
         small.release(fh)
     assert small.handle_stats()["cached"] <= CAPACITY
+
+
+def test_inode_reached_through_a_forgotten_directory_reopens_by_name(small):
+    """The kernel may forget a directory while an inode recorded there stays known: a
+    hard link kept alive by its other name, or the engine used without FUSE (convert).
+    The directory stays in the table while it has named children, and leaves with the
+    last of them."""
+    d_ino = small.mkdir(ROOT_INODE, b"d", 0o755, UID, GID).ino
+    ino = make_file(small, d_ino, b"f", b"inside")
+    small.forget(d_ino, 1)  # the kernel forgot d; f is still known
+    for i in range(3 * CAPACITY):  # push both out of the cache
+        make_file(small, ROOT_INODE, b"other%d" % i)
+    assert small.getattr(ino).size == len(b"inside")
+    assert read_all(small, ino) == b"inside"
+    known = small.handle_stats()["known"]
+    small.forget(ino, 1)  # f leaves, and d (forgotten, no named child left) with it
+    assert small.handle_stats()["known"] == known - 2
+    assert small.lookup(ROOT_INODE, b"d").ino == d_ino  # and it is found again
+    assert read_all(small, small.lookup(d_ino, b"f").ino) == b"inside"
