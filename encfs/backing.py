@@ -26,6 +26,7 @@ AT_SYMLINK_FOLLOW = 0x400
 UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4  # leave a whiteout (a character device 0/0) at the old name
 
 _libc = ctypes.CDLL(None, use_errno=True)
 log = logging.getLogger(__name__)

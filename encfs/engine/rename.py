@@ -100,7 +100,14 @@ class Renames:
         self, old_parent: Inode, old_name: bytes, new_parent: Inode, new_name: bytes, flags: int
     ) -> PendingRename | None:
         """Check a rename and make every object it moves valid at both places (step 1);
-        None if there is nothing to do."""
+        None if there is nothing to do.
+
+        RENAME_WHITEOUT (overlayfs, fsstress) is done as ext4 does it, by the backing
+        filesystem itself: its renameat2 leaves a whiteout, a character device 0/0, at
+        the old backing name in the same atomic step, and that name (with its long-name
+        sidecar) decodes to the old plaintext name like any device node's. A backing
+        filesystem without whiteouts refuses the rename (EINVAL): never a rename that
+        silently leaves none."""
         held: list[Inode] = []
         try:
             pending = self._plan(old_parent, old_name, new_parent, new_name, flags, held)
@@ -127,6 +134,10 @@ class Renames:
         flags: int,
         held: list[Inode],
     ) -> PendingRename | None:
+        whiteout = flags & backing.RENAME_WHITEOUT
+        known = backing.RENAME_NOREPLACE | backing.RENAME_EXCHANGE | backing.RENAME_WHITEOUT
+        if flags & ~known or (whiteout and flags & backing.RENAME_EXCHANGE):
+            raise oserror(errno.EINVAL)  # (as the kernel, which refuses both before us)
         names = self._names
         old_backing, old_encoded = names.encode(old_parent, old_name)
         new_backing, new_encoded = names.encode(new_parent, new_name)
@@ -177,10 +188,13 @@ class Renames:
                 def remove_replaced() -> None:
                     tmp = temp_name()
                     self._inodes.unname_at(old_parent, old_backing, new_st)
+                    # With RENAME_WHITEOUT the whiteout takes the old name in this step.
                     backing.renameat2(
-                        old_parent.fd, old_backing, old_parent.fd, tmp, backing.RENAME_NOREPLACE
+                        old_parent.fd, old_backing, old_parent.fd, tmp,
+                        backing.RENAME_NOREPLACE | whiteout,
                     )
-                    names.remove_sidecar(old_parent, old_backing)
+                    if not whiteout:
+                        names.remove_sidecar(old_parent, old_backing)
                     replaced_st = os.stat(tmp, dir_fd=old_parent.fd, follow_symlinks=False)
                     xattr_set = self._xattrs.last_name_set(old_parent.fd, tmp, replaced_st)
                     remove_tree(old_parent.fd, tmp)
@@ -204,12 +218,10 @@ class Renames:
         def rename() -> None:
             replacing = self._inodes.replaced(new_parent, new_backing)
             with replacing if new_st else contextlib.nullcontext():
-                os.rename(
-                    old_backing, new_backing, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd
-                )
+                backing.renameat2(old_parent.fd, old_backing, new_parent.fd, new_backing, whiteout)
 
         def clean_up() -> None:
-            if (old_parent.ino, old_backing) != (new_parent.ino, new_backing):
+            if not whiteout and (old_parent.ino, old_backing) != (new_parent.ino, new_backing):
                 names.remove_sidecar(old_parent, old_backing)
             if replaced_long_id is not None:
                 self._symlinks.remove_stored(replaced_long_id)

@@ -211,3 +211,39 @@ def test_mkdir_begin_refuses_a_taken_name_before_building(vol, backing):
     with pytest.raises(FileExistsError):
         vol.mkdir_begin(ROOT_INODE, b"d", 0o40755)
     assert sorted(os.listdir(backing)) == before
+
+
+WHITEOUT = 4  # RENAME_WHITEOUT
+
+
+@pytest.mark.parametrize("old_name", [b"a", b"l" * 200])  # 200: a long name (a sidecar)
+def test_rename_whiteout_leaves_a_whiteout_at_the_old_name(vol, backing, old_name):
+    """The backing filesystem leaves it (a character device 0/0) in the same step; it
+    decodes to the old name, is listed, looked up and unlinked like any device node."""
+    fh, moved = vol.create(ROOT_INODE, old_name, 0o100644, os.O_RDWR, 0, 0)
+    vol.write(fh, 0, b"payload")
+    vol.release(fh)
+    vol.rename(ROOT_INODE, old_name, ROOT_INODE, b"b", WHITEOUT)
+    assert names_of(vol, ROOT_INODE) == sorted([old_name, b"b"])
+    assert vol.lookup(ROOT_INODE, b"b").ino == moved.ino
+    whiteout = vol.lookup(ROOT_INODE, old_name)
+    assert whiteout.ino != moved.ino
+    assert stat.S_ISCHR(whiteout.mode) and whiteout.rdev == 0
+    vol.unlink(ROOT_INODE, old_name)
+    assert names_of(vol, ROOT_INODE) == [b"b"]
+    # Only the moved file's entry (and a sidecar for a long name) is left in the backing.
+    assert len([n for n in os.listdir(backing) if "." not in n or n.startswith(".egwL")]) == 1
+
+
+@pytest.mark.parametrize(
+    "flags", [WHITEOUT | 2, 8, 1 << 31]  # with RENAME_EXCHANGE; unknown flags
+)
+def test_rename_refuses_flags_it_cannot_honour(vol, flags):
+    for name in (b"a", b"b"):
+        fh, _ = vol.create(ROOT_INODE, name, 0o100644, os.O_RDWR, 0, 0)
+        vol.release(fh)
+    with pytest.raises(OSError) as info:
+        vol.rename(ROOT_INODE, b"a", ROOT_INODE, b"b", flags)
+    assert info.value.errno == errno.EINVAL
+    assert names_of(vol, ROOT_INODE) == [b"a", b"b"]
+

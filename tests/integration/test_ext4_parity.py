@@ -1,0 +1,136 @@
+"""ext4 as the reference: RENAME_WHITEOUT and chown(path, -1, -1) (issue 23, defects 2
+and 4), each done on a plain ext4 directory and through a mount in the same test, and
+what each leaves compared.
+
+The plain directory is on ext4: tmp_path when it is ext4, else a loop-mounted ext4 image
+made for the test. The volume's backing directory is on the same filesystem.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.mount import Volume, init_volume, mounted, unmount
+from tests.integration.test_full_disk import small_filesystem
+
+pytestmark = pytest.mark.fuse
+
+EXT4_MAGIC = 0xEF53
+AT_FDCWD = -100
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+LONG_NAME = "w" * 200  # encrypted, longer than 255: stored under a hashed name (FORMAT 5.2)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+
+
+def fs_magic(path: Path) -> int:
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
+    assert _libc.statfs(os.fsencode(path), buf) == 0
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+@pytest.fixture
+def ext4(tmp_path: Path) -> Iterator[Path]:
+    """A directory on ext4, for the plain tree and the volume's backing directory."""
+    if fs_magic(tmp_path) == EXT4_MAGIC:
+        yield tmp_path
+        return
+    with small_filesystem(tmp_path, "ext4", size_mib=64) as fs:
+        yield fs
+
+
+@pytest.fixture
+def both(ext4: Path) -> Iterator[tuple[Path, Path, Volume]]:
+    """(plain ext4 directory, the mount's root, its volume)."""
+    plain = ext4 / "plain"
+    plain.mkdir()
+    volume = init_volume(ext4)
+    with mounted(volume, ext4 / "mnt") as mnt:
+        yield plain, mnt, volume
+
+
+def renameat2(old: Path, new: Path, flags: int) -> int:
+    """0, or the errno of renameat2(2)."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Everything below `root` as ext4 would show it: type and permission bits, owner,
+    device number, and a file's contents (sizes and link counts of directories differ
+    by design: docs/LIMITS.md)."""
+    found = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(directory, name)
+            st = os.lstat(path)
+            entry: tuple = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
+                            st.st_gid, st.st_rdev)
+            if stat.S_ISREG(st.st_mode):
+                entry += (st.st_nlink, path.read_bytes())
+            elif stat.S_ISLNK(st.st_mode):
+                entry += (os.readlink(path),)
+            found[str(path.relative_to(root))] = entry
+    return found
+
+
+def populate(root: Path) -> None:
+    (root / "a").write_bytes(b"contents of a")
+    (root / "b").write_bytes(b"contents of b")
+    (root / "d").mkdir()
+    (root / "d" / "inside").write_bytes(b"in d")
+    (root / LONG_NAME).write_bytes(b"long")
+    os.symlink("a", root / "s")
+
+
+# --- RENAME_WHITEOUT ------------------------------------------------------------------------
+
+WHITEOUT_CASES = {
+    # name: (source, target, flags)
+    "to a new name": ("a", "c", RENAME_WHITEOUT),
+    "over a file": ("a", "b", RENAME_WHITEOUT),
+    "a directory": ("d", "e", RENAME_WHITEOUT),
+    "into a directory": ("a", "d/a", RENAME_WHITEOUT),
+    "a long name": (LONG_NAME, "short", RENAME_WHITEOUT),
+    "a symlink": ("s", "t", RENAME_WHITEOUT),
+    "to a long name": ("a", LONG_NAME + "x", RENAME_WHITEOUT),
+    "noreplace over a file": ("a", "b", RENAME_WHITEOUT | RENAME_NOREPLACE),
+    "noreplace to a new name": ("a", "c", RENAME_WHITEOUT | RENAME_NOREPLACE),
+    "with exchange": ("a", "b", RENAME_WHITEOUT | RENAME_EXCHANGE),
+    "of nothing": ("none", "c", RENAME_WHITEOUT),
+}
+
+
+@pytest.mark.parametrize("case", WHITEOUT_CASES)
+def test_rename_whiteout_as_on_ext4(both, case):
+    """ext4 leaves a whiteout (a character device 0/0, mode 0) at the source's name; so
+    does the mount, or both refuse alike. The whiteout stays after a remount and can be
+    removed like any entry."""
+    plain, mnt, volume = both
+    source, target, flags = WHITEOUT_CASES[case]
+    populate(plain)
+    populate(mnt)
+    results = [renameat2(root / source, root / target, flags) for root in (plain, mnt)]
+    assert results[1] == results[0], [errno.errorcode.get(r, r) for r in results]
+    expected = tree(plain)
+    assert tree(mnt) == expected
+    if results[0] == 0:
+        whiteout = os.lstat(plain / source)
+        assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
+    unmount(volume, mnt)
+    with mounted(volume, mnt):
+        assert tree(mnt) == expected
+        if results[0] == 0:
+            for root in (plain, mnt):
+                os.unlink(root / source)
+            assert tree(mnt) == tree(plain)
