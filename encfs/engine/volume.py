@@ -245,6 +245,10 @@ class Volume:
             backing.chown_fd(inode.fd, -1 if uid is None else uid, -1 if gid is None else gid)
         if atime_ns is not None or mtime_ns is not None:
             backing.utimens_fd(inode.fd, atime_ns, mtime_ns)
+        if (size, mode, uid, gid, atime_ns, mtime_ns) == (None,) * 6:
+            # chown(path, -1, -1): the kernel sends a setattr that changes nothing, and
+            # ext4 updates ctime for it. So does the backing's chown to -1, -1.
+            backing.chown_fd(inode.fd, -1, -1)
         return self.getattr(ino)
 
     # --- names -----------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 
 import pytest
 
@@ -247,3 +248,17 @@ def test_rename_refuses_flags_it_cannot_honour(vol, flags):
     assert info.value.errno == errno.EINVAL
     assert names_of(vol, ROOT_INODE) == [b"a", b"b"]
 
+
+def test_a_setattr_of_nothing_updates_ctime(vol):
+    """chown(path, -1, -1) reaches us as a setattr with no field; ext4 updates ctime for
+    it (tests/integration/test_ext4_parity.py compares the two through a mount)."""
+    fh, attr = vol.create(ROOT_INODE, b"f", 0o100644, os.O_RDWR, 0, 0)
+    vol.release(fh)
+    end = time.monotonic() + 5
+    while time.clock_gettime_ns(5) <= attr.ctime_ns:  # CLOCK_REALTIME_COARSE passes it
+        assert time.monotonic() < end
+        time.sleep(0.001)
+    after = vol.setattr(attr.ino)
+    assert after.ctime_ns > attr.ctime_ns
+    assert (after.mode, after.uid, after.gid, after.size) == (
+        attr.mode, attr.uid, attr.gid, attr.size)

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.fuse
 EXT4_MAGIC = 0xEF53
 AT_FDCWD = -100
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+DEADLINE = 5.0
+CLOCK_REALTIME_COARSE = 5  # (Linux; the time module does not name it)
 LONG_NAME = "w" * 200  # encrypted, longer than 255: stored under a hashed name (FORMAT 5.2)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -134,3 +137,55 @@ def test_rename_whiteout_as_on_ext4(both, case):
             for root in (plain, mnt):
                 os.unlink(root / source)
             assert tree(mnt) == tree(plain)
+
+
+# --- chown(path, -1, -1) ------------------------------------------------------------------
+
+
+def wait_for_a_new_timestamp(ctime_ns: int) -> None:
+    """Until the kernel's coarse clock is past `ctime_ns`, so a change made now gets a
+    later ctime on any kernel (a condition with a deadline, not a fixed sleep)."""
+    end = time.monotonic() + DEADLINE
+    while time.clock_gettime_ns(CLOCK_REALTIME_COARSE) <= ctime_ns:
+        assert time.monotonic() < end, "the clock did not move"
+        time.sleep(0.001)
+
+
+def chown_outcome(path: Path, kind: str) -> tuple[bool, int]:
+    """chown(path, -1, -1) (lchown for a symlink, fchown for an open file): whether ctime
+    moved on, and the mode afterwards."""
+    before = os.lstat(path)
+    wait_for_a_new_timestamp(before.st_ctime_ns)
+    if kind == "symlink":
+        os.lchown(path, -1, -1)
+    elif kind == "open file":
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fchown(fd, -1, -1)
+        finally:
+            os.close(fd)
+    else:
+        os.chown(path, -1, -1)
+    after = os.lstat(path)
+    return after.st_ctime_ns > before.st_ctime_ns, after.st_mode
+
+
+def make(root: Path, kind: str) -> Path:
+    path = root / kind.replace(" ", "_")
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "symlink":
+        os.symlink("somewhere", path)
+    else:
+        path.write_bytes(b"x")
+        if kind == "setuid file":
+            os.chmod(path, 0o6755)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["file", "directory", "symlink", "open file", "setuid file"])
+def test_chown_to_the_same_owner_updates_ctime_as_on_ext4(both, kind):
+    plain, mnt, _volume = both
+    expected = chown_outcome(make(plain, kind), kind)
+    assert expected[0], "ext4 updates ctime"
+    assert chown_outcome(make(mnt, kind), kind) == expected
