@@ -31,6 +31,22 @@ from encfs.format.places import DirRecord, LinkRecord
 log = logging.getLogger(__name__)
 
 
+def _own_whiteout(parent: Inode, backing_name: str, owner: tuple[int, int] | None) -> None:
+    """Give the whiteout a rename left the caller's ownership (ext4 makes it with the
+    caller's fsuid and fsgid, or the parent's group under a setgid parent). Best effort:
+    the rename has happened; a failure is logged, not passed on."""
+    if owner is None or os.geteuid() != 0:
+        return
+    uid, gid = owner
+    try:
+        parent_st = os.fstat(parent.fd)
+        if parent_st.st_mode & stat.S_ISGID:
+            gid = parent_st.st_gid
+        os.chown(backing_name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+    except OSError as exc:
+        log.warning("cannot give a whiteout its owner: %s", exc.strerror)
+
+
 @dataclass(eq=False)
 class _Move:
     """One object moved by a backing rename, and how its binding follows it."""
@@ -97,7 +113,13 @@ class Renames:
         self._bound = bound
 
     def begin(
-        self, old_parent: Inode, old_name: bytes, new_parent: Inode, new_name: bytes, flags: int
+        self,
+        old_parent: Inode,
+        old_name: bytes,
+        new_parent: Inode,
+        new_name: bytes,
+        flags: int,
+        owner: tuple[int, int] | None = None,
     ) -> PendingRename | None:
         """Check a rename and make every object it moves valid at both places (step 1);
         None if there is nothing to do.
@@ -107,10 +129,12 @@ class Renames:
         the old backing name in the same atomic step, and that name (with its long-name
         sidecar) decodes to the old plaintext name like any device node's. A backing
         filesystem without whiteouts refuses the rename (EINVAL): never a rename that
-        silently leaves none."""
+        silently leaves none. The whiteout is made by us (root), so it is given `owner`,
+        the caller's (uid, gid) (the parent's group under a setgid parent), as ext4 gives
+        it the caller's."""
         held: list[Inode] = []
         try:
-            pending = self._plan(old_parent, old_name, new_parent, new_name, flags, held)
+            pending = self._plan(old_parent, old_name, new_parent, new_name, flags, owner, held)
         except BaseException:
             self._inodes.unhold(held)
             raise
@@ -132,6 +156,7 @@ class Renames:
         new_parent: Inode,
         new_name: bytes,
         flags: int,
+        owner: tuple[int, int] | None,
         held: list[Inode],
     ) -> PendingRename | None:
         whiteout = flags & backing.RENAME_WHITEOUT
@@ -193,7 +218,9 @@ class Renames:
                         old_parent.fd, old_backing, old_parent.fd, tmp,
                         backing.RENAME_NOREPLACE | whiteout,
                     )
-                    if not whiteout:
+                    if whiteout:
+                        _own_whiteout(old_parent, old_backing, owner)
+                    else:
                         names.remove_sidecar(old_parent, old_backing)
                     replaced_st = os.stat(tmp, dir_fd=old_parent.fd, follow_symlinks=False)
                     xattr_set = self._xattrs.last_name_set(old_parent.fd, tmp, replaced_st)
@@ -219,6 +246,8 @@ class Renames:
             replacing = self._inodes.replaced(new_parent, new_backing)
             with replacing if new_st else contextlib.nullcontext():
                 backing.renameat2(old_parent.fd, old_backing, new_parent.fd, new_backing, whiteout)
+            if whiteout:
+                _own_whiteout(old_parent, old_backing, owner)
 
         def clean_up() -> None:
             if not whiteout and (old_parent.ino, old_backing) != (new_parent.ino, new_backing):

@@ -384,10 +384,13 @@ class Volume:
         new_parent_ino: int,
         new_name: bytes,
         flags: int = 0,
+        owner: tuple[int, int] | None = None,
     ) -> None:
         """A rename in one call (the FUSE adapter runs the same stages, with the fsyncs
         of a directory's rename off the request loop)."""
-        pending = self.rename_begin(old_parent_ino, old_name, new_parent_ino, new_name, flags)
+        pending = self.rename_begin(
+            old_parent_ino, old_name, new_parent_ino, new_name, flags, owner
+        )
         if pending is None:
             return
         try:
@@ -412,16 +415,18 @@ class Volume:
         new_parent_ino: int,
         new_name: bytes,
         flags: int = 0,
+        owner: tuple[int, int] | None = None,
     ) -> PendingRename | None:
         """Check a rename and make every object it moves valid at both places (step 1 of
         docs/FORMAT.md section 4); None if there is nothing to do. Then: `sync_before`
         (fsync, any thread), `rename_apply`, `sync_after()` (fsync; failure: not durable),
         `rename_finish`, and always `rename_end`. The kernel holds both parents locked
-        for the whole rename."""
+        for the whole rename. `owner`: the caller's (uid, gid), given to the whiteout a
+        RENAME_WHITEOUT leaves, as ext4 does."""
         self.counters["moves"] += 1
         old_parent = self._inodes.directory(old_parent_ino)
         new_parent = self._inodes.directory(new_parent_ino)
-        return self._renames.begin(old_parent, old_name, new_parent, new_name, flags)
+        return self._renames.begin(old_parent, old_name, new_parent, new_name, flags, owner)
 
     def rename_apply(self, pending: PendingRename) -> None:
         """Step 2: the backing rename; the moved objects' known inodes follow."""

@@ -257,7 +257,9 @@ class Operations(pyfuse3.Operations):
         ctx: Any,
     ) -> None:
         volume = self.volume
-        pending = volume.rename_begin(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        pending = volume.rename_begin(
+            parent_inode_old, name_old, parent_inode_new, name_new, flags, (ctx.uid, ctx.gid)
+        )
         if pending is None:
             return
         try:

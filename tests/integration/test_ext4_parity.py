@@ -12,6 +12,8 @@ import ctypes
 import errno
 import os
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +139,41 @@ def test_rename_whiteout_as_on_ext4(both, case):
             for root in (plain, mnt):
                 os.unlink(root / source)
             assert tree(mnt) == tree(plain)
+
+
+AS_ANOTHER_USER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+# Keep CAP_MKNOD (RENAME_WHITEOUT needs it) with a file-system uid that is not root.
+if libc.prctl(28, 1 << 2, 0, 0, 0) != 0:  # PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP
+    sys.exit(90)
+libc.setfsgid(int(sys.argv[4]))
+libc.setfsuid(int(sys.argv[3]))
+if libc.renameat2(-100, sys.argv[1].encode(), -100, sys.argv[2].encode(), 4) != 0:
+    sys.exit(ctypes.get_errno())
+"""
+
+
+@pytest.mark.parametrize("setgid", [False, True])
+def test_the_whiteout_belongs_to_the_caller_as_on_ext4(both, setgid):
+    """ext4 makes the whiteout with the caller's file-system uid and gid (the parent's
+    group under a setgid parent); the mount's daemon makes it as root and then gives it
+    the caller's. The caller: uid 1000, gid 1000, with CAP_MKNOD."""
+    plain, mnt, _volume = both
+    for root in (plain, mnt):
+        shared = root / "shared"
+        shared.mkdir()
+        os.chown(shared, 0, 2000)
+        os.chmod(shared, 0o2777 if setgid else 0o777)
+        (shared / "a").write_bytes(b"a")
+        result = subprocess.run(
+            [sys.executable, "-c", AS_ANOTHER_USER, shared / "a", shared / "b", "1000", "1000"],
+            timeout=60, check=False,
+        )
+        assert result.returncode == 0, errno.errorcode.get(result.returncode, result.returncode)
+    expected = tree(plain)
+    assert expected["shared/a"][2:4] == (1000, 2000 if setgid else 1000)
+    assert tree(mnt) == expected
 
 
 # --- chown(path, -1, -1) ------------------------------------------------------------------
