@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.mount import Volume, init_volume, mounted, unmount
+from tests.helpers.mount import Volume, init_volume, mounted, run_cli, unmount
 from tests.integration.test_full_disk import small_filesystem
 
 pytestmark = pytest.mark.fuse
@@ -120,7 +120,7 @@ WHITEOUT_CASES = {
 def test_rename_whiteout_as_on_ext4(both, case):
     """ext4 leaves a whiteout (a character device 0/0, mode 0) at the source's name; so
     does the mount, or both refuse alike. The whiteout stays after a remount and can be
-    removed like any entry."""
+    removed like any entry, and fsck finds nothing wrong."""
     plain, mnt, volume = both
     source, target, flags = WHITEOUT_CASES[case]
     populate(plain)
@@ -133,6 +133,8 @@ def test_rename_whiteout_as_on_ext4(both, case):
         whiteout = os.lstat(plain / source)
         assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
     unmount(volume, mnt)
+    check = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile)
+    assert check.returncode == 0, check.stdout + check.stderr  # a whiteout is a device node
     with mounted(volume, mnt):
         assert tree(mnt) == expected
         if results[0] == 0:
