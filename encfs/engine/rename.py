@@ -245,9 +245,16 @@ class Renames:
         def rename() -> None:
             replacing = self._inodes.replaced(new_parent, new_backing)
             with replacing if new_st else contextlib.nullcontext():
-                backing.renameat2(old_parent.fd, old_backing, new_parent.fd, new_backing, whiteout)
-            if whiteout:
-                _own_whiteout(old_parent, old_backing, owner)
+                if not whiteout:
+                    os.rename(
+                        old_backing, new_backing,
+                        src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd,
+                    )
+                    return
+                backing.renameat2(
+                    old_parent.fd, old_backing, new_parent.fd, new_backing, whiteout
+                )
+            _own_whiteout(old_parent, old_backing, owner)
 
         def clean_up() -> None:
             if not whiteout and (old_parent.ino, old_backing) != (new_parent.ino, new_backing):
