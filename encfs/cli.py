@@ -468,11 +468,12 @@ def _mount_background(args: argparse.Namespace) -> int:
 
 def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted; `ready_fd` (background mode) hears READY once live."""
-    from encfs import config_store, health
-    from encfs import mount as mount_mod
+    from encfs import config_store
+    from encfs.daemon import health
+    from encfs.daemon import mount as mount_mod
+    from encfs.daemon.mountpoint import check_mountpoint
+    from encfs.daemon.systemd import Notifier, Service
     from encfs.engine import Volume
-    from encfs.mountpoint import check_mountpoint
-    from encfs.systemd import Notifier, Service
 
     backing = backing_argument(args.backing)
     mountpoint = os.path.abspath(args.mountpoint)
@@ -625,7 +626,7 @@ def _detach_stdio(log_file: str | None) -> None:
 
 
 def cmd_provider(args: argparse.Namespace) -> int:
-    from encfs import keyslots
+    from encfs.admin import keyslots
 
     if args.provider_command == "check":
         return _provider_check(args)
@@ -733,7 +734,7 @@ def _resolve_target(target: str) -> _Target:
     runs (its control socket is there; the daemon's identity is checked when it is
     reached)."""
     from encfs import client
-    from encfs.mountpoint import resolve, top_mount
+    from encfs.daemon.mountpoint import resolve, top_mount
 
     path = os.path.abspath(target)
     top = top_mount(path)
@@ -841,7 +842,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
             else:
                 result = message
     else:
-        from encfs import rotation
+        from encfs.admin import rotation
         from encfs.engine import Volume
 
         volume = Volume.unlock(backing, _operator(args))
@@ -878,12 +879,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if mounted:
         reply = _one_reply(target, {"op": "status", "check": args.check})
     else:
-        from encfs import rotation
+        from encfs.admin import rotation, status
         from encfs.engine import Volume
 
         volume = Volume.unlock(backing, _operator(args))
         try:
-            reply = rotation.volume_report(volume, rotation.census(volume))
+            reply = status.volume_report(volume, rotation.census(volume))
         finally:
             volume.close()
     reply["mounted"] = mounted
@@ -1007,7 +1008,7 @@ def cmd_rotate_every(args: argparse.Namespace) -> int:
         if summary.get("rotated_to") is not None:
             print(f"the policy was due: rotated to KEK version {summary['rotated_to']} now")
     else:
-        from encfs import rotation
+        from encfs.admin import rotation
         from encfs.engine import Volume
 
         volume = Volume.unlock(backing, _operator(args))
@@ -1044,7 +1045,7 @@ def _policy_line(policy: dict, next_rotation: str) -> str:
 
 
 def cmd_rewrap_kek(args: argparse.Namespace) -> int:
-    from encfs import keyslots
+    from encfs.admin import keyslots
 
     backing = _resolve_target(args.target).backing
     count = keyslots.rewrap_keks(backing, _operator(args))
@@ -1056,7 +1057,7 @@ def cmd_rewrap_kek(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from encfs import fsck as fsck_mod
+    from encfs.admin import fsck as fsck_mod
     from encfs.engine import Volume
 
     backing = backing_argument(args.backing)
@@ -1111,7 +1112,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def _export_quarantine(volume: Any, destination: str, as_json: bool) -> int:
-    from encfs import quarantine
+    from encfs.admin import quarantine
 
     try:
         exported = quarantine.export(volume, destination)
@@ -1147,7 +1148,7 @@ class _FsckProgress:
         self.enabled = enabled
         self.last = 0.0
 
-    def __call__(self, report: Any) -> None:  # an encfs.fsck.Report
+    def __call__(self, report: Any) -> None:  # an encfs.admin.fsck.Report
         import time
 
         now = time.monotonic()
@@ -1163,10 +1164,10 @@ class _FsckProgress:
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
-    from encfs import keyslots
+    from encfs.admin.destroy import destroy_volume
 
     backing = backing_argument(args.backing)
-    actions = keyslots.destroy_volume(
+    actions = destroy_volume(
         backing, args.confirm, _operator(args), audit_path=args.audit_log
     )
     for action in actions:
@@ -1179,7 +1180,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from encfs import upgrade
+    from encfs.admin import upgrade
 
     backing = backing_argument(args.backing)
     config = upgrade.read_legacy(backing)
@@ -1234,7 +1235,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     remove what the mount left on the mountpoint (its guard; the dead mounts of a daemon
     that died)."""
     from encfs import client
-    from encfs import mountpoint as mountpoint_mod
+    from encfs.daemon import mountpoint as mountpoint_mod
 
     mountpoint = os.path.abspath(args.mountpoint)
     top = mountpoint_mod.top_mount(mountpoint)

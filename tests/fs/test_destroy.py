@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 
+from encfs.admin.destroy import destroy_volume
 from encfs.engine import ROOT_INODE, Volume, create_volume
 from encfs.errors import KeyRevoked, UsageError, VolumeBusy
 from encfs.keys.keyfile import KeyfileProvider
-from encfs.keyslots import destroy_volume
 from tests.helpers.config import trusted
 
 

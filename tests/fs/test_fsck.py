@@ -11,13 +11,13 @@ import stat
 
 import pytest
 
-from encfs import quarantine
+from encfs.admin import quarantine
+from encfs.admin.fsck import CRASH, EITHER, PAGE_SIZE, TAMPERING, fsck
 from encfs.engine import ROOT_INODE, Volume
 from encfs.engine import contents as contents_mod
 from encfs.errors import IntegrityError, UsageError
 from encfs.format.blocks import KEY_RECORD_SIZE, Layout
 from encfs.format.names import DIR_ID_FILE, QUARANTINE_DIR, TEMP_PREFIX
-from encfs.fsck import CRASH, EITHER, PAGE_SIZE, TAMPERING, fsck
 from tests.fs.conftest import make_legacy_volume
 from tests.helpers.config import trusted
 

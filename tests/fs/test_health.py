@@ -10,9 +10,9 @@ import stat
 import pytest
 
 from encfs.audit import AuditLog
+from encfs.daemon.health import KeyHealth, State
 from encfs.engine import ROOT_INODE, Volume, create_volume
 from encfs.errors import KeyRevoked, ProviderUnavailable
-from encfs.health import KeyHealth, State
 from encfs.keys.registry import open_provider
 from tests.helpers.config import trusted
 

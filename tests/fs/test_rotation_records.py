@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from encfs import rotation
+from encfs.admin import rotation
 from encfs.engine import ROOT_INODE
 from encfs.format import keyarea
 from encfs.format.blocks import (

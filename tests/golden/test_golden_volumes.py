@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from encfs import upgrade
+from encfs.admin import upgrade
 from encfs.engine import ROOT_INODE
 from encfs.engine import Volume as Engine
 from encfs.errors import ConfigAuthError, IntegrityError, UnsupportedFormat

@@ -579,7 +579,7 @@ def test_mount_option_refused(tmp_path, pristine, option):
 
 @pytest.mark.fuse
 def test_every_allowed_fuse_option_mounts_in_order(tmp_path, pristine):
-    from encfs.mount import USER_FUSE_OPTIONS
+    from encfs.daemon.mount import USER_FUSE_OPTIONS
 
     everything = [o for o in USER_FUSE_OPTIONS if o != "allow_root"]  # excludes allow_other
     for options in (everything, ["allow_root"]):

@@ -71,7 +71,7 @@ from pathlib import Path
 
 import pytest
 
-from encfs import mountpoint
+from encfs.daemon import mountpoint
 from encfs.errors import FsckProblems
 from tests.helpers.mount import (
     ENCFS_GW,

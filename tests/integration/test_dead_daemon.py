@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from encfs import mountpoint
+from encfs.daemon import mountpoint
 from encfs.errors import MountpointError, NotMounted
 from tests.helpers.mount import (
     Volume,

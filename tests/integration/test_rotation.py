@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
+from encfs.admin.rotation import CRASH_AFTER_ENV
 from encfs.format.blocks import HEADER_SIZE, KEY_AREA_SIZE, Layout
-from encfs.rotation import CRASH_AFTER_ENV
 from tests.helpers.mount import mounted, run_cli
 
 LAYOUT = Layout(16384)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from encfs import rotation
+from encfs.admin import rotation
 from encfs.cli import format_interval, parse_interval
 from encfs.engine import Volume
 from encfs.errors import ConfigError, UsageError

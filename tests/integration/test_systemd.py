@@ -2,7 +2,7 @@
 
 There is no systemd as PID 1 here, so each piece is checked the way systemd would see it:
 
-* the sd_notify client (encfs/systemd.py) against a datagram socket the test binds, with
+* the sd_notify client (encfs/daemon/systemd.py) against a datagram socket the test binds, with
   SO_PASSCRED so every message's sender PID is known (NotifyAccess=main);
 * the daemon (`encfs-gw mount --foreground`) with NOTIFY_SOCKET/WATCHDOG_USEC set:
   READY=1 only once the mount answers, STATUS=, WATCHDOG=1, STOPPING=1 on SIGTERM, exit 0;
@@ -52,8 +52,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from encfs import cli, client, mountpoint, systemd
-from encfs import mount as mount_mod
+from encfs import cli, client
+from encfs.daemon import mount as mount_mod
+from encfs.daemon import mountpoint, systemd
 from encfs.errors import MountpointError, UsageError, WrongKey
 from tests.helpers.mount import (
     ENCFS_GW,
@@ -313,7 +314,7 @@ def test_messages_arrive_with_our_pid(tmp_path, abstract):
 
 def test_send_errors_are_logged_once_and_never_raised(tmp_path, caplog):
     notifier = systemd.Notifier(os.fsencode(tmp_path / "nobody-listens"))
-    with caplog.at_level(logging.WARNING, logger="encfs.systemd"):
+    with caplog.at_level(logging.WARNING, logger="encfs.daemon.systemd"):
         assert notifier.notify(("READY", 1)) is False
         assert notifier.notify(("WATCHDOG", 1)) is False
     assert len([r for r in caplog.records if "cannot notify" in r.message]) == 1

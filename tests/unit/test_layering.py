@@ -22,17 +22,9 @@ LAYERS = {
     "trust": 3,
     "config_store": 3,
     "engine": 4,
-    "keyslots": 4,
-    "rotation": 4,
-    "health": 4,
-    "fsck": 4,
-    "upgrade": 4,
-    "quarantine": 4,
+    "admin": 5,
     "fuse": 5,
-    "mount": 6,
-    "mountpoint": 6,
-    "systemd": 6,
-    "control": 6,
+    "daemon": 6,
     "client": 6,
     "cli": 7,
     "__main__": 8,
@@ -91,7 +83,7 @@ def test_format_and_keys_never_import_each_other_and_providers_are_independent()
 def test_only_fuse_and_mount_import_pyfuse3():
     for path in all_modules():
         if any(n == "pyfuse3" or n.startswith("pyfuse3.") for n in imports_of(path)):
-            assert module_key(path) in ("fuse", "mount"), path
+            assert module_key(path) in ("fuse", "daemon"), path
 
 
 def test_only_crypto_and_providers_import_cryptography():

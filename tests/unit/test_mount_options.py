@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from encfs.daemon.mount import USER_FUSE_OPTIONS, fuse_options
 from encfs.errors import UsageError
-from encfs.mount import USER_FUSE_OPTIONS, fuse_options
 
 
 def test_the_daemons_options_come_first_in_a_fixed_order():

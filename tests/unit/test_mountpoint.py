@@ -1,4 +1,4 @@
-"""The mount table as encfs.mountpoint reads it: escapes, stacks, what may be mounted on
+"""The mount table as encfs.daemon.mountpoint reads it: escapes, stacks, what may be mounted on
 (no I/O beyond a mountinfo text given to the parser)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import io
 
 import pytest
 
-from encfs import mountpoint
-from encfs.mountpoint import Mount, acceptable, mount_stack
+from encfs.daemon import mountpoint
+from encfs.daemon.mountpoint import Mount, acceptable, mount_stack
 
 MOUNTINFO = rb"""27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
 40 27 0:50 / /srv/a\040b ro,nosuid - tmpfs encfs-gw-guard:/srv/a\040b.backing ro

@@ -1,4 +1,4 @@
-"""Keyslot administration: protect a volume's KEKs under more providers, or fewer.
+"""Keyslot administration (layer L5): protect a volume's KEKs under more providers, or fewer.
 
 `add` recovers every KEK version through the providers the operator vouched for (one
 call each) and protects it under the new provider too, as LUKS adds a keyslot: a KMS key
@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from encfs import config_store, crypto
-from encfs.audit import AuditLog
 from encfs.errors import KeyAccessError, NotVouched, UsageError
 from encfs.format.volume import PROTECTOR_ID_SIZE, Protector, VolumeConfig
 from encfs.trust import Operator
@@ -288,49 +285,3 @@ def replace_records(volume: Volume, changes: list[Reprotection]) -> VolumeConfig
     with config_store.editing(volume.backing_path, volume.keyring, volume.operator) as config:
         apply_reprotections(config, changes)
     return config
-
-
-def destroy_volume(
-    backing_path: str,
-    confirm_volume_id: str,
-    operator: Operator,
-    audit_path: str | None = None,
-) -> list[str]:
-    """Crypto-shred a volume: every KEK record gone, provider-held keys destroyed where
-    the operator vouched for the provider. Refused while mounted and without the volume
-    id as confirmation. Needs no key: the config is not authenticated first, and only
-    vouched providers are asked to destroy anything."""
-    actions: list[str] = []
-    config = config_store.peek(backing_path)
-    volume_id = config.volume_id.hex()
-    if confirm_volume_id.lower() != volume_id:
-        raise UsageError(
-            "destroy needs the volume id as confirmation: "
-            f"--yes-destroy-all-data {volume_id}"
-        )
-    operator.entry = operator.store.load(volume_id)
-    lock_fd = config_store.lock_volume_at(backing_path)
-    try:
-        for number, version in sorted(config.kek_versions.items()):
-            for protector in version.protectors:
-                try:
-                    provider = operator.provider(protector)
-                except NotVouched:
-                    actions.append(
-                        f"KEK v{number} keyslot {protector.id} ({protector.kind}): not vouched "
-                        "for on this host, its provider-side key is left to its operator"
-                    )
-                    continue
-                done = provider.destroy(protector.record)
-                actions.append(
-                    f"KEK v{number} {provider.describe()}: "
-                    + (done or "the provider-side key is left to its operator")
-                )
-        when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        config_store.shred(backing_path, config, when)
-        actions.append("shredded every sealed KEK and wrapped volume key in the volume config")
-        operator.forget(volume_id)
-        AuditLog(config.volume_id, audit_path).event("crypto_shred", outcome="ok")
-    finally:
-        os.close(lock_fd)
-    return actions

@@ -1,4 +1,4 @@
-"""Key health (layer L4): revalidate the KEKs with their providers; READY / DEGRADED /
+"""Key health (layer L6): revalidate the KEKs with their providers; READY / DEGRADED /
 INACCESSIBLE; wipe keys on revocation and restore them when the key comes back.
 
 `check()` talks to providers (network, seconds) and is meant to run in a worker thread;

@@ -1,5 +1,5 @@
 """`encfs-gw upgrade`: the one explicit step from an unauthenticated config (volumes
-made before the `authenticated-config` feature) to an authenticated one (layer L4).
+made before the `authenticated-config` feature) to an authenticated one (layer L5).
 
 An old config names its providers' options itself (key file paths, command argv,
 module paths, endpoints), unauthenticated. Nothing of it is run without the operator:

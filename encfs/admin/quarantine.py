@@ -1,4 +1,4 @@
-"""fsck's quarantine: evidence of what failed a check, kept as it was (layer L4).
+"""fsck's quarantine: evidence of what failed a check, kept as it was (layer L5).
 
 `BACKING/.egw-quarantine/<item>/` holds one item per finding that `fsck --repair` took
 out of the volume or was about to change:

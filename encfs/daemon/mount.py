@@ -3,11 +3,11 @@
 Readiness means the mount answers: after pyfuse3.init() the kernel still waits for the
 session loop to answer INIT, so a worker thread stats the mountpoint and only then is
 the caller told the mount is live (ready callback: the ready pipe of the forked
-background mount; and sd_notify READY=1 through `encfs.systemd.Service`).
+background mount; and sd_notify READY=1 through `encfs.daemon.systemd.Service`).
 
 When the daemon dies its mount stays, dead (ENOTCONN), over a read-only guard (root), so
 that nothing written by path lands in the directory underneath; the next mount of the
-volume replaces the dead mount (encfs.mountpoint.MountSite, docs/systemd.md). A
+volume replaces the dead mount (encfs.daemon.mountpoint.MountSite, docs/systemd.md). A
 deliberate end (SIGTERM, `umount`, `encfs-gw unmount`) removes the guard too.
 """
 
@@ -27,18 +27,19 @@ from collections.abc import Callable, Iterator
 import pyfuse3
 import trio
 
-from encfs import health as health_mod
 from encfs import hygiene
-from encfs.control import ControlServer
+from encfs.daemon import health as health_mod
+from encfs.daemon.control import ControlServer
+from encfs.daemon.mountpoint import MountSite
+from encfs.daemon.mountpoint import resolve as resolve_mountpoint
+from encfs.daemon.supervisor import Supervisor
+from encfs.daemon.systemd import Service
 from encfs.engine import Volume
 from encfs.errors import MountFailed, MountpointError, UsageError
 from encfs.fuse.cpu_policy import CpuHelpers
 from encfs.fuse.loop import ReadyWaiter, serve_requests
 from encfs.fuse.operations import Operations, drop_kernel_cache
 from encfs.fuse.syncer import ThreadSyncer, open_syncer
-from encfs.mountpoint import MountSite
-from encfs.mountpoint import resolve as resolve_mountpoint
-from encfs.systemd import Service
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ MALLOC_MMAP_BYTES = 32 << 20  # glibc's maximum mmap threshold on 64-bit
 MALLOC_TRIM_BYTES = 256 << 20
 READ_AHEAD_KB = 1024
 # No auto_unmount: a dead mount (ENOTCONN) is safer than an exposed directory
-# (encfs.mountpoint); `-o auto_unmount` asks for it.
+# (encfs.daemon.mountpoint); `-o auto_unmount` asks for it.
 DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw")
 # What `-o` may pass to FUSE: the generic mount flags libfuse 3 knows and FUSE's access
 # options (each mounts: tests/integration/test_cli_errors.py). fsname= and subtype= are
@@ -166,7 +167,7 @@ def serve(
 
     Called with the volume lock held: the mountpoint is made ready first (dead mounts of
     this volume replaced, the guard placed; `allow_nonempty`, `protect_mountpoint`: see
-    encfs.mountpoint.MountSite). A deliberate end (SIGTERM: `systemctl stop`, or an
+    encfs.daemon.mountpoint.MountSite). A deliberate end (SIGTERM: `systemctl stop`, or an
     unmount from outside) removes the guard as well; a crash leaves it.
 
     The key health task revalidates the key every `health_interval` seconds; on
@@ -182,7 +183,7 @@ def serve(
     """
     service = service or Service.disabled()
     site = MountSite(mountpoint, volume.backing_path, allow_nonempty, protect_mountpoint)
-    control = ControlServer(
+    supervisor = Supervisor(
         volume,
         health_interval=health_interval,
         health_grace=health_grace,
@@ -190,9 +191,10 @@ def serve(
         mount_options=list(options),
         mountpoint=site.target,
     )
-    control.on_state_change = lambda _line: service.set_health(
-        control.health.state.value, control.health.reason
+    supervisor.on_state_change = lambda _line: service.set_health(
+        supervisor.health.state.value, supervisor.health.reason
     )
+    control = ControlServer(supervisor)
     syncer = open_syncer()
     operations = Operations(volume, syncer)
     operations.enable_writeback_cache = writeback_cache
@@ -225,10 +227,12 @@ def serve(
     waiter = ReadyWaiter()
     helpers = CpuHelpers(waiter, cpu_warmer, busy_poll)
     helpers.apply()
-    control.cpu_status = helpers.status
+    supervisor.cpu_status = helpers.status
     clean = False
     try:
-        trio.run(_serve, mountpoint, on_ready, control, service, waiter, syncer, helpers)
+        trio.run(
+            _serve, mountpoint, on_ready, supervisor, control, service, waiter, syncer, helpers
+        )
         clean = True
     finally:
         helpers.stop()
@@ -327,6 +331,7 @@ def _start_unmount_guard(
 async def _serve(
     mountpoint: str,
     on_ready: Callable[[], None],
+    supervisor: Supervisor,
     control: ControlServer,
     service: Service,
     waiter: ReadyWaiter,
@@ -337,6 +342,7 @@ async def _serve(
         if service.watchdog_interval:
             nursery.start_soon(_watchdog, service)
         await nursery.start(control.serve)
+        await nursery.start(supervisor.run)
         await nursery.start(syncer.run)
         nursery.start_soon(helpers.run)
         nursery.start_soon(_main_then_cancel, nursery.cancel_scope, service, waiter)

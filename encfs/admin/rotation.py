@@ -1,4 +1,4 @@
-"""KEK rotation: a new KEK version, then a re-wrap pass over every key slot (layer L4).
+"""KEK rotation: a new KEK version, then a re-wrap pass over every key slot (layer L5).
 
 The pass never touches block records. Per group of 32 blocks it reads the 4 KiB key
 area, unwraps every DEK held under an older KEK version and wraps it under the target
@@ -20,11 +20,11 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from encfs import config_store, crypto, keyslots
+from encfs import config_store, crypto
 from encfs.engine import Volume
 from encfs.errors import IntegrityError, UsageError
 from encfs.format import keyarea
@@ -217,30 +217,6 @@ def policy_summary(config: VolumeConfig) -> dict:
     return {
         "rotation_policy": config.rotation_policy,
         "next_rotation": None if due is None else due.strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-
-
-def volume_report(volume: Volume, counts: Counter[int]) -> dict:
-    """The KEK versions, their states and the DEKs each protects: one report for the
-    offline `status` and the daemon's. A census count under a version the config does
-    not list (a config rolled back past a purge) or a malformed record is called out."""
-    config = volume.config
-    known = {str(v): n for v, n in sorted(counts.items()) if v in config.kek_versions}
-    unknown = {
-        str(v): n for v, n in sorted(counts.items()) if v > 0 and v not in config.kek_versions
-    }
-    return {
-        "backing": volume.backing_path,
-        "volume_id": config.volume_id.hex(),
-        "generation": config.generation,
-        "current_kek": config.current_kek,
-        "kek_versions": {str(n): v.state for n, v in sorted(config.kek_versions.items())},
-        "key_versions": keyslots.key_versions(config, volume.operator),
-        "rotation": config.rotation,
-        **policy_summary(config),
-        "deks_per_version": known,
-        "unknown_kek_versions": unknown,
-        "malformed_key_records": counts.get(-1, 0),
     }
 
 
@@ -624,19 +600,50 @@ def verify_and_finish(
     }
 
 
+class RotationRun:
+    """One rotation from its start to its end: the driver that the offline `rotate` and
+    the daemon's supervisor (encfs.daemon.supervisor) share. They differ only in how they
+    wait between steps (time.sleep, or trio.sleep between slices of FUSE requests) and in
+    how they count DEKs when the pass's own count is incomplete.
+
+    Errors: starting raises what `start_rotation` raises (UsageError: a rotation without
+    a vouched provider ...); a step raises what the pass cannot recover from (the keys
+    are gone, the backing store fails). Nothing is lost when a run stops anywhere (an
+    exception, a cancellation, a kill): the next run resumes the pass.
+    """
+
+    def __init__(self, volume: Volume, rate: float | None, purge_old: bool) -> None:
+        self.volume = volume
+        self.rate = rate  # re-wrapped DEKs per second (None: unthrottled)
+        self.purge_old = purge_old
+        self.rewrap = RewrapPass(volume, start_rotation(volume))
+
+    def steps(self) -> Iterator[tuple[PassStats, float]]:
+        """Each step of the pass (one key area), with the seconds to wait after it so the
+        rate is kept."""
+        for stats in self.rewrap.steps():
+            yield stats, throttle_delay(stats, self.rate)
+
+    def complete_count(self) -> Counter[int] | None:
+        """DEKs per version by the pass's own count, None if something moved under it."""
+        return self.rewrap.complete_count()
+
+    def finish(self, counts: Counter[int] | None) -> dict:
+        """Retire (or purge) the old versions if no DEK needs them any more: the result."""
+        return verify_and_finish(self.volume, self.rewrap, self.purge_old, counts)
+
+
 def rotate_offline(
     volume: Volume,
     rate: float | None = None,
     purge_old: bool = False,
-    on_progress=None,
+    on_progress: Callable[[PassStats], None] | None = None,
 ) -> dict:
-    target = start_rotation(volume)
-    rewrap = RewrapPass(volume, target)
-    for stats in rewrap.steps():
-        delay = throttle_delay(stats, rate)
+    run = RotationRun(volume, rate, purge_old)
+    for stats, delay in run.steps():
         if delay:
             time.sleep(delay)
         if on_progress is not None:
             on_progress(stats)
     # Offline the volume lock is ours: nothing renames a file past the walk.
-    return verify_and_finish(volume, rewrap, purge_old, rewrap.complete_count())
+    return run.finish(run.complete_count())

@@ -1,4 +1,4 @@
-"""Offline volume check and repair (layer L4).
+"""Offline volume check and repair (layer L5).
 
 Walks the volume from the root with the key: every name decrypts, every directory has
 its id (bound to its place on a bound volume), every symlink target opens (and is bound
@@ -14,7 +14,7 @@ truncation leave the same bytes).
 `repair` never deletes data that can be read and never makes data that failed
 authentication readable or valid (nothing is re-tagged). It removes crash debris that
 holds no data (temporary entries, orphaned long-name sidecars); it moves what failed
-authentication, unchanged, into the quarantine (encfs/quarantine.py), where the mount
+authentication, unchanged, into the quarantine (encfs/admin/quarantine.py), where the mount
 never shows it and only `fsck --export-quarantine` reads it; and before it changes a
 file (a torn tail cut off, orphaned key records cleared, a half-written header cleared)
 it copies the file as it was into the quarantine. A block that fails inside readable
@@ -31,7 +31,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from encfs import backing, quarantine
+from encfs import backing
+from encfs.admin import quarantine
 from encfs.engine import ROOT_INODE, Attr, BindingError, Volume
 from encfs.errors import EncfsError, IntegrityError
 from encfs.format import names as fnames

@@ -1,0 +1,249 @@
+"""The daemon's supervisor (layer L6): what runs beside the FUSE request loop. Key health
+(revalidation, kernel caches dropped on a fall to INACCESSIBLE, the providers' key
+versions followed), the rotation policy, the resume of an interrupted re-wrap pass, the
+online rotation, and the daemon's status report.
+
+Every task runs on the trio thread; blocking work (a provider call, a census) goes to a
+worker thread and touches nothing FUSE handlers change. A rotation runs its steps on the
+trio thread, between FUSE requests, through the same driver as the offline `rotate`
+(`encfs.admin.rotation.RotationRun`).
+
+Errors: no supervisor task may take the daemon down. A failed health check, policy read
+or automatic rotation is logged (WARNING for the expected failures: an unreachable
+provider, an altered config; the traceback for anything else) and retried later
+(`POLICY_RETRY`, the next health interval); the mount goes on with what it has. A
+rotation asked for over the control socket reports its error to that client instead.
+
+Cancellation: the tasks are cancelled when the mount ends. A cancelled rotation leaves
+the pass resumable (every step is crash-safe; the next start resumes it); a cancelled
+health check or policy check leaves the state it found, as a worker thread's result
+is applied on the trio thread only when it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from encfs import config_store
+from encfs.admin import keyslots, rotation, status
+from encfs.daemon import health as health_mod
+from encfs.engine import Volume
+from encfs.errors import EncfsError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 1.0
+PASS_SLICE = 0.005  # seconds of re-wrap work between two checkpoints (FUSE latency bound)
+POLICY_IDLE_CHECK = 3600.0  # seconds between reads of the rotation policy when none is due
+POLICY_RETRY = 300.0  # after an automatic rotation failed (provider down ...)
+
+
+class Supervisor:
+    """Key health, rotation policy, resume and online rotation of one mounted volume."""
+
+    def __init__(
+        self,
+        volume: Volume,
+        health_interval: float = health_mod.DEFAULT_INTERVAL,
+        health_grace: float = health_mod.DEFAULT_GRACE,
+        invalidate: Callable[[list[int]], None] | None = None,
+        mount_options: list[str] | None = None,
+        mountpoint: str | None = None,
+    ) -> None:
+        self.volume = volume
+        self.mountpoint = mountpoint
+        self.mount_options = mount_options or []
+        self.health_interval = health_interval
+        self.invalidate = invalidate
+        self.health = health_mod.KeyHealth(
+            volume, volume.audit, grace=health_grace, clock=trio.current_time
+        )
+        self.on_state_change: Callable[[str], None] | None = None
+        # The CPU warmer's and the busy-poll's state for `status` (encfs.daemon.mount sets it).
+        self.cpu_status: Callable[[], dict] | None = None
+        self._rotating = False
+        self._check_lock = trio.Lock()
+        self._policy_changed = trio.Event()
+        self._policy_lock = trio.Lock()
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The health loop, the policy loop and, if a pass was interrupted, its resume;
+        until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.health_loop)
+            nursery.start_soon(self.policy_loop)
+            if self.volume.config.rotation is not None:
+                # A pass was interrupted (crash, unmount): resume it in the background.
+                nursery.start_soon(self._resume)
+            task_status.started()
+
+    # --- key health ---------------------------------------------------------------------------
+    def status_line(self) -> str:
+        """The short form for systemd's STATUS=."""
+        return f"{self.health.state.value}: {self.health.reason}"
+
+    async def check_now(self) -> dict:
+        """One revalidation; on a fall to INACCESSIBLE drop the kernel's cached data. When
+        the keys are good, follow the providers' key versions."""
+        async with self._check_lock:
+            before = self.health.state
+            result = await trio.to_thread.run_sync(self.health.check)
+            state = self.health.apply(result)
+            if state is not before:
+                if state is health_mod.State.INACCESSIBLE and self.invalidate is not None:
+                    # Blocking kernel notifications: from a thread, never from a handler.
+                    await trio.to_thread.run_sync(self.invalidate, self.volume.known_inodes())
+                if self.on_state_change is not None:
+                    self.on_state_change(self.status_line())
+            if state is health_mod.State.READY:
+                await self.follow_key_versions()
+            return self.health.summary()
+
+    async def follow_key_versions(self) -> None:
+        """Re-protect the stored KEK blobs whose provider key has a new current version
+        (keyslots.follow_key_versions); not while a rotation edits the KEK versions."""
+        if self._rotating or self.volume.config.rotation is not None:
+            return
+        try:
+            changes = await trio.to_thread.run_sync(keyslots.follow_key_versions, self.volume)
+        except EncfsError as exc:
+            log.warning("cannot follow the providers' key versions: %s", exc)
+            return
+        # Back on the trio thread: the records the next check (and status) will use.
+        keyslots.apply_reprotections(self.volume.config, changes)
+
+    async def health_loop(self) -> None:
+        """Revalidate every interval (jittered by up to 10 %, so fleets do not align)."""
+        while True:
+            await trio.sleep(self.health_interval * (0.9 + 0.2 * random.random()))
+            try:
+                await self.check_now()
+            except Exception:
+                log.exception("key health check failed")
+
+    # --- the rotation policy ------------------------------------------------------------------
+    async def policy_loop(self) -> None:
+        """Rotate when the volume's rotation policy says so. The policy is read from the
+        config at every check, so `rotate-every` applies without a remount."""
+        while True:
+            wait, _ = await self.apply_policy()
+            with trio.move_on_after(wait):
+                await self._policy_changed.wait()
+            self._policy_changed = trio.Event()
+
+    async def apply_policy(self) -> tuple[float, int | None]:
+        """Run the rotation if the policy says it is due: (seconds until the next check,
+        the KEK version rotated to or None). One at a time: a second caller waits, then
+        finds the rotation done."""
+        async with self._policy_lock:
+            return await self._policy_check()
+
+    async def set_policy(self, every_seconds: int | None, purge_old: bool) -> dict:
+        """Set (or clear) the rotation policy, rotate at once if that makes one due, and
+        wake the policy loop: the policy and the version rotated to, if any."""
+        async with self._policy_lock:
+            rotation.set_policy(self.volume, every_seconds, purge_old)
+        _, rotated = await self.apply_policy()
+        self._policy_changed.set()  # the loop recomputes its timer
+        return {"rotated_to": rotated, **rotation.policy_summary(self.volume.config)}
+
+    async def _policy_check(self) -> tuple[float, int | None]:
+        try:
+            # Authenticated with the keys in memory: an altered config is refused here
+            # (logged), and the daemon keeps serving with the config it has.
+            config = config_store.reread(self.volume.backing_path, self.volume.keyring)
+        except (EncfsError, OSError) as exc:
+            log.warning("cannot read the rotation policy: %s", exc)
+            return POLICY_RETRY, None
+        except Exception:  # never let the config take the daemon down
+            log.exception("cannot read the rotation policy")
+            return POLICY_RETRY, None
+        if config.generation > self.volume.config.generation:
+            self.volume.config = config  # another process's change (provider add ...)
+        remaining = rotation.seconds_until_rotation(config)
+        if remaining is None:
+            return POLICY_IDLE_CHECK, None
+        if remaining > 0:
+            return min(remaining, POLICY_IDLE_CHECK), None
+        if self._rotating or config.rotation is not None:
+            return min(float(config.rotation_policy["every_seconds"]), POLICY_RETRY), None
+        log.info("the rotation policy asks for a new KEK version")
+        try:
+            result = await self.rotate(
+                rate=None, purge_old=config.rotation_policy["purge_old"], report=None
+            )
+        except EncfsError as exc:
+            log.warning("automatic rotation failed: %s", exc)
+            return POLICY_RETRY, None
+        except Exception:  # never let the policy take the daemon down
+            log.exception("automatic rotation failed")
+            return POLICY_RETRY, None
+        if not result.get("done"):
+            log.warning("automatic rotation left DEKs under older versions: %s", result)
+            return POLICY_RETRY, None
+        log.info("automatic rotation to KEK version %d done", result["target"])
+        return 0.0, int(result["target"])
+
+    # --- rotation -----------------------------------------------------------------------------
+    async def _resume(self) -> None:
+        try:
+            result = await self.rotate(rate=None, purge_old=False, report=None)
+            log.info("resumed re-wrap pass finished: %s", result.get("deks_per_version"))
+        except EncfsError as exc:
+            log.warning("could not resume the re-wrap pass: %s", exc)
+
+    async def rotate(
+        self,
+        rate: float | None,
+        purge_old: bool,
+        report: Callable[[rotation.PassStats], Awaitable[None]] | None,
+    ) -> dict:
+        """A rotation (or the resume of one) between FUSE requests: its result. `report`
+        hears the pass's progress about every PROGRESS_INTERVAL seconds."""
+        if self._rotating:
+            raise EncfsError("a rotation is already running")
+        self._rotating = True
+        try:
+            run = rotation.RotationRun(self.volume, rate, purge_old)
+            last_report = 0.0
+            slice_start = trio.current_time()
+            # Each step (one key area) runs synchronously on the trio thread, so it
+            # cannot interleave with a FUSE write to the same key area. Steps run in
+            # slices of PASS_SLICE seconds between checkpoints: FUSE requests wait at most
+            # that long, and the pass does not pay a scheduler round trip per key area.
+            for stats, delay in run.steps():
+                now = trio.current_time()
+                if delay or now - slice_start >= PASS_SLICE:
+                    await trio.sleep(delay)
+                    slice_start = trio.current_time()
+                if report is not None and now - last_report >= PROGRESS_INTERVAL:
+                    last_report = now
+                    await report(stats)
+            counts = run.complete_count()
+            if counts is None:  # something moved under the walk: count by reading
+                # The census only reads; it may run beside FUSE requests. The pass has
+                # just read every key area: no prefetch.
+                counts = await trio.to_thread.run_sync(rotation.census, self.volume, False)
+            # Finishing mutates the keyring and config: back on the trio thread.
+            return run.finish(counts)
+        finally:
+            self._rotating = False
+
+    # --- status -------------------------------------------------------------------------------
+    async def status(self, check: bool) -> dict:
+        """The daemon's status report (encfs.admin.status), after a revalidation if
+        `check`."""
+        if check:
+            await self.check_now()
+        counts = await trio.to_thread.run_sync(rotation.census, self.volume)
+        report = status.mounted_report(
+            self.volume, counts, self.health.summary(), self.mountpoint, self.mount_options
+        )
+        if self.cpu_status is not None:
+            report["cpu"] = self.cpu_status()
+        return report
