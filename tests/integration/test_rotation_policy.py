@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from encfs.admin import rotation
-from encfs.cli import format_interval, parse_interval
+from encfs.cli.rotating import format_interval, parse_interval
 from encfs.engine import Volume
 from encfs.errors import ConfigError, UsageError
 from encfs.format.volume import VolumeConfig

@@ -52,7 +52,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from encfs import cli, client
+from encfs import client
+from encfs.cli import app, mounting
 from encfs.daemon import mount as mount_mod
 from encfs.daemon import mountpoint, systemd
 from encfs.errors import MountpointError, UsageError, WrongKey
@@ -344,23 +345,23 @@ async def test_watchdog_pings_come_from_the_trio_loop_at_half_the_interval(autoj
 
 def test_mount_helper_translates_mount8_arguments(monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(app, "main", lambda argv: calls.append(argv) or 0)
     argv = [
         "/srv/b", "/srv/m", "-n", "-o",
         "ro,keyfile=/etc/k,_netdev,nofail,allow_other,x-systemd.requires=x.service,"
         "log_file=/var/log/e.log,protect_mountpoint,defaults,rw,comment=x",
         "-t", "fuse.encfs-gw",
     ]
-    assert cli.mount_helper(argv) == 0
+    assert mounting.mount_helper(argv) == 0
     assert calls == [[
         "mount", "/srv/b", "/srv/m", "--keyfile", "/etc/k", "--log-file", "/var/log/e.log",
         "-o", "ro,allow_other,protect_mountpoint",
     ]]
     calls.clear()
-    assert cli.mount_helper(["/srv/b", "/srv/m", "-v"]) == 0
+    assert mounting.mount_helper(["/srv/b", "/srv/m", "-v"]) == 0
     assert calls == [["--verbose", "mount", "/srv/b", "/srv/m"]]
     calls.clear()
-    assert cli.mount_helper(["/srv/b", "/srv/m", "-f", "-o", "ro"]) == 0  # fake: nothing
+    assert mounting.mount_helper(["/srv/b", "/srv/m", "-f", "-o", "ro"]) == 0  # fake: nothing
     assert calls == []
 
 
@@ -368,7 +369,7 @@ def test_mount_helper_translates_mount8_arguments(monkeypatch):
     "argv", [["/srv/b"], ["/srv/b", "/srv/m", "-o"], ["/srv/b", "/srv/m", "-N", "x"]]
 )
 def test_mount_helper_usage_errors(argv, capsys):
-    assert cli.mount_helper(argv) == UsageError.exit_code
+    assert mounting.mount_helper(argv) == UsageError.exit_code
     assert capsys.readouterr().err.startswith("encfs-gw: error: ")
 
 
@@ -944,7 +945,7 @@ def fstab_scenario(argv: list[str]) -> None:
     upper.mkdir()
     overlay_work.mkdir()
     # As installed: /sbin/mount.fuse.encfs-gw is a symlink to the encfs-gw command.
-    (upper / cli.MOUNT_HELPER).symlink_to(cfg["encfs_gw"])
+    (upper / mounting.MOUNT_HELPER).symlink_to(cfg["encfs_gw"])
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                     f"lowerdir=/usr/sbin,upperdir={upper},workdir={overlay_work}", "/usr/sbin"],
                    check=True)
