@@ -15,7 +15,7 @@ from encfs.engine import Volume
 
 def volume_report(volume: Volume, counts: Counter[int]) -> dict:
     """The KEK versions, their states and the DEKs each protects (`counts`: the census,
-    `rotation.census`). A census count under a version the config does not list (a
+    `rewrap.census`). A census count under a version the config does not list (a
     config rolled back past a purge) or a malformed record is called out."""
     config = volume.config
     known = {str(v): n for v, n in sorted(counts.items()) if v in config.kek_versions}

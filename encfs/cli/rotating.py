@@ -122,12 +122,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if mounted:
         reply = one_reply(target, {"op": "status", "check": args.check})
     else:
-        from encfs.admin import rotation, status
+        from encfs.admin import rewrap, status
         from encfs.engine import Volume
 
         volume = Volume.unlock(backing, operator_from(args))
         try:
-            reply = status.volume_report(volume, rotation.census(volume))
+            reply = status.volume_report(volume, rewrap.census(volume))
         finally:
             volume.close()
     reply["mounted"] = mounted

@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from encfs import config_store
-from encfs.admin import keyslots, rotation, status
+from encfs.admin import keyslots, rewrap, rotation, status
 from encfs.daemon import health as health_mod
 from encfs.engine import Volume
 from encfs.errors import EncfsError
@@ -201,7 +201,7 @@ class Supervisor:
         self,
         rate: float | None,
         purge_old: bool,
-        report: Callable[[rotation.PassStats], Awaitable[None]] | None,
+        report: Callable[[rewrap.PassStats], Awaitable[None]] | None,
     ) -> dict:
         """A rotation (or the resume of one) between FUSE requests: its result. `report`
         hears the pass's progress about every PROGRESS_INTERVAL seconds."""
@@ -228,7 +228,7 @@ class Supervisor:
             if counts is None:  # something moved under the walk: count by reading
                 # The census only reads; it may run beside FUSE requests. The pass has
                 # just read every key area: no prefetch.
-                counts = await trio.to_thread.run_sync(rotation.census, self.volume, False)
+                counts = await trio.to_thread.run_sync(rewrap.census, self.volume, False)
             # Finishing mutates the keyring and config: back on the trio thread.
             return run.finish(counts)
         finally:
@@ -240,7 +240,7 @@ class Supervisor:
         `check`."""
         if check:
             await self.check_now()
-        counts = await trio.to_thread.run_sync(rotation.census, self.volume)
+        counts = await trio.to_thread.run_sync(rewrap.census, self.volume)
         report = status.mounted_report(
             self.volume, counts, self.health.summary(), self.mountpoint, self.mount_options
         )

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from encfs.admin.rotation import CRASH_AFTER_ENV
+from encfs.admin.rewrap import CRASH_AFTER_ENV
 from encfs.format.blocks import HEADER_SIZE, KEY_AREA_SIZE, Layout
 from tests.helpers.mount import mounted, run_cli
 

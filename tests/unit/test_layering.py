@@ -1,4 +1,11 @@
-"""Imports point one way: crypto -> format / providers -> engine -> FUSE -> mount -> CLI."""
+"""Imports point one way, layer by layer (docs/dev/ARCHITECTURE.md):
+
+L0 errors, hygiene -> L1 crypto, secmem -> L2 format/, keys/ -> L3 backing, config_store,
+keyring, audit, trust -> L4 engine/ -> L5 admin/, fuse/ -> L6 daemon/, client -> L7 cli/.
+
+An import within one layer is allowed only where SAME_LAYER declares it, so the layers
+cannot grow into a staircase again (each module leaning on the one beside it).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "encfs"
 
-# module (relative path prefix) -> layer number
+# top-level module or package -> layer number
 LAYERS = {
+    "encfs": 0,  # encfs/__init__.py (the version)
     "errors": 0,
     "hygiene": 0,
-    "__init__": 0,
     "crypto": 1,
     "secmem": 1,
     "format": 2,
@@ -25,15 +32,93 @@ LAYERS = {
     "admin": 5,
     "fuse": 5,
     "daemon": 6,
+    # Reaching a daemon from outside; the daemon's control socket and mountpoint use its
+    # runtime directory and mount table (it imports no daemon module).
     "client": 6,
     "cli": 7,
-    "__main__": 8,
+    "__main__": 7,
+}
+
+# importer -> the modules of its own layer it may import (dotted, without "encfs.").
+SAME_LAYER: dict[str, set[str]] = {
+    "crypto": {"secmem"},  # key bytes live in locked pages
+    # format/: the package holds the feature flags; records build on blocks and names
+    "format.blocks": {"format"},
+    "format.volume": {"format", "format.blocks"},
+    "format.keyarea": {"format.blocks"},
+    "format.places": {"format.names"},
+    # keys/: every provider implements the interface; the registry names them lazily
+    **{
+        f"keys.{name}": {"keys.provider"}
+        for name in (
+            "aws_kms", "azure_keyvault", "command", "keyfile", "kmip", "passphrase",
+            "pkcs11", "registry", "systemd_credential", "tpm2", "vault",
+        )
+    },
+    # L3: the keyring and the config store record key events and consult the operator
+    "keyring": {"audit", "trust"},
+    "config_store": {"audit", "backing", "keyring", "trust"},
+    # engine/: the facade composes the collaborators; each knows only those below it
+    "engine": {"engine.bindings", "engine.create", "engine.inodes", "engine.volume"},
+    "engine.volume": {
+        "engine.bindings", "engine.entries", "engine.files", "engine.inodes", "engine.names",
+        "engine.rename", "engine.symlinks", "engine.xattrs",
+    },
+    "engine.inodes": {"engine.contents"},  # (a type only)
+    "engine.bindings": {"engine.inodes"},
+    "engine.names": {"engine.bindings", "engine.inodes"},
+    "engine.symlinks": {"engine.bindings", "engine.inodes", "engine.names"},
+    "engine.xattrs": {"engine.inodes", "engine.names"},
+    "engine.files": {"engine.bindings", "engine.contents", "engine.inodes"},
+    "engine.entries": {
+        "engine.bindings", "engine.files", "engine.inodes", "engine.names", "engine.symlinks",
+    },
+    "engine.rename": {"engine.bindings", "engine.inodes", "engine.names", "engine.symlinks"},
+    "engine.create": {"engine.bindings", "engine.names"},
+    # admin/: fsck keeps evidence in the quarantine; the status report reads rotation
+    # and keyslots
+    "admin.fsck": {"admin.quarantine"},
+    "admin.rotation": {"admin.rewrap"},  # the pass it drives
+    "admin.status": {"admin.keyslots", "admin.rotation"},
+    # fuse/: the handlers translate errors through the table and hand fsync to the
+    # syncer; the accelerated loop and its CPU warmer
+    "fuse.operations": {"fuse.errno_map", "fuse.syncer"},
+    "fuse.syncer": {"fuse.loop"},
+    "fuse.loop": {"fuse.warm"},
+    "fuse.warm": {"fuse.spinner"},
+    # daemon/: mount is the composition root of a mounted volume
+    "daemon.mount": {
+        "daemon.control", "daemon.health", "daemon.mountpoint", "daemon.supervisor",
+        "daemon.systemd",
+    },
+    "daemon.supervisor": {"daemon.health"},
+    "daemon.control": {"client", "daemon.supervisor"},
+    "daemon.mountpoint": {"client"},
+    # cli/: app dispatches to the command modules, which share common; mount(8)'s helper
+    # calls app.main (a lazy import)
+    "cli": {"cli.app"},
+    "cli.app": {"cli.checking", "cli.common", "cli.keys", "cli.mounting", "cli.rotating"},
+    "cli.checking": {"cli.common"},
+    "cli.keys": {"cli.common"},
+    "cli.mounting": {"cli.app", "cli.common"},
+    "cli.rotating": {"cli.common"},
+    "__main__": {"cli"},
 }
 
 
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts) or "encfs"
+
+
 def module_key(path: Path) -> str:
-    rel = path.relative_to(PACKAGE).with_suffix("")
-    return rel.parts[0]
+    return module_name(path).split(".")[0]
+
+
+def layer(module: str) -> int:
+    return LAYERS[module.split(".")[0]]
 
 
 def imports_of(path: Path) -> list[str]:
@@ -47,6 +132,30 @@ def imports_of(path: Path) -> list[str]:
     return names
 
 
+def _is_module(dotted: str) -> bool:
+    rel = PACKAGE.joinpath(*dotted.split("."))
+    return rel.with_suffix(".py").exists() or rel.is_dir()
+
+
+def encfs_modules_imported(path: Path) -> set[str]:
+    """The encfs modules a file imports (dotted, without "encfs."): `from encfs.x import
+    y` counts as encfs.x.y where y is a module."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            inner = [f"{node.module}.{alias.name}" for alias in node.names]
+            targets = [n for n in inner if _is_module(n.removeprefix("encfs."))]
+            targets = targets or [node.module]
+        else:
+            continue
+        for name in targets:
+            if name == "encfs" or name.startswith("encfs."):
+                found.add(name.removeprefix("encfs").lstrip(".") or "encfs")
+    return found
+
+
 def all_modules():
     return [p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts]
 
@@ -56,15 +165,28 @@ def test_every_module_has_a_layer():
         assert module_key(path) in LAYERS, path
 
 
-def test_imports_point_down():
+def test_imports_point_down_or_are_declared():
     for path in all_modules():
-        here = module_key(path)
-        for name in imports_of(path):
-            if not name.startswith("encfs"):
+        here = module_name(path)
+        for target in encfs_modules_imported(path):
+            if target == here:
                 continue
-            parts = name.split(".")
-            target = parts[1] if len(parts) > 1 else "__init__"
-            assert LAYERS[target] <= LAYERS[here], f"{path.name} imports {name}"
+            assert layer(target) <= layer(here), f"{here} imports {target}, a higher layer"
+            if layer(target) == layer(here):
+                assert target in SAME_LAYER.get(here, set()), (
+                    f"{here} imports {target} of its own layer: declare it in SAME_LAYER "
+                    "(and say why), or move one of them"
+                )
+
+
+def test_declared_same_layer_imports_exist_and_stay_in_their_layer():
+    """No stale declarations: each one is an import that exists, within one layer."""
+    actual = {module_name(p): encfs_modules_imported(p) for p in all_modules()}
+    for importer, targets in SAME_LAYER.items():
+        assert importer in actual, importer
+        for target in targets:
+            assert layer(target) == layer(importer), (importer, target)
+            assert target in actual[importer], f"{importer} no longer imports {target}"
 
 
 def test_format_and_keys_never_import_each_other_and_providers_are_independent():
@@ -99,10 +221,11 @@ def test_fuse_adapter_knows_no_providers_crypto_or_format():
 
 
 def test_only_the_composition_roots_use_the_provider_registry():
-    """Everything else gets providers through an injected factory (trust.Operator)."""
+    """Everything else gets providers through an injected factory (trust.Operator): the
+    CLI makes the operator (for offline commands and for the daemon it starts)."""
     for path in all_modules():
-        if any(n.startswith("encfs.keys.registry") for n in imports_of(path)):
-            assert module_key(path) in ("cli", "keys"), path
+        if "keys.registry" in encfs_modules_imported(path):
+            assert module_key(path) == "cli", path
 
 
 def test_backing_imports_only_errors():
