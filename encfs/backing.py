@@ -224,6 +224,11 @@ class DeferredCloser:
     while one of them is on, `defer_closes(False)` (encfs.fuse.cpu_policy) makes every
     close happen on the caller's thread, as before the closer existed: what is queued
     is closed at once, and the closer is never left behind by our own spinning.
+
+    Errors: a close that fails (EIO from the backing store) is logged and counted as
+    done; the thread goes on with the next. Cancellation: there is none; `stop` (at
+    Volume.close, before the volume lock is released) closes everything still queued
+    and ends the thread, so no descriptor outlives the volume.
     """
 
     def __init__(self, max_pending: int | None = None) -> None:

@@ -6,9 +6,9 @@ Write order for every block write (the crash argument is in docs/FORMAT.md):
   3. the old slot is cleared.
 A crash between any two steps leaves a block that opens under one of its two slots.
 
-All methods are synchronous on purpose: the FUSE adapter runs them on the trio thread
-without awaiting in between, so read-modify-write of a block is atomic with respect to
-other requests (no per-block locks needed while no handler awaits mid-update).
+All methods are synchronous on purpose, so read-modify-write of a block is atomic with
+respect to other requests without per-block locks (docs/dev/ARCHITECTURE.md, "handlers
+never await mid-update").
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """pyfuse3 Operations over a Volume: request decoding, attribute conversion, errno.
 
-Handlers call the volume synchronously on the trio thread (the data path never awaits
-mid-update, which is what makes block read-modify-write atomic); only fsync, which can
-take milliseconds, is handed off (`syncer`: the kernel's AIO workers, or a thread).
+Handlers call the volume synchronously on the trio thread and never await mid-update
+(the rule and its checklist: docs/dev/ARCHITECTURE.md); only fsync, which can take
+milliseconds, is handed off (`syncer`: the kernel's AIO workers, or a thread).
 Every handler is wrapped by `_translate`.
 """
 

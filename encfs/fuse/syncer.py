@@ -12,6 +12,13 @@ sandbox that filters io_setup, a big-endian or unknown architecture); then, and 
 descriptor the kernel refuses to sync asynchronously (EINVAL: no fsync method), the
 fsync runs in a worker thread as before (`ThreadSyncer`), which also gives the real
 error. Errors of the fsync itself come back as OSError with its errno either way.
+
+Errors: an fsync error goes to the request that asked for it (its errno, to the caller
+of fsync(2)); a request io_submit refuses as one the kernel cannot sync
+asynchronously goes the slow way, any other refusal is that request's error. Cancellation:
+a cancelled request stops waiting at once; its completion, when the kernel reports it,
+is dropped by the collector (`AioSyncer.run`, which runs until the mount ends). `close`
+waits for fsyncs still in the kernel (io_destroy) before the volume is synced and closed.
 """
 
 from __future__ import annotations
