@@ -137,19 +137,25 @@ def verify(config: VolumeConfig, stored_mac: bytes, keyring: Keyring) -> None:
         )
 
 
+def refuse_downgrade(config: VolumeConfig, operator: Operator, backing_path: str) -> None:
+    """A volume this host knows with an authenticated config never goes back: an
+    unauthenticated config for it now is an attacker's downgrade (borg's tam_required)."""
+    entry = operator.store.load(config.volume_id.hex())
+    if entry is not None:
+        raise ConfigAuthError(
+            f"this host knows volume {entry.volume_id} with an authenticated config "
+            f"(generation {entry.generation}); the config in {backing_path} has no "
+            "authentication: a downgrade, refused"
+        )
+
+
 def unlock(
     backing_path: str, operator: Operator, audit: AuditLog | None = None
 ) -> tuple[VolumeConfig, Keyring]:
     """Steps 1-4 above: an authentic config and the keyring that opened it."""
     config, stored_mac = VolumeConfig.from_json(read_raw(backing_path))
     if stored_mac is None:
-        entry = operator.store.load(config.volume_id.hex())
-        if entry is not None:
-            raise ConfigAuthError(
-                f"this host knows volume {entry.volume_id} with an authenticated config "
-                f"(generation {entry.generation}); the config in {backing_path} has no "
-                "authentication: a downgrade, refused"
-            )
+        refuse_downgrade(config, operator, backing_path)
     stored_mac = _require_authenticated(config, stored_mac, backing_path)
     operator.resolve(config.volume_id.hex(), backing_path)
     keyring = Keyring.unlock(config, operator, audit)

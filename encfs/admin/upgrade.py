@@ -24,7 +24,7 @@ import json
 import os
 
 from encfs import config_store, crypto
-from encfs.errors import ConfigAuthError, UsageError
+from encfs.errors import UsageError
 from encfs.format import FEATURE_AUTH_CONFIG
 from encfs.format.volume import PROTECTOR_ID_SIZE, Protector, VolumeConfig
 from encfs.keyring import Keyring
@@ -36,18 +36,6 @@ def read_legacy(backing_path: str) -> VolumeConfig:
     if stored_mac is not None:
         raise UsageError(f"the volume config of {backing_path} is already authenticated")
     return config
-
-
-def refuse_downgrade(config: VolumeConfig, operator: Operator) -> None:
-    """A volume this host knows with an authenticated config never goes back: an
-    unauthenticated config for it now is an attacker's downgrade (borg's tam_required)."""
-    entry = operator.store.load(config.volume_id.hex())
-    if entry is not None:
-        raise ConfigAuthError(
-            f"this host knows volume {entry.volume_id} with an authenticated config "
-            f"(generation {entry.generation}); a config without authentication in its place "
-            "is a downgrade: refusing it"
-        )
 
 
 def describe(config: VolumeConfig) -> list[str]:
@@ -77,7 +65,7 @@ def describe(config: VolumeConfig) -> list[str]:
 def upgrade(backing_path: str, operator: Operator, trust_stored: bool) -> VolumeConfig:
     """Authenticate the config of an unmounted legacy volume (steps 2 and 3 above)."""
     config = read_legacy(backing_path)
-    refuse_downgrade(config, operator)
+    config_store.refuse_downgrade(config, operator, backing_path)
     if not operator.specs and not trust_stored:
         raise UsageError(
             "name the key providers you vouch for (--keyfile/--provider), or review the "
