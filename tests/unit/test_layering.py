@@ -86,6 +86,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "fuse.syncer": {"fuse.loop"},
     "fuse.loop": {"fuse.warm"},
     "fuse.warm": {"fuse.spinner"},
+    "fuse.cpu_policy": {"fuse.loop", "fuse.warm"},  # switches the warmer and busy-poll
     # daemon/: mount is the composition root of a mounted volume
     "daemon.mount": {
         "daemon.control", "daemon.health", "daemon.mountpoint", "daemon.supervisor",
