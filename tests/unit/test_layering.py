@@ -47,6 +47,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "format.volume": {"format", "format.blocks"},
     "format.keyarea": {"format.blocks"},
     "format.places": {"format.names"},
+    "format.xattrs": {"format.names"},  # the attribute record's names
     # keys/: every provider implements the interface; the registry names them lazily
     **{
         f"keys.{name}": {"keys.provider"}
@@ -68,12 +69,15 @@ SAME_LAYER: dict[str, set[str]] = {
     "engine.bindings": {"engine.inodes"},
     "engine.names": {"engine.bindings", "engine.inodes"},
     "engine.symlinks": {"engine.bindings", "engine.inodes", "engine.names"},
-    "engine.xattrs": {"engine.inodes", "engine.names"},
+    "engine.xattrs": {"engine.inodes", "engine.names", "engine.xattr_sets"},
     "engine.files": {"engine.bindings", "engine.contents", "engine.inodes"},
     "engine.entries": {
         "engine.bindings", "engine.files", "engine.inodes", "engine.names", "engine.symlinks",
+        "engine.xattrs",  # an object's attribute set goes with its last name
     },
-    "engine.rename": {"engine.bindings", "engine.inodes", "engine.names", "engine.symlinks"},
+    "engine.rename": {
+        "engine.bindings", "engine.inodes", "engine.names", "engine.symlinks", "engine.xattrs",
+    },
     "engine.create": {"engine.bindings", "engine.names"},
     # admin/: fsck keeps evidence in the quarantine; the status report reads rotation
     # and keyslots
