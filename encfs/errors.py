@@ -166,6 +166,24 @@ class AuditError(EncfsError):
     exit_code = 18
 
 
+class NotEnoughSpace(EncfsError):
+    """`convert` refused: the filesystem lacks the free space (or inodes) the conversion
+    needs (the format's overhead for the tree, the largest file in flight, a margin), or
+    it filled up while converting (what was in flight stays plaintext)."""
+
+    exit_code = 32
+
+
+class CannotConvert(EncfsError):
+    """`convert` refused: the tree holds something a volume cannot keep (an xattr name
+    over 160 bytes, an xattr on a symlink or special file, a POSIX ACL without
+    --drop-acls, an entry this user cannot read or give its owner, a tree nested deeper
+    than the open-file limit allows), or the directory cannot hold a volume (no user
+    xattrs, no O_TMPFILE)."""
+
+    exit_code = 33
+
+
 class IntegrityError(EncfsError):
     """Ciphertext, a key record or a header failed authentication or validation.
 

@@ -14,6 +14,7 @@ from typing import NoReturn
 from encfs import __version__, hygiene
 from encfs.cli.checking import cmd_fsck
 from encfs.cli.common import one_line, run_command
+from encfs.cli.convert import add_convert_parser, cmd_convert
 from encfs.cli.keys import cmd_destroy, cmd_provider, cmd_rewrap_kek, cmd_trust, cmd_upgrade
 from encfs.cli.mounting import MOUNT_HELPER, cmd_init, cmd_mount, cmd_unmount, mount_helper
 from encfs.cli.rotating import cmd_rotate, cmd_rotate_every, cmd_status
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _key_arguments(trust)
 
+    add_convert_parser(sub)
+
     unmount = sub.add_parser("unmount", aliases=["umount"], help="flush and unmount")
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
@@ -254,6 +257,7 @@ COMMANDS = {
     "destroy": cmd_destroy,
     "upgrade": cmd_upgrade,
     "trust": cmd_trust,
+    "convert": cmd_convert,
     "unmount": cmd_unmount,
     "umount": cmd_unmount,
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from typing import Any
 
 from encfs import config_store
 from encfs.engine.bindings import root_dir_record
@@ -26,11 +27,14 @@ def create_volume(
     provider: KeyProvider,
     block_size: int,
     operator: Operator,
+    conversion: dict[str, Any] | None = None,
 ) -> VolumeConfig:
     """Make a new volume in an empty (or new) directory; the directory is made 0700.
 
     The provider's options go to the operator's trust store (never into the backing
     directory), with the volume key's check value and the first config generation.
+    `conversion`: `encfs-gw convert` makes it (its marker and staging may be there; the
+    config records the unfinished conversion, which only convert opens).
     """
     try:
         Layout(block_size)
@@ -42,7 +46,8 @@ def create_volume(
             raise UsageError(f"{backing_path} exists and is not a directory")
         if os.path.exists(os.path.join(backing_path, fnames.CONFIG_FILE)):
             raise VolumeExists(f"{backing_path} already holds an encfs-gw volume")
-        if os.listdir(backing_path):
+        keep = {fnames.CONVERT_MARKER, fnames.CONVERT_DIR} if conversion else set()
+        if set(os.listdir(backing_path)) - keep:
             raise UsageError(f"{backing_path} is not empty; a volume needs an empty directory")
     provider.prepare_new()  # may refuse (an existing key file): before anything is made
     try:
@@ -56,7 +61,7 @@ def create_volume(
                 f"cannot create the volume in {backing_path}: {exc.strerror}"
             ) from None
         try:
-            return _write_new_volume(backing_path, provider, block_size, operator)
+            return _write_new_volume(backing_path, provider, block_size, operator, conversion)
         except OSError as exc:
             raise UsageError(f"cannot write the volume in {backing_path}: {exc.strerror}") from None
     except BaseException:
@@ -72,9 +77,14 @@ def create_volume(
 
 
 def _write_new_volume(
-    backing_path: str, provider: KeyProvider, block_size: int, operator: Operator
+    backing_path: str,
+    provider: KeyProvider,
+    block_size: int,
+    operator: Operator,
+    conversion: dict[str, Any] | None,
 ) -> VolumeConfig:
     config, keyring = config_store.new_config(provider, block_size)
+    config.conversion = conversion  # under the config's MAC, not bound into the keys
     (protector,) = config.kek_versions[1].protectors
     operator.resolve_new(backing_path)
     operator.vouch(protector.id, provider.name, provider.options)

@@ -34,8 +34,9 @@ from encfs.engine.names import Names, ScanEntry
 from encfs.engine.rename import PendingRename, Renames
 from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs
-from encfs.errors import IntegrityError
+from encfs.errors import IntegrityError, VolumeBusy
 from encfs.format import FEATURE_BOUND_NAMES, FEATURE_XATTR_SETS
+from encfs.format import names as fnames
 from encfs.format.volume import VolumeConfig
 from encfs.keyring import Keyring
 from encfs.trust import Operator
@@ -49,6 +50,15 @@ def _entries_from(
     for index in range(start, len(entries)):
         plain, backing_name = entries[index]
         yield plain, backing_name, index + 1
+
+
+def _unfinished_conversion(backing_path: str) -> VolumeBusy:
+    """A directory `encfs-gw convert` has started and not finished holds plaintext and
+    half a volume: nothing but `convert` opens it (docs/FORMAT.md section 8)."""
+    return VolumeBusy(
+        f"{backing_path} is being converted into a volume and the conversion is not "
+        f"finished: run encfs-gw convert {backing_path} to finish it"
+    )
 
 
 class Volume:
@@ -121,11 +131,21 @@ class Volume:
         backing_path: str,
         operator: Operator,
         audit: AuditLog | None = None,
+        *,
+        converting: bool = False,
     ) -> Volume:
         """Open a volume with the key providers the operator vouched for (the command
-        line's, then the trust store's): config authenticated before anything is used."""
+        line's, then the trust store's): config authenticated before anything is used.
+        A volume `convert` has not finished (its marker: before any provider runs; its
+        authenticated config) is refused, except by `convert` itself."""
         crypto.self_test()
+        marker = os.path.join(backing_path, fnames.CONVERT_MARKER)
+        if not converting and os.path.lexists(marker):
+            raise _unfinished_conversion(backing_path)
         config, keyring = config_store.unlock(backing_path, operator, audit)
+        if config.conversion is not None and not converting:
+            keyring.close()
+            raise _unfinished_conversion(backing_path)
         volume = cls(backing_path, config, keyring, operator)
         if audit is not None:
             volume.audit = audit

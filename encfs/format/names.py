@@ -26,6 +26,10 @@ TEMP_PREFIX = ".egw-tmp-"
 # fsck's evidence of data that failed a check, kept as it was (never shown by the mount).
 QUARANTINE_DIR = ".egw-quarantine"
 CONFIG_FILE = "encfs-gw.conf"
+# `encfs-gw convert` (docs/FORMAT.md section 8): its marker, present from the first change
+# of a conversion to its last, and its staging directory (the plaintext still to convert).
+CONVERT_MARKER = ".egw-convert"
+CONVERT_DIR = ".egw-convert.d"
 LOCK_FILE = "encfs-gw.lock"
 NAME_AAD_LABEL = b"EGWN"
 SYMLINK_AAD_LABEL = b"EGWS"

@@ -56,7 +56,7 @@ _HEX = re.compile(r"[0-9a-f]*\Z")
 
 TOP_FIELDS = {
     "format", "format_version", "features", "volume_id", "block_size", "created",
-    "generation", "kek", "rotation", "rotation_policy", "config_mac",
+    "generation", "kek", "rotation", "rotation_policy", "conversion", "config_mac",
 }
 LEGACY_TOP_FIELDS = TOP_FIELDS - {"generation", "config_mac"}
 
@@ -130,6 +130,10 @@ class VolumeConfig:
     # Automatic rotation by the daemon: {"every_seconds": N, "purge_old": bool}, counted
     # from the creation of the current KEK version.
     rotation_policy: dict[str, Any] | None = None
+    # `encfs-gw convert` has not finished: {"started": time}. Nothing but convert opens
+    # the volume; readers older than this field refuse it as an unknown field (exit 12).
+    # Not a feature flag: features are bound into the wrapped volume key and stay.
+    conversion: dict[str, Any] | None = None
 
     @property
     def layout(self) -> Layout:
@@ -188,6 +192,8 @@ class VolumeConfig:
             doc["rotation"] = self.rotation
         if self.rotation_policy is not None:
             doc["rotation_policy"] = self.rotation_policy
+        if self.conversion is not None:
+            doc["conversion"] = self.conversion
         return doc
 
     def mac_message(self) -> bytes:
@@ -284,6 +290,7 @@ class VolumeConfig:
             ),
             rotation=_rotation(doc.get("rotation")),
             rotation_policy=_policy(doc.get("rotation_policy")),
+            conversion=_conversion(doc.get("conversion")),
         )
         config.validate()
         stored_mac = None
@@ -482,6 +489,15 @@ def _rotation(value: Any) -> dict[str, Any] | None:
         raise ConfigError('volume config: rotation must be {"target": N, "started": TIME}')
     _int_field(value, "target", 1, MAX_KEK_VERSION, "rotation.target")
     _time_field(value, "started", "rotation.started")
+    return dict(value)
+
+
+def _conversion(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"started"}:
+        raise ConfigError('volume config: conversion must be {"started": TIME}')
+    _time_field(value, "started", "conversion.started")
     return dict(value)
 
 

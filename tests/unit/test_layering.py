@@ -30,6 +30,7 @@ LAYERS = {
     "config_store": 3,
     "engine": 4,
     "admin": 5,
+    "convert": 5,  # in-place conversion, over the engine
     "fuse": 5,
     "daemon": 6,
     # Reaching a daemon from outside; the daemon's control socket and mountpoint use its
@@ -102,8 +103,11 @@ SAME_LAYER: dict[str, set[str]] = {
     # cli/: app dispatches to the command modules, which share common; mount(8)'s helper
     # calls app.main (a lazy import)
     "cli": {"cli.app"},
-    "cli.app": {"cli.checking", "cli.common", "cli.keys", "cli.mounting", "cli.rotating"},
+    "cli.app": {
+        "cli.checking", "cli.common", "cli.convert", "cli.keys", "cli.mounting", "cli.rotating",
+    },
     "cli.checking": {"cli.common"},
+    "cli.convert": {"cli.checking", "cli.common"},  # (checking's _printable)
     "cli.keys": {"cli.common"},
     "cli.mounting": {"cli.app", "cli.common"},
     "cli.rotating": {"cli.common"},
