@@ -100,6 +100,26 @@ SAME_LAYER: dict[str, set[str]] = {
     "daemon.supervisor": {"daemon.health"},
     "daemon.control": {"client", "daemon.supervisor"},
     "daemon.mountpoint": {"client"},
+    # convert/: the package names its entry points; the driver runs the phases over its
+    # collaborators, the walk drives the transfer over the two sides; all read the tree
+    "convert": {
+        "convert.driver", "convert.in_use", "convert.plan", "convert.records", "convert.report",
+    },
+    "convert.driver": {
+        "convert.in_use", "convert.plan", "convert.records", "convert.report", "convert.sides",
+        "convert.staging", "convert.transfer", "convert.tree", "convert.walk",
+    },
+    "convert.walk": {
+        "convert.plan", "convert.records", "convert.report", "convert.sides",
+        "convert.transfer", "convert.tree",
+    },
+    "convert.transfer": {"convert.records", "convert.sides", "convert.tree"},
+    "convert.sides": {"convert.records", "convert.tree"},
+    "convert.staging": {"convert.records", "convert.tree"},
+    "convert.records": {"convert.tree"},
+    "convert.plan": {"convert.tree"},
+    "convert.in_use": {"convert.tree"},
+    "convert.report": {"convert.tree"},
     # cli/: app dispatches to the command modules, which share common; mount(8)'s helper
     # calls app.main (a lazy import)
     "cli": {"cli.app"},
