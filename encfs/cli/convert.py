@@ -11,8 +11,8 @@ import sys
 import time
 from typing import Any
 
-from encfs.cli.checking import _printable
 from encfs.cli.common import default_keyfile, operator_from
+from encfs.convert.tree import printable
 from encfs.errors import UsageError
 from encfs.keys.registry import open_provider, parse_spec
 
@@ -93,7 +93,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"plan": stats}), flush=True)
         else:
-            print(f"convert {_printable(directory)}: {convert_mod.describe_plan(stats)}")
+            print(f"convert {printable(directory)}: {convert_mod.describe_plan(stats)}")
 
     try:
         summary = convert_mod.convert(
@@ -114,7 +114,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     held, verified, run = summary["volume"], summary["verified"], summary["this_run"]
     rate = run["bytes"] / run["elapsed"] / 1048576 if run["elapsed"] else 0.0
     print(
-        f"converted {_printable(directory)} into volume {summary['volume_id']} "
+        f"converted {printable(directory)} into volume {summary['volume_id']} "
         f"(block size {summary['block_size']}); this run: {run['files']} files, "
         f"{run['bytes'] / 1048576:.1f} MiB in {run['elapsed']:.1f} s ({rate:.1f} MiB/s), "
         f"peak extra space {run['peak_extra_bytes'] / 1048576:.1f} MiB"
@@ -132,7 +132,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if summary["key_provider"]:
         print(f"key provider: {summary['key_provider']}")
     for note in summary["notes"]:
-        print(f"note: {_printable(note)}")
+        print(f"note: {printable(note)}")
     print(
         "the plaintext's old blocks may remain in the filesystem's free space, its "
         "journal and snapshots (README: Converting a directory in place)"

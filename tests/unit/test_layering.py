@@ -127,7 +127,7 @@ SAME_LAYER: dict[str, set[str]] = {
         "cli.checking", "cli.common", "cli.convert", "cli.keys", "cli.mounting", "cli.rotating",
     },
     "cli.checking": {"cli.common"},
-    "cli.convert": {"cli.checking", "cli.common"},  # (checking's _printable)
+    "cli.convert": {"cli.common"},
     "cli.keys": {"cli.common"},
     "cli.mounting": {"cli.app", "cli.common"},
     "cli.rotating": {"cli.common"},
