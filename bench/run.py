@@ -291,6 +291,7 @@ class Target:
         self.hwm_mib = 0.0
         self.cgroup: Path | None = None  # its processes' cgroup (CPU accounting)
         self.cpu_done = 0.0  # without a cgroup: CPU of the daemons that have exited
+        self.nofile: int | None = None  # the daemon's descriptor limit (None: ours)
 
     def use_cgroup(self, run_cgroup: Path | None) -> None:
         if run_cgroup is not None and self.is_fuse:
@@ -319,7 +320,6 @@ class Target:
             self.cpu_done += cpu
         if not self.harness_child:  # (the harness's children are in os.times())
             DAEMON_CPU_S[0] += cpu
-        self.nofile: int | None = None  # the daemon's descriptor limit (None: ours)
 
     def limit_descriptors(self) -> None:
         """In the daemon's child process, before exec: soft and hard limit `nofile`."""
