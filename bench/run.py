@@ -501,10 +501,20 @@ class EncfsGw(Target):
         super().__init__(root)
         self.keyfile = self.root / "key"
         self.helpers = ""  # what `status` says of the CPU warmer and the busy-poll
+        # Its own operator trust store for each fresh volume: the machine's store is left
+        # alone, and the next repetition's volume at the same path is not a "replaced" one.
+        self.trust_dir: Path | None = None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.trust_dir is not None:
+            env["ENCFS_GW_TRUST_DIR"] = str(self.trust_dir)
+        return env
 
     def create(self) -> None:
         super().create()
-        run([self.binary, "init", self.backing, "--keyfile", self.keyfile])
+        self.trust_dir = Path(tempfile.mkdtemp(prefix=f"trust-{self.name}-", dir=self.root))
+        run([self.binary, "init", self.backing, "--keyfile", self.keyfile], env=self.env())
 
     def mount(self) -> float:
         """`encfs-gw mount` returns once the mount is live (key file provider)."""
@@ -514,7 +524,7 @@ class EncfsGw(Target):
             cmd += ["-o", opt]
         start = time.perf_counter()
         try:
-            result = run(cmd, check=False, timeout=MOUNT_TIMEOUT,
+            result = run(cmd, check=False, timeout=MOUNT_TIMEOUT, env=self.env(),
                          preexec_fn=lambda: (self.enter_cgroup(), self.limit_descriptors()))
         finally:  # even after a timeout: the detached daemon must be found for cleanup
             self.pid = self.lock_pid()
@@ -530,7 +540,7 @@ class EncfsGw(Target):
 
     def helper_state(self) -> str:
         """The CPU warmer's and the busy-poll's decision, from `encfs-gw status`."""
-        result = run([self.binary, "status", self.mnt, "--json"], check=False)
+        result = run([self.binary, "status", self.mnt, "--json"], check=False, env=self.env())
         try:
             cpu = json.loads(result.stdout)["cpu"]
         except (ValueError, KeyError, TypeError):
@@ -548,7 +558,7 @@ class EncfsGw(Target):
     def unmount(self) -> None:
         self.note_hwm()
         self.count_exiting_daemon()
-        run([self.binary, "unmount", self.mnt], timeout=UNMOUNT_WAIT + 30)
+        run([self.binary, "unmount", self.mnt], timeout=UNMOUNT_WAIT + 30, env=self.env())
         if pid_alive(self.pid):
             raise BenchError(f"encfs-gw daemon {self.pid} still alive after unmount")
         self.pid = None
