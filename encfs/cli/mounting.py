@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from encfs import hygiene
 from encfs.cli.common import backing_argument, default_keyfile, operator_from, run_command
 from encfs.errors import (
     EncfsError,
@@ -343,7 +344,8 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         entry = client.mount_entry(mountpoint)
         pidfd = _daemon_pidfd(entry) if entry is not None and entry["source"] == backing else None
         result = subprocess.run(
-            ["fusermount3", "-u", mountpoint], capture_output=True, text=True, check=False
+            ["fusermount3", "-u", mountpoint], capture_output=True, text=True, check=False,
+            env=hygiene.helper_environment(),  # none of the operator's tokens or PINs
         )
         if result.returncode != 0:
             detail = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
