@@ -597,13 +597,16 @@ class EncfsGwBaseline(EncfsGw):
     label = "encfs-gw (baseline)"
 
 
-def set_baseline(binary: Path) -> None:
-    """Point the baseline target at `binary` and name it after that checkout's commit."""
-    EncfsGwBaseline.binary = binary
+def add_baseline(binary: Path, index: int) -> str:
+    """A target for `binary` (the `index`th --baseline), named after that checkout's
+    commit; returns the target's name (encfs-gw-base, encfs-gw-base2, ...)."""
     checkout = binary.resolve().parent.parent.parent
     head = run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], check=False)
     commit = head.stdout.decode().strip() if head.returncode == 0 else checkout.name
-    EncfsGwBaseline.label = f"encfs-gw @{commit}"
+    name = "encfs-gw-base" if index == 1 else f"encfs-gw-base{index}"
+    TARGETS[name] = type(f"EncfsGwBaseline{index}", (EncfsGwBaseline,), {
+        "name": name, "label": f"encfs-gw @{commit}", "binary": binary})
+    return name
 
 
 TARGETS: dict[str, type[Target]] = {
@@ -1330,9 +1333,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default=",".join(GROUPS),
                    help=f"comma-separated subset of {','.join(GROUPS)}")
     p.add_argument("--keep", action="store_true", help="keep the scratch dir (daemon logs)")
-    p.add_argument("--baseline", type=Path, metavar="ENCFS_GW",
+    p.add_argument("--baseline", type=Path, metavar="ENCFS_GW", action="append", default=[],
                    help="the encfs-gw of another checkout (e.g. a worktree of an older "
-                        "commit, after its `make setup`): adds the target encfs-gw-base")
+                        "commit, after its `make setup`): adds the target encfs-gw-base "
+                        "(again: encfs-gw-base2, ...)")
     p.add_argument("--scale-entries", type=int,
                    help="entries of the scale workload's tree (default 100000, quick 20000)")
     args = p.parse_args(argv)
@@ -1344,15 +1348,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg.scale_entries = args.scale_entries
     groups = [g for g in args.workloads.split(",") if g]
     names = [n for n in args.targets.split(",") if n]
-    if args.baseline:
-        if not os.access(args.baseline, os.X_OK):
-            p.error(f"--baseline {args.baseline}: not an executable")
-        set_baseline(args.baseline)
-        if "encfs-gw-base" not in names:
-            names.insert(names.index("encfs-gw") if "encfs-gw" in names else len(names),
-                         "encfs-gw-base")
-    elif "encfs-gw-base" in names:
-        p.error("the target encfs-gw-base needs --baseline")
+    for index, binary in enumerate(args.baseline, 1):
+        if not os.access(binary, os.X_OK):
+            p.error(f"--baseline {binary}: not an executable")
+        name = add_baseline(binary, index)
+        if name not in names:
+            names.insert(names.index("encfs-gw") if "encfs-gw" in names else len(names), name)
+    if any(n.startswith("encfs-gw-base") and n not in TARGETS for n in names):
+        p.error("a target encfs-gw-baseN needs its --baseline")
     if bad := (set(groups) - set(GROUPS)) | (set(names) - set(TARGETS)):
         p.error(f"unknown workloads or targets: {sorted(bad)}")
     if os.geteuid() != 0:
