@@ -41,7 +41,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 
-from encfs.client import volume_lock_holder  # noqa: E402
+from encfs.daemon.runtime import volume_lock_holder  # noqa: E402
 from encfs.format.blocks import HEADER_SIZE, KEY_AREA_SIZE, Layout  # noqa: E402
 
 ENCFS = [sys.executable, "-m", "encfs"]

@@ -551,7 +551,7 @@ class EncfsGw(Target):
 
     def lock_pid(self) -> int | None:
         """The daemon: the holder of the volume lock (/proc/locks)."""
-        from encfs.client import volume_lock_holder
+        from encfs.daemon.runtime import volume_lock_holder
 
         return volume_lock_holder(str(self.backing))
 

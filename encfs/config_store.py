@@ -274,7 +274,7 @@ def lock_volume(dir_fd: int, backing_path: str, *, warn_if_network: bool = False
     holds it, or if it cannot be taken (ENOLCK: e.g. NFS without a lock manager).
 
     The lock file stays empty: the holder's pid is in /proc/locks for those who may
-    know it (`encfs-gw unmount`: encfs.client.volume_lock_holder), not in the backing
+    know it (`encfs-gw unmount`: encfs.daemon.runtime.volume_lock_holder), not in the backing
     store. Volumes of older versions kept a pid there: it goes.
     """
     fd = os.open(

@@ -113,10 +113,11 @@ def resolve_target(target: str) -> Target:
     reached)."""
     from encfs import client
     from encfs.daemon.mountpoint import resolve, top_mount
+    from encfs.daemon.runtime import FSTYPE
 
     path = os.path.abspath(target)
     top = top_mount(path)
-    if top is not None and top.fstype == client.FSTYPE:
+    if top is not None and top.fstype == FSTYPE:
         return Target(top.source, True, resolve(path))
     guarded = top.guarded_backing if top is not None else None
     backing = guarded or backing_argument(path)

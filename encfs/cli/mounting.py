@@ -334,14 +334,14 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     """fusermount3 -u, wait for the volume's daemon (the holder of its lock) to exit, then
     remove what the mount left on the mountpoint (its guard; the dead mounts of a daemon
     that died)."""
-    from encfs import client
     from encfs.daemon import mountpoint as mountpoint_mod
+    from encfs.daemon import runtime
 
     mountpoint = os.path.abspath(args.mountpoint)
     top = mountpoint_mod.top_mount(mountpoint)
-    if top is not None and top.fstype == client.FSTYPE:
+    if top is not None and top.fstype == runtime.FSTYPE:
         backing = top.source
-        entry = client.mount_entry(mountpoint)
+        entry = runtime.mount_entry(mountpoint)
         pidfd = _daemon_pidfd(entry) if entry is not None and entry["source"] == backing else None
         result = subprocess.run(
             ["fusermount3", "-u", mountpoint], capture_output=True, text=True, check=False,
@@ -368,15 +368,15 @@ def _daemon_pidfd(entry: dict[str, str]) -> int | None:
     """A pidfd of the mount's daemon: the process holding its volume's lock, if it runs
     as the user the kernel says made the mount (so a mount that only claims a volume's
     backing directory as its source never makes us wait for that volume's daemon)."""
-    from encfs import client
+    from encfs.daemon import runtime
 
-    pid = client.volume_lock_holder(entry["source"])
+    pid = runtime.volume_lock_holder(entry["source"])
     if pid is None:
         return None
     options = dict(
         option.partition("=")[::2] for option in entry["super_options"].split(",")
     )
-    if options.get("user_id") != str(client.process_euid(pid)):
+    if options.get("user_id") != str(runtime.process_euid(pid)):
         return None
     try:
         return os.pidfd_open(pid)

@@ -2,7 +2,7 @@
 done by the supervisor (encfs.daemon.supervisor).
 
 An AF_UNIX stream socket in a private runtime directory (0700, checked after opening:
-`encfs.client.open_runtime_dir`), bound through the directory's descriptor, the socket
+`encfs.daemon.runtime.open_runtime_dir`), bound through the directory's descriptor, the socket
 itself 0600, and every connection's peer credentials checked (SO_PEERCRED): only root or
 the uid the daemon runs as may talk to it (others get ControlSocketError's code, 27).
 Clients check the daemon in turn (`encfs.client.check_daemon_identity`). The protocol is
@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from encfs.client import fd_path, open_runtime_dir, socket_name, socket_path
+from encfs.daemon.runtime import fd_path, open_runtime_dir, socket_name, socket_path
 from encfs.daemon.supervisor import Supervisor
 from encfs.errors import ControlSocketError, EncfsError, NotMounted, UsageError
 from encfs.format.volume import MAX_POLICY_SECONDS

@@ -47,7 +47,7 @@ import subprocess
 from dataclasses import dataclass
 
 from encfs import hygiene
-from encfs.client import FSTYPE, volume_lock_holder
+from encfs.daemon.runtime import FSTYPE, volume_lock_holder
 from encfs.errors import MountpointError
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ import subprocess
 import pytest
 
 from encfs import backing as backing_mod
-from encfs.client import volume_lock_holder
 from encfs.config_store import NETWORK_FS_TYPES
+from encfs.daemon.runtime import volume_lock_holder
 from encfs.engine import Volume
 from encfs.errors import VolumeBusy
 from tests.helpers.config import trusted

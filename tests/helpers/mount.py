@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from encfs.client import volume_lock_holder
+from encfs.daemon.runtime import volume_lock_holder
 
 ENCFS_GW = [sys.executable, "-m", "encfs"]
 TIMEOUT = 60

@@ -593,20 +593,20 @@ def test_every_allowed_fuse_option_mounts_in_order(tmp_path, pristine):
 
 FAKE_DAEMON = """
 import fcntl, os, socket, sys
-from encfs import client
+from encfs.daemon import runtime
 backing = sys.argv[1]
 with open(sys.argv[2], "rb") as f:
     reply = f.read()
 lock = os.open(os.path.join(backing, "encfs-gw.lock"), os.O_RDWR | os.O_CREAT, 0o600)
 fcntl.flock(lock, fcntl.LOCK_EX)  # the volume's lock: to the CLI, this is its daemon
-directory = client.open_runtime_dir(create=True)
-name = client.socket_name(backing)
+directory = runtime.open_runtime_dir(create=True)
+name = runtime.socket_name(backing)
 try:  # a socket left by a killed run with the same --basetemp (we hold the lock)
     os.unlink(name, dir_fd=directory)
 except FileNotFoundError:
     pass
 listener = socket.socket(socket.AF_UNIX)
-listener.bind(client.fd_path(directory, name))
+listener.bind(runtime.fd_path(directory, name))
 listener.listen(4)
 print("ready", flush=True)
 try:

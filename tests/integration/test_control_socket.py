@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from encfs import client
+from encfs.daemon.runtime import socket_name, socket_path
 from encfs.errors import ControlSocketError, NotMounted
 from tests.helpers.mount import daemon_pid, init_volume, is_mounted, mounted, run_cli
 
@@ -133,7 +134,7 @@ def test_a_tmp_directory_made_first_by_another_user_changes_nothing(home):
     owned_dir(trap / "encfs-gw", OTHER, 0o777)
     os.chmod(trap, 0o777)
     os.chown(trap, OTHER, OTHER)
-    fake = FakeDaemon(str(trap / "encfs-gw" / client.socket_name(str(backing))),
+    fake = FakeDaemon(str(trap / "encfs-gw" / socket_name(str(backing))),
                       b'{"done": true, "current_kek": 99}\n')
     try:
         result = nobody(home, "mount", backing, mnt, "--keyfile", key)
@@ -146,7 +147,7 @@ def test_a_tmp_directory_made_first_by_another_user_changes_nothing(home):
         run = home / ".local" / "state" / "encfs-gw" / "run"
         st = os.stat(run)
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, 0o700)
-        assert os.listdir(run) == [client.socket_name(str(backing))]
+        assert os.listdir(run) == [socket_name(str(backing))]
         assert nobody(home, "unmount", mnt).returncode == 0
     finally:
         fake.close()
@@ -192,7 +193,7 @@ def test_the_daemon_refuses_other_users(home):
     result = nobody(home, "mount", backing, mnt, "--keyfile", key, XDG_RUNTIME_DIR=str(runtime))
     assert result.returncode == 0, result.stderr
     try:
-        sock_path = runtime / "encfs-gw" / client.socket_name(str(backing))
+        sock_path = runtime / "encfs-gw" / socket_name(str(backing))
         os.chmod(home, 0o711)
         os.chmod(runtime, 0o711)
         os.chmod(runtime / "encfs-gw", 0o711)
@@ -230,7 +231,7 @@ def test_a_replaced_socket_is_not_believed(tmp_path):
     current. status and rotate refuse it in one line; the real one answers again after."""
     volume = init_volume(tmp_path)
     with mounted(volume, tmp_path / "mnt") as mnt:
-        real = client.socket_path(str(volume.backing))
+        real = socket_path(str(volume.backing))
         os.rename(real, real + ".real")
         fake = FakeDaemon(real, b'{"done": true, "current_kek": 99, "target": 99}\n')
         try:

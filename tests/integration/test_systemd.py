@@ -55,7 +55,7 @@ import trio
 from encfs import client
 from encfs.cli import app, mounting
 from encfs.daemon import mount as mount_mod
-from encfs.daemon import mountpoint, systemd
+from encfs.daemon import mountpoint, runtime, systemd
 from encfs.errors import MountpointError, UsageError, WrongKey
 from tests.helpers.mount import (
     ENCFS_GW,
@@ -213,7 +213,7 @@ def notify_env(address: str, **extra: str) -> dict[str, str]:
 def assert_live(mnt: Path, backing: Path) -> None:
     """The mount answers right now: it is ours in mountinfo and a stat and a listing work."""
     top = mountpoint.top_mount(str(mnt))
-    assert top is not None and (top.fstype, top.source) == (client.FSTYPE, str(backing))
+    assert top is not None and (top.fstype, top.source) == (runtime.FSTYPE, str(backing))
     assert os.stat(mnt).st_dev != os.stat(mnt.parent).st_dev
     assert isinstance(os.listdir(mnt), list)
 
@@ -498,7 +498,7 @@ def test_sigkill_leaves_a_dead_mount_and_the_restart_takes_over(tmp_path, notify
         (mnt / "data").write_text("secret")
         proc.kill()
         assert proc.wait(WAIT) == -signal.SIGKILL
-        assert fstype(mnt) == client.FSTYPE  # the dead mount stays
+        assert fstype(mnt) == runtime.FSTYPE  # the dead mount stays
         for attempt in (
             lambda: (mnt / "leak").write_text("plaintext"),
             lambda: (mnt / "dir").mkdir(),
@@ -967,15 +967,15 @@ def fstab_scenario(argv: list[str]) -> None:
 
     def cycle(label: str, mount_args: list[str]) -> None:
         done = run("mount", *mount_args)
-        found = client.find_mount(str(mnt))
+        found = runtime.find_mount(str(mnt))
         entry = {"rc": done.returncode, "stderr": done.stderr, "found": found}
         if done.returncode == 0:
             (mnt / f"{label}.txt").write_text(label)
             entry["files"] = sorted(os.listdir(mnt))
-            pid = client.volume_lock_holder(str(backing))
+            pid = runtime.volume_lock_holder(str(backing))
             entry["umount"] = run("umount", str(mnt)).returncode
             entry["daemon_exited"] = exited(pid)
-            entry["after"] = client.find_mount(str(mnt))
+            entry["after"] = runtime.find_mount(str(mnt))
         results[label] = entry
 
     try:
@@ -989,9 +989,9 @@ def fstab_scenario(argv: list[str]) -> None:
         cycle("fstab", ["-T", str(fstab), str(mnt)])
         cycle("wrong-key", ["-t", "fuse.encfs-gw", backing, str(mnt), "-o", f"keyfile={wrong}"])
     finally:
-        if client.find_mount(str(mnt)) is not None:
+        if runtime.find_mount(str(mnt)) is not None:
             run("umount", "-l", str(mnt))
-        holder = client.volume_lock_holder(str(backing))
+        holder = runtime.volume_lock_holder(str(backing))
         if holder is not None:
             os.kill(holder, signal.SIGKILL)
         print(json.dumps(results))
@@ -1022,7 +1022,7 @@ def test_mount_t_and_fstab_line_through_mount8(tmp_path):
         for label in ("mount-t", "fstab"):
             entry = results[label]
             assert entry["rc"] == 0, entry["stderr"]
-            assert entry["found"] == [client.FSTYPE, str(volume.backing)]
+            assert entry["found"] == [runtime.FSTYPE, str(volume.backing)]
             assert f"{label}.txt" in entry["files"]
             assert entry["umount"] == 0 and entry["daemon_exited"] and entry["after"] is None
         assert results["fstab"]["files"] == ["fstab.txt", "mount-t.txt"]  # data persisted
