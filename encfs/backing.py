@@ -221,7 +221,7 @@ class DeferredCloser:
     whatever its priority: while they run the request loop answers flat out and holds
     the GIL, which the closer needs for every close (3,000 unlinks with both forced on:
     the queue reached the bound; at normal priority it still lagged by hundreds). So
-    while one of them is on, `defer_closes(False)` (encfs.fuse.cpu_policy) makes every
+    while one of them is on, `defer_closes(False)` (encfs.fuse.accel.cpu_policy) makes every
     close happen on the caller's thread, as before the closer existed: what is queued
     is closed at once, and the closer is never left behind by our own spinning.
 

@@ -82,8 +82,9 @@ class MountpointError(EncfsError):
 
 
 class MountFailed(EncfsError):
-    """The kernel refused the FUSE mount, the daemon could not be started (fork), or it
-    died before the mount was live."""
+    """The kernel refused the FUSE mount, the daemon could not be started (fork), it
+    died before the mount was live, or `-o request_loop=accelerated` was asked for on a
+    trio or pyfuse3 version the accelerated request loop was not validated on."""
 
     exit_code = 16
 

@@ -42,8 +42,11 @@ ENGINE_OPTIONS = {"writeback_cache", "nonempty", "protect_mountpoint", "no_auto_
 
 
 # -o NAME=VALUE options consumed by encfs-gw: key health timing (seconds), the audit log,
-# and the modes (auto, on, off) of the CPU warmer and the request loop's busy-poll
-ENGINE_VALUE_OPTIONS = {"health_interval", "health_grace", "audit_log", "cpu_warmer", "busy_poll"}
+# the modes (auto, on, off) of the CPU warmer and the request loop's busy-poll, and the
+# request loop (auto, accelerated, stock: encfs.daemon.request_loop)
+ENGINE_VALUE_OPTIONS = {
+    "health_interval", "health_grace", "audit_log", "cpu_warmer", "busy_poll", "request_loop",
+}
 
 
 CPU_HELPER_MODES = ("auto", "on", "off")
@@ -173,7 +176,7 @@ def _mount_background(args: argparse.Namespace) -> int:
 def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted; `ready_fd` (background mode) hears READY once live."""
     from encfs import config_store
-    from encfs.daemon import health
+    from encfs.daemon import health, request_loop
     from encfs.daemon import mount as mount_mod
     from encfs.daemon.mountpoint import check_mountpoint
     from encfs.daemon.systemd import Notifier, Service
@@ -186,6 +189,7 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
     health_interval = _seconds_option(engine_opts, "health_interval", health.DEFAULT_INTERVAL)
     health_grace = _seconds_option(engine_opts, "health_grace", health.DEFAULT_GRACE)
     cpu_warmer, busy_poll = _cpu_helper_modes(engine_opts)
+    loop_mode, loop_source = request_loop.requested_mode(engine_opts.get("request_loop"))
     options = mount_mod.fuse_options(backing, fuse_opts)
 
     # A background daemon shares the caller's terminal until the mount is live: show only
@@ -212,6 +216,7 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
         config = config_store.peek(backing)
         mount_mod.check_paths(backing, mountpoint)
         check_mountpoint(mountpoint, backing, allow_nonempty=nonempty)
+        loop = request_loop.choose(loop_mode, loop_source)  # before any key is asked for
         if "no_auto_unmount" in engine_opts:
             log.warning("-o no_auto_unmount is ignored: a dead mount is kept by default")
         audit = _audit_log(config.volume_id, engine_opts)
@@ -225,6 +230,7 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
             writeback_cache="writeback_cache" in engine_opts,
             cpu_warmer=cpu_warmer,
             busy_poll=busy_poll,
+            request_loop=loop,
             health_interval=health_interval,
             health_grace=health_grace,
             service=service,

@@ -155,6 +155,9 @@ def _status_lines(reply: dict, mounted: bool) -> list[str]:
         lines.append(f"providers: {', '.join(reply['providers'])}")
         lines.append(f"mount options: {','.join(reply['mount_options']) or '(defaults)'}")
         lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in reply["counters"].items()))
+        if reply.get("request_loop"):
+            loop = reply["request_loop"]
+            lines.append(f"request loop: {loop['loop']} ({loop['reason']})")
         if reply.get("cpu"):
             lines += _cpu_lines(reply["cpu"])
     for number, state in reply["kek_versions"].items():

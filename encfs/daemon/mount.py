@@ -32,12 +32,11 @@ from encfs.daemon import health as health_mod
 from encfs.daemon.control import ControlServer
 from encfs.daemon.mountpoint import MountSite
 from encfs.daemon.mountpoint import resolve as resolve_mountpoint
+from encfs.daemon.request_loop import LoopChoice, RequestLoop, choose, open_loop
 from encfs.daemon.supervisor import Supervisor
 from encfs.daemon.systemd import Service
 from encfs.engine import Volume
 from encfs.errors import MountFailed, MountpointError, UsageError
-from encfs.fuse.cpu_policy import CpuHelpers
-from encfs.fuse.loop import ReadyWaiter, serve_requests
 from encfs.fuse.operations import Operations, drop_kernel_cache
 from encfs.fuse.syncer import ThreadSyncer, open_syncer
 
@@ -160,6 +159,7 @@ def serve(
     writeback_cache: bool = False,
     cpu_warmer: str = "auto",
     busy_poll: str = "auto",
+    request_loop: LoopChoice | None = None,
     service: Service | None = None,
     health_interval: float = health_mod.DEFAULT_INTERVAL,
     health_grace: float = health_mod.DEFAULT_GRACE,
@@ -177,14 +177,18 @@ def serve(
     revocation the kernel's cached pages and attributes are dropped (drop_kernel_cache)
     and systemd's STATUS= line follows every state change.
 
+    `request_loop`: the loop chosen (encfs.daemon.request_loop.choose; default: auto).
     `cpu_warmer`, `busy_poll`: "auto", "on" or "off" for the CPU warmer (it keeps the
-    clients' CPUs awake while requests flow) and the request loop's spin before it
-    sleeps; auto looks at the machine (encfs.fuse.cpu_policy).
+    clients' CPUs awake while requests flow) and the accelerated request loop's spin
+    before it sleeps; auto looks at the machine (encfs.fuse.accel.cpu_policy). Both are
+    the accelerated loop's: off on the stock loop.
 
     `service` (sd_notify) hears READY=1 once the mount answers, STOPPING=1 on SIGTERM or
     when the mount goes away, and WATCHDOG=1 from the trio loop if the manager wants it.
     """
     service = service or Service.disabled()
+    choice = request_loop or choose("auto", "auto")
+    loop = open_loop(choice, cpu_warmer, busy_poll)
     site = MountSite(mountpoint, volume.backing_path, allow_nonempty, protect_mountpoint)
     supervisor = Supervisor(
         volume,
@@ -198,7 +202,7 @@ def serve(
         supervisor.health.state.value, supervisor.health.reason
     )
     control = ControlServer(supervisor)
-    syncer = open_syncer()
+    syncer = open_syncer(loop.run_sync)
     operations = Operations(volume, syncer)
     operations.enable_writeback_cache = writeback_cache
     volume.defer_closes()
@@ -227,18 +231,15 @@ def serve(
     guard = None
     if "auto_unmount" in options:
         guard = _start_unmount_guard(mountpoint, _socket_fds() - fds_before)
-    waiter = ReadyWaiter()
-    helpers = CpuHelpers(waiter, cpu_warmer, busy_poll)
-    helpers.apply()
-    supervisor.cpu_status = helpers.status
+    loop.start()
+    supervisor.cpu_status = loop.status
+    supervisor.request_loop = choice.report()
     clean = False
     try:
-        trio.run(
-            _serve, mountpoint, on_ready, supervisor, control, service, waiter, syncer, helpers
-        )
+        trio.run(_serve, mountpoint, on_ready, supervisor, control, service, loop, syncer, choice)
         clean = True
     finally:
-        helpers.stop()
+        loop.stop()
         # After a crash the dead mount stays (ENOTCONN), over the guard.
         service.stopping()
         pyfuse3.close(unmount=clean)
@@ -337,9 +338,9 @@ async def _serve(
     supervisor: Supervisor,
     control: ControlServer,
     service: Service,
-    waiter: ReadyWaiter,
+    loop: RequestLoop,
     syncer: ThreadSyncer,
-    helpers: CpuHelpers,
+    choice: LoopChoice,
 ) -> None:
     async with trio.open_nursery() as nursery:
         if service.watchdog_interval:
@@ -347,27 +348,28 @@ async def _serve(
         await nursery.start(control.serve)
         await nursery.start(supervisor.run)
         await nursery.start(syncer.run)
-        nursery.start_soon(helpers.run)
-        nursery.start_soon(_main_then_cancel, nursery.cancel_scope, service, waiter)
-        nursery.start_soon(_signal_ready, mountpoint, on_ready, service)
+        nursery.start_soon(loop.run_helpers)
+        nursery.start_soon(_main_then_cancel, nursery.cancel_scope, service, loop)
+        nursery.start_soon(_signal_ready, mountpoint, on_ready, service, choice)
         nursery.start_soon(_handle_signals, service)
 
 
-async def _main_then_cancel(scope: trio.CancelScope, service: Service, waiter: ReadyWaiter) -> None:
-    await serve_requests(waiter)
+async def _main_then_cancel(scope: trio.CancelScope, service: Service, loop: RequestLoop) -> None:
+    await loop.serve()
     service.stopping()
     scope.cancel()
 
 
 async def _signal_ready(
-    mountpoint: str, on_ready: Callable[[], None], service: Service
+    mountpoint: str, on_ready: Callable[[], None], service: Service, choice: LoopChoice
 ) -> None:
     # In a thread: the kernel sends the GETATTR to this loop, which must be free to answer.
     mount_stat = await trio.to_thread.run_sync(os.stat, mountpoint)
     raise_readahead(mount_stat.st_dev)
     on_ready()
     service.ready()
-    log.info("mounted on %s", mountpoint)
+    # (after on_ready: in the log file of a background daemon too)
+    log.info("mounted on %s; request loop: %s", mountpoint, choice.describe())
 
 
 async def _handle_signals(service: Service) -> None:

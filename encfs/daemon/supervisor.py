@@ -66,6 +66,8 @@ class Supervisor:
         self.on_state_change: Callable[[str], None] | None = None
         # The CPU warmer's and the busy-poll's state for `status` (encfs.daemon.mount sets it).
         self.cpu_status: Callable[[], dict] | None = None
+        # The request loop in use and why (encfs.daemon.request_loop.LoopChoice.report).
+        self.request_loop: dict | None = None
         self._rotating = False
         self._check_lock = trio.Lock()
         self._policy_changed = trio.Event()
@@ -244,6 +246,8 @@ class Supervisor:
         report = status.mounted_report(
             self.volume, counts, self.health.summary(), self.mountpoint, self.mount_options
         )
+        if self.request_loop is not None:
+            report["request_loop"] = self.request_loop
         if self.cpu_status is not None:
             report["cpu"] = self.cpu_status()
         return report

@@ -11,7 +11,9 @@ the completion on an eventfd that trio waits on like any descriptor: no thread, 
 sandbox that filters io_setup, a big-endian or unknown architecture); then, and for any
 descriptor the kernel refuses to sync asynchronously (EINVAL: no fsync method), the
 fsync runs in a worker thread as before (`ThreadSyncer`), which also gives the real
-error. Errors of the fsync itself come back as OSError with its errno either way.
+error. The request loop in use decides how that thread is run (`run_sync`: trio's
+own, or the accelerated loop's, which must know a thread is in flight). Errors of the
+fsync itself come back as OSError with its errno either way.
 
 Errors: an fsync error goes to the request that asked for it (its errno, to the caller
 of fsync(2)); a request io_submit refuses as one the kernel cannot sync
@@ -31,11 +33,10 @@ import os
 import platform
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
-
-from encfs.fuse.loop import run_in_thread
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,16 @@ IOCB_FLAG_RESFD = 1  # signal the eventfd in resfd on completion
 RING_SIZE = 256  # completions the kernel can hold; a full ring falls back to a thread
 # Submission errors that mean "not this way", not "the fsync failed".
 _FALL_BACK = frozenset({errno.EINVAL, errno.EAGAIN, errno.ENOSYS, errno.EOPNOTSUPP})
+# How a blocking call runs in a worker thread: trio.to_thread.run_sync, or the request
+# loop's wrapper of it (encfs.fuse.accel.loop.run_in_thread).
+ThreadRunner = Callable[..., Awaitable[Any]]
 
 
 class ThreadSyncer:
-    """fsync in a worker thread."""
+    """fsync in a worker thread (run by `run_sync`)."""
+
+    def __init__(self, run_sync: ThreadRunner = trio.to_thread.run_sync) -> None:
+        self._run_sync = run_sync
 
     async def fsync(self, fd: int, datasync: bool = False) -> None:
         await self._sync([(fd, IOCB_CMD_FDSYNC if datasync else IOCB_CMD_FSYNC)])
@@ -69,7 +76,7 @@ class ThreadSyncer:
 
     async def _sync(self, requests: list[tuple[int, int]]) -> None:
         """(descriptor, IOCB_CMD_FSYNC or IOCB_CMD_FDSYNC) pairs, all done on return."""
-        await run_in_thread(_sync_each, requests)
+        await self._run_sync(_sync_each, requests)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -82,7 +89,14 @@ class AioSyncer(ThreadSyncer):
     """fsync through Linux AIO; `run()` must be running in the trio loop to collect the
     completions (it is the only task that waits on the eventfd)."""
 
-    def __init__(self, calls: dict[str, int], context: ctypes.c_ulong, event_fd: int) -> None:
+    def __init__(
+        self,
+        calls: dict[str, int],
+        context: ctypes.c_ulong,
+        event_fd: int,
+        run_sync: ThreadRunner = trio.to_thread.run_sync,
+    ) -> None:
+        super().__init__(run_sync)
         self._calls = calls
         self._context = context  # (a c_ulong: an address, passed as a full word)
         self._event_fd = event_fd
@@ -92,7 +106,7 @@ class AioSyncer(ThreadSyncer):
         self.submitted = 0  # fsyncs that went through AIO (for tests and statistics)
 
     @classmethod
-    def open(cls) -> AioSyncer | None:
+    def open(cls, run_sync: ThreadRunner = trio.to_thread.run_sync) -> AioSyncer | None:
         calls = _SYSCALLS.get(platform.machine())
         if calls is None or sys.byteorder != "little":
             return None
@@ -103,7 +117,7 @@ class AioSyncer(ThreadSyncer):
             log.debug("no Linux AIO for fsync (%s): worker threads instead", exc)
             return None
         event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        return cls(calls, context, event_fd)
+        return cls(calls, context, event_fd, run_sync)
 
     async def _sync(self, requests: list[tuple[int, int]]) -> None:
         pending = [_Pending(next(self._tokens)) for _ in requests]
@@ -204,6 +218,6 @@ def _syscall(number: int, *args: object) -> int:
     return result
 
 
-def open_syncer() -> ThreadSyncer:
-    """AIO where the kernel offers it, worker threads otherwise."""
-    return AioSyncer.open() or ThreadSyncer()
+def open_syncer(run_sync: ThreadRunner = trio.to_thread.run_sync) -> ThreadSyncer:
+    """AIO where the kernel offers it, worker threads (run by `run_sync`) otherwise."""
+    return AioSyncer.open(run_sync) or ThreadSyncer(run_sync)

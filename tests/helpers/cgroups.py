@@ -18,7 +18,7 @@ import pytest
 @dataclass
 class QuotaCgroup:
     path: str
-    shown: str  # how encfs.fuse.cpu_policy names the limit
+    shown: str  # how encfs.fuse.accel.cpu_policy names the limit
 
     @property
     def run_in(self) -> list[str]:

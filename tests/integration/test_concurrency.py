@@ -299,7 +299,7 @@ def test_threads_writing_the_same_blocks(tmp_path, options):
 
 
 def test_control_socket_answers_while_requests_flood_in(tmp_path):
-    """Requests already queued are served without a trio checkpoint (encfs/fuse/loop.py),
+    """Requests already queued are served without a trio checkpoint (encfs/fuse/accel/loop.py),
     but only FAST_PATH_BUDGET in a row: status must still answer under a flood, and
     every flooding call must get its answer."""
     volume = init_volume(tmp_path)

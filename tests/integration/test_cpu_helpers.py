@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from encfs.fuse.cpu_policy import MIN_CPUS
+from encfs.fuse.accel.cpu_policy import MIN_CPUS
 from tests.helpers.cgroups import cpu_quota_cgroup
 from tests.helpers.mount import Volume, daemon_pid, init_volume, run_cli, unmount
 
@@ -69,7 +69,7 @@ def spinners(daemon: int) -> list[int]:
         with open(f"/proc/{daemon}/task/{task}/children") as f:
             for child in f.read().split():
                 with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-                    if b"/encfs/fuse/spinner.py" in cmdline.read():
+                    if b"/encfs/fuse/accel/spinner.py" in cmdline.read():
                         found.append(int(child))
     return found
 

@@ -31,7 +31,7 @@ def _warmers(pid):
     found = []
     for child in _children(pid):
         with open(f"/proc/{child}/cmdline", "rb") as f:
-            if f.read().split(b"\0")[3].endswith(b"/encfs/fuse/spinner.py"):
+            if f.read().split(b"\0")[3].endswith(b"/encfs/fuse/accel/spinner.py"):
                 found.append(child)
     return found
 

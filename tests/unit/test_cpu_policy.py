@@ -1,4 +1,4 @@
-"""When the CPU warmer and the busy-poll may spin (encfs/fuse/cpu_policy.py), no mount.
+"""When the CPU warmer and the busy-poll may spin (encfs/fuse/accel/cpu_policy.py), no mount.
 
 Facts that can be made here are real: this process's affinity, and a cgroup with a CPU
 quota made by the test (as root, where /sys/fs/cgroup is writable). A battery and the
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from encfs import backing
-from encfs.fuse import cpu_policy
-from encfs.fuse.cpu_policy import CpuHelpers, MachineFacts, decide
-from encfs.fuse.loop import ReadyWaiter
+from encfs.fuse.accel import cpu_policy
+from encfs.fuse.accel.cpu_policy import CpuHelpers, MachineFacts, decide
+from encfs.fuse.accel.loop import ReadyWaiter
 from tests.helpers.cgroups import cpu_quota_cgroup
 
 QUIET = MachineFacts(cpus=4, on_battery=None, cpu_quota=None, idle_polls=None)
@@ -187,7 +187,7 @@ def test_the_real_facts_of_this_process():
 
 
 def _facts_in_child(*prefix: str) -> MachineFacts:
-    probe = "from encfs.fuse import cpu_policy; print(repr(cpu_policy.read_facts()))"
+    probe = "from encfs.fuse.accel import cpu_policy; print(repr(cpu_policy.read_facts()))"
     result = subprocess.run(
         [*prefix, sys.executable, "-c", probe],
         capture_output=True, text=True, timeout=60, check=True,

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from encfs.fuse import warm
-from encfs.fuse.warm import CpuWarmer
+from encfs.fuse.accel import warm
+from encfs.fuse.accel.warm import CpuWarmer
 
 DEADLINE = 10.0  # seconds; each wait below ends as soon as its condition holds
 
@@ -81,7 +81,7 @@ def test_dies_with_the_daemon():
             textwrap.dedent(
                 """
                 import sys, time
-                from encfs.fuse.warm import CpuWarmer
+                from encfs.fuse.accel.warm import CpuWarmer
                 warmer = CpuWarmer.start()
                 print(warmer.process.pid, flush=True)
                 sys.stdin.read()

@@ -10,6 +10,8 @@ cannot grow into a staircase again (each module leaning on the one beside it).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "encfs"
@@ -84,16 +86,18 @@ SAME_LAYER: dict[str, set[str]] = {
     "admin.rotation": {"admin.rewrap"},  # the pass it drives
     "admin.status": {"admin.keyslots", "admin.rotation"},
     # fuse/: the handlers translate errors through the table and hand fsync to the
-    # syncer; the accelerated loop and its CPU warmer
+    # syncer (test_fuse_adapter_imports_only_the_engine_and_errors)
     "fuse.operations": {"fuse.errno_map", "fuse.syncer"},
-    "fuse.syncer": {"fuse.loop"},
-    "fuse.loop": {"fuse.warm"},
-    "fuse.warm": {"fuse.spinner"},
-    "fuse.cpu_policy": {"fuse.loop", "fuse.warm"},  # switches the warmer and busy-poll
+    # fuse/accel/: the accelerated loop feeds its CPU warmer; cpu_policy switches the
+    # warmer and the loop's busy-poll; session runs the three for the daemon
+    "fuse.accel.loop": {"fuse.accel.warm"},
+    "fuse.accel.warm": {"fuse.accel.spinner"},  # (runs it as a script)
+    "fuse.accel.cpu_policy": {"fuse.accel.loop", "fuse.accel.warm"},
+    "fuse.accel.session": {"fuse.accel.cpu_policy", "fuse.accel.loop"},
     # daemon/: mount is the composition root of a mounted volume
     "daemon.mount": {
-        "daemon.control", "daemon.health", "daemon.mountpoint", "daemon.supervisor",
-        "daemon.systemd",
+        "daemon.control", "daemon.health", "daemon.mountpoint", "daemon.request_loop",
+        "daemon.supervisor", "daemon.systemd",
     },
     "daemon.supervisor": {"daemon.health"},
     "daemon.control": {"daemon.runtime", "daemon.supervisor"},
@@ -243,7 +247,7 @@ def test_only_crypto_and_providers_import_cryptography():
 
 
 def test_fuse_adapter_knows_no_providers_crypto_or_format():
-    for path in (PACKAGE / "fuse").glob("*.py"):
+    for path in (PACKAGE / "fuse").rglob("*.py"):
         for name in imports_of(path):
             assert not name.startswith(("encfs.keys", "encfs.crypto", "encfs.format")), path
 
@@ -260,3 +264,46 @@ def test_backing_imports_only_errors():
     """The OS layer knows no format: the caller names temporary entries."""
     names = [n for n in imports_of(PACKAGE / "backing.py") if n.startswith("encfs")]
     assert set(names) <= {"encfs.errors"}, names
+
+
+def test_fuse_adapter_imports_only_the_engine_and_errors():
+    """fuse/'s own modules (operations, errno_map, syncer) import the engine, errors and
+    each other: nothing of the accelerated loop (fuse/accel/, switched on by the daemon)."""
+    for path in (PACKAGE / "fuse").glob("*.py"):
+        here = module_name(path)
+        for target in encfs_modules_imported(path):
+            assert target.startswith("engine") or target in (
+                "errors", "fuse.errno_map", "fuse.syncer"
+            ), f"{here} imports {target}"
+
+
+def test_only_the_daemons_loop_choice_switches_the_accelerated_loop_on():
+    """encfs.fuse.accel is imported by itself and by encfs.daemon.request_loop alone
+    (which checks the versions first), and trio's internals are read only there."""
+    for path in all_modules():
+        here = module_name(path)
+        if here.startswith("fuse.accel"):
+            continue
+        accel = {t for t in encfs_modules_imported(path) if t.startswith("fuse.accel")}
+        if here == "daemon.request_loop":
+            assert accel == {"fuse.accel", "fuse.accel.session"}, accel
+        else:
+            assert not accel, f"{here} imports {accel}"
+        assert "trio._core" not in path.read_text(), here
+
+
+def test_importing_the_adapter_or_choosing_the_stock_loop_imports_no_accelerated_loop():
+    """In a fresh interpreter: the FUSE adapter, the daemon's mount module and the stock
+    loop's choice leave encfs.fuse.accel unimported."""
+    probe = (
+        "import sys, logging\n"
+        "import encfs.fuse.operations, encfs.fuse.syncer, encfs.daemon.mount\n"
+        "from encfs.daemon import request_loop\n"
+        "choice = request_loop.choose('stock', '-o request_loop=stock')\n"
+        "request_loop.open_loop(choice, 'auto', 'auto')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('encfs.fuse.accel')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]", result.stdout

@@ -1,4 +1,4 @@
-"""The request loop's lock and ready-waiter (encfs/fuse/loop.py), without a mount.
+"""The request loop's lock and ready-waiter (encfs/fuse/accel/loop.py), without a mount.
 
 Every FUSE test runs through them too; these pin the scheduling properties the speed
 comes from and the ones that keep other trio tasks alive.
@@ -16,7 +16,7 @@ import pyfuse3
 import trio
 import trio.testing
 
-from encfs.fuse import loop
+from encfs.fuse.accel import loop
 
 
 @contextlib.contextmanager
@@ -326,7 +326,7 @@ def test_request_arriving_during_the_spin_is_served_without_sleeping(monkeypatch
 
 
 def test_no_spin_when_busy_poll_is_off(monkeypatch):
-    """busy_poll off (encfs.fuse.cpu_policy: on battery, under a quota ...): one look,
+    """busy_poll off (encfs.fuse.accel.cpu_policy: on battery, under a quota ...): one look,
     then the blocking poll; a request a spin would have caught finds it asleep."""
     with pipe() as (read_end, write_end):
         waiter = loop.ReadyWaiter()

@@ -1,6 +1,6 @@
 """The CPU warmer's spinner process (`python -I -S spinner.py SHM PIPE IDLE_NS PARENT`).
 
-Started by `encfs.fuse.warm.CpuWarmer`; stdlib only, and it holds nothing of the
+Started by `encfs.fuse.accel.warm.CpuWarmer`; stdlib only, and it holds nothing of the
 volume (its environment is encfs.hygiene.helper_environment(), and it makes itself not
 dumpable and without core files before anything else, as exec reset that): it reads
 the time of the last request from a shared page and busy-loops at SCHED_IDLE priority

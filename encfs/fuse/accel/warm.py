@@ -37,8 +37,8 @@ import sys
 import time
 
 from encfs import hygiene
-from encfs.fuse import spinner
-from encfs.fuse.spinner import ASLEEP, REFUSED_SCHED_IDLE, SPINNING, STAMP, STATE_OFFSET
+from encfs.fuse.accel import spinner
+from encfs.fuse.accel.spinner import ASLEEP, REFUSED_SCHED_IDLE, SPINNING, STAMP, STATE_OFFSET
 
 log = logging.getLogger(__name__)
 

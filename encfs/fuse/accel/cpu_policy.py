@@ -27,8 +27,8 @@ from typing import Any
 import trio
 
 from encfs import backing
-from encfs.fuse.loop import ReadyWaiter
-from encfs.fuse.warm import CpuWarmer
+from encfs.fuse.accel.loop import ReadyWaiter
+from encfs.fuse.accel.warm import CpuWarmer
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ trio in two places:
   random 4 KiB I/O 1.5x). The window shrinks to nothing while requests come rarely.
   It does not spin while a worker thread runs (`run_in_thread`): the spin holds the
   GIL, which the worker needs to start and to hand back its result, nor when the
-  waiter's `busy_poll` is off (encfs.fuse.cpu_policy decides: by default not where a
+  waiter's `busy_poll` is off (encfs.fuse.accel.cpu_policy decides: by default not where a
   busy core costs, such as on battery or under a CPU quota).
 Everything else is trio itself.
 """
@@ -48,7 +48,7 @@ from typing import Any, ClassVar, TypeVar
 import pyfuse3
 import trio
 
-from encfs.fuse.warm import CpuWarmer
+from encfs.fuse.accel.warm import CpuWarmer
 
 T = TypeVar("T")
 clock = time.perf_counter  # (a module attribute: tests drive the spin through it)
