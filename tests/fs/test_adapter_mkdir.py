@@ -16,6 +16,7 @@ class SlowDisk(ThreadSyncer):
     """fsyncs that wait for the test's go (a disk that takes its time)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.syncing, self.release = threading.Event(), threading.Event()
         self.synced: list[int] = []
 

@@ -26,6 +26,7 @@ import pytest
 from encfs.fuse.accel.cpu_policy import MIN_CPUS
 from tests.helpers.cgroups import cpu_quota_cgroup
 from tests.helpers.mount import Volume, daemon_pid, init_volume, run_cli, unmount
+from tests.helpers.request_loop import accelerated_only
 
 pytestmark = [
     pytest.mark.fuse,
@@ -91,6 +92,7 @@ def two_cpus() -> set[int]:
     return set(sorted(os.sched_getaffinity(0))[:2])
 
 
+@accelerated_only
 def test_auto_decides_from_the_daemons_affinity(tmp_path):
     """Started on two CPUs (fewer than 3): both off, and status says why; the daemon
     pinned to one CPU while mounted: the next status says that."""
@@ -116,6 +118,7 @@ def test_auto_decides_from_the_daemons_affinity(tmp_path):
         assert "1 CPU available to the daemon" in cpu["busy_poll"]["reason"]
 
 
+@accelerated_only
 def test_a_cpu_quota_turns_them_off_while_mounted(tmp_path):
     """The daemon moved into a cgroup with a CPU quota: both helpers off (a spinner that
     ran stops), the quota named in the reason."""
@@ -139,6 +142,7 @@ def test_a_cpu_quota_turns_them_off_while_mounted(tmp_path):
         assert spinners(pid) == []
 
 
+@accelerated_only
 def test_forced_on_they_spin_and_their_cpu_time_is_counted(tmp_path):
     volume = init_volume(tmp_path)
     cpus = two_cpus()
@@ -169,6 +173,7 @@ def test_forced_on_they_spin_and_their_cpu_time_is_counted(tmp_path):
     assert not os.path.exists(f"/proc/{spinner}")
 
 
+@accelerated_only
 def test_forced_off_nothing_spins(tmp_path):
     volume = init_volume(tmp_path)
     with mounted(volume, tmp_path / "mnt", "no_cpu_warmer,busy_poll=off") as pid:
@@ -263,6 +268,7 @@ def test_a_closer_starved_by_other_work_holds_a_bounded_number_of_descriptors(tm
         assert peak <= limit, f"peak {peak} descriptors (base {base}, limit {limit})"
 
 
+@accelerated_only
 def test_while_our_helpers_spin_nothing_waits_for_the_closer(tmp_path):
     """With the warmer and the busy-poll forced on, the closer (SCHED_IDLE, and needing
     the GIL the flat-out request loop holds) fell behind up to its bound with no other

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from tests.helpers.mount import daemon_pid, init_volume, mounted
+from tests.helpers.request_loop import accelerated_only
 
 pytestmark = pytest.mark.fuse
 
@@ -36,6 +37,7 @@ def _warmers(pid):
     return found
 
 
+@accelerated_only
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
 def test_cpu_warmer_forced_on_runs_with_the_mount_at_idle_priority(tmp_path):
     volume = init_volume(tmp_path)

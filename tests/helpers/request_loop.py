@@ -1,0 +1,24 @@
+"""Which request loop the tests' mounts run on.
+
+`make test` runs tests/fs and tests/integration a second time with
+ENCFS_GW_REQUEST_LOOP=stock (pyfuse3's own loop; encfs/daemon/request_loop.py): every
+daemon the tests start inherits it. A test of what only the accelerated loop has (its
+busy-poll, the CPU warmer it feeds, its request fast path) is marked `accelerated_only`
+and skips itself in that pass.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from encfs.daemon.request_loop import ENV
+
+STOCK_PASS = os.environ.get(ENV) == "stock"
+
+accelerated_only = pytest.mark.skipif(
+    STOCK_PASS,
+    reason=f"the accelerated loop's busy-poll or CPU warmer: this pass runs the stock loop "
+    f"({ENV}=stock)",
+)
