@@ -566,7 +566,7 @@ def test_backing_directory_that_is_a_symlink(tmp_path, pristine):
 @pytest.mark.parametrize(
     "option",
     ["max_read=1", "fsname=/other", "subtype=x", "relatime", "cpu_warmer=fast", "busy_poll=",
-     "no_cpu_warmer,cpu_warmer=on"],
+     "no_cpu_warmer,cpu_warmer=on", "request_loop=fast", "request_loop="],
 )
 def test_mount_option_refused(tmp_path, pristine, option):
     mountpoint = tmp_path / "mnt"

@@ -210,3 +210,15 @@ def test_accelerated_on_an_unvalidated_trio_is_refused_with_exit_16(tmp_path):
     ]
     assert not is_mounted(mnt)
     assert daemon_pid(volume.backing) is None
+
+
+def test_a_mode_from_the_environment_that_is_none_of_them_is_a_usage_error(tmp_path):
+    volume, mnt = init_volume(tmp_path), tmp_path / "mnt"
+    mnt.mkdir()
+    result = run_cli("mount", volume.backing, mnt, "--keyfile", volume.keyfile,
+                     env={**environment(), request_loop.ENV: "fast"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "encfs-gw: error: ENCFS_GW_REQUEST_LOOP=fast: expected auto, accelerated, stock"
+    ]
+    assert not is_mounted(mnt)
