@@ -17,6 +17,13 @@ from encfs.daemon.request_loop import ENV
 
 STOCK_PASS = os.environ.get(ENV) == "stock"
 
+
+
+def loop_environment() -> dict[str, str]:
+    """For a test that starts the CLI with an environment of its own: the pass's mode."""
+    return {ENV: os.environ[ENV]} if ENV in os.environ else {}
+
+
 accelerated_only = pytest.mark.skipif(
     STOCK_PASS,
     reason=f"the accelerated loop's busy-poll or CPU warmer: this pass runs the stock loop "

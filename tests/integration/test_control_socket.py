@@ -37,6 +37,7 @@ from encfs import client
 from encfs.daemon.runtime import socket_name, socket_path
 from encfs.errors import ControlSocketError, NotMounted
 from tests.helpers.mount import daemon_pid, init_volume, is_mounted, mounted, run_cli
+from tests.helpers.request_loop import loop_environment
 
 pytestmark = pytest.mark.fuse
 
@@ -77,7 +78,8 @@ def nobody(home: Path, *args: str | os.PathLike, **env: str) -> subprocess.Compl
     return subprocess.run(
         [sys.executable, str(AS_USER), str(NOBODY), str(NOBODY), *map(str, args)],
         capture_output=True, text=True, timeout=WAIT, check=False, cwd="/",
-        env={"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8", **env},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
+             **loop_environment(), **env},
     )
 
 
