@@ -176,8 +176,8 @@ class NotEnoughSpace(EncfsError):
 
 
 class CannotConvert(EncfsError):
-    """`convert` refused: the tree holds something a volume cannot keep (an xattr name
-    over 160 bytes, an xattr on a symlink or special file, a POSIX ACL without
+    """`convert` refused: the tree holds something a volume cannot keep (the xattrs of a
+    FIFO, socket or device over 3,584 bytes as a sealed set, a POSIX ACL without
     --drop-acls, an entry this user cannot read or give its owner, a tree nested deeper
     than the open-file limit allows), or the directory cannot hold a volume (no user
     xattrs, no O_TMPFILE)."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from encfs import config_store
 from encfs.convert.in_use import users_of
-from encfs.convert.plan import Plan, checked_plan
+from encfs.convert.plan import Keeps, Plan, checked_plan
 from encfs.convert.records import MARKER_FORMAT, State, Steps, read_marker, write_marker
 from encfs.convert.report import Progress, census
 from encfs.convert.sides import Sides
@@ -34,6 +34,7 @@ from encfs.convert.tree import (
 from encfs.convert.walk import Walker
 from encfs.engine import ROOT_INODE, Volume, create_volume
 from encfs.errors import UsageError, VolumeBusy, VolumeExists
+from encfs.format import DEFAULT_FEATURES
 from encfs.format import names as fnames
 from encfs.format.blocks import DEFAULT_BLOCK_SIZE, Layout
 from encfs.format.volume import now_utc
@@ -146,7 +147,11 @@ class Conversion:
         self.free_at_start = self._free_bytes()
         if fresh:
             layout = self._layout(self.block_size or DEFAULT_BLOCK_SIZE)
-            self.plan = checked_plan(self.real, self.dir_fd, self.dir_fd, layout, self.drop_acls)
+            # the volume convert makes has the default features (config_store.new_config)
+            self.plan = checked_plan(
+                self.real, self.dir_fd, self.dir_fd, layout, self.drop_acls,
+                Keeps.of(DEFAULT_FEATURES),
+            )
             marker = {
                 "format": MARKER_FORMAT, "version": 1, "started": now_utc(),
                 "top": metadata_record(top),
@@ -170,7 +175,7 @@ class Conversion:
                 if not fresh:
                     self.plan = checked_plan(
                         self.real, self.dir_fd, staging.tree_fd, self.volume.layout,
-                        self.drop_acls,
+                        self.drop_acls, Keeps.of(self.volume.config.features),
                     )
                 self._report_plan()
                 self._convert_tree(state)

@@ -23,8 +23,9 @@ from encfs.convert.tree import (
     show,
 )
 from encfs.errors import CannotConvert, NotEnoughSpace
+from encfs.format import FEATURE_BOUND_NAMES, FEATURE_XATTR_SETS, places
 from encfs.format import names as fnames
-from encfs.format import places
+from encfs.format import xattrs as xformat
 from encfs.format.blocks import BLOCKS_PER_GROUP, HEADER_SIZE, KEY_RECORD_SIZE, Layout
 
 BATCH_BYTES = 8 << 20  # files under this share a batch (one state write and sync pair)
@@ -118,7 +119,19 @@ def depth_limit() -> int:
     return max(8, min(MAX_DEPTH, (soft - RESERVED_DESCRIPTORS) // 2))
 
 
-def scan(root_fd: int, layout: Layout, fs_block: int, drop_acls: bool) -> Plan:
+@dataclass(frozen=True)
+class Keeps:
+    """What the volume's format keeps of extended attributes (its features)."""
+
+    sets: bool  # xattr-sets: on every kind of object, names up to 255 bytes
+    bound: bool  # bound-names: a symlink has an id, so a large set can be stored apart
+
+    @classmethod
+    def of(cls, features: tuple[str, ...] | frozenset[str]) -> Keeps:
+        return cls(FEATURE_XATTR_SETS in features, FEATURE_BOUND_NAMES in features)
+
+
+def scan(root_fd: int, layout: Layout, fs_block: int, drop_acls: bool, keeps: Keeps) -> Plan:
     plan = Plan()
     max_depth = depth_limit()
     euid = os.geteuid()
@@ -139,7 +152,7 @@ def scan(root_fd: int, layout: Layout, fs_block: int, drop_acls: bool) -> Plan:
                 st = os.lstat(name, dir_fd=fd)
             except FileNotFoundError:
                 continue
-            scan_entry(plan, layout, fs_block, fd, name, path, st, euid, drop_acls)
+            scan_entry(plan, layout, fs_block, fd, name, path, st, euid, drop_acls, keeps)
             if _encoded_name_length(name) > fnames.NAME_MAX:
                 plan.overhead += fs_block
                 plan.inodes += 1
@@ -184,7 +197,7 @@ def scan(root_fd: int, layout: Layout, fs_block: int, drop_acls: bool) -> Plan:
 
 def scan_entry(
     plan: Plan, layout: Layout, fs_block: int, fd: int, name: str, path: RelPath,
-    st: os.stat_result, euid: int, drop_acls: bool,
+    st: os.stat_result, euid: int, drop_acls: bool, keeps: Keeps,
 ) -> None:
     """Ownership and extended attributes: can the volume keep them?"""
     if euid != 0 and st.st_uid != euid:
@@ -194,9 +207,8 @@ def scan_entry(
     except OSError as exc:
         plan.problems.append(f"{show(path)}: cannot read its xattrs ({exc.strerror})")
         return
-    keeps_xattrs = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
-    kept = 0
-    for xname, _ in attributes:
+    kept: dict[bytes, bytes] = {}
+    for xname, value in attributes:
         text = xname.decode("utf-8", "backslashreplace")
         if xname.startswith(ACL_XATTRS):
             plan.acls += 1
@@ -208,21 +220,45 @@ def scan_entry(
             plan.dropped[text] += 1
         elif not is_kept_xattr(xname):
             plan.dropped[text] += 1  # security.*, system.*: the mount keeps none either
-        elif not keeps_xattrs:
-            plan.problems.append(
-                f"{show(path)}: xattr {text} on a {_kind(st.st_mode)} (the volume keeps "
-                "xattrs on files and directories only)"
-            )
-        elif len(xname) > fnames.XATTR_NAME_MAX:
-            plan.problems.append(
-                f"{show(path)}: xattr name {text[:40]}... is {len(xname)} bytes (the volume "
-                f"keeps names up to {fnames.XATTR_NAME_MAX})"
-            )
         else:
-            kept += 1
+            kept[xname] = value
     if kept:
-        plan.xattrs += kept
+        problem = _unkept_xattrs(kept, st.st_mode, euid, keeps)
+        if problem:
+            plan.problems.append(f"{show(path)}: {problem}")
+            return
+        plan.xattrs += len(kept)
         plan.overhead += fs_block
+
+
+def _unkept_xattrs(kept: dict[bytes, bytes], mode: int, euid: int, keeps: Keeps) -> str:
+    """Why the volume cannot keep an object's user.* and trusted.* xattrs, or ''."""
+    file_or_dir = stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+    if not keeps.sets:  # one backing xattr per attribute (docs/FORMAT.md 5.4.1)
+        if not file_or_dir:
+            return (f"xattrs on a {_kind(mode)} (this volume, without feature xattr-sets, "
+                    "keeps xattrs on files and directories only)")
+        for xname in kept:
+            if len(xname) > fnames.XATTR_NAME_MAX:
+                text = xname.decode("utf-8", "backslashreplace")
+                return (f"xattr name {text[:40]}... is {len(xname)} bytes (this volume, "
+                        f"without feature xattr-sets, keeps names up to "
+                        f"{fnames.XATTR_NAME_MAX})")
+        return ""
+    # One sealed set per object (5.4.2). The kernel's own limits (names of 255 bytes, a
+    # listing of 64 KiB) are the set's; what remains is where the set can live.
+    body = xformat.body_size(kept)
+    if body > xformat.BODY_MAX:
+        return f"its xattrs take {body} bytes as a set (the volume keeps up to {xformat.BODY_MAX})"
+    if not file_or_dir and euid != 0:
+        return (f"xattrs on a {_kind(mode)}: the volume keeps them in a trusted.* backing "
+                "xattr, which only root can write")
+    can_store = file_or_dir or (stat.S_ISLNK(mode) and keeps.bound)
+    record = 1 + xformat.SEAL_OVERHEAD + body
+    if not can_store and record > xformat.INLINE_MAX:
+        return (f"its xattrs take {record} bytes as a sealed set; a {_kind(mode)} keeps its "
+                f"set in its own backing xattr, up to {xformat.INLINE_MAX} bytes")
+    return ""
 
 
 def _scan_file(
@@ -255,14 +291,18 @@ def _kind(mode: int) -> str:
     }.get(stat.S_IFMT(mode), "file")
 
 
-def checked_plan(real: str, dir_fd: int, root_fd: int, layout: Layout, drop_acls: bool) -> Plan:
+def checked_plan(
+    real: str, dir_fd: int, root_fd: int, layout: Layout, drop_acls: bool, keeps: Keeps
+) -> Plan:
     """The plan of the tree under `root_fd` (with DIR's own xattrs), refused with one
-    clear error when the volume cannot keep something or the filesystem lacks room."""
+    clear error when the volume cannot keep something or the filesystem lacks room.
+    `keeps`: the features of the volume made (or being made) in DIR."""
     fs = os.fstatvfs(dir_fd)
-    plan = scan(root_fd, layout, fs.f_bsize, drop_acls)
+    plan = scan(root_fd, layout, fs.f_bsize, drop_acls, keeps)
     # DIR's own xattrs go to the volume's root at the end
     scan_entry(
         plan, layout, fs.f_bsize, dir_fd, ".", (), os.fstat(dir_fd), os.geteuid(), drop_acls,
+        keeps,
     )
     if plan.problems:
         more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""

@@ -59,6 +59,12 @@ class Transfer:
                 raise VolumeBusy(f"{show(first)} changed while convert ran: stop the writers")
             name = os.fsencode(first[-1])
             ctime_ns = st.st_ctime_ns
+            # a symlink's or special file's xattrs (trusted.*: the kernel keeps user.* to
+            # files and directories), set before its other names are linked: link(2) of a
+            # bound symlink copies its set (a file's are set after its data)
+            attributes = [] if stat.S_ISREG(st.st_mode) else [
+                (n, v) for n, v in read_xattrs(plain_fd, first[-1]) if is_kept_xattr(n)
+            ]
             if stat.S_ISREG(st.st_mode):
                 ino = self._convert_file(plain_fd, first, parent, st, done)
             elif stat.S_ISLNK(st.st_mode):
@@ -72,6 +78,7 @@ class Transfer:
                 if volume.readlink(ino) != target:
                     raise IntegrityError(f"{show(first)}: the symlink read back differs")
                 done["symlinks"] += 1
+                self._set_xattrs(ino, attributes, done)
             else:
                 self.steps()
                 ino = volume.mknod(parent, name, st.st_mode, st.st_rdev, st.st_uid, st.st_gid).ino
@@ -79,6 +86,7 @@ class Transfer:
                 if stat.S_IFMT(attr.mode) != stat.S_IFMT(st.st_mode) or attr.rdev != st.st_rdev:
                     raise IntegrityError(f"{show(first)}: the special file read back differs")
                 done["specials"] += 1
+                self._set_xattrs(ino, attributes, done)
             inodes = [ino]
             for rel in unit.paths[1:]:
                 link_parent = self.sides.volume_dir(rel[:-1], create=True)
@@ -149,13 +157,18 @@ class Transfer:
             done["files"] += 1
             done["bytes"] += sum(length for _, length in pieces)
             done["sparse_files"] += sum(length for _, length in pieces) < st.st_size
-            for xname, value in attributes:
-                self.steps()
-                volume.setxattr(ino, xname, value)
-                done["xattrs"] += 1
+            self._set_xattrs(ino, attributes, done)
             return ino
         finally:
             os.close(fd)
+
+    def _set_xattrs(
+        self, ino: int, attributes: list[tuple[bytes, bytes]], done: Counter[str]
+    ) -> None:
+        for xname, value in attributes:
+            self.steps()
+            self.volume.setxattr(ino, xname, value)
+            done["xattrs"] += 1
 
     def _write_all(self, fh: int, offset: int, data: bytes) -> None:
         view = memoryview(data)

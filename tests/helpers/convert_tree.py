@@ -4,7 +4,8 @@
 /usr/lib/python3/dist-packages, or some packages) and adds
 what the stdlib lacks: hard links across directories, symlinks (relative, absolute,
 dangling, 4,000-byte targets), sparse files, user.* and trusted.* xattrs (also on the top
-directory), a FIFO, a socket, device nodes, names that are not UTF-8 or hold a newline,
+directory, on a symlink and special files, and under 200-byte names), a FIFO, a socket,
+device nodes, names that are not UTF-8 or hold a newline,
 255-byte names, names convert itself uses (`encfs-gw.lock`, `.egw-dirid` at the top),
 empty files and directories, odd modes (setuid, 0000, 0555 directories) and owners, and
 explicit times with nanoseconds on every entry (atime newer than mtime and less than a
@@ -38,6 +39,7 @@ SITE_PACKAGES = Path("/usr/lib/python3/dist-packages")
 SMALL_STDLIB = ["json", "collections", "email/mime", "importlib/metadata", "abc.py",
                 "bisect.py", "LICENSE.txt", "config-3.11-x86_64-linux-gnu"]
 LONG_NAME = "L" * 250 + ".long"  # 255 bytes: a sidecar name in the volume
+LONG_XATTR = "user." + "x" * 195  # 200 bytes: over the 160 of volumes without xattr-sets
 SPARSE = "extras/sparse/big-sparse.img"
 ALL_HOLE = "extras/sparse/all-hole.img"
 TRAILING_HOLE = "extras/sparse/trailing-hole.bin"
@@ -148,6 +150,18 @@ def build_tree(root: Path, stdlib: list[str] | None = None, big: bool = True) ->
     os.setxattr(extras, "user.dir-note", b"on a directory " + CANARY)
     os.setxattr(root, "user.top-note", b"on the top directory " + CANARY)
     os.setxattr(root, "trusted.top", b"trusted on the top")
+    # names over 160 bytes, and xattrs on a symlink and on special files (the kernel keeps
+    # user.* to files and directories: theirs are trusted.*); volumes with xattr-sets keep them
+    os.setxattr(xfile, LONG_XATTR, CANARY + b" under a 200-byte name")
+    os.setxattr(extras, LONG_XATTR, b"a directory's")
+    link = extras / "names" / "relative-link"
+    os.setxattr(link, "trusted.on-a-symlink", CANARY + b" on a symlink", follow_symlinks=False)
+    os.setxattr(link, "trusted." + "s" * 190, b"long name on a symlink", follow_symlinks=False)
+    fifo = extras / "specials" / "fifo"
+    os.setxattr(fifo, "trusted.on-a-fifo", CANARY + b" on a FIFO", follow_symlinks=False)
+    os.setxattr(fifo, "trusted.empty", b"", follow_symlinks=False)
+    os.setxattr(extras / "specials" / "char-null", "trusted.on-a-device", b"device",
+                follow_symlinks=False)
 
     set_times(root)
 

@@ -46,6 +46,7 @@ from tests.helpers.config import trusted
 from tests.helpers.convert_tree import (
     ALL_HOLE,
     CANARY,
+    LONG_XATTR,
     MIB,
     SMALL_STDLIB,
     SPARSE,
@@ -58,9 +59,9 @@ from tests.helpers.convert_tree import (
     set_times,
     tree_bytes,
 )
+from tests.helpers.filesystems import small_filesystem
 from tests.helpers.mount import ENCFS_GW, TIMEOUT, mounted, run_cli
 from tests.helpers.mount import Volume as CliVolume
-from tests.integration.test_full_disk import small_filesystem
 
 pytestmark = pytest.mark.fuse
 
@@ -108,6 +109,21 @@ def assert_same_tree(before: tuple[dict, set], after: tuple[dict, set]) -> None:
     for rel, entry in entries.items():
         assert comparable(seen[rel], rel == b".") == comparable(entry, rel == b"."), rel
     assert seen_groups == groups
+
+
+def assert_beyond_per_name_xattrs(entries: dict[bytes, dict]) -> None:
+    """The tree's xattrs that only volumes with xattr-sets keep are there (a comparison
+    of two trees that both lack them would pass too)."""
+    on_link = entries[b"extras/names/relative-link"]["xattrs"]
+    assert on_link["trusted.on-a-symlink"] == CANARY + b" on a symlink"
+    assert on_link["trusted." + "s" * 190] == b"long name on a symlink"
+    assert entries[b"extras/specials/fifo"]["xattrs"] == {
+        "trusted.on-a-fifo": CANARY + b" on a FIFO", "trusted.empty": b"",
+    }
+    assert entries[b"extras/specials/char-null"]["xattrs"] == {"trusted.on-a-device": b"device"}
+    assert len(LONG_XATTR) == 200
+    assert entries[b"extras/with-xattrs.txt"]["xattrs"][LONG_XATTR].endswith(b"200-byte name")
+    assert entries[b"extras"]["xattrs"][LONG_XATTR] == b"a directory's"
 
 
 def assert_no_plaintext(backing: Path) -> None:
@@ -168,8 +184,14 @@ def _stdlib_tree_converts(tmp_path: Path, directory: Path) -> None:
         f"{run['peak_extra_bytes'] / MIB:.1f} MiB of {plan['space_needed'] / MIB:.1f} MiB "
         "stated"
     )
+    # the volume made has xattr-sets, which keeps what older volumes could not: xattrs on
+    # a symlink and special files, names over 160 bytes (compared with the rest below)
+    assert "xattr-sets" in json.loads((directory / "encfs-gw.conf").read_text())["features"]
+    assert_beyond_per_name_xattrs(before[0])
     with mounted(CliVolume(directory, keyfile), tmp_path / "mnt") as mnt:
-        assert_same_tree(before, manifest(mnt, plaintext=False))
+        after = manifest(mnt, plaintext=False)
+        assert_beyond_per_name_xattrs(after[0])
+        assert_same_tree(before, after)
         assert_sparse_kept(mnt)
     assert_no_plaintext(directory)  # (after: its reads change the backing atimes)
     # the volume is consistent by fsck's reading too
@@ -252,12 +274,10 @@ def _volume_entries(backing: Path) -> dict[bytes, dict]:
                     entry["target"] = volume.readlink(attr.ino)
                 elif entry["type"] in (stat.S_IFCHR, stat.S_IFBLK):
                     entry["rdev"] = attr.rdev
-                entry["xattrs"] = {}
-                if entry["type"] in (stat.S_IFREG, stat.S_IFDIR):
-                    entry["xattrs"] = {
-                        os.fsdecode(x): volume.getxattr(attr.ino, x)
-                        for x in volume.listxattr(attr.ino)
-                    }
+                entry["xattrs"] = {  # (xattr-sets: on every kind of object)
+                    os.fsdecode(x): volume.getxattr(attr.ino, x)
+                    for x in volume.listxattr(attr.ino)
+                }
             except (OSError, EncfsError) as exc:
                 entry["error"] = repr(exc)
     finally:
@@ -710,18 +730,18 @@ def test_bad_input_gets_one_line_and_its_code(tmp_path, key_home):
     assert "no conversion was started" in assert_refused(convert(plain), UsageError)
     (plain / STAGING).rmdir()
 
-    # what a volume cannot keep
+    # what a volume cannot keep: a special file's set lives in its own backing xattr only
+    # (no id to name a store file), up to 3,584 bytes sealed (xattrs on symlinks and
+    # special files, and names over 160 bytes, are kept: the stdlib tree shows it)
     (plain / "f").unlink()
-    long_name = "user." + "n" * 170
     target = plain / "x"
     target.write_text("data")
-    os.setxattr(target, long_name, b"v")
-    assert "xattr name" in assert_refused(convert(plain), CannotConvert)
-    os.removexattr(target, long_name)
-    os.symlink("x", plain / "sl")
-    os.setxattr(plain / "sl", "trusted.t", b"v", follow_symlinks=False)
-    assert "on a symlink" in assert_refused(convert(plain), CannotConvert)
-    (plain / "sl").unlink()
+    os.mkfifo(plain / "fifo")
+    os.setxattr(plain / "fifo", "trusted.big", b"v" * 3600, follow_symlinks=False)
+    line = assert_refused(convert(plain), CannotConvert)
+    assert "fifo: its xattrs take 3645 bytes as a sealed set; a FIFO keeps" in line, line
+    assert "up to 3584 bytes" in line
+    (plain / "fifo").unlink()
     # an ACL with a named user: the mode bits alone would widen the group's access
     os.setxattr(target, "system.posix_acl_access",
                 _acl((1, 6, 0xFFFFFFFF), (2, 6, 1234), (4, 4, 0xFFFFFFFF),

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.filesystems import small_filesystem
 from tests.helpers.mount import Volume, init_volume, mounted, run_cli, unmount
-from tests.integration.test_full_disk import small_filesystem
 
 pytestmark = pytest.mark.fuse
 

@@ -29,7 +29,6 @@ only crash debris, since the shutdown skips the journal flush like a power cut).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -37,13 +36,12 @@ import json
 import os
 import select
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from encfs.errors import FsckProblems
+from tests.helpers.filesystems import run_quietly, small_filesystem
 from tests.helpers.mount import (
     ENCFS_GW,
     Volume,
@@ -62,49 +60,6 @@ Q_GETQUOTA = 0x800007
 Q_SETQUOTA = 0x800008
 QIF_BLIMITS = 1
 USRQUOTA = 0
-
-
-# --- small filesystems --------------------------------------------------------------------
-
-
-def _run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-
-
-@contextlib.contextmanager
-def small_filesystem(tmp_path: Path, kind: str, size_mib: int = 16,
-                     quota: bool = False) -> Iterator[Path]:
-    """A fresh `kind` ("tmpfs" or "ext4") filesystem of `size_mib` MiB, unmounted after."""
-    where = tmp_path / f"{kind}-fs"
-    where.mkdir()
-    image = tmp_path / f"{kind}.img"
-    if kind == "tmpfs":
-        argv = ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0700", "tmpfs", str(where)]
-    else:
-        if not shutil.which("mkfs.ext4"):
-            pytest.skip("mkfs.ext4 (e2fsprogs) is not installed")
-        with open(image, "wb") as f:
-            f.truncate(size_mib << 20)
-        mkfs = ["mkfs.ext4", "-q", "-F", "-m", "0", *(["-O", "quota"] if quota else [])]
-        result = _run(*mkfs, str(image))
-        assert result.returncode == 0, result.stderr
-        options = "loop,usrquota" if quota else "loop"
-        argv = ["mount", "-o", options, str(image), str(where)]
-    result = _run(*argv)
-    if result.returncode != 0:
-        image.unlink(missing_ok=True)
-        detail = (result.stderr.strip().splitlines() or ["failed"])[0]
-        if quota:
-            pytest.skip(f"no ext4 quota on this kernel (CONFIG_QUOTA, QFMT_V2): {detail}")
-        pytest.skip(f"cannot mount a {kind} filesystem: {detail}")
-    # Never write into the directory underneath by mistake (it is on the real disk).
-    assert os.path.ismount(where), f"{where} is not a mount"
-    try:
-        yield where
-    finally:
-        if _run("umount", str(where)).returncode != 0:
-            _run("umount", "-l", str(where))
-        image.unlink(missing_ok=True)
 
 
 def new_volume(tmp_path: Path, fs: Path, block_size: int = 4096) -> Volume:
@@ -328,7 +283,7 @@ class _Dqblk(ctypes.Structure):
 
 def set_block_quota(fs: Path, uid: int, extra_kib: int) -> None:
     """Hard block limit for `uid` on the filesystem at `fs`: its usage now + extra_kib."""
-    device = _run("findmnt", "-no", "SOURCE", str(fs)).stdout.strip().encode()
+    device = run_quietly("findmnt", "-no", "SOURCE", str(fs)).stdout.strip().encode()
     libc = ctypes.CDLL(None, use_errno=True)
     quota = _Dqblk()
     if libc.quotactl((Q_GETQUOTA << 8) | USRQUOTA, device, uid, ctypes.byref(quota)):
@@ -406,8 +361,8 @@ def test_backing_eio_is_passed_on_and_synced_data_survives(tmp_path):
         finally:
             os.close(pidfd)
         # Remount the image: the journal replays what was committed.
-        assert _run("umount", str(fs)).returncode == 0
-        assert _run("mount", "-o", "loop", str(image), str(fs)).returncode == 0
+        assert run_quietly("umount", str(fs)).returncode == 0
+        assert run_quietly("mount", "-o", "loop", str(image), str(fs)).returncode == 0
         code, report = fsck(volume, "--repair")
         debris = {"leftover temporary entry", "orphaned long-name sidecar"}
         assert all(f["kind"] in debris and f["repaired"] for f in report["findings"]), report
