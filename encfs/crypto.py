@@ -34,6 +34,7 @@ INFO_XATTR_VALUE_KEY = b"encfs-gw v1: AES-GCM key for xattr values"
 INFO_BINDING_KEY = b"encfs-gw v1: HMAC key binding file headers to their names"
 INFO_DEK_WRAP_KEY = b"encfs-gw v1: AES-GCM key wrapping the DEKs of one file, file id follows"
 INFO_CONFIG_MAC_KEY = b"encfs-gw v1: HMAC key authenticating the volume config"
+INFO_JOURNAL_MAC_KEY = b"encfs-gw v1: HMAC key of the re-encryption journal"
 INFO_VOLUME_KEY_CHECK = b"encfs-gw v1: check value of the volume key, kept by the operator"
 
 AESGCM_ = AESGCM  # re-exported for the block engine's hot path

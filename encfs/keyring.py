@@ -255,6 +255,15 @@ class Keyring:
         """HMAC-SHA256 of a volume config body (docs/FORMAT.md section 2)."""
         return self._live().config_mac.tag(message, 32)
 
+    def journal_mac(self, message: bytes) -> bytes:
+        """HMAC-SHA256 of a batch of the re-encryption journal (docs/FORMAT.md 9)."""
+        key = bytearray(crypto.KEY_SIZE)
+        try:
+            crypto.hkdf_into(self._live().volume_key, crypto.INFO_JOURNAL_MAC_KEY, key)
+            return crypto.Mac(key).tag(message, 32)
+        finally:
+            crypto.wipe(key)
+
     def volume_key_check(self) -> bytes:
         """A check value of the volume key: what the operator's trust store pins."""
         return crypto.hkdf(self._live().volume_key, crypto.INFO_VOLUME_KEY_CHECK, 32)

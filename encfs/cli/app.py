@@ -17,6 +17,7 @@ from encfs.cli.common import one_line, run_command
 from encfs.cli.convert import add_convert_parser, cmd_convert
 from encfs.cli.keys import cmd_destroy, cmd_provider, cmd_rewrap_kek, cmd_trust, cmd_upgrade
 from encfs.cli.mounting import MOUNT_HELPER, cmd_init, cmd_mount, cmd_unmount, mount_helper
+from encfs.cli.reencrypting import add_reencrypt_parser, cmd_reencrypt
 from encfs.cli.rotating import cmd_rotate, cmd_rotate_every, cmd_status
 from encfs.errors import (
     UsageError,
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--purge-old", action="store_true", help="drop old KEK versions once none is needed"
     )
     _key_arguments(rotate)
+
+    add_reencrypt_parser(sub, _key_arguments)
 
     every = sub.add_parser(
         "rotate-every", help="let the daemon rotate automatically (a policy in the volume)"
@@ -251,6 +254,7 @@ COMMANDS = {
     "provider": cmd_provider,
     "rotate": cmd_rotate,
     "rotate-every": cmd_rotate_every,
+    "reencrypt": cmd_reencrypt,
     "status": cmd_status,
     "rewrap-kek": cmd_rewrap_kek,
     "fsck": cmd_fsck,

@@ -61,6 +61,15 @@ def _unfinished_conversion(backing_path: str) -> VolumeBusy:
     )
 
 
+def _unfinished_reencryption(backing_path: str) -> VolumeBusy:
+    """A volume whose `encfs-gw reencrypt` pass was interrupted may hold a journal of
+    writes not yet replayed: nothing but `reencrypt` opens it (docs/FORMAT.md 9)."""
+    return VolumeBusy(
+        f"{backing_path} is being re-encrypted and the pass is not finished: run "
+        f"encfs-gw reencrypt {backing_path} to finish it"
+    )
+
+
 class Volume:
     """An unlocked, opened volume. One instance per mount (or per offline tool run)."""
 
@@ -133,19 +142,28 @@ class Volume:
         audit: AuditLog | None = None,
         *,
         converting: bool = False,
+        reencrypting: bool = False,
     ) -> Volume:
         """Open a volume with the key providers the operator vouched for (the command
         line's, then the trust store's): config authenticated before anything is used.
         A volume `convert` has not finished (its marker: before any provider runs; its
-        authenticated config) is refused, except by `convert` itself."""
+        authenticated config) is refused, except by `convert` itself; so is a volume
+        whose re-encryption is unfinished, except by `reencrypt`."""
         crypto.self_test()
         marker = os.path.join(backing_path, fnames.CONVERT_MARKER)
         if not converting and os.path.lexists(marker):
             raise _unfinished_conversion(backing_path)
+        if not reencrypting and config_store.peek(backing_path).reencrypt is not None:
+            # said before any provider runs (the keys may be the new provider's by now);
+            # the authenticated config says it again below
+            raise _unfinished_reencryption(backing_path)
         config, keyring = config_store.unlock(backing_path, operator, audit)
         if config.conversion is not None and not converting:
             keyring.close()
             raise _unfinished_conversion(backing_path)
+        if config.reencrypt is not None and not reencrypting:
+            keyring.close()
+            raise _unfinished_reencryption(backing_path)
         volume = cls(backing_path, config, keyring, operator)
         if audit is not None:
             volume.audit = audit

@@ -31,6 +31,9 @@ CONFIG_FILE = "encfs-gw.conf"
 CONVERT_MARKER = ".egw-convert"
 CONVERT_DIR = ".egw-convert.d"
 LOCK_FILE = "encfs-gw.lock"
+# `encfs-gw reencrypt` (docs/FORMAT.md section 9): the journal of its in-place writes,
+# present only while a pass is unfinished.
+REENCRYPT_DIR = ".egw-reencrypt"
 NAME_AAD_LABEL = b"EGWN"
 SYMLINK_AAD_LABEL = b"EGWS"
 

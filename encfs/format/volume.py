@@ -56,7 +56,8 @@ _HEX = re.compile(r"[0-9a-f]*\Z")
 
 TOP_FIELDS = {
     "format", "format_version", "features", "volume_id", "block_size", "created",
-    "generation", "kek", "rotation", "rotation_policy", "conversion", "config_mac",
+    "generation", "kek", "rotation", "rotation_policy", "conversion", "reencrypt",
+    "config_mac",
 }
 LEGACY_TOP_FIELDS = TOP_FIELDS - {"generation", "config_mac"}
 
@@ -134,6 +135,12 @@ class VolumeConfig:
     # the volume; readers older than this field refuse it as an unknown field (exit 12).
     # Not a feature flag: features are bound into the wrapped volume key and stay.
     conversion: dict[str, Any] | None = None
+    # `encfs-gw reencrypt` has not finished: {"target": KEK version, "started": time}.
+    # Present from the moment version `target` (a new KEK) is current until every block
+    # was re-encrypted under a fresh DEK wrapped under it, and the journal of the pass
+    # (docs/FORMAT.md section 9) exists only meanwhile. Nothing but `reencrypt` opens
+    # the volume; readers older than this field refuse it as an unknown field (exit 12).
+    reencrypt: dict[str, Any] | None = None
 
     @property
     def layout(self) -> Layout:
@@ -194,6 +201,8 @@ class VolumeConfig:
             doc["rotation_policy"] = self.rotation_policy
         if self.conversion is not None:
             doc["conversion"] = self.conversion
+        if self.reencrypt is not None:
+            doc["reencrypt"] = self.reencrypt
         return doc
 
     def mac_message(self) -> bytes:
@@ -291,6 +300,7 @@ class VolumeConfig:
             rotation=_rotation(doc.get("rotation")),
             rotation_policy=_policy(doc.get("rotation_policy")),
             conversion=_conversion(doc.get("conversion")),
+            reencrypt=_reencrypt(doc.get("reencrypt")),
         )
         config.validate()
         stored_mac = None
@@ -322,6 +332,13 @@ class VolumeConfig:
             raise ConfigError("the current KEK version is not active")
         if self.rotation is not None and self.rotation.get("target") != self.current_kek:
             raise ConfigError("volume config: a rotation targets a KEK version that is not current")
+        if self.reencrypt is not None and (
+            self.reencrypt.get("target") != self.current_kek or self.rotation is not None
+        ):
+            raise ConfigError(
+                "volume config: a re-encryption must target the current KEK version, with no "
+                "rotation beside it"
+            )
 
 
 def mac_message(body: dict[str, Any]) -> bytes:
@@ -489,6 +506,16 @@ def _rotation(value: Any) -> dict[str, Any] | None:
         raise ConfigError('volume config: rotation must be {"target": N, "started": TIME}')
     _int_field(value, "target", 1, MAX_KEK_VERSION, "rotation.target")
     _time_field(value, "started", "rotation.started")
+    return dict(value)
+
+
+def _reencrypt(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"target", "started"}:
+        raise ConfigError('volume config: reencrypt must be {"target": N, "started": TIME}')
+    _int_field(value, "target", 1, MAX_KEK_VERSION, "reencrypt.target")
+    _time_field(value, "started", "reencrypt.started")
     return dict(value)
 
 

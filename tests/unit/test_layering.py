@@ -84,6 +84,7 @@ SAME_LAYER: dict[str, set[str]] = {
     # and keyslots
     "admin.fsck": {"admin.quarantine"},
     "admin.rotation": {"admin.rewrap"},  # the pass it drives
+    "admin.reencrypt": {"admin.rewrap"},  # the census of DEKs per KEK version
     "admin.status": {"admin.keyslots", "admin.rotation"},
     # fuse/: the handlers translate errors through the table and hand fsync to the
     # syncer (test_fuse_adapter_imports_only_the_engine_and_errors)
@@ -126,13 +127,15 @@ SAME_LAYER: dict[str, set[str]] = {
     # calls app.main (a lazy import)
     "cli": {"cli.app"},
     "cli.app": {
-        "cli.checking", "cli.common", "cli.convert", "cli.keys", "cli.mounting", "cli.rotating",
+        "cli.checking", "cli.common", "cli.convert", "cli.keys", "cli.mounting",
+        "cli.reencrypting", "cli.rotating",
     },
     "cli.common": {"client"},  # reaching a daemon (status, rotate, policy)
     "cli.checking": {"cli.common"},
     "cli.convert": {"cli.common"},
     "cli.keys": {"cli.common"},
     "cli.mounting": {"cli.app", "cli.common"},
+    "cli.reencrypting": {"cli.common"},
     "cli.rotating": {"cli.common"},
     "__main__": {"cli"},
 }

@@ -1,0 +1,135 @@
+"""`encfs-gw reencrypt` from the command line (layer L7): every block of an unmounted
+volume under a fresh DEK and a new KEK version (encfs.admin.reencrypt)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from encfs.cli.common import operator_from, resolve_target
+from encfs.errors import VolumeBusy
+
+MAX_RATE_MIB_S = 1e6
+
+
+def rate_mib_s(text: str) -> float:
+    """--rate: a finite number of MiB per second, > 0 (not nan, inf or negative)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0 < rate <= MAX_RATE_MIB_S:  # also false for nan
+        raise argparse.ArgumentTypeError(f"expected MiB per second, 0 < N <= 1e6: {text!r}")
+    return rate
+
+
+def add_reencrypt_parser(sub: Any, key_arguments: Any) -> None:
+    parser = sub.add_parser(
+        "reencrypt",
+        help="every block under a fresh DEK and a new KEK (after a suspected compromise)",
+    )
+    parser.add_argument("target", metavar="BACKING", help="backing directory (not mounted)")
+    parser.add_argument("--rate", type=rate_mib_s, metavar="MIB_PER_S", help="throttle the pass")
+    parser.add_argument("--json", action="store_true", help="progress and result as JSON lines")
+    parser.add_argument(
+        "--purge-old", action="store_true",
+        help="remove the old KEK versions (and their keyslots) once no block needs them",
+    )
+    parser.add_argument(
+        "--new-provider", metavar="SPEC",
+        help="protect the new KEK with this provider only (e.g. keyfile:NEW, created)",
+    )
+    key_arguments(parser)
+
+
+class Progress:
+    """rotate's style: a line rewritten on a terminal, periodic lines otherwise, JSON
+    lines with --json."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.tty = sys.stderr.isatty() and not as_json
+        self.last = 0.0
+
+    def __call__(self, stats: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 1.0 if self.as_json else 5.0):
+            return
+        self.last = now
+        data = stats.as_dict()
+        if self.as_json:
+            print(json.dumps({"progress": data}), flush=True)
+            return
+        eta = data.get("eta")
+        line = (
+            f"reencrypt: {data['files_done']}/{data['files_total']} files, "
+            f"{data['bytes_done'] / 1048576:.1f}/{data['bytes_total'] / 1048576:.1f} MiB, "
+            f"{data['rate_mib_s']:.1f} MiB/s" + (f", ETA {eta:.0f} s" if eta is not None else "")
+        )
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    versions = ", ".join(f"v{v}: {n}" for v, n in result["deks_per_version"].items())
+    print(f"KEK version {result['target']} is current; DEKs per KEK version: {versions or 'none'}")
+    print(
+        f"re-encrypted {result['blocks_reencrypted']} blocks "
+        f"({result['bytes_reencrypted'] / 1048576:.1f} MiB) of {result['files_total']} files "
+        f"in {result['elapsed']:.1f} s ({result['rate_mib_s']:.1f} MiB/s)"
+    )
+    gone = result.get("purged", result.get("retired", []))
+    verb = "purged" if "purged" in result else "retired"
+    print(f"{verb} KEK version(s): {', '.join(map(str, gone)) or 'none'}")
+    if not result["done"]:
+        print(
+            f"{result['unreadable_blocks']} block(s) could not be read and keep their old "
+            f"DEKs (KEK version(s) {', '.join(map(str, result['still_needed'])) or '-'} "
+            "kept): run encfs-gw fsck on the volume",
+            file=sys.stderr,
+        )
+
+
+def cmd_reencrypt(args: argparse.Namespace) -> int:
+    target = resolve_target(args.target)
+    if target.mounted:
+        raise VolumeBusy(
+            f"{target.backing} is mounted: reencrypt works on an unmounted volume only (there "
+            "is no online pass yet); unmount it, run reencrypt, mount it again"
+        )
+    from encfs.admin import reencrypt
+    from encfs.engine import Volume
+    from encfs.keys.registry import parse_spec
+    from encfs.trust import OperatorSpec
+
+    operator = operator_from(args)
+    new_provider = None
+    if args.new_provider is not None:
+        new_provider = parse_spec(args.new_provider)
+        if operator.specs:
+            # named by the operator: it opens the new KEK version of a pass it resumes
+            # (with keys named on the command line, only those are asked)
+            operator.specs.append(OperatorSpec(*new_provider))
+    progress = Progress(args.json)
+    volume = Volume.unlock(target.backing, operator, reencrypting=True)
+    try:
+        result = reencrypt.reencrypt_offline(
+            volume, rate=args.rate, purge_old=args.purge_old, new_provider=new_provider,
+            on_progress=progress,
+        )
+    finally:
+        volume.close()
+    progress.close()
+    print_result(result, args.json)
+    return 0 if result["done"] else 1
+

@@ -1,0 +1,467 @@
+"""`encfs-gw reencrypt`: every block of an unmounted volume under a fresh DEK and a new KEK
+version, through the real CLI on real volumes (written through a real mount).
+
+The model: files of every shape (empty, one byte, block edges, several groups, sparse,
+hard-linked, a long name, in a subdirectory) plus a symlink and xattrs, written through
+the mount and kept in memory; after the pass every file is read back through a mount
+and compared. The crash tests kill `reencrypt` (SIGKILL, test hook
+ENCFS_TESTONLY_REENCRYPT_CRASH_AT=BATCH:STEP) at seeded points of its batches and
+resume; the compromise test keeps what an attacker could have kept before the pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from encfs import crypto
+from encfs.admin.reencrypt import CRASH_AT_ENV, CRASH_STEPS
+from encfs.errors import (
+    KeyAccessError,
+    ProviderConfigError,
+    UsageError,
+    VolumeBusy,
+    WrongKey,
+)
+from encfs.format.blocks import (
+    HEADER_SIZE,
+    KEY_RECORD_SIZE,
+    NONCE_SIZE,
+    RECORD_OVERHEAD,
+    SLOT,
+    SLOT_SIZE,
+    FileHeader,
+    Layout,
+    block_aad,
+    slot_aad,
+)
+from encfs.format.volume import VolumeConfig
+from encfs.keyring import Keyring
+from encfs.keys.keyfile import KeyfileProvider
+from tests.helpers.config import operator_for
+from tests.helpers.mount import ENCFS_GW, mounted, run_cli
+from tests.helpers.mount import Volume as CliVolume
+
+pytestmark = pytest.mark.fuse
+
+LAYOUT = Layout(16384)
+MIB = 1 << 20
+
+
+def reencrypt(backing: Path, *args: str | os.PathLike, env: dict | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*ENCFS_GW, "reencrypt", str(backing), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_refused(result: subprocess.CompletedProcess, code: int) -> str:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("encfs-gw: error: "), result.stderr
+    return lines[0]
+
+
+def fill(mnt: Path, seed: int, big_mib: int = 3) -> dict[str, bytes]:
+    """Files of every shape; returns the model (path -> contents)."""
+    rnd = random.Random(seed)
+    files: dict[str, bytes] = {}
+    (mnt / "dir" / "sub").mkdir(parents=True)
+    for i, size in enumerate([0, 1, 16383, 16384, 16385, 40 * 16384 + 7, 100000]):
+        name = f"dir/file{i}" if i % 2 else f"file{i}"
+        files[name] = rnd.randbytes(size)
+    files["dir/sub/big"] = rnd.randbytes(big_mib * MIB + 3)  # several groups
+    files["L" * 240] = rnd.randbytes(5000)  # a long name: a .egwL entry in the backing
+    for name, data in files.items():
+        (mnt / name).write_bytes(data)
+    with open(mnt / "sparse", "wb") as f:  # holes stay holes
+        f.write(b"start")
+        f.seek(5 * MIB)
+        f.write(b"middle")
+        f.truncate(9 * MIB)
+    files["sparse"] = (mnt / "sparse").read_bytes()
+    os.link(mnt / "file0", mnt / "dir" / "hard-link")
+    os.link(mnt / "dir" / "sub" / "big", mnt / "big-link")
+    files["dir/hard-link"] = files["file0"]
+    files["big-link"] = files["dir/sub/big"]
+    os.symlink("dir/sub/big", mnt / "symlink")
+    os.setxattr(mnt / "file2", "user.note", b"kept")
+    return files
+
+
+def check(mnt: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        assert (mnt / name).read_bytes() == data, name
+    assert os.readlink(mnt / "symlink") == "dir/sub/big"
+    assert os.getxattr(mnt / "file2", "user.note") == b"kept"
+    assert os.stat(mnt / "big-link").st_ino == os.stat(mnt / "dir" / "sub" / "big").st_ino
+
+
+def backing_files(backing: Path) -> list[Path]:
+    """One name of every backing data file (hard links once)."""
+    out, inodes = [], set()
+    for dirpath, dirnames, filenames in os.walk(backing):
+        dirnames[:] = [d for d in dirnames if "." not in d]
+        for name in filenames:
+            data_name = "." not in name or (name.startswith(".egwL") and not name.endswith(".name"))
+            path = Path(dirpath) / name
+            if (data_name and path.is_file() and not path.is_symlink()
+                    and path.stat().st_ino not in inodes):
+                inodes.add(path.stat().st_ino)
+                out.append(path)
+    return sorted(out)
+
+
+def blocks_of(path: Path) -> dict[int, tuple[bytes, bytes]]:
+    """block index -> (key record, block record) of every block that holds data."""
+    data = path.read_bytes()
+    if len(data) <= HEADER_SIZE:
+        return {}
+    plain_size = LAYOUT.plain_size(len(data))
+    out = {}
+    for index in range(-(-plain_size // LAYOUT.block_size)):
+        key_at = LAYOUT.key_record_offset(index)
+        key = data[key_at : key_at + KEY_RECORD_SIZE]
+        if not any(key):
+            continue  # a hole
+        length = LAYOUT.block_plain_length(index, plain_size) + RECORD_OVERHEAD
+        at = LAYOUT.record_offset(index)
+        out[index] = (key, data[at : at + length])
+    return out
+
+
+def file_id(path: Path) -> bytes:
+    return FileHeader.unpack(path.read_bytes()[:HEADER_SIZE]).file_id
+
+
+def slot_versions(backing: Path) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for path in backing_files(backing):
+        for key, _ in blocks_of(path).values():
+            for offset in (0, SLOT_SIZE):
+                version = int.from_bytes(key[offset : offset + 2], "big")
+                if version:
+                    counts[version] = counts.get(version, 0) + 1
+    return counts
+
+
+def config_of(backing: Path) -> dict:
+    return json.loads((backing / "encfs-gw.conf").read_text())
+
+
+def make_volume(tmp_path: Path, seed: int, big_mib: int = 3) -> tuple[CliVolume, dict]:
+    volume = CliVolume(tmp_path / "vol", tmp_path / "vol.key")
+    run_cli("init", volume.backing, "--keyfile", volume.keyfile, check=True)
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        files = fill(mnt, seed, big_mib)
+    return volume, files
+
+
+# --- the pass ----------------------------------------------------------------------------------
+
+
+def test_every_block_gets_a_fresh_dek_under_a_new_kek_version(tmp_path):
+    volume, files = make_volume(tmp_path, seed=1, big_mib=24)
+    before = {path: blocks_of(path) for path in backing_files(volume.backing)}
+    assert slot_versions(volume.backing) == {1: sum(len(b) for b in before.values())}
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--json")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    summary = lines[-1]
+    blocks = sum(len(b) for b in before.values())
+    assert summary["done"] and summary["target"] == 2
+    # each block once, though two files have two names (the second visit finds it done)
+    assert summary["blocks_reencrypted"] == blocks
+    assert set(summary["deks_per_version"]) == {"2"}  # (counted per name: links twice)
+    assert summary["retired"] == [1] and summary["unreadable_blocks"] == 0
+    assert 0 < summary["journal_peak_bytes"] <= 8 * MIB + 52  # the stated bound
+    progress = [line["progress"] for line in lines if "progress" in line]
+    assert {"files_done", "bytes_done", "bytes_total", "rate_mib_s", "eta"} <= set(progress[-1])
+    # every block's record changed (new DEK, new nonce) and every key slot is version 2
+    for path, blocks_before in before.items():
+        after = blocks_of(path)
+        assert sorted(after) == sorted(blocks_before), path  # holes stayed holes
+        for index, (key, record) in after.items():
+            _, old_record = blocks_before[index]
+            assert record != old_record and record[:NONCE_SIZE] != old_record[:NONCE_SIZE]
+            assert SLOT.unpack(key[:SLOT_SIZE])[0] in (0, 2)
+            assert SLOT.unpack(key[SLOT_SIZE:])[0] in (0, 2)
+    assert slot_versions(volume.backing) == {2: blocks}
+    assert not (volume.backing / ".egw-reencrypt").exists()
+    config = config_of(volume.backing)
+    assert "reencrypt" not in config
+    assert [(v["version"], v["state"]) for v in config["kek"]["versions"]] == [
+        (1, "retired"), (2, "active"),
+    ]
+    print(  # the figure for the record (pytest -s)
+        f"reencrypt: {summary['bytes_reencrypted'] / MIB:.1f} MiB in {summary['elapsed']:.2f} s"
+        f" = {summary['rate_mib_s']:.1f} MiB/s, {summary['bytes_written'] / MIB:.1f} MiB "
+        f"written, {summary['batches']} batches, journal peak "
+        f"{summary['journal_peak_bytes'] / MIB:.2f} MiB"
+    )
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        check(mnt, files)
+    fsck = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    # a second pass re-encrypts everything again, under version 3
+    again = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--purge-old", "--json")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert summary["target"] == 3 and summary["purged"] == [1, 2]
+    assert slot_versions(volume.backing) == {3: blocks}
+    assert [v["version"] for v in config_of(volume.backing)["kek"]["versions"]] == [3]
+
+
+def test_throttled_by_rate(tmp_path):
+    volume, _ = make_volume(tmp_path, seed=2, big_mib=4)
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--rate", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    # about 5 MiB at 4 MiB/s: at least a second (sleeps between files and batches)
+    assert summary["bytes_reencrypted"] > 4 * MIB
+    assert summary["elapsed"] >= summary["bytes_reencrypted"] / MIB / 4 - 0.3
+
+
+# --- crashes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill9_at_seeded_points_then_resume(tmp_path, seed):
+    """Kills at seeded points: at the start, at every step of a batch in a seeded order
+    (each run is a resume that gets one batch further at most), and at a seeded step of
+    batch 1 or 2; after each kill nothing but reencrypt opens the volume; the last run
+    finishes and every file equals its model."""
+    volume, files = make_volume(tmp_path, seed=seed, big_mib=52)  # 7 batches of 8 MiB
+    rng = random.Random(seed)
+    steps = list(CRASH_STEPS[1:])
+    rng.shuffle(steps)
+    points = ["1:started", *(f"1:{step}" for step in steps),
+              f"{rng.randint(1, 2)}:{rng.choice(steps)}"]
+    (tmp_path / "mnt").mkdir(exist_ok=True)
+    journal = volume.backing / ".egw-reencrypt" / "journal"
+    for point in points:
+        result = reencrypt(volume.backing, "--keyfile", volume.keyfile,
+                           env={CRASH_AT_ENV: point})
+        assert result.returncode == -signal.SIGKILL, (point, result.stderr)
+        # a journal is in place exactly when a kill came after its rename
+        assert journal.exists() == point.endswith((":journal", ":torn", ":in-place")), point
+        line = assert_refused(run_cli("mount", volume.backing, tmp_path / "mnt",
+                                      "--keyfile", volume.keyfile), VolumeBusy.exit_code)
+        assert "being re-encrypted" in line and "encfs-gw reencrypt" in line
+        assert "reencrypt" in config_of(volume.backing)
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["done"] and summary["unreadable_blocks"] == 0
+    # one pass: later runs resumed it (the same target); only its version holds DEKs
+    assert summary["target"] == 2 and set(summary["deks_per_version"]) == {"2"}
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        check(mnt, files)
+    fsck = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_a_torn_block_write_is_repaired_by_the_journal(tmp_path):
+    """The kill in the middle of a batch's block records leaves blocks that open under
+    neither key; the next run replays the journal before anything else."""
+    volume, files = make_volume(tmp_path, seed=4, big_mib=6)
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile,
+                       env={CRASH_AT_ENV: "1:torn"})
+    assert result.returncode == -signal.SIGKILL
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["replayed_groups"] > 0 and summary["unreadable_blocks"] == 0
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        check(mnt, files)
+
+
+def test_a_journal_that_does_not_verify_is_discarded(tmp_path):
+    """Killed after the journal was renamed into place but before anything in place was
+    written: an altered journal is not applied (and nothing needed it)."""
+    volume, files = make_volume(tmp_path, seed=5)
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile,
+                       env={CRASH_AT_ENV: "1:journal"})
+    assert result.returncode == -signal.SIGKILL
+    journal = volume.backing / ".egw-reencrypt" / "journal"
+    data = bytearray(journal.read_bytes())
+    data[100] ^= 1
+    journal.write_bytes(data)
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["replayed_groups"] == 0 and summary["done"]
+    assert "does not verify" in result.stderr
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        check(mnt, files)
+
+
+# --- refusals ----------------------------------------------------------------------------------
+
+
+def test_refusals_get_one_line_and_their_code(tmp_path):
+    volume, _ = make_volume(tmp_path, seed=6, big_mib=1)
+    with mounted(volume, tmp_path / "mnt"):
+        line = assert_refused(reencrypt(volume.backing, "--keyfile", volume.keyfile),
+                              VolumeBusy.exit_code)
+        assert "is mounted" in line and "unmount it" in line
+    for args, code in (
+        (["--rate", "0"], UsageError.exit_code),
+        (["--rate", "nan"], UsageError.exit_code),
+        (["--new-provider", "nosuch:x"], ProviderConfigError.exit_code),
+    ):
+        result = reencrypt(volume.backing, "--keyfile", volume.keyfile, *args)
+        assert result.returncode == code, (args, result.stderr)
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "reencrypt" not in config_of(volume.backing)  # nothing was started
+    # mid-pass: every other verb refuses it, and the record is under the config's MAC
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile,
+                       "--new-provider", f"keyfile:{tmp_path / 'new.key'}",
+                       env={CRASH_AT_ENV: "1:journal"})
+    assert result.returncode == -signal.SIGKILL
+    for verb in (["fsck"], ["status"], ["rotate"]):
+        line = assert_refused(run_cli(*verb, volume.backing, "--keyfile", volume.keyfile),
+                              VolumeBusy.exit_code)
+        assert "being re-encrypted" in line, verb
+    # resumed with another new provider: refused (the pass keeps the one it started
+    # with): keys named on the command line are the only ones asked, and they do not
+    # open the new version; with the trust store's keys it is said plainly
+    other = f"keyfile:{tmp_path / 'other.key'}"
+    line = assert_refused(
+        reencrypt(volume.backing, "--keyfile", volume.keyfile, "--new-provider", other),
+        WrongKey.exit_code,
+    )
+    assert "does not open this volume" in line
+    line = assert_refused(reencrypt(volume.backing, "--new-provider", other),
+                          UsageError.exit_code)
+    assert "another provider than --new-provider names" in line
+    assert not (tmp_path / "other.key").exists()
+    # the old key and the new one named: the pass is finished
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile,
+                       "--new-provider", f"keyfile:{tmp_path / 'new.key'}")
+    assert result.returncode == 0, result.stderr
+
+
+# --- the compromise ----------------------------------------------------------------------------
+
+
+def _old_secrets(saved_config: bytes, old_keyfile: Path) -> Keyring:
+    """What an attacker holding the old config and the old key file can unwrap: every
+    KEK version that file opens (the old ones), through the real keyring."""
+    config, _ = VolumeConfig.from_json(saved_config)
+    opened = {}
+    provider = KeyfileProvider({"path": str(old_keyfile)})
+    for number, version in config.kek_versions.items():
+        for protector in version.protectors:
+            with contextlib.suppress(KeyAccessError):
+                opened[number] = provider.recover(protector.record,
+                                                  config.provider_binding(number))
+    assert opened, "the old key file opens the old config"
+    volume_key = crypto.gcm_open_secret(
+        opened[min(opened)], config.kek_versions[min(opened)].wrapped_volume_key,
+        config.volume_key_aad(min(opened)),
+    )
+    return Keyring(config, opened, volume_key)
+
+
+def _deks_from(keyring: Keyring, volume_id: bytes, fid: bytes, index: int,
+               key_record: bytes) -> list[bytes]:
+    """Every DEK a key record gives up to `keyring`'s KEKs."""
+    deks = []
+    for offset in (0, SLOT_SIZE):
+        version, generation, _, nonce, wrapped, tag = SLOT.unpack(
+            key_record[offset : offset + SLOT_SIZE]
+        )
+        if not version or not keyring.has_kek(version):
+            continue
+        try:
+            deks.append(keyring.slot_cipher(version, fid).decrypt(
+                nonce, wrapped + tag, slot_aad(volume_id, fid, index, version, generation)
+            ))
+        except crypto.InvalidTag_:
+            continue
+    return deks
+
+
+def _opens(dek: bytes, volume_id: bytes, fid: bytes, index: int, record: bytes) -> bool:
+    try:
+        crypto.AESGCM_(dek).decrypt(record[:NONCE_SIZE], record[NONCE_SIZE:],
+                                    block_aad(volume_id, fid, index))
+        return True
+    except crypto.InvalidTag_:
+        return False
+
+
+def test_compromise_nothing_saved_opens_a_block_afterwards(tmp_path, own_trust_store):
+    """The attacker kept the old config, every key area (a copy of the whole backing
+    store) and the old key file. After `reencrypt --purge-old --new-provider keyfile:NEW`
+    no current block opens with any DEK those give, no current key slot opens with the
+    old KEK, and the old key file opens no keyslot of the new config. (What this pass
+    does not change is shown too: the volume key, so names stay readable to the old
+    config; docs/THREAT-MODEL.md section 8.)"""
+    volume, files = make_volume(tmp_path, seed=7, big_mib=2)
+    saved = tmp_path / "attacker"
+    shutil.copytree(volume.backing, saved / "backing", symlinks=True)
+    shutil.copy(volume.keyfile, saved / "old.key")
+    saved_config = (volume.backing / "encfs-gw.conf").read_bytes()
+    new_key = tmp_path / "new.key"
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--purge-old",
+                       "--new-provider", f"keyfile:{new_key}", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["purged"] == [1]
+    volume_id = bytes.fromhex(config_of(volume.backing)["volume_id"])
+
+    old = _old_secrets(saved_config, saved / "old.key")
+    checked = 0
+    for path in backing_files(volume.backing):
+        saved_path = saved / "backing" / path.relative_to(volume.backing)
+        fid = file_id(path)
+        saved_blocks = blocks_of(saved_path) if saved_path.exists() else {}
+        for index, (key, record) in blocks_of(path).items():
+            # positive control: the saved key area opens the saved record
+            old_key, old_record = saved_blocks[index]
+            old_deks = _deks_from(old, volume_id, fid, index, old_key)
+            assert any(_opens(d, volume_id, fid, index, old_record) for d in old_deks)
+            # every DEK of the saved key areas of this file, any block: none opens it
+            every_old_dek = [d for i, (k, _) in saved_blocks.items()
+                             for d in _deks_from(old, volume_id, fid, i, k)]
+            assert not any(_opens(d, volume_id, fid, index, record) for d in every_old_dek)
+            # the current key record gives nothing to the old KEKs
+            assert _deks_from(old, volume_id, fid, index, key) == []
+            checked += 1
+    assert checked > 100
+    # the old key file opens no keyslot of the new config
+    config = config_of(volume.backing)
+    (version,) = config["kek"]["versions"]
+    (protector,) = version["protectors"]
+    binding = VolumeConfig.from_json((volume.backing / "encfs-gw.conf").read_bytes())[0]
+    with pytest.raises(KeyAccessError):
+        KeyfileProvider({"path": str(saved / "old.key")}).recover(
+            protector["record"], binding.provider_binding(version["version"])
+        )
+    # ... and a host that knows only the old key file cannot open the volume
+    shutil.rmtree(own_trust_store, ignore_errors=True)
+    refused = run_cli("fsck", volume.backing, "--keyfile", saved / "old.key")
+    assert "does not open this volume" in assert_refused(refused, WrongKey.exit_code)
+    # not changed by this pass: the volume key (names, symlinks, xattrs, bindings)
+    fresh = operator_for(new_key)
+    from encfs import config_store
+
+    _, keyring = config_store.unlock(str(volume.backing), fresh)
+    try:
+        assert keyring.volume_key_check() == old.volume_key_check()
+    finally:
+        keyring.close()
+        old.close()
+    with mounted(CliVolume(volume.backing, new_key), tmp_path / "mnt") as mnt:
+        check(mnt, files)
