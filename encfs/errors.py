@@ -70,7 +70,9 @@ class VolumeExists(EncfsError):
 
 class VolumeBusy(EncfsError):
     """The volume is already in use (its lock is held by another process: mounted), or
-    its lock cannot be taken (ENOLCK, e.g. NFS without a lock manager)."""
+    its lock cannot be taken (ENOLCK, e.g. NFS without a lock manager); a directory
+    `convert` has not finished; a volume whose `reencrypt` pass is not finished (run
+    encfs-gw reencrypt BACKING), or `reencrypt` of a mounted volume."""
 
     exit_code = 14
 

@@ -401,6 +401,7 @@ class ReencryptPass:
         self._batch_bytes = 0
         self._fds: dict[str, int] = {}  # the batch's files, by path
         self._inodes: set[tuple[int, int]] = set()  # ... and by (st_dev, st_ino)
+        self._unreadable_seen: set[tuple[int, int, int]] = set()
         self._sequence = 0
 
     # journal I/O
@@ -609,7 +610,7 @@ class ReencryptPass:
         try:
             file_id = FileHeader.unpack(head).file_id
         except IntegrityError:
-            self.stats.unreadable_blocks += 1
+            self._unreadable(st, -1)
             log.warning("reencrypt: %r has a bad header: left as it is (fsck reports it)", path)
             return
         plain_size = self.layout.plain_size(st.st_size)
@@ -636,7 +637,7 @@ class ReencryptPass:
             candidates = slot_candidates(fields)
             if not candidates:
                 if candidates is None:
-                    self.stats.unreadable_blocks += 1
+                    self._unreadable(st, index)
                     log.warning("reencrypt: %r block %d: malformed key record", path, index)
                 continue
             if len(candidates) == 1 and candidates[0][1] == target:
@@ -651,7 +652,7 @@ class ReencryptPass:
             record = os.pread(fd, plain_length + RECORD_OVERHEAD, layout.record_offset(index))
             opened = self._open_block(file_id, index, candidates, record)
             if opened is None:
-                self.stats.unreadable_blocks += 1
+                self._unreadable(st, index)
                 log.warning("reencrypt: %r block %d opens under no key slot: left as it is",
                             path, index)
                 continue
@@ -690,6 +691,11 @@ class ReencryptPass:
                 runs.append((index, changed[index]))
         return GroupEntry(path, st.st_dev, st.st_ino, file_id, group, area, bytes(both),
                           bytes(final), runs)
+
+    def _unreadable(self, st: os.stat_result, index: int) -> None:
+        """Counted once per block (a hard-linked file is met under each of its names)."""
+        self._unreadable_seen.add((st.st_dev, st.st_ino, index))
+        self.stats.unreadable_blocks = len(self._unreadable_seen)
 
     def _blocks_in(self, records: bytes) -> int:
         # only the file's last block is short, and nothing follows it in a run

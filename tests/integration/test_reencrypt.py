@@ -12,6 +12,7 @@ resume; the compromise test keeps what an attacker could have kept before the pa
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -306,6 +307,42 @@ def test_a_journal_that_does_not_verify_is_discarded(tmp_path):
         check(mnt, files)
 
 
+def test_a_block_that_cannot_be_read_keeps_its_old_dek_and_version(tmp_path):
+    """Tampered data is never re-encrypted into valid data: the block keeps its old DEK,
+    its KEK version stays (retired, also with --purge-old), and the command says so."""
+    volume, files = make_volume(tmp_path, seed=8, big_mib=1)
+    path = next(p for p in backing_files(volume.backing) if len(blocks_of(p)) > 3)
+    with open(path, "r+b") as f:
+        at = LAYOUT.record_offset(2) + NONCE_SIZE + 5
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 1]))
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--purge-old", "--json")
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert not summary["done"] and summary["unreadable_blocks"] == 1
+    assert summary["still_needed"] == [1] and summary["purged"] == []
+    assert summary["deks_per_version"]["1"] == 1
+    assert "opens under no key slot" in result.stderr
+    config = config_of(volume.backing)
+    assert "reencrypt" not in config  # the pass is over: the volume mounts
+    assert [(v["version"], v["state"]) for v in config["kek"]["versions"]] == [
+        (1, "retired"), (2, "active"),
+    ]
+    text = run_cli("reencrypt", volume.backing, "--keyfile", volume.keyfile)
+    assert text.returncode == 1 and "could not be read" in text.stderr
+    with mounted(volume, tmp_path / "mnt") as mnt:  # that file's block 2 is EIO, no more
+        failed = []
+        for name, data in files.items():
+            try:
+                assert (mnt / name).read_bytes() == data, name
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+                failed.append(name)
+        assert 1 <= len(failed) <= 2 and len({os.stat(mnt / n).st_ino for n in failed}) == 1
+
+
 # --- refusals ----------------------------------------------------------------------------------
 
 
@@ -449,6 +486,11 @@ def test_compromise_nothing_saved_opens_a_block_afterwards(tmp_path, own_trust_s
         KeyfileProvider({"path": str(saved / "old.key")}).recover(
             protector["record"], binding.provider_binding(version["version"])
         )
+    # the trust store forgot the old keyslot: it vouches for the new key file alone
+    (entry,) = own_trust_store.glob("*.json")
+    vouched = json.loads(entry.read_text())["protectors"]
+    assert list(vouched) == [protector["id"]]
+    assert vouched[protector["id"]]["options"]["path"] == str(new_key)
     # ... and a host that knows only the old key file cannot open the volume
     shutil.rmtree(own_trust_store, ignore_errors=True)
     refused = run_cli("fsck", volume.backing, "--keyfile", saved / "old.key")
