@@ -2,10 +2,10 @@
 
 Events: unwrap (a KEK recovered through a provider), wrap (a new KEK protected),
 rewrap_kek (a stored KEK re-protected under the provider's new key version, or why not),
-rotation_start / rotation_finish, revalidation (a health check and its outcome),
-state_change, provider_error, crypto_shred. Each line carries the time, volume id, KEK
-version, provider, outcome and, when known, the uid/pid that asked. Never key material,
-never a plaintext name: callers pass only those fields.
+rotation_start / rotation_finish, reencrypt_start / reencrypt_finish, revalidation (a
+health check and its outcome), state_change, provider_error, crypto_shred. Each line
+carries the time, volume id, KEK version, provider, outcome and, when known, the uid/pid
+that asked. Never key material, never a plaintext name: callers pass only those fields.
 
 The destination is a file opened O_APPEND (mode 0600; one write() per line, so lines
 never interleave) or the daemon's log (stderr/journald). With `required`, a failure to

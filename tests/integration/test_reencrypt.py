@@ -25,6 +25,7 @@ import pytest
 
 from encfs import crypto
 from encfs.admin.reencrypt import CRASH_AT_ENV, CRASH_STEPS
+from encfs.admin.rewrap import CRASH_AFTER_ENV as ROTATION_CRASH_AFTER_ENV
 from encfs.errors import (
     KeyAccessError,
     ProviderConfigError,
@@ -341,6 +342,26 @@ def test_a_block_that_cannot_be_read_keeps_its_old_dek_and_version(tmp_path):
                 assert exc.errno == errno.EIO
                 failed.append(name)
         assert 1 <= len(failed) <= 2 and len({os.stat(mnt / n).st_ino for n in failed}) == 1
+
+
+def test_an_unfinished_rotation_is_superseded(tmp_path):
+    """A rotation killed halfway leaves DEKs under two versions and `rotation` in the
+    config; reencrypt moves every block to its own new version and ends both."""
+    volume, files = make_volume(tmp_path, seed=9, big_mib=2)
+    rotated = run_cli("rotate", volume.backing, "--keyfile", volume.keyfile,
+                      env={**os.environ, ROTATION_CRASH_AFTER_ENV: "40"})
+    assert rotated.returncode == -signal.SIGKILL
+    assert config_of(volume.backing)["rotation"]["target"] == 2
+    assert set(slot_versions(volume.backing)) == {1, 2}
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--purge-old", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["target"] == 3 and summary["purged"] == [1, 2]
+    config = config_of(volume.backing)
+    assert "rotation" not in config and "reencrypt" not in config
+    assert set(slot_versions(volume.backing)) == {3}
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        check(mnt, files)
 
 
 # --- refusals ----------------------------------------------------------------------------------
