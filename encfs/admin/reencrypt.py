@@ -22,8 +22,8 @@ The pass (docs/FORMAT.md section 9 gives the bytes and the crash argument):
    under a fresh DEK and nonce. Groups are gathered into batches of at most
    BATCH_BYTES of journal; each batch is written to the journal (one file, MACed,
    fsynced, renamed into place), then in place (per group: key area with old and new
-   slots, the new block records, the key area with only the new slots), the backing
-   filesystem synced, and the journal removed. A kill inside a multi-page pwrite of
+   slots, the new block records, the key area with only the new slots), the batch's
+   files synced (fdatasync), and the journal removed. A kill inside a multi-page pwrite of
    block records (FORMAT.md 4) is repaired by replaying the journal on the next run.
 3. A census of the key areas: no DEK under another version and no block that could not
    be read: the old versions are retired (`--purge-old`: removed), the pass recorded
@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from encfs import backing, config_store, crypto
+from encfs import config_store, crypto
 from encfs.admin.rewrap import census
 from encfs.engine import Volume
 from encfs.errors import IntegrityError, UsageError
@@ -442,10 +442,11 @@ class ReencryptPass:
                         fd = self._open_for(entry, fds)
                         if fd is not None and self._apply(fd, entry, replay=True):
                             replayed += 1
+                    for fd in fds.values():
+                        os.fdatasync(fd)
                 finally:
                     for fd in fds.values():
                         os.close(fd)
-                backing.syncfs(self.volume.root_fd)
             os.unlink(JOURNAL_FILE, dir_fd=dir_fd)
             os.fsync(dir_fd)
             self.stats.replayed_groups += replayed
@@ -537,7 +538,10 @@ class ReencryptPass:
                 self._die()
             for entry in self._batch:
                 self._apply(self._fds[entry.path], entry, replay=False)
-            backing.syncfs(self.volume.root_fd)
+            # the batch's files only (not syncfs: the backing filesystem may be shared);
+            # their sizes do not change, so fdatasync makes the writes durable
+            for fd in self._fds.values():
+                os.fdatasync(fd)
             if self._crash_step("in-place"):
                 self._die()
             os.unlink(JOURNAL_FILE, dir_fd=dir_fd)
