@@ -344,6 +344,22 @@ def test_a_block_that_cannot_be_read_keeps_its_old_dek_and_version(tmp_path):
         assert 1 <= len(failed) <= 2 and len({os.stat(mnt / n).st_ino for n in failed}) == 1
 
 
+def test_a_file_cut_inside_a_key_area_is_not_grown(tmp_path):
+    """Damage no write of encfs-gw leaves: the group is left as it is (a write of its key
+    area would grow the file), the rest of the file is re-encrypted."""
+    volume, _ = make_volume(tmp_path, seed=10, big_mib=1)
+    path = next(p for p in backing_files(volume.backing) if len(blocks_of(p)) > 40)
+    os.truncate(path, LAYOUT.group_start(1) + 100)
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--json")
+    assert result.returncode == 1, result.stderr
+    assert "ends inside the key area of group 1" in result.stderr
+    assert os.path.getsize(path) == LAYOUT.group_start(1) + 100
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["unreadable_blocks"] == 1
+    assert {SLOT.unpack(key[:SLOT_SIZE])[0] | SLOT.unpack(key[SLOT_SIZE:])[0]
+            for key, _ in blocks_of(path).values()} == {2}
+
+
 def test_an_unfinished_rotation_is_superseded(tmp_path):
     """A rotation killed halfway leaves DEKs under two versions and `rotation` in the
     config; reencrypt moves every block to its own new version and ends both."""
