@@ -33,6 +33,24 @@ The pass (docs/FORMAT.md section 9 gives the bytes and the crash argument):
 Crash safety: a run killed anywhere is resumed by running `reencrypt` again: it replays
 the journal (or discards a batch that never became the journal), then walks again,
 skipping blocks already under version N+1.
+
+Decisions (where the code differs from the first sketch, and why):
+* No feature flag: no byte changes meaning (key records and block records as before); the
+  unfinished state is a config field, as `conversion` is, which older readers refuse.
+  (`features` is bound into every wrapped volume key: a flag would mean re-wrapping the
+  volume key under every version for nothing.)
+* Replay checks each 64-byte slot of a key area against the entry's three states, not
+  "the newest slot is the pre-image": key areas start at 64 + g*G, not on a page, so a
+  killed key-area write can leave pages of two states side by side.
+* A batch never holds two entries of one group (a file's other name commits the batch
+  first): after a kill between them neither entry would match what is on disk.
+* Every other command refuses the volume before any provider runs (an unauthenticated
+  peek, then the authenticated config): with --new-provider the old key alone no longer
+  opens it, and a key error would hide why.
+* A block that opens under no slot keeps its old DEK and its version stays (retired,
+  also with --purge-old), but the pass ends: left unfinished, the volume could not even
+  be given to fsck.
+* Each batch syncs its own files (fdatasync: sizes never change), not the filesystem.
 """
 
 from __future__ import annotations
