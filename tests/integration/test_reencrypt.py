@@ -324,7 +324,8 @@ def test_a_block_that_cannot_be_read_keeps_its_old_dek_and_version(tmp_path):
     summary = json.loads(result.stdout.splitlines()[-1])
     assert not summary["done"] and summary["unreadable_blocks"] == 1
     assert summary["still_needed"] == [1] and summary["purged"] == []
-    assert summary["deks_per_version"]["1"] == 1
+    # the census counts per backing name: the file picked may have two (a hard link)
+    assert summary["deks_per_version"]["1"] == os.stat(path).st_nlink
     assert "opens under no key slot" in result.stderr
     config = config_of(volume.backing)
     assert "reencrypt" not in config  # the pass is over: the volume mounts
