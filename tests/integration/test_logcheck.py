@@ -113,6 +113,11 @@ def test_traceback_in_a_watched_log(tmp_path):
 def test_a_failing_test_is_not_judged_twice():
     logging.getLogger("encfs.engine.volume").error("also broken")
     assert False, "the test's own failure"
+
+
+def test_a_skipped_test_is_not_judged():
+    logging.getLogger("encfs.engine.volume").error("broken before the skip")
+    pytest.skip("skipped after a warning")
 '''
 
 EXPECTED = {
@@ -180,3 +185,5 @@ def test_the_failure_names_the_offending_lines(small_run):
     assert "ZeroDivisionError: division by zero" in traceback
     assert "written before the watch" not in traceback  # a watch starts at the end
     assert "test_a_failing_test_is_not_judged_twice" not in sections
+    assert "test_a_skipped_test_is_not_judged" not in sections
+    assert "SKIPPED [1] test_small.py" in output
