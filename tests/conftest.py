@@ -8,7 +8,14 @@ import tempfile
 
 import pytest
 
-from tests.helpers.mount import Volume, init_volume, mounted
+# The plugin below is imported by tests.helpers.mount first: rewrite its asserts anyway.
+pytest.register_assert_rewrite("tests.helpers.logcheck")
+
+from tests.helpers.mount import Volume, init_volume, mounted  # noqa: E402
+
+# A warning or error in a daemon's (or the engine's) log fails the test unless it is
+# declared: @pytest.mark.expected_log(r"...") or the expect_log fixture.
+pytest_plugins = ["tests.helpers.logcheck"]
 
 # The operator's trust store (encfs/trust.py) of this test session: never the real one of
 # the user running the tests. The CLI and daemons the tests start inherit it.

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.container import fstab_setup
+from tests.helpers import logcheck
 from tests.helpers.container import Container, cached_root, cached_wheels
 
 
@@ -48,3 +49,18 @@ def container(tmp_path_factory) -> Iterator[Container]:
         yield box
     finally:
         box.stop()
+
+
+@pytest.fixture(autouse=True)
+def _journal_checked(container: Container) -> Iterator[None]:
+    """The container's journal during the test goes to the log check
+    (tests/helpers/logcheck.py): a daemon's warning there fails the test unless expected."""
+    shown = container.run("journalctl", "--no-pager", "-n", "1", "-o", "cat", "--show-cursor",
+                          check=False).stdout.splitlines()
+    cursor = next((line[len("-- cursor: "):] for line in reversed(shown)
+                   if line.startswith("-- cursor: ")), None)
+    yield
+    since = ["--after-cursor", cursor] if cursor else []
+    journal = container.run("journalctl", "--no-pager", "-o", "short-monotonic", *since,
+                            check=False).stdout
+    logcheck.feed(journal, "the container's journal")

@@ -116,6 +116,7 @@ def test_start_goes_active_only_once_the_mount_answers(container):
     stop(box, vol)
 
 
+@pytest.mark.expected_log(r"temporarily unavailable \(exit 75\)", required=True)
 def test_unreachable_provider_fails_with_25_and_is_retried_until_it_answers(container):
     box = container
     vol = add_volume(box, "down", state="down")
@@ -134,6 +135,7 @@ def test_unreachable_provider_fails_with_25_and_is_retried_until_it_answers(cont
     stop(box, vol)
 
 
+@pytest.mark.expected_log(r"denied access to the key \(exit 77\)", required=True)
 def test_denied_key_fails_the_unit_once_with_no_retry(container):
     box = container
     vol = add_volume(box, "denied", state="revoked")
@@ -247,6 +249,7 @@ with open({vol.mountpoint + '/kept'!r}, "wb") as f:
     stop(box, vol)
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+", required=True)
 def test_revoked_key_shows_inaccessible_then_ready_again(container):
     box = container
     vol = add_volume(box, "revoke", options="health_interval=3600")

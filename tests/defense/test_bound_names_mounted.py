@@ -83,6 +83,7 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_directories_swapped_in_one_parent_give_eio(vol, tmp_path):
     with mounted(vol, tmp_path / "mnt") as mnt:
         for name in ("one", "two"):
@@ -112,6 +113,7 @@ def test_directories_swapped_in_one_parent_give_eio(vol, tmp_path):
     ]
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_dir_id_record_copied_into_another_directory_gives_eio(vol, tmp_path):
     with mounted(vol, tmp_path / "mnt") as mnt:
         (mnt / "src").mkdir()
@@ -131,6 +133,7 @@ def test_dir_id_record_copied_into_another_directory_gives_eio(vol, tmp_path):
     assert (finding["path"], finding["kind"]) == ("/dst", "directory bound to another place")
 
 
+@pytest.mark.expected_log(r"integrity failure")
 @pytest.mark.parametrize("length", [20, 3500], ids=["short targets", "stored targets"])
 def test_symlink_targets_swapped_give_eio(vol, tmp_path, length):
     with mounted(vol, tmp_path / "mnt") as mnt:
@@ -184,6 +187,7 @@ def test_rename_of_a_swapped_file_is_refused(vol, tmp_path):
         eio(lambda: (mnt / "one").read_bytes())
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_flipped_last_block_is_tampering_and_not_cut(vol, tmp_path):
     data = os.urandom(3 * BLOCK + 100)
     with mounted(vol, tmp_path / "mnt") as mnt:

@@ -82,6 +82,7 @@ def used_regions(path: str) -> list[tuple[str, int, int]]:
     ]
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_every_used_byte_flip_is_detected(two_files):
     backing, path_a, data_a, _, data_b = two_files
     vol = Volume.unlock(str(backing), trusted())
@@ -102,6 +103,7 @@ def test_every_used_byte_flip_is_detected(two_files):
         vol.close()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_flips_anywhere_never_give_other_data(two_files):
     """Unused bytes (empty slots, slots of absent blocks) may be ignored, never misread."""
     backing, path_a, data_a, _, _ = two_files
@@ -128,6 +130,7 @@ def swap(path: str, off_a: int, off_b: int, length: int) -> None:
         f.write(a)
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_swapped_blocks_within_a_file(tmp_path):
     backing = make_volume(tmp_path)
     path = write_file(backing, b"f", os.urandom(3 * BS))
@@ -147,6 +150,7 @@ def test_swapped_blocks_within_a_file(tmp_path):
         vol.close()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_block_moved_to_another_file(two_files):
     backing, path_a, _, path_b, data_b = two_files
     with open(path_a, "rb") as f:
@@ -170,6 +174,7 @@ def test_block_moved_to_another_file(two_files):
         vol.close()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_truncated_mid_block(two_files):
     backing, path_a, data_a, _, _ = two_files
     os.truncate(path_a, LAYOUT.record_offset(1) + 500)
@@ -210,6 +215,7 @@ def test_file_copied_from_another_volume(tmp_path):
         vol.close()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_replayed_block_ciphertext(tmp_path):
     backing = make_volume(tmp_path)
     path = write_file(backing, b"r", b"old" * 2000)
@@ -244,6 +250,7 @@ def test_replayed_block_ciphertext(tmp_path):
         vol.close()
 
 
+@pytest.mark.expected_log(r"skipping undecryptable entry")
 def test_renamed_and_moved_backing_names(two_files, tmp_path):
     backing, path_a, _, _, data_b = two_files
     vol = Volume.unlock(str(backing), trusted())

@@ -24,6 +24,7 @@ def backing_files(backing):
     }
 
 
+@pytest.mark.expected_log(r"integrity failure in inode \d+: block 1", required=True)
 def test_flipped_block_gives_eio_and_a_log_line(volume, tmp_path):
     mnt = tmp_path / "mnt"
     with mounted(volume, mnt):

@@ -66,6 +66,7 @@ def test_local_backing_takes_the_lock_quietly(backing, caplog):
         volume.close()
 
 
+@pytest.mark.expected_log(r"the backing directory is on \w+: the volume lock", required=True)
 @pytest.mark.parametrize("magic", sorted(NETWORK_FS_TYPES))
 def test_network_backing_warns(backing, caplog, monkeypatch, magic):
     monkeypatch.setattr(backing_mod, "fs_type", lambda fd: magic)

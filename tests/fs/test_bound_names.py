@@ -118,6 +118,7 @@ def test_new_volumes_bind_names(vol, backing):
 # --- tampering in the backing store ------------------------------------------------------
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_directories_swapped_in_one_parent(tree, backing, caplog):
     vol = tree
     path_a, path_b = path_of(backing, vol, b"a"), path_of(backing, vol, b"b")
@@ -141,6 +142,7 @@ def test_directories_swapped_in_one_parent(tree, backing, caplog):
         vol.close()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_dir_id_record_copied_into_another_directory(tree, backing):
     vol = tree
     path_a, path_b = path_of(backing, vol, b"a"), path_of(backing, vol, b"b")
@@ -162,6 +164,7 @@ def test_dir_id_record_copied_into_another_directory(tree, backing):
         vol.close()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_root_record_replaced_by_a_subdirectory_record(tree, backing):
     vol = tree
     path_a = path_of(backing, vol, b"a")
@@ -177,6 +180,7 @@ def test_root_record_replaced_by_a_subdirectory_record(tree, backing):
         vol.close()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_directory_moved_to_another_parent_under_its_name(tree, backing):
     """A backing entry moved to another directory does not decrypt there (5.1); with its
     id record bound, a directory renamed in place by the attacker fails too."""
@@ -195,6 +199,7 @@ def test_directory_moved_to_another_parent_under_its_name(tree, backing):
         vol.close()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 @pytest.mark.parametrize("names_", [(b"s", b"l"), (b"s", b"t")])
 def test_symlink_targets_swapped(vol, backing, names_):
     """Short and stored (long) targets: the target of one link under another's name."""
@@ -217,6 +222,7 @@ def test_symlink_targets_swapped(vol, backing, names_):
         vol.close()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_stored_target_copied_to_a_new_name(vol, backing):
     vol.symlink(ROOT_INODE, b"l", b"/long/" + b"l" * 3500, 0, 0)
     target = os.readlink(path_of(backing, vol, b"l"))
@@ -295,6 +301,7 @@ def test_directory_forgotten_while_a_child_is_known_keeps_its_verified_name(tree
     assert names(vol, a) == [b"inner", b"x"]
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_directory_reached_without_a_name_is_not_trusted(tree):
     vol = tree
     inner = ino_of(vol, b"a", b"inner")
@@ -322,6 +329,7 @@ def assert_only_at(vol: Volume, backing, *plain: bytes) -> None:
     assert record.bindings[1] == places.ZERO_BINDING
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_rename_directory_same_parent_and_across(tree, backing):
     vol = tree
     vol.rename(ROOT_INODE, b"a", ROOT_INODE, b"a2")

@@ -108,6 +108,7 @@ def test_clean_volume(backing):
     assert report.quarantined == 0
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_flipped_middle_block_is_reported_not_repaired(backing):
     populate(backing)
     path = backing_of(backing, b"a")
@@ -123,6 +124,7 @@ def test_flipped_middle_block_is_reported_not_repaired(backing):
     assert content(path) == before  # nothing was cut off or rewritten
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_flipped_last_block_is_tampering_not_a_torn_tail(backing):
     """A complete last record with one key that fails: no crash leaves that."""
     populate(backing)
@@ -140,6 +142,7 @@ def test_flipped_last_block_is_tampering_not_a_torn_tail(backing):
     assert quarantined(backing) == {}
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_torn_tail_at_a_page_boundary_is_cut_after_a_copy(backing):
     """A kill inside the write that extended a file leaves it cut at a page boundary."""
     populate(backing)
@@ -166,6 +169,7 @@ def test_torn_tail_at_a_page_boundary_is_cut_after_a_copy(backing):
     assert report.findings == [] and report.quarantined == 1
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_torn_tail_of_an_interrupted_truncate_is_cut(backing, monkeypatch):
     """Killed between cutting the file and writing the shortened last record (FORMAT.md
     section 4): two key slots on a block that fails."""
@@ -313,6 +317,7 @@ def test_swapped_files_nothing_becomes_readable(backing):
     assert report.findings == [] and report.quarantined == 2
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_swapped_directories_reported_with_paths_and_quarantined(backing, tmp_path):
     vol = Volume.unlock(str(backing), trusted())
     for name in (b"one", b"two"):
@@ -344,6 +349,7 @@ def test_swapped_directories_reported_with_paths_and_quarantined(backing, tmp_pa
     assert got == {"/one": (b"in two", "target of two"), "/two": (b"in one", "target of one")}
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_copied_dir_id_record_is_reported(backing):
     populate(backing)
     vol = Volume.unlock(str(backing), trusted())
@@ -357,6 +363,7 @@ def test_copied_dir_id_record_is_reported(backing):
     assert (finding.path, finding.kind) == ("/other", "directory bound to another place")
 
 
+@pytest.mark.expected_log(r"integrity failure")
 @pytest.mark.parametrize("targets", [(b"short one", b"short two"), (b"s" * 3500, b"t" * 3600)])
 def test_swapped_symlink_targets_reported_and_quarantined(backing, tmp_path, targets):
     vol = Volume.unlock(str(backing), trusted())
@@ -421,6 +428,7 @@ def test_legacy_volume_swapped_directories_go_unnoticed(tmp_path, monkeypatch):
     assert run(backing).findings == []
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_root_bound_to_another_volume_or_directory_is_reported(backing):
     populate(backing)
     root_record = backing / DIR_ID_FILE
@@ -452,6 +460,7 @@ def test_no_repair_without_its_evidence(backing, monkeypatch):
     assert not os.listdir(backing / QUARANTINE_DIR)
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_xattr_set_that_does_not_open_is_reported(backing):
     """A set record copied onto another file (or altered) is reported as tampering with
     the object's path; fsck changes nothing for it (the object's data is fine)."""

@@ -131,6 +131,7 @@ def test_hard_link_survives_the_unlink_of_the_name_it_was_reached_by(small):
     assert read_all(small, ino) == b"shared"
 
 
+@pytest.mark.expected_log(r"cannot be reopened: its backing name")
 def test_an_object_swapped_in_the_backing_store_is_stale(small, backing):
     """Reopened by name, the entry must still be the same backing inode."""
     ino = make_file(small, ROOT_INODE, b"a", b"one")

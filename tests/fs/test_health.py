@@ -69,6 +69,7 @@ def events(audit_path) -> list[dict]:
     return [json.loads(line) for line in audit_path.read_text().splitlines()]
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+")
 def test_revoked_key_makes_everything_fail_then_recovers(setup):
     switch, volume, health, _, fh, attr, audit_path = setup
     assert health.apply(health.check()) is State.READY
@@ -100,6 +101,7 @@ def test_revoked_key_makes_everything_fail_then_recovers(setup):
     assert "secret.txt" not in text and "written before" not in text
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+")
 def test_unreachable_degrades_then_grace_runs_out_then_recovers(setup):
     switch, volume, health, clock, fh, _, _ = setup
     switch.set("down")

@@ -131,6 +131,7 @@ def expect_integrity_error(vol, ino):
             call()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 @pytest.mark.parametrize("form", ["inline", "stored"])
 def test_set_copied_to_another_object_is_refused(vol, backing, form):
     first, second = new_file(vol, b"f"), new_file(vol, b"g")
@@ -156,6 +157,7 @@ def test_set_copied_to_another_object_is_refused(vol, backing, form):
     assert vol.counters["integrity_errors"] >= 8
 
 
+@pytest.mark.expected_log(r"integrity failure")
 @pytest.mark.parametrize("where", ["record", "store file", "store file missing"])
 def test_tampered_set_is_refused(vol, backing, where):
     ino = new_file(vol)

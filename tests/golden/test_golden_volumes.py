@@ -166,6 +166,7 @@ def test_golden_volume_through_the_engine(name, tmp_path):
         engine.close()
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_golden_xattr_sets_swapped_between_files_give_eio(tmp_path):
     """v1-xattr-sets: a file's set record copied onto another file does not open there."""
     volume = extract_upgraded("v1-xattr-sets", tmp_path)
@@ -227,6 +228,7 @@ def _listing(engine: Engine, name: bytes) -> list[bytes]:
         engine.releasedir(fh)
 
 
+@pytest.mark.expected_log(r"integrity failure")
 @pytest.mark.parametrize("name", GOLDEN)
 def test_golden_directories_swapped(name, tmp_path):
     """v1-bound-names refuses swapped directories; volumes made before the feature keep

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from encfs.daemon.runtime import volume_lock_holder
+from tests.helpers import logcheck
 
 ENCFS_GW = [sys.executable, "-m", "encfs"]
 TIMEOUT = 60
@@ -31,20 +32,74 @@ class Volume:
 
 
 def run_cli(*args: str | os.PathLike, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
-    """Run `encfs-gw ARGS` and capture its output (text)."""
+    """Run `encfs-gw ARGS` and capture its output (text).
+
+    Its output is checked for tracebacks at the test's end (tests/helpers/logcheck.py).
+    A background `mount` gets a `--log-file` the harness watches (unless it names one:
+    then that one is watched), and its stderr up to the live mount is checked too.
+    """
+    argv = [str(arg) for arg in args]
+    log_file = with_daemon_log(argv)
     result = subprocess.run(
-        [*ENCFS_GW, *map(str, args)],
+        [*ENCFS_GW, *argv],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
         check=False,
         **kwargs,
     )
+    check_cli_output(argv, log_file, result.returncode, result.stdout, result.stderr)
     if check and result.returncode != 0:
         raise AssertionError(
             f"encfs-gw {' '.join(map(str, args))} exited {result.returncode}: {result.stderr}"
         )
     return result
+
+
+def with_daemon_log(argv: list[str]) -> Path | None:
+    """For a background `mount`: the daemon log the harness watches (added to `argv` if
+    the test named none). None for any other command. (tests/helpers/logcheck.py)"""
+    words = [a for a in argv if a not in ("-v", "--verbose")]
+    if not words or words[0] != "mount" or "-f" in words or "--foreground" in words:
+        return None
+    positional = [a for a, before in zip(words[1:], words[:-1], strict=True)
+                  if not a.startswith("-")
+                  and before not in ("-o", "--keyfile", "--provider", "--log-file")]
+    mountpoint = positional[1] if len(positional) > 1 else None
+    if "--log-file" in argv:
+        path = logcheck.watch(argv[argv.index("--log-file") + 1])
+    else:
+        new = logcheck.daemon_log_path(Path(mountpoint).name if mountpoint else "mount")
+        if new is None:
+            return None
+        argv += ["--log-file", str(new)]
+        path = logcheck.watch(new)
+    if mountpoint is not None:
+        _MOUNT_LOGS[os.path.abspath(mountpoint)] = path
+    return path
+
+
+def check_cli_output(
+    argv: list[str], log_file: Path | None, returncode: int, stdout: str, stderr: str
+) -> None:
+    """Hand a finished `encfs-gw ARGV`'s output to the test's log check: tracebacks only,
+    but every warning of a background mount that went live (its stderr until then)."""
+    command = f"encfs-gw {' '.join(argv)}"
+    if log_file is not None and returncode == 0:
+        logcheck.feed(stderr, f"stderr of {command}")
+    else:
+        logcheck.feed(stderr, f"stderr of {command}", tracebacks_only=True)
+    logcheck.feed(stdout, f"stdout of {command}", tracebacks_only=True)
+    if log_file is not None and returncode != 0:
+        logcheck.release(log_file)  # no daemon is left to write it
+    if argv[:1] in (["unmount"], ["umount"]) and len(argv) > 1:
+        released = _MOUNT_LOGS.pop(os.path.abspath(argv[1]), None)
+        if released is not None:
+            logcheck.release(released)
+
+
+# The watched daemon log of each background mount, by mountpoint: released at unmount.
+_MOUNT_LOGS: dict[str, Path] = {}
 
 
 def init_volume(tmp_path: Path, name: str = "vol", block_size: int | None = None) -> Volume:
@@ -113,6 +168,9 @@ def mounted(
 
 def unmount(volume: Volume, mountpoint: Path) -> None:
     if not is_mounted(mountpoint):
+        released = _MOUNT_LOGS.pop(os.path.abspath(mountpoint), None)
+        if released is not None:
+            logcheck.release(released)
         return
     pid = daemon_pid(volume.backing)
     result = run_cli("unmount", mountpoint)

@@ -121,6 +121,7 @@ def test_round_trip_status_and_provider_check(kv, tmp_path, kind):
     assert "disabled" in failed.stdout
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+")
 def test_disabled_key_under_a_busy_mount_then_reenabled(setup):
     name = setup.create()
     backing = init(setup, name)
@@ -153,6 +154,7 @@ def test_disabled_key_under_a_busy_mount_then_reenabled(setup):
     assert "disabled" in changes[0]["reason"]
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+")
 def test_deleted_key_then_recovered(setup):
     name = setup.create()
     backing = init(setup, name)

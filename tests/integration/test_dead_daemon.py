@@ -281,6 +281,7 @@ def test_live_mount_of_the_same_volume_is_busy(tmp_path):
         assert "already a mount point (busy)" in result.stderr
 
 
+@pytest.mark.expected_log(r"no_auto_unmount is ignored", required=True)
 def test_auto_unmount_on_request_then_the_guard_answers(tmp_path):
     """-o auto_unmount (opt-in): fusermount3's watcher removes the dead mount, and the
     guard takes its place; -o no_auto_unmount is the default now (one warning line)."""

@@ -69,6 +69,7 @@ def test_clean_volume_exits_0_with_a_summary(populated):
     assert report["files"] == 2 and report["findings"] == [] and report["remaining"] == 0
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_tampered_block_is_reported_with_path_and_block(populated, tmp_path):
     volume, files = populated
     path = backing_file(volume, b"dir", b"big")

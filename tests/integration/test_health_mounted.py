@@ -74,6 +74,7 @@ def errno_of(call, *args) -> int:
     return info.value.errno
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+")
 def test_revoke_makes_mount_inaccessible_and_recovery_needs_no_remount(tmp_path, keyserver):
     backing = init(tmp_path, keyserver)
     data = os.urandom(300_000)
@@ -109,6 +110,7 @@ def test_revoke_makes_mount_inaccessible_and_recovery_needs_no_remount(tmp_path,
         assert (mnt / "after").read_bytes() == b"written after recovery"
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+")
 def test_file_first_opened_while_revoked_reads_back_after_recovery(tmp_path, keyserver):
     """An open refused while the keys are wiped leaves nothing half-opened behind: once the
     key is back the file reads its contents (it used to read as empty until remount)."""
@@ -123,6 +125,7 @@ def test_file_first_opened_while_revoked_reads_back_after_recovery(tmp_path, key
         assert (mnt / "f").read_bytes() == b"written just before the revocation"
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+")
 def test_unreachable_provider_degrades_then_grace_runs_out(tmp_path, keyserver):
     backing = init(tmp_path, keyserver)
     # A grace of 1 ms: the second failed check is always past it.
@@ -165,6 +168,7 @@ def test_status_reports_state_counters_and_versions(tmp_path, keyserver):
         assert "counters: " in text.stdout
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+")
 def test_audit_log_records_key_events_without_secrets(tmp_path, keyserver):
     backing = init(tmp_path, keyserver)
     audit = tmp_path / "audit.log"
@@ -188,6 +192,7 @@ def test_audit_log_records_key_events_without_secrets(tmp_path, keyserver):
     assert {e["volume_id"] for e in events} == {volume_id}
 
 
+@pytest.mark.expected_log(r"cannot open the audit log", required=True)
 def test_audit_required_refuses_to_mount_without_a_writable_log(tmp_path, keyserver):
     backing = init(tmp_path, keyserver)
     mountpoint = tmp_path / "mnt"
@@ -241,6 +246,7 @@ def wait_for_state(mountpoint: Path, state: str, deadline_s: float = 30.0) -> di
             return reply
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+")
 def test_vault_key_disabled_under_a_busy_mount_then_restored(tmp_path, bao):
     import uuid
 

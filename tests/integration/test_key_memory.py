@@ -202,6 +202,7 @@ def report(phase: str, counts: dict[str, int]) -> None:
 # --- the test --------------------------------------------------------------------------------
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+")
 def test_memory_scan_before_and_after_inaccessible_and_at_exit(tmp_path):
     volume = init_volume(tmp_path)
     mnt = tmp_path / "mnt"

@@ -241,6 +241,7 @@ def tamper_and_read(volume: Volume, path: Path) -> None:
     assert info.value.errno == 5  # EIO
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_backing_and_log_hold_no_plaintext(logged_mount, markers, tmp_path):
     volume, mnt, log_file = logged_mount
     rng = random.Random(markers[0])

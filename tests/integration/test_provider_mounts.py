@@ -34,7 +34,14 @@ from typing import Any
 import pytest
 
 from encfs.errors import EncfsError, KeyMissing, KeyRevoked, ProviderUnavailable, WrongKey
-from tests.helpers.mount import ENCFS_GW, Volume, is_mounted, unmount
+from tests.helpers.mount import (
+    ENCFS_GW,
+    Volume,
+    check_cli_output,
+    is_mounted,
+    unmount,
+    with_daemon_log,
+)
 from tests.providers import servers
 from tests.providers.servers_tpm import MISSING as TPM_TOOLS_MISSING
 from tests.providers.servers_tpm import SKIP_REASON as TPM_SKIP_REASON
@@ -103,7 +110,9 @@ def cli(*args: str | os.PathLike, case: Case, timeout: float = CLI_TIMEOUT) -> R
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    argv = [*ENCFS_GW, *map(str, args)]
+    words = [str(arg) for arg in args]
+    log_file = with_daemon_log(words)
+    argv = [*ENCFS_GW, *words]
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.PIPE,
@@ -120,6 +129,7 @@ def cli(*args: str | os.PathLike, case: Case, timeout: float = CLI_TIMEOUT) -> R
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=10)
         raise AssertionError(f"encfs-gw {args[0]} took more than {timeout:g} s") from None
+    check_cli_output(words, log_file, proc.returncode, out or "", err or "")
     result = Run(argv, proc.returncode, out, err)
     result.pgid = proc.pid
     return result

@@ -308,6 +308,7 @@ def test_a_journal_that_does_not_verify_is_discarded(tmp_path):
         check(mnt, files)
 
 
+@pytest.mark.expected_log(r"integrity failure")
 def test_a_block_that_cannot_be_read_keeps_its_old_dek_and_version(tmp_path):
     """Tampered data is never re-encrypted into valid data: the block keeps its old DEK,
     its KEK version stays (retired, also with --purge-old), and the command says so."""

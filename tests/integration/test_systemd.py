@@ -57,6 +57,7 @@ from encfs.cli import app, mounting
 from encfs.daemon import mount as mount_mod
 from encfs.daemon import mountpoint, runtime, systemd
 from encfs.errors import MountpointError, UsageError, WrongKey
+from tests.helpers import logcheck
 from tests.helpers.mount import (
     ENCFS_GW,
     Volume,
@@ -199,10 +200,14 @@ def foreground(argv: list[str], env: dict[str, str], mnt: Path, log: Path):
     proc = None
     try:
         with open(log, "wb") as out:
+            logcheck.watch(log)  # its warnings fail the test unless expected
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         yield proc
     finally:
-        cleanup_mount(proc, mnt)
+        try:
+            cleanup_mount(proc, mnt)
+        finally:
+            logcheck.release(log)
 
 
 def notify_env(address: str, **extra: str) -> dict[str, str]:
@@ -313,6 +318,7 @@ def test_messages_arrive_with_our_pid(tmp_path, abstract):
     ]
 
 
+@pytest.mark.expected_log(r"cannot notify the service manager", required=True)
 def test_send_errors_are_logged_once_and_never_raised(tmp_path, caplog):
     notifier = systemd.Notifier(os.fsencode(tmp_path / "nobody-listens"))
     with caplog.at_level(logging.WARNING, logger="encfs.daemon.systemd"):
@@ -443,6 +449,7 @@ def test_watchdog_pings_at_half_the_configured_interval(tmp_path, notify_path):
         assert proc.wait(WAIT) == 0
 
 
+@pytest.mark.expected_log(r"key state \w+ -> \w+")
 @pytest.mark.fuse
 def test_status_follows_the_key_health(tmp_path, notify_path):
     """STATUS= says INACCESSIBLE, with the cause, when the key goes away and READY when
@@ -470,6 +477,7 @@ def test_status_follows_the_key_health(tmp_path, notify_path):
         assert p.wait(WAIT) == 0
 
 
+@pytest.mark.expected_log(r"does not open this volume", required=True)
 @pytest.mark.fuse
 def test_failed_mount_wrong_key_exits_nonzero_without_ready(tmp_path, notify_path):
     sock, address = notify_path

@@ -231,6 +231,7 @@ def backing_objects(backing: Path) -> list[Path]:
     return [p for p in backing.iterdir() if "." not in p.name and p.is_file()]
 
 
+@pytest.mark.expected_log(r"integrity failure")
 @pytest.mark.parametrize("form", ["inline", "stored"])
 def test_a_swapped_or_altered_set_gives_eio(tmp_path, form):
     volume = init_volume(tmp_path)

@@ -323,6 +323,7 @@ def test_auto_looks_at_the_machine_again_every_recheck_interval():
     assert "2 CPUs" in helpers.report()["busy_poll"]["reason"]
 
 
+@pytest.mark.expected_log(r"ERROR cannot switch the CPU warmer", required=True)
 def test_a_surprise_while_looking_again_keeps_the_helpers_as_they_were():
     """An unexpected error reading the machine is logged; status still answers."""
     calls = []

@@ -144,6 +144,7 @@ def test_spinner_keeps_off_the_daemons_cpu():
     assert result.stdout.strip() == str(allowed)
 
 
+@pytest.mark.expected_log(r"WARNING cannot start the CPU warmer", required=True)
 @pytest.mark.parametrize("failing", ["memfd_create", "pipe2", "interpreter"])
 def test_a_warmer_that_cannot_start_leaves_the_mount_alone(monkeypatch, failing):
     """No spinner (out of descriptors, no interpreter): None, and nothing left open."""

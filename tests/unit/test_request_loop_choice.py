@@ -50,6 +50,7 @@ def test_auto_on_validated_versions_is_the_accelerated_loop_with_one_info_line(c
     ]
 
 
+@pytest.mark.expected_log(r"request loop: stock pyfuse3.main.., not the accelerated", required=True)
 def test_auto_on_an_unvalidated_version_falls_back_to_stock_with_one_warning(caplog):
     caplog.set_level(logging.INFO, logger="encfs.daemon.request_loop")
     choice = choose("auto", "auto", NEWER_TRIO)
@@ -92,6 +93,7 @@ def test_the_mode_comes_from_the_option_then_the_environment_then_auto():
         requested_mode(None, {request_loop.ENV: "fast"})
 
 
+@pytest.mark.expected_log(r"is ignored: stock request loop", required=True)
 def test_on_the_stock_loop_the_warmer_and_busy_poll_are_off_and_a_forced_on_warns(caplog):
     loop = open_loop(LoopChoice("stock", "stock", "test"), "on", "on")
     assert isinstance(loop, StockLoop)

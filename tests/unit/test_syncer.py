@@ -155,6 +155,7 @@ def test_an_interrupted_collection_is_retried(aio, tmp_path, monkeypatch):
     assert interrupted and aio.submitted == 1 and not aio._waiting
 
 
+@pytest.mark.expected_log(r"WARNING freeing the AIO context failed", required=True)
 def test_closing_twice_is_logged_not_raised(caplog):
     syncer = AioSyncer.open()
     if syncer is None:
