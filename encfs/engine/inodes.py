@@ -456,6 +456,22 @@ class InodeTable:
         if inode is not None:
             self.unname(inode)
 
+    def unname_pinned(
+        self, parent: Inode, backing_name: str, st: os.stat_result, pin: int
+    ) -> None:
+        """`unname_at`, given `pin`: an O_PATH handle on `backing_name` made by the same
+        path walk as `st` (its fstat). A known inode there without a handle of its own
+        keeps `pin` as its handle: no reopen by name, whose open and check would repeat
+        that walk (`rm -rf` after a listing: every inode it removes has been evicted, or
+        never had a handle). `pin` is the table's either way (closed if not kept)."""
+        inode = self.known_at(parent, backing_name, st)
+        if inode is not None and inode._fd < 0 and inode.data_fd is None:
+            inode._fd, pin = pin, -1
+        if pin >= 0:
+            os.close(pin)  # (the object still has its name: this frees nothing)
+        if inode is not None:
+            self.unname(inode)
+
     def hold(self, *inodes: Inode | None) -> list[Inode]:
         """Keep their handles open (never evicted) until `unhold`: an operation that
         spans awaits (a rename: its fsyncs run on threads) or removes their names."""
