@@ -17,7 +17,8 @@ unmount here does not reach, and the kernel would keep the connection, the daemo
 keys and the volume lock for as long as that namespace lives (systemd-nspawn keeps the
 host's mounts, hidden under the container's root, for the container's lifetime). The
 daemon watches its mount table and ends the connection itself (it closes /dev/fuse, as
-on a crash): such copies answer ENOTCONN from then on.
+on a crash) once nothing is open through it: such copies answer ENOTCONN from then on.
+Files still open (a lazy `umount -l` in the middle of a copy) are served until closed.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ READ_AHEAD_KB = 1024
 # Seconds between our namespace's last mount going and the daemon ending a connection
 # that another namespace keeps alive (the last unmount anywhere ends it before that).
 UNMOUNTED_HERE_GRACE = 2.0
+OPEN_RECHECK_SECONDS = 1.0  # then, while files are still open through it
 # No auto_unmount: a dead mount (ENOTCONN) is safer than an exposed directory
 # (encfs.daemon.mountpoint); `-o auto_unmount` asks for it.
 DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw")
@@ -247,7 +249,7 @@ def serve(
     supervisor.cpu_status = loop.status
     supervisor.request_loop = choice.report()
     clean = False
-    ending = _Ending()
+    ending = _Ending(lambda: volume.handle_stats()["open"])
     try:
         trio.run(
             _serve, mountpoint, on_ready, supervisor, control, service, loop, syncer, choice,
@@ -379,11 +381,13 @@ async def _main_then_cancel(scope: trio.CancelScope, service: Service, loop: Req
 
 
 class _Ending:
-    """How the session ended: `unmounted_here` once the mount left our namespace."""
+    """How the session ended: `unmounted_here` once the mount left our namespace;
+    `open_handles()`: files and directories open through the mount now."""
 
-    __slots__ = ("unmounted_here",)
+    __slots__ = ("open_handles", "unmounted_here")
 
-    def __init__(self) -> None:
+    def __init__(self, open_handles: Callable[[], int]) -> None:
+        self.open_handles = open_handles
         self.unmounted_here = False
 
 
@@ -422,6 +426,15 @@ async def _end_when_unmounted_here(
     # The last unmount ends the session itself a moment later (the kernel's DESTROY, then
     # ENODEV), which cancels this task; only a copy held elsewhere lets it run on.
     await trio.sleep(UNMOUNTED_HERE_GRACE)
+    # Files still open through it: a lazy unmount (`umount -l`) lets them finish, and so
+    # does the daemon (the kernel ends the session after their last close, unless a copy
+    # elsewhere holds it: then this does, once nothing is open).
+    if ending.open_handles():
+        log.info("unmounted from %s with files still open through it: serving them until "
+                 "they are closed", mountpoint)
+        while ending.open_handles():
+            await trio.sleep(OPEN_RECHECK_SECONDS)
+        await trio.sleep(UNMOUNTED_HERE_GRACE)  # (the kernel's own end after the last close)
     log.warning("unmounted from %s, but another mount namespace still holds a copy of the "
                 "mount: ending the FUSE connection (that copy answers ENOTCONN from now on)",
                 mountpoint)

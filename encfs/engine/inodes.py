@@ -490,8 +490,10 @@ class InodeTable:
         held.clear()
 
     def stats(self) -> dict[str, int]:
-        """Known inodes, cached handles and the cache's capacity."""
-        return {"known": len(self.inodes), "cached": len(self.cache), "capacity": self.capacity}
+        """Known inodes, cached handles, the cache's capacity, open file and directory
+        handles."""
+        return {"known": len(self.inodes), "cached": len(self.cache), "capacity": self.capacity,
+                "open": len(self.files) + len(self.dirs)}
 
     def forget(self, ino: int, count: int) -> None:
         inode = self.inodes.get(ino)

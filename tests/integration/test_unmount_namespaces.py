@@ -6,8 +6,9 @@ container tests), and so does `unshare -m`, used here as the holder. The kernel 
 FUSE connection while any copy lives, so before the daemon watched its own mount table
 it went on serving the copy: `encfs-gw unmount` waited 120 s for it and failed, and the
 volume stayed locked. Now the daemon ends the connection once no mount of its device is
-left in its own namespace: the copy answers ENOTCONN, the data is synced, the guard is
-gone. A bind mount in the daemon's namespace is a mount of it too, and keeps it serving.
+left in its own namespace and nothing is open through it: the copy answers ENOTCONN, the
+data is synced, the guard is gone. A bind mount in the daemon's namespace is a mount of
+it too, and keeps it serving; so do files still open after a lazy unmount.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from encfs.daemon import mountpoint
-from tests.helpers.mount import Volume, daemon_pid, is_mounted, mounted, run_cli
+from tests.helpers.mount import Volume, daemon_pid, is_mounted, mounted, run_cli, unmount
 
 pytestmark = pytest.mark.fuse
 
@@ -107,3 +108,30 @@ def test_a_bind_mount_in_our_namespace_keeps_the_daemon_serving(volume, tmp_path
         assert mountpoint.mount_stack(str(target)) == []
     with mounted(volume, target) as mnt:
         assert (mnt / "g").read_text() == "after the first unmount"
+
+
+def test_a_lazy_unmount_lets_open_files_finish(volume, tmp_path):
+    """`umount -l` while a program writes: the mount leaves our namespace at once, and the
+    daemon goes on serving the open file past its 2 s grace until it is closed."""
+    target, log = tmp_path / "mnt", tmp_path / "daemon.log"
+    target.mkdir()
+    run_cli("mount", volume.backing, target, "--keyfile", volume.keyfile, "--log-file", log,
+            check=True)
+    try:
+        fd = os.open(target / "open.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"before the unmount, ")
+            subprocess.run(["umount", "--lazy", str(target)], check=True)
+            deadline = time.monotonic() + WAIT
+            while "files still open" not in log.read_text():  # (after the grace)
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.02)
+            os.write(fd, b"after it")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        wait_for_exit(volume)  # the kernel ends the connection after the last close
+    finally:
+        unmount(volume, target)
+    with mounted(volume, target) as mnt:
+        assert (mnt / "open.txt").read_text() == "before the unmount, after it"
