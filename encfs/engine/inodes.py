@@ -310,8 +310,10 @@ class InodeTable:
     # --- the handle cache -------------------------------------------------------------------
     def touch(self, inode: Inode) -> None:
         """A handle was used: it is the most recently used now."""
-        # (A KeyError: not evictable; the root, open directories, held, nameless.)
-        with contextlib.suppress(KeyError):
+        # (Not in it: not evictable; the root, open directories, held, nameless.) A test,
+        # not contextlib.suppress(KeyError): this runs at every use of a handle, several
+        # times per request: a suppressed KeyError took 2.2 us (timeit), this 0.06 us.
+        if inode.ino in self.cache:
             self.cache.move_to_end(inode.ino)
 
     def trim(self, keep: int | None = None) -> int:
