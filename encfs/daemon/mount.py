@@ -9,6 +9,16 @@ When the daemon dies its mount stays, dead (ENOTCONN), over a read-only guard (r
 that nothing written by path lands in the directory underneath; the next mount of the
 volume replaces the dead mount (encfs.daemon.mountpoint.MountSite, docs/systemd.md). A
 deliberate end (SIGTERM, `umount`, `encfs-gw unmount`) removes the guard too.
+
+An unmount ends the daemon once the mount is gone from the daemon's own mount namespace,
+even where copies of it live on in other namespaces: a namespace created while the volume
+was mounted, with private propagation (a container, `unshare -m`), holds a copy that an
+unmount here does not reach, and the kernel would keep the connection, the daemon, its
+keys and the volume lock for as long as that namespace lives (systemd-nspawn keeps the
+host's mounts, hidden under the container's root, for the container's lifetime). The
+daemon watches its mount table and ends the connection itself (it closes /dev/fuse, as
+on a crash) once nothing is open through it: such copies answer ENOTCONN from then on.
+Files still open (a lazy `umount -l` in the middle of a copy) are served until closed.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import trio
 from encfs import hygiene
 from encfs.daemon import health as health_mod
 from encfs.daemon.control import ControlServer
-from encfs.daemon.mountpoint import MountSite
+from encfs.daemon.mountpoint import MountSite, MountTableWatch, mounted_devices
 from encfs.daemon.mountpoint import resolve as resolve_mountpoint
 from encfs.daemon.request_loop import LoopChoice, RequestLoop, choose, open_loop
 from encfs.daemon.supervisor import Supervisor
@@ -47,6 +57,10 @@ M_MMAP_THRESHOLD = -3
 MALLOC_MMAP_BYTES = 32 << 20  # glibc's maximum mmap threshold on 64-bit
 MALLOC_TRIM_BYTES = 256 << 20
 READ_AHEAD_KB = 1024
+# Seconds between our namespace's last mount going and the daemon ending a connection
+# that another namespace keeps alive (the last unmount anywhere ends it before that).
+UNMOUNTED_HERE_GRACE = 2.0
+OPEN_RECHECK_SECONDS = 1.0  # then, while files are still open through it
 # No auto_unmount: a dead mount (ENOTCONN) is safer than an exposed directory
 # (encfs.daemon.mountpoint); `-o auto_unmount` asks for it.
 DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw")
@@ -235,14 +249,19 @@ def serve(
     supervisor.cpu_status = loop.status
     supervisor.request_loop = choice.report()
     clean = False
+    ending = _Ending(lambda: volume.handle_stats()["open"])
     try:
-        trio.run(_serve, mountpoint, on_ready, supervisor, control, service, loop, syncer, choice)
+        trio.run(
+            _serve, mountpoint, on_ready, supervisor, control, service, loop, syncer, choice,
+            ending,
+        )
         clean = True
     finally:
         loop.stop()
-        # After a crash the dead mount stays (ENOTCONN), over the guard.
+        # After a crash the dead mount stays (ENOTCONN), over the guard. Unmounted here
+        # already: nothing of ours to unmount (libfuse would detach the guard).
         service.stopping()
-        pyfuse3.close(unmount=clean)
+        pyfuse3.close(unmount=clean and not ending.unmounted_here)
         if clean:
             site.release()
         else:  # a crash: the dead mount and the guard stay
@@ -341,6 +360,7 @@ async def _serve(
     loop: RequestLoop,
     syncer: ThreadSyncer,
     choice: LoopChoice,
+    ending: _Ending,
 ) -> None:
     async with trio.open_nursery() as nursery:
         if service.watchdog_interval:
@@ -350,7 +370,7 @@ async def _serve(
         await nursery.start(syncer.run)
         nursery.start_soon(loop.run_helpers)
         nursery.start_soon(_main_then_cancel, nursery.cancel_scope, service, loop)
-        nursery.start_soon(_signal_ready, mountpoint, on_ready, service, choice)
+        nursery.start_soon(_signal_ready, mountpoint, on_ready, service, choice, ending)
         nursery.start_soon(_handle_signals, service)
 
 
@@ -360,16 +380,66 @@ async def _main_then_cancel(scope: trio.CancelScope, service: Service, loop: Req
     scope.cancel()
 
 
+class _Ending:
+    """How the session ended: `unmounted_here` once the mount left our namespace;
+    `open_handles()`: files and directories open through the mount now."""
+
+    __slots__ = ("open_handles", "unmounted_here")
+
+    def __init__(self, open_handles: Callable[[], int]) -> None:
+        self.open_handles = open_handles
+        self.unmounted_here = False
+
+
 async def _signal_ready(
-    mountpoint: str, on_ready: Callable[[], None], service: Service, choice: LoopChoice
+    mountpoint: str,
+    on_ready: Callable[[], None],
+    service: Service,
+    choice: LoopChoice,
+    ending: _Ending,
 ) -> None:
-    # In a thread: the kernel sends the GETATTR to this loop, which must be free to answer.
-    mount_stat = await trio.to_thread.run_sync(os.stat, mountpoint)
-    raise_readahead(mount_stat.st_dev)
-    on_ready()
-    service.ready()
-    # (after on_ready: in the log file of a background daemon too)
-    log.info("mounted on %s; request loop: %s", mountpoint, choice.describe())
+    watch = MountTableWatch()  # before the mount's device is known: no change is missed
+    try:
+        # In a thread: the kernel sends the GETATTR to this loop, which must be free to
+        # answer.
+        mount_stat = await trio.to_thread.run_sync(os.stat, mountpoint)
+        raise_readahead(mount_stat.st_dev)
+        on_ready()
+        service.ready()
+        # (after on_ready: in the log file of a background daemon too)
+        log.info("mounted on %s; request loop: %s", mountpoint, choice.describe())
+        await _end_when_unmounted_here(watch, mount_stat.st_dev, mountpoint, service, ending)
+    finally:
+        watch.close()
+
+
+async def _end_when_unmounted_here(
+    watch: MountTableWatch, device: int, mountpoint: str, service: Service, ending: _Ending
+) -> None:
+    """End the session once no mount of `device` (ours) is left in our namespace. Its
+    last unmount anywhere ends the session anyway; this is for copies in other mount
+    namespaces, which would otherwise keep the connection alive (module docstring)."""
+    while device in mounted_devices():  # (still here: bind mounts and moves count too)
+        await trio.lowlevel.wait_readable(watch)
+        watch.drain()
+    ending.unmounted_here = True
+    # The last unmount ends the session itself a moment later (the kernel's DESTROY, then
+    # ENODEV), which cancels this task; only a copy held elsewhere lets it run on.
+    await trio.sleep(UNMOUNTED_HERE_GRACE)
+    # Files still open through it: a lazy unmount (`umount -l`) lets them finish, and so
+    # does the daemon (the kernel ends the session after their last close, unless a copy
+    # elsewhere holds it: then this does, once nothing is open).
+    if ending.open_handles():
+        log.info("unmounted from %s with files still open through it: serving them until "
+                 "they are closed", mountpoint)
+        while ending.open_handles():
+            await trio.sleep(OPEN_RECHECK_SECONDS)
+        await trio.sleep(UNMOUNTED_HERE_GRACE)  # (the kernel's own end after the last close)
+    log.warning("unmounted from %s, but another mount namespace still holds a copy of the "
+                "mount: ending the FUSE connection (that copy answers ENOTCONN from now on)",
+                mountpoint)
+    service.stopping()
+    pyfuse3.terminate()
 
 
 async def _handle_signals(service: Service) -> None:

@@ -41,6 +41,7 @@ import fcntl
 import logging
 import os
 import re
+import select
 import stat
 import struct
 import subprocess
@@ -116,6 +117,37 @@ def read_mounts() -> list[Mount]:
             mounts.append(Mount(int(fields[0]), int(fields[1]), _unescape(fields[4]),
                                 _unescape(fields[sep + 1]), _unescape(fields[sep + 2])))
     return mounts
+
+
+def mounted_devices() -> set[int]:
+    """The device (st_dev) of every mount in this process's mount namespace."""
+    devices = set()
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            major, _, minor = line.split(maxsplit=3)[2].partition(b":")
+            devices.add(os.makedev(int(major), int(minor)))
+    return devices
+
+
+class MountTableWatch:
+    """Readable (`fileno`) after a change of this process's mount table, a mount or an
+    unmount anywhere in its mount namespace: the kernel flags /proc/self/mountinfo
+    (EPOLLPRI), which an epoll descriptor turns into readability; `drain` rearms it."""
+
+    def __init__(self) -> None:
+        self._mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._epoll = select.epoll()
+        self._epoll.register(self._mountinfo, select.EPOLLPRI)
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def drain(self) -> None:
+        self._epoll.poll(0)  # (polling mountinfo takes its change flag down)
+
+    def close(self) -> None:
+        self._epoll.close()
+        os.close(self._mountinfo)
 
 
 def mount_stack(path: str) -> list[Mount]:

@@ -239,12 +239,19 @@ class Entries:
 
     def unlink(self, parent: Inode, plain_name: bytes) -> None:
         backing_name, _ = self._names.encode(parent, plain_name)
-        st = os.stat(backing_name, dir_fd=parent.fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            raise oserror(errno.EISDIR)
-        long_id = self._symlinks.last_stored_link(parent.fd, backing_name, st)
-        xattr_set = self._xattrs.last_name_set(parent.fd, backing_name, st)
-        self._inodes.unname_at(parent, backing_name, st)
+        # A handle, not a stat: if the kernel's inode for it has no handle, this one keeps
+        # its backing inode (and number) after the unlink (InodeTable.unname_pinned).
+        pin = self._inodes.new_descriptor(lambda: backing.open_path(backing_name, parent.fd))
+        try:
+            st = os.fstat(pin)
+            if stat.S_ISDIR(st.st_mode):
+                raise oserror(errno.EISDIR)
+            long_id = self._symlinks.last_stored_link(parent.fd, backing_name, st)
+            xattr_set = self._xattrs.last_name_set(parent.fd, backing_name, st)
+        except BaseException:
+            os.close(pin)
+            raise
+        self._inodes.unname_pinned(parent, backing_name, st, pin)
         os.unlink(backing_name, dir_fd=parent.fd)
         self._names.remove_sidecar(parent, backing_name)
         if long_id is not None:

@@ -310,8 +310,10 @@ class InodeTable:
     # --- the handle cache -------------------------------------------------------------------
     def touch(self, inode: Inode) -> None:
         """A handle was used: it is the most recently used now."""
-        # (A KeyError: not evictable; the root, open directories, held, nameless.)
-        with contextlib.suppress(KeyError):
+        # (Not in it: not evictable; the root, open directories, held, nameless.) A test,
+        # not contextlib.suppress(KeyError): this runs at every use of a handle, several
+        # times per request: a suppressed KeyError took 2.2 us (timeit), this 0.06 us.
+        if inode.ino in self.cache:
             self.cache.move_to_end(inode.ino)
 
     def trim(self, keep: int | None = None) -> int:
@@ -456,6 +458,22 @@ class InodeTable:
         if inode is not None:
             self.unname(inode)
 
+    def unname_pinned(
+        self, parent: Inode, backing_name: str, st: os.stat_result, pin: int
+    ) -> None:
+        """`unname_at`, given `pin`: an O_PATH handle on `backing_name` made by the same
+        path walk as `st` (its fstat). A known inode there without a handle of its own
+        keeps `pin` as its handle: no reopen by name, whose open and check would repeat
+        that walk (`rm -rf` after a listing: every inode it removes has been evicted, or
+        never had a handle). `pin` is the table's either way (closed if not kept)."""
+        inode = self.known_at(parent, backing_name, st)
+        if inode is not None and inode._fd < 0 and inode.data_fd is None:
+            inode._fd, pin = pin, -1
+        if pin >= 0:
+            os.close(pin)  # (the object still has its name: this frees nothing)
+        if inode is not None:
+            self.unname(inode)
+
     def hold(self, *inodes: Inode | None) -> list[Inode]:
         """Keep their handles open (never evicted) until `unhold`: an operation that
         spans awaits (a rename: its fsyncs run on threads) or removes their names."""
@@ -474,8 +492,10 @@ class InodeTable:
         held.clear()
 
     def stats(self) -> dict[str, int]:
-        """Known inodes, cached handles and the cache's capacity."""
-        return {"known": len(self.inodes), "cached": len(self.cache), "capacity": self.capacity}
+        """Known inodes, cached handles, the cache's capacity, open file and directory
+        handles."""
+        return {"known": len(self.inodes), "cached": len(self.cache), "capacity": self.capacity,
+                "open": len(self.files) + len(self.dirs)}
 
     def forget(self, ino: int, count: int) -> None:
         inode = self.inodes.get(ino)

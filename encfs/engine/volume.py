@@ -227,7 +227,8 @@ class Volume:
         return self._inodes.shed() > 0
 
     def handle_stats(self) -> dict[str, int]:
-        """Known inodes, cached handles and the capacity of the handle cache."""
+        """Known inodes, cached handles, the capacity of the handle cache, and open file
+        and directory handles."""
         return self._inodes.stats()
 
     # --- attributes ------------------------------------------------------------------

@@ -118,6 +118,25 @@ def test_removed_inode_keeps_its_number_until_forgotten(small):
     assert own_fds() <= before + 1  # (+1: a deferred close may still be queued)
 
 
+def test_unlinked_inodes_keep_their_numbers_whether_cached_or_evicted(small):
+    """rm -rf: the handle unlink opens by name is the evicted inode's pin (no reopen);
+    a cached inode keeps its own handle and that one is closed. Every number stays out
+    of reach of new files until forgotten, and no descriptor is left over after."""
+    before = own_fds()
+    inos = [make_file(small, ROOT_INODE, b"f%d" % i, b"x") for i in range(4 * CAPACITY)]
+    assert small.handle_stats()["cached"] <= CAPACITY  # the last few cached, most evicted
+    for i in range(4 * CAPACITY):
+        small.unlink(ROOT_INODE, b"f%d" % i)
+    assert all(small.getattr(ino).nlink == 0 for ino in inos)  # each still has a handle
+    new = [make_file(small, ROOT_INODE, b"new%d" % i) for i in range(4 * CAPACITY)]
+    assert not set(new) & set(inos)
+    for ino in inos + new:
+        small.forget(ino, 1)
+    small.settle_closes()
+    assert small.handle_stats()["known"] == 1
+    assert own_fds() <= before
+
+
 def test_hard_link_survives_the_unlink_of_the_name_it_was_reached_by(small):
     ino = make_file(small, ROOT_INODE, b"first", b"shared")
     small.link(ino, ROOT_INODE, b"second")

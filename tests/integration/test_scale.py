@@ -6,7 +6,8 @@ the daemon's descriptor limit at 4,096. Then a remount, `ls -lR`, `find`, `du -s
 remount and `rm -rf`. No step may fail or print an error; the daemon's open descriptors
 and RSS are sampled every second and at each step, and its descriptors stay under half
 its limit throughout. The timings, the peaks and the RSS growth per entry listed by
-`ls -lR` are printed (`-s`) and, with ENCFS_GW_SCALE_REPORT=FILE, written there as JSON.
+`ls -lR` are printed (`-s`) and, with ENCFS_GW_SCALE_REPORT=FILE, written there as JSON
+after each step (and every 50,000 entries of the create step).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,8 +34,12 @@ DIR_ENTRIES = 1000
 STEP_TIMEOUT = 4 * 3600
 
 
-def make_tree(top: Path, entries: int) -> int:
-    """The tree (files are empty: what is measured is entries); the count made."""
+PROGRESS_EVERY = 50_000  # entries between two progress records of the create step
+
+
+def make_tree(top: Path, entries: int, progress: Callable[[int], None] = lambda _: None) -> int:
+    """The tree (files are empty: what is measured is entries); the count made.
+    `progress(made)` every PROGRESS_EVERY entries (a long run killed midway keeps them)."""
     made = 0
     big = top / "big"
     big.mkdir(parents=True)
@@ -41,6 +47,8 @@ def make_tree(top: Path, entries: int) -> int:
     for index in range(entries // BIG_DIR_SHARE):
         os.close(os.open(big / f"f{index:07d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         made += 1
+        if made % PROGRESS_EVERY == 0:
+            progress(made)
     group = 0
     while made < entries:
         directory = top / f"d{group:05d}"
@@ -49,6 +57,8 @@ def make_tree(top: Path, entries: int) -> int:
         for index in range(min(DIR_ENTRIES - 1, entries - made)):
             os.close(os.open(directory / f"f{index:04d}", os.O_WRONLY | os.O_CREAT, 0o644))
             made += 1
+            if made % PROGRESS_EVERY == 0:
+                progress(made)
         group += 1
     return made
 
@@ -86,8 +96,15 @@ def test_large_tree_with_bounded_descriptors(volume, tmp_path):
         with mounted(volume, tmp_path / "mnt", nofile=DAEMON_NOFILE) as mnt:
             sampler = Sampler(_pid(volume), every=1.0)
             samplers.append(sampler)
+            started = time.perf_counter()
+
+            def progress(made: int) -> None:
+                report.setdefault("create_progress", []).append(
+                    {"entries": made, "s": round(time.perf_counter() - started, 1)})
+                save()
+
             with step("create", sampler):
-                made = make_tree(mnt / "tree", ENTRIES)
+                made = make_tree(mnt / "tree", ENTRIES, progress)
             sampler.mark("created")
         assert made == ENTRIES
 
