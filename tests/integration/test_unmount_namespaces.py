@@ -67,6 +67,9 @@ def wait_for_exit(volume: Volume) -> float:
     return time.monotonic() - start
 
 
+@pytest.mark.expected_log(
+    r"another mount namespace still holds a copy of the mount: ending the FUSE connection",
+    required=True)
 @pytest.mark.parametrize("how", ["encfs-gw unmount", "umount"])
 def test_unmount_ends_the_daemon_while_another_namespace_holds_a_copy(volume, tmp_path, how):
     target = tmp_path / "mnt"
