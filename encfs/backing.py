@@ -9,7 +9,6 @@ The few calls Python's os module lacks for O_PATH descriptors go through libc.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import logging
@@ -200,20 +199,28 @@ def max_pending_closes() -> int:
     return max(64, min(1024, soft // 16))
 
 
+CLOSER_THREAD = "encfs-closer"
+PR_SET_NAME = 15
+
+
 class DeferredCloser:
-    """Closes descriptors on a worker thread that uses only idle CPU time.
+    """Closes descriptors on a worker thread ("encfs-closer" in `top -H`).
 
     The last close of an unlinked backing file is where the backing filesystem frees its
     inode and blocks (tens of microseconds for a small file on ext4, more for a large
     one): under `rm -rf` that was a third of the daemon's time, spent on the thread that
-    answers FUSE requests. Handing the close over costs a queue put. The thread runs at
-    SCHED_IDLE, so those deletions do not slow what runs next (SQLite right after an
-    `rm -rf` of 4,000 files: 1.16-1.36 -> 0.90-1.00 s here). The space comes back a
-    little later, so a caller that runs out of space calls `settle` and retries; `settle`
-    and `stop` close what is still queued themselves, at their own priority.
+    answers FUSE requests. Handing the close over costs a queue put. The space comes
+    back a little later, so a caller that runs out of space calls `settle` and retries;
+    `settle` and `stop` close what is still queued themselves.
 
-    Idle CPU time may not come: other work can keep every CPU busy, and the queue then
-    held 17,000-19,000 descriptors under stress-ng, near the daemon's limit. So at most
+    The thread runs at the daemon's own priority, not SCHED_IDLE: it needs the GIL for
+    every close, and a SCHED_IDLE thread preempted while holding it stalls the request
+    loop until a CPU falls idle (a priority inversion: `rm -rf` of the bench tree 0.92 s
+    with closes on the loop's thread, 2.39 s with an idle-priority closer, 1.63 s with
+    this one, on the 2-CPU test machine with other work running).
+
+    Its CPU time may still not come: other work can keep every CPU busy, and an idle
+    priority closer held 17,000-19,000 descriptors under stress-ng. So at most
     `max_pending` closes wait: past that, `close` closes on the caller's thread
     (`inline` counts those), and the daemon's descriptors stay bounded whatever the load.
 
@@ -237,10 +244,8 @@ class DeferredCloser:
         self.max_pending = max_pending or max_pending_closes()
         self.inline = 0  # closes done by the caller: max_pending waiting, or not deferring
         self._idle = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="encfs-closer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=CLOSER_THREAD, daemon=True)
         self._thread.start()
-        with contextlib.suppress(OSError):  # (best effort: it works at normal priority too)
-            os.sched_setscheduler(self._thread.native_id, os.SCHED_IDLE, os.sched_param(0))
         _closers.add(self)
 
     def close(self, fd: int) -> None:
@@ -258,6 +263,8 @@ class DeferredCloser:
             log.warning("closing a backing descriptor failed: %s", exc.strerror)
 
     def _run(self) -> None:
+        # Named for the kernel too (/proc/PID/task/TID/comm, top -H): Python 3.11 does not.
+        _libc.prctl(PR_SET_NAME, CLOSER_THREAD.encode(), 0, 0, 0)
         while (fd := self._queue.get()) is not None:
             self._close(fd)
 

@@ -195,11 +195,14 @@ ROUNDS = 10
 
 
 def closer_thread(daemon: int) -> int:
-    """The deferred closer: the daemon's one SCHED_IDLE thread."""
-    idle = [int(t) for t in os.listdir(f"/proc/{daemon}/task")
-            if os.sched_getscheduler(int(t)) == os.SCHED_IDLE]
-    assert len(idle) == 1, idle
-    return idle[0]
+    """The deferred closer: the daemon's one thread named encfs-closer."""
+    named = []
+    for tid in os.listdir(f"/proc/{daemon}/task"):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{daemon}/task/{tid}/comm").read_text().strip() == "encfs-closer":
+                named.append(int(tid))
+    assert len(named) == 1, named
+    return named[0]
 
 
 def descriptors(pid: int) -> int:
@@ -241,9 +244,9 @@ def low_nofile() -> None:
 
 
 def test_a_closer_starved_by_other_work_holds_a_bounded_number_of_descriptors(tmp_path):
-    """The closer at SCHED_IDLE gets no CPU while other work keeps the CPUs busy
-    (stress-ng: 17,000-19,000 descriptors). Here its CPU is taken by a normal-priority
-    busy loop pinned beside it, and 1,000 files are created and deleted through the
+    """A closer may get little CPU while other work keeps the CPUs busy (at SCHED_IDLE,
+    under stress-ng: 17,000-19,000 descriptors). Here its CPU is shared with a busy loop
+    pinned beside it, and 1,000 files are created and deleted through the
     mount: the daemon never holds more than the live files, the closer's bound and its
     own few descriptors."""
     volume = init_volume(tmp_path)
