@@ -61,6 +61,11 @@ READ_AHEAD_KB = 1024
 # that another namespace keeps alive (the last unmount anywhere ends it before that).
 UNMOUNTED_HERE_GRACE = 2.0
 OPEN_RECHECK_SECONDS = 1.0  # then, while files are still open through it
+# The mount table is read again at least this often, watch or no watch: /proc/self/mountinfo
+# reports a change (EPOLLPRI) to the first poll that looks, and the accelerated loop's idle
+# wait polls trio's epoll, which looks into the watch's: that poll took the change, and
+# trio's own wait then saw nothing (the daemon of a plain `umount` never ended).
+MOUNT_TABLE_RECHECK_SECONDS = 5.0
 # No auto_unmount: a dead mount (ENOTCONN) is safer than an exposed directory
 # (encfs.daemon.mountpoint); `-o auto_unmount` asks for it.
 DEFAULT_FUSE_OPTIONS = ("default_permissions", "subtype=encfs-gw")
@@ -420,7 +425,8 @@ async def _end_when_unmounted_here(
     last unmount anywhere ends the session anyway; this is for copies in other mount
     namespaces, which would otherwise keep the connection alive (module docstring)."""
     while device in mounted_devices():  # (still here: bind mounts and moves count too)
-        await trio.lowlevel.wait_readable(watch)
+        with trio.move_on_after(MOUNT_TABLE_RECHECK_SECONDS):
+            await trio.lowlevel.wait_readable(watch)
         watch.drain()
     ending.unmounted_here = True
     # The last unmount ends the session itself a moment later (the kernel's DESTROY, then
