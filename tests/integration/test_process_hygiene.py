@@ -237,6 +237,8 @@ def test_helpers_hold_no_secret_and_are_not_dumpable(public_dir):
         assert result.returncode == 0, result.stderr
 
 
+# (the stock-loop pass of make test: the warmer this test asks for is ignored, and said so)
+@pytest.mark.expected_log(r"-o cpu_warmer=on is ignored: stock request loop")
 def test_helpers_of_a_root_daemon_hold_no_secret(tmp_path):
     """The common case, a root daemon: its helpers' environments hold no secret, and it
     and its own helpers are not dumpable with no core files (what root's processes are
