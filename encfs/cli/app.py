@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from encfs import __version__, hygiene
 from encfs.cli.checking import cmd_fsck
-from encfs.cli.common import one_line, run_command
+from encfs.cli.common import one_line, positive_rate, run_command
 from encfs.cli.convert import add_convert_parser, cmd_convert
 from encfs.cli.keys import cmd_destroy, cmd_provider, cmd_rewrap_kek, cmd_trust, cmd_upgrade
 from encfs.cli.mounting import MOUNT_HELPER, cmd_init, cmd_mount, cmd_unmount, mount_helper
@@ -56,15 +56,7 @@ def _key_arguments(parser: argparse.ArgumentParser) -> None:
 MAX_RATE = 1e9  # DEKs per second: far beyond any machine, so "no limit" in practice
 
 
-def _positive_rate(text: str) -> float:
-    """--rate: a finite number of DEKs per second, > 0 (not nan, inf or negative)."""
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = -1.0
-    if not 0 < rate <= MAX_RATE:  # also false for nan
-        raise argparse.ArgumentTypeError(f"expected DEKs per second, 0 < N <= 1e9: {text!r}")
-    return rate
+_positive_rate = positive_rate(MAX_RATE, "1e9", "DEKs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,9 +5,11 @@ arguments, reaching a mounted volume's daemon, one-line messages.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -152,3 +154,57 @@ def error_with_code(message: Any, code: Any) -> EncfsError:
     error = EncfsError(message)
     error.exit_code = code
     return error
+
+
+def positive_rate(limit: float, shown_limit: str, unit: str) -> Callable[[str], float]:
+    """An argparse type for --rate: a finite number of `unit` per second, 0 < N <= limit
+    (nan, inf and negative numbers refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            rate = float(text)
+        except ValueError:
+            rate = -1.0
+        if not 0 < rate <= limit:  # also false for nan
+            raise argparse.ArgumentTypeError(f"expected {unit} per second, 0 < N <= {shown_limit}: "
+                                             f"{text!r}")
+        return rate
+
+    return parse
+
+
+class PassProgress:
+    """A pass's progress (rotate, reencrypt): a line rewritten on a terminal, periodic
+    lines otherwise, JSON lines with --json. Subclasses say what a line holds (`line`)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.tty = sys.stderr.isatty() and not as_json
+        self.last = 0.0
+
+    def line(self, stats: dict) -> str:
+        raise NotImplementedError
+
+    def __call__(self, stats: Any) -> None:
+        """`stats`: a dict, or an object with as_dict() (built only when a line is due)."""
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 1.0 if self.as_json else 5.0):
+            return
+        self.last = now
+        if not isinstance(stats, dict):
+            stats = stats.as_dict()
+        if self.as_json:
+            print(json.dumps({"progress": stats}), flush=True)
+            return
+        line = self.line(stats)
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def eta_suffix(stats: dict) -> str:
+    eta = stats.get("eta")
+    return f", ETA {eta:.0f} s" if eta is not None else ""

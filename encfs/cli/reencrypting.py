@@ -6,24 +6,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
-from encfs.cli.common import operator_from, resolve_target
+from encfs.cli.common import (
+    PassProgress,
+    eta_suffix,
+    operator_from,
+    positive_rate,
+    resolve_target,
+)
 from encfs.errors import VolumeBusy
 
 MAX_RATE_MIB_S = 1e6
 
 
-def rate_mib_s(text: str) -> float:
-    """--rate: a finite number of MiB per second, > 0 (not nan, inf or negative)."""
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = -1.0
-    if not 0 < rate <= MAX_RATE_MIB_S:  # also false for nan
-        raise argparse.ArgumentTypeError(f"expected MiB per second, 0 < N <= 1e6: {text!r}")
-    return rate
+rate_mib_s = positive_rate(MAX_RATE_MIB_S, "1e6", "MiB")
 
 
 def add_reencrypt_parser(sub: Any, key_arguments: Any) -> None:
@@ -45,36 +42,11 @@ def add_reencrypt_parser(sub: Any, key_arguments: Any) -> None:
     key_arguments(parser)
 
 
-class Progress:
-    """rotate's style: a line rewritten on a terminal, periodic lines otherwise, JSON
-    lines with --json."""
-
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        self.tty = sys.stderr.isatty() and not as_json
-        self.last = 0.0
-
-    def __call__(self, stats: Any) -> None:
-        now = time.monotonic()
-        if now - self.last < (0.2 if self.tty else 1.0 if self.as_json else 5.0):
-            return
-        self.last = now
-        data = stats.as_dict()
-        if self.as_json:
-            print(json.dumps({"progress": data}), flush=True)
-            return
-        eta = data.get("eta")
-        line = (
-            f"reencrypt: {data['files_done']}/{data['files_total']} files, "
-            f"{data['bytes_done'] / 1048576:.1f}/{data['bytes_total'] / 1048576:.1f} MiB, "
-            f"{data['rate_mib_s']:.1f} MiB/s" + (f", ETA {eta:.0f} s" if eta is not None else "")
-        )
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
+class Progress(PassProgress):
+    def line(self, stats: dict) -> str:
+        return (f"reencrypt: {stats['files_done']}/{stats['files_total']} files, "
+                f"{stats['bytes_done'] / 1048576:.1f}/{stats['bytes_total'] / 1048576:.1f} MiB, "
+                f"{stats['rate_mib_s']:.1f} MiB/s" + eta_suffix(stats))
 
 
 def print_result(result: dict, as_json: bool) -> None:

@@ -7,10 +7,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-from typing import Any
 
-from encfs.cli.common import ask_daemon, error_with_code, one_reply, operator_from, resolve_target
+from encfs.cli.common import (
+    PassProgress,
+    ask_daemon,
+    error_with_code,
+    eta_suffix,
+    one_reply,
+    operator_from,
+    resolve_target,
+)
 from encfs.errors import (
     ControlSocketError,
     EncfsError,
@@ -18,44 +24,12 @@ from encfs.errors import (
 )
 
 
-class Progress:
-    """A progress bar on a terminal, periodic lines otherwise, JSON lines with --json."""
-
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        self.tty = sys.stderr.isatty() and not as_json
-        self.last = 0.0
-
-    def __call__(self, stats: Any) -> None:
-        """`stats`: a dict, or an object with as_dict() (built only when a line is due)."""
-        import time
-
-        now = time.monotonic()
-        if now - self.last < (0.2 if self.tty else 1.0 if self.as_json else 5.0):
-            return
-        self.last = now
-        if not isinstance(stats, dict):
-            stats = stats.as_dict()
-        if self.as_json:
-            print(json.dumps({"progress": stats}), flush=True)
-            return
-        eta = stats.get("eta")
-        line = (
-            f"re-wrap: {stats['files_done']}/{stats['files_total']} files, "
-            f"{stats['deks_rewrapped']} DEKs, "
-            f"{stats['key_bytes_written'] / 1048576:.1f} MiB of key records"
-            + (f", ETA {eta:.0f} s" if eta is not None else "")
-        )
-        print(
-            ("\r" + line) if self.tty else line,
-            end="" if self.tty else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
+class Progress(PassProgress):
+    def line(self, stats: dict) -> str:
+        return (f"re-wrap: {stats['files_done']}/{stats['files_total']} files, "
+                f"{stats['deks_rewrapped']} DEKs, "
+                f"{stats['key_bytes_written'] / 1048576:.1f} MiB of key records"
+                + eta_suffix(stats))
 
 
 def print_result(result: dict, as_json: bool) -> None:
