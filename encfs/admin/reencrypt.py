@@ -88,7 +88,7 @@ from encfs.format.blocks import (
     slot_aad,
     slot_candidates,
 )
-from encfs.format.volume import PROTECTOR_ID_SIZE, KekVersion, Protector, now_utc
+from encfs.format.volume import PROTECTOR_ID_SIZE, Protector
 
 log = logging.getLogger(__name__)
 
@@ -216,15 +216,9 @@ def start_pass(volume: Volume, new_provider: tuple[str, dict[str, Any]] | None) 
     with config_store.editing(volume.backing_path, volume.keyring, operator) as config:
         if max(config.kek_versions) + 1 != target or config.reencrypt is not None:
             raise UsageError("the volume's KEK versions changed meanwhile; run it again")
-        created = now_utc()
-        config.kek_versions[target] = KekVersion(
-            version=target,
-            state="active",
-            created=created,
-            wrapped_volume_key=volume.keyring.wrap_volume_key(kek, config.volume_key_aad(target)),
-            protectors=protectors,
+        created = config.add_current_version(
+            target, volume.keyring.wrap_volume_key(kek, config.volume_key_aad(target)), protectors
         )
-        config.current_kek = target
         config.rotation = None  # superseded: every DEK moves to `target` anyway
         config.reencrypt = {"target": target, "started": created}
     # Only once the config naming version `target` is on disk may a DEK be wrapped under it.

@@ -19,7 +19,7 @@ from encfs import config_store, crypto
 from encfs.admin.rewrap import PassStats, RewrapPass, census
 from encfs.engine import Volume
 from encfs.errors import UsageError
-from encfs.format.volume import KekVersion, Protector, VolumeConfig, now_utc, parse_time
+from encfs.format.volume import Protector, VolumeConfig, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,9 @@ def start_rotation(volume: Volume) -> int:
         finally:
             for _, provider in providers:
                 provider.close()
-        created = now_utc()
-        config.kek_versions[target] = KekVersion(
-            version=target,
-            state="active",
-            created=created,
-            wrapped_volume_key=volume.keyring.wrap_volume_key(kek, config.volume_key_aad(target)),
-            protectors=protectors,
+        created = config.add_current_version(
+            target, volume.keyring.wrap_volume_key(kek, config.volume_key_aad(target)), protectors
         )
-        config.current_kek = target
         config.rotation = {"target": target, "started": created}
     # Only once the config naming version `target` is on disk may a DEK be wrapped under it.
     volume.keyring.add_kek(target, kek, make_current=True)

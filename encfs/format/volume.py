@@ -177,6 +177,21 @@ class VolumeConfig:
     def provider_binding(self, kek_version: int) -> bytes:
         return PROVIDER_BINDING_LABEL + self.volume_id + struct.pack(">H", kek_version)
 
+    def add_current_version(
+        self, version: int, wrapped_volume_key: bytes, protectors: list[Protector]
+    ) -> str:
+        """A new active KEK version, made current (rotate, reencrypt); its creation time."""
+        created = now_utc()
+        self.kek_versions[version] = KekVersion(
+            version=version,
+            state="active",
+            created=created,
+            wrapped_volume_key=wrapped_volume_key,
+            protectors=protectors,
+        )
+        self.current_kek = version
+        return created
+
     # --- serialising --------------------------------------------------------------------
 
     def body(self) -> dict[str, Any]:
