@@ -29,3 +29,15 @@ accelerated_only = pytest.mark.skipif(
     reason=f"the accelerated loop's busy-poll or CPU warmer: this pass runs the stock loop "
     f"({ENV}=stock)",
 )
+
+
+def spinners(daemon: int) -> list[int]:
+    """The CPU warmer's spinner processes among the daemon's children."""
+    found = []
+    for task in os.listdir(f"/proc/{daemon}/task"):
+        with open(f"/proc/{daemon}/task/{task}/children") as f:
+            for child in f.read().split():
+                with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                    if b"/encfs/fuse/accel/spinner.py" in cmdline.read():
+                        found.append(int(child))
+    return found

@@ -26,7 +26,7 @@ import pytest
 from encfs.fuse.accel.cpu_policy import MIN_CPUS
 from tests.helpers.cgroups import cpu_quota_cgroup
 from tests.helpers.mount import Volume, daemon_pid, init_volume, run_cli, unmount
-from tests.helpers.request_loop import accelerated_only
+from tests.helpers.request_loop import accelerated_only, spinners
 
 pytestmark = [
     pytest.mark.fuse,
@@ -62,17 +62,6 @@ def status(mnt: Path) -> dict:
 def status_lines(mnt: Path) -> list[str]:
     result = run_cli("status", mnt, check=True)
     return [line for line in result.stdout.splitlines() if line.startswith(("CPU w", "busy"))]
-
-
-def spinners(daemon: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{daemon}/task"):
-        with open(f"/proc/{daemon}/task/{task}/children") as f:
-            for child in f.read().split():
-                with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-                    if b"/encfs/fuse/accel/spinner.py" in cmdline.read():
-                        found.append(int(child))
-    return found
 
 
 def small_requests(path: Path, count: int = 2000) -> None:

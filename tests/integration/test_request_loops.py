@@ -32,6 +32,7 @@ from tests.helpers.mount import (
     run_cli,
     unmount,
 )
+from tests.helpers.request_loop import spinners
 
 pytestmark = [
     pytest.mark.fuse,
@@ -87,17 +88,6 @@ def status(mnt: Path) -> dict:
 def status_lines(mnt: Path, *starts: str) -> list[str]:
     lines = run_cli("status", mnt, check=True).stdout.splitlines()
     return [line for line in lines if line.startswith(starts)]
-
-
-def spinners(daemon: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{daemon}/task"):
-        with open(f"/proc/{daemon}/task/{task}/children") as f:
-            for child in f.read().split():
-                with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-                    if cmdline.read().split(b"\0")[3].endswith(b"/encfs/fuse/accel/spinner.py"):
-                        found.append(int(child))
-    return found
 
 
 def exercise(mnt: Path) -> None:
