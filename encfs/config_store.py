@@ -129,7 +129,13 @@ def _require_authenticated(config: VolumeConfig, stored_mac: bytes | None, where
 
 
 def verify(config: VolumeConfig, stored_mac: bytes, keyring: Keyring) -> None:
-    expected = keyring.config_mac(config.mac_message())
+    """The MAC under the volume key of the config's current KEK version's epoch."""
+    if not keyring.has_epoch(config.current_epoch):
+        raise ConfigAuthError(
+            "the volume config names a volume key epoch whose key is not loaded: refusing "
+            "it; nothing it names was run"
+        )
+    expected = keyring.config_mac(config.mac_message(), config.current_epoch)
     if not hmac.compare_digest(expected, stored_mac):
         raise ConfigAuthError(
             "the volume config failed authentication (it was altered): refusing it; "
@@ -160,7 +166,7 @@ def unlock(
     operator.resolve(config.volume_id.hex(), backing_path)
     keyring = Keyring.unlock(config, operator, audit)
     verify(config, stored_mac, keyring)
-    operator.accept(config, keyring.volume_key_check())
+    operator.accept(config, keyring.volume_key_check(), keyring.older_volume_key_checks())
     return config, keyring
 
 
@@ -173,7 +179,7 @@ def reread(backing_path: str, keyring: Keyring) -> VolumeConfig:
 
 
 def write_at(dir_fd: int, config: VolumeConfig, keyring: Keyring) -> None:
-    data = config.to_json(keyring.config_mac(config.mac_message()))
+    data = config.to_json(keyring.config_mac(config.mac_message(), config.current_epoch))
     backing.write_file_atomic(
         dir_fd, fnames.CONFIG_FILE, data, 0o600, temp_prefix=fnames.TEMP_PREFIX
     )
@@ -200,7 +206,9 @@ def editing(
     finally:
         os.close(dir_fd)
     if operator is not None:
-        operator.record_written(config, keyring.volume_key_check())
+        operator.record_written(
+            config, keyring.volume_key_check(), keyring.older_volume_key_checks()
+        )
 
 
 def reread_at(dir_fd: int, backing_path: str, keyring: Keyring) -> VolumeConfig:

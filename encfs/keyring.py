@@ -5,6 +5,10 @@ unwraps the volume key, and from then on derives everything locally:
 
 * per (KEK version, file id): the AES-GCM key that wraps that file's DEKs (HKDF), cached;
 * from the volume key: the AES-SIV keys for names and symlink targets.
+
+A volume with feature volume-key-epochs may have KEK versions that wrap different
+volume keys (epochs: `reencrypt` moves a volume to a new one); everything derived from
+the volume key comes from the current KEK version's epoch (`EpochKeys`).
 """
 
 from __future__ import annotations
@@ -65,50 +69,80 @@ class NameMemo:
         self.plain[dir_id, backing_name] = plain_name
 
 
+class EpochKeys:
+    """The keys derived from one volume key (one epoch, docs/FORMAT.md 2.2): what the
+    engine's names, symlinks, xattrs and bindings use. The keyring holds one per epoch;
+    all but the current one serve only `reencrypt`, which moves a volume to a new one.
+
+    The volume key and the xattr value key live in the keyring's SecretArena. Keys that
+    only feed a cipher object (names, symlinks, xattr names, header bindings, the config
+    MAC) are derived into a scratch buffer that is zeroed as soon as the cipher object
+    holds the key: their only copy is then inside that object's OpenSSL context, which
+    OpenSSL clears when the object is freed. wipe() drops every such object.
+    """
+
+    def __init__(self, arena: SecretArena, volume_key: bytes | bytearray | memoryview) -> None:
+        self.volume_key = arena.store(volume_key)  # only to wrap it under new KEKs
+        scratch = bytearray(crypto.SIV_KEY_SIZE)
+        try:
+            def derived(info: bytes, size: int = crypto.SIV_KEY_SIZE) -> memoryview:
+                view = memoryview(scratch)[:size]
+                crypto.hkdf_into(self.volume_key, info, view)
+                return view
+
+            self.name_cipher = crypto.SivCipher(derived(crypto.INFO_NAME_KEY))
+            self.symlink_cipher = crypto.SivCipher(derived(crypto.INFO_SYMLINK_KEY))
+            self.xattr_name_cipher = crypto.SivCipher(derived(crypto.INFO_XATTR_NAME_KEY))
+            self.binding_mac = crypto.Mac(derived(crypto.INFO_BINDING_KEY, crypto.KEY_SIZE))
+            self.config_mac = crypto.Mac(derived(crypto.INFO_CONFIG_MAC_KEY, crypto.KEY_SIZE))
+        finally:
+            crypto.wipe(scratch)
+        self.name_memo = NameMemo()
+        self.xattr_value_key = arena.take(crypto.KEY_SIZE)
+        crypto.hkdf_into(self.volume_key, crypto.INFO_XATTR_VALUE_KEY, self.xattr_value_key)
+
+    def binding_tag(self, message: bytes) -> bytes:
+        return self.binding_mac.tag(message, BINDING_SIZE)
+
+    def check(self) -> bytes:
+        """A check value of the volume key: what the operator's trust store pins."""
+        return crypto.hkdf(self.volume_key, crypto.INFO_VOLUME_KEY_CHECK, 32)
+
+    def journal_mac(self, message: bytes) -> bytes:
+        key = bytearray(crypto.KEY_SIZE)
+        try:
+            crypto.hkdf_into(self.volume_key, crypto.INFO_JOURNAL_MAC_KEY, key)
+            return crypto.Mac(key).tag(message, 32)
+        finally:
+            crypto.wipe(key)
+
+    def wipe(self) -> None:
+        for name in (
+            "name_cipher", "symlink_cipher", "xattr_name_cipher", "binding_mac", "config_mac"
+        ):
+            setattr(self, name, None)
+        self.name_memo = NameMemo()  # plaintext names: not keys, but not kept either
+
+
 class _Material:
-    """Everything derived from the unwrapped keys; wiped as a whole on revocation.
+    """Everything unwrapped and derived; wiped as a whole on revocation.
 
-    The raw keys (KEKs, the volume key, the xattr value key) live in a SecretArena:
-    locked pages of their own, zeroed by wipe(). Keys that only feed a cipher object
-    (names, symlinks, xattr names, header bindings, each file's DEK-wrap key) are derived
-    into a scratch buffer that is zeroed as soon as the cipher object holds the key: their
-    only copy is then inside that object's OpenSSL context, which OpenSSL clears when the
-    object is freed. wipe() drops every such object and zeroes the arena.
-
-    The key buffers given to it are taken over: a bytearray is zeroed once copied.
+    The raw keys (KEKs, the volume keys, the xattr value keys) live in a SecretArena:
+    locked pages of their own, zeroed by wipe(). The key buffers given to it are taken
+    over: a bytearray is zeroed once copied.
     """
 
     def __init__(
-        self, keks: dict[int, bytes | bytearray], volume_key: bytes | bytearray | memoryview
+        self,
+        keks: dict[int, bytes | bytearray],
+        volume_keys: dict[int, bytes | bytearray | memoryview],
     ) -> None:
         self.arena = SecretArena()
         self.keks: dict[int, memoryview] = {v: self.arena.store(k) for v, k in keks.items()}
-        self.volume_key = self.arena.store(volume_key)  # only to wrap it under new KEKs
+        self.epochs: dict[int, EpochKeys] = {
+            epoch: EpochKeys(self.arena, key) for epoch, key in volume_keys.items()
+        }
         self.slot_ciphers: OrderedDict[tuple[int, bytes], crypto.AESGCM_] = OrderedDict()
-        self.name_cipher = crypto.SivCipher(self._derived(crypto.INFO_NAME_KEY))
-        self.symlink_cipher = crypto.SivCipher(self._derived(crypto.INFO_SYMLINK_KEY))
-        self.xattr_name_cipher = crypto.SivCipher(self._derived(crypto.INFO_XATTR_NAME_KEY))
-        self.binding_mac = crypto.Mac(self._derived(crypto.INFO_BINDING_KEY, crypto.KEY_SIZE))
-        self.config_mac = crypto.Mac(self._derived(crypto.INFO_CONFIG_MAC_KEY, crypto.KEY_SIZE))
-        self._zero_scratch()
-        self.name_memo = NameMemo()
-        self.xattr_value_key = self.arena.take(crypto.KEY_SIZE)
-        crypto.hkdf_into(self.volume_key, crypto.INFO_XATTR_VALUE_KEY, self.xattr_value_key)
-
-    _scratch: bytearray | None = None
-
-    def _derived(self, info: bytes, size: int = crypto.SIV_KEY_SIZE) -> memoryview:
-        """HKDF(volume key, info) in the scratch buffer, valid until _zero_scratch()."""
-        if self._scratch is None:
-            self._scratch = bytearray(crypto.SIV_KEY_SIZE)
-        view = memoryview(self._scratch)[:size]
-        crypto.hkdf_into(self.volume_key, info, view)
-        return view
-
-    def _zero_scratch(self) -> None:
-        if self._scratch is not None:
-            crypto.wipe(self._scratch)
-            self._scratch = None
 
     def add_kek(self, kek_version: int, kek: bytes | bytearray | memoryview) -> None:
         self.keks[kek_version] = self.arena.store(kek)
@@ -127,11 +161,9 @@ class _Material:
     def wipe(self) -> None:
         """Drop every cipher object (OpenSSL clears their keys) and zero the arena."""
         self.slot_ciphers.clear()
-        for name in (
-            "name_cipher", "symlink_cipher", "xattr_name_cipher", "binding_mac", "config_mac"
-        ):
-            setattr(self, name, None)
-        self.name_memo = NameMemo()  # plaintext names: not keys, but not kept either
+        for keys in self.epochs.values():
+            keys.wipe()
+        self.epochs.clear()
         self.keks.clear()
         self.arena.wipe()
 
@@ -148,10 +180,15 @@ class Keyring:
         self,
         config: VolumeConfig,
         keks: dict[int, bytes | bytearray],
-        volume_key: bytes | bytearray | memoryview,
+        volume_key: bytes | bytearray | memoryview | dict[int, bytes | bytearray],
     ) -> None:
+        """`volume_key`: the volume key (of the current epoch), or the keys by epoch."""
         self.volume_id = config.volume_id
         self.current_kek_version = config.current_kek
+        # KEK version -> the volume key epoch it wraps (1 without volume-key-epochs)
+        self._epoch_of = {v: config.epoch_of(v) for v in config.kek_versions}
+        if not isinstance(volume_key, dict):
+            volume_key = {config.current_epoch: volume_key}
         self._material: _Material | None = _Material(keks, volume_key)
         self._wiped_because: KeyAccessError | None = None
 
@@ -183,29 +220,51 @@ class Keyring:
     def restore(self, fresh: Keyring) -> None:
         self._material = fresh._live()
         self.current_kek_version = fresh.current_kek_version
+        self._epoch_of = dict(fresh._epoch_of)
         self._wiped_because = None
         fresh._material = None  # one owner: closing `fresh` must not wipe our keys
         fresh._wiped_because = KeyAccessError("these keys were handed over (restore)")
 
     @property
+    def current_epoch(self) -> int:
+        return self._epoch_of.get(self.current_kek_version, 1)
+
+    def epoch_keys(self, epoch: int | None = None) -> EpochKeys:
+        """The keys of volume key `epoch` (default: the current one)."""
+        keys = self._live().epochs.get(self.current_epoch if epoch is None else epoch)
+        if keys is None:
+            raise IntegrityError(f"volume key epoch {epoch} is not loaded")
+        return keys
+
+    def has_epoch(self, epoch: int) -> bool:
+        return epoch in self._live().epochs
+
+    def add_epoch(self, epoch: int, volume_key: bytes | bytearray) -> None:
+        """Learn a new volume key (reencrypt); used once a KEK version of it is current."""
+        material = self._live()
+        if epoch in material.epochs:
+            raise IntegrityError(f"volume key epoch {epoch} is loaded already")
+        material.epochs[epoch] = EpochKeys(material.arena, volume_key)
+
+    @property
     def name_cipher(self) -> crypto.SivCipher:
-        return self._live().name_cipher
+        return self.epoch_keys().name_cipher
 
     @property
     def name_memo(self) -> NameMemo:
-        return self._live().name_memo
+        return self.epoch_keys().name_memo
 
     @property
     def symlink_cipher(self) -> crypto.SivCipher:
-        return self._live().symlink_cipher
+        return self.epoch_keys().symlink_cipher
 
     @property
     def xattr_name_cipher(self) -> crypto.SivCipher:
-        return self._live().xattr_name_cipher
+        return self.epoch_keys().xattr_name_cipher
 
     @property
     def xattr_value_key(self) -> memoryview:
-        return self._live().xattr_value_key
+        return self.epoch_keys().xattr_value_key
 
     @classmethod
     def unlock(
@@ -221,7 +280,7 @@ class Keyring:
         WrongKey if a KEK does not unwrap the volume key (wrong key or edited parameters).
         """
         keks: dict[int, bytes | bytearray] = {}
-        volume_key: bytearray | None = None
+        volume_keys: dict[int, bytearray] = {}  # by epoch
         try:
             for number in sorted(config.kek_versions, key=lambda v: v != config.current_kek):
                 version = config.kek_versions[number]
@@ -235,41 +294,47 @@ class Keyring:
                         f"KEK version {number} does not open this volume "
                         "(wrong key, or the volume's parameters were altered)"
                     ) from None
-                if volume_key is not None:
-                    same = crypto.tags_equal(volume_key, unwrapped)
+                epoch = config.epoch_of(number)
+                known = volume_keys.get(epoch)
+                if known is not None:
+                    same = crypto.tags_equal(known, unwrapped)
                     crypto.wipe(unwrapped)
                     if not same:
-                        raise WrongKey(f"KEK version {number} unwraps a different volume key")
+                        raise WrongKey(
+                            f"KEK version {number} unwraps a different volume key than the "
+                            f"other versions of epoch {epoch}"
+                        )
                 elif len(unwrapped) != VOLUME_KEY_SIZE:
                     raise WrongKey(f"KEK version {number} unwraps a malformed volume key")
                 else:
-                    volume_key = unwrapped
-            assert volume_key is not None
-            return cls(config, keks, volume_key)  # takes the buffers over (zeroes them)
+                    volume_keys[epoch] = unwrapped
+            return cls(config, keks, dict(volume_keys))  # takes the buffers over (zeroes them)
         finally:
-            for buffer in (*keks.values(), volume_key):
+            for buffer in (*keks.values(), *volume_keys.values()):
                 if isinstance(buffer, bytearray):
                     crypto.wipe(buffer)
 
-    def config_mac(self, message: bytes) -> bytes:
-        """HMAC-SHA256 of a volume config body (docs/FORMAT.md section 2)."""
-        return self._live().config_mac.tag(message, 32)
+    def config_mac(self, message: bytes, epoch: int | None = None) -> bytes:
+        """HMAC-SHA256 of a volume config body (docs/FORMAT.md section 2), under the volume
+        key of `epoch`: the epoch of that config's current KEK version."""
+        return self.epoch_keys(epoch).config_mac.tag(message, 32)
 
     def journal_mac(self, message: bytes) -> bytes:
         """HMAC-SHA256 of a batch of the re-encryption journal (docs/FORMAT.md 9)."""
-        key = bytearray(crypto.KEY_SIZE)
-        try:
-            crypto.hkdf_into(self._live().volume_key, crypto.INFO_JOURNAL_MAC_KEY, key)
-            return crypto.Mac(key).tag(message, 32)
-        finally:
-            crypto.wipe(key)
+        return self.epoch_keys().journal_mac(message)
 
     def volume_key_check(self) -> bytes:
-        """A check value of the volume key: what the operator's trust store pins."""
-        return crypto.hkdf(self._live().volume_key, crypto.INFO_VOLUME_KEY_CHECK, 32)
+        """A check value of the current volume key: what the operator's trust store pins."""
+        return self.epoch_keys().check()
 
-    def wrap_volume_key(self, kek: bytes, aad: bytes) -> bytes:
-        return crypto.gcm_seal(kek, self._live().volume_key, aad)
+    def older_volume_key_checks(self) -> tuple[bytes, ...]:
+        """The check values of the other volume keys loaded (epochs a re-key leaves): the
+        trust store follows a volume from one of them to the current one."""
+        current = self.current_epoch
+        return tuple(k.check() for e, k in self._live().epochs.items() if e != current)
+
+    def wrap_volume_key(self, kek: bytes, aad: bytes, epoch: int | None = None) -> bytes:
+        return crypto.gcm_seal(kek, self.epoch_keys(epoch).volume_key, aad)
 
     def kek(self, kek_version: int) -> bytearray:
         """A copy of a loaded KEK (an offline command protects it again); the caller
@@ -293,9 +358,14 @@ class Keyring:
     def has_kek(self, kek_version: int) -> bool:
         return kek_version in self._live().keks
 
-    def add_kek(self, kek_version: int, kek: bytes | bytearray, make_current: bool) -> None:
-        """Learn a new KEK version (rotation); new DEKs use it at once if current. A
-        bytearray given is taken over (zeroed once copied)."""
+    def add_kek(
+        self, kek_version: int, kek: bytes | bytearray, make_current: bool,
+        epoch: int | None = None,
+    ) -> None:
+        """Learn a new KEK version (rotation); new DEKs use it at once if current. It wraps
+        the volume key of `epoch` (default: the current one). A bytearray given is taken
+        over (zeroed once copied)."""
+        self._epoch_of[kek_version] = self.current_epoch if epoch is None else epoch
         self._live().add_kek(kek_version, kek)
         if make_current:
             self.current_kek_version = kek_version
@@ -308,9 +378,18 @@ class Keyring:
             crypto.wipe(kek)
         for cache_key in [k for k in material.slot_ciphers if k[0] == kek_version]:
             del material.slot_ciphers[cache_key]
+        epoch = self._epoch_of.pop(kek_version, None)
+        if epoch is not None and epoch != self.current_epoch and (
+            epoch not in self._epoch_of.values()
+        ):
+            keys = material.epochs.pop(epoch, None)  # no version wraps it any more
+            if keys is not None:
+                keys.wipe()
+                crypto.wipe(keys.volume_key)
+                crypto.wipe(keys.xattr_value_key)
 
     def binding_tag(self, message: bytes) -> bytes:
-        return self._live().binding_mac.tag(message, BINDING_SIZE)
+        return self.epoch_keys().binding_tag(message)
 
     def slot_cipher(self, kek_version: int, file_id: bytes) -> crypto.AESGCM_:
         """The AES-GCM object that wraps the DEKs of `file_id` under `kek_version`."""

@@ -390,9 +390,15 @@ class Operator:
 
     # --- after the config authenticated ---------------------------------------------------
 
-    def accept(self, config: VolumeConfig, volume_key_check: bytes) -> None:
+    def accept(
+        self, config: VolumeConfig, volume_key_check: bytes, older_checks: tuple[bytes, ...] = ()
+    ) -> None:
         """Check the authentic config against what this host saw before, then remember it
-        (the volume key, the generation, the path, the providers that opened it)."""
+        (the volume key, the generation, the path, the providers that opened it).
+
+        `older_checks`: the volume keys of older epochs the config still wraps (a
+        `reencrypt` moving the volume to a new volume key): the pinned key may be one of
+        them, and the pin moves to the current one."""
         volume_id = config.volume_id.hex()
         with self.store.locked():
             entry = self.store.load(volume_id)
@@ -400,9 +406,10 @@ class Operator:
             check = volume_key_check.hex()
             if entry is None:
                 entry = TrustEntry(volume_id, check, 0, "", [], {})
-            elif not hmac.compare_digest(entry.volume_key_check, check) and not (
-                self.accept_rollback
-            ):
+            elif not any(
+                hmac.compare_digest(entry.volume_key_check, known.hex())
+                for known in (volume_key_check, *older_checks)
+            ) and not self.accept_rollback:
                 raise ConfigAuthError(
                     f"volume {volume_id} holds another volume key than the one this host "
                     "knows: refusing a substituted volume"
@@ -448,11 +455,13 @@ class Operator:
                 del entry.protectors[protector_id]
         return entry.to_json() != before
 
-    def record_written(self, config: VolumeConfig, volume_key_check: bytes) -> None:
+    def record_written(
+        self, config: VolumeConfig, volume_key_check: bytes, older_checks: tuple[bytes, ...] = ()
+    ) -> None:
         """After this process wrote generation N: raise the floor (best effort: a failure
         only weakens the replay check, so it is a warning, not a lost operation)."""
         try:
-            self.accept(config, volume_key_check)
+            self.accept(config, volume_key_check, older_checks)
         except (TrustStoreError, ConfigAuthError) as exc:
             log.warning("could not record the new volume config in the trust store: %s", exc)
 

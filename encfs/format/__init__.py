@@ -24,6 +24,10 @@ FEATURE_BOUND_NAMES = "bound-names"
 # All of an object's extended attributes in one sealed set (one backing xattr, or the
 # xattr store when too large), also on symlinks and special files: docs/FORMAT.md 5.4.2.
 FEATURE_XATTR_SETS = "xattr-sets"
+# Each KEK version records the epoch of the volume key it wraps (`volume_key_epoch`,
+# bound into the wrap): set by the first `reencrypt` that moves the volume to a new
+# volume key (docs/FORMAT.md 2.1, 9.2). Never set at init: only a re-key needs it.
+FEATURE_VK_EPOCHS = "volume-key-epochs"
 KNOWN_FEATURES = frozenset(
     {
         FEATURE_BLOCK_GCM,
@@ -33,6 +37,7 @@ KNOWN_FEATURES = frozenset(
         FEATURE_AUTH_CONFIG,
         FEATURE_BOUND_NAMES,
         FEATURE_XATTR_SETS,
+        FEATURE_VK_EPOCHS,
     }
 )
 DEFAULT_FEATURES = (

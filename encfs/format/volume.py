@@ -28,6 +28,7 @@ from typing import Any
 from encfs.errors import ConfigError, KeyRevoked, UnsupportedFormat
 from encfs.format import (
     FEATURE_AUTH_CONFIG,
+    FEATURE_VK_EPOCHS,
     FORMAT_NAME,
     FORMAT_VERSION,
     KNOWN_FEATURES,
@@ -42,6 +43,7 @@ CONFIG_MAC_SIZE = 32
 MAX_CONFIG_BYTES = 1 << 20
 MAX_RECORD_DEPTH = 4
 MAX_KEK_VERSION = 0xFFFF
+MAX_VOLUME_KEY_EPOCH = 0xFFFFFFFF
 # The longest rotation interval a policy may ask for (what `rotate-every` accepts).
 MAX_POLICY_SECONDS = 100 * 365 * 86400
 VOLUME_KEY_AAD_LABEL = b"EGWV"
@@ -102,15 +104,21 @@ class KekVersion:
     created: str
     wrapped_volume_key: bytes
     protectors: list[Protector] = field(default_factory=list)
+    # The epoch of the volume key this version wraps (feature volume-key-epochs); None
+    # on volumes without the feature, where every version wraps the one volume key.
+    volume_key_epoch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "version": self.version,
             "state": self.state,
             "created": self.created,
             "wrapped_volume_key": self.wrapped_volume_key.hex(),
             "protectors": [p.to_dict() for p in self.protectors],
         }
+        if self.volume_key_epoch is not None:
+            doc["volume_key_epoch"] = self.volume_key_epoch
+        return doc
 
 
 @dataclass
@@ -135,8 +143,10 @@ class VolumeConfig:
     # the volume; readers older than this field refuse it as an unknown field (exit 12).
     # Not a feature flag: features are bound into the wrapped volume key and stay.
     conversion: dict[str, Any] | None = None
-    # `encfs-gw reencrypt` has not finished: {"target": KEK version, "started": time}.
-    # Present from the moment version `target` (a new KEK) is current until every block
+    # `encfs-gw reencrypt` has not finished: {"target": KEK version, "started": time}, and
+    # with feature volume-key-epochs "from_epoch": the volume key epoch the names leave
+    # (absent: a pass that keeps the volume key, started by an older encfs-gw). Present
+    # from the moment version `target` (a new KEK) is current until every block
     # was re-encrypted under a fresh DEK wrapped under it, and the journal of the pass
     # (docs/FORMAT.md section 9) exists only meanwhile. Nothing but `reencrypt` opens
     # the volume; readers older than this field refuse it as an unknown field (exit 12).
@@ -171,23 +181,52 @@ class VolumeConfig:
         ).encode()
         return hashlib.sha256(canonical).digest()
 
-    def volume_key_aad(self, kek_version: int) -> bytes:
-        return VOLUME_KEY_AAD_LABEL + self.params_digest() + struct.pack(">H", kek_version)
+    @property
+    def epochs(self) -> bool:
+        """Feature volume-key-epochs: KEK versions may wrap different volume keys."""
+        return FEATURE_VK_EPOCHS in self.features
+
+    def epoch_of(self, kek_version: int) -> int:
+        """The volume key epoch KEK version `kek_version` wraps (1 without the feature)."""
+        epoch = self.kek_versions[kek_version].volume_key_epoch
+        return 1 if epoch is None else epoch
+
+    @property
+    def current_epoch(self) -> int:
+        """The epoch of the current volume key: names, bindings and the config MAC."""
+        return self.epoch_of(self.current_kek)
+
+    def volume_key_aad(self, kek_version: int, epoch: int | None = None) -> bytes:
+        """The AAD of the volume key wrapped under `kek_version`; with volume-key-epochs
+        it ends with the epoch (default: the version's, or the current one for a version
+        not in the config yet)."""
+        aad = VOLUME_KEY_AAD_LABEL + self.params_digest() + struct.pack(">H", kek_version)
+        if not self.epochs:
+            return aad
+        if epoch is None:
+            known = kek_version in self.kek_versions
+            epoch = self.epoch_of(kek_version) if known else self.current_epoch
+        return aad + struct.pack(">I", epoch)
 
     def provider_binding(self, kek_version: int) -> bytes:
         return PROVIDER_BINDING_LABEL + self.volume_id + struct.pack(">H", kek_version)
 
     def add_current_version(
-        self, version: int, wrapped_volume_key: bytes, protectors: list[Protector]
+        self, version: int, wrapped_volume_key: bytes, protectors: list[Protector],
+        epoch: int | None = None,
     ) -> str:
-        """A new active KEK version, made current (rotate, reencrypt); its creation time."""
+        """A new active KEK version, made current (rotate, reencrypt); its creation time.
+        With volume-key-epochs it wraps `epoch` (default: the current one)."""
         created = now_utc()
+        if self.epochs and epoch is None:
+            epoch = self.current_epoch
         self.kek_versions[version] = KekVersion(
             version=version,
             state="active",
             created=created,
             wrapped_volume_key=wrapped_volume_key,
             protectors=protectors,
+            volume_key_epoch=epoch if self.epochs else None,
         )
         self.current_kek = version
         return created
@@ -343,6 +382,11 @@ class VolumeConfig:
             ids = [p.id for p in version.protectors]
             if len(set(ids)) != len(ids):
                 raise ConfigError(f"KEK version {number} lists a protector twice")
+            if (version.volume_key_epoch is not None) != self.epochs:
+                raise ConfigError(
+                    f"KEK version {number}: volume_key_epoch goes with feature "
+                    f"{FEATURE_VK_EPOCHS} (every version has it, or none)"
+                )
         if self.kek_versions[self.current_kek].state != "active":
             raise ConfigError("the current KEK version is not active")
         if self.rotation is not None and self.rotation.get("target") != self.current_kek:
@@ -353,6 +397,15 @@ class VolumeConfig:
             raise ConfigError(
                 "volume config: a re-encryption must target the current KEK version, with no "
                 "rotation beside it"
+            )
+        if self.reencrypt is not None and "from_epoch" in self.reencrypt and (
+            not self.epochs
+            or self.reencrypt["from_epoch"] >= self.current_epoch
+            or self.reencrypt["from_epoch"] not in {self.epoch_of(v) for v in self.kek_versions}
+        ):
+            raise ConfigError(
+                "volume config: a re-encryption's from_epoch must be an older volume key "
+                "epoch one of its KEK versions wraps"
             )
 
 
@@ -454,7 +507,7 @@ def _kek_version(entry: Any, authenticated: bool) -> KekVersion:
     if not isinstance(entry, dict):
         raise ConfigError("volume config: a KEK version entry is not an object")
     expected = {"version", "state", "created", "wrapped_volume_key", "protectors"}
-    if set(entry) != expected:
+    if set(entry) - {"volume_key_epoch"} != expected:
         raise ConfigError(f"volume config: a KEK version entry must hold {sorted(expected)}")
     number = _int_field(entry, "version", 1, MAX_KEK_VERSION, "kek.versions[].version")
     where = f"KEK version {number}"
@@ -475,6 +528,11 @@ def _kek_version(entry: Any, authenticated: bool) -> KekVersion:
             entry, "wrapped_volume_key", 12 + VOLUME_KEY_SIZE + 16, f"{where} wrapped_volume_key"
         ),
         protectors=protectors,
+        volume_key_epoch=(
+            _int_field(entry, "volume_key_epoch", 1, MAX_VOLUME_KEY_EPOCH,
+                       f"{where} volume_key_epoch")
+            if "volume_key_epoch" in entry else None
+        ),
     )
 
 
@@ -527,10 +585,14 @@ def _rotation(value: Any) -> dict[str, Any] | None:
 def _reencrypt(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) != {"target", "started"}:
-        raise ConfigError('volume config: reencrypt must be {"target": N, "started": TIME}')
+    if not isinstance(value, dict) or set(value) - {"from_epoch"} != {"target", "started"}:
+        raise ConfigError(
+            'volume config: reencrypt must be {"target": N, "started": TIME[, "from_epoch": E]}'
+        )
     _int_field(value, "target", 1, MAX_KEK_VERSION, "reencrypt.target")
     _time_field(value, "started", "reencrypt.started")
+    if "from_epoch" in value:
+        _int_field(value, "from_epoch", 1, MAX_VOLUME_KEY_EPOCH, "reencrypt.from_epoch")
     return dict(value)
 
 
