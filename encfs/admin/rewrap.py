@@ -61,8 +61,35 @@ def _crash_after() -> int | None:
     return int(value) if value else None
 
 
+class PassTiming:
+    """Elapsed time, ETA and the JSON form of a pass's stats (a dataclass with `started`
+    and the counters `_progress` names): re-wrap and re-encrypt."""
+
+    started: float
+
+    def _progress(self) -> tuple[int, int]:
+        return self.files_done, self.files_total  # type: ignore[attr-defined]
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def eta_seconds(self) -> float | None:
+        done, total = self._progress()
+        if not done or not total:
+            return None
+        return self.elapsed() * (total - done) / done
+
+    def as_dict(self) -> dict:
+        data = asdict(self)  # type: ignore[call-overload]
+        data.pop("started")
+        data["elapsed"] = round(self.elapsed(), 3)
+        eta = self.eta_seconds()
+        data["eta"] = None if eta is None else round(eta, 1)
+        return data
+
+
 @dataclass
-class PassStats:
+class PassStats(PassTiming):
     target: int
     files_total: int = 0
     files_done: int = 0
@@ -72,26 +99,11 @@ class PassStats:
     unreadable_slots: int = 0
     started: float = field(default_factory=time.monotonic)
 
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def eta_seconds(self) -> float | None:
-        if not self.files_done or not self.files_total:
-            return None
-        return self.elapsed() * (self.files_total - self.files_done) / self.files_done
-
-    def as_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("started")
-        data["elapsed"] = round(self.elapsed(), 3)
-        eta = self.eta_seconds()
-        data["eta"] = None if eta is None else round(eta, 1)
-        return data
-
 
 # --- walking the volume --------------------------------------------------------------------
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
 PREFETCH_FILES = 64  # files whose key areas are asked for ahead of the pass
 
 
@@ -112,7 +124,8 @@ def _data_dirs(volume: Volume) -> Iterator[tuple[int, list[str]]]:
     """(directory fd, names of its regular data files) for every backing directory, depth
     first. Only the current directory and its ancestors are open; each fd is valid until
     the consumer asks for the next directory."""
-    root = os.dup(volume.root_fd)
+    # O_NOATIME: a pass reads, it does not use the files (their times stay the owner's)
+    root = os.open(".", _DIR_FLAGS, dir_fd=volume.root_fd)
     try:
         files, subdirs = _listing(root)
     except BaseException:
@@ -129,9 +142,7 @@ def _data_dirs(volume: Volume) -> Iterator[tuple[int, list[str]]]:
                 os.close(dir_fd)
                 continue
             try:
-                child = os.open(
-                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
-                )
+                child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
             except FileNotFoundError:
                 continue  # removed meanwhile (online)
             try:
@@ -161,7 +172,7 @@ def data_files(
     (POSIX_FADV_WILLNEED) before they are needed: on a cold cache the pass is bound by one
     small random read per group, and queued reads overlap where one-at-a-time reads wait.
     """
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
     for dir_fd, names in _data_dirs(volume):
         for first in range(0, len(names), PREFETCH_FILES):
             batch: list[tuple[int, int]] = []

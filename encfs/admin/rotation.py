@@ -26,6 +26,35 @@ log = logging.getLogger(__name__)
 # --- starting and finishing ----------------------------------------------------------------
 
 
+def protect_like(
+    volume: Volume, protectors: list[Protector], kek: bytes, binding: bytes
+) -> list[Protector]:
+    """A new KEK protected by the providers of `protectors` (same ids and kinds): every
+    one must be vouched for by the operator, or nothing is protected."""
+    providers = [(p, volume.operator.provider(p)) for p in protectors]
+    try:
+        return [
+            Protector(protector.id, protector.kind, provider.protect(kek, binding))
+            for protector, provider in providers
+        ]
+    finally:
+        for _, provider in providers:
+            provider.close()
+
+
+def made_current(
+    volume: Volume, config: VolumeConfig, target: int, kek: bytes,
+    protectors: list[Protector], event: str, epoch: int | None = None,
+) -> None:
+    """After the config naming KEK version `target` is on disk (only then may a DEK be
+    wrapped under it): the keyring uses it for new DEKs; the audit trail says so."""
+    volume.keyring.add_kek(target, kek, make_current=True, epoch=epoch)
+    volume.config = config
+    for protector in protectors:
+        volume.audit.event("wrap", kek_version=target, provider=protector.kind, outcome="ok")
+    volume.audit.event(event, target=target)
+
+
 def start_rotation(volume: Volume) -> int:
     """Make KEK version N+1 current (protected like version N), or resume a started one.
 
@@ -47,28 +76,13 @@ def start_rotation(volume: Volume) -> int:
         target = max(config.kek_versions) + 1
         if target > 0xFFFF:
             raise UsageError("no KEK version numbers left (65535 rotations)")
-        providers = [(p, volume.operator.provider(p)) for p in current.protectors]
         kek = crypto.random_key()
-        binding = config.provider_binding(target)
-        protectors = []
-        try:
-            for protector, provider in providers:
-                protectors.append(
-                    Protector(protector.id, protector.kind, provider.protect(kek, binding))
-                )
-        finally:
-            for _, provider in providers:
-                provider.close()
+        protectors = protect_like(volume, current.protectors, kek, config.provider_binding(target))
         created = config.add_current_version(
             target, volume.keyring.wrap_volume_key(kek, config.volume_key_aad(target)), protectors
         )
         config.rotation = {"target": target, "started": created}
-    # Only once the config naming version `target` is on disk may a DEK be wrapped under it.
-    volume.keyring.add_kek(target, kek, make_current=True)
-    volume.config = config
-    for protector in protectors:
-        volume.audit.event("wrap", kek_version=target, provider=protector.kind, outcome="ok")
-    volume.audit.event("rotation_start", target=target)
+    made_current(volume, config, target, kek, protectors, "rotation_start")
     log.info("KEK version %d is current; re-wrapping DEKs", target)
     return target
 

@@ -146,6 +146,13 @@ def file_id(path: Path) -> bytes:
     return FileHeader.unpack(path.read_bytes()[:HEADER_SIZE]).file_id
 
 
+def path_of(backing: Path, fid: bytes) -> Path:
+    """The backing file with this file id (a pass gives every entry a new backing name)."""
+    (path,) = [p for p in backing_files(backing) if p.stat().st_size >= HEADER_SIZE
+               and file_id(p) == fid]
+    return path
+
+
 def slot_versions(backing: Path) -> dict[int, int]:
     counts: dict[int, int] = {}
     for path in backing_files(backing):
@@ -174,7 +181,9 @@ def make_volume(tmp_path: Path, seed: int, big_mib: int = 3) -> tuple[CliVolume,
 
 def test_every_block_gets_a_fresh_dek_under_a_new_kek_version(tmp_path):
     volume, files = make_volume(tmp_path, seed=1, big_mib=24)
-    before = {path: blocks_of(path) for path in backing_files(volume.backing)}
+    # by file id: the pass gives every entry a new backing name (the new volume key)
+    before = {file_id(path): blocks_of(path) for path in backing_files(volume.backing)
+              if path.stat().st_size}
     assert slot_versions(volume.backing) == {1: sum(len(b) for b in before.values())}
     result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--json")
     assert result.returncode == 0, result.stderr
@@ -190,9 +199,11 @@ def test_every_block_gets_a_fresh_dek_under_a_new_kek_version(tmp_path):
     progress = [line["progress"] for line in lines if "progress" in line]
     assert {"files_done", "bytes_done", "bytes_total", "rate_mib_s", "eta"} <= set(progress[-1])
     # every block's record changed (new DEK, new nonce) and every key slot is version 2
-    for path, blocks_before in before.items():
-        after = blocks_of(path)
-        assert sorted(after) == sorted(blocks_before), path  # holes stayed holes
+    now = {file_id(path): path for path in backing_files(volume.backing) if path.stat().st_size}
+    assert sorted(now) == sorted(before)
+    for fid, blocks_before in before.items():
+        after = blocks_of(now[fid])
+        assert sorted(after) == sorted(blocks_before), fid  # holes stayed holes
         for index, (key, record) in after.items():
             _, old_record = blocks_before[index]
             assert record != old_record and record[:NONCE_SIZE] != old_record[:NONCE_SIZE]
@@ -320,8 +331,10 @@ def test_a_block_that_cannot_be_read_keeps_its_old_dek_and_version(tmp_path):
         byte = f.read(1)
         f.seek(at)
         f.write(bytes([byte[0] ^ 1]))
+    fid = file_id(path)
     result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--purge-old", "--json")
     assert result.returncode == 1, result.stderr
+    path = path_of(volume.backing, fid)
     summary = json.loads(result.stdout.splitlines()[-1])
     assert not summary["done"] and summary["unreadable_blocks"] == 1
     assert summary["still_needed"] == [1] and summary["purged"] == []
@@ -352,8 +365,10 @@ def test_a_file_cut_inside_a_key_area_is_not_grown(tmp_path):
     volume, _ = make_volume(tmp_path, seed=10, big_mib=1)
     path = next(p for p in backing_files(volume.backing) if len(blocks_of(p)) > 40)
     os.truncate(path, LAYOUT.group_start(1) + 100)
+    fid = file_id(path)
     result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--json")
     assert result.returncode == 1, result.stderr
+    path = path_of(volume.backing, fid)
     assert "ends inside the key area of group 1" in result.stderr
     assert os.path.getsize(path) == LAYOUT.group_start(1) + 100
     summary = json.loads(result.stdout.splitlines()[-1])

@@ -84,7 +84,13 @@ SAME_LAYER: dict[str, set[str]] = {
     # and keyslots
     "admin.fsck": {"admin.quarantine"},
     "admin.rotation": {"admin.rewrap"},  # the pass it drives
-    "admin.reencrypt": {"admin.rewrap"},  # the census of DEKs per KEK version
+    # reencrypt drives its passes: the census, and a new KEK version made as rotate does
+    "admin.reencrypt": {
+        "admin.rewrap", "admin.rotation", "admin.reencrypt_data", "admin.reencrypt_journal",
+        "admin.reencrypt_names",
+    },
+    "admin.reencrypt_data": {"admin.rewrap", "admin.reencrypt_journal"},  # timing; journal
+    "admin.reencrypt_names": {"admin.reencrypt_journal"},  # the crash hook
     "admin.status": {"admin.keyslots", "admin.rotation"},
     # fuse/: the handlers translate errors through the table and hand fsync to the
     # syncer (test_fuse_adapter_imports_only_the_engine_and_errors)

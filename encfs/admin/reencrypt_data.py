@@ -1,0 +1,497 @@
+"""The data pass of `encfs-gw reencrypt` (layer L5): every block of every backing data file
+decrypted and sealed again under a fresh DEK wrapped under the pass's KEK version, group
+by group, through the journal (encfs.admin.reencrypt_journal; docs/FORMAT.md 9).
+
+Walk: every backing data file, depth first by directory handles (only the current
+directory and its ancestors are open). Groups are gathered into batches of at most
+BATCH_BYTES of journal; each batch is written to the journal (MACed, fsynced, renamed
+into place), then in place (per group: key area with old and new slots, the new block
+records, the key area with only the new slots), the batch's files synced (fdatasync),
+and the journal removed. A kill inside a multi-page pwrite of block records (FORMAT.md
+4) is repaired by replaying the journal on the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from encfs import crypto
+from encfs.admin.reencrypt_journal import (
+    BATCH_BYTES,
+    BATCH_GROUPS,
+    JOURNAL_DIR,
+    JOURNAL_FILE,
+    JOURNAL_TEMP,
+    GroupEntry,
+    crash_at,
+    decode_journal,
+    encode_journal,
+    read_all,
+)
+from encfs.admin.rewrap import PassTiming
+from encfs.engine import Volume
+from encfs.errors import IntegrityError
+from encfs.format import names as fnames
+from encfs.format.blocks import (
+    BLOCKS_PER_GROUP,
+    EMPTY_SLOT,
+    HEADER_SIZE,
+    KEY_AREA_SIZE,
+    KEY_RECORD_FIELDS,
+    KEY_RECORD_SIZE,
+    NONCE_SIZE,
+    RECORD_OVERHEAD,
+    SLOT_SEALED,
+    SLOT_SIZE,
+    FileHeader,
+    block_aad,
+    slot_aad,
+    slot_candidates,
+)
+
+log = logging.getLogger(__name__)
+
+# O_NOATIME: the pass reads and rewrites, it does not use the files; their times stay the
+# owner's (mtime is put back after each batch: a re-encryption is no change of content)
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
+FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
+
+
+@dataclass
+class ReencryptStats(PassTiming):
+    target: int
+    files_total: int = 0
+    files_done: int = 0
+    bytes_total: int = 0  # plaintext bytes of every file (holes included)
+    bytes_done: int = 0  # plaintext bytes of the files done
+    blocks_reencrypted: int = 0
+    bytes_reencrypted: int = 0  # plaintext bytes decrypted and sealed again
+    bytes_written: int = 0  # to the backing store: journal and in place
+    batches: int = 0
+    journal_peak_bytes: int = 0
+    unreadable_blocks: int = 0
+    stale_records_cleared: int = 0
+    replayed_groups: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def _progress(self) -> tuple[int, int]:
+        return self.bytes_done, self.bytes_total
+
+    def rate_mib_s(self) -> float:
+        elapsed = self.elapsed()
+        return self.bytes_reencrypted / 1048576 / elapsed if elapsed > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = super().as_dict()
+        data["rate_mib_s"] = round(self.rate_mib_s(), 2)
+        return data
+
+
+def _listing(dir_fd: int) -> tuple[list[str], list[str]]:
+    with os.scandir(dir_fd) as listing:
+        entries = [e for e in listing if fnames.classify(e.name) != "reserved"]
+    return (
+        sorted(e.name for e in entries if e.is_file(follow_symlinks=False)),
+        sorted(e.name for e in entries if e.is_dir(follow_symlinks=False)),
+    )
+
+
+def data_files(root_fd: int) -> Iterator[tuple[str, int, int]]:
+    """(backing path relative to the root, dir fd, name) of every regular data file,
+    depth first; only the current directory and its ancestors are open."""
+    stack: list[tuple[str, int, Iterator[str]]] = []
+    root = os.open(".", DIR_FLAGS, dir_fd=root_fd)
+    try:
+        files, subdirs = _listing(root)
+        stack.append(("", root, iter(subdirs)))
+        for name in files:
+            yield name, root, name
+        while stack:
+            prefix, dir_fd, pending = stack[-1]
+            name = next(pending, None)
+            if name is None:
+                stack.pop()
+                os.close(dir_fd)
+                continue
+            child = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                files, subdirs = _listing(child)
+            except BaseException:
+                os.close(child)
+                raise
+            path = f"{prefix}{name}/"
+            stack.append((path, child, iter(subdirs)))
+            for file_name in files:
+                yield path + file_name, child, file_name
+    finally:
+        for _, dir_fd, _ in stack:
+            os.close(dir_fd)
+
+
+
+class ReencryptPass:
+    """The offline pass toward KEK version `target` (the volume lock is held)."""
+
+    def __init__(self, volume: Volume, target: int) -> None:
+        self.volume = volume
+        self.target = target
+        self.stats = ReencryptStats(target=target)
+        self.layout = volume.layout
+        self.volume_id = volume.config.volume_id
+        self._crash = crash_at()
+        self._batch: list[GroupEntry] = []
+        self._batch_bytes = 0
+        self._fds: dict[str, int] = {}  # the batch's files, by path
+        self._times: dict[str, tuple[int, int]] = {}  # ... their atime and mtime before
+        self._inodes: set[tuple[int, int]] = set()  # ... and by (st_dev, st_ino)
+        self._unreadable_seen: set[tuple[int, int, int]] = set()
+        self._sequence = 0
+
+    # journal I/O
+    def _journal_dir(self, create: bool) -> int | None:
+        root = self.volume.root_fd
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(JOURNAL_DIR, 0o700, dir_fd=root)
+        try:
+            return os.open(
+                JOURNAL_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=root,
+            )
+        except FileNotFoundError:
+            return None
+
+    def replay(self) -> int:
+        """Apply the journal a killed run left (if authentic), then remove it. Returns
+        the groups replayed."""
+        dir_fd = self._journal_dir(create=False)
+        if dir_fd is None:
+            return 0
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(JOURNAL_TEMP, dir_fd=dir_fd)  # never committed: nothing applied
+            try:
+                data = read_all(dir_fd, JOURNAL_FILE)
+            except FileNotFoundError:
+                return 0
+            entries = decode_journal(data, self.target, self.volume.keyring.journal_mac)
+            replayed = 0
+            if entries is None:
+                log.warning("reencrypt: discarding a journal that does not verify")
+            else:
+                fds: dict[str, int] = {}
+                times: dict[int, tuple[int, int]] = {}
+                try:
+                    for entry in entries:
+                        fd = self._open_for(entry, fds)
+                        if fd is not None and fd not in times:  # as found (the owner's,
+                            st = os.fstat(fd)  # unless the kill came after a write)
+                            times[fd] = (st.st_atime_ns, st.st_mtime_ns)
+                        if fd is not None and self._apply(fd, entry, replay=True):
+                            replayed += 1
+                    for fd in fds.values():
+                        os.fdatasync(fd)
+                        os.utime(fd, ns=times[fd])
+                finally:
+                    for fd in fds.values():
+                        os.close(fd)
+            os.unlink(JOURNAL_FILE, dir_fd=dir_fd)
+            os.fsync(dir_fd)
+            self.stats.replayed_groups += replayed
+            return replayed
+        finally:
+            os.close(dir_fd)
+
+    def _open_for(self, entry: GroupEntry, fds: dict[str, int]) -> int | None:
+        fd = fds.get(entry.path)
+        if fd is None:
+            try:
+                fd = os.open(entry.path, FILE_FLAGS,
+                             dir_fd=self.volume.root_fd)
+            except OSError as exc:
+                log.warning("reencrypt: journal names %r, which cannot be opened: %s",
+                            entry.path, exc.strerror)
+                return None
+            fds[entry.path] = fd
+        st = os.fstat(fd)
+        header = os.pread(fd, HEADER_SIZE, 0)
+        if (st.st_dev, st.st_ino) != (entry.dev, entry.ino) or len(header) < HEADER_SIZE or (
+            header[8:24] != entry.file_id
+        ):
+            log.warning("reencrypt: journal entry for %r names another file: skipped", entry.path)
+            return None
+        return fd
+
+    def _apply(self, fd: int, entry: GroupEntry, replay: bool) -> bool:
+        """Write one group in place: key area with both slots, block records, key area
+        with the new slots. On replay only if every slot now is the one of the pre-image,
+        of the both-slots area or of the final area (what this pass's own writes, torn
+        at any 64-byte boundary, can leave): a journal never rolls back another write."""
+        offset = self.layout.group_start(entry.group)
+        if replay:
+            now = os.pread(fd, KEY_AREA_SIZE, offset).ljust(KEY_AREA_SIZE, b"\0")
+            for start in range(0, KEY_AREA_SIZE, SLOT_SIZE):
+                piece = now[start : start + SLOT_SIZE]
+                if piece not in (
+                    entry.before[start : start + SLOT_SIZE],
+                    entry.both[start : start + SLOT_SIZE],
+                    entry.final[start : start + SLOT_SIZE],
+                ):
+                    log.warning(
+                        "reencrypt: group %d of %r changed since its journal entry: skipped",
+                        entry.group, entry.path,
+                    )
+                    return False
+        stats = self.stats
+        os.pwrite(fd, entry.both, offset)
+        for index, (first, records) in enumerate(entry.runs):
+            where = self.layout.record_offset(first)
+            if not replay and index == 0 and self._crash_step("torn"):
+                os.pwrite(fd, records[: len(records) // 2], where)
+                self._die()
+            os.pwrite(fd, records, where)
+            stats.bytes_written += len(records)
+        os.pwrite(fd, entry.final, offset)
+        stats.bytes_written += 2 * KEY_AREA_SIZE
+        return True
+
+    def _commit(self) -> None:
+        """The batch: journal (fsynced, renamed into place), in place, sync, no journal."""
+        if not self._batch:
+            return
+        self._sequence += 1
+        self.stats.batches += 1
+        data = encode_journal(
+            self.target, self._sequence, self._batch, self.volume.keyring.journal_mac
+        )
+        dir_fd = self._journal_dir(create=True)
+        assert dir_fd is not None
+        try:
+            fd = os.open(JOURNAL_TEMP, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.stats.bytes_written += len(data)
+            self.stats.journal_peak_bytes = max(self.stats.journal_peak_bytes, len(data))
+            if self._crash_step("journal-temp"):
+                self._die()
+            os.rename(JOURNAL_TEMP, JOURNAL_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)
+            if self._crash_step("journal"):
+                self._die()
+            for entry in self._batch:
+                self._apply(self._fds[entry.path], entry, replay=False)
+            # the batch's files only (not syncfs: the backing filesystem may be shared);
+            # their sizes do not change, so fdatasync makes the writes durable
+            for path, fd in self._fds.items():
+                os.fdatasync(fd)
+                os.utime(fd, ns=self._times[path])
+            if self._crash_step("in-place"):
+                self._die()
+            os.unlink(JOURNAL_FILE, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._batch, self._batch_bytes = [], 0
+        self._close_batch_files()
+
+    def started(self) -> None:
+        """The test hook "started": right after the config recorded the pass."""
+        if self._crash is not None and self._crash[1] == "started":
+            self._die()
+
+    def _crash_step(self, step: str) -> bool:
+        return self._crash is not None and self._crash == (self._sequence, step)
+
+    def _die(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    # the walk
+    def count(self) -> None:
+        for _, dir_fd, name in data_files(self.volume.root_fd):
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                self.stats.files_total += 1
+                self.stats.bytes_total += self.layout.plain_size(st.st_size)
+
+    def steps(self) -> Iterator[ReencryptStats]:
+        """Re-encrypt every file; yields after every file (and every batch)."""
+        self.count()
+        try:
+            for path, dir_fd, name in data_files(self.volume.root_fd):
+                fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+                try:
+                    st = os.fstat(fd)
+                    if (st.st_dev, st.st_ino) in self._inodes:
+                        # another name of a file in this batch: its groups are written
+                        # first (one journal entry per group and batch, never two)
+                        self._commit()
+                    for entry in self._file(path, fd, st):
+                        size = entry.size()
+                        if self._batch and (
+                            self._batch_bytes + size > BATCH_BYTES
+                            or len(self._batch) >= BATCH_GROUPS
+                        ):
+                            self._commit()
+                            yield self.stats
+                        if entry.path not in self._fds:
+                            self._fds[entry.path] = os.dup(fd)
+                            self._times[entry.path] = (st.st_atime_ns, st.st_mtime_ns)
+                            self._inodes.add((st.st_dev, st.st_ino))
+                        self._batch.append(entry)
+                        self._batch_bytes += size
+                finally:
+                    os.close(fd)
+                self.stats.files_done += 1
+                self.stats.bytes_done += self.layout.plain_size(st.st_size)
+                yield self.stats
+            self._commit()
+            yield self.stats
+        finally:
+            self._close_batch_files()
+
+    def _close_batch_files(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds, self._inodes, self._times = {}, set(), {}
+
+    def _file(self, path: str, fd: int, st: os.stat_result) -> Iterator[GroupEntry]:
+        """The groups of one file that need re-encrypting, as journal entries."""
+        head = os.pread(fd, HEADER_SIZE, 0)
+        if len(head) < HEADER_SIZE:
+            return  # empty: no keys
+        try:
+            file_id = FileHeader.unpack(head).file_id
+        except IntegrityError:
+            self._unreadable(st, -1)
+            log.warning("reencrypt: %r has a bad header: left as it is (fsck reports it)", path)
+            return
+        plain_size = self.layout.plain_size(st.st_size)
+        group = 0
+        while (offset := self.layout.group_start(group)) < st.st_size:
+            area = os.pread(fd, KEY_AREA_SIZE, offset)
+            entry = self._group(path, fd, st, file_id, group, area, plain_size)
+            if entry is not None:
+                yield entry
+            group += 1
+
+    def _group(
+        self, path: str, fd: int, st: os.stat_result, file_id: bytes, group: int, area: bytes,
+        plain_size: int,
+    ) -> GroupEntry | None:
+        layout, target, keyring = self.layout, self.target, self.volume.keyring
+        if len(area) < KEY_AREA_SIZE:
+            # a file cut inside a key area (damage: no write of encfs-gw leaves one): no
+            # block of the group has data, and a write here would grow the file
+            self._unreadable(st, group * BLOCKS_PER_GROUP)
+            log.warning("reencrypt: %r ends inside the key area of group %d: left as it is",
+                        path, group)
+            return None
+        both, final = bytearray(area), bytearray(area)
+        blocks_in_file = -(-plain_size // layout.block_size)
+        changed: dict[int, bytes] = {}
+        wrap = keyring.slot_cipher(target, file_id)
+        for position, fields in enumerate(KEY_RECORD_FIELDS.iter_unpack(area)):
+            index = group * BLOCKS_PER_GROUP + position
+            candidates = slot_candidates(fields)
+            if not candidates:
+                if candidates is None:
+                    self._unreadable(st, index)
+                    log.warning("reencrypt: %r block %d: malformed key record", path, index)
+                continue
+            if len(candidates) == 1 and candidates[0][1] == target:
+                continue  # done already (by an earlier run, or the other name of a link)
+            base = position * KEY_RECORD_SIZE
+            if index >= blocks_in_file:  # past the end: what a torn truncate left
+                final[base : base + KEY_RECORD_SIZE] = bytes(KEY_RECORD_SIZE)
+                both[base : base + KEY_RECORD_SIZE] = bytes(KEY_RECORD_SIZE)
+                self.stats.stale_records_cleared += 1
+                continue
+            plain_length = layout.block_plain_length(index, plain_size)
+            record = os.pread(fd, plain_length + RECORD_OVERHEAD, layout.record_offset(index))
+            opened = self._open_block(file_id, index, candidates, record)
+            if opened is None:
+                self._unreadable(st, index)
+                log.warning("reencrypt: %r block %d opens under no key slot: left as it is",
+                            path, index)
+                continue
+            valid_position, generation, plaintext = opened
+            dek = crypto.random_secret()
+            try:
+                nonce = crypto.random_nonce()
+                sealed = crypto.AESGCM_(dek).encrypt(
+                    nonce, plaintext, block_aad(self.volume_id, file_id, index)
+                )
+                new_generation = (generation + 1) & 0xFF
+                slot_nonce = crypto.random_nonce()
+                slot = SLOT_SEALED.pack(
+                    target, new_generation, 0, slot_nonce,
+                    wrap.encrypt(slot_nonce, dek,
+                                 slot_aad(self.volume_id, file_id, index, target, new_generation)),
+                )
+            finally:
+                crypto.wipe(dek)
+                crypto.wipe(plaintext)
+            free = base + (1 - valid_position) * SLOT_SIZE
+            both[free : free + SLOT_SIZE] = slot
+            final[base : base + KEY_RECORD_SIZE] = (
+                slot + EMPTY_SLOT if valid_position else EMPTY_SLOT + slot
+            )
+            changed[index] = nonce + sealed
+            self.stats.blocks_reencrypted += 1
+            self.stats.bytes_reencrypted += plain_length
+        if not changed and final == area:
+            return None
+        runs: list[tuple[int, bytes]] = []
+        for index in sorted(changed):
+            if runs and runs[-1][0] + self._blocks_in(runs[-1][1]) == index:
+                runs[-1] = (runs[-1][0], runs[-1][1] + changed[index])
+            else:
+                runs.append((index, changed[index]))
+        return GroupEntry(path, st.st_dev, st.st_ino, file_id, group, area, bytes(both),
+                          bytes(final), runs)
+
+    def _unreadable(self, st: os.stat_result, index: int) -> None:
+        """Counted once per block (a hard-linked file is met under each of its names)."""
+        self._unreadable_seen.add((st.st_dev, st.st_ino, index))
+        self.stats.unreadable_blocks = len(self._unreadable_seen)
+
+    def _blocks_in(self, records: bytes) -> int:
+        # only the file's last block is short, and nothing follows it in a run
+        return -(-len(records) // self.layout.record_size)
+
+    def _open_block(
+        self, file_id: bytes, index: int, candidates: tuple, record: bytes
+    ) -> tuple[int, int, bytearray] | None:
+        """(slot position, generation, plaintext) under the newest slot that opens it."""
+        aad = block_aad(self.volume_id, file_id, index)
+        for position, version, generation, nonce, sealed in candidates:
+            dek = bytearray(crypto.KEY_SIZE)
+            try:
+                self.volume.keyring.slot_cipher(version, file_id).decrypt_into(
+                    nonce, sealed, slot_aad(self.volume_id, file_id, index, version, generation),
+                    dek,
+                )
+                plaintext = bytearray(len(record) - RECORD_OVERHEAD)
+                crypto.AESGCM_(dek).decrypt_into(
+                    record[:NONCE_SIZE], record[NONCE_SIZE:], aad, plaintext
+                )
+                return position, generation, plaintext
+            except (crypto.InvalidTag_, IntegrityError, ValueError):
+                continue
+            finally:
+                crypto.wipe(dek)
+        return None
+
+

@@ -1,0 +1,146 @@
+"""The journal of `encfs-gw reencrypt`'s data pass (layer L5; docs/FORMAT.md 9): one batch
+of groups (key areas before, with both slots, after; the new block records), MACed under
+the current volume key, written before anything in place, replayed after a kill.
+
+Also the pass's test-only crash hook (ENCFS_TESTONLY_REENCRYPT_CRASH_AT), read here only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from encfs.format import names as fnames
+from encfs.format.blocks import KEY_AREA_SIZE
+
+JOURNAL_DIR = fnames.REENCRYPT_DIR
+JOURNAL_FILE = "journal"
+JOURNAL_TEMP = "journal.new"
+# A batch closes before its entries would pass this size (or BATCH_GROUPS groups): the
+# extra space the pass needs is one journal of at most BATCH_BYTES plus its 52 bytes of
+# head and MAC, or one group's entry when a group is larger (block size 1 MiB: 32 MiB of
+# records, 12 KiB of key areas).
+BATCH_BYTES = 8 << 20
+BATCH_GROUPS = 256
+
+JOURNAL_MAGIC = b"EGWJ"
+JOURNAL_VERSION = 1
+_HEAD = struct.Struct(">4sHHQI")  # magic, version, target KEK version, sequence, entries
+_ENTRY = struct.Struct(">QQ16sIH")  # st_dev, st_ino, file id, group, path length
+_RUN = struct.Struct(">QI")  # first block index, record bytes
+JOURNAL_MAC_SIZE = 32
+
+# Test-only: "N:STEP" SIGKILLs this process at STEP of batch N (1-based). Steps, in the
+# order of a batch: journal-temp (the journal written, not renamed), journal (renamed
+# into place), torn (half of the first group's block records written), in-place (every
+# group written, the journal not yet removed); "started" (N ignored): right after the
+# config recorded the pass. The name pass's steps (encfs.admin.reencrypt_names) count
+# their own occurrences: "N:rename" kills right after the Nth entry was renamed; store (a
+# store file re-sealed), dirid, header (a file header valid under both keys), xattrs,
+# symlink (replaced, not yet renamed), sidecar (a long name's new sidecar written), rename
+# (renamed, its old sidecar not yet removed). Read in one place only.
+CRASH_AT_ENV = "ENCFS_TESTONLY_REENCRYPT_CRASH_AT"
+CRASH_STEPS = ("started", "journal-temp", "journal", "torn", "in-place")
+NAME_CRASH_STEPS = ("store", "dirid", "header", "xattrs", "symlink", "sidecar", "rename")
+
+
+def crash_at() -> tuple[int, str] | None:
+    value = os.environ.get(CRASH_AT_ENV)
+    if not value:
+        return None
+    number, _, step = value.partition(":")
+    if step not in CRASH_STEPS + NAME_CRASH_STEPS:
+        raise ValueError(f"{CRASH_AT_ENV}: unknown step {step!r}")
+    return int(number), step
+
+
+
+# --- the journal ---------------------------------------------------------------------------
+
+
+@dataclass
+class GroupEntry:
+    """One group of one file in a batch: what its key area must be now, what it becomes,
+    and the block records to write."""
+
+    path: str
+    dev: int
+    ino: int
+    file_id: bytes
+    group: int
+    before: bytes  # the key area as read (the pre-image)
+    both: bytes  # old and new slots side by side
+    final: bytes  # only the new slots
+    runs: list[tuple[int, bytes]]  # (first block index, records of consecutive blocks)
+
+    def size(self) -> int:
+        return (
+            _ENTRY.size + len(self.path.encode("utf-8", "surrogateescape")) + 3 * KEY_AREA_SIZE
+            + 2 + sum(_RUN.size + len(records) for _, records in self.runs)
+        )
+
+
+def encode_journal(target: int, sequence: int, entries: list[GroupEntry], mac: Callable) -> bytes:
+    parts = [_HEAD.pack(JOURNAL_MAGIC, JOURNAL_VERSION, target, sequence, len(entries))]
+    for entry in entries:
+        path = entry.path.encode("utf-8", "surrogateescape")
+        parts += [
+            _ENTRY.pack(entry.dev, entry.ino, entry.file_id, entry.group, len(path)), path,
+            entry.before, entry.both, entry.final, struct.pack(">H", len(entry.runs)),
+        ]
+        for first, records in entry.runs:
+            parts += [_RUN.pack(first, len(records)), records]
+    body = b"".join(parts)
+    return body + mac(body)
+
+
+def decode_journal(data: bytes, target: int, mac: Callable) -> list[GroupEntry] | None:
+    """The entries of an authentic, complete journal for this pass; None otherwise (a
+    batch that never became the journal, or one altered: the data in place was not
+    touched on its behalf)."""
+    if len(data) < _HEAD.size + JOURNAL_MAC_SIZE:
+        return None
+    body, tag = data[:-JOURNAL_MAC_SIZE], data[-JOURNAL_MAC_SIZE:]
+    if not hmac.compare_digest(mac(body), tag):
+        return None
+    magic, version, journal_target, _, count = _HEAD.unpack_from(body)
+    if magic != JOURNAL_MAGIC or version != JOURNAL_VERSION or journal_target != target:
+        return None
+    entries, offset = [], _HEAD.size
+    try:
+        for _ in range(count):
+            dev, ino, file_id, group, path_length = _ENTRY.unpack_from(body, offset)
+            offset += _ENTRY.size
+            path = body[offset : offset + path_length].decode("utf-8", "surrogateescape")
+            offset += path_length
+            areas = [body[offset + i * KEY_AREA_SIZE : offset + (i + 1) * KEY_AREA_SIZE]
+                     for i in range(3)]
+            offset += 3 * KEY_AREA_SIZE
+            (run_count,) = struct.unpack_from(">H", body, offset)
+            offset += 2
+            runs = []
+            for _ in range(run_count):
+                first, length = _RUN.unpack_from(body, offset)
+                offset += _RUN.size
+                runs.append((first, body[offset : offset + length]))
+                offset += length
+            entries.append(GroupEntry(path, dev, ino, file_id, group, *areas, runs))
+    except struct.error:
+        return None
+    return entries if offset == len(body) else None
+
+
+
+def read_all(dir_fd: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,434 @@
+"""The name pass of `encfs-gw reencrypt` (layer L5; docs/FORMAT.md 9.2): everything keyed
+from the volume key moved from the old epoch's keys to the new epoch's, offline, under
+the volume lock.
+
+What moves: every directory entry name (long names: their sidecars), every directory's
+id record binding, every file header binding (bound and UNBOUND), every bound symlink
+(its place binding and its inline target), the sealed symlink targets of the symlink
+store, every xattr set (inline records and the files of the xattr store).
+
+Each step changes one thing atomically, so every item is always readable under exactly
+one of the two epochs, and a run killed anywhere is resumed by walking again (a step
+finds its item under the new keys and skips it):
+
+* store files (symlink store, xattr store): re-sealed and renamed over (write_atomic);
+* a directory's `.egw-dirid`: the record bound under the new key renamed over;
+* a file header: the A/B protocol of renames, with keys instead of places: (old tag,
+  new tag) then (new tag, zero); an UNBOUND header's tag in one 64-byte pwrite;
+* an xattr set record: one setxattr (the backing filesystem replaces it atomically);
+* a bound symlink: a new backing symlink (same link id, owner, times, xattr record
+  under the new key) renamed over the old one;
+* an entry name: RENAME_NOREPLACE of the old backing name to the new one in the same
+  directory; a long name's new sidecar is written first and its old one removed last
+  (sidecars whose stub is gone are removed when their directory is done).
+
+The walk is depth first by directory handles (O_NOFOLLOW): only the current directory
+and its ancestors are open. Only volumes with bound-names and xattr-sets (every volume
+made by this version) have a name pass; older ones keep their volume key
+(encfs.admin.reencrypt says so in its result).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import stat
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from encfs import backing, crypto
+from encfs.admin.reencrypt_journal import crash_at
+from encfs.engine import Volume
+from encfs.engine.bindings import UNBOUND_LABEL, ZERO_TAG, Bindings, rewrite_header
+from encfs.engine.names import write_atomic
+from encfs.engine.xattr_sets import SetOwner, XattrSets
+from encfs.errors import IntegrityError
+from encfs.format import names as fnames
+from encfs.format import places
+from encfs.format import xattrs as xformat
+from encfs.format.blocks import HEADER_SIZE, FileHeader
+from encfs.format.places import DirRecord, LinkRecord
+from encfs.keyring import EpochKeys
+
+log = logging.getLogger(__name__)
+
+# O_NOATIME: the pass reads, it does not use them (the owner's times stay)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
+
+
+@dataclass
+class NameStats:
+    directories: int = 0
+    entries: int = 0
+    names_moved: int = 0
+    dir_records_moved: int = 0
+    headers_moved: int = 0
+    symlinks_moved: int = 0
+    xattr_sets_moved: int = 0
+    store_files_moved: int = 0
+    stale_sidecars_removed: int = 0
+    names_unreadable: int = 0  # damaged before the pass: under neither key (fsck reports)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f"names_{k}" if not k.startswith("names") else k: v
+                for k, v in asdict(self).items()}
+
+
+class NamePass:
+    """Moves one volume from the keys of epoch `old_epoch` to the current epoch's."""
+
+    def __init__(self, volume: Volume, old_epoch: int) -> None:
+        keyring = volume.keyring
+        self.old: EpochKeys = keyring.epoch_keys(old_epoch)
+        self.new: EpochKeys = keyring.epoch_keys()
+        self.volume_id = volume.config.volume_id
+        self.root_fd = volume.root_fd
+        self._bind_old = Bindings(self.volume_id, self.old)  # type: ignore[arg-type]
+        self._bind_new = Bindings(self.volume_id, self.new)  # type: ignore[arg-type]
+        self._sets_old = XattrSets(self.old.xattr_value_key, self.volume_id, self.root_fd)
+        self._sets_new = XattrSets(self.new.xattr_value_key, self.volume_id, self.root_fd)
+        self.stats = NameStats()
+        self._crash = crash_at()
+        self._steps: Counter[str] = Counter()
+
+    # --- crash hook (tests only) ------------------------------------------------------
+    def _step(self, step: str) -> None:
+        self._steps[step] += 1
+        if self._crash is not None and self._crash == (self._steps[step], step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # --- the whole pass -----------------------------------------------------------------
+    def run(self) -> NameStats:
+        self._store_files(fnames.SYMLINK_STORE_DIR, self._reseal_symlink_store_file)
+        self._store_files(xformat.STORE_DIR, self._reseal_xattr_store_file)
+        for _ in self.steps():
+            pass
+        return self.stats
+
+    def steps(self) -> Iterator[NameStats]:
+        """Every directory, depth first; yields after each one."""
+        root = os.open(".", _DIR_FLAGS, dir_fd=self.root_fd)
+        stack: list[tuple[int, Iterator[tuple[str, bytes, bytes]]]] = []
+        try:
+            stack.append((root, iter(self._directory(root, None))))
+            while stack:
+                dir_fd, pending = stack[-1]
+                child = next(pending, None)
+                if child is None:
+                    stack.pop()
+                    os.close(dir_fd)
+                    yield self.stats
+                    continue
+                name, parent_id, plain = child
+                fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    subdirs = self._directory(fd, (parent_id, plain))
+                except BaseException:
+                    os.close(fd)
+                    raise
+                stack.append((fd, iter(subdirs)))
+        finally:
+            for dir_fd, _ in stack:
+                os.close(dir_fd)
+
+    # --- one directory --------------------------------------------------------------------
+    def _directory(
+        self, dir_fd: int, location: tuple[bytes, bytes] | None
+    ) -> list[tuple[str, bytes, bytes]]:
+        """Move the directory's id record, its xattrs and every entry in it; returns its
+        subdirectories as (backing name now, its id, plain name)."""
+        self.stats.directories += 1
+        times = os.fstat(dir_fd)  # renames in it are not the owner's changes: kept
+        dir_id = self._dir_record(dir_fd, location)
+        self._xattrs(f"/proc/self/fd/{dir_fd}", xformat.KIND_DIRECTORY, dir_id,
+                     xformat.SET_XATTR_USER)
+        subdirs = []
+        names = sorted(os.listdir(dir_fd))
+        for name in names:
+            if fnames.classify(name) == "reserved":
+                continue
+            self.stats.entries += 1
+            plain = self._plain_name(dir_fd, dir_id, name)
+            if plain is None:
+                continue
+            plain_name, epoch_is_new = plain
+            location_here = (dir_id, plain_name)
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                self._file(dir_fd, name, location_here)
+            elif stat.S_ISLNK(st.st_mode):
+                self._symlink(dir_fd, name, location_here, st)
+            elif not stat.S_ISDIR(st.st_mode):
+                self._xattrs_at(dir_fd, name, xformat.KIND_OTHER, b"",
+                                xformat.SET_XATTR_TRUSTED)
+            if not epoch_is_new:
+                name = self._rename(dir_fd, dir_id, name, plain_name)
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append((name, dir_id, plain_name))
+        self._stale_sidecars(dir_fd)
+        os.utime(dir_fd, ns=(times.st_atime_ns, times.st_mtime_ns))
+        return subdirs
+
+    def _dir_record(self, dir_fd: int, location: tuple[bytes, bytes] | None) -> bytes:
+        record = DirRecord.unpack(backing.read_small_file(dir_fd, fnames.DIR_ID_FILE, 64))
+        if location is None:
+            new_tag = self._bind_new.root_tag(record.dir_id)
+            old_tag = self._bind_old.root_tag(record.dir_id)
+        else:
+            new_tag = self._bind_new.dir_tag(location, record.dir_id)
+            old_tag = self._bind_old.dir_tag(location, record.dir_id)
+        if crypto.tag_in(new_tag, record.bindings):
+            return record.dir_id
+        if not crypto.tag_in(old_tag, record.bindings):
+            # bound to another place before the pass (fsck reports it): left as it is
+            self.stats.names_unreadable += 1
+            log.warning("reencrypt: a directory's id record is bound to another place: "
+                        "left as it is (encfs-gw fsck reports it)")
+            return record.dir_id
+        moved = DirRecord(record.dir_id, (new_tag, places.ZERO_BINDING))
+        write_atomic(dir_fd, fnames.DIR_ID_FILE, moved.pack(), 0o400)
+        self.stats.dir_records_moved += 1
+        self._step("dirid")
+        return record.dir_id
+
+    # --- names ----------------------------------------------------------------------------
+    def _plain_name(self, dir_fd: int, dir_id: bytes, name: str) -> tuple[bytes, bool] | None:
+        """(plain name, decodes under the new keys) of a backing entry; None (counted,
+        warned) for one that decodes under neither."""
+        try:
+            if fnames.classify(name) == "long":
+                encoded = backing.read_small_file(dir_fd, fnames.sidecar_name(name), 4096)
+                text = encoded.decode("ascii", "replace")
+                if fnames.long_name_stub(text) != name:
+                    raise IntegrityError("long-name sidecar does not match its entry")
+            else:
+                text = name
+            sealed = fnames.b64decode_strict(text)
+        except (IntegrityError, OSError):
+            sealed = None
+        if sealed is not None:
+            for keys, is_new in ((self.new, True), (self.old, False)):
+                try:
+                    padded = keys.name_cipher.open(sealed, fnames.name_aad(dir_id))
+                    return fnames.unpad_name(padded), is_new
+                except IntegrityError:
+                    continue
+        self.stats.names_unreadable += 1
+        log.warning("reencrypt: backing entry %r decrypts under neither volume key: left "
+                    "as it is (encfs-gw fsck reports it)", name)
+        return None
+
+    def _rename(self, dir_fd: int, dir_id: bytes, old_name: str, plain_name: bytes) -> str:
+        sealed = self.new.name_cipher.seal(fnames.pad_name(plain_name), fnames.name_aad(dir_id))
+        encoded = fnames.b64encode(sealed)
+        new_name = fnames.long_name_stub(encoded) if fnames.is_long(encoded) else encoded
+        if new_name != encoded:
+            write_atomic(dir_fd, fnames.sidecar_name(new_name), encoded.encode(), 0o400)
+            self._step("sidecar")
+        backing.renameat2(dir_fd, old_name, dir_fd, new_name, backing.RENAME_NOREPLACE)
+        self.stats.names_moved += 1
+        self._step("rename")
+        if fnames.classify(old_name) == "long":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fnames.sidecar_name(old_name), dir_fd=dir_fd)
+        return new_name
+
+    def _stale_sidecars(self, dir_fd: int) -> None:
+        """Sidecars whose stub is gone (a kill between a long name's steps)."""
+        present = set(os.listdir(dir_fd))
+        for name in present:
+            if name.startswith(fnames.LONG_NAME_PREFIX) and name.endswith(
+                fnames.LONG_NAME_SIDECAR_SUFFIX
+            ) and name[: -len(fnames.LONG_NAME_SIDECAR_SUFFIX)] not in present:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
+                self.stats.stale_sidecars_removed += 1
+
+    # --- objects --------------------------------------------------------------------------
+    def _file(self, dir_fd: int, name: str, location: tuple[bytes, bytes]) -> None:
+        path_fd = backing.open_path(name, dir_fd)
+        try:
+            raw = os.pread(fd := backing.reopen(path_fd, os.O_RDONLY | os.O_NOATIME),
+                           HEADER_SIZE, 0)
+            os.close(fd)
+            if len(raw) < HEADER_SIZE:
+                return  # no header yet: no binding, no file id, no xattr set
+            header = FileHeader.unpack(raw)
+            self._header(path_fd, header, location)
+            self._xattrs(f"/proc/self/fd/{path_fd}", xformat.KIND_FILE, header.file_id,
+                         xformat.SET_XATTR_USER)
+        finally:
+            os.close(path_fd)
+
+    def _header(self, path_fd: int, header: FileHeader, location: tuple[bytes, bytes]) -> None:
+        if header.unbound:
+            message = UNBOUND_LABEL + self.volume_id + header.file_id
+            new_tag = self.new.binding_tag(message)
+            if crypto.tags_equal(header.bindings[0], new_tag):
+                return
+            if not crypto.tags_equal(header.bindings[0], self.old.binding_tag(message)):
+                self._bad_binding("a file header's UNBOUND tag")
+                return
+            rewrite_header(path_fd, lambda h: dataclasses.replace(h, bindings=(new_tag, ZERO_TAG)))
+            self.stats.headers_moved += 1
+            self._step("header")
+            return
+        new_tag = self._bind_new.file_tag(location, header.file_id)
+        old_tag = self._bind_old.file_tag(location, header.file_id)
+        if crypto.tag_in(new_tag, header.bindings) and not crypto.tag_in(old_tag, header.bindings):
+            return
+        if not crypto.tag_in(old_tag, header.bindings) and not crypto.tag_in(
+            new_tag, header.bindings
+        ):
+            self._bad_binding("a file header")
+            return
+        # A/B: valid under both keys, then under the new one only
+        rewrite_header(path_fd, lambda h: dataclasses.replace(h, bindings=(old_tag, new_tag)))
+        self._step("header")
+        rewrite_header(path_fd, lambda h: dataclasses.replace(h, bindings=(new_tag, ZERO_TAG)))
+        self.stats.headers_moved += 1
+
+    def _bad_binding(self, what: str) -> None:
+        self.stats.names_unreadable += 1
+        log.warning("reencrypt: %s is bound to another place: left as it is "
+                    "(encfs-gw fsck reports it)", what)
+
+    def _symlink(
+        self, dir_fd: int, name: str, location: tuple[bytes, bytes], st: os.stat_result
+    ) -> None:
+        record = LinkRecord.decode(os.readlink(name, dir_fd=dir_fd))
+        new_tag = self._bind_new.link_tag(location, record)
+        if crypto.tag_in(new_tag, record.bindings):
+            return  # moved with its target and xattr set in one rename
+        if not crypto.tag_in(self._bind_old.link_tag(location, record), record.bindings):
+            self._bad_binding("a symlink")
+            return
+        sealed = record.sealed
+        if not record.stored:
+            aad = places.link_aad(record.link_id)
+            sealed = self.new.symlink_cipher.seal(self.old.symlink_cipher.open(sealed, aad), aad)
+        moved = dataclasses.replace(record, bindings=(new_tag, places.ZERO_BINDING),
+                                    sealed=sealed)
+        owner_old = SetOwner(f"/proc/self/fd/{dir_fd}/{name}", xformat.KIND_SYMLINK,
+                             record.link_id, xformat.SET_XATTR_TRUSTED)
+        path_fd = backing.open_path(name, dir_fd)
+        try:
+            owner_old = dataclasses.replace(owner_old, path=f"/proc/self/fd/{path_fd}")
+            xattr_record = self._moved_set_record(owner_old)
+        finally:
+            os.close(path_fd)
+        tmp = backing.temp_name(fnames.TEMP_PREFIX)
+        os.symlink(moved.encode(), tmp, dir_fd=dir_fd)
+        try:
+            fd = backing.open_path(tmp, dir_fd)
+            try:
+                if xattr_record is not None:
+                    os.setxattr(f"/proc/self/fd/{fd}", xformat.SET_XATTR_TRUSTED, xattr_record)
+                if os.geteuid() == 0:
+                    backing.chown_fd(fd, st.st_uid, st.st_gid)
+                backing.utimens_fd(fd, st.st_atime_ns, st.st_mtime_ns)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        self.stats.symlinks_moved += 1
+        self._step("symlink")
+
+    # --- xattr sets -------------------------------------------------------------------------
+    def _xattrs_at(self, dir_fd: int, name: str, kind: int, object_id: bytes, xattr: str) -> None:
+        path_fd = backing.open_path(name, dir_fd)
+        try:
+            self._xattrs(f"/proc/self/fd/{path_fd}", kind, object_id, xattr)
+        finally:
+            os.close(path_fd)
+
+    def _xattrs(self, path: str, kind: int, object_id: bytes, xattr: str) -> None:
+        owner = SetOwner(path, kind, object_id, xattr)
+        record = self._moved_set_record(owner)
+        if record is not None and record != XattrSets.record_at(path, xattr):
+            os.setxattr(path, xattr, record)
+            self.stats.xattr_sets_moved += 1
+            self._step("xattrs")
+
+    def _moved_set_record(self, owner: SetOwner) -> bytes | None:
+        """The object's set record under the new keys (None: it has none). A STORED
+        record is the same 1 byte under either: its store file is re-sealed apart."""
+        record = XattrSets.record_at(owner.path, owner.backing_xattr)
+        if record is None:
+            return None
+        flags, sealed = xformat.parse_record(record)
+        if flags & xformat.FLAG_STORED:
+            return record
+        aad = xformat.set_aad(self.volume_id, owner.kind, owner.object_id, flags)
+        with contextlib.suppress(IntegrityError):
+            crypto.gcm_open(self.new.xattr_value_key, sealed, aad)
+            return record
+        try:
+            body = crypto.gcm_open(self.old.xattr_value_key, sealed, aad)
+        except IntegrityError:
+            self._bad_binding("an xattr set")
+            return record
+        return xformat.inline_record(crypto.gcm_seal(self.new.xattr_value_key, body, aad))
+
+    # --- the stores -----------------------------------------------------------------------
+    def _store_files(self, store: str, reseal: object) -> None:
+        try:
+            store_fd = os.open(store, _DIR_FLAGS, dir_fd=self.root_fd)
+        except FileNotFoundError:
+            return
+        try:
+            for name in sorted(os.listdir(store_fd)):
+                if name.startswith(fnames.TEMP_PREFIX):
+                    continue
+                sealed = backing.read_small_file(store_fd, name, 1 << 20)
+                moved = reseal(name, sealed)  # type: ignore[operator]
+                if moved is not None:
+                    write_atomic(store_fd, name, moved, os.stat(name, dir_fd=store_fd).st_mode
+                                 & 0o777)
+                    self.stats.store_files_moved += 1
+                    self._step("store")
+        finally:
+            os.close(store_fd)
+
+    def _reseal(self, sealed: bytes, open_new, open_old, seal_new) -> bytes | None:
+        with contextlib.suppress(IntegrityError):
+            open_new(sealed)
+            return None
+        try:
+            plain = open_old(sealed)
+        except IntegrityError:
+            self._bad_binding("a store file")
+            return None
+        return seal_new(plain)
+
+    def _reseal_symlink_store_file(self, name: str, sealed: bytes) -> bytes | None:
+        try:
+            aad = fnames.long_symlink_aad(fnames.b64decode_strict(name))
+        except IntegrityError:
+            return None  # not a store file
+        return self._reseal(
+            sealed,
+            lambda s: self.new.symlink_cipher.open(s, aad),
+            lambda s: self.old.symlink_cipher.open(s, aad),
+            lambda p: self.new.symlink_cipher.seal(p, aad),
+        )
+
+    def _reseal_xattr_store_file(self, name: str, sealed: bytes) -> bytes | None:
+        try:
+            kind, object_id = xformat.parse_store_name(name)
+        except IntegrityError:
+            return None
+        aad = xformat.set_aad(self.volume_id, kind, object_id, xformat.FLAG_STORED)
+        return self._reseal(
+            sealed,
+            lambda s: crypto.gcm_open(self.new.xattr_value_key, s, aad),
+            lambda s: crypto.gcm_open(self.old.xattr_value_key, s, aad),
+            lambda p: crypto.gcm_seal(self.new.xattr_value_key, p, aad),
+        )
