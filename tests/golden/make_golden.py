@@ -5,10 +5,14 @@ regenerate an existing one in place (a format change adds a new directory/tarbal
     .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-long-symlinks
     .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-bound-names
     .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-xattr-sets   (as root)
+    .venv/bin/python tests/golden/make_golden.py tests/golden/volumes/v1-vk-epochs    (as root)
 
 A volume gets the default features of the encfs-gw that runs this (each golden volume
 was made when its newest feature was the newest default); what a feature adds to the
 tree is added only when the volume has it, so older volumes keep their manifests.
+A NAME starting with `v1-vk-epochs` is then re-encrypted (encfs-gw reencrypt, without
+--purge-old): feature volume-key-epochs, KEK version 1 (epoch 1, retired) and version 2
+(epoch 2, current), every name, target, set and binding under the epoch-2 volume key.
 
 Writes NAME.tar (the backing tree), NAME.key (test-only key file) and NAME.json (the
 plaintext manifest the tests compare against); for volumes whose backing objects carry
@@ -25,6 +29,7 @@ import sys
 import tarfile
 import tempfile
 
+from encfs.admin.reencrypt import reencrypt_offline
 from encfs.engine import ROOT_INODE, Volume, create_volume
 from encfs.format import FEATURE_BOUND_NAMES, FEATURE_LONG_SYMLINKS, FEATURE_XATTR_SETS
 from encfs.keys.keyfile import KeyfileProvider
@@ -128,6 +133,12 @@ def main(prefix: str) -> None:
         add_xattrs("dir", {b"user.big": content_of("xattr", 5000), b"trusted.t": b"\0\1"})
         add_xattrs("rel-link", {b"trusted.link": b"on the link itself"})
     vol.close()
+    if os.path.basename(prefix).startswith("v1-vk-epochs"):
+        vol = Volume.unlock(backing, trusted(), reencrypting=True)
+        try:
+            assert reencrypt_offline(vol)["done"]
+        finally:
+            vol.close()
     os.unlink(os.path.join(backing, "encfs-gw.lock"))
     backing_xattrs: dict[str, dict[str, str]] = {}
     for dirpath, dirnames, filenames in os.walk(backing):

@@ -30,8 +30,10 @@ HERE = Path(__file__).parent / "volumes"
 # Made before the `authenticated-config` feature: refused until `encfs-gw upgrade`.
 LEGACY = ["v1-keyfile", "v1-long-symlinks"]
 # Directories and symlink targets bound to their place (and an authenticated config);
-# then each object's xattrs as one sealed set (inline, in the xattr store, on a symlink).
-GOLDEN = [*LEGACY, "v1-bound-names", "v1-xattr-sets"]
+# then each object's xattrs as one sealed set (inline, in the xattr store, on a symlink);
+# then a volume re-encrypted to a new volume key (feature volume-key-epochs: KEK version 1
+# of epoch 1 retired, version 2 of epoch 2 current).
+GOLDEN = [*LEGACY, "v1-bound-names", "v1-xattr-sets", "v1-vk-epochs"]
 
 
 def extract(name: str, tmp_path: Path) -> Volume:
@@ -162,6 +164,23 @@ def test_golden_volume_through_the_engine(name, tmp_path):
                 ino = engine.lookup(ino, part).ino
             found = {n.decode(): engine.getxattr(ino, n).hex() for n in engine.listxattr(ino)}
             assert found == want.get("xattrs", {}), rel
+    finally:
+        engine.close()
+
+
+def test_golden_volume_key_epochs(tmp_path):
+    """Two volume keys, one per epoch: every name is under the current one (epoch 2);
+    the retired version still opens (its KEK unwraps the epoch-1 key, under its AAD)."""
+    volume = extract_upgraded("v1-vk-epochs", tmp_path)
+    engine = Engine.unlock(str(volume.backing), trusted())
+    try:
+        config = engine.config
+        assert "volume-key-epochs" in config.features and config.current_epoch == 2
+        assert {v: config.epoch_of(v) for v in config.kek_versions} == {1: 1, 2: 2}
+        assert config.kek_versions[1].state == "retired"
+        keyring = engine.keyring
+        assert len(keyring.older_volume_key_checks()) == 1  # epoch 1, loaded, unused
+        assert keyring.epoch_keys(1).check() != keyring.volume_key_check()
     finally:
         engine.close()
 

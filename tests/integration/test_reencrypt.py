@@ -19,6 +19,7 @@ import random
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,18 @@ import pytest
 from encfs import crypto
 from encfs.admin.reencrypt import CRASH_AT_ENV, CRASH_STEPS
 from encfs.admin.rewrap import CRASH_AFTER_ENV as ROTATION_CRASH_AFTER_ENV
+from encfs.engine.bindings import UNBOUND_LABEL, Bindings
 from encfs.errors import (
+    IntegrityError,
     KeyAccessError,
     ProviderConfigError,
     UsageError,
     VolumeBusy,
     WrongKey,
 )
+from encfs.format import names as fnames
+from encfs.format import places
+from encfs.format import xattrs as xformat
 from encfs.format.blocks import (
     HEADER_SIZE,
     KEY_RECORD_SIZE,
@@ -45,8 +51,9 @@ from encfs.format.blocks import (
     block_aad,
     slot_aad,
 )
+from encfs.format.places import DirRecord, LinkRecord
 from encfs.format.volume import VolumeConfig
-from encfs.keyring import Keyring
+from encfs.keyring import EpochKeys, Keyring
 from encfs.keys.keyfile import KeyfileProvider
 from tests.helpers.config import operator_for
 from tests.helpers.mount import ENCFS_GW, mounted, run_cli
@@ -493,14 +500,109 @@ def _opens(dek: bytes, volume_id: bytes, fid: bytes, index: int, record: bytes) 
         return False
 
 
+def _names_and_objects(backing: Path, old: EpochKeys, new: EpochKeys) -> int:
+    """Every backing entry of `backing`: its name, a symlink's target and place binding,
+    an xattr set (inline or in the xattr store), a file header's and a directory record's
+    binding must open or verify under the keys of `new` and under none of `old`; so must
+    every file of the symlink store. Returns the items checked."""
+    volume_id = bytes.fromhex(config_of(backing)["volume_id"])
+    bind_old, bind_new = Bindings(volume_id, old), Bindings(volume_id, new)
+
+    def opens(open_: Callable, *args: object) -> bool:
+        try:
+            open_(*args)
+            return True
+        except IntegrityError:
+            return False
+
+    def set_opens(keys: EpochKeys, path: Path, kind: int, object_id: bytes) -> bool | None:
+        try:
+            record = os.getxattr(path, xformat.SET_XATTR_USER, follow_symlinks=False)
+        except OSError:
+            return None  # no attributes
+        flags, sealed = xformat.parse_record(record)
+        if flags & xformat.FLAG_STORED:
+            sealed = (backing / xformat.STORE_DIR / xformat.store_name(kind, object_id)
+                      ).read_bytes()
+        aad = xformat.set_aad(volume_id, kind, object_id, flags)
+        return opens(crypto.gcm_open, bytes(keys.xattr_value_key), sealed, aad)
+
+    checked = 0
+    locations: dict[Path, tuple[bytes, bytes]] = {}
+    for dirpath, dirnames, filenames in os.walk(backing):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".egw-")]
+        here = Path(dirpath)
+        record = DirRecord.unpack((here / fnames.DIR_ID_FILE).read_bytes())
+        dir_id = record.dir_id
+        if here == backing:
+            new_tag, old_tag = bind_new.root_tag(dir_id), bind_old.root_tag(dir_id)
+        else:
+            new_tag = bind_new.dir_tag(locations[here], dir_id)
+            old_tag = bind_old.dir_tag(locations[here], dir_id)
+        assert crypto.tag_in(new_tag, record.bindings), here
+        assert not crypto.tag_in(old_tag, record.bindings), here
+        assert set_opens(new, here, xformat.KIND_DIRECTORY, dir_id) in (True, None)
+        assert set_opens(old, here, xformat.KIND_DIRECTORY, dir_id) in (False, None)
+        checked += 1
+        for name in dirnames + filenames:
+            kind = fnames.classify(name)
+            if kind == "reserved":
+                continue
+            encoded = name if kind == "short" else (
+                here / fnames.sidecar_name(name)).read_text()
+            sealed, aad = fnames.b64decode_strict(encoded), fnames.name_aad(dir_id)
+            assert not opens(old.name_cipher.open, sealed, aad), (here, name)
+            location = (dir_id, fnames.unpad_name(new.name_cipher.open(sealed, aad)))
+            path = here / name
+            checked += 1
+            if path.is_symlink():
+                link = LinkRecord.decode(os.readlink(path))
+                assert crypto.tag_in(bind_new.link_tag(location, link), link.bindings)
+                assert not crypto.tag_in(bind_old.link_tag(location, link), link.bindings)
+                if not link.stored:
+                    link_aad = places.link_aad(link.link_id)
+                    assert not opens(old.symlink_cipher.open, link.sealed, link_aad)
+                    assert opens(new.symlink_cipher.open, link.sealed, link_aad)
+                checked += 1
+            elif path.is_dir():
+                locations[path] = location
+            elif path.is_file() and path.stat().st_size >= HEADER_SIZE:
+                header = FileHeader.unpack(path.read_bytes()[:HEADER_SIZE])
+                if header.unbound:
+                    message = UNBOUND_LABEL + volume_id + header.file_id
+                    assert crypto.tags_equal(header.bindings[0], new.binding_tag(message))
+                    assert not crypto.tag_in(old.binding_tag(message), header.bindings)
+                else:
+                    assert crypto.tag_in(bind_new.file_tag(location, header.file_id),
+                                         header.bindings)
+                    assert not crypto.tag_in(bind_old.file_tag(location, header.file_id),
+                                             header.bindings)
+                assert set_opens(new, path, xformat.KIND_FILE, header.file_id) in (True, None)
+                assert set_opens(old, path, xformat.KIND_FILE, header.file_id) in (False, None)
+                checked += 1
+    for stored in (backing / fnames.SYMLINK_STORE_DIR).iterdir():
+        store_aad = fnames.long_symlink_aad(fnames.b64decode_strict(stored.name))
+        assert not opens(old.symlink_cipher.open, stored.read_bytes(), store_aad)
+        assert opens(new.symlink_cipher.open, stored.read_bytes(), store_aad)
+        checked += 1
+    return checked
+
+
 def test_compromise_nothing_saved_opens_a_block_afterwards(tmp_path, own_trust_store):
     """The attacker kept the old config, every key area (a copy of the whole backing
     store) and the old key file. After `reencrypt --purge-old --new-provider keyfile:NEW`
     no current block opens with any DEK those give, no current key slot opens with the
-    old KEK, and the old key file opens no keyslot of the new config. (What this pass
-    does not change is shown too: the volume key, so names stay readable to the old
-    config; docs/THREAT-MODEL.md section 8.)"""
+    old KEK, the old key file opens no keyslot of the new config, and the old volume key
+    (unwrapped from the saved config with the saved key file) opens no current name,
+    symlink target or xattr set and makes no current binding: it is gone from the
+    config (no KEK version wraps it)."""
     volume, files = make_volume(tmp_path, seed=7, big_mib=2)
+    with mounted(volume, tmp_path / "mnt") as mnt:  # the stores and a directory's set
+        os.symlink("t" * 4000, mnt / "dir" / "long-link")
+        os.setxattr(mnt / "dir", "user.dir-note", b"on a directory")
+        os.setxattr(mnt / "file2", "user.big", b"b" * 5000)
+    assert list((volume.backing / ".egw-symlinks").iterdir())
+    assert list((volume.backing / ".egw-xattrs").iterdir())
     saved = tmp_path / "attacker"
     shutil.copytree(volume.backing, saved / "backing", symlinks=True)
     shutil.copy(volume.keyfile, saved / "old.key")
@@ -513,11 +615,12 @@ def test_compromise_nothing_saved_opens_a_block_afterwards(tmp_path, own_trust_s
     volume_id = bytes.fromhex(config_of(volume.backing)["volume_id"])
 
     old = _old_secrets(saved_config, saved / "old.key")
+    saved_by_id = {file_id(p): p for p in backing_files(saved / "backing")
+                   if p.stat().st_size >= HEADER_SIZE}
     checked = 0
     for path in backing_files(volume.backing):
-        saved_path = saved / "backing" / path.relative_to(volume.backing)
         fid = file_id(path)
-        saved_blocks = blocks_of(saved_path) if saved_path.exists() else {}
+        saved_blocks = blocks_of(saved_by_id[fid])
         for index, (key, record) in blocks_of(path).items():
             # positive control: the saved key area opens the saved record
             old_key, old_record = saved_blocks[index]
@@ -549,15 +652,29 @@ def test_compromise_nothing_saved_opens_a_block_afterwards(tmp_path, own_trust_s
     shutil.rmtree(own_trust_store, ignore_errors=True)
     refused = run_cli("fsck", volume.backing, "--keyfile", saved / "old.key")
     assert "does not open this volume" in assert_refused(refused, WrongKey.exit_code)
-    # not changed by this pass: the volume key (names, symlinks, xattrs, bindings)
+    # the volume key changed: the old one opens no current name, target, set or binding
     fresh = operator_for(new_key)
     from encfs import config_store
 
-    _, keyring = config_store.unlock(str(volume.backing), fresh)
+    config_now, keyring = config_store.unlock(str(volume.backing), fresh)
     try:
-        assert keyring.volume_key_check() == old.volume_key_check()
+        assert keyring.volume_key_check() != old.volume_key_check()
+        assert keyring.older_volume_key_checks() == ()  # no version wraps another key
+        assert {v.volume_key_epoch for v in config_now.kek_versions.values()} == {2}
+        # positive control: the saved copy is all under the old key, none under the new
+        assert _names_and_objects(saved / "backing", old=keyring.epoch_keys(),
+                                  new=old.epoch_keys()) > 20
+        assert _names_and_objects(volume.backing, old=old.epoch_keys(),
+                                  new=keyring.epoch_keys()) > 20
+        # the config's MAC is under the new key: the old one does not make it
+        body = config_now.mac_message()
+        stored = bytes.fromhex(config_of(volume.backing)["config_mac"])
+        assert keyring.config_mac(body) == stored != old.config_mac(body, 1)
     finally:
         keyring.close()
         old.close()
     with mounted(CliVolume(volume.backing, new_key), tmp_path / "mnt") as mnt:
         check(mnt, files)
+        assert os.readlink(mnt / "dir" / "long-link") == "t" * 4000
+        assert os.getxattr(mnt / "dir", "user.dir-note") == b"on a directory"
+        assert os.getxattr(mnt / "file2", "user.big") == b"b" * 5000
