@@ -38,23 +38,9 @@ from encfs.admin.reencrypt_journal import (
 from encfs.admin.rewrap import PassTiming
 from encfs.engine import Volume
 from encfs.errors import IntegrityError
+from encfs.format import blocks
 from encfs.format import names as fnames
-from encfs.format.blocks import (
-    BLOCKS_PER_GROUP,
-    EMPTY_SLOT,
-    HEADER_SIZE,
-    KEY_AREA_SIZE,
-    KEY_RECORD_FIELDS,
-    KEY_RECORD_SIZE,
-    NONCE_SIZE,
-    RECORD_OVERHEAD,
-    SLOT_SEALED,
-    SLOT_SIZE,
-    FileHeader,
-    block_aad,
-    slot_aad,
-    slot_candidates,
-)
+from encfs.format.blocks import FileHeader, block_aad, slot_aad, slot_candidates
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +207,8 @@ class ReencryptPass:
                 return None
             fds[entry.path] = fd
         st = os.fstat(fd)
-        header = os.pread(fd, HEADER_SIZE, 0)
-        if (st.st_dev, st.st_ino) != (entry.dev, entry.ino) or len(header) < HEADER_SIZE or (
+        header = os.pread(fd, blocks.HEADER_SIZE, 0)
+        if (st.st_dev, st.st_ino) != (entry.dev, entry.ino) or len(header) < blocks.HEADER_SIZE or (
             header[8:24] != entry.file_id
         ):
             log.warning("reencrypt: journal entry for %r names another file: skipped", entry.path)
@@ -236,13 +222,13 @@ class ReencryptPass:
         at any 64-byte boundary, can leave): a journal never rolls back another write."""
         offset = self.layout.group_start(entry.group)
         if replay:
-            now = os.pread(fd, KEY_AREA_SIZE, offset).ljust(KEY_AREA_SIZE, b"\0")
-            for start in range(0, KEY_AREA_SIZE, SLOT_SIZE):
-                piece = now[start : start + SLOT_SIZE]
+            now = os.pread(fd, blocks.KEY_AREA_SIZE, offset).ljust(blocks.KEY_AREA_SIZE, b"\0")
+            for start in range(0, blocks.KEY_AREA_SIZE, blocks.SLOT_SIZE):
+                piece = now[start : start + blocks.SLOT_SIZE]
                 if piece not in (
-                    entry.before[start : start + SLOT_SIZE],
-                    entry.both[start : start + SLOT_SIZE],
-                    entry.final[start : start + SLOT_SIZE],
+                    entry.before[start : start + blocks.SLOT_SIZE],
+                    entry.both[start : start + blocks.SLOT_SIZE],
+                    entry.final[start : start + blocks.SLOT_SIZE],
                 ):
                     log.warning(
                         "reencrypt: group %d of %r changed since its journal entry: skipped",
@@ -259,7 +245,7 @@ class ReencryptPass:
             os.pwrite(fd, records, where)
             stats.bytes_written += len(records)
         os.pwrite(fd, entry.final, offset)
-        stats.bytes_written += 2 * KEY_AREA_SIZE
+        stats.bytes_written += 2 * blocks.KEY_AREA_SIZE
         return True
 
     def _commit(self) -> None:
@@ -368,8 +354,8 @@ class ReencryptPass:
 
     def _file(self, path: str, fd: int, st: os.stat_result) -> Iterator[GroupEntry]:
         """The groups of one file that need re-encrypting, as journal entries."""
-        head = os.pread(fd, HEADER_SIZE, 0)
-        if len(head) < HEADER_SIZE:
+        head = os.pread(fd, blocks.HEADER_SIZE, 0)
+        if len(head) < blocks.HEADER_SIZE:
             return  # empty: no keys
         try:
             file_id = FileHeader.unpack(head).file_id
@@ -380,7 +366,7 @@ class ReencryptPass:
         plain_size = self.layout.plain_size(st.st_size)
         group = 0
         while (offset := self.layout.group_start(group)) < st.st_size:
-            area = os.pread(fd, KEY_AREA_SIZE, offset)
+            area = os.pread(fd, blocks.KEY_AREA_SIZE, offset)
             entry = self._group(path, fd, st, file_id, group, area, plain_size)
             if entry is not None:
                 yield entry
@@ -391,10 +377,10 @@ class ReencryptPass:
         plain_size: int,
     ) -> GroupEntry | None:
         layout, target, keyring = self.layout, self.target, self.volume.keyring
-        if len(area) < KEY_AREA_SIZE:
+        if len(area) < blocks.KEY_AREA_SIZE:
             # a file cut inside a key area (damage: no write of encfs-gw leaves one): no
             # block of the group has data, and a write here would grow the file
-            self._unreadable(st, group * BLOCKS_PER_GROUP)
+            self._unreadable(st, group * blocks.BLOCKS_PER_GROUP)
             log.warning("reencrypt: %r ends inside the key area of group %d: left as it is",
                         path, group)
             return None
@@ -402,8 +388,8 @@ class ReencryptPass:
         blocks_in_file = -(-plain_size // layout.block_size)
         changed: dict[int, bytes] = {}
         wrap = keyring.slot_cipher(target, file_id)
-        for position, fields in enumerate(KEY_RECORD_FIELDS.iter_unpack(area)):
-            index = group * BLOCKS_PER_GROUP + position
+        for position, fields in enumerate(blocks.KEY_RECORD_FIELDS.iter_unpack(area)):
+            index = group * blocks.BLOCKS_PER_GROUP + position
             candidates = slot_candidates(fields)
             if not candidates:
                 if candidates is None:
@@ -412,14 +398,16 @@ class ReencryptPass:
                 continue
             if len(candidates) == 1 and candidates[0][1] == target:
                 continue  # done already (by an earlier run, or the other name of a link)
-            base = position * KEY_RECORD_SIZE
+            base = position * blocks.KEY_RECORD_SIZE
             if index >= blocks_in_file:  # past the end: what a torn truncate left
-                final[base : base + KEY_RECORD_SIZE] = bytes(KEY_RECORD_SIZE)
-                both[base : base + KEY_RECORD_SIZE] = bytes(KEY_RECORD_SIZE)
+                final[base : base + blocks.KEY_RECORD_SIZE] = bytes(blocks.KEY_RECORD_SIZE)
+                both[base : base + blocks.KEY_RECORD_SIZE] = bytes(blocks.KEY_RECORD_SIZE)
                 self.stats.stale_records_cleared += 1
                 continue
             plain_length = layout.block_plain_length(index, plain_size)
-            record = os.pread(fd, plain_length + RECORD_OVERHEAD, layout.record_offset(index))
+            record = os.pread(
+                fd, plain_length + blocks.RECORD_OVERHEAD, layout.record_offset(index)
+            )
             opened = self._open_block(file_id, index, candidates, record)
             if opened is None:
                 self._unreadable(st, index)
@@ -435,7 +423,7 @@ class ReencryptPass:
                 )
                 new_generation = (generation + 1) & 0xFF
                 slot_nonce = crypto.random_nonce()
-                slot = SLOT_SEALED.pack(
+                slot = blocks.SLOT_SEALED.pack(
                     target, new_generation, 0, slot_nonce,
                     wrap.encrypt(slot_nonce, dek,
                                  slot_aad(self.volume_id, file_id, index, target, new_generation)),
@@ -443,10 +431,10 @@ class ReencryptPass:
             finally:
                 crypto.wipe(dek)
                 crypto.wipe(plaintext)
-            free = base + (1 - valid_position) * SLOT_SIZE
-            both[free : free + SLOT_SIZE] = slot
-            final[base : base + KEY_RECORD_SIZE] = (
-                slot + EMPTY_SLOT if valid_position else EMPTY_SLOT + slot
+            free = base + (1 - valid_position) * blocks.SLOT_SIZE
+            both[free : free + blocks.SLOT_SIZE] = slot
+            final[base : base + blocks.KEY_RECORD_SIZE] = (
+                slot + blocks.EMPTY_SLOT if valid_position else blocks.EMPTY_SLOT + slot
             )
             changed[index] = nonce + sealed
             self.stats.blocks_reencrypted += 1
@@ -483,9 +471,9 @@ class ReencryptPass:
                     nonce, sealed, slot_aad(self.volume_id, file_id, index, version, generation),
                     dek,
                 )
-                plaintext = bytearray(len(record) - RECORD_OVERHEAD)
+                plaintext = bytearray(len(record) - blocks.RECORD_OVERHEAD)
                 crypto.AESGCM_(dek).decrypt_into(
-                    record[:NONCE_SIZE], record[NONCE_SIZE:], aad, plaintext
+                    record[:blocks.NONCE_SIZE], record[blocks.NONCE_SIZE:], aad, plaintext
                 )
                 return position, generation, plaintext
             except (crypto.InvalidTag_, IntegrityError, ValueError):

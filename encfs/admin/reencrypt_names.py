@@ -38,13 +38,13 @@ import signal
 import stat
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 
 from encfs import backing, crypto
 from encfs.admin.reencrypt_journal import crash_at
 from encfs.engine import Volume
 from encfs.engine.bindings import UNBOUND_LABEL, ZERO_TAG, Bindings, rewrite_header
 from encfs.engine.names import write_atomic
+from encfs.engine.symlinks import replace_symlink
 from encfs.engine.xattr_sets import SetOwner, XattrSets
 from encfs.errors import IntegrityError
 from encfs.format import names as fnames
@@ -60,22 +60,18 @@ log = logging.getLogger(__name__)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
 
 
-@dataclass
-class NameStats:
-    directories: int = 0
-    entries: int = 0
-    names_moved: int = 0
-    dir_records_moved: int = 0
-    headers_moved: int = 0
-    symlinks_moved: int = 0
-    xattr_sets_moved: int = 0
-    store_files_moved: int = 0
-    stale_sidecars_removed: int = 0
-    names_unreadable: int = 0  # damaged before the pass: under neither key (fsck reports)
+NAME_COUNTERS = (
+    "directories", "entries", "moved", "dir_records_moved", "headers_moved", "symlinks_moved",
+    "xattr_sets_moved", "store_files_moved", "stale_sidecars_removed",
+    "unreadable",  # damaged before the pass: under neither key (fsck reports it)
+)
+
+
+class NameStats(Counter):
+    """What the name pass did, by NAME_COUNTERS."""
 
     def as_dict(self) -> dict[str, int]:
-        return {f"names_{k}" if not k.startswith("names") else k: v
-                for k, v in asdict(self).items()}
+        return {f"names_{key}": self[key] for key in NAME_COUNTERS}
 
 
 class NamePass:
@@ -91,7 +87,7 @@ class NamePass:
         self._bind_new = Bindings(self.volume_id, self.new)  # type: ignore[arg-type]
         self._sets_old = XattrSets(self.old.xattr_value_key, self.volume_id, self.root_fd)
         self._sets_new = XattrSets(self.new.xattr_value_key, self.volume_id, self.root_fd)
-        self.stats = NameStats()
+        self.stats: NameStats = NameStats()
         self._crash = crash_at()
         self._steps: Counter[str] = Counter()
 
@@ -117,20 +113,19 @@ class NamePass:
             stack.append((root, iter(self._directory(root, None))))
             while stack:
                 dir_fd, pending = stack[-1]
-                child = next(pending, None)
-                if child is None:
+                for name, parent_id, plain in pending:  # the next subdirectory, if any
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                    try:
+                        subdirs = self._directory(fd, (parent_id, plain))
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    stack.append((fd, iter(subdirs)))
+                    break
+                else:  # all done below it
                     stack.pop()
                     os.close(dir_fd)
                     yield self.stats
-                    continue
-                name, parent_id, plain = child
-                fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-                try:
-                    subdirs = self._directory(fd, (parent_id, plain))
-                except BaseException:
-                    os.close(fd)
-                    raise
-                stack.append((fd, iter(subdirs)))
         finally:
             for dir_fd, _ in stack:
                 os.close(dir_fd)
@@ -141,7 +136,7 @@ class NamePass:
     ) -> list[tuple[str, bytes, bytes]]:
         """Move the directory's id record, its xattrs and every entry in it; returns its
         subdirectories as (backing name now, its id, plain name)."""
-        self.stats.directories += 1
+        self.stats["directories"] += 1
         times = os.fstat(dir_fd)  # renames in it are not the owner's changes: kept
         dir_id = self._dir_record(dir_fd, location)
         self._xattrs(f"/proc/self/fd/{dir_fd}", xformat.KIND_DIRECTORY, dir_id,
@@ -151,7 +146,7 @@ class NamePass:
         for name in names:
             if fnames.classify(name) == "reserved":
                 continue
-            self.stats.entries += 1
+            self.stats["entries"] += 1
             plain = self._plain_name(dir_fd, dir_id, name)
             if plain is None:
                 continue
@@ -185,13 +180,13 @@ class NamePass:
             return record.dir_id
         if not crypto.tag_in(old_tag, record.bindings):
             # bound to another place before the pass (fsck reports it): left as it is
-            self.stats.names_unreadable += 1
+            self.stats["unreadable"] += 1
             log.warning("reencrypt: a directory's id record is bound to another place: "
                         "left as it is (encfs-gw fsck reports it)")
             return record.dir_id
         moved = DirRecord(record.dir_id, (new_tag, places.ZERO_BINDING))
         write_atomic(dir_fd, fnames.DIR_ID_FILE, moved.pack(), 0o400)
-        self.stats.dir_records_moved += 1
+        self.stats["dir_records_moved"] += 1
         self._step("dirid")
         return record.dir_id
 
@@ -217,7 +212,7 @@ class NamePass:
                     return fnames.unpad_name(padded), is_new
                 except IntegrityError:
                     continue
-        self.stats.names_unreadable += 1
+        self.stats["unreadable"] += 1
         log.warning("reencrypt: backing entry %r decrypts under neither volume key: left "
                     "as it is (encfs-gw fsck reports it)", name)
         return None
@@ -230,7 +225,7 @@ class NamePass:
             write_atomic(dir_fd, fnames.sidecar_name(new_name), encoded.encode(), 0o400)
             self._step("sidecar")
         backing.renameat2(dir_fd, old_name, dir_fd, new_name, backing.RENAME_NOREPLACE)
-        self.stats.names_moved += 1
+        self.stats["moved"] += 1
         self._step("rename")
         if fnames.classify(old_name) == "long":
             with contextlib.suppress(FileNotFoundError):
@@ -246,7 +241,7 @@ class NamePass:
             ) and name[: -len(fnames.LONG_NAME_SIDECAR_SUFFIX)] not in present:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=dir_fd)
-                self.stats.stale_sidecars_removed += 1
+                self.stats["stale_sidecars_removed"] += 1
 
     # --- objects --------------------------------------------------------------------------
     def _file(self, dir_fd: int, name: str, location: tuple[bytes, bytes]) -> None:
@@ -274,7 +269,7 @@ class NamePass:
                 self._bad_binding("a file header's UNBOUND tag")
                 return
             rewrite_header(path_fd, lambda h: dataclasses.replace(h, bindings=(new_tag, ZERO_TAG)))
-            self.stats.headers_moved += 1
+            self.stats["headers_moved"] += 1
             self._step("header")
             return
         new_tag = self._bind_new.file_tag(location, header.file_id)
@@ -290,10 +285,10 @@ class NamePass:
         rewrite_header(path_fd, lambda h: dataclasses.replace(h, bindings=(old_tag, new_tag)))
         self._step("header")
         rewrite_header(path_fd, lambda h: dataclasses.replace(h, bindings=(new_tag, ZERO_TAG)))
-        self.stats.headers_moved += 1
+        self.stats["headers_moved"] += 1
 
     def _bad_binding(self, what: str) -> None:
-        self.stats.names_unreadable += 1
+        self.stats["unreadable"] += 1
         log.warning("reencrypt: %s is bound to another place: left as it is "
                     "(encfs-gw fsck reports it)", what)
 
@@ -321,24 +316,8 @@ class NamePass:
             xattr_record = self._moved_set_record(owner_old)
         finally:
             os.close(path_fd)
-        tmp = backing.temp_name(fnames.TEMP_PREFIX)
-        os.symlink(moved.encode(), tmp, dir_fd=dir_fd)
-        try:
-            fd = backing.open_path(tmp, dir_fd)
-            try:
-                if xattr_record is not None:
-                    os.setxattr(f"/proc/self/fd/{fd}", xformat.SET_XATTR_TRUSTED, xattr_record)
-                if os.geteuid() == 0:
-                    backing.chown_fd(fd, st.st_uid, st.st_gid)
-                backing.utimens_fd(fd, st.st_atime_ns, st.st_mtime_ns)
-            finally:
-                os.close(fd)
-            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
-        self.stats.symlinks_moved += 1
+        replace_symlink(dir_fd, name, moved.encode(), st, xattr_record)
+        self.stats["symlinks_moved"] += 1
         self._step("symlink")
 
     # --- xattr sets -------------------------------------------------------------------------
@@ -354,7 +333,7 @@ class NamePass:
         record = self._moved_set_record(owner)
         if record is not None and record != XattrSets.record_at(path, xattr):
             os.setxattr(path, xattr, record)
-            self.stats.xattr_sets_moved += 1
+            self.stats["xattr_sets_moved"] += 1
             self._step("xattrs")
 
     def _moved_set_record(self, owner: SetOwner) -> bytes | None:
@@ -392,7 +371,7 @@ class NamePass:
                 if moved is not None:
                     write_atomic(store_fd, name, moved, os.stat(name, dir_fd=store_fd).st_mode
                                  & 0o777)
-                    self.stats.store_files_moved += 1
+                    self.stats["store_files_moved"] += 1
                     self._step("store")
         finally:
             os.close(store_fd)

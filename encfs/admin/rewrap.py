@@ -94,10 +94,10 @@ class PassStats(PassTiming):
     files_total: int = 0
     files_done: int = 0
     deks_seen: int = 0
+    started: float = field(default_factory=time.monotonic)
     deks_rewrapped: int = 0
     key_bytes_written: int = 0
     unreadable_slots: int = 0
-    started: float = field(default_factory=time.monotonic)
 
 
 # --- walking the volume --------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""`encfs-gw reencrypt` from the command line (layer L7): every block of an unmounted
-volume under a fresh DEK and a new KEK version (encfs.admin.reencrypt)."""
+"""`encfs-gw reencrypt` from the command line (layer L7): an unmounted volume moved to a new
+volume key (names, symlinks, xattrs, bindings) and every block under a fresh DEK and a new
+KEK version (encfs.admin.reencrypt)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ rate_mib_s = positive_rate(MAX_RATE_MIB_S, "1e6", "MiB")
 def add_reencrypt_parser(sub: Any, key_arguments: Any) -> None:
     parser = sub.add_parser(
         "reencrypt",
-        help="every block under a fresh DEK and a new KEK (after a suspected compromise)",
+        help="a new volume key and every block under a fresh DEK and a new KEK (after a "
+        "suspected compromise)",
     )
     parser.add_argument("target", metavar="BACKING", help="backing directory (not mounted)")
     parser.add_argument("--rate", type=rate_mib_s, metavar="MIB_PER_S", help="throttle the pass")
@@ -60,6 +62,8 @@ def print_result(result: dict, as_json: bool) -> None:
         f"({result['bytes_reencrypted'] / 1048576:.1f} MiB) of {result['files_total']} files "
         f"in {result['elapsed']:.1f} s ({result['rate_mib_s']:.1f} MiB/s)"
     )
+    print(f"volume key: {result['volume_key']}"
+          + (f"; {result['names_moved']} names moved" if "names_moved" in result else ""))
     gone = result.get("purged", result.get("retired", []))
     verb = "purged" if "purged" in result else "retired"
     print(f"{verb} KEK version(s): {', '.join(map(str, gone)) or 'none'}")

@@ -18,6 +18,8 @@ import dataclasses
 import errno
 import os
 import stat
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from encfs import backing, crypto
 from encfs.engine.bindings import BindingError, Bindings, Location
@@ -177,21 +179,33 @@ class Symlinks:
     ) -> None:
         """Atomically replace a bound symlink by one with other bindings (the same target,
         link id, owner, times and xattr set record): a new backing symlink renamed over it."""
-        tmp = temp_name()
-        os.symlink(link.encode(), tmp, dir_fd=parent.fd)
+        replace_symlink(parent.fd, backing_name, link.encode(), st, xattr_record,
+                        lambda: table.replaced(parent, backing_name))
+
+
+def replace_symlink(
+    dir_fd: int, backing_name: str, backing_target: str, st: os.stat_result,
+    xattr_record: bytes | None,
+    around_rename: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> None:
+    """A new backing symlink (`st`'s owner and times, the set record given) renamed over
+    `backing_name` (inside `around_rename()`): the link's one atomic change (renames,
+    reencrypt's name pass)."""
+    tmp = temp_name()
+    os.symlink(backing_target, tmp, dir_fd=dir_fd)
+    try:
+        fd = backing.open_path(tmp, dir_fd)
         try:
-            fd = backing.open_path(tmp, parent.fd)
-            try:
-                if xattr_record is not None:  # the same link id: the set moves unchanged
-                    os.setxattr(f"/proc/self/fd/{fd}", xformat.SET_XATTR_TRUSTED, xattr_record)
-                if os.geteuid() == 0:
-                    backing.chown_fd(fd, st.st_uid, st.st_gid)
-                backing.utimens_fd(fd, st.st_atime_ns, st.st_mtime_ns)
-            finally:
-                os.close(fd)
-            with table.replaced(parent, backing_name):
-                os.rename(tmp, backing_name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=parent.fd)
-            raise
+            if xattr_record is not None:  # the same link id: the set moves unchanged
+                os.setxattr(f"/proc/self/fd/{fd}", xformat.SET_XATTR_TRUSTED, xattr_record)
+            if os.geteuid() == 0:
+                backing.chown_fd(fd, st.st_uid, st.st_gid)
+            backing.utimens_fd(fd, st.st_atime_ns, st.st_mtime_ns)
+        finally:
+            os.close(fd)
+        with around_rename():
+            os.rename(tmp, backing_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise

@@ -156,6 +156,65 @@ def test_config_mac_matches_independent_computation():
     assert stored == mac and parsed.body() == config.body()
 
 
+# --- volume key epochs (feature volume-key-epochs, docs/FORMAT.md 2.1 and 2.3) --------------
+
+EPOCH_VOLUME_KEY = bytes(range(0x40, 0x80))  # the volume key of epoch 2
+
+
+def epoch_config() -> VolumeConfig:
+    """The example config after a re-key: version 1 (epoch 1) retired, version 2 (epoch 2)
+    current; the feature added to the list (so to P)."""
+    config = example_config()
+    config.features = (*config.features, "volume-key-epochs")
+    config.kek_versions[1].state = "retired"
+    config.kek_versions[1].volume_key_epoch = 1
+    config.kek_versions[2] = KekVersion(
+        2, "active", "2026-01-02T00:00:00Z", bytes([0xEF]) * 92,
+        [Protector("0102030405060708", "keyfile", {"sealed_kek": "cd" * 60})], 2,
+    )
+    config.current_kek = 2
+    return config
+
+
+def test_volume_key_aad_with_epochs():
+    """AAD_V(v) gains u32(epoch) once the feature is set; P covers the new flag."""
+    config = epoch_config()
+    features = sorted(config.features)
+    p = hashlib.sha256(json.dumps(
+        {"block_size": 16384, "features": features, "format_version": 1,
+         "volume_id": "11" * 16}, sort_keys=True, separators=(",", ":"),
+    ).encode()).digest()  # fmt: skip
+    assert config.volume_key_aad(2) == b"EGWV" + p + struct.pack(">HI", 2, 2)
+    assert config.volume_key_aad(1) == b"EGWV" + p + struct.pack(">HI", 1, 1)
+    assert config.volume_key_aad(2).hex() == EXPECTED_EPOCH_AAD
+
+
+EXPECTED_EPOCH_AAD = (
+    "45475756"  # "EGWV"
+    "f394eabbe67e0d61e14e2f202470d32a725ac1b9f0f1736ab5eaa3d6b57ddf94"  # P
+    "0002" "00000002"  # version 2, epoch 2
+)  # fmt: skip
+EXPECTED_EPOCH_CONFIG_MAC = "c7d27e6a4089c5b065be9ed25f78409732f629720a3dbb9fb0dcbb11e910e396"
+
+
+def test_config_mac_under_the_current_epochs_key():
+    """The MAC key comes from the volume key of kek.current's epoch (2), not epoch 1's."""
+    config = epoch_config()
+    keyring = Keyring(config, {1: KEK, 2: KEK}, {1: VOLUME_KEY, 2: EPOCH_VOLUME_KEY})
+    mac_key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None,
+        info=b"encfs-gw v1: HMAC key authenticating the volume config",
+    ).derive(EPOCH_VOLUME_KEY)  # fmt: skip
+    expected = hmac.new(mac_key, config.mac_message(), hashlib.sha256).digest()
+    assert keyring.config_mac(config.mac_message(), config.current_epoch) == expected
+    assert keyring.config_mac(config.mac_message(), 1) != expected
+    assert expected.hex() == EXPECTED_EPOCH_CONFIG_MAC
+    body = json.loads(config.to_json(expected))["kek"]["versions"]
+    assert [(v["version"], v["volume_key_epoch"]) for v in body] == [(1, 1), (2, 2)]
+    parsed, stored = VolumeConfig.from_json(config.to_json(expected))
+    assert stored == expected and parsed.body() == config.body()
+
+
 # --- places (feature bound-names): a directory id record and a bound symlink target ---------
 
 PARENT_ID = bytes([0x77]) * 16
