@@ -37,7 +37,7 @@ import os
 import signal
 import stat
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from encfs import backing, crypto
 from encfs.admin.reencrypt_journal import crash_at
@@ -308,12 +308,12 @@ class NamePass:
             sealed = self.new.symlink_cipher.seal(self.old.symlink_cipher.open(sealed, aad), aad)
         moved = dataclasses.replace(record, bindings=(new_tag, places.ZERO_BINDING),
                                     sealed=sealed)
-        owner_old = SetOwner(f"/proc/self/fd/{dir_fd}/{name}", xformat.KIND_SYMLINK,
-                             record.link_id, xformat.SET_XATTR_TRUSTED)
         path_fd = backing.open_path(name, dir_fd)
         try:
-            owner_old = dataclasses.replace(owner_old, path=f"/proc/self/fd/{path_fd}")
-            xattr_record = self._moved_set_record(owner_old)
+            xattr_record = self._moved_set_record(SetOwner(
+                f"/proc/self/fd/{path_fd}", xformat.KIND_SYMLINK, record.link_id,
+                xformat.SET_XATTR_TRUSTED,
+            ))
         finally:
             os.close(path_fd)
         replace_symlink(dir_fd, name, moved.encode(), st, xattr_record)
@@ -357,7 +357,7 @@ class NamePass:
         return xformat.inline_record(crypto.gcm_seal(self.new.xattr_value_key, body, aad))
 
     # --- the stores -----------------------------------------------------------------------
-    def _store_files(self, store: str, reseal: object) -> None:
+    def _store_files(self, store: str, reseal: Callable[[str, bytes], bytes | None]) -> None:
         try:
             store_fd = os.open(store, _DIR_FLAGS, dir_fd=self.root_fd)
         except FileNotFoundError:
@@ -367,7 +367,7 @@ class NamePass:
                 if name.startswith(fnames.TEMP_PREFIX):
                     continue
                 sealed = backing.read_small_file(store_fd, name, 1 << 20)
-                moved = reseal(name, sealed)  # type: ignore[operator]
+                moved = reseal(name, sealed)
                 if moved is not None:
                     write_atomic(store_fd, name, moved, os.stat(name, dir_fd=store_fd).st_mode
                                  & 0o777)
@@ -376,7 +376,11 @@ class NamePass:
         finally:
             os.close(store_fd)
 
-    def _reseal(self, sealed: bytes, open_new, open_old, seal_new) -> bytes | None:
+    def _reseal(
+        self, sealed: bytes, open_new: Callable[[bytes], bytes],
+        open_old: Callable[[bytes], bytes], seal_new: Callable[[bytes], bytes],
+    ) -> bytes | None:
+        """None if `sealed` opens under the new keys already, else sealed under them."""
         with contextlib.suppress(IntegrityError):
             open_new(sealed)
             return None

@@ -238,8 +238,12 @@ def test_every_block_gets_a_fresh_dek_under_a_new_kek_version(tmp_path):
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout.splitlines()[-1])
     assert summary["target"] == 3 and summary["purged"] == [1, 2]
+    assert summary["volume_key"] == "epoch 3 (was 2)"  # a volume key of its own again
     assert slot_versions(volume.backing) == {3: blocks}
-    assert [v["version"] for v in config_of(volume.backing)["kek"]["versions"]] == [3]
+    assert [(v["version"], v["volume_key_epoch"])
+            for v in config_of(volume.backing)["kek"]["versions"]] == [(3, 3)]
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        check(mnt, files)
 
 
 def test_throttled_by_rate(tmp_path):
