@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from encfs.admin.reencrypt import CRASH_AT_ENV
-from encfs.errors import UnsupportedFormat, VolumeBusy
+from encfs.errors import ConfigAuthError, UnsupportedFormat, VolumeBusy
 from tests.helpers.convert_tree import SMALL_STDLIB, build_tree, manifest
 from tests.helpers.mount import ENCFS_GW, mounted, run_cli
 from tests.helpers.mount import Volume as CliVolume
@@ -209,3 +210,35 @@ def test_older_readers_refuse_a_volume_with_epochs(tmp_path, template, own_trust
     (volume.backing / "encfs-gw.conf").write_text(json.dumps(config))
     refused = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile)
     assert refused.returncode == UnsupportedFormat.exit_code, refused.stderr
+
+
+def test_another_host_follows_the_new_volume_key_until_the_old_one_is_purged(
+    tmp_path, template, own_trust_store
+):
+    """A host's trust store pins the volume key it saw. A host that knew the volume before
+    the pass (its trust store saved then, put back after) accepts the new key while a
+    retired KEK version still wraps the pinned one; after --purge-old it refuses the
+    volume as substituted (exit 19) until its operator vouches again (`trust
+    --accept-rollback`)."""
+    volume = copy_of(template, tmp_path)
+    assert run_cli("fsck", volume.backing, "--keyfile", volume.keyfile).returncode == 0
+    other_host = tmp_path / "other-host-trust"
+    shutil.copytree(own_trust_store, other_host)
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile)
+    assert result.returncode == 0, result.stderr
+
+    def as_other_host(*args: str | os.PathLike) -> subprocess.CompletedProcess:
+        shutil.rmtree(own_trust_store)
+        shutil.copytree(other_host, own_trust_store)
+        return run_cli(*args, "--keyfile", volume.keyfile)
+
+    follows = as_other_host("fsck", volume.backing)
+    assert follows.returncode == 0, follows.stderr
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--purge-old")
+    assert result.returncode == 0, result.stderr
+    refused = as_other_host("fsck", volume.backing)
+    assert refused.returncode == ConfigAuthError.exit_code, refused.stderr
+    assert "another volume key" in refused.stderr
+    trusted_again = as_other_host("trust", volume.backing, "--accept-rollback")
+    assert trusted_again.returncode == 0, trusted_again.stderr
+    assert run_cli("fsck", volume.backing, "--keyfile", volume.keyfile).returncode == 0
