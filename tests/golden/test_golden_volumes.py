@@ -147,6 +147,27 @@ def test_golden_volume_mounts_and_matches_manifest(name, tmp_path):
     assert forms == ({"set"} if "xattr-sets" in doc["features"] else {"per-name"})
 
 
+@pytest.mark.fuse
+@pytest.mark.parametrize("name", ["v1-bound-names", "v1-vk-epochs"])
+def test_golden_volume_reencrypted(name, tmp_path):
+    """A volume without xattr-sets keeps its volume key (the name pass knows only sets):
+    no epochs, the result says so; the epochs volume gets a third volume key. Both still
+    match their manifests through a mount."""
+    volume = extract_upgraded(name, tmp_path)
+    result = run_cli("reencrypt", volume.backing, "--keyfile", volume.keyfile, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    doc = json.loads((volume.backing / "encfs-gw.conf").read_text())
+    if name == "v1-bound-names":
+        assert summary["volume_key"].startswith("unchanged")
+        assert "volume-key-epochs" not in doc["features"]
+    else:
+        assert summary["volume_key"] == "epoch 3 (was 2)"
+        assert [v["volume_key_epoch"] for v in doc["kek"]["versions"]] == [1, 2, 3]
+    with mounted(Volume(volume.backing, None), tmp_path / "mnt") as mnt:
+        check_manifest(mnt, json.loads((HERE / f"{name}.json").read_text()))
+
+
 @pytest.mark.parametrize("name", GOLDEN)
 def test_golden_volume_through_the_engine(name, tmp_path):
     volume = extract_upgraded(name, tmp_path)
