@@ -46,8 +46,13 @@ RECORD = "record"
 RECORD_AAD_LABEL = b"EGWQ"
 
 
+def record_aad(volume_id: bytes, item: str) -> list[bytes]:
+    """The AAD of an item's record, sealed under the name key (reencrypt moves it)."""
+    return [RECORD_AAD_LABEL, volume_id, item.encode("ascii")]
+
+
 def _record_aad(volume: Volume, item: str) -> list[bytes]:
-    return [RECORD_AAD_LABEL, volume.config.volume_id, item.encode("ascii")]
+    return record_aad(volume.config.volume_id, item)
 
 
 def _open_area(volume: Volume) -> int:

@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 from encfs import backing, crypto
+from encfs.admin import quarantine
 from encfs.admin.reencrypt_journal import crash_at
 from encfs.engine import Volume
 from encfs.engine.bindings import UNBOUND_LABEL, ZERO_TAG, Bindings, rewrite_header
@@ -101,6 +102,7 @@ class NamePass:
     def run(self) -> NameStats:
         self._store_files(fnames.SYMLINK_STORE_DIR, self._reseal_symlink_store_file)
         self._store_files(xformat.STORE_DIR, self._reseal_xattr_store_file)
+        self._quarantine_records()
         for _ in self.steps():
             pass
         return self.stats
@@ -375,6 +377,43 @@ class NamePass:
                     self._step("store")
         finally:
             os.close(store_fd)
+
+    def _quarantine_records(self) -> None:
+        """fsck's quarantine records (FORMAT.md 5.5: plaintext paths, sealed under the name
+        key) sealed again; the evidence they describe stays as it was."""
+        try:
+            area = os.open(fnames.QUARANTINE_DIR, _DIR_FLAGS, dir_fd=self.root_fd)
+        except FileNotFoundError:
+            return
+        try:
+            for item in sorted(os.listdir(area)):
+                try:
+                    item_fd = os.open(item, _DIR_FLAGS, dir_fd=area)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                try:
+                    self._quarantine_record(item_fd, item)
+                finally:
+                    os.close(item_fd)
+        finally:
+            os.close(area)
+
+    def _quarantine_record(self, item_fd: int, item: str) -> None:
+        try:
+            sealed = backing.read_small_file(item_fd, quarantine.RECORD)
+            aad = quarantine.record_aad(self.volume_id, item)
+        except (FileNotFoundError, UnicodeEncodeError):
+            return  # an item being made (no record yet), or no item of fsck's
+        moved = self._reseal(
+            sealed,
+            lambda s: self.new.name_cipher.open(s, aad),
+            lambda s: self.old.name_cipher.open(s, aad),
+            lambda p: self.new.name_cipher.seal(p, aad),
+        )
+        if moved is not None:
+            write_atomic(item_fd, quarantine.RECORD, moved, 0o400)
+            self.stats["store_files_moved"] += 1
+            self._step("store")
 
     def _reseal(
         self, sealed: bytes, open_new: Callable[[bytes], bytes],

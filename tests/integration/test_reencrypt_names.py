@@ -20,8 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from encfs import config_store
+from encfs.admin import quarantine
 from encfs.admin.reencrypt import CRASH_AT_ENV
-from encfs.errors import ConfigAuthError, UnsupportedFormat, VolumeBusy
+from encfs.errors import ConfigAuthError, IntegrityError, UnsupportedFormat, VolumeBusy
+from tests.helpers.config import operator_for
 from tests.helpers.convert_tree import SMALL_STDLIB, build_tree, manifest
 from tests.helpers.mount import ENCFS_GW, mounted, run_cli
 from tests.helpers.mount import Volume as CliVolume
@@ -242,3 +245,37 @@ def test_another_host_follows_the_new_volume_key_until_the_old_one_is_purged(
     trusted_again = as_other_host("trust", volume.backing, "--accept-rollback")
     assert trusted_again.returncode == 0, trusted_again.stderr
     assert run_cli("fsck", volume.backing, "--keyfile", volume.keyfile).returncode == 0
+
+
+@pytest.mark.expected_log(r"integrity failure|bound to another name")
+def test_quarantine_records_move_to_the_new_volume_key(tmp_path, template, own_trust_store):
+    """fsck's quarantine records name plaintext paths under the name key: after
+    `reencrypt --purge-old` they open under the new volume key and not under the old."""
+    volume = copy_of(template, tmp_path)
+    files = sorted(p for p in volume.backing.iterdir()
+                   if "." not in p.name and p.is_file() and p.stat().st_nlink == 1)
+    first, second = files[:2]
+    os.rename(first, tmp_path / "swap")
+    os.rename(second, first)
+    os.rename(tmp_path / "swap", second)
+    repaired = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile, "--repair")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    items = sorted((volume.backing / ".egw-quarantine").iterdir())
+    assert len(items) == 2
+    _, old = config_store.unlock(str(volume.backing), operator_for(volume.keyfile))
+    try:
+        result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--purge-old", "--json")
+        assert result.returncode == 0, result.stderr
+        _, new = config_store.unlock(str(volume.backing), operator_for(volume.keyfile))
+        try:
+            volume_id = new.volume_id
+            for item in items:
+                sealed = (item / "record").read_bytes()
+                aad = quarantine.record_aad(volume_id, item.name)
+                assert json.loads(new.name_cipher.open(sealed, aad))["path"].startswith("/")
+                with pytest.raises(IntegrityError):
+                    old.name_cipher.open(sealed, aad)
+        finally:
+            new.close()
+    finally:
+        old.close()

@@ -90,7 +90,8 @@ SAME_LAYER: dict[str, set[str]] = {
         "admin.reencrypt_names",
     },
     "admin.reencrypt_data": {"admin.rewrap", "admin.reencrypt_journal"},  # timing; journal
-    "admin.reencrypt_names": {"admin.reencrypt_journal"},  # the crash hook
+    # the crash hook; the quarantine's record format (its records are moved too)
+    "admin.reencrypt_names": {"admin.reencrypt_journal", "admin.quarantine"},
     "admin.status": {"admin.keyslots", "admin.rotation"},
     # fuse/: the handlers translate errors through the table and hand fsync to the
     # syncer (test_fuse_adapter_imports_only_the_engine_and_errors)
