@@ -48,7 +48,19 @@ def open_path(name: str, dir_fd: int) -> int:
 
 def reopen(path_fd: int, flags: int) -> int:
     """Open the object behind an O_PATH handle for I/O (works for unlinked files too)."""
-    return os.open(f"/proc/self/fd/{path_fd}", flags | os.O_CLOEXEC)
+    return open_quietly(f"/proc/self/fd/{path_fd}", flags | os.O_CLOEXEC)
+
+
+def open_quietly(name: str, flags: int, dir_fd: int | None = None) -> int:
+    """os.open, but when `flags` asks for O_NOATIME (a pass reads files, it does not use
+    them) and the kernel refuses it (only the owner or CAP_FOWNER may: a daemon of another
+    uid of a group-shared store), open without it rather than fail."""
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:
+        if not flags & os.O_NOATIME:
+            raise
+        return os.open(name, flags & ~os.O_NOATIME, dir_fd=dir_fd)
 
 
 def chown_fd(path_fd: int, uid: int, gid: int) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from encfs import crypto
+from encfs import backing, crypto
 from encfs.admin.reencrypt_journal import (
     BATCH_BYTES,
     BATCH_GROUPS,
@@ -93,7 +93,7 @@ def data_files(root_fd: int) -> Iterator[tuple[str, int, int]]:
     """(backing path relative to the root, dir fd, name) of every regular data file,
     depth first; only the current directory and its ancestors are open."""
     stack: list[tuple[str, int, Iterator[str]]] = []
-    root = os.open(".", DIR_FLAGS, dir_fd=root_fd)
+    root = backing.open_quietly(".", DIR_FLAGS, dir_fd=root_fd)
     try:
         files, subdirs = _listing(root)
         stack.append(("", root, iter(subdirs)))
@@ -106,7 +106,7 @@ def data_files(root_fd: int) -> Iterator[tuple[str, int, int]]:
                 stack.pop()
                 os.close(dir_fd)
                 continue
-            child = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+            child = backing.open_quietly(name, DIR_FLAGS, dir_fd=dir_fd)
             try:
                 files, subdirs = _listing(child)
             except BaseException:
@@ -199,7 +199,7 @@ class ReencryptPass:
         fd = fds.get(entry.path)
         if fd is None:
             try:
-                fd = os.open(entry.path, FILE_FLAGS,
+                fd = backing.open_quietly(entry.path, FILE_FLAGS,
                              dir_fd=self.volume.root_fd)
             except OSError as exc:
                 log.warning("reencrypt: journal names %r, which cannot be opened: %s",
@@ -316,7 +316,7 @@ class ReencryptPass:
         self.count()
         try:
             for path, dir_fd, name in data_files(self.volume.root_fd):
-                fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+                fd = backing.open_quietly(name, FILE_FLAGS, dir_fd=dir_fd)
                 try:
                     st = os.fstat(fd)
                     if (st.st_dev, st.st_ino) in self._inodes:

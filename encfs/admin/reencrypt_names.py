@@ -109,14 +109,14 @@ class NamePass:
 
     def steps(self) -> Iterator[NameStats]:
         """Every directory, depth first; yields after each one."""
-        root = os.open(".", _DIR_FLAGS, dir_fd=self.root_fd)
+        root = backing.open_quietly(".", _DIR_FLAGS, dir_fd=self.root_fd)
         stack: list[tuple[int, Iterator[tuple[str, bytes, bytes]]]] = []
         try:
             stack.append((root, iter(self._directory(root, None))))
             while stack:
                 dir_fd, pending = stack[-1]
                 for name, parent_id, plain in pending:  # the next subdirectory, if any
-                    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                    fd = backing.open_quietly(name, _DIR_FLAGS, dir_fd=dir_fd)
                     try:
                         subdirs = self._directory(fd, (parent_id, plain))
                     except BaseException:
@@ -361,7 +361,7 @@ class NamePass:
     # --- the stores -----------------------------------------------------------------------
     def _store_files(self, store: str, reseal: Callable[[str, bytes], bytes | None]) -> None:
         try:
-            store_fd = os.open(store, _DIR_FLAGS, dir_fd=self.root_fd)
+            store_fd = backing.open_quietly(store, _DIR_FLAGS, dir_fd=self.root_fd)
         except FileNotFoundError:
             return
         try:
@@ -382,13 +382,13 @@ class NamePass:
         """fsck's quarantine records (FORMAT.md 5.5: plaintext paths, sealed under the name
         key) sealed again; the evidence they describe stays as it was."""
         try:
-            area = os.open(fnames.QUARANTINE_DIR, _DIR_FLAGS, dir_fd=self.root_fd)
+            area = backing.open_quietly(fnames.QUARANTINE_DIR, _DIR_FLAGS, dir_fd=self.root_fd)
         except FileNotFoundError:
             return
         try:
             for item in sorted(os.listdir(area)):
                 try:
-                    item_fd = os.open(item, _DIR_FLAGS, dir_fd=area)
+                    item_fd = backing.open_quietly(item, _DIR_FLAGS, dir_fd=area)
                 except (FileNotFoundError, NotADirectoryError):
                     continue
                 try:

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-from encfs import crypto
+from encfs import backing, crypto
 from encfs.engine import Volume
 from encfs.errors import IntegrityError
 from encfs.format import keyarea
@@ -125,7 +125,7 @@ def _data_dirs(volume: Volume) -> Iterator[tuple[int, list[str]]]:
     first. Only the current directory and its ancestors are open; each fd is valid until
     the consumer asks for the next directory."""
     # O_NOATIME: a pass reads, it does not use the files (their times stay the owner's)
-    root = os.open(".", _DIR_FLAGS, dir_fd=volume.root_fd)
+    root = backing.open_quietly(".", _DIR_FLAGS, dir_fd=volume.root_fd)
     try:
         files, subdirs = _listing(root)
     except BaseException:
@@ -142,7 +142,7 @@ def _data_dirs(volume: Volume) -> Iterator[tuple[int, list[str]]]:
                 os.close(dir_fd)
                 continue
             try:
-                child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                child = backing.open_quietly(name, _DIR_FLAGS, dir_fd=dir_fd)
             except FileNotFoundError:
                 continue  # removed meanwhile (online)
             try:
@@ -179,7 +179,7 @@ def data_files(
             try:
                 for name in names[first : first + PREFETCH_FILES]:
                     try:
-                        fd = os.open(name, flags, dir_fd=dir_fd)
+                        fd = backing.open_quietly(name, flags, dir_fd=dir_fd)
                     except FileNotFoundError:
                         continue
                     batch.append((fd, os.fstat(fd).st_size))

@@ -8,6 +8,8 @@ import errno
 import os
 from collections.abc import Iterator
 
+from encfs import backing
+
 KEPT_XATTRS = (b"user.", b"trusted.")
 ACL_XATTRS = b"system.posix_acl_"
 
@@ -40,17 +42,11 @@ def metadata_record(st: os.stat_result) -> list[int]:
 
 def open_dir(name: str, dir_fd: int | None) -> int:
     """A directory for listing without touching its atime (O_NOATIME: owner or root)."""
-    try:
-        return os.open(name, DIR_FLAGS | os.O_NOATIME, dir_fd=dir_fd)
-    except PermissionError:
-        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    return backing.open_quietly(name, DIR_FLAGS | os.O_NOATIME, dir_fd=dir_fd)
 
 
 def open_file(name: str, dir_fd: int) -> int:
-    try:
-        return os.open(name, _FILE_FLAGS | os.O_NOATIME, dir_fd=dir_fd)
-    except PermissionError:
-        return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    return backing.open_quietly(name, _FILE_FLAGS | os.O_NOATIME, dir_fd=dir_fd)
 
 
 def listdir(fd: int) -> list[str]:
