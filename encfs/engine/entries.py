@@ -194,8 +194,8 @@ class Entries:
         if inode.data_fd is None:
             # The new descriptor becomes the data descriptor: no reopen, no header read
             # back and no binding check of the header just written.
-            inode.data_fd = fd
             inode.contents = self._files.contents(fd, header.file_id)
+            self._inodes.set_data(inode, fd, os.O_RDWR)
         else:
             os.close(fd)
         return inode

@@ -6,16 +6,24 @@ readdirplus entry add one, forget subtracts, and an inode leaves the table when 
 lookup count and open count both reach zero. Inode numbers are the backing ones, but for
 the root (ROOT_INODE), whose number is swapped with the backing root's.
 
-Descriptors stay bounded however many inodes the kernel caches (issue 23): an inode
-holds a backing handle only while it is open (an open file's data descriptor serves as
-its handle), held by an operation in progress, nameless, or in the LRU cache of handles,
-whose size comes from the descriptor limit (`handle_capacity`). Any other inode is
-reopened on demand by its parent's handle and its backing name (openat, O_NOFOLLOW), and
-what is reopened must be the same backing inode (st_dev, st_ino): else ESTALE. Every
-change of names goes through the volume, which keeps each inode's recorded name current:
-a rename moves it, and an inode whose recorded name is removed (unlink, rmdir, a rename
-over it) keeps a handle until the kernel forgets it, so its backing inode, and with it the
-inode number the kernel knows, is not freed and reused meanwhile.
+Descriptors stay bounded however many inodes the kernel caches and however many files
+programs hold open (issue 23). An inode holds a backing handle only while it is held by
+an operation in progress, nameless, or in the LRU cache of handles, whose size comes from
+the descriptor limit (`handle_capacity`). An open file's data descriptor (one per inode,
+shared by its open handles; it serves as its handle too) is in a second LRU cache of the
+same size, and is given back under pressure like a handle: the next read or write opens
+it again (files.py, `Files.restore_data`), with the same access mode, from the inode's
+handle. Any inode without a handle is reopened on demand by its parent's handle and its
+backing name (openat, O_NOFOLLOW), and what is reopened must be the same backing inode
+(st_dev, st_ino): else ESTALE. Every change of names goes through the volume, which keeps
+each inode's recorded name current: a rename moves it, and an inode whose recorded name
+is removed (unlink, rmdir, a rename over it) keeps a handle until the kernel forgets it,
+so its backing inode, and with it the inode number the kernel knows, is not freed and
+reused meanwhile (and an unlinked open file's data descriptor can still be given back and
+reopened from that handle). So what is never given back: one handle per nameless inode,
+the handles and data descriptors of operations in progress (`hold`), and the data
+descriptor of a file whose owner lost write permission while it was open for writing
+(`pin_data`: a non-root daemon could not open it for writing again).
 """
 
 from __future__ import annotations
@@ -89,6 +97,9 @@ class Inode:
         "children",
         "contents",
         "data_fd",
+        "data_mode",
+        "data_pinned",
+        "data_used",
         "dir_id",
         "file_id",
         "holds",
@@ -132,6 +143,14 @@ class Inode:
         self.dir_id: bytes | None = None
         self.file_id: bytes | None = None  # a regular file's, once read (xattr sets)
         self.data_fd: int | None = None  # shared by all open handles of a regular file
+        # How the data descriptor was opened (os.O_RDWR or os.O_RDONLY): what it is reopened
+        # with after it was given back. `data_pinned`: never given back (`pin_data`).
+        self.data_mode = os.O_RDWR
+        self.data_pinned = False
+        # Used since the data cache last passed it (its second chance: `trim_data`).
+        self.data_used = False
+        # An open file's contents, also while its data descriptor is given back (its fd
+        # is -1 then, and the next read or write reopens it).
         self.contents: FileContents | None = None
         # (parent dir id, plain name) it was last reached by: checked against the file
         # header's name binding, so a file's ciphertext copied over another is refused.
@@ -198,6 +217,9 @@ class InodeTable:
         # directories, held and nameless inodes are never in it).
         self.cache: OrderedDict[int, Inode] = OrderedDict()
         self.capacity = handle_capacity() if capacity is None else capacity
+        # Open files' data descriptors that may be given back, in the order a clock
+        # passes them (as many as handles: `trim_data`).
+        self.data_cache: OrderedDict[int, Inode] = OrderedDict()
         self.files: dict[int, Inode] = {}  # file handle -> its inode
         self.dirs: dict[int, DirHandle] = {}  # directory handle -> its listing
         self._next_fh = 1
@@ -271,10 +293,12 @@ class InodeTable:
             or inode.ino == ROOT_INODE
         ):
             return
+        self.data_cache.pop(inode.ino, None)
         if inode.data_fd is not None:
             self.close_fd(inode.data_fd)
             inode.data_fd = None
-            inode.contents = None
+        inode.contents = None
+        inode.data_pinned = False
         if inode.on_drop is not None:
             on_drop, inode.on_drop = inode.on_drop, None
             on_drop()
@@ -297,14 +321,29 @@ class InodeTable:
             self.trim()
         else:
             self.cache.pop(inode.ino, None)
+        if inode.data_fd is not None and self._data_evictable(inode):
+            inode.data_used = True
+            if inode.ino not in self.data_cache:
+                self.data_cache[inode.ino] = inode
+                self.trim_data()
+        else:
+            self.data_cache.pop(inode.ino, None)
 
     @staticmethod
     def _evictable(inode: Inode) -> bool:
+        # (An open directory's handle may be evicted too: its listing is kept in its
+        # DirHandle, and fsyncdir holds it while a thread uses it.)
+        return inode.ino != ROOT_INODE and inode.parent_ino is not None and inode.holds == 0
+
+    @staticmethod
+    def _data_evictable(inode: Inode) -> bool:
+        """An open file's data descriptor may be given back if it can be opened again:
+        from its handle (a nameless inode keeps one) or from its name."""
         return (
-            inode.ino != ROOT_INODE
-            and inode.parent_ino is not None
+            inode.opens > 0
             and inode.holds == 0
-            and not (inode.is_dir and inode.opens > 0)  # its fd may be with fsyncdir
+            and not inode.data_pinned
+            and (inode.parent_ino is not None or inode._fd >= 0)
         )
 
     # --- the handle cache -------------------------------------------------------------------
@@ -331,6 +370,70 @@ class InodeTable:
                 inode._fd = -1
                 closed += 1
         return closed
+
+    def trim_data(self, keep: int | None = None) -> int:
+        """Give back data descriptors of open files beyond `keep` (default: the capacity);
+        how many were closed. Each is opened again by the next read or write of its file
+        (`Files.restore_data`).
+
+        Not strictly least recently used: a clock (second chance). A read or write only
+        marks its inode used (`data_used`, one store: the data path's whole cost, where
+        moving it in an LRU order took 4 times as long); passing a marked descriptor
+        clears the mark and keeps it for one more round, an unmarked one is given back.
+
+        Closing loses nothing: written data is in the backing file's page cache (shared
+        by every descriptor of the inode), and a write-back error not yet reported is
+        reported to the next fsync of a descriptor opened later too (the kernel's errseq:
+        a new descriptor samples only errors someone has seen)."""
+        # (All of them if need be: no operation keeps a data descriptor it took across
+        # the opening of another descriptor, so none is in use when this runs.)
+        keep = self.capacity if keep is None else keep
+        closed = 0
+        cache = self.data_cache
+        while len(cache) > keep:
+            ino, inode = cache.popitem(last=False)
+            if inode.data_used:
+                inode.data_used = False
+                cache[ino] = inode
+                continue
+            fd = inode.data_fd
+            if fd is not None:
+                inode.data_fd = None
+                if inode.contents is not None:
+                    inode.contents.fd = -1
+                os.close(fd)  # (the file has a name or a handle: this frees nothing)
+                closed += 1
+        return closed
+
+    def close_data(self, inode: Inode) -> None:
+        """Close a file's data descriptor (its last handle was released)."""
+        self.data_cache.pop(inode.ino, None)
+        if inode.data_fd is not None:
+            os.close(inode.data_fd)
+        inode.data_fd = None
+        inode.contents = None
+        inode.data_pinned = False
+
+    def set_data(self, inode: Inode, fd: int, mode: int) -> None:
+        """`fd` is the data descriptor of `inode` now, opened with `mode`."""
+        inode.data_fd = fd
+        inode.data_mode = mode
+        if inode.contents is not None:
+            inode.contents.fd = fd
+        self.settle(inode)
+
+    def pin_data(self, inode: Inode) -> None:
+        """Never give back this file's data descriptor while it is open (it could not be
+        opened the same way again); its last release unpins it."""
+        inode.data_pinned = True
+        self.data_cache.pop(inode.ino, None)
+
+    def drop_handle(self, inode: Inode) -> None:
+        """Close an inode's own handle now if it may be evicted (an open file whose data
+        descriptor serves as its handle)."""
+        if self.cache.pop(inode.ino, None) is not None and inode._fd >= 0:
+            os.close(inode._fd)
+            inode._fd = -1
 
     def new_descriptor(self, opener: Callable[[], int]) -> int:
         """`opener()`, run once more after `shed` when the daemon is out of descriptors
@@ -362,7 +465,7 @@ class InodeTable:
     def shed(self) -> int:
         """Out of descriptors: close every cached handle that may be (and finish the
         deferred closes); how many descriptors that gave back."""
-        closed = self.trim(0)
+        closed = self.trim(0) + self.trim_data(0)
         if self.settle_closes():
             closed += 1
         return closed
@@ -437,7 +540,8 @@ class InodeTable:
         again), so its backing inode and number stay its own. Call before the removal."""
         if inode._fd < 0:
             if inode.data_fd is not None:
-                inode._fd = os.dup(inode.data_fd)
+                data_fd = inode.data_fd
+                inode._fd = self.new_descriptor(lambda: os.dup(data_fd))
             else:
                 self.reopen(inode)
         self._set_name(inode, None, None)
@@ -482,6 +586,7 @@ class InodeTable:
             inode.fd  # noqa: B018 (opened now, while its name is sure to be valid)
             inode.holds += 1
             self.cache.pop(inode.ino, None)
+            self.data_cache.pop(inode.ino, None)
         return held
 
     def unhold(self, held: list[Inode]) -> None:
@@ -493,9 +598,9 @@ class InodeTable:
 
     def stats(self) -> dict[str, int]:
         """Known inodes, cached handles, the cache's capacity, open file and directory
-        handles."""
+        handles, and open files' data descriptors that may be given back."""
         return {"known": len(self.inodes), "cached": len(self.cache), "capacity": self.capacity,
-                "open": len(self.files) + len(self.dirs)}
+                "open": len(self.files) + len(self.dirs), "data_cached": len(self.data_cache)}
 
     def forget(self, ino: int, count: int) -> None:
         inode = self.inodes.get(ino)
@@ -567,6 +672,7 @@ class InodeTable:
             self.drop(inode, force=True)
         self.inodes.clear()
         self.cache.clear()
+        self.data_cache.clear()
         self.files.clear()
         self.dirs.clear()
         if self._closer is not None:

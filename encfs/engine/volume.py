@@ -280,6 +280,11 @@ class Volume:
             if inode.mode == stat.S_IFLNK:
                 raise oserror(errno.EOPNOTSUPP)
             backing.chmod_fd(inode.fd, stat.S_IMODE(mode))
+            if inode.opens > 0 and inode.data_mode == os.O_RDWR and not mode & stat.S_IWUSR:
+                # Open for writing, and the owner may not write any more: a daemon that is
+                # not root could not open it for writing again, so it keeps its descriptor.
+                self._files.open_data(inode)
+                self._inodes.pin_data(inode)
         if uid is not None or gid is not None:
             backing.chown_fd(inode.fd, -1 if uid is None else uid, -1 if gid is None else gid)
         if atime_ns is not None or mtime_ns is not None:
@@ -348,6 +353,10 @@ class Volume:
         parent = self._inodes.directory(parent_ino)
         inode = self._entries.create(parent, plain_name, mode, uid, gid)
         fh = self._files.open(inode, flags & ~os.O_TRUNC, keep_setid=False)
+        if not mode & stat.S_IWUSR:
+            # Made read-only and open for writing (git's objects): a daemon that is not
+            # root could not open it for writing again, so it keeps its descriptor.
+            self._inodes.pin_data(inode)
         return fh, self.getattr(inode.ino)
 
     def mknod(
@@ -490,11 +499,21 @@ class Volume:
     def write(self, fh: int, plain_offset: int, data: bytes) -> int:
         return self._files.write(fh, plain_offset, data)
 
-    def data_fd(self, fh: int) -> int:
-        """The backing data descriptor of a handle (for fsync in a worker thread)."""
-        fd = self._files.handle(fh).data_fd
-        assert fd is not None
-        return fd
+    def sync_begin(self, fh: int) -> tuple[Inode, int]:
+        """(inode, backing data descriptor) of a handle, for an fsync on a worker thread:
+        opened again if it was given back, and kept open until `sync_end`."""
+        return self._files.sync_begin(fh)
+
+    def sync_end(self, inode: Inode) -> None:
+        self._files.sync_end(inode)
+
+    def fsync(self, fh: int, datasync: bool = False) -> None:
+        """fsync (fdatasync) of a handle's file, in one call."""
+        inode, fd = self.sync_begin(fh)
+        try:
+            (os.fdatasync if datasync else os.fsync)(fd)
+        finally:
+            self.sync_end(inode)
 
     def release(self, fh: int) -> None:
         self._files.release(fh)
@@ -565,8 +584,12 @@ class Volume:
             if inode.opens == 0 and self._inodes.inodes.get(inode.ino) is inode:
                 self._inodes.settle(inode)  # its handle may be evicted again
 
-    def fsyncdir_fd(self, fh: int) -> int:
-        return self._inodes.dirs[fh].inode.fd
+    def fsyncdir_begin(self, fh: int) -> tuple[Inode, int]:
+        """(inode, backing directory handle) of an open directory, for an fsync on a
+        worker thread: held (never evicted) until `sync_end`."""
+        inode = self._inodes.dir_handle(fh).inode
+        self._inodes.hold(inode)
+        return inode, inode.fd
 
     def scan_directory(self, ino: int) -> list[ScanEntry]:
         """Every backing entry of a directory, for fsck: (backing name, kind, plain name

@@ -68,6 +68,8 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 # Not readdir: it may have replied some entries already.
 _RETRY_WHEN_NO_DESCRIPTORS = _RETRY_WHEN_FULL | {
     "lookup", "getattr", "open", "opendir", "readlink", "getxattr", "listxattr", "statfs",
+    # an open file's data descriptor or directory handle opened again (nothing done yet)
+    "read", "fsync", "fsyncdir",
 }
 _NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
@@ -317,7 +319,14 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.syncer.fsync(self.volume.data_fd(fh), datasync)
+        # Its data descriptor, opened again if it was given back (the fsync still writes
+        # what was written through the one before: the page cache is the inode's), and
+        # kept open while the syncer's thread uses it.
+        inode, fd = self.volume.sync_begin(fh)
+        try:
+            await self.syncer.fsync(fd, datasync)
+        finally:
+            self.volume.sync_end(inode)
 
     @_translate
     async def release(self, fh: int) -> None:
@@ -349,7 +358,11 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self.syncer.fsync(self.volume.fsyncdir_fd(fh))
+        inode, fd = self.volume.fsyncdir_begin(fh)
+        try:
+            await self.syncer.fsync(fd)
+        finally:
+            self.volume.sync_end(inode)
 
     @_translate
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:

@@ -1,0 +1,215 @@
+"""Open files' data descriptors in a bounded cache, opened again on demand (issue 23).
+
+An open file's backing data descriptor may be given back (least recently used first)
+while the file stays open; its next read, write, truncate or fsync opens it again from
+the inode's handle, or by its current backing name if that was evicted too, with the
+access mode it had, and checks that it reached the same file (the same backing inode,
+and the file id in its header): else EIO. These tests drive the engine directly with a
+tiny cache (8 handles, 8 data descriptors); tests/integration/test_descriptor_bound.py
+does the same through a mount whose daemon has few descriptors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+
+import pytest
+
+from encfs import config_store
+from encfs.engine import ROOT_INODE
+from encfs.errors import IntegrityError, KeyRevoked
+from tests.helpers.config import trusted
+
+CAPACITY = 8
+FILES = 60  # open at once: far more than both caches together
+UID, GID = os.getuid(), os.getgid()
+_rounds = itertools.count()
+
+
+def own_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def content(index: int) -> bytes:
+    return b"file %d " % index * (index % 5 + 1)
+
+
+@pytest.fixture
+def small(vol):
+    vol.limit_handles(CAPACITY)
+    return vol
+
+
+def open_many(vol, count: int = FILES, prefix: bytes = b"f") -> list[tuple[int, int]]:
+    """(fh, ino) of `count` new files, each written and left open."""
+    opened = []
+    for index in range(count):
+        fh, attr = vol.create(ROOT_INODE, prefix + b"%d" % index, 0o644, os.O_RDWR, UID, GID)
+        assert vol.write(fh, 0, content(index)) == len(content(index))
+        opened.append((fh, attr.ino))
+    return opened
+
+
+def given_back(vol, ino: int) -> bool:
+    inode = vol.inode(ino)
+    return inode.data_fd is None and inode.contents is not None
+
+
+def evict(vol, ino: int) -> None:
+    """Use enough other open files that `ino`'s data descriptor is given back."""
+    for fh, other in open_many(vol, 2 * CAPACITY + 20, prefix=b"evict-%d-" % next(_rounds)):
+        vol.read(fh, 0, 10)
+        vol.release(fh)
+        vol.forget(other, 1)
+    assert given_back(vol, ino)
+
+
+def test_open_files_beyond_the_cache_hold_few_descriptors(small):
+    before = own_fds()
+    opened = open_many(small)
+    assert own_fds() - before <= 2 * CAPACITY
+    assert small.handle_stats()["data_cached"] <= CAPACITY
+    for round_ in range(2):  # each read, written, fsynced: its descriptor opened again
+        for index, (fh, _) in enumerate(opened):
+            assert bytes(small.read(fh, 0, 1 << 16)) == content(index) * (round_ + 1)
+            small.write(fh, len(content(index)) * (round_ + 1), content(index))
+            small.fsync(fh)
+            small.fsync(fh, datasync=True)
+            assert own_fds() - before <= 2 * CAPACITY
+    for index, (fh, ino) in enumerate(opened):
+        assert small.getattr(ino).size == 3 * len(content(index))
+        small.release(fh)
+        small.forget(ino, 1)
+    assert own_fds() <= before
+    assert small.handle_stats()["data_cached"] == 0
+
+
+def test_renamed_while_open_and_given_back_is_reopened_by_its_new_name(small):
+    (fh, ino), *_ = open_many(small, 1, prefix=b"moving")
+    small.mkdir(ROOT_INODE, b"d", 0o755, UID, GID)
+    d = small.lookup(ROOT_INODE, b"d").ino
+    small.rename(ROOT_INODE, b"moving0", d, b"moved")
+    evict(small, ino)
+    assert not small.inode(ino).has_handle  # reopened by name, not from a handle
+    assert bytes(small.read(fh, 0, 100)) == content(0)
+    small.write(fh, 0, b"FILE")
+    small.release(fh)
+    assert small.read(small.open(small.lookup(d, b"moved").ino, os.O_RDONLY), 0, 4) == b"FILE"
+
+
+def test_unlinked_while_open_keeps_one_descriptor_and_is_reopened_from_it(small):
+    opened = open_many(small, 20, prefix=b"gone")
+    before = own_fds()
+    for index in range(20):
+        small.unlink(ROOT_INODE, b"gone%d" % index)
+    # One handle each (no name to reopen by); data descriptors still given back.
+    assert own_fds() - before <= 20
+    for index, (fh, ino) in enumerate(opened):
+        assert small.inode(ino).has_handle
+        small.write(fh, len(content(index)), b"+")
+        assert bytes(small.read(fh, 0, 1000)) == content(index) + b"+"
+        small.fsync(fh)
+    assert small.handle_stats()["data_cached"] <= CAPACITY
+    for fh, ino in opened:
+        small.release(fh)
+        small.forget(ino, 1)
+    assert own_fds() < before
+
+
+def test_o_trunc_is_applied_once_and_not_again_on_reopen(small):
+    (fh, ino), *_ = open_many(small, 1, prefix=b"t")
+    small.release(fh)
+    fh = small.open(ino, os.O_RDWR | os.O_TRUNC)
+    small.write(fh, 0, b"after truncate")
+    evict(small, ino)
+    assert bytes(small.read(fh, 0, 100)) == b"after truncate"
+    small.release(fh)
+
+
+@pytest.mark.parametrize("how", ["created read-only", "chmod while open"])
+def test_read_only_file_open_for_writing_keeps_its_descriptor(small, how):
+    """A file open for writing whose owner may not write it any more is never given back:
+    a daemon that is not root could not open it for writing again."""
+    if how == "created read-only":
+        fh, attr = small.create(ROOT_INODE, b"ro", 0o444, os.O_RDWR, UID, GID)
+    else:
+        fh, attr = small.create(ROOT_INODE, b"ro", 0o644, os.O_RDWR, UID, GID)
+        small.setattr(attr.ino, mode=0o444)
+    for index in range(3):
+        opened = open_many(small, 3 * CAPACITY, prefix=b"other%d-" % index)
+        small.write(fh, index, b"w")
+        for other_fh, other in opened:
+            small.release(other_fh)
+            small.forget(other, 1)
+        assert small.inode(attr.ino).data_fd is not None
+    assert bytes(small.read(fh, 0, 10)) == b"www"
+    small.release(fh)
+    assert not small.inode(attr.ino).data_pinned  # the last release unpins it
+
+
+@pytest.mark.expected_log(r"integrity failure in inode \d+", r"inode \d+ cannot be reopened")
+@pytest.mark.parametrize("tamper", ["renamed away", "replaced by a copy", "overwritten"])
+def test_changed_behind_the_mount_while_given_back_gives_eio(small, backing, tamper):
+    opened = open_many(small, 2, prefix=b"victim")
+    (fh, ino), (_, other_ino) = opened
+    inode = small.inode(ino)
+    path = os.path.join(backing, inode.backing_name)
+    other = os.path.join(backing, small.inode(other_ino).backing_name)
+    evict(small, ino)
+    assert not inode.has_handle
+    if tamper == "renamed away":
+        os.rename(path, path + ".away")
+    elif tamper == "replaced by a copy":
+        shutil.copyfile(path, path + ".copy")  # the same bytes, another backing inode
+        os.replace(path + ".copy", path)
+    else:  # the same backing inode, another file's bytes (header and file id)
+        with open(other, "rb") as source, open(path, "r+b") as target:
+            target.write(source.read())
+    with pytest.raises(IntegrityError):
+        small.read(fh, 0, 10)
+    with pytest.raises(IntegrityError):
+        small.write(fh, 0, b"x")
+    small.release(fh)
+
+
+def test_revoked_keys_fail_reads_of_a_reopened_descriptor_and_come_back(small, backing):
+    (fh, ino), *_ = open_many(small, 1, prefix=b"secret")
+    evict(small, ino)
+    small.keyring.wipe(KeyRevoked("revoked in a test"))
+    with pytest.raises(KeyRevoked):
+        small.read(fh, 0, 100)
+    with pytest.raises(KeyRevoked):
+        small.write(fh, 0, b"x")
+    _, fresh = config_store.unlock(str(backing), trusted())
+    small.keyring.restore(fresh)
+    evict(small, ino)
+    assert bytes(small.read(fh, 0, 100)) == content(0)  # nothing lost
+    small.release(fh)
+
+
+def test_open_directories_beyond_the_cache_hold_few_descriptors(small):
+    for index in range(FILES):
+        small.mkdir(ROOT_INODE, b"d%d" % index, 0o755, UID, GID)
+        small.lookup(ROOT_INODE, b"d%d" % index)
+    before = own_fds()
+    handles = []
+    for index in range(FILES):
+        ino = small.lookup(ROOT_INODE, b"d%d" % index).ino
+        d = small.lookup(ROOT_INODE, b"d%d" % index).ino
+        make = small.create(d, b"inside", 0o644, os.O_RDWR, UID, GID)
+        small.release(make[0])
+        handles.append((small.opendir(ino), ino))
+    assert own_fds() - before <= 2 * CAPACITY
+    for fh, _ in handles:
+        names = [name for name, _, _ in small.readdir(fh, 0)]
+        assert b"inside" in names
+        for name, backing_name, _ in small.readdir(fh, 0):
+            small.readdir_attr(fh, name, backing_name)
+        inode, fd = small.fsyncdir_begin(fh)
+        os.fsync(fd)
+        small.sync_end(inode)
+    assert own_fds() - before <= 2 * CAPACITY
+    for fh, _ in handles:
+        small.releasedir(fh)
