@@ -115,6 +115,7 @@ class Files:
             self._inodes.drop_handle(inode)  # the data descriptor serves as its handle
         self._inodes.set_data(inode, fd, mode)
         return contents
+
     def contents(self, data_fd: int, file_id: bytes) -> FileContents:
         return FileContents(data_fd, self._layout, self._volume_id, file_id, self._keyring)
 
