@@ -218,9 +218,11 @@ class Volume:
             self._inodes.drop(inode)
 
     def limit_handles(self, capacity: int) -> None:
-        """Keep at most `capacity` handles of inodes nobody has open (tests)."""
+        """Keep at most `capacity` handles, and as many open files' data descriptors
+        that may be given back (tests)."""
         self._inodes.capacity = capacity
         self._inodes.trim()
+        self._inodes.trim_data()
 
     def shed_handles(self) -> bool:
         """Out of descriptors: close the cached handles; False if that gave none back."""
