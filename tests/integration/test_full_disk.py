@@ -34,6 +34,7 @@ import errno
 import fcntl
 import json
 import os
+import resource
 import select
 import shutil
 from pathlib import Path
@@ -382,3 +383,45 @@ def test_setup_leaves_no_mount(tmp_path):
         raise RuntimeError
     assert not os.path.ismount(tmp_path / "tmpfs-fs")
     assert not list((tmp_path / "tmpfs-fs").iterdir())
+
+
+@pytest.mark.expected_log(r"error: syncfs: Input/output error")
+def test_fsync_after_the_data_descriptor_was_given_back_reports_backing_eio(tmp_path):
+    """A file written without fsync, whose backing data descriptor the daemon gave back
+    (more files open than its descriptor limit allows): when the backing store then
+    fails, the file's fsync reports EIO, never success (issue 23)."""
+    nofile = 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4 * nofile:
+        pytest.skip(f"the test process needs {4 * nofile} descriptors (hard {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4 * nofile), hard))
+    mnt = tmp_path / "mnt"
+    held: list[int] = []
+    try:
+        with small_filesystem(tmp_path, "ext4", size_mib=32) as fs:
+            volume = new_volume(tmp_path, fs)
+            with mounted(volume, mnt, nofile=nofile):
+                fd = os.open(mnt / "unsynced", os.O_RDWR | os.O_CREAT, 0o644)
+                held.append(fd)
+                os.write(fd, os.urandom(100_000))
+                for index in range(2 * nofile):  # its data descriptor is given back
+                    other = os.open(mnt / f"other-{index}", os.O_RDWR | os.O_CREAT, 0o644)
+                    held.append(other)
+                    os.write(other, b"other")
+                pid = daemon_pid(volume.backing)
+                assert pid is not None
+                pidfd = os.pidfd_open(pid)
+                shutdown(fs)
+                expect_errno(errno.EIO, os.fsync, fd)
+                for other in held:
+                    os.close(other)
+                held.clear()
+            # As above: wait for the daemon before the image is unmounted.
+            try:
+                assert select.select([pidfd], [], [], 60)[0], "the daemon did not exit"
+            finally:
+                os.close(pidfd)
+    finally:
+        for other in held:
+            os.close(other)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
