@@ -29,8 +29,9 @@ ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
 
 def errno_for(exc: BaseException) -> int:
     if isinstance(exc, OSError):
-        # The daemon's own descriptor table is full (every cached handle already given
-        # back): the program's is not, so EMFILE would tell it to close its own files.
+        # The daemon's own descriptor table is full (its cached handles and open files'
+        # data descriptors already given back): the program's is not, so EMFILE would
+        # tell it to close its own files.
         # ENFILE says a limit outside the program was reached, as the system-wide file
         # table's is (what ext4 gives when there is no room to open a file).
         if exc.errno == errno.EMFILE:

@@ -147,7 +147,8 @@ def other_holder_gets_the_lock(path: Path) -> bool:
     return result.returncode == 0
 
 
-def test_three_times_more_open_files_than_daemon_descriptors(volume, tmp_path):
+@pytest.mark.parametrize("options", [(), ("writeback_cache",)], ids=["default", "writeback_cache"])
+def test_three_times_more_open_files_than_daemon_descriptors(volume, tmp_path, options):
     """A program holds 3x as many files open on the mount as the daemon has descriptors
     (a quarter of them O_APPEND): each is written, fsynced, read back; some are renamed
     and some unlinked while open; then each is written, read and fsynced again, with no
@@ -155,7 +156,7 @@ def test_three_times_more_open_files_than_daemon_descriptors(volume, tmp_path):
     demand. A flock taken at the start still holds at the end (locks are the kernel's)."""
     count = 3 * DAEMON_NOFILE
     with many_descriptors(count + DAEMON_NOFILE), \
-            mounted(volume, tmp_path / "mnt", nofile=DAEMON_NOFILE) as mnt:
+            mounted(volume, tmp_path / "mnt", *options, nofile=DAEMON_NOFILE) as mnt:
         pid = daemon_pid(volume.backing)
         assert pid is not None
         sampler = Sampler(pid)
