@@ -89,7 +89,6 @@ class Files:
         back: IntegrityError (EIO)."""
         contents = inode.contents
         assert contents is not None
-        had_handle = inode.has_handle
         try:
             path_fd = inode.fd
         except OSError as exc:
@@ -111,8 +110,6 @@ class Files:
             if isinstance(exc, IntegrityError):
                 self.report_integrity(inode, exc)
             raise
-        if not had_handle:
-            self._inodes.drop_handle(inode)  # the data descriptor serves as its handle
         self._inodes.set_data(inode, fd, mode)
         return contents
 

@@ -10,20 +10,20 @@ Descriptors stay bounded however many inodes the kernel caches and however many 
 programs hold open (issue 23). An inode holds a backing handle only while it is held by
 an operation in progress, nameless, or in the LRU cache of handles, whose size comes from
 the descriptor limit (`handle_capacity`). An open file's data descriptor (one per inode,
-shared by its open handles; it serves as its handle too) is in a second LRU cache of the
-same size, and is given back under pressure like a handle: the next read or write opens
-it again (files.py, `Files.restore_data`), with the same access mode, from the inode's
-handle. Any inode without a handle is reopened on demand by its parent's handle and its
-backing name (openat, O_NOFOLLOW), and what is reopened must be the same backing inode
-(st_dev, st_ino): else ESTALE. Every change of names goes through the volume, which keeps
+shared by its open handles) is in a second cache of the same size, and is given back
+under pressure like a handle: the next read or write opens it again (files.py,
+`Files.restore_data`), with the same access mode, from the inode's handle. Any inode
+without a handle is reopened on demand by its parent's handle and its backing name
+(openat, O_NOFOLLOW), and what is reopened must be the same backing inode (st_dev,
+st_ino): else ESTALE. Every change of names goes through the volume, which keeps
 each inode's recorded name current: a rename moves it, and an inode whose recorded name
 is removed (unlink, rmdir, a rename over it) keeps a handle until the kernel forgets it,
 so its backing inode, and with it the inode number the kernel knows, is not freed and
 reused meanwhile (and an unlinked open file's data descriptor can still be given back and
 reopened from that handle). So what is never given back: one handle per nameless inode,
 the handles and data descriptors of operations in progress (`hold`), and the data
-descriptor of a file whose owner lost write permission while it was open for writing
-(`pin_data`: a non-root daemon could not open it for writing again).
+descriptor of a file open for writing that its owner may not write (`pin_data`: a
+daemon that is not root could not open it for writing again).
 """
 
 from __future__ import annotations
@@ -175,13 +175,15 @@ class Inode:
 
     @property
     def fd(self) -> int:
-        """The backing handle, reopened if it was evicted (ESTALE if that fails)."""
+        """The backing handle, reopened if it was evicted (ESTALE if that fails).
+
+        Never an open file's data descriptor, though it would do: a caller may keep the
+        handle while it opens another descriptor, and running out of them gives back
+        every data descriptor (`trim_data`), but never the most recently used handles."""
         if self._fd >= 0:
             if self.table is not None:
                 self.table.touch(self)
             return self._fd
-        if self.data_fd is not None:  # an open file: its data descriptor will do
-            return self.data_fd
         if self.table is None:
             raise oserror(errno.ESTALE, f"inode {self.ino} has no handle")
         return self.table.reopen(self)
@@ -428,12 +430,6 @@ class InodeTable:
         inode.data_pinned = True
         self.data_cache.pop(inode.ino, None)
 
-    def drop_handle(self, inode: Inode) -> None:
-        """Close an inode's own handle now if it may be evicted (an open file whose data
-        descriptor serves as its handle)."""
-        if self.cache.pop(inode.ino, None) is not None and inode._fd >= 0:
-            os.close(inode._fd)
-            inode._fd = -1
 
     def new_descriptor(self, opener: Callable[[], int]) -> int:
         """`opener()`, run once more after `shed` when the daemon is out of descriptors

@@ -66,6 +66,12 @@ def evict(vol, ino: int) -> None:
     assert given_back(vol, ino)
 
 
+def evict_handles(vol) -> None:
+    """Give back every cached handle (and data descriptor)."""
+    vol.limit_handles(0)
+    vol.limit_handles(CAPACITY)
+
+
 def test_open_files_beyond_the_cache_hold_few_descriptors(small):
     before = own_fds()
     opened = open_many(small)
@@ -92,8 +98,13 @@ def test_renamed_while_open_and_given_back_is_reopened_by_its_new_name(small):
     d = small.lookup(ROOT_INODE, b"d").ino
     small.rename(ROOT_INODE, b"moving0", d, b"moved")
     evict(small, ino)
+    evict_handles(small)
     assert not small.inode(ino).has_handle  # reopened by name, not from a handle
     assert bytes(small.read(fh, 0, 100)) == content(0)
+    inode = small.inode(ino)
+    # Its handle is its own, never the data descriptor (which may be given back while
+    # a caller still uses the handle).
+    assert inode.fd != inode.data_fd
     small.write(fh, 0, b"FILE")
     small.release(fh)
     assert small.read(small.open(small.lookup(d, b"moved").ino, os.O_RDONLY), 0, 4) == b"FILE"
@@ -158,6 +169,7 @@ def test_changed_behind_the_mount_while_given_back_gives_eio(small, backing, tam
     path = os.path.join(backing, inode.backing_name)
     other = os.path.join(backing, small.inode(other_ino).backing_name)
     evict(small, ino)
+    evict_handles(small)
     assert not inode.has_handle
     if tamper == "renamed away":
         os.rename(path, path + ".away")
