@@ -89,6 +89,7 @@ class Files:
         back: IntegrityError (EIO)."""
         contents = inode.contents
         assert contents is not None
+        had_handle = inode.has_handle
         try:
             path_fd = inode.fd
         except OSError as exc:
@@ -110,6 +111,10 @@ class Files:
             if isinstance(exc, IntegrityError):
                 self.report_integrity(inode, exc)
             raise
+        if not had_handle:
+            # Opened only for this: closed again, so an open file costs one descriptor
+            # (its handle is opened by name again when something needs it).
+            self._inodes.drop_handle(inode)
         self._inodes.set_data(inode, fd, mode)
         return contents
 
@@ -215,10 +220,16 @@ class Files:
         fsync of any descriptor of the backing inode writes all of its dirty pages,
         those written through a descriptor given back meanwhile too."""
         inode = self.handle(fh)
-        self.open_data(inode)
+        # Held first: holding may open its handle, and running out of descriptors then
+        # would give back the data descriptor.
+        held = self._inodes.hold(inode)
+        try:
+            self.open_data(inode)
+        except BaseException:
+            self._inodes.unhold(held)
+            raise
         fd = inode.data_fd
         assert fd is not None
-        self._inodes.hold(inode)
         return inode, fd
 
     def sync_end(self, inode: Inode) -> None:

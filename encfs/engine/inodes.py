@@ -424,6 +424,13 @@ class InodeTable:
             inode.contents.fd = fd
         self.settle(inode)
 
+    def drop_handle(self, inode: Inode) -> None:
+        """Close an inode's handle now if it may be evicted (it was opened only to open
+        its data descriptor again)."""
+        if self.cache.pop(inode.ino, None) is not None and inode._fd >= 0:
+            os.close(inode._fd)
+            inode._fd = -1
+
     def pin_data(self, inode: Inode) -> None:
         """Never give back this file's data descriptor while it is open (it could not be
         opened the same way again); its last release unpins it."""
@@ -536,8 +543,15 @@ class InodeTable:
         again), so its backing inode and number stay its own. Call before the removal."""
         if inode._fd < 0:
             if inode.data_fd is not None:
+                # Out of the data cache while it is copied: running out of descriptors
+                # in new_descriptor gives back the cached ones.
+                self.data_cache.pop(inode.ino, None)
                 data_fd = inode.data_fd
-                inode._fd = self.new_descriptor(lambda: os.dup(data_fd))
+                try:
+                    inode._fd = self.new_descriptor(lambda: os.dup(data_fd))
+                except BaseException:
+                    self.settle(inode)
+                    raise
             else:
                 self.reopen(inode)
         self._set_name(inode, None, None)

@@ -11,8 +11,10 @@ does the same through a mount whose daemon has few descriptors.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
+import resource
 import shutil
 
 import pytest
@@ -229,3 +231,68 @@ def test_open_directories_beyond_the_cache_hold_few_descriptors(small):
     assert own_fds() - before <= 2 * CAPACITY
     for fh, _ in handles:
         small.releasedir(fh)
+
+
+class Descriptors:
+    """This process's descriptor limit set just above its highest open descriptor at
+    the first `tighten`; each `tighten` fills every free number below it but `spare`,
+    so the next new descriptor past those needs one of ours closed first (the engine's
+    cached ones, which it gives back when it runs out); `loosen` frees them again."""
+
+    def __init__(self) -> None:
+        self.fillers: list[int] = []
+        self.limited = False
+
+    def tighten(self, spare: int = 0) -> None:
+        if not self.limited:
+            top = max(int(name) for name in os.listdir("/proc/self/fd"))
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+            self.limited = True
+        while True:
+            try:
+                self.fillers.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                break
+        for _ in range(spare):
+            os.close(self.fillers.pop())
+
+    def loosen(self) -> None:
+        for fd in self.fillers:
+            os.close(fd)
+        self.fillers.clear()
+
+
+@pytest.fixture
+def descriptors():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    state = Descriptors()
+    yield state
+    state.loosen()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_out_of_descriptors_the_caches_are_given_back(small, descriptors):
+    """With no descriptor to spare, unlinking open files (each keeps a handle of its
+    own, copied from its data descriptor) and reading, writing and fsyncing every open
+    file (each opened again) work: the caches' descriptors are given back first."""
+    small.limit_handles(32)
+    opened = open_many(small, FILES, prefix=b"tight")
+    for index, (fh, ino) in enumerate(opened[:8]):
+        descriptors.loosen()
+        assert bytes(small.read(fh, 0, 1000)) == content(index)
+        assert small.inode(ino).data_fd is not None
+        descriptors.tighten()
+        small.unlink(ROOT_INODE, b"tight%d" % index)  # its copy: a cached one given back
+    # Room for what stays (8 unlinked files' handles, the 16 most recent handles a
+    # shed keeps) and a little more: the rest comes from giving back cached ones.
+    descriptors.loosen()
+    descriptors.tighten(spare=32)
+    for index, (fh, _) in enumerate(opened):
+        small.write(fh, len(content(index)), b"+")
+        assert bytes(small.read(fh, 0, 1000)) == content(index) + b"+"
+        small.fsync(fh)
+    for fh, ino in opened:
+        small.release(fh)
+        small.forget(ino, 1)
