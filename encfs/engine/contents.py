@@ -70,8 +70,11 @@ class FileContents:
         "file_id",
         "keyring",
         "layout",
+        "mode",
         "next_plain_offset",
         "next_write_plain_offset",
+        "pinned",
+        "used",
         "volume_id",
         "write_behind_from",
     )
@@ -89,6 +92,13 @@ class FileContents:
         self.next_plain_offset = -1  # where a sequential reader continues
         self.next_write_plain_offset = -1  # where a sequential writer continues
         self.write_behind_from = 0  # cipher offset up to which writeback was started
+        # For the inode table's cache of data descriptors (engine/inodes.py), here so an
+        # inode that is not open costs nothing for it: how `fd` was opened (what it is
+        # opened with again after it was given back, when it is -1), never given back,
+        # used since the cache's clock last passed it.
+        self.mode = os.O_RDWR
+        self.pinned = False
+        self.used = True
 
     # --- sizes ---------------------------------------------------------------------
     def plain_size(self) -> int:

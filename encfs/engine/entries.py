@@ -195,7 +195,7 @@ class Entries:
             # The new descriptor becomes the data descriptor: no reopen, no header read
             # back and no binding check of the header just written.
             inode.contents = self._files.contents(fd, header.file_id)
-            self._inodes.set_data(inode, fd, os.O_RDWR)
+            self._inodes.set_data(inode, fd)
         else:
             os.close(fd)
         return inode

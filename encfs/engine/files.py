@@ -64,12 +64,12 @@ class Files:
             self.restore_data(inode)
             return
         new_descriptor = self._inodes.new_descriptor
+        mode = os.O_RDWR
         try:
             inode.data_fd = new_descriptor(lambda: backing.reopen(inode.fd, os.O_RDWR))
-            inode.data_mode = os.O_RDWR
         except PermissionError:
+            mode = os.O_RDONLY
             inode.data_fd = new_descriptor(lambda: backing.reopen(inode.fd, os.O_RDONLY))
-            inode.data_mode = os.O_RDONLY
         header = os.pread(inode.data_fd, HEADER_SIZE, 0)
         if header:
             try:
@@ -80,6 +80,7 @@ class Files:
                 inode.data_fd = None
                 raise
             inode.contents = self.contents(inode.data_fd, file_header.file_id)
+            inode.contents.mode = mode
 
     def restore_data(self, inode: Inode) -> FileContents:
         """Open the data descriptor of an open file again after it was given back: from
@@ -100,7 +101,7 @@ class Files:
             )
             self.report_integrity(inode, error)
             raise error from None
-        mode = inode.data_mode
+        mode = contents.mode
         fd = self._inodes.new_descriptor(lambda: backing.reopen(path_fd, mode))
         try:
             header = os.pread(fd, HEADER_SIZE, 0)
@@ -115,7 +116,7 @@ class Files:
             # Opened only for this: closed again, so an open file costs one descriptor
             # (its handle is opened by name again when something needs it).
             self._inodes.drop_handle(inode)
-        self._inodes.set_data(inode, fd, mode)
+        self._inodes.set_data(inode, fd)
         return contents
 
     def contents(self, data_fd: int, file_id: bytes) -> FileContents:
@@ -189,7 +190,7 @@ class Files:
         # is there (about 15 ns).
         if contents.fd < 0:
             self.restore_data(inode)
-        inode.data_used = True
+        contents.used = True
         try:
             data = contents.read(plain_offset, plain_length)
             self._counters["bytes_read"] += len(data)
@@ -203,7 +204,7 @@ class Files:
         contents = inode.contents
         if contents is None or contents.fd < 0:
             contents = self.ensure_contents(inode)
-        inode.data_used = True
+        contents.used = True
         try:
             written = contents.write(plain_offset, data)
         except IntegrityError as exc:

@@ -97,9 +97,6 @@ class Inode:
         "children",
         "contents",
         "data_fd",
-        "data_mode",
-        "data_pinned",
-        "data_used",
         "dir_id",
         "file_id",
         "holds",
@@ -143,14 +140,8 @@ class Inode:
         self.dir_id: bytes | None = None
         self.file_id: bytes | None = None  # a regular file's, once read (xattr sets)
         self.data_fd: int | None = None  # shared by all open handles of a regular file
-        # How the data descriptor was opened (os.O_RDWR or os.O_RDONLY): what it is reopened
-        # with after it was given back. `data_pinned`: never given back (`pin_data`).
-        self.data_mode = os.O_RDWR
-        self.data_pinned = False
-        # Used since the data cache last passed it (its second chance: `trim_data`).
-        self.data_used = False
         # An open file's contents, also while its data descriptor is given back (its fd
-        # is -1 then, and the next read or write reopens it).
+        # is -1 then, and the next read or write reopens it with its `mode`).
         self.contents: FileContents | None = None
         # (parent dir id, plain name) it was last reached by: checked against the file
         # header's name binding, so a file's ciphertext copied over another is refused.
@@ -300,7 +291,6 @@ class InodeTable:
             self.close_fd(inode.data_fd)
             inode.data_fd = None
         inode.contents = None
-        inode.data_pinned = False
         if inode.on_drop is not None:
             on_drop, inode.on_drop = inode.on_drop, None
             on_drop()
@@ -323,8 +313,9 @@ class InodeTable:
             self.trim()
         else:
             self.cache.pop(inode.ino, None)
-        if inode.data_fd is not None and self._data_evictable(inode):
-            inode.data_used = True
+        contents = inode.contents
+        if inode.data_fd is not None and contents is not None and self._data_evictable(inode):
+            contents.used = True
             if inode.ino not in self.data_cache:
                 self.data_cache[inode.ino] = inode
                 self.trim_data()
@@ -340,11 +331,14 @@ class InodeTable:
     @staticmethod
     def _data_evictable(inode: Inode) -> bool:
         """An open file's data descriptor may be given back if it can be opened again:
-        from its handle (a nameless inode keeps one) or from its name."""
+        from its handle (a nameless inode keeps one) or from its name, and checked (its
+        header read: a file a crash left without one keeps its descriptor until its first
+        write gives it one)."""
         return (
             inode.opens > 0
             and inode.holds == 0
-            and not inode.data_pinned
+            and inode.contents is not None
+            and not inode.contents.pinned
             and (inode.parent_ino is not None or inode._fd >= 0)
         )
 
@@ -379,7 +373,7 @@ class InodeTable:
         (`Files.restore_data`).
 
         Not strictly least recently used: a clock (second chance). A read or write only
-        marks its inode used (`data_used`, one store: the data path's whole cost, where
+        marks its file used (`FileContents.used`, one store: the data path's whole cost, where
         moving it in an LRU order took 4 times as long); passing a marked descriptor
         clears the mark and keeps it for one more round, an unmarked one is given back.
 
@@ -394,15 +388,15 @@ class InodeTable:
         cache = self.data_cache
         while len(cache) > keep:
             ino, inode = cache.popitem(last=False)
-            if inode.data_used:
-                inode.data_used = False
+            contents = inode.contents
+            if contents is not None and contents.used:
+                contents.used = False
                 cache[ino] = inode
                 continue
             fd = inode.data_fd
-            if fd is not None:
+            if fd is not None and contents is not None:
                 inode.data_fd = None
-                if inode.contents is not None:
-                    inode.contents.fd = -1
+                contents.fd = -1
                 os.close(fd)  # (the file has a name or a handle: this frees nothing)
                 closed += 1
         return closed
@@ -414,12 +408,10 @@ class InodeTable:
             os.close(inode.data_fd)
         inode.data_fd = None
         inode.contents = None
-        inode.data_pinned = False
 
-    def set_data(self, inode: Inode, fd: int, mode: int) -> None:
-        """`fd` is the data descriptor of `inode` now, opened with `mode`."""
+    def set_data(self, inode: Inode, fd: int) -> None:
+        """`fd` is the data descriptor of `inode` now (opened with its contents' mode)."""
         inode.data_fd = fd
-        inode.data_mode = mode
         if inode.contents is not None:
             inode.contents.fd = fd
         self.settle(inode)
@@ -434,9 +426,9 @@ class InodeTable:
     def pin_data(self, inode: Inode) -> None:
         """Never give back this file's data descriptor while it is open (it could not be
         opened the same way again); its last release unpins it."""
-        inode.data_pinned = True
+        if inode.contents is not None:  # (without: never given back anyway)
+            inode.contents.pinned = True
         self.data_cache.pop(inode.ino, None)
-
 
     def new_descriptor(self, opener: Callable[[], int]) -> int:
         """`opener()`, run once more after `shed` when the daemon is out of descriptors

@@ -282,7 +282,8 @@ class Volume:
             if inode.mode == stat.S_IFLNK:
                 raise oserror(errno.EOPNOTSUPP)
             backing.chmod_fd(inode.fd, stat.S_IMODE(mode))
-            if inode.opens > 0 and inode.data_mode == os.O_RDWR and not mode & stat.S_IWUSR:
+            contents = inode.contents
+            if contents is not None and contents.mode == os.O_RDWR and not mode & stat.S_IWUSR:
                 # Open for writing, and the owner may not write any more: a daemon that is
                 # not root could not open it for writing again, so it keeps its descriptor.
                 self._files.open_data(inode)
