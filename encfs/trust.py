@@ -33,12 +33,20 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from encfs import crypto
 from encfs.errors import ConfigAuthError, ConfigError, NotVouched, TrustStoreError
-from encfs.format.volume import Protector, VolumeConfig, body_digest, load_document, now_utc
+from encfs.format.volume import (
+    PROTECTOR_ID_SIZE,
+    Protector,
+    VolumeConfig,
+    body_digest,
+    load_document,
+    now_utc,
+)
 from encfs.keys.provider import KeyProvider, ProviderFactory
 
 log = logging.getLogger(__name__)
@@ -468,3 +476,56 @@ class Operator:
     def vouch(self, protector_id: str, kind: str, options: dict[str, Any]) -> None:
         """A keyslot this process just made (init, provider add): vouched by its maker."""
         self.opened_by_spec[protector_id] = OperatorSpec(kind, options)
+
+    # --- a new KEK version (rotate, reencrypt) --------------------------------------------
+
+    def protect_with_new_provider(
+        self, new_provider: tuple[str, dict[str, Any]], kek: bytes, binding: bytes
+    ) -> Protector:
+        """The keyslot of a new KEK version under a provider the operator names now
+        (rotate and reencrypt `--new-provider`; the current providers' keyslots are
+        admin.rotation.protect_like's).
+
+        The provider makes its material first (`prepare_new`: a key file is created,
+        refused if it exists; removed again if protecting fails), the keyslot gets a new
+        id and is vouched for like one `provider add` makes: the trust store learns it
+        with the config that records it. It also joins the providers named on the
+        command line, when there are any (only those are asked): a health check or a
+        resume in this process opens the new version with it.
+
+        Errors: the provider's own (ProviderConfigError, VolumeExists, KeyAccessError
+        ...); nothing is recorded here, so a failure changes no config.
+        """
+        kind, options = new_provider
+        provider = self.factory(kind, options)
+        try:
+            provider.prepare_new()
+            try:
+                record = provider.protect(kek, binding)
+            except BaseException:
+                provider.discard_new()
+                raise
+            protector_id = crypto.random_key(PROTECTOR_ID_SIZE).hex()
+            self.vouch(protector_id, kind, provider.options)
+            spec = OperatorSpec(kind, provider.options)
+            if self.specs and spec not in self.specs:
+                self.specs.append(spec)
+            return Protector(protector_id, kind, record)
+        finally:
+            provider.close()
+
+    def started_with(
+        self, protectors: Sequence[Protector], new_provider: tuple[str, dict[str, Any]]
+    ) -> bool:
+        """Whether `new_provider` is one of `protectors` as this operator vouches for them:
+        a pass resumed with --new-provider must name the provider it started with."""
+        kind, options = new_provider
+        provider = self.factory(kind, options)
+        try:
+            wanted = provider.options
+        finally:
+            provider.close()
+        return any(
+            protector.kind == kind and self.vouched_options(protector) == wanted
+            for protector in protectors
+        )

@@ -78,11 +78,11 @@ from encfs.admin.reencrypt_data import ReencryptPass, ReencryptStats
 from encfs.admin.reencrypt_journal import CRASH_AT_ENV, CRASH_STEPS, JOURNAL_DIR
 from encfs.admin.reencrypt_names import NamePass
 from encfs.admin.rewrap import census
-from encfs.admin.rotation import made_current, protect_like
+from encfs.admin.rotation import made_current, protect_new_version
 from encfs.engine import Volume
 from encfs.errors import UsageError
 from encfs.format import FEATURE_BOUND_NAMES, FEATURE_VK_EPOCHS, FEATURE_XATTR_SETS
-from encfs.format.volume import PROTECTOR_ID_SIZE, VOLUME_KEY_SIZE, Protector, VolumeConfig
+from encfs.format.volume import VOLUME_KEY_SIZE, VolumeConfig
 
 __all__ = ["CRASH_AT_ENV", "CRASH_STEPS", "finish_pass", "reencrypt_offline", "start_pass"]
 
@@ -118,20 +118,10 @@ def start_pass(volume: Volume, new_provider: tuple[str, dict[str, Any]] | None) 
     if target > 0xFFFF:
         raise UsageError("no KEK version numbers left (65535 versions)")
     kek = crypto.random_key()
-    binding = config.provider_binding(target)
-    if new_provider is not None:
-        kind, options = new_provider
-        provider = operator.factory(kind, options)
-        try:
-            provider.prepare_new()  # a key file is created here (refused if it exists)
-            protector_id = crypto.random_key(PROTECTOR_ID_SIZE).hex()
-            protectors = [Protector(protector_id, kind, provider.protect(kek, binding))]
-            operator.vouch(protector_id, kind, provider.options)
-        finally:
-            provider.close()
-    else:
-        current = config.kek_versions[config.current_kek].protectors
-        protectors = protect_like(volume, current, kek, binding)
+    protectors = protect_new_version(
+        volume, config.kek_versions[config.current_kek].protectors, kek,
+        config.provider_binding(target), new_provider,
+    )
     new_epoch = None
     with config_store.editing(volume.backing_path, volume.keyring, operator) as config:
         if max(config.kek_versions) + 1 != target or config.reencrypt is not None:
@@ -178,15 +168,8 @@ def _new_volume_key(volume: Volume, config: VolumeConfig) -> int:
 
 def _same_provider(volume: Volume, target: int, wanted: tuple[str, dict[str, Any]]) -> None:
     """A pass resumed with --new-provider: it must name the provider it started with."""
-    kind, options = wanted
-    provider = volume.operator.factory(kind, options)
-    try:
-        wanted_options = provider.options
-    finally:
-        provider.close()
-    for protector in volume.config.kek_versions[target].protectors:
-        if protector.kind == kind and volume.operator.vouched_options(protector) == wanted_options:
-            return
+    if volume.operator.started_with(volume.config.kek_versions[target].protectors, wanted):
+        return
     raise UsageError(
         f"the unfinished re-encryption to KEK version {target} protects it with another "
         "provider than --new-provider names: run reencrypt without --new-provider to "

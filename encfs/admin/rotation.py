@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from encfs import config_store, crypto
 from encfs.admin.rewrap import PassStats, RewrapPass, census
@@ -40,6 +41,21 @@ def protect_like(
     finally:
         for _, provider in providers:
             provider.close()
+
+
+def protect_new_version(
+    volume: Volume,
+    current: list[Protector],
+    kek: bytes,
+    binding: bytes,
+    new_provider: tuple[str, dict[str, Any]] | None,
+) -> list[Protector]:
+    """The keyslots of a new KEK version: `new_provider` (kind, options) alone when the
+    operator names one (trust.Operator.protect_with_new_provider: made and vouched for
+    now), else those of `current` (protect_like)."""
+    if new_provider is None:
+        return protect_like(volume, current, kek, binding)
+    return [volume.operator.protect_with_new_provider(new_provider, kek, binding)]
 
 
 def made_current(

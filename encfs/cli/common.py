@@ -102,6 +102,28 @@ def operator_from(args: argparse.Namespace) -> Operator:
     return Operator(specs, factory=open_provider)
 
 
+def new_provider_from(
+    args: argparse.Namespace, operator: Operator | None
+) -> tuple[str, dict] | None:
+    """--new-provider SPEC (rotate, reencrypt) parsed here, where relative paths mean
+    something: (kind, options), or None. When the operator names keys on the command
+    line only those are asked, so the new provider joins them: a pass it resumes opens
+    its new KEK version with it. (`operator` None: a daemon's request, no unlock here.)"""
+    if getattr(args, "new_provider", None) is None:
+        return None
+    new_provider = parse_spec(args.new_provider)
+    if operator is not None and operator.specs:
+        operator.specs.append(OperatorSpec(*new_provider))
+    return new_provider
+
+
+def add_new_provider_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--new-provider", metavar="SPEC",
+        help="protect the new KEK with this provider only (e.g. keyfile:NEW, created)",
+    )
+
+
 class Target(NamedTuple):
     backing: str
     mounted: bool

@@ -11,7 +11,9 @@ from typing import Any
 
 from encfs.cli.common import (
     PassProgress,
+    add_new_provider_argument,
     eta_suffix,
+    new_provider_from,
     operator_from,
     positive_rate,
     resolve_target,
@@ -37,10 +39,7 @@ def add_reencrypt_parser(sub: Any, key_arguments: Any) -> None:
         "--purge-old", action="store_true",
         help="remove the old KEK versions (and their keyslots) once no block needs them",
     )
-    parser.add_argument(
-        "--new-provider", metavar="SPEC",
-        help="protect the new KEK with this provider only (e.g. keyfile:NEW, created)",
-    )
+    add_new_provider_argument(parser)
     key_arguments(parser)
 
 
@@ -85,17 +84,9 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         )
     from encfs.admin import reencrypt
     from encfs.engine import Volume
-    from encfs.keys.registry import parse_spec
-    from encfs.trust import OperatorSpec
 
     operator = operator_from(args)
-    new_provider = None
-    if args.new_provider is not None:
-        new_provider = parse_spec(args.new_provider)
-        if operator.specs:
-            # named by the operator: it opens the new KEK version of a pass it resumes
-            # (with keys named on the command line, only those are asked)
-            operator.specs.append(OperatorSpec(*new_provider))
+    new_provider = new_provider_from(args, operator)
     progress = Progress(args.json)
     volume = Volume.unlock(target.backing, operator, reencrypting=True)
     try:
