@@ -2,9 +2,14 @@
 (encfs.admin.rewrap) driven to its end, the old versions retired; and the automatic
 rotation policy.
 
-
 Both the offline `rotate` and the daemon's supervisor run a rotation through one driver,
 `RotationRun`.
+
+With a new provider (`rotate --new-provider SPEC`) the new KEK version is protected by
+that provider alone (protect_new_version, as `reencrypt` does); the old versions keep
+their keyslots and are retired (or purged) with them. Blocks and DEKs stay as they are:
+an old key file opens nothing of the volume after `--purge-old`, but a copy of the
+backing store taken before still opens with it (docs/THREAT-MODEL.md section 8).
 """
 
 from __future__ import annotations
@@ -71,18 +76,31 @@ def made_current(
     volume.audit.event(event, target=target)
 
 
-def start_rotation(volume: Volume) -> int:
-    """Make KEK version N+1 current (protected like version N), or resume a started one.
+def start_rotation(
+    volume: Volume, new_provider: tuple[str, dict[str, Any]] | None = None
+) -> int:
+    """Make KEK version N+1 current, or resume a started one.
 
-    Returns the target version. New blocks use it from this moment on. Every keyslot of
-    version N must be vouched for by the operator (the new KEK is protected by exactly
-    those providers); one that is not refuses the rotation before anything changes.
+    Returns the target version. New blocks use it from this moment on. The new KEK is
+    protected by `new_provider` (kind, options: made now, e.g. a key file is created) alone,
+    else by every provider of version N, each of which must be vouched for by the
+    operator; a refusal (NotVouched, a bad provider, a key file that exists) comes before
+    anything changes. A rotation resumed with `new_provider` must name the one it started
+    with (UsageError).
     """
     with config_store.editing(
         volume.backing_path, volume.keyring, volume.operator
     ) as config:
         if config.rotation is not None:
             target = int(config.rotation["target"])
+            if new_provider is not None and not volume.operator.started_with(
+                config.kek_versions[target].protectors, new_provider
+            ):
+                raise UsageError(
+                    f"the unfinished rotation to KEK version {target} is protected by another "
+                    "provider than --new-provider names: run rotate without --new-provider "
+                    "to finish it, then rotate again with --new-provider"
+                )
             if not volume.keyring.has_kek(target):
                 raise UsageError(f"KEK version {target} is not loaded; remount the volume")
             volume.keyring.current_kek_version = target
@@ -93,7 +111,9 @@ def start_rotation(volume: Volume) -> int:
         if target > 0xFFFF:
             raise UsageError("no KEK version numbers left (65535 rotations)")
         kek = crypto.random_key()
-        protectors = protect_like(volume, current.protectors, kek, config.provider_binding(target))
+        protectors = protect_new_version(
+            volume, current.protectors, kek, config.provider_binding(target), new_provider
+        )
         created = config.add_current_version(
             target, volume.keyring.wrap_volume_key(kek, config.volume_key_aad(target)), protectors
         )
@@ -222,11 +242,17 @@ class RotationRun:
     exception, a cancellation, a kill): the next run resumes the pass.
     """
 
-    def __init__(self, volume: Volume, rate: float | None, purge_old: bool) -> None:
+    def __init__(
+        self,
+        volume: Volume,
+        rate: float | None,
+        purge_old: bool,
+        new_provider: tuple[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.volume = volume
         self.rate = rate  # re-wrapped DEKs per second (None: unthrottled)
         self.purge_old = purge_old
-        self.rewrap = RewrapPass(volume, start_rotation(volume))
+        self.rewrap = RewrapPass(volume, start_rotation(volume, new_provider))
 
     def steps(self) -> Iterator[tuple[PassStats, float]]:
         """Each step of the pass (one key area), with the seconds to wait after it so the
@@ -248,8 +274,9 @@ def rotate_offline(
     rate: float | None = None,
     purge_old: bool = False,
     on_progress: Callable[[PassStats], None] | None = None,
+    new_provider: tuple[str, dict[str, Any]] | None = None,
 ) -> dict:
-    run = RotationRun(volume, rate, purge_old)
+    run = RotationRun(volume, rate, purge_old, new_provider)
     for stats, delay in run.steps():
         if delay:
             time.sleep(delay)

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from encfs import __version__, hygiene
 from encfs.cli.checking import cmd_fsck
-from encfs.cli.common import one_line, positive_rate, run_command
+from encfs.cli.common import add_new_provider_argument, one_line, positive_rate, run_command
 from encfs.cli.convert import add_convert_parser, cmd_convert
 from encfs.cli.keys import cmd_destroy, cmd_provider, cmd_rewrap_kek, cmd_trust, cmd_upgrade
 from encfs.cli.mounting import MOUNT_HELPER, cmd_init, cmd_mount, cmd_unmount, mount_helper
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument(
         "--purge-old", action="store_true", help="drop old KEK versions once none is needed"
     )
+    add_new_provider_argument(rotate)
     _key_arguments(rotate)
 
     add_reencrypt_parser(sub, _key_arguments)

@@ -13,6 +13,7 @@ from encfs.cli.common import (
     ask_daemon,
     error_with_code,
     eta_suffix,
+    new_provider_from,
     one_reply,
     operator_from,
     resolve_target,
@@ -55,7 +56,10 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     progress = Progress(args.json)
     if mounted:
         result: dict = {}
-        request = {"op": "rotate", "rate": args.rate, "purge_old": args.purge_old}
+        request = {
+            "op": "rotate", "rate": args.rate, "purge_old": args.purge_old,
+            "new_provider": new_provider_from(args, None),
+        }
         for message in ask_daemon(target, request):
             if "progress" in message:
                 progress(message["progress"])
@@ -72,13 +76,16 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         from encfs.admin import rotation
         from encfs.engine import Volume
 
-        volume = Volume.unlock(backing, operator_from(args))
+        operator = operator_from(args)
+        new_provider = new_provider_from(args, operator)
+        volume = Volume.unlock(backing, operator)
         try:
             result = rotation.rotate_offline(
                 volume,
                 rate=args.rate,
                 purge_old=args.purge_old,
                 on_progress=progress,
+                new_provider=new_provider,
             )
         finally:
             volume.close()

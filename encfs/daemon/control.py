@@ -121,7 +121,11 @@ class ControlServer:
                 await _send(stream, {"progress": stats.as_dict()})
 
             purge_old = bool(request.get("purge_old"))
-            await _send(stream, await supervisor.rotate(request.get("rate"), purge_old, report))
+            new_provider = _new_provider_request(request)
+            await _send(
+                stream,
+                await supervisor.rotate(request.get("rate"), purge_old, report, new_provider),
+            )
         elif op == "policy":  # set (or clear) the rotation policy
             every, purge_old = _policy_request(request)
             await _send(stream, {"done": True, **await supervisor.set_policy(every, purge_old)})
@@ -149,6 +153,18 @@ def _policy_request(request: dict) -> tuple[int | None, bool]:
     if not isinstance(purge_old, bool):
         raise UsageError("purge_old must be true or false")
     return every, purge_old
+
+
+def _new_provider_request(request: dict) -> tuple[str, dict[str, Any]] | None:
+    """A rotate request's new provider: [kind, options] as the CLI parsed its SPEC (paths
+    made absolute there), or null."""
+    value = request.get("new_provider")
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], str)
+            or not isinstance(value[1], dict)):
+        raise UsageError("new_provider must be [kind, options] or null")
+    return value[0], value[1]
 
 
 async def _send(stream: trio.SocketStream, message: dict) -> None:

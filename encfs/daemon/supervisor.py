@@ -204,14 +204,17 @@ class Supervisor:
         rate: float | None,
         purge_old: bool,
         report: Callable[[rewrap.PassStats], Awaitable[None]] | None,
+        new_provider: tuple[str, dict[str, Any]] | None = None,
     ) -> dict:
         """A rotation (or the resume of one) between FUSE requests: its result. `report`
-        hears the pass's progress about every PROGRESS_INTERVAL seconds."""
+        hears the pass's progress about every PROGRESS_INTERVAL seconds. `new_provider`
+        (kind, options): the new KEK version's only provider (rotation.start_rotation),
+        made by this daemon (a key file is created by it)."""
         if self._rotating:
             raise EncfsError("a rotation is already running")
         self._rotating = True
         try:
-            run = rotation.RotationRun(self.volume, rate, purge_old)
+            run = rotation.RotationRun(self.volume, rate, purge_old, new_provider)
             last_report = 0.0
             slice_start = trio.current_time()
             # Each step (one key area) runs synchronously on the trio thread, so it
