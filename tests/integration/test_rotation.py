@@ -3,11 +3,13 @@ crash-safe at every step, online while a writer and a reader run."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -151,46 +153,56 @@ def test_interrupted_pass_is_resumed_by_the_next_mount(volume, tmp_path):
         check_files(mnt, files)
 
 
+@contextlib.contextmanager
+def busy(mnt, *readers_of: dict[str, bytes], seed: int = 11) -> Iterator[dict[str, bytes]]:
+    """For the block: a writer that rewrites w0..w9 (at least 20 writes) and a reader of
+    each model in `readers_of` that checks it over and over. Yields what was written
+    (the files as they were last written); raises the first error a thread met."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    written: dict[str, bytes] = {}
+
+    def writer() -> None:
+        rnd = random.Random(seed)
+        try:
+            i = 0
+            while not stop.is_set() or i < 20:
+                name = f"w{i % 10}"
+                data = rnd.randbytes(rnd.choice([5000, 70000, 300000]))
+                (mnt / name).write_bytes(data)
+                written[name] = data
+                i += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    def reader(files: dict[str, bytes]) -> None:
+        try:
+            while not stop.is_set():
+                check_files(mnt, files)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)]
+    threads += [threading.Thread(target=reader, args=(files,)) for files in readers_of]
+    for thread in threads:
+        thread.start()
+    try:
+        yield written
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not errors, errors
+
+
 @pytest.mark.fuse
 def test_online_rotation_while_writing_and_reading(volume, tmp_path):
     mnt = tmp_path / "mnt"
     with mounted(volume, mnt):
         files = fill(mnt, seed=3)
-        stop = threading.Event()
-        errors: list[BaseException] = []
-        written: dict[str, bytes] = {}
-
-        def writer() -> None:
-            rnd = random.Random(11)
-            try:
-                i = 0
-                while not stop.is_set() or i < 20:
-                    name = f"w{i % 10}"
-                    data = rnd.randbytes(rnd.choice([5000, 70000, 300000]))
-                    (mnt / name).write_bytes(data)
-                    written[name] = data
-                    i += 1
-            except BaseException as exc:
-                errors.append(exc)
-
-        def reader() -> None:
-            try:
-                while not stop.is_set():
-                    check_files(mnt, files)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
-        for thread in threads:
-            thread.start()
-        try:
+        with busy(mnt, files) as written:
             result = run_cli("rotate", mnt, "--json")
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=60)
         assert result.returncode == 0, result.stderr
-        assert not errors, errors
         check_files(mnt, files)
         check_files(mnt, written)
         state = status(mnt)

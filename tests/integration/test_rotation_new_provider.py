@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +32,13 @@ from encfs.format.volume import VolumeConfig
 from encfs.keys.keyfile import KeyfileProvider
 from tests.helpers.mount import Volume, mounted, run_cli
 from tests.integration.test_reencrypt import assert_refused
-from tests.integration.test_rotation import check_files, fill, fingerprint, slot_versions
+from tests.integration.test_rotation import (
+    busy,
+    check_files,
+    fill,
+    fingerprint,
+    slot_versions,
+)
 
 pytestmark = pytest.mark.fuse
 
@@ -138,33 +142,10 @@ def test_rotate_new_provider_on_a_mount_while_writing(tmp_path, own_trust_store)
     new_key = tmp_path / "new.key"
     with mounted(volume, tmp_path / "mnt") as mnt:
         files = fill(mnt, seed=22)
-        stop = threading.Event()
-        errors: list[BaseException] = []
-        written: dict[str, bytes] = {}
-
-        def writer() -> None:
-            rnd = random.Random(23)
-            try:
-                i = 0
-                while not stop.is_set() or i < 20:
-                    name = f"w{i % 10}"
-                    data = rnd.randbytes(rnd.choice([5000, 70000, 300000]))
-                    (mnt / name).write_bytes(data)
-                    written[name] = data
-                    i += 1
-            except BaseException as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=writer)
-        thread.start()
-        try:
+        with busy(mnt, seed=23) as written:
             result = run_cli("rotate", mnt, "--new-provider", "keyfile:new.key", "--purge-old",
                              "--json", cwd=tmp_path)
-        finally:
-            stop.set()
-            thread.join(timeout=60)
         summary = final_line(result)
-        assert not errors, errors
         assert summary["done"] and summary["target"] == 2 and summary["purged"] == [1]
         assert new_key.exists()
         state = json.loads(run_cli("status", mnt, "--check", "--json", check=True).stdout)
