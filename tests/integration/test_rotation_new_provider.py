@@ -193,6 +193,12 @@ def test_rotate_new_provider_killed_mid_pass_resumes(tmp_path, own_trust_store, 
     assert config.rotation["target"] == 2
     assert [p.kind for p in config.kek_versions[2].protectors] == ["keyfile"]
     assert {1, 2} == set(slot_versions(volume.backing))  # halfway
+    # both versions are needed to open it now: the old key alone is refused
+    assert_refused(run_cli("status", volume.backing, "--keyfile", volume.keyfile),
+                   WrongKey.exit_code)
+    both = run_cli("status", volume.backing, "--keyfile", volume.keyfile,
+                   "--provider", f"keyfile:{new_key}", "--json", check=True)
+    assert json.loads(both.stdout)["rotation"]["target"] == 2
     # resumed naming another new provider: refused, nothing made
     other = tmp_path / "other.key"
     line = assert_refused(run_cli("rotate", volume.backing, "--new-provider", f"keyfile:{other}"),
