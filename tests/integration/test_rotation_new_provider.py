@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from encfs import client
 from encfs.admin.rewrap import CRASH_AFTER_ENV
 from encfs.errors import (
     KeyAccessError,
@@ -175,6 +176,14 @@ def test_rotate_bad_new_provider_gives_one_line_and_changes_nothing(tmp_path):
         for spec, code in cases:
             assert_refused(run_cli("rotate", mnt, "--new-provider", spec), code)
             assert config_bytes(volume.backing) == before, spec
+        # what the daemon is sent is checked there too (a client other than our CLI)
+        malformed = UsageError.exit_code
+        for value, code in (("keyfile:x", malformed), (["keyfile"], malformed),
+                            ([1, {}], malformed), (["nosuch", {}], ProviderConfigError.exit_code)):
+            request = {"op": "rotate", "rate": None, "purge_old": False, "new_provider": value}
+            (reply,) = client.request(str(volume.backing), request, str(mnt))
+            assert reply["exit_code"] == code, (value, reply)
+            assert config_bytes(volume.backing) == before, value
         state = json.loads(run_cli("status", mnt, "--json", check=True).stdout)
         assert state["kek_versions"] == {"1": "active"} and state["rotation"] is None
     assert sorted(p.name for p in tmp_path.glob("*.key")) == ["old.key"]
