@@ -3,10 +3,11 @@ from encfs).
 
 Every user-facing error carries a stable exit code and a one-line message; the CLI
 prints the message and exits with the code, never a traceback. This module is the one
-table of exit codes: every class that sets `exit_code` is defined here (a test checks
-that no other module does, and that no two classes share a code), and `exit_codes()`
-lists them with the codes no exception stands for. docs/EXITCODES.md is generated from
-it (`scripts/exitcodes.py`); codes are never reused for another meaning.
+table of exit codes: every class that sets its own code (`class X(EncfsError, code=N)`,
+which becomes `X.exit_code`) is defined here (a test checks that no other module sets
+one, and that no two classes share a code), and `exit_codes()` lists them with the
+codes no exception stands for. docs/EXITCODES.md is generated from it
+(`scripts/exitcodes.py`); codes are never reused for another meaning.
 """
 
 from __future__ import annotations
@@ -27,179 +28,135 @@ class EncfsError(Exception):
 
     exit_code = 1
 
+    def __init_subclass__(cls, code: int | None = None, **kwargs: object) -> None:
+        # The code is a class keyword, so a class states its code on its first line.
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.exit_code = code
 
-class UsageError(EncfsError):
+
+class UsageError(EncfsError, code=2):
     """The command line is wrong (bad arguments, a bad block size, a non-empty directory
     for `init`)."""
 
-    exit_code = 2
 
-
-class NotAVolume(EncfsError):
+class NotAVolume(EncfsError, code=10):
     """The backing directory is missing or holds no encfs-gw volume."""
 
-    exit_code = 10
 
-
-class UnsupportedFormat(EncfsError):
+class UnsupportedFormat(EncfsError, code=11):
     """The volume has a newer/unknown format version or an unknown feature flag."""
 
-    exit_code = 11
 
-
-class ConfigError(EncfsError):
+class ConfigError(EncfsError, code=12):
     """The volume config is unreadable or corrupt."""
 
-    exit_code = 12
 
-
-class ConfigAuthError(EncfsError):
+class ConfigAuthError(EncfsError, code=19):
     """The volume config failed authentication, is older than one already seen (rolled
     back), belongs to another volume than the one known at this path (replaced), holds a
     volume key other than the one the operator pinned, or predates config authentication
     (`encfs-gw upgrade` first). Nothing the config names was run, loaded or contacted."""
 
-    exit_code = 19
 
-
-class VolumeExists(EncfsError):
+class VolumeExists(EncfsError, code=13):
     """`init` refuses to overwrite an existing volume or key file."""
 
-    exit_code = 13
 
-
-class VolumeBusy(EncfsError):
+class VolumeBusy(EncfsError, code=14):
     """The volume is already in use (its lock is held by another process: mounted), or
     its lock cannot be taken (ENOLCK, e.g. NFS without a lock manager); a directory
     `convert` has not finished; a volume whose `reencrypt` pass is not finished (run
     encfs-gw reencrypt BACKING), or `reencrypt` of a mounted volume."""
 
-    exit_code = 14
 
-
-class MountpointError(EncfsError):
+class MountpointError(EncfsError, code=15):
     """The mountpoint is missing, not a directory, not empty or already mounted."""
 
-    exit_code = 15
 
-
-class MountFailed(EncfsError):
+class MountFailed(EncfsError, code=16):
     """The kernel refused the FUSE mount, the daemon could not be started (fork), it
     died before the mount was live, or `-o request_loop=accelerated` was asked for on a
     trio or pyfuse3 version the accelerated request loop was not validated on."""
 
-    exit_code = 16
 
-
-class NotMounted(EncfsError):
+class NotMounted(EncfsError, code=17):
     """`unmount` was given a path that is not an encfs-gw mount, or no daemon answers
     for the volume."""
 
-    exit_code = 17
 
-
-class ControlSocketError(EncfsError):
+class ControlSocketError(EncfsError, code=27):
     """The control channel to a daemon is not safe or was refused: its runtime directory
     cannot be made private, the socket is not served by the volume's daemon (peer
     credentials), the daemon refused this user, or its reply was malformed."""
 
-    exit_code = 27
 
-
-class KeyAccessError(EncfsError):
+class KeyAccessError(EncfsError, code=20):
     """Any other failure to obtain a KEK from a key provider (the base class of codes
     21-26; never shadow the builtin KeyError)."""
 
-    exit_code = 20
 
-
-class WrongKey(KeyAccessError):
+class WrongKey(KeyAccessError, code=21):
     """The key (or passphrase) does not open this volume."""
 
-    exit_code = 21
 
-
-class KeyMissing(KeyAccessError):
+class KeyMissing(KeyAccessError, code=22):
     """The key material is not where the volume says (key file or credential missing)."""
 
-    exit_code = 22
 
-
-class KeyPermissions(KeyAccessError):
+class KeyPermissions(KeyAccessError, code=23):
     """A key file is readable by group or others; refused like ssh does."""
 
-    exit_code = 23
 
-
-class KeyRevoked(KeyAccessError):
+class KeyRevoked(KeyAccessError, code=24):
     """The provider says the key is revoked, disabled, destroyed or access is denied."""
 
-    exit_code = 24
 
-
-class ProviderUnavailable(KeyAccessError):
+class ProviderUnavailable(KeyAccessError, code=25):
     """The provider could not be reached within its timeout (transient)."""
 
-    exit_code = 25
 
-
-class ProviderConfigError(KeyAccessError):
+class ProviderConfigError(KeyAccessError, code=26):
     """The provider spec or its configuration is wrong, or its extra is not installed."""
 
-    exit_code = 26
 
-
-class NotVouched(EncfsError):
+class NotVouched(EncfsError, code=29):
     """No key provider for this volume is vouched for by the operator: none named on the
     command line (--keyfile, --provider) and none in the trust store for this volume; or
     an operation needs a keyslot the operator has not vouched for on this host."""
 
-    exit_code = 29
 
-
-class TrustStoreError(EncfsError):
+class TrustStoreError(EncfsError, code=28):
     """The operator's trust store cannot be read or written safely (ownership, mode)."""
 
-    exit_code = 28
 
-
-class AuditError(EncfsError):
+class AuditError(EncfsError, code=18):
     """The audit log cannot be written and `-o audit_required` was given."""
 
-    exit_code = 18
 
-
-class NotEnoughSpace(EncfsError):
+class NotEnoughSpace(EncfsError, code=32):
     """`convert` refused: the filesystem lacks the free space (or inodes) the conversion
     needs (the format's overhead for the tree, the largest file in flight, a margin), or
     it filled up while converting (what was in flight stays plaintext)."""
 
-    exit_code = 32
 
-
-class CannotConvert(EncfsError):
+class CannotConvert(EncfsError, code=33):
     """`convert` refused: the tree holds something a volume cannot keep (the xattrs of a
     FIFO, socket or device over 3,584 bytes as a sealed set, a POSIX ACL without
     --drop-acls, an entry this user cannot read or give its owner, a tree nested deeper
     than the open-file limit allows), or the directory cannot hold a volume (no user
     xattrs, no O_TMPFILE)."""
 
-    exit_code = 33
 
-
-class IntegrityError(EncfsError):
+class IntegrityError(EncfsError, code=30):
     """Ciphertext, a key record or a header failed authentication or validation.
 
     Reads give EIO for the affected block; never other data.
     """
 
-    exit_code = 30
 
-
-class FsckProblems(EncfsError):
+class FsckProblems(EncfsError, code=31):
     """fsck found problems that remain (not repaired, or not repairable)."""
-
-    exit_code = 31
 
 
 def _error_classes(base: type[EncfsError] = EncfsError) -> list[type[EncfsError]]:

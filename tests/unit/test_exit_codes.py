@@ -36,6 +36,8 @@ def test_no_module_but_errors_sets_an_exit_code():
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef):
+                keywords = [keyword.arg for keyword in node.keywords]
+                assert "code" not in keywords, f"{path}: class {node.name}"
                 for statement in node.body:
                     targets = getattr(statement, "targets", None) or [
                         getattr(statement, "target", None)
