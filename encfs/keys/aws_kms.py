@@ -216,9 +216,7 @@ class AwsKmsProvider(KeyProvider):
         self._check_state(self.options["key"], KeyMissing, strict=True)
 
     def protect(self, kek: bytes, binding: bytes) -> Record:
-        key = self.options.get("key")
-        if not key:
-            raise ProviderConfigError("aws-kms provider options lack 'key'")
+        key = self.required_option("key")
         if not self.options.get("no_state_check"):
             self._check_state(key, KeyMissing, strict=False)
         answer = self._call(
@@ -244,9 +242,7 @@ class AwsKmsProvider(KeyProvider):
             raise ProviderConfigError("aws-kms record is corrupt")
         # The key is the operator's (`key=`), never the record's choice: KMS refuses a
         # ciphertext of another key under KeyId, and DescribeKey's ARN is compared too.
-        key = self.options.get("key")
-        if not key:
-            raise ProviderConfigError("aws-kms provider options lack 'key'")
+        key = self.required_option("key")
         if not self.options.get("no_state_check"):
             configured = self._check_state(key, KeyRevoked, strict=False)
             if configured.startswith("arn:") and configured != arn:

@@ -245,10 +245,7 @@ class AzureKeyVaultProvider(KeyProvider):
     # -- configuration --
 
     def _key(self) -> tuple[str, str, str | None]:
-        uri = self.options.get("uri")
-        if not isinstance(uri, str):
-            raise ProviderConfigError("azure-keyvault provider options lack 'uri'")
-        return parse_key_uri(uri)
+        return parse_key_uri(self.required_option("uri", str))
 
     @property
     def _timeout(self) -> float:

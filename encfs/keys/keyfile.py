@@ -15,8 +15,15 @@ import stat
 from typing import Any
 
 from encfs import crypto
-from encfs.errors import KeyMissing, KeyPermissions, ProviderConfigError, VolumeExists
-from encfs.keys.provider import KeyProvider, Record, open_with_secret, seal_with_secret
+from encfs.errors import KeyMissing, ProviderConfigError, VolumeExists
+from encfs.keys.provider import (
+    KeyProvider,
+    Record,
+    check_private,
+    open_secret_file,
+    open_with_secret,
+    seal_with_secret,
+)
 
 KEY_FILE_MODE = 0o600
 HEX_DIGITS = b"0123456789abcdef"
@@ -72,25 +79,12 @@ def read_key_file(path: str) -> bytearray:
     to be a regular file before a byte is read. The key comes back in a bytearray, and
     the file's text never becomes a `bytes` object: the caller zeroes both.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except FileNotFoundError:
-        raise KeyMissing(f"key file {path} not found") from None
-    except PermissionError:
-        raise KeyPermissions(f"key file {path} is not readable by this user") from None
-    except OSError as exc:
-        raise KeyMissing(f"key file {path}: {exc.strerror}") from None
+    fd = open_secret_file(path, "key file")
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ProviderConfigError(f"key file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise KeyPermissions(
-                f"key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
-                f"it must not be accessible by group or others (chmod 600 {path})"
-            )
-        if st.st_uid not in (os.geteuid(), 0):
-            raise KeyPermissions(f"key file {path} is owned by uid {st.st_uid}, not by this user")
+        check_private(st, path, "key file")
         data = bytearray(MAX_KEY_FILE_BYTES)
         try:
             size = os.readv(fd, [data])
@@ -138,10 +132,7 @@ class KeyfileProvider(KeyProvider):
 
     @property
     def path(self) -> str:
-        path = self.options.get("path")
-        if not isinstance(path, str) or not path:
-            raise ProviderConfigError("keyfile provider options lack 'path'")
-        return path
+        return self.required_option("path", str)
 
     _created: tuple[int, int, list[str]] | None = None  # (dev, ino, dirs) of prepare_new
 

@@ -30,7 +30,6 @@ from typing import Any
 from encfs.errors import (
     KeyAccessError,
     KeyMissing,
-    KeyPermissions,
     KeyRevoked,
     ProviderConfigError,
     ProviderUnavailable,
@@ -40,6 +39,7 @@ from encfs.keys.provider import (
     KeyProvider,
     Record,
     absolute_paths,
+    check_private,
     missing_extra,
     open_with_secret,
     parse_options,
@@ -111,14 +111,9 @@ class KmipProvider(KeyProvider):
 
     # -- connection --
 
-    def _opt(self, name: str) -> Any:
-        value = self.options.get(name)
-        if value in (None, ""):
-            raise ProviderConfigError(f"kmip provider options lack {name!r}")
-        return value
-
     def _tls_context(self) -> ssl.SSLContext:
-        ca, cert, key = self._opt("ca"), self._opt("client_cert"), self._opt("client_key")
+        ca, cert = self.required_option("ca"), self.required_option("client_cert")
+        key = self.required_option("client_key")
         for path, what in ((ca, "CA certificate"), (cert, "client certificate")):
             if not os.path.isfile(path):
                 raise KeyMissing(f"KMIP {what} {path} not found")
@@ -137,7 +132,7 @@ class KmipProvider(KeyProvider):
     def _session(self) -> Iterator[Any]:
         """An open client; every failure becomes a KeyAccessError with one line."""
         kmip = _import_kmip()
-        host, port = self._opt("host"), int(self._opt("port"))
+        host, port = self.required_option("host"), int(self.required_option("port"))
         timeout = float(self.options.get("timeout", DEFAULT_TIMEOUT))
         context = self._tls_context()
         where = f"KMIP server {host}:{port}"
@@ -211,10 +206,10 @@ class KmipProvider(KeyProvider):
                 )
                 client.activate(uid)
                 self.options["uid"] = uid  # stored in the volume config after prepare_new
-            self._fetch_secret(client, str(self._opt("uid")), where)
+            self._fetch_secret(client, str(self.required_option("uid")), where)
 
     def protect(self, kek: bytes, binding: bytes) -> Record:
-        uid = str(self._opt("uid"))
+        uid = str(self.required_option("uid"))
         with self._session() as client:
             secret = self._fetch_secret(client, uid, self.describe())
         return {"uid": uid, "sealed_kek": seal_with_secret(secret, kek, binding)}
@@ -223,10 +218,11 @@ class KmipProvider(KeyProvider):
         uid = record.get("uid")
         if not isinstance(uid, str) or not uid:
             raise ProviderConfigError("kmip record is corrupt (no uid)")
-        if uid != str(self._opt("uid")):  # the operator's key, never the record's choice
+        configured = str(self.required_option("uid"))
+        if uid != configured:  # the operator's key, never the record's choice
             raise WrongKey(
                 f"this keyslot was made with KMIP key {uid}, not with the configured key "
-                f"{self._opt('uid')}"
+                f"{configured}"
             )
         with self._session() as client:
             secret = self._fetch_secret(client, uid, self.describe())
@@ -246,11 +242,8 @@ def _check_private_file(path: str) -> None:
         raise KeyMissing(f"KMIP client key {path} not found") from None
     except OSError as exc:
         raise KeyMissing(f"KMIP client key {path}: {exc.strerror}") from None
-    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
-        raise KeyPermissions(
-            f"KMIP client key {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
-            f"it must not be accessible by group or others (chmod 600 {path})"
-        )
+    if stat.S_ISREG(st.st_mode):
+        check_private(st, path, "KMIP client key", owner=False)
 
 
 def _map_failure(kmip: Any, exc: Any, where: str) -> KeyAccessError:

@@ -34,8 +34,15 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from encfs import crypto, hygiene
-from encfs.errors import KeyMissing, KeyPermissions, ProviderConfigError, WrongKey
-from encfs.keys.provider import KeyProvider, Record, open_with_secret, seal_with_secret
+from encfs.errors import KeyMissing, ProviderConfigError, WrongKey
+from encfs.keys.provider import (
+    KeyProvider,
+    Record,
+    check_private,
+    open_secret_file,
+    open_with_secret,
+    seal_with_secret,
+)
 
 KDF_NAME = "argon2id"
 # RFC 9106 section 4, second recommended option (the first needs 2 GiB of RAM).
@@ -129,27 +136,13 @@ def _read_until_newline(fd: int) -> bytes:
 
 
 def read_passphrase_file(path: str) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise KeyMissing(f"passphrase file {path} not found") from None
-    except PermissionError:
-        raise KeyPermissions(f"passphrase file {path} is not readable by this user") from None
-    except OSError as exc:
-        raise KeyMissing(f"passphrase file {path}: {exc.strerror}") from None
+    # Opened blocking: a FIFO or /dev/stdin waits for its writer.
+    fd = open_secret_file(path, "passphrase file", blocking=True)
     try:
         st = os.fstat(fd)
         # Same rule as key files for regular files; FIFOs and /dev/stdin are allowed.
         if stat.S_ISREG(st.st_mode):
-            if st.st_mode & 0o077:
-                raise KeyPermissions(
-                    f"passphrase file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
-                    f"it must not be accessible by group or others (chmod 600 {path})"
-                )
-            if st.st_uid not in (os.geteuid(), 0):
-                raise KeyPermissions(
-                    f"passphrase file {path} is owned by uid {st.st_uid}, not by this user"
-                )
+            check_private(st, path, "passphrase file")
         elif stat.S_ISDIR(st.st_mode):
             raise ProviderConfigError(f"passphrase file {path} is a directory")
         return _first_line(_read_until_newline(fd))

@@ -88,6 +88,14 @@ _logins: dict[tuple[str, str], _Login] = {}
 _logins_lock = threading.Lock()
 
 
+def _forget(login: _Login) -> None:
+    """Mark `login` dead and drop it from the cache (caller holds _logins_lock)."""
+    login.dead = True
+    for key, value in list(_logins.items()):
+        if value is login:
+            del _logins[key]
+
+
 class _Stale(Exception):
     """The shared session died (token removed, library re-initialised): log in again."""
 
@@ -119,12 +127,6 @@ class Pkcs11Provider(KeyProvider):
 
     # -- options and credentials --
 
-    def _opt(self, name: str) -> str:
-        value = self.options.get(name)
-        if not isinstance(value, str) or not value:
-            raise ProviderConfigError(f"pkcs11 provider options lack {name!r}")
-        return value
-
     def _pin(self) -> str:
         pin_file = self.options.get("pin_file")
         if pin_file:
@@ -138,7 +140,7 @@ class Pkcs11Provider(KeyProvider):
 
     def _lib(self) -> Any:
         pkcs11 = _import_pkcs11()
-        module = self._opt("module")
+        module = self.required_option("module", str)
         if not os.path.isfile(module):
             raise ProviderConfigError(f"PKCS#11 module {module} not found")
         try:
@@ -148,7 +150,8 @@ class Pkcs11Provider(KeyProvider):
 
     def _acquire(self) -> _Login:
         pkcs11 = _import_pkcs11()
-        module, token_label = self._opt("module"), self._opt("token")
+        module = self.required_option("module", str)
+        token_label = self.required_option("token", str)
         lib = self._lib()  # configuration errors first, then credentials
         pin = self._pin()
         digest = _pin_digest(pin)
@@ -199,19 +202,14 @@ class Pkcs11Provider(KeyProvider):
             return
         login.users -= 1
         if login.users <= 0 and not login.dead:
-            login.dead = True
-            for key, value in list(_logins.items()):
-                if value is login:
-                    del _logins[key]
+            _forget(login)
             with contextlib.suppress(Exception):  # the token may already be gone
                 login.session.close()
 
     def _invalidate(self, login: _Login) -> None:
         with _logins_lock:
-            was_dead, login.dead = login.dead, True
-            for key, value in list(_logins.items()):
-                if value is login:
-                    del _logins[key]
+            was_dead = login.dead
+            _forget(login)
             self._release()
         if not was_dead:
             # Close it (if it still exists) so its login does not outlive our cache.
@@ -274,7 +272,7 @@ class Pkcs11Provider(KeyProvider):
     # -- the provider interface --
 
     def prepare_new(self) -> None:
-        label = self._opt("key")
+        label = self.required_option("key", str)
         if self.options.pop("create", False):
             self._create_key(label)
         else:
@@ -330,7 +328,7 @@ class Pkcs11Provider(KeyProvider):
             raise _map_session_error(pkcs11, exc, "key generation") from None
 
     def protect(self, kek: bytes, binding: bytes) -> Record:
-        label = self._opt("key")
+        label = self.required_option("key", str)
         nonce = crypto.random_nonce()
 
         def encrypt(pkcs11: Any, key: Any) -> bytes:
@@ -358,10 +356,11 @@ class Pkcs11Provider(KeyProvider):
         label, nonce, ciphertext = _parse_record(record)
         # The key is the one the operator configured; the record only says which key
         # made it (the backing store never chooses the key, Tink's "bound client").
-        if label != self._opt("key"):
+        configured = self.required_option("key", str)
+        if label != configured:
             raise WrongKey(
                 f"this keyslot was made with PKCS#11 key {label!r}, not with the configured "
-                f"key {self._opt('key')!r}"
+                f"key {configured!r}"
             )
 
         def decrypt(pkcs11: Any, key: Any) -> bytes:

@@ -87,6 +87,14 @@ class KeyProvider(abc.ABC):
         """A short human description for status output (no secrets)."""
         return self.name
 
+    def required_option(self, name: str, kind: type = object) -> Any:
+        """A stored option the provider cannot work without, of type `kind`: a config
+        that lacks it (edited by hand) gives ProviderConfigError."""
+        value = self.options.get(name)
+        if value is None or value == "" or not isinstance(value, kind):
+            raise ProviderConfigError(f"{self.name} provider options lack {name!r}")
+        return value
+
     # -- the provider's own key versions (for providers whose key has versions) --
 
     def key_version(self, record: Record) -> str | None:
@@ -216,26 +224,46 @@ def absolute_paths(options: dict[str, Any], *names: str) -> None:
             options[name] = os.path.abspath(options[name])
 
 
+def open_secret_file(path: str, what: str, *, blocking: bool = False) -> int:
+    """Open a file that holds a secret, read-only; `what` names it in errors ("key
+    file"). Not found or unreadable: KeyMissing or KeyPermissions, in one line.
+
+    Opened with O_NONBLOCK unless `blocking`, so a FIFO planted there cannot hang the
+    open; the caller checks what it is (fstat) before reading a byte.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | (0 if blocking else os.O_NONBLOCK)
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        raise KeyMissing(f"{what} {path} not found") from None
+    except PermissionError:
+        raise KeyPermissions(f"{what} {path} is not readable by this user") from None
+    except OSError as exc:
+        raise KeyMissing(f"{what} {path}: {exc.strerror}") from None
+
+
+def check_private(st: os.stat_result, path: str, what: str, *, owner: bool = True) -> None:
+    """ssh's rule for a secret file: no access by group or others, and (`owner`) owned
+    by this user or root. Raises KeyPermissions."""
+    if st.st_mode & 0o077:
+        raise KeyPermissions(
+            f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+            f"it must not be accessible by group or others (chmod 600 {path})"
+        )
+    if owner and st.st_uid not in (os.geteuid(), 0):
+        raise KeyPermissions(f"{what} {path} is owned by uid {st.st_uid}, not by this user")
+
+
 def read_secret_file(path: str, what: str) -> str:
     """First line of a 0600 file (like ssh insists for private keys); no trailing newline.
 
     Opened with O_NONBLOCK, so a FIFO nobody writes to reads as empty instead of hanging.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except FileNotFoundError:
-        raise KeyMissing(f"{what} file {path} not found") from None
-    except PermissionError:
-        raise KeyPermissions(f"{what} file {path} is not readable by this user") from None
-    except OSError as exc:
-        raise KeyMissing(f"{what} file {path}: {exc.strerror}") from None
+    fd = open_secret_file(path, f"{what} file")
     try:
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
-            raise KeyPermissions(
-                f"{what} file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
-                f"it must not be accessible by group or others (chmod 600 {path})"
-            )
+        if stat.S_ISREG(st.st_mode):
+            check_private(st, path, f"{what} file", owner=False)
         if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
             os.set_blocking(fd, True)  # a writer is there (else EOF at once): wait for it
         data = os.read(fd, 65536)

@@ -93,12 +93,6 @@ class VaultProvider(KeyProvider):
 
     # -- client and error mapping --
 
-    def _opt(self, name: str) -> Any:
-        value = self.options.get(name)
-        if value in (None, ""):
-            raise ProviderConfigError(f"vault provider options lack {name!r}")
-        return value
-
     def _token(self) -> str:
         token_file = self.options.get("token_file")
         if token_file:
@@ -114,7 +108,7 @@ class VaultProvider(KeyProvider):
         if ca and not os.path.isfile(ca):
             raise KeyMissing(f"Vault CA bundle {ca} not found")
         return hvac.Client(
-            url=self._opt("addr"),
+            url=self.required_option("addr"),
             token=self._token(),  # explicit: hvac must not fall back to ~/.vault-token
             verify=ca or True,
             timeout=float(self.options.get("timeout", DEFAULT_TIMEOUT)),
@@ -125,9 +119,9 @@ class VaultProvider(KeyProvider):
         """Run one transit call; map every failure to a one-line KeyAccessError."""
         hvac, requests = _import_hvac()
         errors = hvac.exceptions
-        addr, key = self._opt("addr"), kwargs.get("name", self.options.get("key"))
+        addr, key = self.required_option("addr"), kwargs.get("name", self.options.get("key"))
         try:
-            return func(mount_point=self._opt("mount"), **kwargs)
+            return func(mount_point=self.required_option("mount"), **kwargs)
         except KeyAccessError:
             raise
         except (errors.Unauthorized, errors.Forbidden):
@@ -173,7 +167,7 @@ class VaultProvider(KeyProvider):
         Reading key metadata needs `read` on transit/keys/NAME; a token without it skips the
         check (Vault still refuses encrypt on a missing key unless the token may `create`).
         """
-        name = self._opt("key")
+        name = self.required_option("key")
         try:
             data = self._call("key lookup", client.secrets.transit.read_key, name=name)["data"]
         except _NotFound:
@@ -195,7 +189,7 @@ class VaultProvider(KeyProvider):
 
     def prepare_new(self) -> None:
         client = self._client()
-        name = self._opt("key")
+        name = self.required_option("key")
         if not self.options.pop("create", False):
             self._check_key(client)
             return
@@ -212,7 +206,7 @@ class VaultProvider(KeyProvider):
 
     def protect(self, kek: bytes, binding: bytes) -> Record:
         client = self._client()
-        name = self._opt("key")
+        name = self.required_option("key")
         self._check_key(client)  # encrypt would silently create a missing key (upsert)
         data = self._call(
             "encrypt",
@@ -236,10 +230,11 @@ class VaultProvider(KeyProvider):
             or int(match.group(1)) != record.get("key_version")
         ):
             raise ProviderConfigError("vault record is corrupt")
-        if name != self._opt("key"):  # the operator's key, never the record's choice
+        configured = self.required_option("key")
+        if name != configured:  # the operator's key, never the record's choice
             raise WrongKey(
                 f"this keyslot was made with Vault transit key {name!r}, not with the "
-                f"configured key {self._opt('key')!r}"
+                f"configured key {configured!r}"
             )
         client = self._client()
         data = self._call(
@@ -265,7 +260,7 @@ class VaultProvider(KeyProvider):
         """The Transit key's latest version (encrypt always uses it); None when the token
         may not read the key's metadata."""
         client = self._client()
-        name = self._opt("key")
+        name = self.required_option("key")
         try:
             data = self._call("key lookup", client.secrets.transit.read_key, name=name)["data"]
         except _NotFound:
