@@ -27,21 +27,21 @@ DefaultAzureCredential chain (environment service principal with a secret or cer
 workload identity, managed identity, ...), a user-assigned managed identity by client id,
 workload identity, or a pre-obtained access token read from a 0600 file when a token is needed.
 Never a secret on the command line or in the volume config.
+
+This module is the key's side (its checks, wrap and unwrap with the binding, records);
+`connection` reaches the vault (credentials, the SDK pipeline, every failure of a REST
+call mapped to one line).
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
-import json
-import logging
 import os
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -51,17 +51,21 @@ from encfs.errors import (
     KeyMissing,
     KeyRevoked,
     ProviderConfigError,
-    ProviderUnavailable,
     WrongKey,
+)
+from encfs.keys.azure_keyvault.connection import (
+    VaultConnection,
+    b64url,
+    parse_credential,
+    unb64url,
+    utc_time,
 )
 from encfs.keys.provider import (
     KeyProvider,
     Record,
     absolute_paths,
-    missing_extra,
     parse_options,
     parse_timeout,
-    read_secret_file,
     require,
 )
 
@@ -74,38 +78,7 @@ MIN_RSA_BITS, MAX_RSA_BITS = 2048, 4096
 NEEDED_OPS = ("wrapKey", "unwrapKey")
 BINDING_LABEL = b"encfs-gw azure-keyvault binding v1|"
 PROBE_BINDING = b"encfs-gw azure-keyvault preflight probe"
-CREDENTIALS = ("default", "managed-identity", "workload", "token-file")
 _URI_PATH = re.compile(r"^/keys/([0-9A-Za-z-]{1,127})(?:/([0-9A-Za-z]{1,64}))?/?$")
-_CLIENT_ID = re.compile(r"^[0-9A-Za-z-]{1,64}$")
-
-# The SDK logs every request at INFO and azure-identity a multi-line WARNING when a
-# credential chain fails: the provider reports one line itself.
-for _name in ("azure", "msal"):
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):
-        logging.getLogger(_name).setLevel(logging.CRITICAL)
-
-
-def _import_azure() -> Any:
-    try:
-        import azure.core.credentials
-        import azure.core.exceptions
-        import azure.core.rest
-        import azure.identity
-        import azure.keyvault.keys
-    except ImportError:
-        raise missing_extra("azure-keyvault-keys", "azure") from None
-    return azure
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64url(text: Any) -> bytes:
-    if not isinstance(text, str):
-        raise ValueError("not a string")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
 
 def binding_digest(binding: bytes) -> bytes:
     return hashlib.sha256(BINDING_LABEL + binding).digest()
@@ -121,10 +94,6 @@ def parse_key_uri(uri: str) -> tuple[str, str, str | None]:
             "[/VERSION] (or HSM.managedhsm.azure.net)"
         )
     return f"https://{parts.netloc.lower()}", match.group(1), match.group(2)
-
-
-def _time(seconds: Any) -> str:
-    return datetime.fromtimestamp(float(seconds), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -148,7 +117,7 @@ class KeyInfo:
             kid = str(key["kid"])
             bits = None
             if key.get("n"):
-                bits = len(_unb64url(key["n"]).lstrip(b"\0")) * 8
+                bits = len(unb64url(key["n"]).lstrip(b"\0")) * 8
             return cls(
                 kid=kid,
                 version=kid.rstrip("/").rsplit("/", 1)[1],
@@ -170,41 +139,10 @@ class KeyInfo:
     def state(self) -> str:
         words = ["enabled" if self.enabled else "disabled"]
         if self.nbf is not None:
-            words.append(f"not before {_time(self.nbf)}")
+            words.append(f"not before {utc_time(self.nbf)}")
         if self.exp is not None:
-            words.append(f"expires {_time(self.exp)}")
+            words.append(f"expires {utc_time(self.exp)}")
         return ", ".join(words)
-
-
-class _TokenFileCredential:
-    """A pre-obtained access token, read from a 0600 file whenever a token is needed (each
-    provider use opens a new client), so a sidecar can refresh it; its JWT expiry, when
-    readable, is checked here and given to the SDK."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
-        azure = _import_azure()
-        token = read_secret_file(self.path, "Azure access token")
-        expires = _jwt_expiry(token)
-        if expires is not None and expires <= time.time():
-            raise KeyRevoked(f"the Azure access token in {self.path} expired at {_time(expires)}")
-        return azure.core.credentials.AccessToken(token, expires or int(time.time()) + 300)
-
-    def close(self) -> None:
-        pass
-
-
-def _jwt_expiry(token: str) -> int | None:
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        exp = json.loads(_unb64url(parts[1])).get("exp")
-    except (ValueError, AttributeError, binascii.Error):
-        return None
-    return int(exp) if isinstance(exp, int | float) else None
 
 
 class AzureKeyVaultProvider(KeyProvider):
@@ -213,8 +151,7 @@ class AzureKeyVaultProvider(KeyProvider):
 
     def __init__(self, options: Any) -> None:
         super().__init__(options)
-        self._client: Any = None
-        self._credential: Any = None
+        self._connection: VaultConnection | None = None
 
     @classmethod
     def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
@@ -237,7 +174,7 @@ class AzureKeyVaultProvider(KeyProvider):
         require("azure-keyvault", options, "uri")
         vault_url, name, version = parse_key_uri(options["uri"])
         options["uri"] = f"{vault_url}/keys/{name}" + (f"/{version}" if version else "")
-        options["credential"] = _parse_credential(options.get("credential", "default"))
+        options["credential"] = parse_credential(options.get("credential", "default"))
         parse_timeout("azure-keyvault", options, DEFAULT_TIMEOUT)
         absolute_paths(options, "ca")
         return options
@@ -251,100 +188,20 @@ class AzureKeyVaultProvider(KeyProvider):
     def _timeout(self) -> float:
         return float(self.options.get("timeout", DEFAULT_TIMEOUT))
 
-    def _make_credential(self) -> Any:
-        azure = _import_azure()
-        kind, _, argument = str(self.options.get("credential", "default")).partition(":")
-        transport = {"connection_timeout": self._timeout, "read_timeout": self._timeout}
-        try:
-            if kind == "token-file":
-                return _TokenFileCredential(argument)
-            if kind == "managed-identity":
-                return azure.identity.ManagedIdentityCredential(
-                    client_id=argument or None, **transport
-                )
-            if kind == "workload":
-                return azure.identity.WorkloadIdentityCredential(**transport)
-            if kind == "default":
-                return azure.identity.DefaultAzureCredential(
-                    exclude_interactive_browser_credential=True, **transport
-                )
-        except ValueError as exc:  # workload identity without its environment
-            raise KeyMissing(f"azure-keyvault: no {kind} credential: {_first_line(exc)}") from None
-        raise ProviderConfigError(f"azure-keyvault: unknown credential {kind!r}")
+    def _vault(self) -> VaultConnection:
+        if self._connection is None:
+            self._connection = VaultConnection(
+                self._key()[0],
+                str(self.options.get("credential", "default")),
+                self.options.get("ca"),
+                self._timeout,
+            )
+        return self._connection
 
-    def _pipeline(self) -> Any:
-        """The SDK's KeyClient: its pipeline does the challenge flow, tokens and TLS."""
-        if self._client is None:
-            azure = _import_azure()
-            vault_url, _, _ = self._key()
-            kwargs: dict[str, Any] = {
-                "connection_timeout": self._timeout,
-                "read_timeout": self._timeout,
-                "retry_total": 0,  # fail fast; callers treat Unavailable as transient
-            }
-            ca = self.options.get("ca")
-            if ca:
-                if not os.path.isfile(ca):
-                    raise KeyMissing(f"Azure Key Vault CA bundle {ca} not found")
-                kwargs["connection_verify"] = ca
-            self._credential = self._make_credential()
-            self._client = azure.keyvault.keys.KeyClient(vault_url, self._credential, **kwargs)
-        return self._client
-
-    # -- one REST call, every failure mapped to one line --
-
-    def _request(
-        self,
-        method: str,
-        path: str,
-        what: str,
-        permission: str,
-        body: dict | None = None,
-        missing: type[KeyAccessError] = KeyRevoked,
-    ) -> dict:
-        azure = _import_azure()
-        errors = azure.core.exceptions
-        client = self._pipeline()
-        vault_url, _, _ = self._key()
-        request = azure.core.rest.HttpRequest(method, path, json=body)
-        try:
-            response = client.send_request(request)
-        except KeyAccessError:
-            raise
-        except errors.ClientAuthenticationError as exc:  # from the credential, no response
-            message = _one_line(exc)
-            if type(exc).__name__ == "CredentialUnavailableError":
-                raise KeyMissing(f"no Azure credential available: {message}") from None
-            raise KeyRevoked(f"Microsoft Entra ID did not issue a token: {message}") from None
-        except errors.ServiceRequestError as exc:
-            if _is_tls_error(exc):
-                raise ProviderConfigError(
-                    f"Azure Key Vault {vault_url}: TLS verification failed ({_first_line(exc)})"
-                ) from None
-            raise ProviderUnavailable(
-                f"Azure Key Vault {vault_url} is unreachable ({_first_line(exc)})"
-            ) from None
-        except errors.ServiceResponseError:
-            raise ProviderUnavailable(
-                f"Azure Key Vault {vault_url} did not answer within {self._timeout:g}s"
-            ) from None
-        except ValueError as exc:  # the challenge names another resource, a bad URL
-            raise ProviderConfigError(f"Azure Key Vault {vault_url}: {_first_line(exc)}") from None
-        except errors.AzureError as exc:
-            raise ProviderUnavailable(f"Azure Key Vault {vault_url}: {_first_line(exc)}") from None
-        status = response.status_code
-        try:
-            doc = response.json() if response.content else {}
-        except ValueError:
-            doc = {}
-        if 200 <= status < 300:
-            if not isinstance(doc, dict):
-                raise ProviderConfigError(f"Azure Key Vault returned a malformed answer to {what}")
-            return doc
-        raise _map_status(status, doc, what, permission, missing)
+    # -- the key's REST calls --
 
     def _get(self, name: str, version: str, missing: type[KeyAccessError] = KeyRevoked) -> KeyInfo:
-        doc = self._request(
+        doc = self._vault().request(
             "GET", f"/keys/{name}/{version}", f"get of key {name}", "get", missing=missing
         )
         return KeyInfo.from_bundle(doc)
@@ -352,15 +209,15 @@ class AzureKeyVaultProvider(KeyProvider):
     def _operation(self, op: str, info: KeyInfo, alg: str, value: bytes) -> bytes:
         name = self._key()[1]
         permission = "wrapKey" if op == "wrapkey" else "unwrapKey"
-        doc = self._request(
+        doc = self._vault().request(
             "POST",
             f"/keys/{name}/{info.version}/{op}",
             f"{permission} with key {info.kid}",
             permission,
-            body={"alg": alg, "value": _b64url(value)},
+            body={"alg": alg, "value": b64url(value)},
         )
         try:
-            return _unb64url(doc["value"])
+            return unb64url(doc["value"])
         except (KeyError, ValueError, binascii.Error):
             raise ProviderConfigError(f"Azure Key Vault returned no {permission} result") from None
 
@@ -375,10 +232,10 @@ class AzureKeyVaultProvider(KeyProvider):
         now = time.time()
         if info.nbf is not None and now < info.nbf:
             raise KeyRevoked(
-                f"Azure Key Vault key {info.kid} is not yet valid (nbf {_time(info.nbf)})"
+                f"Azure Key Vault key {info.kid} is not yet valid (nbf {utc_time(info.nbf)})"
             )
         if info.exp is not None and now >= info.exp:
-            raise KeyRevoked(f"Azure Key Vault key {info.kid} expired at {_time(info.exp)}")
+            raise KeyRevoked(f"Azure Key Vault key {info.kid} expired at {utc_time(info.exp)}")
 
     @staticmethod
     def _suitable(info: KeyInfo) -> None:
@@ -417,11 +274,11 @@ class AzureKeyVaultProvider(KeyProvider):
 
     def _wrap(self, info: KeyInfo, kek: bytes, binding: bytes) -> Record:
         wrapped = self._operation("wrapkey", info, info.algorithm, binding_digest(binding) + kek)
-        return {"kid": info.kid, "alg": info.algorithm, "wrapped": _b64url(wrapped)}
+        return {"kid": info.kid, "alg": info.algorithm, "wrapped": b64url(wrapped)}
 
     def _unwrap(self, info: KeyInfo, record: Record, binding: bytes) -> bytes:
         try:
-            wrapped = _unb64url(record.get("wrapped"))
+            wrapped = unb64url(record.get("wrapped"))
         except (ValueError, binascii.Error):
             raise ProviderConfigError("azure-keyvault record is corrupt") from None
         value = self._operation("unwrapkey", info, str(record["alg"]), wrapped)
@@ -516,106 +373,6 @@ class AzureKeyVaultProvider(KeyProvider):
         return f"azure-keyvault:{self.options.get('uri')}"
 
     def close(self) -> None:
-        for thing in (self._client, self._credential):
-            if thing is not None:
-                try:
-                    thing.close()
-                except Exception as exc:  # closing must never mask the real outcome
-                    logging.getLogger(__name__).debug("closing the Azure client: %s", exc)
-        self._client = self._credential = None
-
-
-def _parse_credential(raw: Any) -> str:
-    kind, sep, argument = str(raw).partition(":")
-    if kind not in CREDENTIALS:
-        raise ProviderConfigError(
-            f"azure-keyvault: unknown credential {raw!r} (default, managed-identity[:CLIENT_ID], "
-            "workload, token-file:PATH)"
-        )
-    if kind == "token-file":
-        if not argument:
-            raise ProviderConfigError("azure-keyvault: credential=token-file:PATH needs a path")
-        return f"token-file:{os.path.abspath(argument)}"
-    if kind == "managed-identity" and sep:
-        if not _CLIENT_ID.match(argument):
-            raise ProviderConfigError(
-                "azure-keyvault: credential=managed-identity:CLIENT_ID needs the identity's "
-                "client id"
-            )
-        return f"managed-identity:{argument}"
-    if argument:
-        raise ProviderConfigError(f"azure-keyvault: credential={kind} takes no argument")
-    return kind
-
-
-def _one_line(exc: BaseException) -> str:
-    """A credential chain's whole story (each credential's reason) on one line."""
-    text = str(getattr(exc, "message", None) or exc)
-    lines = [line.strip(" \t-") for line in text.splitlines()]
-    joined = "; ".join(line for line in lines if line and not line.startswith("To mitigate"))
-    return joined[:600] or type(exc).__name__
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip()
-    return (text.splitlines() or [type(exc).__name__])[0][:300]
-
-
-def _is_tls_error(exc: BaseException) -> bool:
-    import ssl
-
-    seen: set[int] = set()
-    stack: list[Any] = [exc]
-    while stack:
-        item = stack.pop()
-        if item is None or id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, ssl.SSLError) or type(item).__name__ == "SSLError":
-            return True
-        stack += [getattr(item, "inner_exception", None), item.__cause__, item.__context__]
-        stack += [a for a in getattr(item, "args", ()) if isinstance(a, BaseException)]
-        reason = getattr(item, "reason", None)
-        if isinstance(reason, BaseException):
-            stack.append(reason)
-    return False
-
-
-# 403 inner error codes that mean something else than a missing permission.
-_FORBIDDEN_CAUSES = {
-    "KeyDisabled": "the key is disabled",
-    "KeyExpired": "the key has expired",
-    "KeyNotYetValid": "the key is not yet valid",
-    "ForbiddenByFirewall": "the vault's firewall denies this client",
-    "KeyOperationForbidden": "the key does not allow {permission}",
-}
-
-
-def _map_status(
-    status: int, doc: Any, what: str, permission: str, missing: type[KeyAccessError]
-) -> KeyAccessError:
-    """An HTTP error answer (`{"error": {"code", "message", "innererror"}}`) -> one line."""
-    error = doc.get("error") if isinstance(doc, dict) else None
-    error = error if isinstance(error, dict) else {}
-    inner_error = error.get("innererror")
-    inner = inner_error.get("code") if isinstance(inner_error, dict) else None
-    code = f"{error.get('code') or status}" + (f"/{inner}" if inner else "")
-    message = str(error.get("message") or "").strip().split("\n")[0][:200]
-    detail = f" ({code}: {message})" if message else f" ({code})"
-    refused = f"Azure Key Vault refused {what}"
-    if status == 401:
-        return KeyRevoked(f"{refused}: the access token was not accepted{detail}")
-    if status == 403:
-        cause = _FORBIDDEN_CAUSES.get(inner or "", "the identity lacks the {permission} permission")
-        return KeyRevoked(f"{refused}: {cause.format(permission=permission)}{detail}")
-    if status == 404:
-        return missing(f"{refused}: key not found (deleted?){detail}")
-    if status == 409:
-        return KeyRevoked(f"{refused}: the key is deleted, or being deleted or recovered{detail}")
-    if status == 400 and permission == "unwrapKey":
-        return WrongKey(f"{refused}: the key does not open this record{detail}")
-    if status == 429:
-        return ProviderUnavailable(f"{refused}: throttled (429){detail}")
-    if status >= 500:
-        return ProviderUnavailable(f"{refused}: the service cannot serve it now ({status}){detail}")
-    return ProviderConfigError(f"{refused} ({status}){detail}")
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
