@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from encfs import __version__, hygiene
 from encfs.cli.checking import cmd_fsck
@@ -39,11 +39,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _key_arguments(parser: argparse.ArgumentParser) -> None:
-    """The operator names the key providers it vouches for (else: the trust store's)."""
-    parser.add_argument(
+    """The operator names the key providers it vouches for (else: the trust store's); in
+    their own group, so --help lists them after the command's own options."""
+    group = parser.add_argument_group("key providers")
+    group.add_argument(
         "--keyfile", metavar="PATH", help="open the volume with this key file (vouched by you)"
     )
-    parser.add_argument(
+    group.add_argument(
         "--provider",
         dest="providers",
         action="append",
@@ -51,6 +53,23 @@ def _key_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="open the volume with this key provider (vouched by you; repeatable)",
     )
+
+
+def _volume_command(
+    sub: Any, name: str, help: str, *, mounted_too: bool = False, dest: str = ""
+) -> argparse.ArgumentParser:
+    """A command that opens a volume: its BACKING directory (or TARGET, a backing
+    directory or the mountpoint of a mounted volume, when `mounted_too`) and the key
+    arguments."""
+    parser = sub.add_parser(name, help=help)
+    if mounted_too:
+        parser.add_argument(
+            dest or "target", metavar="TARGET", help="backing directory or mountpoint"
+        )
+    else:
+        parser.add_argument(dest or "backing", metavar="BACKING")
+    _key_arguments(parser)
+    return parser
 
 
 MAX_RATE = 1e9  # DEKs per second: far beyond any machine, so "no limit" in practice
@@ -76,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N")
 
-    mount = sub.add_parser("mount", help="mount a volume")
-    mount.add_argument("backing", metavar="BACKING")
+    mount = _volume_command(sub, "mount", "mount a volume")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     mount.add_argument("-f", "--foreground", action="store_true", help="stay attached")
     mount.add_argument(
@@ -88,30 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTIONS",
         help="comma-separated mount options (allow_other, ro, writeback_cache, ...)",
     )
-    _key_arguments(mount)
     mount.add_argument("--log-file", metavar="PATH", help="daemon log (background mode)")
 
     provider = sub.add_parser("provider", help="list, add or remove key providers (keyslots)")
     provider_sub = provider.add_subparsers(dest="provider_command", required=True)
     p_list = provider_sub.add_parser("list", help="show the keyslots of every KEK version")
     p_list.add_argument("backing", metavar="BACKING")
-    p_add = provider_sub.add_parser("add", help="protect the KEKs under one more provider")
-    p_add.add_argument("backing", metavar="BACKING")
+    p_add = _volume_command(provider_sub, "add", "protect the KEKs under one more provider")
     p_add.add_argument("spec", metavar="SPEC")
-    _key_arguments(p_add)
-    p_remove = provider_sub.add_parser("remove", help="remove a keyslot (never the last)")
-    p_remove.add_argument("backing", metavar="BACKING")
+    p_remove = _volume_command(provider_sub, "remove", "remove a keyslot (never the last)")
     p_remove.add_argument("slot", metavar="SLOT", help="its number in `provider list`, or its id")
-    _key_arguments(p_remove)
-    p_check = provider_sub.add_parser(
-        "check", help="preflight every protector now: key, version, state, unwrap time"
+    p_check = _volume_command(
+        provider_sub, "check", "preflight every protector now: key, version, state, unwrap time",
+        mounted_too=True, dest="backing",
     )
-    p_check.add_argument("backing", metavar="TARGET", help="backing directory or mountpoint")
     p_check.add_argument("--json", action="store_true", help="the report as one JSON object")
-    _key_arguments(p_check)
 
-    rotate = sub.add_parser("rotate", help="new KEK version; re-wrap every DEK (no re-encryption)")
-    rotate.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
+    rotate = _volume_command(
+        sub, "rotate", "new KEK version; re-wrap every DEK (no re-encryption)", mounted_too=True
+    )
     rotate.add_argument(
         "--rate", type=_positive_rate, metavar="DEKS_PER_S", help="throttle the pass"
     )
@@ -120,14 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--purge-old", action="store_true", help="drop old KEK versions once none is needed"
     )
     add_new_provider_argument(rotate)
-    _key_arguments(rotate)
 
     add_reencrypt_parser(sub, _key_arguments)
 
-    every = sub.add_parser(
-        "rotate-every", help="let the daemon rotate automatically (a policy in the volume)"
+    every = _volume_command(
+        sub, "rotate-every", "let the daemon rotate automatically (a policy in the volume)",
+        mounted_too=True,
     )
-    every.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
     every.add_argument(
         "interval",
         metavar="INTERVAL",
@@ -136,27 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument(
         "--purge-old", action="store_true", help="drop old KEK versions after each pass"
     )
-    _key_arguments(every)
 
-    status = sub.add_parser("status", help="KEK versions and the DEKs that depend on them")
-    status.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
+    status = _volume_command(
+        sub, "status", "KEK versions and the DEKs that depend on them", mounted_too=True
+    )
     status.add_argument("--json", action="store_true")
     status.add_argument(
         "--check", action="store_true", help="revalidate the key with its provider now (mounted)"
     )
-    _key_arguments(status)
 
-    rewrap = sub.add_parser(
-        "rewrap-kek", help="re-protect the stored KEKs after the provider's own key rotated"
+    _volume_command(
+        sub, "rewrap-kek", "re-protect the stored KEKs after the provider's own key rotated",
+        mounted_too=True,
     )
-    rewrap.add_argument("target", metavar="TARGET", help="backing directory or mountpoint")
-    _key_arguments(rewrap)
 
-    fsck = sub.add_parser("fsck", help="check (and --repair) an unmounted volume")
-    fsck.add_argument("backing", metavar="BACKING")
+    fsck = _volume_command(sub, "fsck", "check (and --repair) an unmounted volume")
     fsck.add_argument("--repair", action="store_true", help="fix what needs no guessing")
     fsck.add_argument("--json", action="store_true", help="the report as one JSON object")
-    _key_arguments(fsck)
     fsck.add_argument(
         "--export-quarantine",
         metavar="DIR",
@@ -164,10 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         "empty), outside the volume; checks nothing",
     )
 
-    destroy = sub.add_parser(
-        "destroy", help="crypto-shred a volume: destroy every KEK record (irreversible)"
+    destroy = _volume_command(
+        sub, "destroy", "crypto-shred a volume: destroy every KEK record (irreversible)"
     )
-    destroy.add_argument("backing", metavar="BACKING")
     destroy.add_argument(
         "--yes-destroy-all-data",
         dest="confirm",
@@ -176,23 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the volume id (encfs-gw status shows it) as confirmation",
     )
     destroy.add_argument("--audit-log", metavar="PATH", help="append the crypto_shred event")
-    _key_arguments(destroy)
 
-    upgrade = sub.add_parser(
-        "upgrade", help="authenticate the config of a volume made before config authentication"
+    upgrade = _volume_command(
+        sub, "upgrade", "authenticate the config of a volume made before config authentication"
     )
-    upgrade.add_argument("backing", metavar="BACKING")
     upgrade.add_argument(
         "--trust-stored",
         action="store_true",
         help="vouch for every provider the old config names (after reviewing the list)",
     )
-    _key_arguments(upgrade)
 
-    trust = sub.add_parser(
-        "trust", help="show or change what this host vouches for a volume (the trust store)"
+    trust = _volume_command(
+        sub, "trust", "show or change what this host vouches for a volume (the trust store)"
     )
-    trust.add_argument("backing", metavar="BACKING")
     trust.add_argument(
         "--accept-rollback",
         action="store_true",
@@ -203,7 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="VOLUME_ID",
         help="forget a volume (e.g. the one this path held before it was replaced)",
     )
-    _key_arguments(trust)
 
     add_convert_parser(sub)
 
