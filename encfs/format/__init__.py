@@ -28,18 +28,7 @@ FEATURE_XATTR_SETS = "xattr-sets"
 # bound into the wrap): set by the first `reencrypt` that moves the volume to a new
 # volume key (docs/FORMAT.md 2.1, 9.2). Never set at init: only a re-key needs it.
 FEATURE_VK_EPOCHS = "volume-key-epochs"
-KNOWN_FEATURES = frozenset(
-    {
-        FEATURE_BLOCK_GCM,
-        FEATURE_SIV_NAMES,
-        FEATURE_LONG_NAMES,
-        FEATURE_LONG_SYMLINKS,
-        FEATURE_AUTH_CONFIG,
-        FEATURE_BOUND_NAMES,
-        FEATURE_XATTR_SETS,
-        FEATURE_VK_EPOCHS,
-    }
-)
+# What a new volume gets, in this order.
 DEFAULT_FEATURES = (
     FEATURE_BLOCK_GCM,
     FEATURE_SIV_NAMES,
@@ -49,3 +38,5 @@ DEFAULT_FEATURES = (
     FEATURE_BOUND_NAMES,
     FEATURE_XATTR_SETS,
 )
+# What readers know: a new volume's features, and those only a later command sets.
+KNOWN_FEATURES = frozenset(DEFAULT_FEATURES) | {FEATURE_VK_EPOCHS}
