@@ -75,6 +75,19 @@ def _open_backing(backing_path: str) -> int:
         raise NotAVolume(f"backing directory {backing_path}: {exc.strerror}") from None
 
 
+@contextlib.contextmanager
+def _backing_dir(backing_path: str, *, locked: bool = False) -> Iterator[int]:
+    """The backing directory's handle for the block (NotAVolume if there is none);
+    `locked`: under the config's exclusive lock, an flock on the directory itself."""
+    dir_fd = _open_backing(backing_path)
+    try:
+        if locked:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        yield dir_fd
+    finally:
+        os.close(dir_fd)
+
+
 def _read_raw_at(dir_fd: int, backing_path: str) -> bytes:
     try:
         fd = os.open(
@@ -105,11 +118,8 @@ def _read_raw_at(dir_fd: int, backing_path: str) -> bytes:
 
 
 def read_raw(backing_path: str) -> bytes:
-    dir_fd = _open_backing(backing_path)
-    try:
+    with _backing_dir(backing_path) as dir_fd:
         return _read_raw_at(dir_fd, backing_path)
-    finally:
-        os.close(dir_fd)
 
 
 def peek(backing_path: str) -> VolumeConfig:
@@ -195,16 +205,12 @@ def editing(
     The lock is an flock on the backing directory itself: stable across the atomic
     renames of the config, and apart from the volume lock a mount holds.
     """
-    dir_fd = _open_backing(backing_path)
-    try:
-        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+    with _backing_dir(backing_path, locked=True) as dir_fd:
         config = reread_at(dir_fd, backing_path, keyring)
         floor = config.generation
         yield config
         config.generation = floor + 1
         write_at(dir_fd, config, keyring)
-    finally:
-        os.close(dir_fd)
     if operator is not None:
         operator.record_written(
             config, keyring.volume_key_check(), keyring.older_volume_key_checks()
@@ -229,9 +235,7 @@ def write_new(backing_path: str, config: VolumeConfig, keyring: Keyring) -> None
 
 def shred(backing_path: str, config: VolumeConfig, when: str) -> None:
     """Overwrite the config in place, then replace it with the `destroyed` marker."""
-    dir_fd = _open_backing(backing_path)
-    try:
-        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+    with _backing_dir(backing_path, locked=True) as dir_fd:
         # Overwrite the old config in place before replacing it, so its blocks do not
         # keep the sealed KEKs (best effort: SSDs and copy-on-write filesystems may).
         old_fd = os.open(fnames.CONFIG_FILE, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -245,8 +249,6 @@ def shred(backing_path: str, config: VolumeConfig, when: str) -> None:
         backing.write_file_atomic(
             dir_fd, fnames.CONFIG_FILE, config.shredded_json(when), temp_prefix=fnames.TEMP_PREFIX
         )
-    finally:
-        os.close(dir_fd)
 
 
 def new_config(provider: KeyProvider, block_size: int) -> tuple[VolumeConfig, Keyring]:
@@ -316,8 +318,5 @@ def lock_volume(dir_fd: int, backing_path: str, *, warn_if_network: bool = False
 
 def lock_volume_at(backing_path: str) -> int:
     """`lock_volume` for a backing directory given by its path (offline tools)."""
-    dir_fd = _open_backing(backing_path)
-    try:
+    with _backing_dir(backing_path) as dir_fd:
         return lock_volume(dir_fd, backing_path)
-    finally:
-        os.close(dir_fd)
