@@ -336,11 +336,7 @@ class Pkcs11Provider(KeyProvider):
             if not key[pkcs11.Attribute.ENCRYPT]:
                 raise ProviderConfigError(f"PKCS#11 key {label!r} may not encrypt")
             try:
-                return key.encrypt(
-                    kek,
-                    mechanism=pkcs11.Mechanism.AES_GCM,
-                    mechanism_param=pkcs11.GCMParams(nonce, binding, 128),
-                )
+                return key.encrypt(kek, **_gcm(pkcs11, nonce, binding))
             except pkcs11.PKCS11Error as exc:
                 raise _map_session_error(pkcs11, exc, "encrypt") from None
 
@@ -371,11 +367,7 @@ class Pkcs11Provider(KeyProvider):
             if not allowed:
                 raise KeyRevoked(f"PKCS#11 key {label!r} may no longer decrypt (CKA_DECRYPT off)")
             try:
-                return key.decrypt(
-                    ciphertext,
-                    mechanism=pkcs11.Mechanism.AES_GCM,
-                    mechanism_param=pkcs11.GCMParams(nonce, binding, 128),
-                )
+                return key.decrypt(ciphertext, **_gcm(pkcs11, nonce, binding))
             except (
                 pkcs11.GeneralError,  # SoftHSM's answer to a bad GCM tag
                 pkcs11.EncryptedDataInvalid,
@@ -401,6 +393,14 @@ class Pkcs11Provider(KeyProvider):
     def close(self) -> None:
         with _logins_lock:
             self._release()
+
+
+def _gcm(pkcs11: Any, nonce: bytes, binding: bytes) -> dict[str, Any]:
+    """The mechanism of both directions: AES-GCM, the binding as AAD, a 128-bit tag."""
+    return {
+        "mechanism": pkcs11.Mechanism.AES_GCM,
+        "mechanism_param": pkcs11.GCMParams(nonce, binding, 128),
+    }
 
 
 def _parse_record(record: Record) -> tuple[str, bytes, bytes]:
