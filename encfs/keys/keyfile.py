@@ -16,14 +16,8 @@ from typing import Any
 
 from encfs import crypto
 from encfs.errors import KeyMissing, ProviderConfigError, VolumeExists
-from encfs.keys.provider import (
-    KeyProvider,
-    Record,
-    check_private,
-    open_secret_file,
-    open_with_secret,
-    seal_with_secret,
-)
+from encfs.keys.provider import KeyProvider, Record, open_with_secret, seal_with_secret
+from encfs.keys.secret_file import check_private, open_secret_file
 
 KEY_FILE_MODE = 0o600
 HEX_DIGITS = b"0123456789abcdef"

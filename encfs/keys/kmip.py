@@ -39,7 +39,6 @@ from encfs.keys.provider import (
     KeyProvider,
     Record,
     absolute_paths,
-    check_private,
     missing_extra,
     open_with_secret,
     parse_options,
@@ -47,6 +46,7 @@ from encfs.keys.provider import (
     require,
     seal_with_secret,
 )
+from encfs.keys.secret_file import check_private
 
 DEFAULT_PORT = 5696
 DEFAULT_TIMEOUT = 5.0

@@ -35,14 +35,8 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from encfs import crypto, hygiene
 from encfs.errors import KeyMissing, ProviderConfigError, WrongKey
-from encfs.keys.provider import (
-    KeyProvider,
-    Record,
-    check_private,
-    open_secret_file,
-    open_with_secret,
-    seal_with_secret,
-)
+from encfs.keys.provider import KeyProvider, Record, open_with_secret, seal_with_secret
+from encfs.keys.secret_file import check_private, open_secret_file
 
 KDF_NAME = "argon2id"
 # RFC 9106 section 4, second recommended option (the first needs 2 GiB of RAM).

@@ -46,9 +46,9 @@ from encfs.keys.provider import (
     absolute_paths,
     missing_extra,
     parse_options,
-    read_secret_file,
     require,
 )
+from encfs.keys.secret_file import read_secret_file
 
 PIN_ENV = "ENCFS_PKCS11_PIN"
 MECHANISM = "CKM_AES_GCM"

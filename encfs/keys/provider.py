@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import abc
 import os
-import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
@@ -32,8 +31,6 @@ from typing import Any, ClassVar
 from encfs import crypto
 from encfs.errors import (
     IntegrityError,
-    KeyMissing,
-    KeyPermissions,
     ProviderConfigError,
     WrongKey,
 )
@@ -222,61 +219,6 @@ def absolute_paths(options: dict[str, Any], *names: str) -> None:
     for name in names:
         if isinstance(options.get(name), str):
             options[name] = os.path.abspath(options[name])
-
-
-def open_secret_file(path: str, what: str, *, blocking: bool = False) -> int:
-    """Open a file that holds a secret, read-only; `what` names it in errors ("key
-    file"). Not found or unreadable: KeyMissing or KeyPermissions, in one line.
-
-    Opened with O_NONBLOCK unless `blocking`, so a FIFO planted there cannot hang the
-    open; the caller checks what it is (fstat) before reading a byte.
-    """
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | (0 if blocking else os.O_NONBLOCK)
-    try:
-        return os.open(path, flags)
-    except FileNotFoundError:
-        raise KeyMissing(f"{what} {path} not found") from None
-    except PermissionError:
-        raise KeyPermissions(f"{what} {path} is not readable by this user") from None
-    except OSError as exc:
-        raise KeyMissing(f"{what} {path}: {exc.strerror}") from None
-
-
-def check_private(st: os.stat_result, path: str, what: str, *, owner: bool = True) -> None:
-    """ssh's rule for a secret file: no access by group or others, and (`owner`) owned
-    by this user or root. Raises KeyPermissions."""
-    if st.st_mode & 0o077:
-        raise KeyPermissions(
-            f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
-            f"it must not be accessible by group or others (chmod 600 {path})"
-        )
-    if owner and st.st_uid not in (os.geteuid(), 0):
-        raise KeyPermissions(f"{what} {path} is owned by uid {st.st_uid}, not by this user")
-
-
-def read_secret_file(path: str, what: str) -> str:
-    """First line of a 0600 file (like ssh insists for private keys); no trailing newline.
-
-    Opened with O_NONBLOCK, so a FIFO nobody writes to reads as empty instead of hanging.
-    """
-    fd = open_secret_file(path, f"{what} file")
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            check_private(st, path, f"{what} file", owner=False)
-        if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
-            os.set_blocking(fd, True)  # a writer is there (else EOF at once): wait for it
-        data = os.read(fd, 65536)
-    finally:
-        os.close(fd)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProviderConfigError(f"{what} file {path} is not UTF-8 text") from None
-    line = text.split("\n", 1)[0].removesuffix("\r")
-    if not line:
-        raise KeyMissing(f"{what} file {path} is empty")
-    return line
 
 
 def missing_extra(package: str, extra: str) -> ProviderConfigError:

@@ -43,9 +43,9 @@ from encfs.keys.provider import (
     missing_extra,
     parse_options,
     parse_timeout,
-    read_secret_file,
     require,
 )
+from encfs.keys.secret_file import read_secret_file
 
 DEFAULT_MOUNT = "transit"
 DEFAULT_TIMEOUT = 5.0

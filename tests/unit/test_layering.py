@@ -49,17 +49,19 @@ SAME_LAYER: dict[str, set[str]] = {
     "format.keyarea": {"format.blocks"},
     "format.places": {"format.names"},
     "format.xattrs": {"format.names"},  # the attribute record's names
-    # keys/: every provider implements the interface; the registry names them lazily
+    # keys/: every provider implements the interface; the registry names them lazily;
+    # those that read a secret from a file share secret_file
     **{
         f"keys.{name}": {"keys.provider"}
-        for name in (
-            "aws_kms", "command", "keyfile", "kmip", "passphrase",
-            "pkcs11", "registry", "systemd_credential", "tpm2", "vault",
-        )
+        for name in ("aws_kms", "command", "registry", "systemd_credential", "tpm2")
+    },
+    **{
+        f"keys.{name}": {"keys.provider", "keys.secret_file"}
+        for name in ("keyfile", "kmip", "passphrase", "pkcs11", "vault")
     },
     # a provider that is a package reaches its service through its own module
     "keys.azure_keyvault": {"keys.azure_keyvault.connection", "keys.provider"},
-    "keys.azure_keyvault.connection": {"keys.provider"},
+    "keys.azure_keyvault.connection": {"keys.provider", "keys.secret_file"},
     # L3: the keyring and the config store record key events and consult the operator
     "keyring": {"audit", "trust"},
     "config_store": {"audit", "backing", "keyring", "trust"},
@@ -244,9 +246,11 @@ def test_format_and_keys_never_import_each_other_and_providers_are_independent()
                 assert not name.startswith("encfs.format"), path
                 if name.startswith("encfs.keys."):
                     # its own package's modules (a provider split in parts), the
-                    # interface, the registry: never another provider
+                    # interface, the registry, secret files: never another provider
                     own = "encfs." + ".".join(module_name(path).split(".")[:2]) + "."
-                    allowed = {"encfs.keys.provider", "encfs.keys.registry"}
+                    allowed = {
+                        "encfs.keys.provider", "encfs.keys.registry", "encfs.keys.secret_file"
+                    }
                     assert name in allowed or name.startswith(own), (
                         f"{path.name} imports provider {name}"
                     )

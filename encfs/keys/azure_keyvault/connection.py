@@ -25,7 +25,8 @@ from encfs.errors import (
     ProviderUnavailable,
     WrongKey,
 )
-from encfs.keys.provider import missing_extra, read_secret_file
+from encfs.keys.provider import missing_extra
+from encfs.keys.secret_file import read_secret_file
 
 CREDENTIALS = ("default", "managed-identity", "workload", "token-file")
 _CLIENT_ID = re.compile(r"^[0-9A-Za-z-]{1,64}$")
