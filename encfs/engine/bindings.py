@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 
 from encfs import backing, crypto
-from encfs.engine.inodes import ROOT_INODE, Inode
+from encfs.engine.inode import ROOT_INODE, Inode
 from encfs.errors import IntegrityError
 from encfs.format import FEATURE_BOUND_NAMES, places
 from encfs.format import names as fnames

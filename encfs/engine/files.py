@@ -28,7 +28,8 @@ from collections.abc import Callable
 from encfs import backing
 from encfs.engine.bindings import Bindings
 from encfs.engine.contents import FileContents
-from encfs.engine.inodes import Inode, InodeTable, oserror
+from encfs.engine.inode import Inode, oserror
+from encfs.engine.inodes import InodeTable
 from encfs.errors import IntegrityError
 from encfs.format.blocks import HEADER_SIZE, FileHeader, Layout
 from encfs.keyring import Keyring

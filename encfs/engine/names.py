@@ -17,7 +17,7 @@ import os
 
 from encfs import backing
 from encfs.engine.bindings import BindingError, Bindings, Location
-from encfs.engine.inodes import Inode, oserror
+from encfs.engine.inode import Inode, oserror
 from encfs.errors import IntegrityError
 from encfs.format import names as fnames
 from encfs.format.places import DirRecord

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from encfs import backing, crypto
 from encfs.engine.bindings import BindingError, Bindings, Location, rewrite_header
-from encfs.engine.inodes import Inode, InodeTable, oserror
+from encfs.engine.inode import Inode, oserror
+from encfs.engine.inodes import InodeTable
 from encfs.engine.names import Names, is_empty_dir, remove_tree, temp_name
 from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs

@@ -23,7 +23,8 @@ from contextlib import AbstractContextManager
 
 from encfs import backing, crypto
 from encfs.engine.bindings import BindingError, Bindings, Location
-from encfs.engine.inodes import Inode, InodeTable, oserror
+from encfs.engine.inode import Inode, oserror
+from encfs.engine.inodes import InodeTable
 from encfs.engine.names import temp_name, write_atomic
 from encfs.errors import IntegrityError
 from encfs.format import FEATURE_LONG_SYMLINKS, places

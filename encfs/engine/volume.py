@@ -29,7 +29,8 @@ from encfs.audit import AuditLog
 from encfs.engine.bindings import Bindings
 from encfs.engine.entries import Entries, PendingDir
 from encfs.engine.files import Files
-from encfs.engine.inodes import ROOT_INODE, Attr, DirHandle, Inode, InodeTable, oserror
+from encfs.engine.inode import ROOT_INODE, Attr, DirHandle, Inode, oserror
+from encfs.engine.inodes import InodeTable
 from encfs.engine.names import Names, ScanEntry
 from encfs.engine.rename import PendingRename, Renames
 from encfs.engine.symlinks import Symlinks

@@ -22,7 +22,8 @@ import stat
 from collections.abc import Iterator
 
 from encfs import backing, crypto
-from encfs.engine.inodes import Inode, InodeTable, oserror
+from encfs.engine.inode import Inode, oserror
+from encfs.engine.inodes import InodeTable
 from encfs.engine.names import Names
 from encfs.engine.xattr_sets import SetOwner, XattrSets
 from encfs.errors import IntegrityError

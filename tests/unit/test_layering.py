@@ -66,23 +66,26 @@ SAME_LAYER: dict[str, set[str]] = {
     "keyring": {"audit", "trust"},
     "config_store": {"audit", "backing", "keyring", "trust"},
     # engine/: the facade composes the collaborators; each knows only those below it
-    "engine": {"engine.bindings", "engine.create", "engine.inodes", "engine.volume"},
+    "engine": {"engine.bindings", "engine.create", "engine.inode", "engine.volume"},
     "engine.volume": {
-        "engine.bindings", "engine.entries", "engine.files", "engine.inodes", "engine.names",
-        "engine.rename", "engine.symlinks", "engine.xattrs",
+        "engine.bindings", "engine.entries", "engine.files", "engine.inode", "engine.inodes",
+        "engine.names", "engine.rename", "engine.symlinks", "engine.xattrs",
     },
-    "engine.inodes": {"engine.contents"},  # (a type only)
-    "engine.bindings": {"engine.inodes"},
-    "engine.names": {"engine.bindings", "engine.inodes"},
-    "engine.symlinks": {"engine.bindings", "engine.inodes", "engine.names"},
-    "engine.xattrs": {"engine.inodes", "engine.names", "engine.xattr_sets"},
-    "engine.files": {"engine.bindings", "engine.contents", "engine.inodes"},
+    "engine.inode": {"engine.contents", "engine.inodes"},  # (types only)
+    "engine.inodes": {"engine.inode"},
+    "engine.bindings": {"engine.inode"},
+    "engine.names": {"engine.bindings", "engine.inode"},
+    "engine.symlinks": {"engine.bindings", "engine.inode", "engine.inodes", "engine.names"},
+    "engine.xattrs": {"engine.inode", "engine.inodes", "engine.names", "engine.xattr_sets"},
+    "engine.files": {"engine.bindings", "engine.contents", "engine.inode", "engine.inodes"},
     "engine.entries": {
-        "engine.bindings", "engine.files", "engine.inodes", "engine.names", "engine.symlinks",
+        "engine.bindings", "engine.files", "engine.inode", "engine.inodes", "engine.names",
+        "engine.symlinks",
         "engine.xattrs",  # an object's attribute set goes with its last name
     },
     "engine.rename": {
-        "engine.bindings", "engine.inodes", "engine.names", "engine.symlinks", "engine.xattrs",
+        "engine.bindings", "engine.inode", "engine.inodes", "engine.names", "engine.symlinks",
+        "engine.xattrs",
     },
     "engine.create": {"engine.bindings", "engine.names"},
     # admin/: fsck keeps evidence in the quarantine; the status report reads rotation
