@@ -37,14 +37,13 @@ from encfs.audit import AuditLog
 from encfs.errors import ConfigAuthError, ConfigError, NotAVolume, VolumeBusy
 from encfs.format import DEFAULT_FEATURES
 from encfs.format import names as fnames
+from encfs.format.config_fields import MAX_CONFIG_BYTES, now_utc
 from encfs.format.volume import (
-    MAX_CONFIG_BYTES,
     PROTECTOR_ID_SIZE,
     VOLUME_KEY_SIZE,
     KekVersion,
     Protector,
     VolumeConfig,
-    now_utc,
 )
 from encfs.keyring import Keyring
 from encfs.keys.provider import KeyProvider

@@ -39,14 +39,8 @@ from typing import Any
 
 from encfs import crypto
 from encfs.errors import ConfigAuthError, ConfigError, NotVouched, TrustStoreError
-from encfs.format.volume import (
-    PROTECTOR_ID_SIZE,
-    Protector,
-    VolumeConfig,
-    body_digest,
-    load_document,
-    now_utc,
-)
+from encfs.format.config_fields import load_document, now_utc
+from encfs.format.volume import PROTECTOR_ID_SIZE, Protector, VolumeConfig, body_digest
 from encfs.keys.provider import KeyProvider, ProviderFactory
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ from encfs import config_store, crypto
 from encfs.admin.rewrap import PassStats, RewrapPass, census
 from encfs.engine import Volume
 from encfs.errors import UsageError
-from encfs.format.volume import Protector, VolumeConfig, parse_time
+from encfs.format.config_fields import parse_time
+from encfs.format.volume import Protector, VolumeConfig
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from encfs.errors import UsageError, VolumeBusy, VolumeExists
 from encfs.format import DEFAULT_FEATURES
 from encfs.format import names as fnames
 from encfs.format.blocks import DEFAULT_BLOCK_SIZE, Layout
-from encfs.format.volume import now_utc
+from encfs.format.config_fields import now_utc
 from encfs.keys.provider import KeyProvider
 from encfs.trust import Operator, OperatorSpec, canonical_backing
 

@@ -22,7 +22,6 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from encfs.errors import ConfigError, KeyRevoked, UnsupportedFormat
@@ -35,13 +34,21 @@ from encfs.format import (
     SUPPORTED_VERSIONS,
 )
 from encfs.format.blocks import Layout
+from encfs.format.config_fields import (
+    check_depth,
+    hex_field,
+    int_field,
+    load_document,
+    now_utc,
+    printable,
+    time_field,
+    typed_field,
+)
 
 VOLUME_ID_SIZE = 16
 VOLUME_KEY_SIZE = 64
 PROTECTOR_ID_SIZE = 8
 CONFIG_MAC_SIZE = 32
-MAX_CONFIG_BYTES = 1 << 20
-MAX_RECORD_DEPTH = 4
 MAX_KEK_VERSION = 0xFFFF
 MAX_VOLUME_KEY_EPOCH = 0xFFFFFFFF
 # The longest rotation interval a policy may ask for (what `rotate-every` accepts).
@@ -50,11 +57,8 @@ VOLUME_KEY_AAD_LABEL = b"EGWV"
 PROVIDER_BINDING_LABEL = b"encfs-gw KEK binding v1|"
 CONFIG_MAC_LABEL = b"EGWC"
 KEK_STATES = ("active", "retired")
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
-_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
 _KIND = re.compile(r"[a-z0-9][a-z0-9-]{0,31}\Z")
-_HEX = re.compile(r"[0-9a-f]*\Z")
 
 TOP_FIELDS = {
     "format", "format_version", "features", "volume_id", "block_size", "created",
@@ -62,20 +66,6 @@ TOP_FIELDS = {
     "config_mac",
 }
 LEGACY_TOP_FIELDS = TOP_FIELDS - {"generation", "config_mac"}
-
-
-def now_utc() -> str:
-    return datetime.now(UTC).strftime(TIME_FORMAT)
-
-
-def parse_time(value: Any, what: str) -> datetime:
-    """A UTC time as the config writes it (`2026-12-06T21:00:00Z`); ConfigError otherwise."""
-    if not isinstance(value, str) or not _TIME.match(value):
-        raise ConfigError(f"volume config: {what} is not a UTC time (YYYY-MM-DDTHH:MM:SSZ)")
-    try:
-        return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=UTC)
-    except ValueError:
-        raise ConfigError(f"volume config: {what} is not a valid date") from None
 
 
 @dataclass
@@ -296,8 +286,8 @@ class VolumeConfig:
             raise ConfigError("volume config is not an encfs-gw config")
         if "destroyed" in doc:
             raise KeyRevoked(
-                f"volume {_printable(doc.get('volume_id'))} was destroyed (crypto-shredded) "
-                f"at {_printable(doc.get('destroyed'))}: its keys are gone and its data "
+                f"volume {printable(doc.get('volume_id'))} was destroyed (crypto-shredded) "
+                f"at {printable(doc.get('destroyed'))}: its keys are gone and its data "
                 "cannot be decrypted"
             )
         version = doc.get("format_version")
@@ -319,19 +309,19 @@ class VolumeConfig:
         if unknown:
             raise UnsupportedFormat(
                 "volume uses unknown feature flag(s) "
-                f"{', '.join(_printable(f) for f in unknown)}; upgrade encfs-gw"
+                f"{', '.join(printable(f) for f in unknown)}; upgrade encfs-gw"
             )
         authenticated = FEATURE_AUTH_CONFIG in features
         allowed = TOP_FIELDS if authenticated else LEGACY_TOP_FIELDS
         extra = sorted(set(doc) - allowed)
         if extra:
             raise ConfigError(
-                f"volume config has unknown field(s) {', '.join(_printable(f) for f in extra)}"
+                f"volume config has unknown field(s) {', '.join(printable(f) for f in extra)}"
             )
-        kek = _field(doc, "kek", dict)
+        kek = typed_field(doc, "kek", dict)
         if set(kek) != {"current", "versions"}:
             raise ConfigError("volume config: 'kek' must hold exactly 'current' and 'versions'")
-        versions = _field(kek, "versions", list)
+        versions = typed_field(kek, "versions", list)
         if not 1 <= len(versions) <= MAX_KEK_VERSION:
             raise ConfigError("volume config: 'kek.versions' must list 1 to 65535 versions")
         kek_versions: dict[int, KekVersion] = {}
@@ -343,13 +333,13 @@ class VolumeConfig:
         config = cls(
             format_version=version,
             features=tuple(features),
-            volume_id=_hex_field(doc, "volume_id", VOLUME_ID_SIZE),
-            block_size=_int_field(doc, "block_size", 1, 1 << 30),
-            created=_time_field(doc, "created"),
-            current_kek=_int_field(kek, "current", 1, MAX_KEK_VERSION, "kek.current"),
+            volume_id=hex_field(doc, "volume_id", VOLUME_ID_SIZE),
+            block_size=int_field(doc, "block_size", 1, 1 << 30),
+            created=time_field(doc, "created"),
+            current_kek=int_field(kek, "current", 1, MAX_KEK_VERSION, "kek.current"),
             kek_versions=kek_versions,
             generation=(
-                _int_field(doc, "generation", 1, (1 << 53) - 1) if authenticated else 0
+                int_field(doc, "generation", 1, (1 << 53) - 1) if authenticated else 0
             ),
             rotation=_rotation(doc.get("rotation")),
             rotation_policy=_policy(doc.get("rotation_policy")),
@@ -359,7 +349,7 @@ class VolumeConfig:
         config.validate()
         stored_mac = None
         if authenticated:
-            stored_mac = _hex_field(doc, "config_mac", CONFIG_MAC_SIZE)
+            stored_mac = hex_field(doc, "config_mac", CONFIG_MAC_SIZE)
         return config, stored_mac
 
     def validate(self) -> None:
@@ -425,96 +415,18 @@ def body_digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(mac_message(body)).hexdigest()
 
 
-# --- strict JSON -------------------------------------------------------------------------
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ConfigError(f"volume config repeats the key {_printable(key)}")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ConfigError(f"volume config holds a non-number {name}")
-
-
-def load_document(data: bytes, what: str = "volume config") -> dict[str, Any]:
-    """Bounded, strict JSON: an object, no duplicate keys, no NaN/Infinity, UTF-8."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{what} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        doc = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_no_constant,
-        )
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{what} is not valid JSON ({_one_line(exc)})") from None
-    except RecursionError:
-        raise ConfigError(f"{what} is nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{what} is not a JSON object")
-    return doc
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
-
-
-def _printable(value: Any) -> str:
-    """An untrusted value in a one-line message: repr, control characters escaped, cut."""
-    text = ascii(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _field(doc: dict[str, Any], name: str, kind: type, where: str | None = None) -> Any:
-    value = doc.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-        raise ConfigError(f"volume config: '{where or name}' is missing or not a {kind.__name__}")
-    return value
-
-
-def _int_field(
-    doc: dict[str, Any], name: str, low: int, high: int, where: str | None = None
-) -> int:
-    value = doc.get(name)
-    if type(value) is not int or not low <= value <= high:
-        raise ConfigError(
-            f"volume config: '{where or name}' must be an integer from {low} to {high}"
-        )
-    return value
-
-
-def _hex_field(doc: dict[str, Any], name: str, size: int, where: str | None = None) -> bytes:
-    value = doc.get(name)
-    if not isinstance(value, str) or len(value) != 2 * size or not _HEX.match(value):
-        raise ConfigError(
-            f"volume config: '{where or name}' must be {2 * size} lowercase hex digits"
-        )
-    return bytes.fromhex(value)
-
-
-def _time_field(doc: dict[str, Any], name: str, where: str | None = None) -> str:
-    value = doc.get(name)
-    parse_time(value, f"'{where or name}'")
-    return value
-
-
 def _kek_version(entry: Any, authenticated: bool) -> KekVersion:
     if not isinstance(entry, dict):
         raise ConfigError("volume config: a KEK version entry is not an object")
     expected = {"version", "state", "created", "wrapped_volume_key", "protectors"}
     if set(entry) - {"volume_key_epoch"} != expected:
         raise ConfigError(f"volume config: a KEK version entry must hold {sorted(expected)}")
-    number = _int_field(entry, "version", 1, MAX_KEK_VERSION, "kek.versions[].version")
+    number = int_field(entry, "version", 1, MAX_KEK_VERSION, "kek.versions[].version")
     where = f"KEK version {number}"
     state = entry["state"]
     if state not in KEK_STATES:
-        raise ConfigError(f"volume config: {where} has state {_printable(state)}")
-    raw_protectors = _field(entry, "protectors", list, f"{where} protectors")
+        raise ConfigError(f"volume config: {where} has state {printable(state)}")
+    raw_protectors = typed_field(entry, "protectors", list, f"{where} protectors")
     if not 1 <= len(raw_protectors) <= 64:
         raise ConfigError(f"volume config: {where} must have 1 to 64 protectors")
     protectors = [
@@ -523,13 +435,13 @@ def _kek_version(entry: Any, authenticated: bool) -> KekVersion:
     return KekVersion(
         version=number,
         state=state,
-        created=_time_field(entry, "created", f"{where} created"),
-        wrapped_volume_key=_hex_field(
+        created=time_field(entry, "created", f"{where} created"),
+        wrapped_volume_key=hex_field(
             entry, "wrapped_volume_key", 12 + VOLUME_KEY_SIZE + 16, f"{where} wrapped_volume_key"
         ),
         protectors=protectors,
         volume_key_epoch=(
-            _int_field(entry, "volume_key_epoch", 1, MAX_VOLUME_KEY_EPOCH,
+            int_field(entry, "volume_key_epoch", 1, MAX_VOLUME_KEY_EPOCH,
                        f"{where} volume_key_epoch")
             if "volume_key_epoch" in entry else None
         ),
@@ -542,7 +454,7 @@ def _protector(entry: Any, where: str, index: int, authenticated: bool) -> Prote
     if authenticated:
         if set(entry) != {"id", "kind", "record"}:
             raise ConfigError(f"volume config: a protector of {where} must hold id, kind, record")
-        protector_id = _hex_field(entry, "id", PROTECTOR_ID_SIZE, f"{where} protector id").hex()
+        protector_id = hex_field(entry, "id", PROTECTOR_ID_SIZE, f"{where} protector id").hex()
         kind = entry["kind"]
         legacy_options = None
     else:  # made before authenticated-config: {"provider", "options", "record"}
@@ -551,25 +463,14 @@ def _protector(entry: Any, where: str, index: int, authenticated: bool) -> Prote
                 f"volume config: a protector of {where} must hold provider, options, record"
             )
         kind = entry["provider"]
-        legacy_options = _field(entry, "options", dict, f"{where} protector options")
-        _check_depth(legacy_options, where)
+        legacy_options = typed_field(entry, "options", dict, f"{where} protector options")
+        check_depth(legacy_options, where)
         protector_id = f"{index:016x}"  # keyslot position: the same across versions
     if not isinstance(kind, str) or not _KIND.match(kind):
         raise ConfigError(f"volume config: a protector of {where} has a bad kind")
-    record = _field(entry, "record", dict, f"{where} protector record")
-    _check_depth(record, where)
+    record = typed_field(entry, "record", dict, f"{where} protector record")
+    check_depth(record, where)
     return Protector(protector_id, kind, record, legacy_options)
-
-
-def _check_depth(value: Any, where: str, depth: int = 0) -> None:
-    if depth > MAX_RECORD_DEPTH:
-        raise ConfigError(f"volume config: a protector record of {where} is nested too deeply")
-    if isinstance(value, dict):
-        for item in value.values():
-            _check_depth(item, where, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check_depth(item, where, depth + 1)
 
 
 def _rotation(value: Any) -> dict[str, Any] | None:
@@ -577,8 +478,8 @@ def _rotation(value: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict) or set(value) != {"target", "started"}:
         raise ConfigError('volume config: rotation must be {"target": N, "started": TIME}')
-    _int_field(value, "target", 1, MAX_KEK_VERSION, "rotation.target")
-    _time_field(value, "started", "rotation.started")
+    int_field(value, "target", 1, MAX_KEK_VERSION, "rotation.target")
+    time_field(value, "started", "rotation.started")
     return dict(value)
 
 
@@ -589,10 +490,10 @@ def _reencrypt(value: Any) -> dict[str, Any] | None:
         raise ConfigError(
             'volume config: reencrypt must be {"target": N, "started": TIME[, "from_epoch": E]}'
         )
-    _int_field(value, "target", 1, MAX_KEK_VERSION, "reencrypt.target")
-    _time_field(value, "started", "reencrypt.started")
+    int_field(value, "target", 1, MAX_KEK_VERSION, "reencrypt.target")
+    time_field(value, "started", "reencrypt.started")
     if "from_epoch" in value:
-        _int_field(value, "from_epoch", 1, MAX_VOLUME_KEY_EPOCH, "reencrypt.from_epoch")
+        int_field(value, "from_epoch", 1, MAX_VOLUME_KEY_EPOCH, "reencrypt.from_epoch")
     return dict(value)
 
 
@@ -601,7 +502,7 @@ def _conversion(value: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict) or set(value) != {"started"}:
         raise ConfigError('volume config: conversion must be {"started": TIME}')
-    _time_field(value, "started", "conversion.started")
+    time_field(value, "started", "conversion.started")
     return dict(value)
 
 

@@ -303,7 +303,8 @@ def _forge_with_volume_id(attacker: Path, key: Path, victim_doc: dict, env: dict
     code = f"""
 import sys
 from encfs import config_store, crypto
-from encfs.format.volume import KekVersion, Protector, VolumeConfig, now_utc
+from encfs.format.config_fields import now_utc
+from encfs.format.volume import KekVersion, Protector, VolumeConfig
 from encfs.keyring import Keyring
 from encfs.keys.keyfile import KeyfileProvider, create_key_file
 create_key_file({str(key)!r})
@@ -503,7 +504,8 @@ def test_volume_substituted_through_a_local_tpm_is_refused(tmp_path, canaries):
         code = f"""
 import sys
 from encfs import crypto
-from encfs.format.volume import KekVersion, Protector, VolumeConfig, now_utc
+from encfs.format.config_fields import now_utc
+from encfs.format.volume import KekVersion, Protector, VolumeConfig
 from encfs.keyring import Keyring
 from encfs.keys.tpm2 import Tpm2Provider
 provider = Tpm2Provider(Tpm2Provider.options_from_spec("timeout=30"))

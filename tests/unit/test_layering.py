@@ -45,7 +45,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "crypto": {"secmem"},  # key bytes live in locked pages
     # format/: the package holds the feature flags; records build on blocks and names
     "format.blocks": {"format"},
-    "format.volume": {"format", "format.blocks"},
+    "format.volume": {"format", "format.blocks", "format.config_fields"},
     "format.keyarea": {"format.blocks"},
     "format.places": {"format.names"},
     "format.xattrs": {"format.names"},  # the attribute record's names
