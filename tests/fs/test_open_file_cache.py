@@ -238,9 +238,10 @@ def test_open_directories_beyond_the_cache_hold_few_descriptors(small):
 
 class Descriptors:
     """This process's descriptor limit set just above its highest open descriptor at
-    the first `tighten`; each `tighten` fills every free number below it but `spare`,
-    so the next new descriptor past those needs one of ours closed first (the engine's
-    cached ones, which it gives back when it runs out); `loosen` frees them again."""
+    the first `tighten`; each `tighten` fills every free number below it and leaves
+    exactly `spare` free (raising the limit if fewer were free), so the next new
+    descriptor past those needs one of ours closed first (the engine's cached ones,
+    which it gives back when it runs out); `loosen` frees them again."""
 
     def __init__(self) -> None:
         self.fillers: list[int] = []
@@ -258,8 +259,15 @@ class Descriptors:
             except OSError as exc:
                 assert exc.errno == errno.EMFILE
                 break
-        for _ in range(spare):
+        # Exactly `spare` free numbers: ours closed, and the limit raised for the rest
+        # (how many free numbers lie below the first limit depends on what earlier
+        # tests left behind, so it cannot be counted on).
+        freed = min(spare, len(self.fillers))
+        for _ in range(freed):
             os.close(self.fillers.pop())
+        if freed < spare:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft + spare - freed, hard))
 
     def loosen(self) -> None:
         for fd in self.fillers:
