@@ -13,12 +13,13 @@ and the journal removed. A kill inside a multi-page pwrite of block records (FOR
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +31,11 @@ from encfs.admin.reencrypt_journal import (
     JOURNAL_FILE,
     JOURNAL_TEMP,
     GroupEntry,
+    Settler,
     crash_at,
     decode_journal,
-    encode_journal,
     read_all,
+    write_journal,
 )
 from encfs.admin.rewrap import PassTiming
 from encfs.engine import Volume
@@ -48,6 +50,10 @@ log = logging.getLogger(__name__)
 # owner's (mtime is put back after each batch: a re-encryption is no change of content)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
 FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
+# Files opened and being read ahead of the one the pass seals (open_ahead): at most this
+# many descriptors and this much backing data asked of the kernel.
+READ_AHEAD_FILES = 16
+READ_AHEAD_BYTES = 8 << 20
 
 
 @dataclass
@@ -89,6 +95,11 @@ def _listing(dir_fd: int) -> tuple[list[str], list[str]]:
     )
 
 
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def data_files(root_fd: int) -> Iterator[tuple[str, int, int]]:
     """(backing path relative to the root, dir fd, name) of every regular data file,
     depth first; only the current directory and its ancestors are open."""
@@ -122,10 +133,42 @@ def data_files(root_fd: int) -> Iterator[tuple[str, int, int]]:
 
 
 
+def open_ahead(root_fd: int) -> Iterator[tuple[str, int]]:
+    """(backing path, descriptor) of every data file, in data_files' order; the caller
+    closes each descriptor. Files are opened up to READ_AHEAD_FILES and READ_AHEAD_BYTES
+    ahead of the one handed out, and the kernel is asked to start reading them
+    (WILLNEED: up to READ_AHEAD_BYTES of each), so that the small files' reads are in
+    flight while the pass seals the file before them. The descriptors stay bounded."""
+    ahead: collections.deque[tuple[str, int, int]] = collections.deque()
+    ahead_bytes = 0
+    try:
+        for path, dir_fd, name in data_files(root_fd):
+            fd = backing.open_quietly(name, FILE_FLAGS, dir_fd=dir_fd)
+            try:
+                length = min(os.fstat(fd).st_size, READ_AHEAD_BYTES)
+                os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
+            except BaseException:
+                os.close(fd)
+                raise
+            ahead.append((path, fd, length))
+            ahead_bytes += length
+            while ahead and (len(ahead) > READ_AHEAD_FILES or ahead_bytes > READ_AHEAD_BYTES):
+                path, fd, length = ahead.popleft()
+                ahead_bytes -= length
+                yield path, fd
+        while ahead:
+            path, fd, _ = ahead.popleft()
+            yield path, fd
+    finally:
+        _close_all(fd for _, fd, _ in ahead)
+
+
 class ReencryptPass:
     """The offline pass toward KEK version `target` (the volume lock is held)."""
 
-    def __init__(self, volume: Volume, target: int) -> None:
+    def __init__(self, volume: Volume, target: int, overlap: bool = True) -> None:
+        """`overlap`: batches are written on a thread while the next one is read and
+        sealed (nothing else may write the volume's files meanwhile: offline)."""
         self.volume = volume
         self.target = target
         self.stats = ReencryptStats(target=target)
@@ -137,8 +180,12 @@ class ReencryptPass:
         self._fds: dict[str, int] = {}  # the batch's files, by path
         self._times: dict[str, tuple[int, int]] = {}  # ... their atime and mtime before
         self._inodes: set[tuple[int, int]] = set()  # ... and by (st_dev, st_ino)
+        self._inflight: set[tuple[int, int]] = set()  # those of the batch handed over
         self._unreadable_seen: set[tuple[int, int, int]] = set()
         self._sequence = 0
+        self.overlap = overlap
+        self._settler = Settler()  # the last batch, written and made durable meanwhile
+        self._torn_at = 0  # the batch being written in place (the "torn" test hook)
 
     # journal I/O
     def _journal_dir(self, create: bool) -> int | None:
@@ -239,7 +286,7 @@ class ReencryptPass:
         os.pwrite(fd, entry.both, offset)
         for index, (first, records) in enumerate(entry.runs):
             where = self.layout.record_offset(first)
-            if not replay and index == 0 and self._crash_step("torn"):
+            if not replay and index == 0 and self._crash == (self._torn_at, "torn"):
                 os.pwrite(fd, records[: len(records) // 2], where)
                 self._die()
             os.pwrite(fd, records, where)
@@ -249,56 +296,88 @@ class ReencryptPass:
         return True
 
     def _commit(self) -> None:
-        """The batch: journal (fsynced, renamed into place), in place, sync, no journal."""
+        """Hand the batch over to be written (_write_batch) once the previous one is
+        done. Offline (`overlap`) it is written on the settler's thread while this one
+        reads and seals the next batch; otherwise the journal and the writes in place
+        are done here and only the sync and the journal's removal go to the thread."""
+        self._settler.wait()  # the previous batch settled: its journal is gone
         if not self._batch:
             return
         self._sequence += 1
         self.stats.batches += 1
-        data = encode_journal(
-            self.target, self._sequence, self._batch, self.volume.keyring.journal_mac
-        )
+        batch, fds, times, sequence = self._batch, self._fds, self._times, self._sequence
+        self._inflight = self._inodes
+        self._batch, self._batch_bytes = [], 0
+        self._fds, self._inodes, self._times = {}, set(), {}
+        if self.overlap:
+            self._settler.start(lambda: self._write_batch(batch, fds, times, sequence))
+            return
+        try:
+            dir_fd = self._write_ahead(batch, fds, times, sequence)
+        except BaseException:
+            _close_all(fds.values())
+            raise
+        self._settler.start(lambda: self._settle(dir_fd, fds, sequence))
+
+    def _write_batch(
+        self, batch: list[GroupEntry], fds: dict[str, int], times: dict[str, tuple[int, int]],
+        sequence: int,
+    ) -> None:
+        try:
+            dir_fd = self._write_ahead(batch, fds, times, sequence)
+        except BaseException:
+            _close_all(fds.values())
+            raise
+        self._settle(dir_fd, fds, sequence)
+
+    def _write_ahead(
+        self, batch: list[GroupEntry], fds: dict[str, int], times: dict[str, tuple[int, int]],
+        sequence: int,
+    ) -> int:
+        """The journal (fsynced, renamed into place), then the batch in place and each
+        file's times put back. Returns the journal directory's descriptor."""
         dir_fd = self._journal_dir(create=True)
         assert dir_fd is not None
         try:
-            fd = os.open(JOURNAL_TEMP, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self.stats.bytes_written += len(data)
-            self.stats.journal_peak_bytes = max(self.stats.journal_peak_bytes, len(data))
-            if self._crash_step("journal-temp"):
+            size = write_journal(dir_fd, self.target, sequence, batch,
+                                 self.volume.keyring.journal_mac)
+            self.stats.bytes_written += size
+            self.stats.journal_peak_bytes = max(self.stats.journal_peak_bytes, size)
+            if self._crash == (sequence, "journal-temp"):
                 self._die()
             os.rename(JOURNAL_TEMP, JOURNAL_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             os.fsync(dir_fd)
-            if self._crash_step("journal"):
+            if self._crash == (sequence, "journal"):
                 self._die()
-            for entry in self._batch:
-                self._apply(self._fds[entry.path], entry, replay=False)
+            self._torn_at = sequence
+            for entry in batch:
+                self._apply(fds[entry.path], entry, replay=False)
+            for path, fd in fds.items():  # a re-encryption is no change of content
+                os.utime(fd, ns=times[path])
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return dir_fd
+
+    def _settle(self, dir_fd: int, fds: dict[str, int], sequence: int) -> None:
+        """A batch written in place made durable, then its journal removed; closes
+        `dir_fd` and the batch's descriptors."""
+        try:
             # the batch's files only (not syncfs: the backing filesystem may be shared);
             # their sizes do not change, so fdatasync makes the writes durable
-            for path, fd in self._fds.items():
+            for fd in fds.values():
                 os.fdatasync(fd)
-                os.utime(fd, ns=self._times[path])
-            if self._crash_step("in-place"):
+            if self._crash == (sequence, "in-place"):
                 self._die()
             os.unlink(JOURNAL_FILE, dir_fd=dir_fd)
         finally:
+            _close_all(fds.values())
             os.close(dir_fd)
-        self._batch, self._batch_bytes = [], 0
-        self._close_batch_files()
 
     def started(self) -> None:
         """The test hook "started": right after the config recorded the pass."""
         if self._crash is not None and self._crash[1] == "started":
             self._die()
-
-    def _crash_step(self, step: str) -> bool:
-        return self._crash is not None and self._crash == (self._sequence, step)
 
     def _die(self) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -315,14 +394,15 @@ class ReencryptPass:
         """Re-encrypt every file; yields after every file (and every batch)."""
         self.count()
         try:
-            for path, dir_fd, name in data_files(self.volume.root_fd):
-                fd = backing.open_quietly(name, FILE_FLAGS, dir_fd=dir_fd)
+            for path, fd in open_ahead(self.volume.root_fd):
                 try:
                     st = os.fstat(fd)
                     if (st.st_dev, st.st_ino) in self._inodes:
                         # another name of a file in this batch: its groups are written
                         # first (one journal entry per group and batch, never two)
                         self._commit()
+                    if (st.st_dev, st.st_ino) in self._inflight:
+                        self._settler.wait()  # ... in place, before they are read again
                     for entry in self._file(path, fd, st):
                         size = entry.size()
                         if self._batch and (
@@ -343,7 +423,11 @@ class ReencryptPass:
                 self.stats.bytes_done += self.layout.plain_size(st.st_size)
                 yield self.stats
             self._commit()
+            self._settler.wait()
             yield self.stats
+        except BaseException:
+            self._settler.wait(raise_error=False)
+            raise
         finally:
             self._close_batch_files()
 
@@ -376,7 +460,11 @@ class ReencryptPass:
         self, path: str, fd: int, st: os.stat_result, file_id: bytes, group: int, area: bytes,
         plain_size: int,
     ) -> GroupEntry | None:
-        layout, target, keyring = self.layout, self.target, self.volume.keyring
+        """The journal entry of one group (None: nothing to do). Per group, not per block:
+        one read of the records to open, the new records sealed into one buffer at their
+        offsets (consecutive blocks make one run, a slice of it), one buffer of DEKs and
+        one of plaintext (wiped once), nonces from one call."""
+        layout = self.layout
         if len(area) < blocks.KEY_AREA_SIZE:
             # a file cut inside a key area (damage: no write of encfs-gw leaves one): no
             # block of the group has data, and a write here would grow the file
@@ -384,102 +472,137 @@ class ReencryptPass:
             log.warning("reencrypt: %r ends inside the key area of group %d: left as it is",
                         path, group)
             return None
-        both, final = bytearray(area), bytearray(area)
+        final = bytearray(area)
+        first_index = group * blocks.BLOCKS_PER_GROUP
         blocks_in_file = -(-plain_size // layout.block_size)
-        changed: dict[int, bytes] = {}
-        wrap = keyring.slot_cipher(target, file_id)
+        todo: list[tuple[int, tuple]] = []  # (position, candidates) of the blocks to open
         for position, fields in enumerate(blocks.KEY_RECORD_FIELDS.iter_unpack(area)):
-            index = group * blocks.BLOCKS_PER_GROUP + position
             candidates = slot_candidates(fields)
             if not candidates:
                 if candidates is None:
-                    self._unreadable(st, index)
-                    log.warning("reencrypt: %r block %d: malformed key record", path, index)
+                    self._unreadable(st, first_index + position)
+                    log.warning("reencrypt: %r block %d: malformed key record", path,
+                                first_index + position)
                 continue
-            if len(candidates) == 1 and candidates[0][1] == target:
+            if len(candidates) == 1 and candidates[0][1] == self.target:
                 continue  # done already (by an earlier run, or the other name of a link)
-            base = position * blocks.KEY_RECORD_SIZE
-            if index >= blocks_in_file:  # past the end: what a torn truncate left
+            if first_index + position >= blocks_in_file:  # past the end: a torn truncate
+                base = position * blocks.KEY_RECORD_SIZE
                 final[base : base + blocks.KEY_RECORD_SIZE] = bytes(blocks.KEY_RECORD_SIZE)
-                both[base : base + blocks.KEY_RECORD_SIZE] = bytes(blocks.KEY_RECORD_SIZE)
                 self.stats.stale_records_cleared += 1
                 continue
-            plain_length = layout.block_plain_length(index, plain_size)
-            record = os.pread(
-                fd, plain_length + blocks.RECORD_OVERHEAD, layout.record_offset(index)
-            )
-            opened = self._open_block(file_id, index, candidates, record)
-            if opened is None:
-                self._unreadable(st, index)
-                log.warning("reencrypt: %r block %d opens under no key slot: left as it is",
-                            path, index)
-                continue
-            valid_position, generation, plaintext = opened
-            dek = crypto.random_secret()
-            try:
-                nonce = crypto.random_nonce()
-                sealed = crypto.AESGCM_(dek).encrypt(
-                    nonce, plaintext, block_aad(self.volume_id, file_id, index)
-                )
-                new_generation = (generation + 1) & 0xFF
-                slot_nonce = crypto.random_nonce()
-                slot = blocks.SLOT_SEALED.pack(
-                    target, new_generation, 0, slot_nonce,
-                    wrap.encrypt(slot_nonce, dek,
-                                 slot_aad(self.volume_id, file_id, index, target, new_generation)),
-                )
-            finally:
-                crypto.wipe(dek)
-                crypto.wipe(plaintext)
-            free = base + (1 - valid_position) * blocks.SLOT_SIZE
-            both[free : free + blocks.SLOT_SIZE] = slot
-            final[base : base + blocks.KEY_RECORD_SIZE] = (
-                slot + blocks.EMPTY_SLOT if valid_position else blocks.EMPTY_SLOT + slot
-            )
-            changed[index] = nonce + sealed
-            self.stats.blocks_reencrypted += 1
-            self.stats.bytes_reencrypted += plain_length
+            todo.append((position, candidates))
+        both = bytearray(final)  # stale records are cleared in both
+        changed = self._seal_group(path, fd, st, file_id, first_index, todo, plain_size,
+                                   both, final) if todo else []
         if not changed and final == area:
             return None
-        runs: list[tuple[int, bytes]] = []
-        for index in sorted(changed):
-            if runs and runs[-1][0] + self._blocks_in(runs[-1][1]) == index:
-                runs[-1] = (runs[-1][0], runs[-1][1] + changed[index])
-            else:
-                runs.append((index, changed[index]))
         return GroupEntry(path, st.st_dev, st.st_ino, file_id, group, area, bytes(both),
-                          bytes(final), runs)
+                          bytes(final), changed)
+
+    def _seal_group(
+        self, path: str, fd: int, st: os.stat_result, file_id: bytes, first_index: int,
+        todo: list[tuple[int, tuple]], plain_size: int, both: bytearray, final: bytearray,
+    ) -> list[tuple[int, memoryview]]:
+        """Open and seal again the blocks of `todo`; their new slots go into `both` and
+        `final`. Returns the runs: (first block index, new records of consecutive blocks)."""
+        layout, target, stats = self.layout, self.target, self.stats
+        record_size = layout.record_size
+        first = first_index + todo[0][0]
+        last = first_index + todo[-1][0]
+        span_start = layout.record_offset(first)
+        span_end = (layout.record_offset(last) + layout.block_plain_length(last, plain_size)
+                    + blocks.RECORD_OVERHEAD)
+        old = memoryview(os.pread(fd, span_end - span_start, span_start))
+        new = bytearray(span_end - span_start)
+        new_view = memoryview(new)
+        count = len(todo)
+        deks = crypto.random_secret(crypto.KEY_SIZE * count)
+        nonces = crypto.random_bytes(2 * blocks.NONCE_SIZE * count)
+        plain = bytearray(layout.block_size)
+        plain_view = memoryview(plain)
+        wrap = self.volume.keyring.slot_cipher(target, file_id)
+        runs: list[tuple[int, memoryview]] = []
+        run_first = run_start = run_end = -1
+        try:
+            for n, (position, candidates) in enumerate(todo):
+                index = first_index + position
+                at = (position - todo[0][0]) * record_size
+                plain_length = layout.block_plain_length(index, plain_size)
+                end = at + plain_length + blocks.RECORD_OVERHEAD
+                opened = self._open_block(file_id, index, candidates, old[at:end],
+                                          plain_view[:plain_length])
+                if opened is None:
+                    self._unreadable(st, index)
+                    log.warning("reencrypt: %r block %d opens under no key slot: left as it "
+                                "is", path, index)
+                    continue
+                valid_position, generation = opened[0], opened[1]
+                dek = memoryview(deks)[n * crypto.KEY_SIZE : (n + 1) * crypto.KEY_SIZE]
+                nonce = nonces[2 * n * blocks.NONCE_SIZE : (2 * n + 1) * blocks.NONCE_SIZE]
+                slot_nonce = nonces[(2 * n + 1) * blocks.NONCE_SIZE : (2 * n + 2)
+                                    * blocks.NONCE_SIZE]
+                new[at : at + blocks.NONCE_SIZE] = nonce
+                crypto.AESGCM_(dek).encrypt_into(
+                    nonce, plain_view[:plain_length], block_aad(self.volume_id, file_id, index),
+                    new_view[at + blocks.NONCE_SIZE : end],
+                )
+                new_generation = (generation + 1) & 0xFF
+                slot = blocks.SLOT_SEALED.pack(
+                    target, new_generation, 0, slot_nonce,
+                    wrap.encrypt(slot_nonce, dek, slot_aad(
+                        self.volume_id, file_id, index, target, new_generation)),
+                )
+                base = position * blocks.KEY_RECORD_SIZE
+                free = base + (1 - valid_position) * blocks.SLOT_SIZE
+                both[free : free + blocks.SLOT_SIZE] = slot
+                final[base : base + blocks.KEY_RECORD_SIZE] = (
+                    slot + blocks.EMPTY_SLOT if valid_position else blocks.EMPTY_SLOT + slot
+                )
+                if run_end == at:  # the next block of the run (records are contiguous)
+                    run_end = end
+                else:
+                    if run_first >= 0:
+                        runs.append((run_first, new_view[run_start:run_end]))
+                    run_first, run_start, run_end = index, at, end
+                stats.blocks_reencrypted += 1
+                stats.bytes_reencrypted += plain_length
+            if run_first >= 0:
+                runs.append((run_first, new_view[run_start:run_end]))
+        finally:
+            crypto.wipe(deks)
+            crypto.wipe(plain)
+        return runs
 
     def _unreadable(self, st: os.stat_result, index: int) -> None:
         """Counted once per block (a hard-linked file is met under each of its names)."""
         self._unreadable_seen.add((st.st_dev, st.st_ino, index))
         self.stats.unreadable_blocks = len(self._unreadable_seen)
 
-    def _blocks_in(self, records: bytes) -> int:
-        # only the file's last block is short, and nothing follows it in a run
-        return -(-len(records) // self.layout.record_size)
-
     def _open_block(
-        self, file_id: bytes, index: int, candidates: tuple, record: bytes
-    ) -> tuple[int, int, bytearray] | None:
-        """(slot position, generation, plaintext) under the newest slot that opens it."""
+        self, file_id: bytes, index: int, candidates: tuple, record: bytes | memoryview,
+        out: memoryview,
+    ) -> tuple[int, int] | None:
+        """(slot position, generation) of the newest slot that opens the record, its
+        plaintext written into `out` (len(record) - RECORD_OVERHEAD bytes)."""
+        if len(record) != len(out) + blocks.RECORD_OVERHEAD:
+            return None  # the file is shorter than its size says (cut while read)
         aad = block_aad(self.volume_id, file_id, index)
-        for position, version, generation, nonce, sealed in candidates:
-            dek = bytearray(crypto.KEY_SIZE)
-            try:
-                self.volume.keyring.slot_cipher(version, file_id).decrypt_into(
-                    nonce, sealed, slot_aad(self.volume_id, file_id, index, version, generation),
-                    dek,
-                )
-                plaintext = bytearray(len(record) - blocks.RECORD_OVERHEAD)
-                crypto.AESGCM_(dek).decrypt_into(
-                    record[:blocks.NONCE_SIZE], record[blocks.NONCE_SIZE:], aad, plaintext
-                )
-                return position, generation, plaintext
-            except (crypto.InvalidTag_, IntegrityError, ValueError):
-                continue
-            finally:
-                crypto.wipe(dek)
+        record = memoryview(record)
+        dek = bytearray(crypto.KEY_SIZE)
+        try:
+            for position, version, generation, nonce, sealed in candidates:
+                try:
+                    self.volume.keyring.slot_cipher(version, file_id).decrypt_into(
+                        nonce, sealed,
+                        slot_aad(self.volume_id, file_id, index, version, generation), dek,
+                    )
+                    crypto.AESGCM_(dek).decrypt_into(
+                        record[: blocks.NONCE_SIZE], record[blocks.NONCE_SIZE :], aad, out
+                    )
+                    return position, generation
+                except (crypto.InvalidTag_, IntegrityError, ValueError):
+                    continue
+        finally:
+            crypto.wipe(dek)
         return None
-
-
