@@ -33,6 +33,7 @@ _HEAD = struct.Struct(">4sHHQI")  # magic, version, target KEK version, sequence
 _ENTRY = struct.Struct(">QQ16sIH")  # st_dev, st_ino, file id, group, path length
 _RUN = struct.Struct(">QI")  # first block index, record bytes
 JOURNAL_MAC_SIZE = 32
+SYNC_THREADS = 4  # fdatasyncs of a batch at a time (sync_files)
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 
 # Test-only: "N:STEP" SIGKILLs this process at STEP of batch N (1-based). Steps, in the
@@ -113,13 +114,16 @@ def write_journal(
     dir_fd: int, target: int, sequence: int, entries: list[GroupEntry], mac: Callable
 ) -> int:
     """JOURNAL_TEMP in `dir_fd` written from the entries' buffers and fsynced (not yet
-    renamed into place). Returns its size."""
+    renamed into place). Returns its size. The previous batch's journal, renamed back to
+    JOURNAL_TEMP once settled, is overwritten in place and cut to size: its blocks are
+    allocated already (no allocation, and no discard of freed blocks, per batch)."""
     parts = journal_parts(target, sequence, entries)
     parts.append(mac(*parts))
-    fd = os.open(JOURNAL_TEMP, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                 | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    fd = os.open(JOURNAL_TEMP, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dir_fd)
     try:
         size = write_parts(fd, parts)
+        os.ftruncate(fd, size)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -227,3 +231,38 @@ class Settler:
         error, self._error = self._error, None
         if error is not None and raise_error:
             raise error
+
+
+def sync_files(fds: list[int]) -> None:
+    """fdatasync of every descriptor, up to SYNC_THREADS at a time (the calling thread
+    and short-lived helpers that only wait on the disk): a batch holds a file per small
+    file, and the device's cache flushes of concurrent fdatasyncs are merged where one
+    after the other each waits for its own. Raises the first error once all are done."""
+    pending = iter(fds)
+    lock = threading.Lock()
+    errors: list[OSError] = []
+
+    def work() -> None:
+        while True:
+            with lock:
+                fd = next(pending, None)
+            if fd is None:
+                return
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                errors.append(exc)
+
+    helpers = []
+    for _ in range(min(SYNC_THREADS, len(fds)) - 1):
+        helper = threading.Thread(target=work, name="reencrypt-sync", daemon=True)
+        try:
+            helper.start()
+        except RuntimeError:  # no thread to be had: fewer at a time
+            break
+        helpers.append(helper)
+    work()
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
