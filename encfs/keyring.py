@@ -112,7 +112,7 @@ class EpochKeys:
         key = bytearray(crypto.KEY_SIZE)
         try:
             crypto.hkdf_into(self.volume_key, crypto.INFO_JOURNAL_MAC_KEY, key)
-            return crypto.Mac(key).tag_parts(parts, 32)
+            return crypto.hmac_sha256_parts(key, parts, 32)
         finally:
             crypto.wipe(key)
 

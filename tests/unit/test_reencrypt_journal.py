@@ -61,6 +61,14 @@ def test_write_journal_writes_exactly_the_encoded_journal_and_cuts_a_reused_file
     ]
 
 
+def test_the_journal_mac_of_parts_is_the_hmac_of_their_concatenation():
+    key = bytearray(os.urandom(32))
+    parts = [b"head", memoryview(bytearray(os.urandom(5000)))[10:4000], b"", os.urandom(99)]
+    joined = b"".join(bytes(p) for p in parts)
+    assert crypto.hmac_sha256_parts(key, parts) == crypto.Mac(key).tag(joined, 32)
+    assert crypto.Mac(key).tag_parts(parts, 16) == crypto.Mac(key).tag(joined, 16)
+
+
 def test_write_parts_resumes_a_short_write(tmp_path, monkeypatch):
     """A writev that stops inside a piece (a signal, a full pipe) is resumed there."""
     real = os.writev
