@@ -156,7 +156,10 @@ def open_ahead(root_fd: int) -> Iterator[tuple[str, int]]:
     ahead_bytes = 0
     try:
         for path, dir_fd, name in data_files(root_fd):
-            fd = backing.open_quietly(name, FILE_FLAGS, dir_fd=dir_fd)
+            try:
+                fd = backing.open_quietly(name, FILE_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue  # gone since the listing (a pass beside requests)
             try:
                 length = min(os.fstat(fd).st_size, READ_AHEAD_BYTES)
                 os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
