@@ -31,7 +31,10 @@ class GroupSealer:
     pass's ReencryptStats) and reports blocks it cannot read to `unreadable(st, index)`."""
 
     def __init__(
-        self, volume: Volume, target: int, stats: Any,
+        self,
+        volume: Volume,
+        target: int,
+        stats: Any,
         unreadable: Callable[[os.stat_result, int], None],
     ) -> None:
         self.keyring = volume.keyring
@@ -42,7 +45,13 @@ class GroupSealer:
         self._unreadable = unreadable
 
     def group(
-        self, path: str, fd: int, st: os.stat_result, file_id: bytes, group: int, area: bytes,
+        self,
+        path: str,
+        fd: int,
+        st: os.stat_result,
+        file_id: bytes,
+        group: int,
+        area: bytes,
         plain_size: int,
     ) -> GroupEntry | None:
         """The journal entry of one group (None: nothing to do). Per group, not per block:
@@ -54,8 +63,9 @@ class GroupSealer:
             # a file cut inside a key area (damage: no write of encfs-gw leaves one): no
             # block of the group has data, and a write here would grow the file
             self._unreadable(st, group * blocks.BLOCKS_PER_GROUP)
-            log.warning("reencrypt: %r ends inside the key area of group %d: left as it is",
-                        path, group)
+            log.warning(
+                "reencrypt: %r ends inside the key area of group %d: left as it is", path, group
+            )
             return None
         final = bytearray(area)
         first_index = group * blocks.BLOCKS_PER_GROUP
@@ -66,8 +76,9 @@ class GroupSealer:
             if not candidates:
                 if candidates is None:
                     self._unreadable(st, first_index + position)
-                    log.warning("reencrypt: %r block %d: malformed key record", path,
-                                first_index + position)
+                    log.warning(
+                        "reencrypt: %r block %d: malformed key record", path, first_index + position
+                    )
                 continue
             if len(candidates) == 1 and candidates[0][1] == self.target:
                 continue  # done already (by an earlier run, or the other name of a link)
@@ -78,16 +89,28 @@ class GroupSealer:
                 continue
             todo.append((position, candidates))
         both = bytearray(final)  # stale records are cleared in both
-        changed = self._seal(path, fd, st, file_id, first_index, todo, plain_size,
-                                   both, final) if todo else []
+        changed = (
+            self._seal(path, fd, st, file_id, first_index, todo, plain_size, both, final)
+            if todo
+            else []
+        )
         if not changed and final == area:
             return None
-        return GroupEntry(path, st.st_dev, st.st_ino, file_id, group, area, bytes(both),
-                          bytes(final), changed)
+        return GroupEntry(
+            path, st.st_dev, st.st_ino, file_id, group, area, bytes(both), bytes(final), changed
+        )
 
     def _seal(
-        self, path: str, fd: int, st: os.stat_result, file_id: bytes, first_index: int,
-        todo: list[tuple[int, tuple]], plain_size: int, both: bytearray, final: bytearray,
+        self,
+        path: str,
+        fd: int,
+        st: os.stat_result,
+        file_id: bytes,
+        first_index: int,
+        todo: list[tuple[int, tuple]],
+        plain_size: int,
+        both: bytearray,
+        final: bytearray,
     ) -> list[tuple[int, memoryview]]:
         """Open and seal again the blocks of `todo`; their new slots go into `both` and
         `final`. Returns the runs: (first block index, new records of consecutive blocks)."""
@@ -96,8 +119,11 @@ class GroupSealer:
         first = first_index + todo[0][0]
         last = first_index + todo[-1][0]
         span_start = layout.record_offset(first)
-        span_end = (layout.record_offset(last) + layout.block_plain_length(last, plain_size)
-                    + blocks.RECORD_OVERHEAD)
+        span_end = (
+            layout.record_offset(last)
+            + layout.block_plain_length(last, plain_size)
+            + blocks.RECORD_OVERHEAD
+        )
         old = memoryview(os.pread(fd, span_end - span_start, span_start))
         new = bytearray(span_end - span_start)
         new_view = memoryview(new)
@@ -115,28 +141,39 @@ class GroupSealer:
                 at = (position - todo[0][0]) * record_size
                 plain_length = layout.block_plain_length(index, plain_size)
                 end = at + plain_length + blocks.RECORD_OVERHEAD
-                opened = self._open_block(file_id, index, candidates, old[at:end],
-                                          plain_view[:plain_length])
+                opened = self._open_block(
+                    file_id, index, candidates, old[at:end], plain_view[:plain_length]
+                )
                 if opened is None:
                     self._unreadable(st, index)
-                    log.warning("reencrypt: %r block %d opens under no key slot: left as it "
-                                "is", path, index)
+                    log.warning(
+                        "reencrypt: %r block %d opens under no key slot: left as it is", path, index
+                    )
                     continue
                 valid_position, generation = opened[0], opened[1]
                 dek = memoryview(deks)[n * crypto.KEY_SIZE : (n + 1) * crypto.KEY_SIZE]
                 nonce = nonces[2 * n * blocks.NONCE_SIZE : (2 * n + 1) * blocks.NONCE_SIZE]
-                slot_nonce = nonces[(2 * n + 1) * blocks.NONCE_SIZE : (2 * n + 2)
-                                    * blocks.NONCE_SIZE]
+                slot_nonce = nonces[
+                    (2 * n + 1) * blocks.NONCE_SIZE : (2 * n + 2) * blocks.NONCE_SIZE
+                ]
                 new[at : at + blocks.NONCE_SIZE] = nonce
                 crypto.AESGCM_(dek).encrypt_into(
-                    nonce, plain_view[:plain_length], block_aad(self.volume_id, file_id, index),
+                    nonce,
+                    plain_view[:plain_length],
+                    block_aad(self.volume_id, file_id, index),
                     new_view[at + blocks.NONCE_SIZE : end],
                 )
                 new_generation = (generation + 1) & 0xFF
                 slot = blocks.SLOT_SEALED.pack(
-                    target, new_generation, 0, slot_nonce,
-                    wrap.encrypt(slot_nonce, dek, slot_aad(
-                        self.volume_id, file_id, index, target, new_generation)),
+                    target,
+                    new_generation,
+                    0,
+                    slot_nonce,
+                    wrap.encrypt(
+                        slot_nonce,
+                        dek,
+                        slot_aad(self.volume_id, file_id, index, target, new_generation),
+                    ),
                 )
                 base = position * blocks.KEY_RECORD_SIZE
                 free = base + (1 - valid_position) * blocks.SLOT_SIZE
@@ -160,7 +197,11 @@ class GroupSealer:
         return runs
 
     def _open_block(
-        self, file_id: bytes, index: int, candidates: tuple, record: bytes | memoryview,
+        self,
+        file_id: bytes,
+        index: int,
+        candidates: tuple,
+        record: bytes | memoryview,
         out: memoryview,
     ) -> tuple[int, int] | None:
         """(slot position, generation) of the newest slot that opens the record, its
@@ -174,8 +215,10 @@ class GroupSealer:
             for position, version, generation, nonce, sealed in candidates:
                 try:
                     self.keyring.slot_cipher(version, file_id).decrypt_into(
-                        nonce, sealed,
-                        slot_aad(self.volume_id, file_id, index, version, generation), dek,
+                        nonce,
+                        sealed,
+                        slot_aad(self.volume_id, file_id, index, version, generation),
+                        dek,
                     )
                     crypto.AESGCM_(dek).decrypt_into(
                         record[: blocks.NONCE_SIZE], record[blocks.NONCE_SIZE :], aad, out

@@ -36,11 +36,19 @@ def entries(count: int) -> list[GroupEntry]:
     for i in range(count):
         records = bytearray(os.urandom(3 * 1000 + i))
         view = memoryview(records)
-        out.append(GroupEntry(
-            f"d/f{i}", 1, 100 + i, i.to_bytes(16, "big"), i, os.urandom(KEY_AREA_SIZE),
-            os.urandom(KEY_AREA_SIZE), os.urandom(KEY_AREA_SIZE),
-            [(i * 32, view[:1000]), (i * 32 + 2, view[2000:])],
-        ))
+        out.append(
+            GroupEntry(
+                f"d/f{i}",
+                1,
+                100 + i,
+                i.to_bytes(16, "big"),
+                i,
+                os.urandom(KEY_AREA_SIZE),
+                os.urandom(KEY_AREA_SIZE),
+                os.urandom(KEY_AREA_SIZE),
+                [(i * 32, view[:1000]), (i * 32 + 2, view[2000:])],
+            )
+        )
     return out
 
 
@@ -72,8 +80,9 @@ def test_the_journal_mac_of_parts_is_the_hmac_of_their_concatenation():
 def test_write_parts_resumes_a_short_write(tmp_path, monkeypatch):
     """A writev that stops inside a piece (a signal, a full pipe) is resumed there."""
     real = os.writev
-    monkeypatch.setattr(reencrypt_journal.os, "writev",
-                        lambda fd, views: real(fd, [bytes(views[0])[:3]]))  # short writes
+    monkeypatch.setattr(
+        reencrypt_journal.os, "writev", lambda fd, views: real(fd, [bytes(views[0])[:3]])
+    )  # short writes
     fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         assert write_parts(fd, [b"abcdefg", b"", memoryview(b"hij"), b"k"]) == 11
