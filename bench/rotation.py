@@ -14,9 +14,10 @@ as root (FUSE mounts). Steps, all in one run on the same disk:
 4. the fingerprint again: chunks changed (4 KiB granularity, an upper bound of the bytes
    changed), and a check that no chunk outside the key areas changed;
 5. the same pass offline (`encfs-gw rotate BACKING`), timed;
-6. re-encryption in place: `encfs-gw reencrypt BACKING --purge-old` on the unmounted
-   volume (every block under a fresh DEK; there is no online pass yet, so this row is the
-   offline one);
+6. the disk's sequential write rate (1 GiB written and fdatasynced on the same
+   filesystem), then re-encryption in place: `encfs-gw reencrypt BACKING --purge-old` on
+   the unmounted volume (every block under a fresh DEK; the online pass is not in this
+   benchmark yet, so this row is the offline one);
 7. re-encryption by copy, for comparison: `cp -a` of the whole tree from this mount into
    a fresh volume's mount;
 8. every file read back and compared with its source after both.
@@ -215,6 +216,24 @@ def evict(path: Path) -> None:
                 os.close(fd)
 
 
+def disk_write_rate(work: Path, size: int = GIB) -> float:
+    """MiB/s of one sequential write of `size` bytes and its fdatasync in `work` (the
+    filesystem of the volumes): the disk's limit the pass is compared with."""
+    chunk = os.urandom(8 << 20)
+    path = work / "disk-rate.tmp"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        start = time.monotonic()
+        for _ in range(size // len(chunk)):
+            os.write(fd, chunk)
+        os.fdatasync(fd)
+        elapsed = time.monotonic() - start
+    finally:
+        os.close(fd)
+        path.unlink()
+    return size / 1048576 / elapsed
+
+
 def verify(mnt: Path, digests: dict[str, str]) -> int:
     bad = 0
     for name, expected in digests.items():
@@ -310,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         cli("rotate", backing, "--keyfile", key, "--json", "--purge-old")
         figures["offline pass (s)"] = round(time.monotonic() - start, 2)
 
+        print("the disk's sequential write rate ...", flush=True)
+        figures["disk: sequential write of 1 GiB + fdatasync, same filesystem (MiB/s)"] = (
+            round(disk_write_rate(work), 1)
+        )
+
         print("re-encryption in place (reencrypt, offline) ...", flush=True)
         evict(backing)
         cost = Cost()
@@ -319,14 +343,20 @@ def main(argv: list[str] | None = None) -> int:
         final = json.loads(result.stdout.splitlines()[-1])
         assert final["done"] and final["unreadable_blocks"] == 0, final
         rows.append((
-            "`reencrypt BACKING --purge-old`, offline (unmounted: there is no online pass "
-            "yet); its process", reencrypt, load_avg(),
+            "`reencrypt BACKING --purge-old`, offline (unmounted: the online pass is not in "
+            "this benchmark yet); its process, all its threads (a batch written and synced "
+            "on a thread, up to 4 fdatasyncs at once, while the next is sealed)",
+            reencrypt, load_avg(),
         ))
         figures["reencrypt: bytes re-encrypted (its count)"] = final["bytes_reencrypted"]
         figures["reencrypt: bytes written (its count: journal + in place)"] = (
             final["bytes_written"]
         )
         figures["reencrypt: journal peak (bytes)"] = final["journal_peak_bytes"]
+        figures["reencrypt: batches"] = final["batches"]
+        figures["reencrypt: bytes it wrote per second (MiB/s, journal + in place)"] = round(
+            final["bytes_written"] / 1048576 / reencrypt["wall"], 1
+        )
 
         print("re-encryption by copy ...", flush=True)
         backing2, key2, mnt2 = work / "copy.backing", work / "copy.key", work / "mnt2"

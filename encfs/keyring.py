@@ -108,11 +108,11 @@ class EpochKeys:
         """A check value of the volume key: what the operator's trust store pins."""
         return crypto.hkdf(self.volume_key, crypto.INFO_VOLUME_KEY_CHECK, 32)
 
-    def journal_mac(self, message: bytes) -> bytes:
+    def journal_mac(self, *parts: bytes | memoryview) -> bytes:
         key = bytearray(crypto.KEY_SIZE)
         try:
             crypto.hkdf_into(self.volume_key, crypto.INFO_JOURNAL_MAC_KEY, key)
-            return crypto.Mac(key).tag(message, 32)
+            return crypto.hmac_sha256_parts(key, parts, 32)
         finally:
             crypto.wipe(key)
 
@@ -319,9 +319,11 @@ class Keyring:
         key of `epoch`: the epoch of that config's current KEK version."""
         return self.epoch_keys(epoch).config_mac.tag(message, 32)
 
-    def journal_mac(self, message: bytes) -> bytes:
-        """HMAC-SHA256 of a batch of the re-encryption journal (docs/FORMAT.md 9)."""
-        return self.epoch_keys().journal_mac(message)
+    def journal_mac(self, *parts: bytes | memoryview) -> bytes:
+        """HMAC-SHA256 of a batch of the re-encryption journal (docs/FORMAT.md 9): of
+        the concatenation of `parts` (the journal is written from its pieces, never
+        joined)."""
+        return self.epoch_keys().journal_mac(*parts)
 
     def volume_key_check(self) -> bytes:
         """A check value of the current volume key: what the operator's trust store pins."""

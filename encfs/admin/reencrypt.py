@@ -33,8 +33,10 @@ The pass (docs/FORMAT.md section 9 gives the bytes and the crash argument):
    BATCH_BYTES of journal; each batch is written to the journal (one file, MACed,
    fsynced, renamed into place), then in place (per group: key area with old and new
    slots, the new block records, the key area with only the new slots), the batch's
-   files synced (fdatasync), and the journal removed. A kill inside a multi-page pwrite of
-   block records (FORMAT.md 4) is repaired by replaying the journal on the next run.
+   files synced (fdatasync), and the journal renamed back to journal.new (removed at
+   the end). A batch is written on a thread while the next one is read and sealed. A
+   kill inside a multi-page pwrite of block records (FORMAT.md 4) is repaired by
+   replaying the journal on the next run.
 5. A census of the key areas: no DEK under another version and no block that could not
    be read: the old versions are retired (`--purge-old`: removed), the pass recorded
    finished. Otherwise the versions still needed stay (retired) and the result says
@@ -240,7 +242,7 @@ def reencrypt_offline(
         if on_progress is not None:
             on_progress(stats)
     with contextlib.suppress(FileNotFoundError):
-        os.rmdir(JOURNAL_DIR, dir_fd=volume.root_fd)  # empty: the last batch removed its file
+        os.rmdir(JOURNAL_DIR, dir_fd=volume.root_fd)  # empty: the pass removed its file
     counts = census(volume, prefetch=False)
     counts.pop(-1, None)  # malformed records: counted by the pass as unreadable
     remaining = sum(n for version, n in counts.items() if version != target)

@@ -3,26 +3,38 @@ decrypted and sealed again under a fresh DEK wrapped under the pass's KEK versio
 by group, through the journal (encfs.admin.reencrypt_journal; docs/FORMAT.md 9).
 
 Walk: every backing data file, depth first by directory handles (only the current
-directory and its ancestors are open). Groups are gathered into batches of at most
-BATCH_BYTES of journal; each batch is written to the journal (MACed, fsynced, renamed
-into place), then in place (per group: key area with old and new slots, the new block
-records, the key area with only the new slots), the batch's files synced (fdatasync),
-and the journal removed. A kill inside a multi-page pwrite of block records (FORMAT.md
-4) is repaired by replaying the journal on the next run.
+directory and its ancestors are open; open_ahead keeps up to 16 files open ahead and
+asks the kernel to read them). Per group: one read of the records to open, the new
+records sealed into one buffer. Groups are gathered into batches of at most BATCH_BYTES
+of journal; each batch is written to the journal (MACed, fsynced, renamed into place),
+then in place (per group: key area with old and new slots, the new block records, the
+key area with only the new slots), the batch's files synced (fdatasync, a few at a
+time), and the journal renamed back to journal.new (no journal; its file is overwritten
+by the next batch). A kill inside a multi-page pwrite of block records (FORMAT.md 4) is
+repaired by replaying the journal on the next run.
+
+Offline (`overlap`), a batch is written on the Settler's thread while the pass reads
+and seals the next one: the disk writes one batch while the CPU seals the next. The
+next journal is written only once the previous batch is settled (one journal at a
+time: the extra space is unchanged); memory holds at most two batches (2 x BATCH_BYTES
+of records, plus a group), descriptors at most the files of two batches plus 16.
+Beside requests (`overlap=False`), the journal and the writes in place stay on the
+caller's thread and only the fdatasyncs and the journal's removal go to the Settler.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from encfs import backing, crypto
+from encfs import backing
 from encfs.admin.reencrypt_journal import (
     BATCH_BYTES,
     BATCH_GROUPS,
@@ -30,17 +42,20 @@ from encfs.admin.reencrypt_journal import (
     JOURNAL_FILE,
     JOURNAL_TEMP,
     GroupEntry,
+    Settler,
     crash_at,
     decode_journal,
-    encode_journal,
     read_all,
+    sync_files,
+    write_journal,
 )
+from encfs.admin.reencrypt_seal import GroupSealer
 from encfs.admin.rewrap import PassTiming
 from encfs.engine import Volume
 from encfs.errors import IntegrityError
 from encfs.format import blocks
 from encfs.format import names as fnames
-from encfs.format.blocks import FileHeader, block_aad, slot_aad, slot_candidates
+from encfs.format.blocks import FileHeader
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +63,10 @@ log = logging.getLogger(__name__)
 # owner's (mtime is put back after each batch: a re-encryption is no change of content)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
 FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
+# Files opened and being read ahead of the one the pass seals (open_ahead): at most this
+# many descriptors and this much backing data asked of the kernel.
+READ_AHEAD_FILES = 16
+READ_AHEAD_BYTES = 8 << 20
 
 
 @dataclass
@@ -89,6 +108,11 @@ def _listing(dir_fd: int) -> tuple[list[str], list[str]]:
     )
 
 
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def data_files(root_fd: int) -> Iterator[tuple[str, int, int]]:
     """(backing path relative to the root, dir fd, name) of every regular data file,
     depth first; only the current directory and its ancestors are open."""
@@ -122,10 +146,45 @@ def data_files(root_fd: int) -> Iterator[tuple[str, int, int]]:
 
 
 
+def open_ahead(root_fd: int) -> Iterator[tuple[str, int]]:
+    """(backing path, descriptor) of every data file, in data_files' order; the caller
+    closes each descriptor. Files are opened up to READ_AHEAD_FILES and READ_AHEAD_BYTES
+    ahead of the one handed out, and the kernel is asked to start reading them
+    (WILLNEED: up to READ_AHEAD_BYTES of each), so that the small files' reads are in
+    flight while the pass seals the file before them. The descriptors stay bounded."""
+    ahead: collections.deque[tuple[str, int, int]] = collections.deque()
+    ahead_bytes = 0
+    try:
+        for path, dir_fd, name in data_files(root_fd):
+            try:
+                fd = backing.open_quietly(name, FILE_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue  # gone since the listing (a pass beside requests)
+            try:
+                length = min(os.fstat(fd).st_size, READ_AHEAD_BYTES)
+                os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
+            except BaseException:
+                os.close(fd)
+                raise
+            ahead.append((path, fd, length))
+            ahead_bytes += length
+            while ahead and (len(ahead) > READ_AHEAD_FILES or ahead_bytes > READ_AHEAD_BYTES):
+                path, fd, length = ahead.popleft()
+                ahead_bytes -= length
+                yield path, fd
+        while ahead:
+            path, fd, _ = ahead.popleft()
+            yield path, fd
+    finally:
+        _close_all(fd for _, fd, _ in ahead)
+
+
 class ReencryptPass:
     """The offline pass toward KEK version `target` (the volume lock is held)."""
 
-    def __init__(self, volume: Volume, target: int) -> None:
+    def __init__(self, volume: Volume, target: int, overlap: bool = True) -> None:
+        """`overlap`: batches are written on a thread while the next one is read and
+        sealed (nothing else may write the volume's files meanwhile: offline)."""
         self.volume = volume
         self.target = target
         self.stats = ReencryptStats(target=target)
@@ -137,8 +196,13 @@ class ReencryptPass:
         self._fds: dict[str, int] = {}  # the batch's files, by path
         self._times: dict[str, tuple[int, int]] = {}  # ... their atime and mtime before
         self._inodes: set[tuple[int, int]] = set()  # ... and by (st_dev, st_ino)
+        self._inflight: set[tuple[int, int]] = set()  # those of the batch handed over
         self._unreadable_seen: set[tuple[int, int, int]] = set()
         self._sequence = 0
+        self.overlap = overlap
+        self._sealer = GroupSealer(volume, target, self.stats, self._unreadable)
+        self._settler = Settler()  # the last batch, written and made durable meanwhile
+        self._torn_at = 0  # the batch being written in place (the "torn" test hook)
 
     # journal I/O
     def _journal_dir(self, create: bool) -> int | None:
@@ -239,7 +303,7 @@ class ReencryptPass:
         os.pwrite(fd, entry.both, offset)
         for index, (first, records) in enumerate(entry.runs):
             where = self.layout.record_offset(first)
-            if not replay and index == 0 and self._crash_step("torn"):
+            if not replay and index == 0 and self._crash == (self._torn_at, "torn"):
                 os.pwrite(fd, records[: len(records) // 2], where)
                 self._die()
             os.pwrite(fd, records, where)
@@ -249,56 +313,99 @@ class ReencryptPass:
         return True
 
     def _commit(self) -> None:
-        """The batch: journal (fsynced, renamed into place), in place, sync, no journal."""
+        """Hand the batch over to be written (_write_batch) once the previous one is
+        done. Offline (`overlap`) it is written on the settler's thread while this one
+        reads and seals the next batch; otherwise the journal and the writes in place
+        are done here and only the sync and the journal's removal go to the thread."""
+        self._settler.wait()  # the previous batch settled: its journal is gone
         if not self._batch:
             return
         self._sequence += 1
         self.stats.batches += 1
-        data = encode_journal(
-            self.target, self._sequence, self._batch, self.volume.keyring.journal_mac
-        )
+        batch, fds, times, sequence = self._batch, self._fds, self._times, self._sequence
+        self._inflight = self._inodes
+        self._batch, self._batch_bytes = [], 0
+        self._fds, self._inodes, self._times = {}, set(), {}
+        if self.overlap:
+            self._settler.start(lambda: self._write_batch(batch, fds, times, sequence))
+            return
+        try:
+            dir_fd = self._write_ahead(batch, fds, times, sequence)
+        except BaseException:
+            _close_all(fds.values())
+            raise
+        self._settler.start(lambda: self._settle(dir_fd, fds, sequence))
+
+    def _write_batch(
+        self, batch: list[GroupEntry], fds: dict[str, int], times: dict[str, tuple[int, int]],
+        sequence: int,
+    ) -> None:
+        try:
+            dir_fd = self._write_ahead(batch, fds, times, sequence)
+        except BaseException:
+            _close_all(fds.values())
+            raise
+        self._settle(dir_fd, fds, sequence)
+
+    def _write_ahead(
+        self, batch: list[GroupEntry], fds: dict[str, int], times: dict[str, tuple[int, int]],
+        sequence: int,
+    ) -> int:
+        """The journal (fsynced, renamed into place), then the batch in place and each
+        file's times put back. Returns the journal directory's descriptor."""
         dir_fd = self._journal_dir(create=True)
         assert dir_fd is not None
         try:
-            fd = os.open(JOURNAL_TEMP, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self.stats.bytes_written += len(data)
-            self.stats.journal_peak_bytes = max(self.stats.journal_peak_bytes, len(data))
-            if self._crash_step("journal-temp"):
+            size = write_journal(dir_fd, self.target, sequence, batch,
+                                 self.volume.keyring.journal_mac)
+            self.stats.bytes_written += size
+            self.stats.journal_peak_bytes = max(self.stats.journal_peak_bytes, size)
+            if self._crash == (sequence, "journal-temp"):
                 self._die()
             os.rename(JOURNAL_TEMP, JOURNAL_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             os.fsync(dir_fd)
-            if self._crash_step("journal"):
+            if self._crash == (sequence, "journal"):
                 self._die()
-            for entry in self._batch:
-                self._apply(self._fds[entry.path], entry, replay=False)
+            self._torn_at = sequence
+            for entry in batch:
+                self._apply(fds[entry.path], entry, replay=False)
+            for path, fd in fds.items():  # a re-encryption is no change of content
+                os.utime(fd, ns=times[path])
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return dir_fd
+
+    def _settle(self, dir_fd: int, fds: dict[str, int], sequence: int) -> None:
+        """A batch written in place made durable, then its journal removed; closes
+        `dir_fd` and the batch's descriptors."""
+        try:
             # the batch's files only (not syncfs: the backing filesystem may be shared);
             # their sizes do not change, so fdatasync makes the writes durable
-            for path, fd in self._fds.items():
-                os.fdatasync(fd)
-                os.utime(fd, ns=self._times[path])
-            if self._crash_step("in-place"):
+            sync_files(list(fds.values()))
+            if self._crash == (sequence, "in-place"):
                 self._die()
-            os.unlink(JOURNAL_FILE, dir_fd=dir_fd)
+            # no journal any more; the file is kept (as JOURNAL_TEMP, which a replay
+            # discards unread) for the next batch to overwrite
+            os.rename(JOURNAL_FILE, JOURNAL_TEMP, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        finally:
+            _close_all(fds.values())
+            os.close(dir_fd)
+
+    def _remove_spare_journal(self) -> None:
+        dir_fd = self._journal_dir(create=False)
+        if dir_fd is None:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(JOURNAL_TEMP, dir_fd=dir_fd)
         finally:
             os.close(dir_fd)
-        self._batch, self._batch_bytes = [], 0
-        self._close_batch_files()
 
     def started(self) -> None:
         """The test hook "started": right after the config recorded the pass."""
         if self._crash is not None and self._crash[1] == "started":
             self._die()
-
-    def _crash_step(self, step: str) -> bool:
-        return self._crash is not None and self._crash == (self._sequence, step)
 
     def _die(self) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -315,14 +422,15 @@ class ReencryptPass:
         """Re-encrypt every file; yields after every file (and every batch)."""
         self.count()
         try:
-            for path, dir_fd, name in data_files(self.volume.root_fd):
-                fd = backing.open_quietly(name, FILE_FLAGS, dir_fd=dir_fd)
+            for path, fd in open_ahead(self.volume.root_fd):
                 try:
                     st = os.fstat(fd)
                     if (st.st_dev, st.st_ino) in self._inodes:
                         # another name of a file in this batch: its groups are written
                         # first (one journal entry per group and batch, never two)
                         self._commit()
+                    if (st.st_dev, st.st_ino) in self._inflight:
+                        self._settler.wait()  # ... in place, before they are read again
                     for entry in self._file(path, fd, st):
                         size = entry.size()
                         if self._batch and (
@@ -343,7 +451,12 @@ class ReencryptPass:
                 self.stats.bytes_done += self.layout.plain_size(st.st_size)
                 yield self.stats
             self._commit()
+            self._settler.wait()
+            self._remove_spare_journal()
             yield self.stats
+        except BaseException:
+            self._settler.wait(raise_error=False)
+            raise
         finally:
             self._close_batch_files()
 
@@ -376,110 +489,10 @@ class ReencryptPass:
         self, path: str, fd: int, st: os.stat_result, file_id: bytes, group: int, area: bytes,
         plain_size: int,
     ) -> GroupEntry | None:
-        layout, target, keyring = self.layout, self.target, self.volume.keyring
-        if len(area) < blocks.KEY_AREA_SIZE:
-            # a file cut inside a key area (damage: no write of encfs-gw leaves one): no
-            # block of the group has data, and a write here would grow the file
-            self._unreadable(st, group * blocks.BLOCKS_PER_GROUP)
-            log.warning("reencrypt: %r ends inside the key area of group %d: left as it is",
-                        path, group)
-            return None
-        both, final = bytearray(area), bytearray(area)
-        blocks_in_file = -(-plain_size // layout.block_size)
-        changed: dict[int, bytes] = {}
-        wrap = keyring.slot_cipher(target, file_id)
-        for position, fields in enumerate(blocks.KEY_RECORD_FIELDS.iter_unpack(area)):
-            index = group * blocks.BLOCKS_PER_GROUP + position
-            candidates = slot_candidates(fields)
-            if not candidates:
-                if candidates is None:
-                    self._unreadable(st, index)
-                    log.warning("reencrypt: %r block %d: malformed key record", path, index)
-                continue
-            if len(candidates) == 1 and candidates[0][1] == target:
-                continue  # done already (by an earlier run, or the other name of a link)
-            base = position * blocks.KEY_RECORD_SIZE
-            if index >= blocks_in_file:  # past the end: what a torn truncate left
-                final[base : base + blocks.KEY_RECORD_SIZE] = bytes(blocks.KEY_RECORD_SIZE)
-                both[base : base + blocks.KEY_RECORD_SIZE] = bytes(blocks.KEY_RECORD_SIZE)
-                self.stats.stale_records_cleared += 1
-                continue
-            plain_length = layout.block_plain_length(index, plain_size)
-            record = os.pread(
-                fd, plain_length + blocks.RECORD_OVERHEAD, layout.record_offset(index)
-            )
-            opened = self._open_block(file_id, index, candidates, record)
-            if opened is None:
-                self._unreadable(st, index)
-                log.warning("reencrypt: %r block %d opens under no key slot: left as it is",
-                            path, index)
-                continue
-            valid_position, generation, plaintext = opened
-            dek = crypto.random_secret()
-            try:
-                nonce = crypto.random_nonce()
-                sealed = crypto.AESGCM_(dek).encrypt(
-                    nonce, plaintext, block_aad(self.volume_id, file_id, index)
-                )
-                new_generation = (generation + 1) & 0xFF
-                slot_nonce = crypto.random_nonce()
-                slot = blocks.SLOT_SEALED.pack(
-                    target, new_generation, 0, slot_nonce,
-                    wrap.encrypt(slot_nonce, dek,
-                                 slot_aad(self.volume_id, file_id, index, target, new_generation)),
-                )
-            finally:
-                crypto.wipe(dek)
-                crypto.wipe(plaintext)
-            free = base + (1 - valid_position) * blocks.SLOT_SIZE
-            both[free : free + blocks.SLOT_SIZE] = slot
-            final[base : base + blocks.KEY_RECORD_SIZE] = (
-                slot + blocks.EMPTY_SLOT if valid_position else blocks.EMPTY_SLOT + slot
-            )
-            changed[index] = nonce + sealed
-            self.stats.blocks_reencrypted += 1
-            self.stats.bytes_reencrypted += plain_length
-        if not changed and final == area:
-            return None
-        runs: list[tuple[int, bytes]] = []
-        for index in sorted(changed):
-            if runs and runs[-1][0] + self._blocks_in(runs[-1][1]) == index:
-                runs[-1] = (runs[-1][0], runs[-1][1] + changed[index])
-            else:
-                runs.append((index, changed[index]))
-        return GroupEntry(path, st.st_dev, st.st_ino, file_id, group, area, bytes(both),
-                          bytes(final), runs)
+        """The journal entry of one group (None: nothing to do): GroupSealer.group."""
+        return self._sealer.group(path, fd, st, file_id, group, area, plain_size)
 
     def _unreadable(self, st: os.stat_result, index: int) -> None:
         """Counted once per block (a hard-linked file is met under each of its names)."""
         self._unreadable_seen.add((st.st_dev, st.st_ino, index))
         self.stats.unreadable_blocks = len(self._unreadable_seen)
-
-    def _blocks_in(self, records: bytes) -> int:
-        # only the file's last block is short, and nothing follows it in a run
-        return -(-len(records) // self.layout.record_size)
-
-    def _open_block(
-        self, file_id: bytes, index: int, candidates: tuple, record: bytes
-    ) -> tuple[int, int, bytearray] | None:
-        """(slot position, generation, plaintext) under the newest slot that opens it."""
-        aad = block_aad(self.volume_id, file_id, index)
-        for position, version, generation, nonce, sealed in candidates:
-            dek = bytearray(crypto.KEY_SIZE)
-            try:
-                self.volume.keyring.slot_cipher(version, file_id).decrypt_into(
-                    nonce, sealed, slot_aad(self.volume_id, file_id, index, version, generation),
-                    dek,
-                )
-                plaintext = bytearray(len(record) - blocks.RECORD_OVERHEAD)
-                crypto.AESGCM_(dek).decrypt_into(
-                    record[:blocks.NONCE_SIZE], record[blocks.NONCE_SIZE:], aad, plaintext
-                )
-                return position, generation, plaintext
-            except (crypto.InvalidTag_, IntegrityError, ValueError):
-                continue
-            finally:
-                crypto.wipe(dek)
-        return None
-
-

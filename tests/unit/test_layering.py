@@ -97,7 +97,11 @@ SAME_LAYER: dict[str, set[str]] = {
         "admin.rewrap", "admin.rotation", "admin.reencrypt_data", "admin.reencrypt_journal",
         "admin.reencrypt_names",
     },
-    "admin.reencrypt_data": {"admin.rewrap", "admin.reencrypt_journal"},  # timing; journal
+    # timing; journal; the sealing of one group
+    "admin.reencrypt_data": {
+        "admin.rewrap", "admin.reencrypt_journal", "admin.reencrypt_seal",
+    },
+    "admin.reencrypt_seal": {"admin.reencrypt_journal"},  # its entries
     # the crash hook; the quarantine's record format (its records are moved too)
     "admin.reencrypt_names": {"admin.reencrypt_journal", "admin.quarantine"},
     "admin.status": {"admin.keyslots", "admin.rotation"},
