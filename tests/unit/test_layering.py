@@ -53,11 +53,11 @@ SAME_LAYER: dict[str, set[str]] = {
     # those that read a secret from a file share secret_file
     **{
         f"keys.{name}": {"keys.provider"}
-        for name in ("aws_kms", "command", "registry", "systemd_credential", "tpm2")
+        for name in ("aws_kms", "command", "registry", "tpm2")
     },
     **{
         f"keys.{name}": {"keys.provider", "keys.secret_file"}
-        for name in ("keyfile", "kmip", "passphrase", "pkcs11", "vault")
+        for name in ("keyfile", "kmip", "passphrase", "pkcs11", "systemd_credential", "vault")
     },
     # a provider that is a package reaches its service through its own module
     "keys.azure_keyvault": {"keys.azure_keyvault.connection", "keys.provider"},
