@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +51,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "fuse" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A fresh directory that other users can traverse (mode 0755, under /tmp):
+    pytest's own temporary tree is private (0700) to the user running the tests."""
+    path = Path(tempfile.mkdtemp(prefix="encfs-gw-public-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

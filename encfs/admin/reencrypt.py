@@ -80,7 +80,7 @@ from encfs.admin.reencrypt_data import ReencryptPass, ReencryptStats
 from encfs.admin.reencrypt_journal import CRASH_AT_ENV, CRASH_STEPS, JOURNAL_DIR
 from encfs.admin.reencrypt_names import NamePass
 from encfs.admin.rewrap import census
-from encfs.admin.rotation import made_current, protect_new_version
+from encfs.admin.rotation import made_current, protect_new_version, retire_old_versions
 from encfs.engine import Volume
 from encfs.errors import UsageError
 from encfs.format import FEATURE_BOUND_NAMES, FEATURE_VK_EPOCHS, FEATURE_XATTR_SETS
@@ -183,29 +183,8 @@ def finish_pass(volume: Volume, target: int, purge_old: bool, counts: Counter[in
     """After the census: record the pass finished; retire (or purge) every old version
     that no DEK needs any more (the others stay, retired)."""
     needed = {v for v, n in counts.items() if n and v != target}
-    with config_store.editing(volume.backing_path, volume.keyring, volume.operator) as config:
-        retired, kept = [], []
-        for number, version in list(config.kek_versions.items()):
-            if number == target:
-                continue
-            if number in needed or not purge_old:
-                version.state = "retired"
-                (kept if number in needed else retired).append(number)
-            else:
-                del config.kek_versions[number]
-                retired.append(number)
-        config.reencrypt = None
-    volume.config = config
-    if purge_old:
-        for number in retired:
-            volume.keyring.forget_kek(number)
-    volume.audit.event(
-        "reencrypt_finish", target=target,
-        **({"purged": retired} if purge_old else {"retired": retired}),
-    )
+    retired = retire_old_versions(volume, "reencrypt", target, purge_old, needed)
     return {("purged" if purge_old else "retired"): retired, "still_needed": sorted(needed)}
-
-
 
 
 def throttle_delay(stats: ReencryptStats, rate_mib_s: float | None) -> float:

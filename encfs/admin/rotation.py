@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from encfs import config_store, crypto
 from encfs.admin.rewrap import PassStats, RewrapPass, census
@@ -124,8 +124,18 @@ def start_rotation(
     return target
 
 
-def finish_rotation(volume: Volume, target: int, purge_old: bool) -> list[int]:
-    """After a verified pass: retire (or purge) every version but `target`."""
+def retire_old_versions(
+    volume: Volume,
+    pass_kind: Literal["rotation", "reencrypt"],
+    target: int,
+    purge_old: bool,
+    needed: Collection[int] = (),
+) -> list[int]:
+    """The end of a pass (a rotation's or a reencrypt's) to KEK version `target`: every
+    other version is retired, or with `purge_old` purged (its keyslots deleted, its KEK
+    forgotten) unless a DEK still `needed` it, which keeps it retired. The pass's marker
+    in the config is cleared in the same edit and `{pass_kind}_finish` audited. Returns
+    the versions retired (purged), the needed ones left out."""
     with config_store.editing(
         volume.backing_path, volume.keyring, volume.operator
     ) as config:
@@ -133,18 +143,20 @@ def finish_rotation(volume: Volume, target: int, purge_old: bool) -> list[int]:
         for number, version in list(config.kek_versions.items()):
             if number == target:
                 continue
-            if purge_old:
-                del config.kek_versions[number]
-            else:
+            if number in needed or not purge_old:
                 version.state = "retired"
+                if number in needed:
+                    continue
+            else:
+                del config.kek_versions[number]
             retired.append(number)
-        config.rotation = None
+        setattr(config, pass_kind, None)
     volume.config = config
     if purge_old:
         for number in retired:
             volume.keyring.forget_kek(number)
     volume.audit.event(
-        "rotation_finish",
+        f"{pass_kind}_finish",
         target=target,
         **({"purged": retired} if purge_old else {"retired": retired}),
     )
@@ -221,7 +233,7 @@ def verify_and_finish(
     remaining = sum(n for version, n in counts.items() if version != rewrap.target)
     retired: list[int] = []
     if remaining == 0 and rewrap.stats.unreadable_slots == 0:
-        retired = finish_rotation(volume, rewrap.target, purge_old)
+        retired = retire_old_versions(volume, "rotation", rewrap.target, purge_old)
     return {
         "done": remaining == 0,
         "target": rewrap.target,

@@ -16,13 +16,11 @@ import stat
 from dataclasses import dataclass
 
 from encfs import backing, crypto
-from encfs.engine.bindings import Bindings, rewrite_header
+from encfs.engine.bindings import rewrite_header
 from encfs.engine.files import Files
 from encfs.engine.inode import Inode, oserror
-from encfs.engine.inodes import InodeTable
-from encfs.engine.names import Names, is_empty_dir, remove_tree, temp_name
-from encfs.engine.symlinks import Symlinks
-from encfs.engine.xattrs import Xattrs
+from encfs.engine.names import is_empty_dir, remove_tree, temp_name
+from encfs.engine.namespace import Namespace
 from encfs.format import names as fnames
 from encfs.format import places
 from encfs.format.places import DirRecord
@@ -65,29 +63,15 @@ class Entries:
     """The namespace changes of one volume. Methods return the inode they made (the
     facade turns it into attributes)."""
 
-    def __init__(
-        self,
-        inodes: InodeTable,
-        names: Names,
-        bindings: Bindings,
-        symlinks: Symlinks,
-        files: Files,
-        xattrs: Xattrs,
-        bound: bool,
-    ) -> None:
-        self._inodes = inodes
-        self._names = names
-        self._bindings = bindings
-        self._symlinks = symlinks
+    def __init__(self, namespace: Namespace, files: Files) -> None:
+        self._ns = namespace
         self._files = files
-        self._xattrs = xattrs  # an object's xattr store file goes with its last name
-        self._bound = bound
 
     def _adopt_new(
         self, parent: Inode, backing_name: str, plain_name: bytes, uid: int, gid: int
     ) -> Inode:
-        inode, st = self._inodes.register_at(parent, backing_name)
-        self._names.place(inode, self._names.location(parent, plain_name))
+        inode, st = self._ns.inodes.register_at(parent, backing_name)
+        self._ns.names.place(inode, self._ns.names.location(parent, plain_name))
         parent_st = os.fstat(parent.fd)
         if parent_st.st_mode & stat.S_ISGID:
             gid = parent_st.st_gid  # as a local filesystem does under a setgid directory
@@ -102,7 +86,7 @@ class Entries:
     # --- directories ----------------------------------------------------------------------
     def mkdir_begin(self, parent: Inode, plain_name: bytes, mode: int) -> PendingDir:
         """Build the directory under a temporary name, with its id inside."""
-        backing_name, encoded = self._names.encode(parent, plain_name)
+        backing_name, encoded = self._ns.names.encode(parent, plain_name)
         _check_free(parent, backing_name)
         if os.fstat(parent.fd).st_mode & stat.S_ISGID:
             mode |= stat.S_ISGID
@@ -119,13 +103,13 @@ class Entries:
             # temporary name is never looked up).
             dir_id = crypto.random_key(fnames.DIR_ID_SIZE)
             record = dir_id
-            if self._bound:
-                tag = self._bindings.dir_tag(self._names.location(parent, plain_name), dir_id)
+            if self._ns.bound:
+                tag = self._ns.bindings.dir_tag(self._ns.names.location(parent, plain_name), dir_id)
                 record = DirRecord(dir_id, (tag, places.ZERO_BINDING)).pack()
             pending.id_fd = os.open(
                 fnames.DIR_ID_FILE,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                places.DIR_RECORD_MODE if self._bound else 0o400,
+                places.DIR_RECORD_MODE if self._ns.bound else 0o400,
                 dir_fd=pending.dir_fd,
             )
             backing.pwrite_all(pending.id_fd, record, 0)
@@ -137,7 +121,7 @@ class Entries:
 
     def mkdir_finish(self, pending: PendingDir, uid: int, gid: int) -> Inode:
         parent = pending.parent
-        self._names.write_sidecar(parent, pending.backing_name, pending.encoded)
+        self._ns.names.write_sidecar(parent, pending.backing_name, pending.encoded)
         backing.renameat2(
             parent.fd, pending.temp_name, parent.fd, pending.backing_name, backing.RENAME_NOREPLACE
         )
@@ -154,7 +138,7 @@ class Entries:
             remove_tree(pending.parent.fd, pending.temp_name)
 
     def rmdir(self, parent: Inode, plain_name: bytes) -> None:
-        backing_name, _ = self._names.encode(parent, plain_name)
+        backing_name, _ = self._ns.names.encode(parent, plain_name)
         st = os.stat(backing_name, dir_fd=parent.fd, follow_symlinks=False)
         if not stat.S_ISDIR(st.st_mode):
             raise oserror(errno.ENOTDIR)
@@ -162,25 +146,25 @@ class Entries:
             raise oserror(errno.ENOTEMPTY)
         # Move it out of sight first so a crash leaves a temp entry, never a dir without id.
         tmp = temp_name()
-        self._inodes.unname_at(parent, backing_name, st)
+        self._ns.inodes.unname_at(parent, backing_name, st)
         backing.renameat2(parent.fd, backing_name, parent.fd, tmp, backing.RENAME_NOREPLACE)
-        self._names.remove_sidecar(parent, backing_name)
-        xattr_set = self._xattrs.last_name_set(parent.fd, tmp, st)
+        self._ns.names.remove_sidecar(parent, backing_name)
+        xattr_set = self._ns.xattrs.last_name_set(parent.fd, tmp, st)
         remove_tree(parent.fd, tmp)
-        self._xattrs.discard_after(xattr_set, st)
+        self._ns.xattrs.discard_after(xattr_set, st)
 
     # --- files and other objects ----------------------------------------------------------
     def create(self, parent: Inode, plain_name: bytes, mode: int, uid: int, gid: int) -> Inode:
         """A new regular file with its header, its inode's data descriptor open."""
-        backing_name, encoded = self._names.encode(parent, plain_name)
-        self._names.write_sidecar(parent, backing_name, encoded)
+        backing_name, encoded = self._ns.names.encode(parent, plain_name)
+        self._ns.names.write_sidecar(parent, backing_name, encoded)
         fd = os.open(
             backing_name,
             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
             stat.S_IMODE(mode),
             dir_fd=parent.fd,
         )
-        header = self._bindings.new_header(self._names.location(parent, plain_name))
+        header = self._ns.bindings.new_header(self._ns.names.location(parent, plain_name))
         try:
             os.pwrite(fd, header.pack(), 0)
         except BaseException:
@@ -196,7 +180,7 @@ class Entries:
             # The new descriptor becomes the data descriptor: no reopen, no header read
             # back and no binding check of the header just written.
             inode.contents = self._files.contents(fd, header.file_id)
-            self._inodes.set_data(inode, fd)
+            self._ns.inodes.set_data(inode, fd)
         else:
             os.close(fd)
         return inode
@@ -205,56 +189,56 @@ class Entries:
         self, parent: Inode, plain_name: bytes, mode: int, rdev: int, uid: int, gid: int
     ) -> Inode:
         """A device, FIFO or socket (regular files: `create`)."""
-        backing_name, encoded = self._names.encode(parent, plain_name)
-        self._names.write_sidecar(parent, backing_name, encoded)
+        backing_name, encoded = self._ns.names.encode(parent, plain_name)
+        self._ns.names.write_sidecar(parent, backing_name, encoded)
         os.mknod(backing_name, mode, rdev, dir_fd=parent.fd)
         return self._adopt_new(parent, backing_name, plain_name, uid, gid)
 
     def symlink(self, parent: Inode, plain_name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         if not target or len(target) > fnames.SYMLINK_TARGET_MAX or b"\0" in target:
             raise oserror(errno.ENAMETOOLONG if target else errno.ENOENT)
-        backing_name, encoded = self._names.encode(parent, plain_name)
+        backing_name, encoded = self._ns.names.encode(parent, plain_name)
         _check_free(parent, backing_name)
-        location = self._names.location(parent, plain_name)
-        cipher_target, long_id = self._symlinks.new_target(location, target)
+        location = self._ns.names.location(parent, plain_name)
+        cipher_target, long_id = self._ns.symlinks.new_target(location, target)
         try:
-            self._names.write_sidecar(parent, backing_name, encoded)
+            self._ns.names.write_sidecar(parent, backing_name, encoded)
             os.symlink(cipher_target, backing_name, dir_fd=parent.fd)
         except BaseException:
             if long_id is not None:
-                self._symlinks.remove_stored(long_id)
+                self._ns.symlinks.remove_stored(long_id)
             raise
         return self._adopt_new(parent, backing_name, plain_name, uid, gid)
 
     def link(self, inode: Inode, parent: Inode, new_name: bytes) -> None:
         """A hard link to a file or other non-directory (bound symlinks: copied by the
         facade instead, as a target bound to one place cannot be shared by two names)."""
-        backing_name, encoded = self._names.encode(parent, new_name)
+        backing_name, encoded = self._ns.names.encode(parent, new_name)
         _check_free(parent, backing_name)
-        self._names.write_sidecar(parent, backing_name, encoded)
+        self._ns.names.write_sidecar(parent, backing_name, encoded)
         if inode.mode == stat.S_IFREG:
             # A hard-linked file has several names: it stops being bound to one.
-            rewrite_header(inode.fd, self._bindings.unbind)
+            rewrite_header(inode.fd, self._ns.bindings.unbind)
         backing.link_fd(inode.fd, parent.fd, backing_name)
         inode.lookups += 1
 
     def unlink(self, parent: Inode, plain_name: bytes) -> None:
-        backing_name, _ = self._names.encode(parent, plain_name)
+        backing_name, _ = self._ns.names.encode(parent, plain_name)
         # A handle, not a stat: if the kernel's inode for it has no handle, this one keeps
         # its backing inode (and number) after the unlink (InodeTable.unname_pinned).
-        pin = self._inodes.new_descriptor(lambda: backing.open_path(backing_name, parent.fd))
+        pin = self._ns.inodes.new_descriptor(lambda: backing.open_path(backing_name, parent.fd))
         try:
             st = os.fstat(pin)
             if stat.S_ISDIR(st.st_mode):
                 raise oserror(errno.EISDIR)
-            long_id = self._symlinks.last_stored_link(parent.fd, backing_name, st)
-            xattr_set = self._xattrs.last_name_set(parent.fd, backing_name, st)
+            long_id = self._ns.symlinks.last_stored_link(parent.fd, backing_name, st)
+            xattr_set = self._ns.xattrs.last_name_set(parent.fd, backing_name, st)
         except BaseException:
             os.close(pin)
             raise
-        self._inodes.unname_pinned(parent, backing_name, st, pin)
+        self._ns.inodes.unname_pinned(parent, backing_name, st, pin)
         os.unlink(backing_name, dir_fd=parent.fd)
-        self._names.remove_sidecar(parent, backing_name)
+        self._ns.names.remove_sidecar(parent, backing_name)
         if long_id is not None:
-            self._symlinks.remove_stored(long_id)
-        self._xattrs.discard_after(xattr_set, st)
+            self._ns.symlinks.remove_stored(long_id)
+        self._ns.xattrs.discard_after(xattr_set, st)

@@ -19,12 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from encfs import backing, crypto
-from encfs.engine.bindings import BindingError, Bindings, Location, rewrite_header
+from encfs.engine.bindings import BindingError, Location, rewrite_header
 from encfs.engine.inode import Inode, oserror
-from encfs.engine.inodes import InodeTable
-from encfs.engine.names import Names, is_empty_dir, remove_tree, temp_name
+from encfs.engine.names import is_empty_dir, remove_tree, temp_name
+from encfs.engine.namespace import Namespace
 from encfs.engine.symlinks import Symlinks
-from encfs.engine.xattrs import Xattrs
 from encfs.format import names as fnames
 from encfs.format import places
 from encfs.format.places import DirRecord, LinkRecord
@@ -97,21 +96,8 @@ class PendingRename:
 class Renames:
     """The rename protocol of one volume."""
 
-    def __init__(
-        self,
-        inodes: InodeTable,
-        names: Names,
-        bindings: Bindings,
-        symlinks: Symlinks,
-        xattrs: Xattrs,
-        bound: bool,
-    ) -> None:
-        self._inodes = inodes
-        self._names = names
-        self._bindings = bindings
-        self._symlinks = symlinks
-        self._xattrs = xattrs  # a replaced object's xattr store file goes with it
-        self._bound = bound
+    def __init__(self, namespace: Namespace) -> None:
+        self._ns = namespace
 
     def begin(
         self,
@@ -137,17 +123,17 @@ class Renames:
         try:
             pending = self._plan(old_parent, old_name, new_parent, new_name, flags, owner, held)
         except BaseException:
-            self._inodes.unhold(held)
+            self._ns.inodes.unhold(held)
             raise
         if pending is None:
-            self._inodes.unhold(held)
+            self._ns.inodes.unhold(held)
         else:
             pending.held = held
         return pending
 
     def _known(self, st: os.stat_result) -> Inode | None:
         """The known inode of the backing object `st` describes, if any."""
-        inode = self._inodes.inodes.get(self._inodes.fuse_ino(st.st_ino))
+        inode = self._ns.inodes.inodes.get(self._ns.inodes.fuse_ino(st.st_ino))
         return inode if inode is not None and inode.backing_ino == st.st_ino else None
 
     def _plan(
@@ -164,7 +150,7 @@ class Renames:
         known = backing.RENAME_NOREPLACE | backing.RENAME_EXCHANGE | backing.RENAME_WHITEOUT
         if flags & ~known or (whiteout and flags & backing.RENAME_EXCHANGE):
             raise oserror(errno.EINVAL)  # (as the kernel, which refuses both before us)
-        names = self._names
+        names = self._ns.names
         old_backing, old_encoded = names.encode(old_parent, old_name)
         new_backing, new_encoded = names.encode(new_parent, new_name)
         old_st = os.stat(old_backing, dir_fd=old_parent.fd, follow_symlinks=False)
@@ -175,7 +161,7 @@ class Renames:
         # Their handles stay open through the stages (issue 23: handles are evicted):
         # the parents' go to fsync threads, the moved and replaced objects' are what
         # their inodes keep (a removed one, a bound symlink's first one).
-        held += self._inodes.hold(
+        held += self._ns.inodes.hold(
             old_parent, new_parent, self._known(old_st), new_st and self._known(new_st)
         )
         old_location = names.location(old_parent, old_name)
@@ -213,7 +199,7 @@ class Renames:
 
                 def remove_replaced() -> None:
                     tmp = temp_name()
-                    self._inodes.unname_at(old_parent, old_backing, new_st)
+                    self._ns.inodes.unname_at(old_parent, old_backing, new_st)
                     # With RENAME_WHITEOUT the whiteout takes the old name in this step.
                     backing.renameat2(
                         old_parent.fd, old_backing, old_parent.fd, tmp,
@@ -224,9 +210,9 @@ class Renames:
                     else:
                         names.remove_sidecar(old_parent, old_backing)
                     replaced_st = os.stat(tmp, dir_fd=old_parent.fd, follow_symlinks=False)
-                    xattr_set = self._xattrs.last_name_set(old_parent.fd, tmp, replaced_st)
+                    xattr_set = self._ns.xattrs.last_name_set(old_parent.fd, tmp, replaced_st)
                     remove_tree(old_parent.fd, tmp)
-                    self._xattrs.discard_after(xattr_set, replaced_st)
+                    self._ns.xattrs.discard_after(xattr_set, replaced_st)
 
                 return self._prepare([forth, back], exchange, remove_replaced)
             if stat.S_ISDIR(old_st.st_mode):
@@ -234,17 +220,17 @@ class Renames:
         replaced_long_id = (
             None
             if new_st is None
-            else self._symlinks.last_stored_link(new_parent.fd, new_backing, new_st)
+            else self._ns.symlinks.last_stored_link(new_parent.fd, new_backing, new_st)
         )
         replaced_set = (
             None
             if new_st is None
-            else self._xattrs.last_name_set(new_parent.fd, new_backing, new_st)
+            else self._ns.xattrs.last_name_set(new_parent.fd, new_backing, new_st)
         )
         names.write_sidecar(new_parent, new_backing, new_encoded)
 
         def rename() -> None:
-            replacing = self._inodes.replaced(new_parent, new_backing)
+            replacing = self._ns.inodes.replaced(new_parent, new_backing)
             with replacing if new_st else contextlib.nullcontext():
                 if not whiteout:
                     os.rename(
@@ -261,9 +247,9 @@ class Renames:
             if not whiteout and (old_parent.ino, old_backing) != (new_parent.ino, new_backing):
                 names.remove_sidecar(old_parent, old_backing)
             if replaced_long_id is not None:
-                self._symlinks.remove_stored(replaced_long_id)
+                self._ns.symlinks.remove_stored(replaced_long_id)
             if new_st is not None:
-                self._xattrs.discard_after(replaced_set, new_st)
+                self._ns.xattrs.discard_after(replaced_set, new_st)
 
         return self._prepare([forth], rename, clean_up)
 
@@ -289,10 +275,10 @@ class Renames:
         pending.renamed = True
         for move in pending.moves:
             move.current = move.new_parent, move.new_backing
-            moved = self._inodes.inodes.get(self._inodes.fuse_ino(move.st.st_ino))
+            moved = self._ns.inodes.inodes.get(self._ns.inodes.fuse_ino(move.st.st_ino))
             if moved is not None:
                 moved.location = move.new_location
-                self._inodes.name(moved, move.new_parent, move.new_backing)
+                self._ns.inodes.name(moved, move.new_parent, move.new_backing)
 
     def finish(self, pending: PendingRename, durable: bool) -> None:
         """Step 3 (for a directory only if `durable`: the rename was fsynced), then what
@@ -305,7 +291,7 @@ class Renames:
             pending.clean_up()
 
     def end(self, pending: PendingRename) -> None:
-        self._inodes.unhold(pending.held)
+        self._ns.inodes.unhold(pending.held)
         for move in pending.moves:
             if move.fd is not None:
                 os.close(move.fd)
@@ -314,14 +300,14 @@ class Renames:
     def _bind_both(self, move: _Move) -> None:
         """Step 1: make the object valid at its old and its new place."""
         kind = stat.S_IFMT(move.st.st_mode)
-        bindings = self._bindings
+        bindings = self._ns.bindings
         if kind == stat.S_IFREG and move.st.st_nlink == 1:
             move.fd = backing.open_path(move.backing_name, move.parent.fd)
             rewrite_header(
                 move.fd,
                 lambda header: bindings.file_both(header, move.old_location, move.new_location),
             )
-        elif kind == stat.S_IFDIR and self._bound:
+        elif kind == stat.S_IFDIR and self._ns.bound:
             dir_fd = backing.open_path(move.backing_name, move.parent.fd)
             try:
                 move.fd = os.open(
@@ -339,7 +325,7 @@ class Renames:
             new_tag = bindings.dir_tag(move.new_location, record.dir_id)
             move.record = record
             backing.pwrite_all(move.fd, DirRecord(record.dir_id, (old_tag, new_tag)).pack(), 0)
-        elif kind == stat.S_IFLNK and self._bound:
+        elif kind == stat.S_IFLNK and self._ns.bound:
             link = LinkRecord.decode(os.readlink(move.backing_name, dir_fd=move.parent.fd))
             old_tag = bindings.link_tag(move.old_location, link)
             if not crypto.tag_in(old_tag, link.bindings):
@@ -352,8 +338,8 @@ class Renames:
                 link, bindings=(old_tag, bindings.link_tag(move.new_location, link))
             )
             Symlinks.replace(
-                self._inodes, move.parent, move.backing_name, both, move.st,
-                self._xattrs.link_record(move.parent.fd, move.backing_name),
+                self._ns.inodes, move.parent, move.backing_name, both, move.st,
+                self._ns.xattrs.link_record(move.parent.fd, move.backing_name),
             )
             move.current = move.parent, move.backing_name
 
@@ -362,7 +348,7 @@ class Renames:
         the object valid at both places (the next rename rewrites both), so it is logged,
         not passed on: the rename itself happened."""
         kind = stat.S_IFMT(move.st.st_mode)
-        bindings = self._bindings
+        bindings = self._ns.bindings
         try:
             if kind == stat.S_IFREG and move.fd is not None:
                 rewrite_header(move.fd, bindings.file_new)
@@ -381,8 +367,8 @@ class Renames:
                     ),
                 )
                 Symlinks.replace(
-                    self._inodes, move.new_parent, move.new_backing, final, move.st,
-                    self._xattrs.link_record(move.new_parent.fd, move.new_backing),
+                    self._ns.inodes, move.new_parent, move.new_backing, final, move.st,
+                    self._ns.xattrs.link_record(move.new_parent.fd, move.new_backing),
                 )
         except OSError as exc:
             log.warning("a renamed entry keeps its old place valid too: %s", exc)
@@ -393,7 +379,7 @@ class Renames:
         kernel knows it by is not reused while the kernel may ask for it."""
         if move.current is None or not isinstance(move.record, LinkRecord):
             return
-        moved = self._inodes.inodes.get(self._inodes.fuse_ino(move.st.st_ino))
+        moved = self._ns.inodes.inodes.get(self._ns.inodes.fuse_ino(move.st.st_ino))
         if moved is None:
             return
         parent, backing_name = move.current
@@ -407,5 +393,5 @@ class Renames:
                 moved.pinned = [old_fd]
             else:
                 os.close(old_fd)  # an intermediate symlink nobody else knows the number of
-        self._inodes.rebase(moved, fd)
-        self._inodes.name(moved, parent, backing_name)
+        self._ns.inodes.rebase(moved, fd)
+        self._ns.inodes.name(moved, parent, backing_name)

@@ -32,6 +32,7 @@ from encfs.engine.files import Files
 from encfs.engine.inode import ROOT_INODE, Attr, DirHandle, Inode, oserror
 from encfs.engine.inodes import InodeTable
 from encfs.engine.names import Names, ScanEntry
+from encfs.engine.namespace import Namespace
 from encfs.engine.rename import PendingRename, Renames
 from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs
@@ -128,12 +129,11 @@ class Volume:
             self.xattr_sets,
             bound,
         )
-        self._entries = Entries(
-            self._inodes, self._names, bindings, self._symlinks, self._files, self._xattrs, bound
-        )
-        self._renames = Renames(
+        namespace = Namespace(
             self._inodes, self._names, bindings, self._symlinks, self._xattrs, bound
         )
+        self._entries = Entries(namespace, self._files)
+        self._renames = Renames(namespace)
 
     @classmethod
     def unlock(

@@ -182,13 +182,20 @@ class PassphraseProvider(KeyProvider):
             raise ProviderConfigError("passphrase provider options lack a valid 'var'")
         return source
 
-    def _where(self) -> str:
+    def _source_and_argument(self) -> tuple[str, str | None]:
+        """The source and what names the passphrase there (the file's path, the
+        variable's name; None for the terminal and standard input)."""
         source = self.source
-        if source == "file":
-            return f"passphrase file {self.options['path']}"
-        if source == "env":
-            return f"environment variable {self.options['var']}"
-        return "the terminal" if source == "tty" else "standard input"
+        option = {"file": "path", "env": "var"}.get(source)
+        return source, self.options[option] if option else None
+
+    def _where(self) -> str:
+        source, argument = self._source_and_argument()
+        return {
+            "file": f"passphrase file {argument}",
+            "env": f"environment variable {argument}",
+            "tty": "the terminal",
+        }.get(source, "standard input")
 
     def _read(self, *, confirm: bool) -> bytes:
         source = self.source
@@ -257,12 +264,8 @@ class PassphraseProvider(KeyProvider):
             raise
 
     def describe(self) -> str:
-        source = self.source
-        if source == "file":
-            return f"passphrase:file:{self.options['path']}"
-        if source == "env":
-            return f"passphrase:env:{self.options['var']}"
-        return f"passphrase:{source}"
+        source, argument = self._source_and_argument()
+        return f"passphrase:{source}" + (f":{argument}" if argument is not None else "")
 
     def close(self) -> None:
         self._cached = None

@@ -16,8 +16,6 @@ SPEC: `pkcs11:module=PATH,token=LABEL,key=LABEL[,pin-file=PATH][,create]`
 
 PKCS#11 login state is per process and token, so instances that share a token share one
 logged-in session; a second instance with a different PIN is refused (WrongKey).
-
-This module also holds the spec and secret-file helpers of the network providers.
 """
 
 from __future__ import annotations

@@ -11,18 +11,26 @@ import stat
 from encfs.errors import KeyMissing, KeyPermissions, ProviderConfigError
 
 
-def open_secret_file(path: str, what: str, *, blocking: bool = False) -> int:
+def open_secret_file(
+    path: str,
+    what: str,
+    *,
+    blocking: bool = False,
+    follow: bool = True,
+    not_found: str | None = None,
+) -> int:
     """Open a file that holds a secret, read-only; `what` names it in errors ("key
-    file"). Not found or unreadable: KeyMissing or KeyPermissions, in one line.
+    file"). Not found or unreadable: KeyMissing (`not_found` when given says what to do)
+    or KeyPermissions, in one line. `follow=False`: a symbolic link there is refused.
 
     Opened with O_NONBLOCK unless `blocking`, so a FIFO planted there cannot hang the
     open; the caller checks what it is (fstat) before reading a byte.
     """
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | (0 if blocking else os.O_NONBLOCK)
     try:
-        return os.open(path, flags)
+        return os.open(path, flags | (0 if follow else os.O_NOFOLLOW))
     except FileNotFoundError:
-        raise KeyMissing(f"{what} {path} not found") from None
+        raise KeyMissing(not_found or f"{what} {path} not found") from None
     except PermissionError:
         raise KeyPermissions(f"{what} {path} is not readable by this user") from None
     except OSError as exc:

@@ -18,8 +18,9 @@ import stat
 from typing import Any
 
 from encfs import crypto
-from encfs.errors import KeyMissing, KeyPermissions, ProviderConfigError
+from encfs.errors import KeyMissing, ProviderConfigError
 from encfs.keys.provider import KeyProvider, Record, open_with_secret, seal_with_secret
+from encfs.keys.secret_file import open_secret_file
 
 ENV_DIR = "CREDENTIALS_DIRECTORY"
 MAX_NAME = 255
@@ -69,19 +70,13 @@ class SystemdCredentialProvider(KeyProvider):
                 f"started with LoadCredentialEncrypted={name}:..."
             )
         path = os.path.join(directory, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise KeyMissing(
-                f"systemd credential {name!r} not found in {directory} "
-                f"(add LoadCredentialEncrypted={name}:... to the unit)"
-            ) from None
-        except PermissionError:
-            raise KeyPermissions(
-                f"systemd credential {path} is not readable by this user"
-            ) from None
-        except OSError as exc:
-            raise KeyMissing(f"systemd credential {path}: {exc.strerror}") from None
+        fd = open_secret_file(
+            path,
+            "systemd credential",
+            follow=False,
+            not_found=f"systemd credential {name!r} not found in {directory} "
+            f"(add LoadCredentialEncrypted={name}:... to the unit)",
+        )
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ProviderConfigError(f"systemd credential {path} is not a regular file")

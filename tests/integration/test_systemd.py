@@ -845,19 +845,13 @@ def sandboxed(config: dict, argv: list[str]) -> list[str]:
 
 
 @pytest.fixture
-def public_tmp() -> Iterator[Path]:
-    """A directory other users can traverse (pytest's tmp_path is 0700)."""
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="encfs-gw-systemd-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        mnt = path / "mnt"
-        if mnt.is_dir() and fstype(mnt) is None and is_immutable(mnt):
-            set_immutable(mnt, False)
-        shutil.rmtree(path, ignore_errors=True)
+def public_tmp(public_dir: Path) -> Iterator[Path]:
+    """The shared `public_dir`, whose mountpoint `mnt` may be left immutable by the
+    daemon's guard: cleared before the directory is removed."""
+    yield public_dir
+    mnt = public_dir / "mnt"
+    if mnt.is_dir() and fstype(mnt) is None and is_immutable(mnt):
+        set_immutable(mnt, False)
 
 
 def run_as(uid: int | None, script: str) -> subprocess.CompletedProcess:

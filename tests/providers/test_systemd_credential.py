@@ -148,6 +148,19 @@ def test_credential_not_loaded(creds):
         provider.protect(os.urandom(32), BINDING)
 
 
+def test_a_fifo_or_a_link_is_refused_at_once(creds, tmp_path):
+    # A FIFO nobody writes to must not hang the open (O_NONBLOCK); a symbolic link is not
+    # followed out of the credentials directory (O_NOFOLLOW).
+    os.mkfifo(creds.directory / "fifo", 0o600)
+    with pytest.raises(ProviderConfigError, match=r"credentials/fifo is not a regular file"):
+        make("fifo").protect(os.urandom(32), BINDING)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(os.urandom(32).hex().encode())
+    (creds.directory / "link").symlink_to(elsewhere)
+    with pytest.raises(KeyMissing, match=r"systemd credential .*credentials/link: Too many levels"):
+        make("link").protect(os.urandom(32), BINDING)
+
+
 def test_not_a_key(creds):
     creds.install("kek", b"a passphrase, not a key\n")
     with pytest.raises(ProviderConfigError, match="does not hold a 256-bit key"):

@@ -53,11 +53,11 @@ SAME_LAYER: dict[str, set[str]] = {
     # those that read a secret from a file share secret_file
     **{
         f"keys.{name}": {"keys.provider"}
-        for name in ("aws_kms", "command", "registry", "systemd_credential", "tpm2")
+        for name in ("aws_kms", "command", "registry", "tpm2")
     },
     **{
         f"keys.{name}": {"keys.provider", "keys.secret_file"}
-        for name in ("keyfile", "kmip", "passphrase", "pkcs11", "vault")
+        for name in ("keyfile", "kmip", "passphrase", "pkcs11", "systemd_credential", "vault")
     },
     # a provider that is a package reaches its service through its own module
     "keys.azure_keyvault": {"keys.azure_keyvault.connection", "keys.provider"},
@@ -69,7 +69,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "engine": {"engine.bindings", "engine.create", "engine.inode", "engine.volume"},
     "engine.volume": {
         "engine.bindings", "engine.entries", "engine.files", "engine.inode", "engine.inodes",
-        "engine.names", "engine.rename", "engine.symlinks", "engine.xattrs",
+        "engine.names", "engine.namespace", "engine.rename", "engine.symlinks", "engine.xattrs",
     },
     "engine.inode": {"engine.contents", "engine.inodes"},  # (types only)
     "engine.inodes": {"engine.inode"},
@@ -78,14 +78,16 @@ SAME_LAYER: dict[str, set[str]] = {
     "engine.symlinks": {"engine.bindings", "engine.inode", "engine.inodes", "engine.names"},
     "engine.xattrs": {"engine.inode", "engine.inodes", "engine.names", "engine.xattr_sets"},
     "engine.files": {"engine.bindings", "engine.contents", "engine.inode", "engine.inodes"},
-    "engine.entries": {
-        "engine.bindings", "engine.files", "engine.inode", "engine.inodes", "engine.names",
-        "engine.symlinks",
+    # what making, removing and moving entries all work on: one Namespace
+    "engine.namespace": {
+        "engine.bindings", "engine.inodes", "engine.names", "engine.symlinks",
         "engine.xattrs",  # an object's attribute set goes with its last name
     },
+    "engine.entries": {
+        "engine.bindings", "engine.files", "engine.inode", "engine.names", "engine.namespace",
+    },
     "engine.rename": {
-        "engine.bindings", "engine.inode", "engine.inodes", "engine.names", "engine.symlinks",
-        "engine.xattrs",
+        "engine.bindings", "engine.inode", "engine.names", "engine.namespace", "engine.symlinks",
     },
     "engine.create": {"engine.bindings", "engine.names"},
     # admin/: fsck keeps evidence in the quarantine; the status report reads rotation

@@ -7,8 +7,6 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,19 +33,6 @@ except PermissionError as exc:
 """
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory another uid can reach (pytest's own temporary tree is private)."""
-    where = Path(tempfile.mkdtemp(prefix="open-quietly-", dir="/tmp"))
-    where.chmod(0o755)
-    try:
-        yield where
-    finally:
-        for child in where.iterdir():
-            child.unlink()
-        where.rmdir()
-
-
 def probe(path: Path) -> list[str]:
     if os.geteuid() != 0:
         pytest.skip("needs root to run a probe as another uid")
@@ -58,15 +43,15 @@ def probe(path: Path) -> list[str]:
     return result.stdout.splitlines()
 
 
-def test_a_readable_file_of_another_owner_opens_without_o_noatime(shared_dir):
-    target = shared_dir / "readable"
+def test_a_readable_file_of_another_owner_opens_without_o_noatime(public_dir):
+    target = public_dir / "readable"
     target.write_text("contents")
     target.chmod(0o644)
     assert probe(target) == ["plain open with O_NOATIME: EPERM", "open_quietly: contents"]
 
 
-def test_a_file_the_caller_may_not_read_stays_refused(shared_dir):
-    target = shared_dir / "private"
+def test_a_file_the_caller_may_not_read_stays_refused(public_dir):
+    target = public_dir / "private"
     target.write_text("secret")
     target.chmod(0o600)
     # (EACCES from the permission check comes before O_NOATIME's EPERM)
