@@ -225,6 +225,12 @@ def serve(
     operations = Operations(volume, syncer)
     operations.enable_writeback_cache = writeback_cache
     volume.defer_closes()
+    if "ro" not in options:
+        # What a killed daemon left of files unlinked while open (engine/orphans.py); a
+        # read-only mount leaves it alone.
+        cleared = volume.clear_orphans()
+        if cleared:
+            log.info("removed %d objects a previous mount left unlinked but open", cleared)
     try:
         site.prepare()
     except BaseException:

@@ -21,6 +21,7 @@ from encfs.engine.files import Files
 from encfs.engine.inode import Inode, oserror
 from encfs.engine.inodes import InodeTable
 from encfs.engine.names import Names, is_empty_dir, remove_tree, temp_name
+from encfs.engine.orphans import Orphans
 from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs
 from encfs.format import names as fnames
@@ -73,9 +74,11 @@ class Entries:
         symlinks: Symlinks,
         files: Files,
         xattrs: Xattrs,
+        orphans: Orphans,
         bound: bool,
     ) -> None:
         self._inodes = inodes
+        self._orphans = orphans  # where an open object's last name goes instead
         self._names = names
         self._bindings = bindings
         self._symlinks = symlinks
@@ -160,6 +163,11 @@ class Entries:
             raise oserror(errno.ENOTDIR)
         if not is_empty_dir(parent.fd, backing_name):
             raise oserror(errno.ENOTEMPTY)
+        aside = self._orphans.set_aside(parent, backing_name, st)
+        if aside is not None:  # open: removed when it is closed
+            self._names.remove_sidecar(parent, backing_name)
+            self._xattrs.discard_after(self._xattrs.last_name_set(*aside, st), st)
+            return
         # Move it out of sight first so a crash leaves a temp entry, never a dir without id.
         tmp = temp_name()
         self._inodes.unname_at(parent, backing_name, st)
@@ -252,8 +260,11 @@ class Entries:
         except BaseException:
             os.close(pin)
             raise
-        self._inodes.unname_pinned(parent, backing_name, st, pin)
-        os.unlink(backing_name, dir_fd=parent.fd)
+        if self._orphans.set_aside(parent, backing_name, st) is not None:
+            os.close(pin)  # (open: moved aside, removed when it is closed)
+        else:
+            self._inodes.unname_pinned(parent, backing_name, st, pin)
+            os.unlink(backing_name, dir_fd=parent.fd)
         self._names.remove_sidecar(parent, backing_name)
         if long_id is not None:
             self._symlinks.remove_stored(long_id)

@@ -23,6 +23,7 @@ from encfs.engine.bindings import BindingError, Bindings, Location, rewrite_head
 from encfs.engine.inode import Inode, oserror
 from encfs.engine.inodes import InodeTable
 from encfs.engine.names import Names, is_empty_dir, remove_tree, temp_name
+from encfs.engine.orphans import Orphans
 from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs
 from encfs.format import names as fnames
@@ -104,9 +105,11 @@ class Renames:
         bindings: Bindings,
         symlinks: Symlinks,
         xattrs: Xattrs,
+        orphans: Orphans,
         bound: bool,
     ) -> None:
         self._inodes = inodes
+        self._orphans = orphans  # where a replaced open object goes
         self._names = names
         self._bindings = bindings
         self._symlinks = symlinks
@@ -212,6 +215,15 @@ class Renames:
                              old_backing, old_location, final=False)
 
                 def remove_replaced() -> None:
+                    aside = self._orphans.set_aside(old_parent, old_backing, new_st, whiteout)
+                    if aside is not None:  # open: removed when it is closed
+                        if whiteout:
+                            _own_whiteout(old_parent, old_backing, owner)
+                        else:
+                            names.remove_sidecar(old_parent, old_backing)
+                        owner_set = self._xattrs.last_name_set(*aside, new_st)
+                        self._xattrs.discard_after(owner_set, new_st)
+                        return
                     tmp = temp_name()
                     self._inodes.unname_at(old_parent, old_backing, new_st)
                     # With RENAME_WHITEOUT the whiteout takes the old name in this step.
@@ -244,7 +256,7 @@ class Renames:
         names.write_sidecar(new_parent, new_backing, new_encoded)
 
         def rename() -> None:
-            replacing = self._inodes.replaced(new_parent, new_backing)
+            replacing = self._orphans.replacing(new_parent, new_backing)
             with replacing if new_st else contextlib.nullcontext():
                 if not whiteout:
                     os.rename(

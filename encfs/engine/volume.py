@@ -32,6 +32,7 @@ from encfs.engine.files import Files
 from encfs.engine.inode import ROOT_INODE, Attr, DirHandle, Inode, oserror
 from encfs.engine.inodes import InodeTable
 from encfs.engine.names import Names, ScanEntry
+from encfs.engine.orphans import Orphans
 from encfs.engine.rename import PendingRename, Renames
 from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs
@@ -128,12 +129,11 @@ class Volume:
             self.xattr_sets,
             bound,
         )
-        self._entries = Entries(
-            self._inodes, self._names, bindings, self._symlinks, self._files, self._xattrs, bound
-        )
-        self._renames = Renames(
-            self._inodes, self._names, bindings, self._symlinks, self._xattrs, bound
-        )
+        self._orphans = Orphans(self._inodes, self._root_fd, self._xattrs)
+        self._entries = Entries(self._inodes, self._names, bindings, self._symlinks,
+                                self._files, self._xattrs, self._orphans, bound)
+        self._renames = Renames(self._inodes, self._names, bindings, self._symlinks,
+                                self._xattrs, self._orphans, bound)
 
     @classmethod
     def unlock(
@@ -191,6 +191,16 @@ class Volume:
         self._root_fd = self._lock_fd = -1
         self.keyring.close()  # zeroed before the process goes on (or exits)
 
+    def clear_orphans(self) -> int:
+        """Remove what a crash left in the orphan directory (engine/orphans.py: open
+        objects whose last name was removed); how many. A writable mount does it first."""
+        return self._orphans.clear()
+
+    def orphan_leftovers(self) -> list[tuple[str, int]]:
+        """(name, inode number) of what the orphan directory holds that no open object
+        stands for (fsck)."""
+        return self._orphans.leftovers()
+
     def sync(self) -> None:
         backing.syncfs(self._root_fd)
 
@@ -245,7 +255,7 @@ class Volume:
         return Attr(
             ino=inode.ino,
             mode=st.st_mode,
-            nlink=st.st_nlink,
+            nlink=0 if self._inodes.is_orphan(inode) else st.st_nlink,  # (as ext4 says)
             uid=st.st_uid,
             gid=st.st_gid,
             rdev=st.st_rdev,

@@ -69,7 +69,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "engine": {"engine.bindings", "engine.create", "engine.inode", "engine.volume"},
     "engine.volume": {
         "engine.bindings", "engine.entries", "engine.files", "engine.inode", "engine.inodes",
-        "engine.names", "engine.rename", "engine.symlinks", "engine.xattrs",
+        "engine.names", "engine.orphans", "engine.rename", "engine.symlinks", "engine.xattrs",
     },
     "engine.inode": {"engine.contents", "engine.inodes"},  # (types only)
     "engine.inodes": {"engine.inode"},
@@ -78,13 +78,15 @@ SAME_LAYER: dict[str, set[str]] = {
     "engine.symlinks": {"engine.bindings", "engine.inode", "engine.inodes", "engine.names"},
     "engine.xattrs": {"engine.inode", "engine.inodes", "engine.names", "engine.xattr_sets"},
     "engine.files": {"engine.bindings", "engine.contents", "engine.inode", "engine.inodes"},
+    "engine.orphans": {"engine.inode", "engine.inodes", "engine.names", "engine.xattrs"},
     "engine.entries": {
         "engine.bindings", "engine.files", "engine.inode", "engine.inodes", "engine.names",
-        "engine.symlinks",
+        "engine.orphans", "engine.symlinks",
         "engine.xattrs",  # an object's attribute set goes with its last name
     },
     "engine.rename": {
-        "engine.bindings", "engine.inode", "engine.inodes", "engine.names", "engine.symlinks",
+        "engine.bindings", "engine.inode", "engine.inodes", "engine.names", "engine.orphans",
+        "engine.symlinks",
         "engine.xattrs",
     },
     "engine.create": {"engine.bindings", "engine.names"},
