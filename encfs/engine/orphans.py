@@ -175,7 +175,10 @@ class Orphans:
         try:
             fd = os.open(fnames.ORPHAN_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                          | os.O_CLOEXEC, dir_fd=self._root_fd)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
+            return []
+        except OSError as exc:  # (a symlink or file in its place: not ours, not followed)
+            log.warning("%s is not a directory: left alone (%s)", fnames.ORPHAN_DIR, exc)
             return []
         live = {
             inode.backing_name for inode in self._inodes.inodes.values()

@@ -180,3 +180,27 @@ def test_clear_orphans_removes_leftovers_and_the_empty_directory(backing):
         assert vol.clear_orphans() == 0
     finally:
         vol.close()
+
+
+@pytest.mark.expected_log(r"\.egw-orphans is not a directory")
+def test_an_orphan_directory_replaced_by_a_symlink_is_not_followed(backing, tmp_path):
+    """Someone who can write the backing store puts a symlink to another directory in the
+    orphan directory's place: clearing leftovers removes nothing there, and open files
+    unlinked meanwhile keep a handle instead (nothing is moved through the symlink)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_bytes(b"precious")
+    (backing / fnames.ORPHAN_DIR).symlink_to(elsewhere)
+    vol = Volume.unlock(str(backing), trusted())
+    try:
+        assert vol.clear_orphans() == 0
+        (fh, ino), = open_many(vol, 1, prefix=b"s")
+        vol.unlink(ROOT_INODE, b"s0")
+        assert vol.inode(ino).has_handle
+        vol.write(fh, 0, b"S")
+        vol.release(fh)
+        vol.forget(ino, 1)
+    finally:
+        vol.close()
+    assert os.listdir(elsewhere) == ["precious"]
+    assert (elsewhere / "precious").read_bytes() == b"precious"

@@ -243,6 +243,7 @@ def wait_until(condition, what: str, timeout: float = 60.0) -> None:
 
 UNLINKED_FILES = 4 * DAEMON_NOFILE
 RMDIRED_DIRS = DAEMON_NOFILE // 2
+REPLACED_FILES = 64
 # The handle cache and the data descriptor cache (a quarter of the limit each), deferred
 # closes (an eighth) and the daemon's own ~25: under three quarters of the limit.
 CACHES_BOUND = DAEMON_NOFILE * 3 // 4
@@ -250,7 +251,8 @@ CACHES_BOUND = DAEMON_NOFILE * 3 // 4
 
 def test_four_times_more_unlinked_open_files_than_daemon_descriptors(volume, tmp_path):
     """A program holds 4x as many files open as the daemon has descriptors and unlinks
-    each one, and holds directories open that it rmdirs: no EMFILE or ENFILE anywhere,
+    each one, holds directories open that it rmdirs and files that `mv` replaces: no
+    EMFILE or ENFILE anywhere,
     each file is still written, read, fsynced and has link count 0, each directory lists
     empty and fsyncs, and the daemon's descriptors stay bounded at every sample (each is
     moved into the orphan directory and reopened by name when needed: engine/orphans.py).
@@ -258,7 +260,8 @@ def test_four_times_more_unlinked_open_files_than_daemon_descriptors(volume, tmp
     of them. (Before, each kept one descriptor in the daemon: ENFILE after ~234.)"""
     held_files: dict[int, int] = {}
     held_dirs: list[int] = []
-    needed = UNLINKED_FILES + RMDIRED_DIRS + DAEMON_NOFILE
+    held_replaced: list[int] = []
+    needed = UNLINKED_FILES + RMDIRED_DIRS + REPLACED_FILES + DAEMON_NOFILE
     with many_descriptors(needed), \
             mounted(volume, tmp_path / "mnt", nofile=DAEMON_NOFILE) as mnt:
         pid = daemon_pid(volume.backing)
@@ -278,9 +281,22 @@ def test_four_times_more_unlinked_open_files_than_daemon_descriptors(volume, tmp
                 (mnt / f"d{index}").mkdir()
                 held_dirs.append(os.open(mnt / f"d{index}", os.O_RDONLY | os.O_DIRECTORY))
                 (mnt / f"d{index}").rmdir()
-            check_bound(sampler, "all unlinked and rmdir'ed", CACHES_BOUND)
-            assert len(orphan_entries(volume)) == UNLINKED_FILES + RMDIRED_DIRS
-            assert os.listdir(mnt) == ["kept"]
+            for index in range(REPLACED_FILES):  # mv over a file held open
+                fd = os.open(mnt / f"r{index}", os.O_RDWR | os.O_CREAT, 0o644)
+                held_replaced.append(fd)
+                os.write(fd, content(index))
+                (mnt / f"new{index}").write_bytes(b"new\n")
+                subprocess.run(["mv", "-f", str(mnt / f"new{index}"), str(mnt / f"r{index}")],
+                               check=True, timeout=60)
+            check_bound(sampler, "all unlinked, rmdir'ed, replaced", CACHES_BOUND)
+            assert len(orphan_entries(volume)) == UNLINKED_FILES + RMDIRED_DIRS + REPLACED_FILES
+            assert sorted(os.listdir(mnt)) == sorted(
+                ["kept", *(f"r{index}" for index in range(REPLACED_FILES))]
+            )
+            for index, fd in enumerate(held_replaced):
+                assert os.pread(fd, 1 << 16, 0) == content(index)
+                assert os.fstat(fd).st_nlink == 0
+                assert (mnt / f"r{index}").read_bytes() == b"new\n"
             for index, fd in held_files.items():
                 os.pwrite(fd, b"!", 0)
                 assert os.pread(fd, 1 << 16, 0) == b"!" + content(index)[1:]
@@ -293,14 +309,17 @@ def test_four_times_more_unlinked_open_files_than_daemon_descriptors(volume, tmp
                 os.fsync(fd)
             check_bound(sampler, "directories listed and fsynced", CACHES_BOUND)
         finally:
-            for fd in [*held_files.values(), *held_dirs]:
+            for fd in [*held_files.values(), *held_dirs, *held_replaced]:
                 os.close(fd)
         wait_until(lambda: orphan_entries(volume) == [], "the orphan directory empties")
         check_bound(sampler, "closed", CACHES_BOUND)
-        assert backing_entries(volume) == before
+        for index in range(REPLACED_FILES):
+            (mnt / f"r{index}").unlink()
+        wait_until(lambda: backing_entries(volume) == before, "the replacements are gone")
         assert (mnt / "kept").read_bytes() == b"kept\n"
-        print(f"{UNLINKED_FILES} unlinked open files and {RMDIRED_DIRS} rmdir'ed open "
-              f"directories held; the daemon's open descriptors peaked at "
+        print(f"{UNLINKED_FILES} unlinked open files, {RMDIRED_DIRS} rmdir'ed open "
+              f"directories and {REPLACED_FILES} replaced open files held; the daemon's "
+              f"open descriptors peaked at "
               f"{sampler.peak_fds()} (limit {DAEMON_NOFILE})")
 
 
