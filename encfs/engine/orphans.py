@@ -160,6 +160,10 @@ class Orphans:
         orphans, name = self._dir, inode.backing_name
         if orphans is None or name is None:
             return
+        # With a handle open, the unlink frees nothing: the table's (deferred) close of
+        # that handle does, off the request loop (ext4 takes milliseconds for a big file).
+        with contextlib.suppress(OSError):
+            inode.fd  # noqa: B018 (reopened by name if it was evicted)
         try:
             if inode.is_dir:
                 remove_tree(orphans.fd, name)

@@ -19,6 +19,7 @@ import pytest
 from encfs.admin.fsck import CRASH, fsck
 from encfs.engine import ROOT_INODE, Volume
 from encfs.format import names as fnames
+from tests.fs.test_deferred_close import install_gated
 from tests.fs.test_open_file_cache import CAPACITY, content, evict_handles, open_many
 from tests.fs.test_xattr_sets import BIG, store_files
 from tests.helpers.config import trusted
@@ -204,3 +205,21 @@ def test_an_orphan_directory_replaced_by_a_symlink_is_not_followed(backing, tmp_
         vol.close()
     assert os.listdir(elsewhere) == ["precious"]
     assert (elsewhere / "precious").read_bytes() == b"precious"
+
+
+def test_a_closed_orphan_is_freed_by_the_deferred_closer(small, backing):
+    """Its entry goes when it is dropped, with a handle still open (reopened by name if
+    it was evicted), so the backing filesystem frees it at that handle's close, on the
+    closer's thread, not on the request loop."""
+    closer = install_gated(small)
+    (fh, ino), = open_many(small, 1, prefix=b"big")
+    small.write(fh, 0, os.urandom(200_000))
+    small.unlink(ROOT_INODE, b"big0")
+    evict_handles(small)
+    assert not small.inode(ino).has_handle
+    small.release(fh)
+    small.forget(ino, 1)
+    assert orphans(backing) == []
+    assert closer.pending >= 1  # the handle that holds the backing inode, until the gate
+    assert small.settle_closes()
+    assert closer.pending == 0
