@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import resource
 import subprocess
@@ -27,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
+from encfs.errors import FsckProblems
 from encfs.format.names import ORPHAN_DIR
-from tests.helpers.mount import daemon_pid, mounted
+from tests.helpers.mount import daemon_pid, mounted, run_cli
 from tests.helpers.proc import Sampler, fd_count
 from tests.integration.test_dead_daemon import kill_daemon
 
@@ -432,6 +434,15 @@ def test_a_daemon_killed_with_unlinked_open_files_leaves_them_to_the_next_writab
                     os.close(fd)
     leftovers = orphan_entries(volume)
     assert len(leftovers) == 41
+    # fsck says what they are and leaves them (without --repair).
+    result = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile, "--json")
+    assert result.returncode == FsckProblems.exit_code, result.stderr
+    findings = json.loads(result.stdout)["findings"]
+    assert [(f["kind"], f["looks_like"], f["repairable"]) for f in findings] == [
+        ("leftover unlinked open objects", "crash debris", True)
+    ]
+    assert "41 objects" in findings[0]["detail"]
+    assert orphan_entries(volume) == leftovers
     with mounted(volume, mnt, "ro"):
         assert orphan_entries(volume) == leftovers
         assert sorted(os.listdir(mnt)) == sorted(f"kept{index}" for index in range(20))
@@ -444,3 +455,5 @@ def test_a_daemon_killed_with_unlinked_open_files_leaves_them_to_the_next_writab
             assert (mnt / f"kept{index}").read_bytes() == content(index)
         (mnt / "after").write_bytes(b"after\n")
         assert (mnt / "after").read_bytes() == b"after\n"
+    result = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
