@@ -184,7 +184,7 @@ class Checker:
         self._find(
             f"/<backing {fnames.ORPHAN_DIR}>",
             "leftover unlinked open objects",
-            f"{len(leftovers)} objects a killed mount held open after their last name "
+            f"{len(leftovers)} objects a killed mount still used after their last name "
             "was removed (the next writable mount removes them too)",
             CRASH,
             fix=fix,

@@ -17,13 +17,15 @@ under pressure like a handle: the next read or write opens it again (files.py,
 without a handle is reopened on demand by its parent's handle and its backing name
 (openat, O_NOFOLLOW), and what is reopened must be the same backing inode (st_dev,
 st_ino): else ESTALE. Every change of names goes through the volume, which keeps
-each inode's recorded name current: a rename moves it. An open file or directory whose
-last name is removed (unlink, rmdir, a rename over it) is moved into the orphan directory
-instead (engine/orphans.py, `.egw-orphans/<random>`) and recorded there, so its handle is
-evicted and reopened by name like any other; that entry is removed when the inode is
-dropped (`remove_orphan`). Any other inode whose recorded name is removed (not open: the
-kernel forgets it at once; a hard link with other names left; the move refused) keeps a
-handle until the kernel forgets it (`unname`), so its backing inode, and with it the inode
+each inode's recorded name current: a rename moves it. A file or directory whose last
+name is removed (unlink, rmdir, a rename over it) while it is open, or while the kernel
+knows it and many removed inodes already keep a handle each (`nameless`), is moved into
+the orphan directory instead (engine/orphans.py, `.egw-orphans/<random>`) and recorded
+there, so its handle is evicted and reopened by name like any other; that entry is
+removed when the inode is dropped (`remove_orphan`). Any other inode whose recorded name
+is removed (the first few only known to the kernel, which forgets them as soon as no
+program uses them; a hard link with other names left; the move refused) keeps a handle
+until the kernel forgets it (`unname`), so its backing inode, and with it the inode
 number the kernel knows, is not freed and reused meanwhile. So what is never given back:
 one handle per such nameless inode, the handles and data descriptors of operations in
 progress (`hold`), and the data descriptor of a file open for writing that its owner may
@@ -94,6 +96,9 @@ class InodeTable:
         # orphan's entry there when its inode is dropped (both set by engine/orphans.py).
         self.orphan_dir: int | None = None
         self.remove_orphan: Callable[[Inode], None] | None = None
+        # Inodes whose recorded name was removed and that keep a handle of their own
+        # (`unname`): engine/orphans.py moves removed entries aside once there are many.
+        self.nameless: set[int] = set()
 
     # --- inodes -------------------------------------------------------------------------
     def fuse_ino(self, backing_ino: int) -> int:
@@ -180,6 +185,7 @@ class InodeTable:
             self.close_fd(fd)
         inode.pinned = None
         self.inodes.pop(inode.ino, None)
+        self.nameless.discard(inode.ino)
         self._set_name(inode, None, None)
 
     def is_orphan(self, inode: Inode) -> bool:
@@ -393,6 +399,8 @@ class InodeTable:
         a parent nobody else holds leaves the table with its last named child."""
         old_parent_ino = inode.parent_ino
         inode.parent_ino, inode.backing_name = parent_ino, backing_name
+        if parent_ino is not None:
+            self.nameless.discard(inode.ino)
         if old_parent_ino == parent_ino:
             return
         if parent_ino is not None and (parent := self.inodes.get(parent_ino)) is not None:
@@ -430,6 +438,7 @@ class InodeTable:
             else:
                 self.reopen(inode)
         self._set_name(inode, None, None)
+        self.nameless.add(inode.ino)
         self.settle(inode)
 
     def known_at(self, parent: Inode, backing_name: str, st: os.stat_result) -> Inode | None:

@@ -16,15 +16,19 @@ as ext4 says. When the inode is dropped (last release and forget) its entry is r
 its handle still open, so the deferred closer's last close is where the backing store
 frees it, as for any unlinked file.
 
-What is moved: an open regular file with no other name (st_nlink 1) and an open
-directory. A replaced file (a rename over it) is first hard-linked into the orphan
-directory, so the rename stays one atomic step; the rename then leaves the orphan link its
-only name. Not moved, and kept by a handle as before (InodeTable.unname): an inode that
-is only looked up, not open (the kernel forgets a removed entry's inode as soon as no
-program uses it, so these do not accumulate), and a file with other names left (its
-inode is reached by one of them again at its next lookup; moving the removed name aside
-would make the others' link count one too high). A move the backing store refuses falls
-back to that too.
+What is moved: a regular file with no other name (st_nlink 1) or a directory, when it
+is open, or when the kernel knows it (lookup count > 0) and `nameless_max` removed inodes
+already keep a handle each. A replaced file (a rename over it) is first hard-linked into
+the orphan directory, so the rename stays one atomic step; the rename then leaves the
+orphan link its only name. Otherwise a removed inode the kernel knows keeps a handle until
+it is forgotten, as before (InodeTable.unname, `nameless`): a plain unlink costs less than
+a rename and a later unlink, and the kernel forgets such an inode as soon as no program
+uses it, so only a few wait at a time; the bound catches the rest (forgets that lag
+behind, O_PATH descriptors, current directories). A file with other names left is
+never moved (its inode is reached by one of them again at its next lookup; moving the
+removed name aside would make the others' link count one too high): it keeps a handle
+until then or until forgotten. A move the backing store refuses falls back to that too.
+The orphan directory's own inode is in the table while anything is recorded in it.
 
 Leftovers (the daemon was killed) are removed at the next writable mount (`clear`) and
 by `fsck --repair` (fsck reports them); a read-only mount leaves them alone. Nothing
@@ -44,7 +48,7 @@ from collections.abc import Iterator
 
 from encfs import backing
 from encfs.engine.inode import ROOT_INODE, Inode, oserror
-from encfs.engine.inodes import InodeTable
+from encfs.engine.inodes import HANDLE_CACHE_MIN, InodeTable
 from encfs.engine.names import remove_tree
 from encfs.engine.xattrs import Xattrs
 from encfs.format import names as fnames
@@ -52,6 +56,13 @@ from encfs.format import names as fnames
 log = logging.getLogger(__name__)
 
 ORPHAN_NAME_BYTES = 16  # 32 hex digits: random, nothing of the object's name or number
+
+
+def nameless_max(capacity: int) -> int:
+    """Removed inodes that may keep a handle each (a quarter of the handle cache, at
+    least HANDLE_CACHE_MIN) before the next removed one is moved aside instead: a plain
+    unlink is cheaper, and the kernel forgets its inode at once unless a program uses it."""
+    return max(HANDLE_CACHE_MIN, capacity // 4)
 
 
 def orphan_name() -> str:
@@ -81,19 +92,31 @@ class Orphans:
         if not stat.S_ISDIR(st.st_mode):
             inodes.drop(inode)
             raise oserror(errno.ENOTDIR, f"{fnames.ORPHAN_DIR} is not a directory")
-        # Never forgotten (the kernel never sees it); its handle is cached like any other
-        # and reopened by its name in the root.
-        inode.lookups = 1
+        # The kernel never sees it: it stays in the table while an inode is recorded in
+        # it (the table's `children`), its handle cached like any other and reopened by
+        # its name in the root.
         inodes.orphan_dir = inode.ino
         self._dir = inode
         return inode
 
+    def _release_directory(self) -> None:
+        """The orphan directory's inode leaves the table if nothing is recorded in it."""
+        if self._dir is not None and self._inodes.inodes.get(self._dir.ino) is self._dir:
+            self._inodes.drop(self._dir)
+
     def _movable(self, inode: Inode | None, st: os.stat_result) -> bool:
-        return (
-            inode is not None
-            and inode.opens > 0
-            and not self._inodes.is_orphan(inode)
-            and (stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1))
+        """Whether the removal of this name moves the object aside: it is open, or only
+        known to the kernel while many removed inodes already keep a handle each (the
+        kernel's forgets lag behind, or programs hold O_PATH descriptors or current
+        directories in them); and this is its last name."""
+        if inode is None or self._inodes.is_orphan(inode):
+            return False
+        table = self._inodes
+        held = inode.opens > 0 or (
+            inode.lookups > 0 and len(table.nameless) >= nameless_max(table.capacity)
+        )
+        return held and (
+            stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
         )
 
     def set_aside(
@@ -114,7 +137,8 @@ class Orphans:
                 parent.fd, backing_name, orphans.fd, name, backing.RENAME_NOREPLACE | flags
             )
         except OSError as exc:
-            log.info("an open object keeps a handle, not moved aside: %s", exc)
+            log.info("a removed object keeps a handle, not moved aside: %s", exc)
+            self._release_directory()
             return None
         self._inodes.name(inode, orphans, name)
         return orphans.fd, name
@@ -140,6 +164,7 @@ class Orphans:
                 aside = orphans, name
             except OSError as exc:
                 log.info("a replaced open file keeps a handle, not linked aside: %s", exc)
+                self._release_directory()
         if inode is None or aside is None:
             with inodes.replaced(parent, backing_name):
                 yield

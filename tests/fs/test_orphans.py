@@ -18,9 +18,16 @@ import pytest
 
 from encfs.admin.fsck import CRASH, fsck
 from encfs.engine import ROOT_INODE, Volume
+from encfs.engine.orphans import nameless_max
 from encfs.format import names as fnames
 from tests.fs.test_deferred_close import install_gated
-from tests.fs.test_open_file_cache import CAPACITY, content, evict_handles, open_many
+from tests.fs.test_open_file_cache import (
+    CAPACITY,
+    content,
+    evict_handles,
+    open_many,
+    own_fds,
+)
 from tests.fs.test_xattr_sets import BIG, store_files
 from tests.helpers.config import trusted
 
@@ -223,3 +230,33 @@ def test_a_closed_orphan_is_freed_by_the_deferred_closer(small, backing):
     assert closer.pending >= 1  # the handle that holds the backing inode, until the gate
     assert small.settle_closes()
     assert closer.pending == 0
+
+
+def test_removed_inodes_only_looked_up_keep_a_handle_up_to_a_bound(small, backing):
+    """Removed inodes the kernel still knows but that are not open (a cached dentry whose
+    forget lags, an O_PATH descriptor, a current directory) keep a handle each, up to
+    nameless_max; beyond, they are moved aside too: their handles are evicted like any
+    other. All of them answer getattr (link count 0) until forgotten, then go."""
+    count = 4 * nameless_max(CAPACITY)
+    before = own_fds()
+    files = []
+    for index in range(count):
+        fh, attr = small.create(ROOT_INODE, b"l%d" % index, 0o644, os.O_RDWR, UID, GID)
+        small.release(fh)
+        files.append(attr.ino)
+    directories = [small.mkdir(ROOT_INODE, b"d%d" % i, 0o755, UID, GID).ino for i in range(8)]
+    for index in range(count):
+        small.unlink(ROOT_INODE, b"l%d" % index)
+    for index in range(8):
+        small.rmdir(ROOT_INODE, b"d%d" % index)
+    assert len(orphans(backing)) == count + 8 - nameless_max(CAPACITY)
+    evict_handles(small)
+    assert own_fds() - before <= nameless_max(CAPACITY) + CAPACITY
+    for ino in files + directories:
+        assert small.getattr(ino).nlink == 0
+    for ino in files + directories:
+        small.forget(ino, 1)
+    small.settle_closes()
+    assert orphans(backing) == []
+    assert small.handle_stats()["known"] == 1  # the orphan directory left with its last
+    assert own_fds() <= before

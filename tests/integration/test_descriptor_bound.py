@@ -325,6 +325,44 @@ def test_four_times_more_unlinked_open_files_than_daemon_descriptors(volume, tmp
               f"{sampler.peak_fds()} (limit {DAEMON_NOFILE})")
 
 
+def test_removed_files_held_by_o_path_descriptors_beyond_the_daemons(volume, tmp_path):
+    """O_PATH descriptors on 4x more files than the daemon has descriptors, each file
+    unlinked: the kernel still holds the inodes, though none is open. Past a few that keep
+    a handle each, they are moved aside too. Each is opened again through
+    /proc/self/fd (the daemon opens it by its orphan name and checks its header) and read,
+    with no error and the daemon's descriptors bounded; once the descriptors are closed,
+    the orphan directory empties."""
+    count = 4 * DAEMON_NOFILE
+    held: list[int] = []
+    with many_descriptors(count + DAEMON_NOFILE), \
+            mounted(volume, tmp_path / "mnt", nofile=DAEMON_NOFILE) as mnt:
+        pid = daemon_pid(volume.backing)
+        assert pid is not None
+        sampler = Sampler(pid)
+        before = backing_entries(volume)
+        try:
+            for index in range(count):
+                (mnt / name(index)).write_bytes(content(index))
+                held.append(os.open(mnt / name(index), os.O_PATH))
+                os.unlink(mnt / name(index))
+                if index % 64 == 0:
+                    check_bound(sampler, "written, held by O_PATH, unlinked", CACHES_BOUND)
+            assert os.listdir(mnt) == []
+            assert len(orphan_entries(volume)) > count - DAEMON_NOFILE // 4
+            for index, fd in enumerate(held):
+                with open(f"/proc/self/fd/{fd}", "rb") as reopened:
+                    assert reopened.read() == content(index)
+                    assert os.fstat(reopened.fileno()).st_nlink == 0
+                if index % 64 == 0:
+                    check_bound(sampler, "opened again and read", CACHES_BOUND)
+        finally:
+            for fd in held:
+                os.close(fd)
+        wait_until(lambda: orphan_entries(volume) == [], "the orphan directory empties")
+        wait_until(lambda: backing_entries(volume) == before, "nothing of them is left")
+        check_bound(sampler, "closed", CACHES_BOUND)
+
+
 def test_hard_linked_files_unlinked_while_open_beyond_the_daemons_descriptors_get_enfile(
     volume, tmp_path
 ):
