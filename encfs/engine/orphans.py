@@ -1,4 +1,4 @@
-"""Open objects whose last name was removed (layer L4): the orphan directory.
+"""Objects in use whose last name was removed (layer L4): the orphan directory.
 
 A file or directory a program holds open may lose its last name: unlink, rmdir, a rename
 over it. On ext4 it lives on, nameless, until it is closed. Here its inode must still be
@@ -122,10 +122,11 @@ class Orphans:
     def set_aside(
         self, parent: Inode, backing_name: str, st: os.stat_result, flags: int = 0
     ) -> tuple[int, str] | None:
-        """Before the last name of an object is removed: if its known inode is open, move
-        the entry into the orphan directory (with `flags`: RENAME_WHITEOUT leaves a
-        whiteout at the old name), which the inode is reopened by from now on. Its new
-        (directory handle, name), or None: the caller removes the entry itself."""
+        """Before the last name of an object is removed: if its known inode is in use
+        (`_movable`), move the entry into the orphan directory (with `flags`:
+        RENAME_WHITEOUT leaves a whiteout at the old name), which the inode is reopened
+        by from now on. Its new (directory handle, name), or None: the caller removes
+        the entry itself."""
         inode = self._inodes.known_at(parent, backing_name, st)
         if not self._movable(inode, st):
             return None
@@ -145,7 +146,7 @@ class Orphans:
 
     @contextlib.contextmanager
     def replacing(self, parent: Inode, backing_name: str) -> Iterator[None]:
-        """Around a rename over `backing_name`: an open file there gets an orphan link
+        """Around a rename over `backing_name`: a file in use there gets an orphan link
         first (the rename then leaves it that one name); either way the table's
         `replaced` runs around the rename. A failed rename takes the link back."""
         inodes = self._inodes
