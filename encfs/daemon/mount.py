@@ -40,7 +40,7 @@ import trio
 from encfs import hygiene
 from encfs.daemon import health as health_mod
 from encfs.daemon.control import ControlServer
-from encfs.daemon.mountpoint import MountSite, MountTableWatch, mounted_devices
+from encfs.daemon.mountpoint import MountSite, MountTableWatch, still_mounted
 from encfs.daemon.mountpoint import resolve as resolve_mountpoint
 from encfs.daemon.request_loop import LoopChoice, RequestLoop, choose, open_loop
 from encfs.daemon.supervisor import Supervisor
@@ -225,6 +225,12 @@ def serve(
     operations = Operations(volume, syncer)
     operations.enable_writeback_cache = writeback_cache
     volume.defer_closes()
+    if "ro" not in options:
+        # What a killed daemon left of files unlinked while open (engine/orphans.py); a
+        # read-only mount leaves it alone.
+        cleared = volume.clear_orphans()
+        if cleared:
+            log.info("removed %d objects a previous mount left unlinked but open", cleared)
     try:
         site.prepare()
     except BaseException:
@@ -424,7 +430,7 @@ async def _end_when_unmounted_here(
     """End the session once no mount of `device` (ours) is left in our namespace. Its
     last unmount anywhere ends the session anyway; this is for copies in other mount
     namespaces, which would otherwise keep the connection alive (module docstring)."""
-    while device in mounted_devices():  # (still here: bind mounts and moves count too)
+    while still_mounted(device):  # (still here: bind mounts and moves count too)
         with trio.move_on_after(MOUNT_TABLE_RECHECK_SECONDS):
             await trio.lowlevel.wait_readable(watch)
         watch.drain()

@@ -129,6 +129,18 @@ def mounted_devices() -> set[int]:
     return devices
 
 
+def still_mounted(device: int) -> bool:
+    """Whether a mount of `device` is in this process's mount namespace; True when the
+    table cannot be read for want of a descriptor (programs hold the daemon at its limit:
+    the next change or recheck reads it again), never the daemon's end."""
+    try:
+        return device in mounted_devices()
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        return True
+
+
 class MountTableWatch:
     """Readable (`fileno`) after a change of this process's mount table, a mount or an
     unmount anywhere in its mount namespace: the kernel flags /proc/self/mountinfo

@@ -144,6 +144,11 @@ class Entries:
             raise oserror(errno.ENOTDIR)
         if not is_empty_dir(parent.fd, backing_name):
             raise oserror(errno.ENOTEMPTY)
+        aside = self._ns.orphans.set_aside(parent, backing_name, st)
+        if aside is not None:  # open: removed when it is closed
+            self._ns.names.remove_sidecar(parent, backing_name)
+            self._ns.xattrs.discard_after(self._ns.xattrs.last_name_set(*aside, st), st)
+            return
         # Move it out of sight first so a crash leaves a temp entry, never a dir without id.
         tmp = temp_name()
         self._ns.inodes.unname_at(parent, backing_name, st)
@@ -236,8 +241,11 @@ class Entries:
         except BaseException:
             os.close(pin)
             raise
-        self._ns.inodes.unname_pinned(parent, backing_name, st, pin)
-        os.unlink(backing_name, dir_fd=parent.fd)
+        if self._ns.orphans.set_aside(parent, backing_name, st) is not None:
+            os.close(pin)  # (open: moved aside, removed when it is closed)
+        else:
+            self._ns.inodes.unname_pinned(parent, backing_name, st, pin)
+            os.unlink(backing_name, dir_fd=parent.fd)
         self._ns.names.remove_sidecar(parent, backing_name)
         if long_id is not None:
             self._ns.symlinks.remove_stored(long_id)

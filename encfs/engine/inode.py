@@ -78,7 +78,8 @@ class Inode:
         self.table = table
         self.backing_ino = backing_ino  # st_ino of the backing object it stands for
         # Where it is reopened from when its handle was evicted: the parent's inode number
-        # and its backing name there (None: no name known; it keeps its handle).
+        # and its backing name there (None: no name known; it keeps its handle). An open
+        # object whose last name was removed is recorded in the orphan directory.
         self.parent_ino: int | None = None
         self.backing_name: str | None = None
         # Inodes in the table whose recorded name is in this directory: it stays in the
@@ -109,8 +110,9 @@ class Inode:
         # bound volume is a new backing symlink): they keep the backing inode numbers the
         # kernel may still use from being reused by another object.
         self.pinned: list[int] | None = None
-        # What to do when this inode is dropped: an unlinked file that was still open
-        # takes its xattr store file with it then (engine/xattrs.py).
+        # What to do when this inode is dropped: a file or directory whose last name went
+        # while it was open takes its xattr store file with it then (engine/xattrs.py);
+        # its entry in the orphan directory goes too (engine/orphans.py).
         self.on_drop: Callable[[], None] | None = None
 
     @property

@@ -17,14 +17,19 @@ under pressure like a handle: the next read or write opens it again (files.py,
 without a handle is reopened on demand by its parent's handle and its backing name
 (openat, O_NOFOLLOW), and what is reopened must be the same backing inode (st_dev,
 st_ino): else ESTALE. Every change of names goes through the volume, which keeps
-each inode's recorded name current: a rename moves it, and an inode whose recorded name
-is removed (unlink, rmdir, a rename over it) keeps a handle until the kernel forgets it,
-so its backing inode, and with it the inode number the kernel knows, is not freed and
-reused meanwhile (and an unlinked open file's data descriptor can still be given back and
-reopened from that handle). So what is never given back: one handle per nameless inode,
-the handles and data descriptors of operations in progress (`hold`), and the data
-descriptor of a file open for writing that its owner may not write (`pin_data`: a
-daemon that is not root could not open it for writing again).
+each inode's recorded name current: a rename moves it. A file or directory whose last
+name is removed (unlink, rmdir, a rename over it) while it is open, or while the kernel
+knows it and many removed inodes already keep a handle each (`nameless`), is moved into
+the orphan directory instead (engine/orphans.py, `.egw-orphans/<random>`) and recorded
+there, so its handle is evicted and reopened by name like any other; that entry is
+removed when the inode is dropped (`remove_orphan`). Any other inode whose recorded name
+is removed (the first few only known to the kernel, which forgets them as soon as no
+program uses them; a hard link with other names left; the move refused) keeps a handle
+until the kernel forgets it (`unname`), so its backing inode, and with it the inode
+number the kernel knows, is not freed and reused meanwhile. So what is never given back:
+one handle per such nameless inode, the handles and data descriptors of operations in
+progress (`hold`), and the data descriptor of a file open for writing that its owner may
+not write (`pin_data`: a daemon that is not root could not open it for writing again).
 """
 
 from __future__ import annotations
@@ -87,6 +92,13 @@ class InodeTable:
         self._next_fh = 1
         self._closer: backing.DeferredCloser | None = None
         self.close_fd: Callable[[int], None] = os.close
+        # The orphan directory's inode number once it is known, and what removes an
+        # orphan's entry there when its inode is dropped (both set by engine/orphans.py).
+        self.orphan_dir: int | None = None
+        self.remove_orphan: Callable[[Inode], None] | None = None
+        # Inodes whose recorded name was removed and that keep a handle of their own
+        # (`unname`): engine/orphans.py moves removed entries aside once there are many.
+        self.nameless: set[int] = set()
 
     # --- inodes -------------------------------------------------------------------------
     def fuse_ino(self, backing_ino: int) -> int:
@@ -163,6 +175,8 @@ class InodeTable:
         if inode.on_drop is not None:
             on_drop, inode.on_drop = inode.on_drop, None
             on_drop()
+        if self.is_orphan(inode) and self.remove_orphan is not None:
+            self.remove_orphan(inode)  # (its handle still open: the last close frees it)
         self.cache.pop(inode.ino, None)
         if inode._fd >= 0:
             self.close_fd(inode._fd)
@@ -171,7 +185,13 @@ class InodeTable:
             self.close_fd(fd)
         inode.pinned = None
         self.inodes.pop(inode.ino, None)
+        self.nameless.discard(inode.ino)
         self._set_name(inode, None, None)
+
+    def is_orphan(self, inode: Inode) -> bool:
+        """Whether its last name was removed while it was open (it is in the orphan
+        directory: its link count is 0 to the kernel, as on ext4)."""
+        return inode.parent_ino is not None and inode.parent_ino == self.orphan_dir
 
     def settle(self, inode: Inode) -> None:
         """After a change of an inode's handle, holds, opens or name: its handle goes
@@ -379,6 +399,8 @@ class InodeTable:
         a parent nobody else holds leaves the table with its last named child."""
         old_parent_ino = inode.parent_ino
         inode.parent_ino, inode.backing_name = parent_ino, backing_name
+        if parent_ino is not None:
+            self.nameless.discard(inode.ino)
         if old_parent_ino == parent_ino:
             return
         if parent_ino is not None and (parent := self.inodes.get(parent_ino)) is not None:
@@ -416,6 +438,7 @@ class InodeTable:
             else:
                 self.reopen(inode)
         self._set_name(inode, None, None)
+        self.nameless.add(inode.ino)
         self.settle(inode)
 
     def known_at(self, parent: Inode, backing_name: str, st: os.stat_result) -> Inode | None:
@@ -539,7 +562,8 @@ class InodeTable:
 
     def close(self) -> None:
         """Release every inode and handle; every deferred close is done on return."""
-        for inode in list(self.inodes.values()):
+        # Orphans first: their entries are removed by their directory's handle.
+        for inode in sorted(self.inodes.values(), key=lambda known: not self.is_orphan(known)):
             self.drop(inode, force=True)
         self.inodes.clear()
         self.cache.clear()

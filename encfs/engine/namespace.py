@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from encfs.engine.bindings import Bindings
 from encfs.engine.inodes import InodeTable
 from encfs.engine.names import Names
+from encfs.engine.orphans import Orphans
 from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs
 
@@ -16,12 +17,14 @@ from encfs.engine.xattrs import Xattrs
 class Namespace:
     """The inode table, the name cipher, the header bindings and the long-symlink store
     of one volume; `xattrs` too, since an object's xattr store file goes with its last
-    name (removed, or replaced by a rename). `bound`: names and records are bound to
-    their place (feature bound-names)."""
+    name (removed, or replaced by a rename); `orphans`, where an open object's last name
+    goes instead of being removed. `bound`: names and records are bound to their place
+    (feature bound-names)."""
 
     inodes: InodeTable
     names: Names
     bindings: Bindings
     symlinks: Symlinks
     xattrs: Xattrs
+    orphans: Orphans
     bound: bool

@@ -198,6 +198,15 @@ class Renames:
                              old_backing, old_location, final=False)
 
                 def remove_replaced() -> None:
+                    aside = self._ns.orphans.set_aside(old_parent, old_backing, new_st, whiteout)
+                    if aside is not None:  # open: removed when it is closed
+                        if whiteout:
+                            _own_whiteout(old_parent, old_backing, owner)
+                        else:
+                            names.remove_sidecar(old_parent, old_backing)
+                        owner_set = self._ns.xattrs.last_name_set(*aside, new_st)
+                        self._ns.xattrs.discard_after(owner_set, new_st)
+                        return
                     tmp = temp_name()
                     self._ns.inodes.unname_at(old_parent, old_backing, new_st)
                     # With RENAME_WHITEOUT the whiteout takes the old name in this step.
@@ -230,7 +239,7 @@ class Renames:
         names.write_sidecar(new_parent, new_backing, new_encoded)
 
         def rename() -> None:
-            replacing = self._ns.inodes.replaced(new_parent, new_backing)
+            replacing = self._ns.orphans.replacing(new_parent, new_backing)
             with replacing if new_st else contextlib.nullcontext():
                 if not whiteout:
                     os.rename(

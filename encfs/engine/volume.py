@@ -33,6 +33,7 @@ from encfs.engine.inode import ROOT_INODE, Attr, DirHandle, Inode, oserror
 from encfs.engine.inodes import InodeTable
 from encfs.engine.names import Names, ScanEntry
 from encfs.engine.namespace import Namespace
+from encfs.engine.orphans import Orphans
 from encfs.engine.rename import PendingRename, Renames
 from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs
@@ -129,8 +130,10 @@ class Volume:
             self.xattr_sets,
             bound,
         )
+        self._orphans = Orphans(self._inodes, self._root_fd, self._xattrs)
         namespace = Namespace(
-            self._inodes, self._names, bindings, self._symlinks, self._xattrs, bound
+            self._inodes, self._names, bindings, self._symlinks, self._xattrs, self._orphans,
+            bound,
         )
         self._entries = Entries(namespace, self._files)
         self._renames = Renames(namespace)
@@ -191,6 +194,16 @@ class Volume:
         self._root_fd = self._lock_fd = -1
         self.keyring.close()  # zeroed before the process goes on (or exits)
 
+    def clear_orphans(self) -> int:
+        """Remove what a crash left in the orphan directory (engine/orphans.py: open
+        objects whose last name was removed); how many. A writable mount does it first."""
+        return self._orphans.clear()
+
+    def orphan_leftovers(self) -> list[tuple[str, int]]:
+        """(name, inode number) of what the orphan directory holds that no open object
+        stands for (fsck)."""
+        return self._orphans.leftovers()
+
     def sync(self) -> None:
         backing.syncfs(self._root_fd)
 
@@ -245,7 +258,7 @@ class Volume:
         return Attr(
             ino=inode.ino,
             mode=st.st_mode,
-            nlink=st.st_nlink,
+            nlink=0 if self._inodes.is_orphan(inode) else st.st_nlink,  # (as ext4 says)
             uid=st.st_uid,
             gid=st.st_gid,
             rdev=st.st_rdev,

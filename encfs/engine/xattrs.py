@@ -185,12 +185,13 @@ class Xattrs:
             os.close(fd)
 
     def discard_after(self, owner: SetOwner | None, st: os.stat_result) -> None:
-        """After the last name of an object went: its store file too, or, for a file
-        still open, when it is dropped (its attributes stay readable until then)."""
+        """After the last name of an object went: its store file too, or, for a file or
+        directory still open, when it is dropped (its attributes stay readable until then)."""
         if owner is None:
             return
         known = self._inodes.inodes.get(self._inodes.fuse_ino(st.st_ino))
-        if known is not None and known.opens > 0 and stat.S_ISREG(st.st_mode):
+        open_kind = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+        if known is not None and known.opens > 0 and open_kind:
             known.on_drop = lambda: self._sets.discard(owner)
         else:
             self._sets.discard(owner)

@@ -34,6 +34,10 @@ LOCK_FILE = "encfs-gw.lock"
 # `encfs-gw reencrypt` (docs/FORMAT.md section 9): the journal of its in-place writes,
 # present only while a pass is unfinished.
 REENCRYPT_DIR = ".egw-reencrypt"
+# Objects a mount still holds open whose last name was removed (docs/FORMAT.md 1): each
+# under a random name, so it can be opened again by that; removed when closed, and
+# leftovers (a crash) at the next writable mount or by fsck --repair.
+ORPHAN_DIR = ".egw-orphans"
 NAME_AAD_LABEL = b"EGWN"
 SYMLINK_AAD_LABEL = b"EGWS"
 

@@ -112,23 +112,30 @@ def test_renamed_while_open_and_given_back_is_reopened_by_its_new_name(small):
     assert small.read(small.open(small.lookup(d, b"moved").ino, os.O_RDONLY), 0, 4) == b"FILE"
 
 
-def test_unlinked_while_open_keeps_one_descriptor_and_is_reopened_from_it(small):
+def test_unlinked_while_open_keeps_no_descriptor_and_is_reopened_by_its_orphan_name(small):
+    """An open file's last name removed: it is moved into the orphan directory (engine/
+    orphans.py), so its handle and data descriptor are given back like any other and
+    opened again by its orphan name; its last release and forget remove it."""
     opened = open_many(small, 20, prefix=b"gone")
     before = own_fds()
     for index in range(20):
         small.unlink(ROOT_INODE, b"gone%d" % index)
-    # One handle each (no name to reopen by); data descriptors still given back.
-    assert own_fds() - before <= 20
+    # No handle of their own: at most the orphan directory's was added.
+    assert own_fds() - before <= 1
+    evict_handles(small)
     for index, (fh, ino) in enumerate(opened):
-        assert small.inode(ino).has_handle
+        assert small.getattr(ino).nlink == 0  # as ext4 says of an unlinked open file
         small.write(fh, len(content(index)), b"+")
         assert bytes(small.read(fh, 0, 1000)) == content(index) + b"+"
         small.fsync(fh)
     assert small.handle_stats()["data_cached"] <= CAPACITY
+    orphans = small.backing_path + "/.egw-orphans"
+    assert len(os.listdir(orphans)) == 20
     for fh, ino in opened:
         small.release(fh)
         small.forget(ino, 1)
-    assert own_fds() < before
+    assert os.listdir(orphans) == []
+    assert own_fds() < before + 1
 
 
 def test_o_trunc_is_applied_once_and_not_again_on_reopen(small):

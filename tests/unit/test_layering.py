@@ -69,7 +69,8 @@ SAME_LAYER: dict[str, set[str]] = {
     "engine": {"engine.bindings", "engine.create", "engine.inode", "engine.volume"},
     "engine.volume": {
         "engine.bindings", "engine.entries", "engine.files", "engine.inode", "engine.inodes",
-        "engine.names", "engine.namespace", "engine.rename", "engine.symlinks", "engine.xattrs",
+        "engine.names", "engine.namespace", "engine.orphans", "engine.rename", "engine.symlinks",
+        "engine.xattrs",
     },
     "engine.inode": {"engine.contents", "engine.inodes"},  # (types only)
     "engine.inodes": {"engine.inode"},
@@ -79,8 +80,9 @@ SAME_LAYER: dict[str, set[str]] = {
     "engine.xattrs": {"engine.inode", "engine.inodes", "engine.names", "engine.xattr_sets"},
     "engine.files": {"engine.bindings", "engine.contents", "engine.inode", "engine.inodes"},
     # what making, removing and moving entries all work on: one Namespace
+    "engine.orphans": {"engine.inode", "engine.inodes", "engine.names", "engine.xattrs"},
     "engine.namespace": {
-        "engine.bindings", "engine.inodes", "engine.names", "engine.symlinks",
+        "engine.bindings", "engine.inodes", "engine.names", "engine.orphans", "engine.symlinks",
         "engine.xattrs",  # an object's attribute set goes with its last name
     },
     "engine.entries": {

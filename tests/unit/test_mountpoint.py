@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import resource
 
 import pytest
 
@@ -55,3 +58,26 @@ def test_only_our_leftovers_and_an_automount_trigger_are_acceptable(monkeypatch)
     assert acceptable([Mount(30, 27, "/srv/auto", "autofs", "systemd-1")], "/b")
     monkeypatch.setattr(mountpoint.os, "geteuid", lambda: 1000)
     assert not acceptable(mount_stack("/srv/auto"), "/b")  # (automounts are root's)
+
+
+def test_a_full_descriptor_table_never_ends_the_mount_watch():
+    """The daemon rereads the mount table whenever it changes; if programs hold it at its
+    descriptor limit then (unlinked open files, CI saw it), the read fails with EMFILE:
+    that counts as still mounted (read again at the next change), never as the end. A
+    real full table: this process's soft limit lowered and filled."""
+    device = os.stat("/").st_dev
+    assert mountpoint.still_mounted(device)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        with pytest.raises(OSError) as full:
+            while True:
+                filler.append(os.open("/dev/null", os.O_RDONLY))
+        assert full.value.errno == errno.EMFILE
+        assert mountpoint.still_mounted(device)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not mountpoint.still_mounted(os.makedev(0, 0))  # read again, and right

@@ -1,0 +1,257 @@
+"""Objects in use whose last name was removed (layer L4): the orphan directory.
+
+A file or directory a program holds open may lose its last name: unlink, rmdir, a rename
+over it. On ext4 it lives on, nameless, until it is closed. Here its inode must still be
+opened on demand (a read after its data descriptor was given back, an xattr call after
+its handle was evicted), and a nameless backing object can only be reached by a handle
+kept open: one descriptor per such object, which a program holding a few hundred of them
+turned into ENFILE (issue 23). So instead of being removed, its entry is moved (renameat2
+RENAME_NOREPLACE, relative to directory handles) into `BACKING/.egw-orphans/` under 32
+random hex digits, which say nothing of its name, place or inode number, and the inode
+is recorded there: its handle is evicted and reopened by that name like any other (the
+same st_dev/st_ino check, the same file id in its header). Its header keeps the binding
+of its last place (`Inode.location`), which was checked when it was opened and is what a
+new open of it (through /proc/PID/fd) checks again. The kernel is told a link count of 0,
+as ext4 says. When the inode is dropped (last release and forget) its entry is removed,
+its handle still open, so the deferred closer's last close is where the backing store
+frees it, as for any unlinked file.
+
+What is moved: a regular file with no other name (st_nlink 1) or a directory, when it
+is open, or when the kernel knows it (lookup count > 0) and `nameless_max` removed inodes
+already keep a handle each. A replaced file (a rename over it) is first hard-linked into
+the orphan directory, so the rename stays one atomic step; the rename then leaves the
+orphan link its only name. Otherwise a removed inode the kernel knows keeps a handle until
+it is forgotten, as before (InodeTable.unname, `nameless`): a plain unlink costs less than
+a rename and a later unlink, and the kernel forgets such an inode as soon as no program
+uses it, so only a few wait at a time; the bound catches the rest (forgets that lag
+behind, O_PATH descriptors, current directories). A file with other names left is
+never moved (its inode is reached by one of them again at its next lookup; moving the
+removed name aside would make the others' link count one too high): it keeps a handle
+until then or until forgotten. A move the backing store refuses falls back to that too.
+The orphan directory's own inode is in the table while anything is recorded in it.
+
+Leftovers (the daemon was killed) are removed at the next writable mount (`clear`) and
+by `fsck --repair` (fsck reports them); a read-only mount leaves them alone. Nothing
+lists or decodes names under the orphan directory: its own name is a reserved one (it
+contains a '.'), which listings skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+
+from encfs import backing
+from encfs.engine.inode import ROOT_INODE, Inode, oserror
+from encfs.engine.inodes import HANDLE_CACHE_MIN, InodeTable
+from encfs.engine.names import remove_tree
+from encfs.engine.xattrs import Xattrs
+from encfs.format import names as fnames
+
+log = logging.getLogger(__name__)
+
+ORPHAN_NAME_BYTES = 16  # 32 hex digits: random, nothing of the object's name or number
+
+
+def nameless_max(capacity: int) -> int:
+    """Removed inodes that may keep a handle each (a quarter of the handle cache, at
+    least HANDLE_CACHE_MIN) before the next removed one is moved aside instead: a plain
+    unlink is cheaper, and the kernel forgets its inode at once unless a program uses it."""
+    return max(HANDLE_CACHE_MIN, capacity // 4)
+
+
+def orphan_name() -> str:
+    return secrets.token_hex(ORPHAN_NAME_BYTES)
+
+
+class Orphans:
+    """The orphan directory of one volume and the inodes recorded in it."""
+
+    def __init__(self, inodes: InodeTable, root_fd: int, xattrs: Xattrs) -> None:
+        self._inodes = inodes
+        self._root_fd = root_fd
+        self._xattrs = xattrs  # a leftover's xattr store file goes with it
+        self._dir: Inode | None = None
+        inodes.remove_orphan = self._remove
+
+    def _directory(self) -> Inode:
+        """The orphan directory's inode, the directory made on first use."""
+        known = self._dir
+        if known is not None and self._inodes.inodes.get(known.ino) is known:
+            return known
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(fnames.ORPHAN_DIR, 0o700, dir_fd=self._root_fd)
+        inodes = self._inodes
+        fd = inodes.new_descriptor(lambda: backing.open_path(fnames.ORPHAN_DIR, self._root_fd))
+        inode, st = inodes.register(fd, inodes.get(ROOT_INODE), fnames.ORPHAN_DIR)
+        if not stat.S_ISDIR(st.st_mode):
+            inodes.drop(inode)
+            raise oserror(errno.ENOTDIR, f"{fnames.ORPHAN_DIR} is not a directory")
+        # The kernel never sees it: it stays in the table while an inode is recorded in
+        # it (the table's `children`), its handle cached like any other and reopened by
+        # its name in the root.
+        inodes.orphan_dir = inode.ino
+        self._dir = inode
+        return inode
+
+    def _release_directory(self) -> None:
+        """The orphan directory's inode leaves the table if nothing is recorded in it."""
+        if self._dir is not None and self._inodes.inodes.get(self._dir.ino) is self._dir:
+            self._inodes.drop(self._dir)
+
+    def _movable(self, inode: Inode | None, st: os.stat_result) -> bool:
+        """Whether the removal of this name moves the object aside: it is open, or only
+        known to the kernel while many removed inodes already keep a handle each (the
+        kernel's forgets lag behind, or programs hold O_PATH descriptors or current
+        directories in them); and this is its last name."""
+        if inode is None or self._inodes.is_orphan(inode):
+            return False
+        table = self._inodes
+        held = inode.opens > 0 or (
+            inode.lookups > 0 and len(table.nameless) >= nameless_max(table.capacity)
+        )
+        return held and (
+            stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
+        )
+
+    def set_aside(
+        self, parent: Inode, backing_name: str, st: os.stat_result, flags: int = 0
+    ) -> tuple[int, str] | None:
+        """Before the last name of an object is removed: if its known inode is in use
+        (`_movable`), move the entry into the orphan directory (with `flags`:
+        RENAME_WHITEOUT leaves a whiteout at the old name), which the inode is reopened
+        by from now on. Its new (directory handle, name), or None: the caller removes
+        the entry itself."""
+        inode = self._inodes.known_at(parent, backing_name, st)
+        if not self._movable(inode, st):
+            return None
+        assert inode is not None
+        try:
+            orphans = self._directory()
+            name = orphan_name()
+            backing.renameat2(
+                parent.fd, backing_name, orphans.fd, name, backing.RENAME_NOREPLACE | flags
+            )
+        except OSError as exc:
+            log.info("a removed object keeps a handle, not moved aside: %s", exc)
+            self._release_directory()
+            return None
+        self._inodes.name(inode, orphans, name)
+        return orphans.fd, name
+
+    @contextlib.contextmanager
+    def replacing(self, parent: Inode, backing_name: str) -> Iterator[None]:
+        """Around a rename over `backing_name`: a file in use there gets an orphan link
+        first (the rename then leaves it that one name); either way the table's
+        `replaced` runs around the rename. A failed rename takes the link back."""
+        inodes = self._inodes
+        try:
+            st = os.stat(backing_name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        inode = None if st is None else inodes.known_at(parent, backing_name, st)
+        aside = None
+        if st is not None and self._movable(inode, st):
+            try:
+                orphans = self._directory()
+                name = orphan_name()
+                os.link(backing_name, name, src_dir_fd=parent.fd, dst_dir_fd=orphans.fd,
+                        follow_symlinks=False)
+                aside = orphans, name
+            except OSError as exc:
+                log.info("a replaced open file keeps a handle, not linked aside: %s", exc)
+                self._release_directory()
+        if inode is None or aside is None:
+            with inodes.replaced(parent, backing_name):
+                yield
+            return
+        orphans, name = aside
+        inodes.name(inode, orphans, name)
+        try:
+            with inodes.replaced(parent, backing_name):
+                yield
+        except BaseException:
+            inodes.name(inode, parent, backing_name)
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=orphans.fd)
+            raise
+
+    def _remove(self, inode: Inode) -> None:
+        """An orphan's inode is dropped: its entry goes (InodeTable.drop)."""
+        orphans, name = self._dir, inode.backing_name
+        if orphans is None or name is None:
+            return
+        # With a handle open, the unlink frees nothing: the table's (deferred) close of
+        # that handle does, off the request loop (ext4 takes milliseconds for a big file).
+        with contextlib.suppress(OSError):
+            inode.fd  # noqa: B018 (reopened by name if it was evicted)
+        try:
+            if inode.is_dir:
+                remove_tree(orphans.fd, name)
+            else:
+                os.unlink(name, dir_fd=orphans.fd)
+        except OSError as exc:
+            log.warning("cannot remove a closed orphan (the next mount does): %s", exc)
+
+    # --- leftovers --------------------------------------------------------------------
+    def leftovers(self) -> list[tuple[str, int]]:
+        """(name, inode number) of each entry of the orphan directory that no inode
+        stands for (a crash left them)."""
+        try:
+            fd = os.open(fnames.ORPHAN_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, dir_fd=self._root_fd)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:  # (a symlink or file in its place: not ours, not followed)
+            log.warning("%s is not a directory: left alone (%s)", fnames.ORPHAN_DIR, exc)
+            return []
+        live = {
+            inode.backing_name for inode in self._inodes.inodes.values()
+            if self._inodes.is_orphan(inode)
+        }
+        found = []
+        try:
+            for name in sorted(os.listdir(fd)):
+                if name not in live:
+                    with contextlib.suppress(FileNotFoundError):
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        found.append((name, self._inodes.fuse_ino(st.st_ino)))
+        finally:
+            os.close(fd)
+        return found
+
+    def clear(self) -> int:
+        """Remove the leftovers (with their xattr store files); how many. The directory
+        itself goes too when nothing is left in it."""
+        names = [name for name, _ in self.leftovers()]
+        if not names:
+            with contextlib.suppress(OSError):  # (absent, or not empty: held open ones)
+                os.rmdir(fnames.ORPHAN_DIR, dir_fd=self._root_fd)
+            return 0
+        fd = os.open(fnames.ORPHAN_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, dir_fd=self._root_fd)
+        removed = 0
+        try:
+            for name in names:
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    owner = self._xattrs.last_name_set(fd, name, st)
+                    if stat.S_ISDIR(st.st_mode):
+                        remove_tree(fd, name)
+                    else:
+                        os.unlink(name, dir_fd=fd)
+                    self._xattrs.discard_after(owner, st)
+                    removed += 1
+                except OSError as exc:
+                    log.warning("cannot remove a leftover orphan %s: %s", name, exc)
+        finally:
+            os.close(fd)
+        if self._dir is None:
+            with contextlib.suppress(OSError):  # (not empty: something else left)
+                os.rmdir(fnames.ORPHAN_DIR, dir_fd=self._root_fd)
+        return removed
