@@ -70,23 +70,31 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from encfs import config_store, crypto
 from encfs.admin.reencrypt_data import ReencryptPass, ReencryptStats
-from encfs.admin.reencrypt_journal import CRASH_AT_ENV, CRASH_STEPS, JOURNAL_DIR
+from encfs.admin.reencrypt_journal import BATCH_BYTES, CRASH_AT_ENV, CRASH_STEPS, JOURNAL_DIR
 from encfs.admin.reencrypt_names import NamePass
 from encfs.admin.rewrap import census
 from encfs.admin.rotation import made_current, protect_new_version
 from encfs.engine import Volume
+from encfs.engine.follow import EntryFollower
 from encfs.errors import UsageError
 from encfs.format import FEATURE_BOUND_NAMES, FEATURE_VK_EPOCHS, FEATURE_XATTR_SETS
 from encfs.format.volume import VOLUME_KEY_SIZE, VolumeConfig
 
-__all__ = ["CRASH_AT_ENV", "CRASH_STEPS", "finish_pass", "reencrypt_offline", "start_pass"]
+__all__ = [
+    "CRASH_AT_ENV", "CRASH_STEPS", "ReencryptRun", "ReencryptStats", "finish_pass",
+    "mount_prepare", "reencrypt_offline", "start_pass",
+]
 
 log = logging.getLogger(__name__)
+
+# The daemon's batches: a batch is written, synced and applied in one synchronous step on
+# the request loop, so requests wait for it (about one fsync of this much journal).
+ONLINE_BATCH_BYTES = 1 << 20
 
 # --- starting and finishing ----------------------------------------------------------------
 
@@ -213,6 +221,99 @@ def throttle_delay(stats: ReencryptStats, rate_mib_s: float | None) -> float:
     return max(0.0, stats.bytes_reencrypted / 1048576 / rate_mib_s - stats.elapsed())
 
 
+class ReencryptRun:
+    """One re-encryption from its start (or resume) to its end: the driver the offline
+    `reencrypt` and the daemon's supervisor (encfs.daemon.supervisor, online) share. They
+    differ in how they wait between steps (time.sleep, or trio.sleep between slices of
+    FUSE requests), in how often they walk (online, requests may move or write what a
+    walk passed: it walks again while the census finds DEKs under older versions) and in
+    `observer` (online: the engine's inodes and listings follow the name pass).
+
+    Construction (start_pass) and prepare() run as one synchronous step: from the start
+    on, new names and bindings are under the new volume key, so nothing may be served
+    before every name is moved. The data steps may interleave with requests.
+    """
+
+    def __init__(
+        self,
+        volume: Volume,
+        rate: float | None = None,
+        purge_old: bool = False,
+        new_provider: tuple[str, dict[str, Any]] | None = None,
+        observer: EntryFollower | None = None,
+    ) -> None:
+        self.volume = volume
+        self.rate = rate
+        self.purge_old = purge_old
+        self.observer = observer
+        self.target = start_pass(volume, new_provider)
+        # online: batches of ONLINE_BATCH_BYTES (each is one step requests wait for)
+        self.data = ReencryptPass(
+            volume, self.target, BATCH_BYTES if observer is None else ONLINE_BATCH_BYTES
+        )
+        self.data.started()
+        self.names: dict[str, Any] = {
+            "volume_key": "unchanged (the volume's format predates the name pass: "
+                          "bound-names and xattr-sets)"
+        }
+
+    def prepare(self) -> None:
+        """The journal a killed run left replayed (it names files by their backing paths:
+        before any rename), then the name pass, whole."""
+        self.data.replay()
+        from_epoch = (self.volume.config.reencrypt or {}).get("from_epoch")
+        if from_epoch is not None:
+            name_stats = NamePass(self.volume, from_epoch, self.observer).run()
+            self.names = {
+                "volume_key": f"epoch {self.volume.keyring.current_epoch} (was {from_epoch})",
+                **name_stats.as_dict(),
+            }
+
+    def steps(self) -> Iterator[tuple[ReencryptStats, float]]:
+        """One walk of the data pass: each step, with the seconds to wait after it so the
+        rate is kept."""
+        for stats in self.data.steps():
+            yield stats, throttle_delay(stats, self.rate)
+
+    def walk_again(self) -> None:
+        """Another walk (online: something moved under the last one); the totals are
+        counted again, the work done is kept."""
+        stats = self.data.stats
+        stats.files_total = stats.files_done = stats.bytes_total = stats.bytes_done = 0
+
+    @staticmethod
+    def remaining(counts: Counter[int], target: int) -> int:
+        return sum(n for version, n in counts.items() if version not in (target, -1))
+
+    def finish(self, counts: Counter[int]) -> dict:
+        """After the census: the journal's directory removed, the pass recorded finished
+        (old versions retired or purged where no DEK needs them): the result."""
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(JOURNAL_DIR, dir_fd=self.volume.root_fd)  # empty: no batch is pending
+        counts = Counter(counts)
+        counts.pop(-1, None)  # malformed records: counted by the pass as unreadable
+        remaining = self.remaining(counts, self.target)
+        finished = finish_pass(self.volume, self.target, self.purge_old, counts)
+        stats = self.data.stats
+        return {
+            "done": remaining == 0 and stats.unreadable_blocks == 0,
+            "target": self.target,
+            "deks_per_version": {str(v): n for v, n in sorted(counts.items())},
+            **finished,
+            **stats.as_dict(),
+            **self.names,
+        }
+
+
+def mount_prepare(volume: Volume) -> None:
+    """Before a volume whose re-encryption is unfinished is served (the daemon, under the
+    volume lock, before the FUSE mount): its journal replayed and its name pass finished,
+    so every name, binding and set is under the current volume key. The data pass is
+    resumed by the daemon (encfs.daemon.supervisor), between requests."""
+    if volume.config.reencrypt is not None:
+        ReencryptRun(volume).prepare()
+
+
 def reencrypt_offline(
     volume: Volume,
     rate: float | None = None,
@@ -222,35 +323,14 @@ def reencrypt_offline(
 ) -> dict:
     """The whole pass on an unmounted volume (Volume.unlock(..., reencrypting=True))."""
     root_times = os.stat(volume.root_fd)  # config and journal writes are not the owner's
-    target = start_pass(volume, new_provider)
-    run = ReencryptPass(volume, target)
-    run.started()
-    run.replay()  # before any rename: the journal names files by their backing paths
-    from_epoch = (volume.config.reencrypt or {}).get("from_epoch")
-    names: dict[str, Any] = {"volume_key": "unchanged (the volume's format predates the "
-                                           "name pass: bound-names and xattr-sets)"}
-    if from_epoch is not None:
-        name_stats = NamePass(volume, from_epoch).run()
-        names = {"volume_key": f"epoch {volume.keyring.current_epoch} (was {from_epoch})",
-                 **name_stats.as_dict()}
-    for stats in run.steps():
-        delay = throttle_delay(stats, rate)
+    run = ReencryptRun(volume, rate, purge_old, new_provider)
+    run.prepare()
+    for stats, delay in run.steps():
         if delay:
             time.sleep(delay)
         if on_progress is not None:
             on_progress(stats)
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(JOURNAL_DIR, dir_fd=volume.root_fd)  # empty: the last batch removed its file
-    counts = census(volume, prefetch=False)
-    counts.pop(-1, None)  # malformed records: counted by the pass as unreadable
-    remaining = sum(n for version, n in counts.items() if version != target)
-    finished = finish_pass(volume, target, purge_old, counts)
+    # offline the volume lock is ours: nothing moves a file past the walk
+    result = run.finish(census(volume, prefetch=False))
     os.utime(volume.root_fd, ns=(root_times.st_atime_ns, root_times.st_mtime_ns))
-    return {
-        "done": remaining == 0 and run.stats.unreadable_blocks == 0,
-        "target": target,
-        "deks_per_version": {str(v): n for v, n in sorted(counts.items())},
-        **finished,
-        **run.stats.as_dict(),
-        **names,
-    }
+    return result

@@ -65,6 +65,7 @@ class ReencryptStats(PassTiming):
     unreadable_blocks: int = 0
     stale_records_cleared: int = 0
     replayed_groups: int = 0
+    raced_groups: int = 0  # changed by a request after they were read: the next walk
     started: float = field(default_factory=time.monotonic)
 
     def _progress(self) -> tuple[int, int]:
@@ -106,7 +107,10 @@ def data_files(root_fd: int) -> Iterator[tuple[str, int, int]]:
                 stack.pop()
                 os.close(dir_fd)
                 continue
-            child = backing.open_quietly(name, DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                child = backing.open_quietly(name, DIR_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue  # removed or renamed through the mount since the listing
             try:
                 files, subdirs = _listing(child)
             except BaseException:
@@ -125,8 +129,11 @@ def data_files(root_fd: int) -> Iterator[tuple[str, int, int]]:
 class ReencryptPass:
     """The offline pass toward KEK version `target` (the volume lock is held)."""
 
-    def __init__(self, volume: Volume, target: int) -> None:
+    def __init__(self, volume: Volume, target: int, batch_bytes: int = BATCH_BYTES) -> None:
         self.volume = volume
+        # the daemon's pass uses smaller batches: each is one synchronous step (requests
+        # wait for its writes and syncs), and --rate is kept batch by batch
+        self.batch_bytes = batch_bytes
         self.target = target
         self.stats = ReencryptStats(target=target)
         self.layout = volume.layout
@@ -250,7 +257,10 @@ class ReencryptPass:
 
     def _commit(self) -> None:
         """The batch: journal (fsynced, renamed into place), in place, sync, no journal."""
+        self._drop_raced()
         if not self._batch:
+            self._batch_bytes = 0
+            self._close_batch_files()
             return
         self._sequence += 1
         self.stats.batches += 1
@@ -292,6 +302,29 @@ class ReencryptPass:
         self._batch, self._batch_bytes = [], 0
         self._close_batch_files()
 
+    def _drop_raced(self) -> None:
+        """Online, requests run between the steps that gather a batch: an entry whose
+        file is no longer at its path (a rename through the mount: the journal must name
+        it) or whose key area is no longer the one read (a write or truncate) is left to
+        the next walk. Offline this drops nothing. Runs in the same synchronous step as
+        the writes that follow, so nothing changes between the check and them."""
+        kept = []
+        for entry in self._batch:
+            fd = self._fds.get(entry.path)
+            try:
+                st = os.stat(entry.path, dir_fd=self.volume.root_fd, follow_symlinks=False)
+            except OSError:
+                st = None
+            offset = self.layout.group_start(entry.group)
+            same_file = st is not None and (st.st_dev, st.st_ino) == (entry.dev, entry.ino)
+            if fd is not None and same_file and (
+                os.pread(fd, blocks.KEY_AREA_SIZE, offset) == entry.before
+            ):
+                kept.append(entry)
+            else:
+                self.stats.raced_groups += 1
+        self._batch = kept
+
     def started(self) -> None:
         """The test hook "started": right after the config recorded the pass."""
         if self._crash is not None and self._crash[1] == "started":
@@ -316,7 +349,10 @@ class ReencryptPass:
         self.count()
         try:
             for path, dir_fd, name in data_files(self.volume.root_fd):
-                fd = backing.open_quietly(name, FILE_FLAGS, dir_fd=dir_fd)
+                try:
+                    fd = backing.open_quietly(name, FILE_FLAGS, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    continue  # removed or renamed through the mount since the listing
                 try:
                     st = os.fstat(fd)
                     if (st.st_dev, st.st_ino) in self._inodes:
@@ -326,7 +362,7 @@ class ReencryptPass:
                     for entry in self._file(path, fd, st):
                         size = entry.size()
                         if self._batch and (
-                            self._batch_bytes + size > BATCH_BYTES
+                            self._batch_bytes + size > self.batch_bytes
                             or len(self._batch) >= BATCH_GROUPS
                         ):
                             self._commit()

@@ -44,6 +44,7 @@ from encfs.admin import quarantine
 from encfs.admin.reencrypt_journal import crash_at
 from encfs.engine import Volume
 from encfs.engine.bindings import UNBOUND_LABEL, ZERO_TAG, Bindings, rewrite_header
+from encfs.engine.follow import EntryFollower
 from encfs.engine.names import write_atomic
 from encfs.engine.symlinks import replace_symlink
 from encfs.engine.xattr_sets import SetOwner, XattrSets
@@ -78,8 +79,12 @@ class NameStats(Counter):
 class NamePass:
     """Moves one volume from the keys of epoch `old_epoch` to the current epoch's."""
 
-    def __init__(self, volume: Volume, old_epoch: int) -> None:
+    def __init__(
+        self, volume: Volume, old_epoch: int, observer: EntryFollower | None = None
+    ) -> None:
         keyring = volume.keyring
+        # Online (the daemon's pass): the engine's inodes and listings follow each step.
+        self._observer = observer
         self.old: EpochKeys = keyring.epoch_keys(old_epoch)
         self.new: EpochKeys = keyring.epoch_keys()
         self.volume_id = volume.config.volume_id
@@ -144,6 +149,7 @@ class NamePass:
         self._xattrs(f"/proc/self/fd/{dir_fd}", xformat.KIND_DIRECTORY, dir_id,
                      xformat.SET_XATTR_USER)
         subdirs = []
+        moves: dict[str, str] = {}
         names = sorted(os.listdir(dir_fd))
         for name in names:
             if fnames.classify(name) == "reserved":
@@ -163,9 +169,12 @@ class NamePass:
                 self._xattrs_at(dir_fd, name, xformat.KIND_OTHER, b"",
                                 xformat.SET_XATTR_TRUSTED)
             if not epoch_is_new:
-                name = self._rename(dir_fd, dir_id, name, plain_name)
+                old_name, name = name, self._rename(dir_fd, dir_id, name, plain_name)
+                moves[old_name] = name
             if stat.S_ISDIR(st.st_mode):
                 subdirs.append((name, dir_id, plain_name))
+        if self._observer is not None:
+            self._observer.directory_moved(dir_fd, moves)
         self._stale_sidecars(dir_fd)
         os.utime(dir_fd, ns=(times.st_atime_ns, times.st_mtime_ns))
         return subdirs
@@ -319,6 +328,8 @@ class NamePass:
         finally:
             os.close(path_fd)
         replace_symlink(dir_fd, name, moved.encode(), st, xattr_record)
+        if self._observer is not None:
+            self._observer.symlink_replaced(dir_fd, name, st)
         self.stats["symlinks_moved"] += 1
         self._step("symlink")
 

@@ -12,13 +12,15 @@ from typing import Any
 from encfs.cli.common import (
     PassProgress,
     add_new_provider_argument,
+    ask_daemon,
+    error_with_code,
     eta_suffix,
     new_provider_from,
     operator_from,
     positive_rate,
     resolve_target,
 )
-from encfs.errors import VolumeBusy
+from encfs.errors import ControlSocketError, EncfsError
 
 MAX_RATE_MIB_S = 1e6
 
@@ -32,7 +34,10 @@ def add_reencrypt_parser(sub: Any, key_arguments: Any) -> None:
         help="a new volume key and every block under a fresh DEK and a new KEK (after a "
         "suspected compromise)",
     )
-    parser.add_argument("target", metavar="BACKING", help="backing directory (not mounted)")
+    parser.add_argument(
+        "target", metavar="TARGET",
+        help="backing directory, or the mountpoint of a mounted volume (its daemon runs it)",
+    )
     parser.add_argument("--rate", type=rate_mib_s, metavar="MIB_PER_S", help="throttle the pass")
     parser.add_argument("--json", action="store_true", help="progress and result as JSON lines")
     parser.add_argument(
@@ -75,13 +80,41 @@ def print_result(result: dict, as_json: bool) -> None:
         )
 
 
+def _through_daemon(target: Any, args: argparse.Namespace, progress: Progress) -> dict:
+    """A mounted volume: its daemon runs the pass between requests."""
+    result: dict = {}
+    request = {
+        "op": "reencrypt", "rate": args.rate, "purge_old": args.purge_old,
+        "new_provider": new_provider_from(args, None),
+    }
+    for message in ask_daemon(target, request):
+        if "progress" in message:
+            progress(message["progress"])
+        elif "error" in message:
+            progress.close()
+            raise (
+                EncfsError(message["error"])
+                if message.get("exit_code") is None
+                else error_with_code(message["error"], message["exit_code"])
+            )
+        else:
+            result = message
+    return result
+
+
 def cmd_reencrypt(args: argparse.Namespace) -> int:
     target = resolve_target(args.target)
     if target.mounted:
-        raise VolumeBusy(
-            f"{target.backing} is mounted: reencrypt works on an unmounted volume only (there "
-            "is no online pass yet); unmount it, run reencrypt, mount it again"
-        )
+        progress = Progress(args.json)
+        result = _through_daemon(target, args, progress)
+        progress.close()
+        try:
+            print_result(result, args.json)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ControlSocketError(
+                f"malformed reply from the daemon of {target.backing}"
+            ) from None
+        return 0 if result["done"] else 1
     from encfs.admin import reencrypt
     from encfs.engine import Volume
 

@@ -153,6 +153,8 @@ def _status_lines(reply: dict, mounted: bool) -> list[str]:
         lines.append(
             f"rotation to version {reply['rotation']['target']} in progress: run rotate to resume"
         )
+    if reply.get("reencrypt"):
+        lines.append(_reencrypt_line(reply["reencrypt"], reply.get("reencrypt_progress")))
     if reply.get("rotation_policy"):
         lines.append(_policy_line(reply["rotation_policy"], reply["next_rotation"]))
     return lines + rotation_summary_lines(reply)
@@ -175,6 +177,17 @@ def _cpu_lines(cpu: dict) -> list[str]:
             else "deferred closes: off (a helper spins: closed by the request loop)"
         )
     return lines
+
+
+def _reencrypt_line(state: dict, progress: dict | None) -> str:
+    line = f"re-encryption to KEK version {state['target']} in progress"
+    if progress is None:
+        return line + ": run reencrypt (or mount) to resume"
+    return (
+        f"{line}: {progress['files_done']}/{progress['files_total']} files, "
+        f"{progress['bytes_done'] / 1048576:.1f}/{progress['bytes_total'] / 1048576:.1f} MiB, "
+        f"{progress['rate_mib_s']:.1f} MiB/s" + eta_suffix(progress)
+    )
 
 
 def rotation_summary_lines(reply: dict) -> list[str]:

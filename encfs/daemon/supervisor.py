@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from encfs import config_store
-from encfs.admin import keyslots, rewrap, rotation, status
+from encfs.admin import keyslots, reencrypt, rewrap, rotation, status
 from encfs.daemon import health as health_mod
 from encfs.engine import Volume
 from encfs.errors import EncfsError
@@ -41,6 +41,8 @@ PROGRESS_INTERVAL = 1.0
 PASS_SLICE = 0.005  # seconds of re-wrap work between two checkpoints (FUSE latency bound)
 POLICY_IDLE_CHECK = 3600.0  # seconds between reads of the rotation policy when none is due
 POLICY_RETRY = 300.0  # after an automatic rotation failed (provider down ...)
+QUIESCE_POLL = 0.01  # seconds between looks for a moment with no mkdir/rename in flight
+MAX_WALKS = 4  # data walks of an online re-encryption before it reports what is left
 
 
 class Supervisor:
@@ -69,6 +71,8 @@ class Supervisor:
         # The request loop in use and why (encfs.daemon.request_loop.LoopChoice.report).
         self.request_loop: dict | None = None
         self._rotating = False
+        # the online re-encryption's progress, for `status` (None: none is running)
+        self.reencrypt_stats: reencrypt.ReencryptStats | None = None
         self._check_lock = trio.Lock()
         self._policy_changed = trio.Event()
         self._policy_lock = trio.Lock()
@@ -82,6 +86,9 @@ class Supervisor:
             if self.volume.config.rotation is not None:
                 # A pass was interrupted (crash, unmount): resume it in the background.
                 nursery.start_soon(self._resume)
+            if self.volume.config.reencrypt is not None:
+                # its journal and name pass were done before the mount (mount_prepare)
+                nursery.start_soon(self._resume_reencrypt)
             task_status.started()
 
     # --- key health ---------------------------------------------------------------------------
@@ -109,7 +116,8 @@ class Supervisor:
     async def follow_key_versions(self) -> None:
         """Re-protect the stored KEK blobs whose provider key has a new current version
         (keyslots.follow_key_versions); not while a rotation edits the KEK versions."""
-        if self._rotating or self.volume.config.rotation is not None:
+        config = self.volume.config
+        if self._rotating or config.rotation is not None or config.reencrypt is not None:
             return
         try:
             changes = await trio.to_thread.run_sync(keyslots.follow_key_versions, self.volume)
@@ -172,7 +180,7 @@ class Supervisor:
             return POLICY_IDLE_CHECK, None
         if remaining > 0:
             return min(remaining, POLICY_IDLE_CHECK), None
-        if self._rotating or config.rotation is not None:
+        if self._rotating or config.rotation is not None or config.reencrypt is not None:
             return min(float(config.rotation_policy["every_seconds"]), POLICY_RETRY), None
         log.info("the rotation policy asks for a new KEK version")
         try:
@@ -239,6 +247,65 @@ class Supervisor:
         finally:
             self._rotating = False
 
+    # --- re-encryption (encfs.admin.reencrypt) --------------------------------------------------
+    async def _resume_reencrypt(self) -> None:
+        try:
+            result = await self.reencrypt(rate=None, purge_old=False, report=None)
+            log.info("resumed re-encryption finished: %s", result.get("deks_per_version"))
+        except EncfsError as exc:
+            log.warning("could not resume the re-encryption: %s", exc)
+
+    async def reencrypt(
+        self,
+        rate: float | None,
+        purge_old: bool,
+        report: Callable[[reencrypt.ReencryptStats], Awaitable[None]] | None,
+        new_provider: tuple[str, dict[str, Any]] | None = None,
+    ) -> dict:
+        """A re-encryption (or the resume of one) of the mounted volume: its result.
+
+        The start and the name pass are one synchronous step on the trio thread, taken
+        at a moment when no mkdir or rename is between its steps (they computed backing
+        names under the old volume key): no request ever sees a name half moved. The
+        data pass runs in slices between requests, as a rotation's does; a batch checks
+        what it read before it writes (ReencryptPass._drop_raced). Requests may move or
+        write what a walk passed: the census after each walk decides whether to walk
+        again (at most MAX_WALKS)."""
+        if self._rotating:
+            raise EncfsError("a rotation or re-encryption is already running")
+        self._rotating = True
+        try:
+            while self.volume.steps_in_flight:
+                await trio.sleep(QUIESCE_POLL)
+            # no await from here to the end of prepare(): one synchronous step
+            run = reencrypt.ReencryptRun(
+                self.volume, rate, purge_old, new_provider, self.volume.follower()
+            )
+            self.reencrypt_stats = run.data.stats
+            run.prepare()
+            last_report = 0.0
+            for walk in range(MAX_WALKS):
+                if walk:
+                    run.walk_again()
+                slice_start = trio.current_time()
+                for stats, delay in run.steps():
+                    now = trio.current_time()
+                    if delay or now - slice_start >= PASS_SLICE:
+                        await trio.sleep(delay)
+                        slice_start = trio.current_time()
+                    if report is not None and now - last_report >= PROGRESS_INTERVAL:
+                        last_report = now
+                        await report(stats)
+                # The census only reads; it may run beside FUSE requests.
+                counts = await trio.to_thread.run_sync(rewrap.census, self.volume, False)
+                if not run.remaining(counts, run.target):
+                    break
+            # Finishing mutates the keyring and config: back on the trio thread.
+            return run.finish(counts)
+        finally:
+            self._rotating = False
+            self.reencrypt_stats = None
+
     # --- status -------------------------------------------------------------------------------
     async def status(self, check: bool) -> dict:
         """The daemon's status report (encfs.admin.status), after a revalidation if
@@ -251,6 +318,8 @@ class Supervisor:
         )
         if self.request_loop is not None:
             report["request_loop"] = self.request_loop
+        if self.reencrypt_stats is not None:
+            report["reencrypt_progress"] = self.reencrypt_stats.as_dict()
         if self.cpu_status is not None:
             report["cpu"] = self.cpu_status()
         return report

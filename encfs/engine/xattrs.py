@@ -57,7 +57,7 @@ class Xattrs:
         self._inodes = inodes
         self.sets = sets  # feature xattr-sets: one sealed set per object
         self._bound = bound  # bound symlinks have a link id
-        self._sets = XattrSets(keyring.xattr_value_key, volume_id, root_fd)
+        self._sets = XattrSets(lambda: keyring.xattr_value_key, volume_id, root_fd)
 
     # --- the operations ------------------------------------------------------------------
     def set(self, inode: Inode, plain_name: bytes, value: bytes) -> None:

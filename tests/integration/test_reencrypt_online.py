@@ -1,0 +1,229 @@
+"""`encfs-gw reencrypt` of a mounted volume: run by its daemon between FUSE requests,
+through the real CLI on real mounts, while programs read, write, create and rename.
+
+Every file is compared with a model kept in memory; each wait is on a condition with a
+deadline (progress lines of the pass, the daemon's status), never on a sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import select
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.mount import ENCFS_GW, clear_mountpoint, daemon_pid, mounted, run_cli
+from tests.integration.test_reencrypt import (
+    check,
+    config_of,
+    make_volume,
+    slot_versions,
+)
+
+pytestmark = pytest.mark.fuse
+
+MIB = 1 << 20
+WAIT = 120.0  # seconds: bounds for conditions on a loaded 2-core machine
+
+
+def status(target: Path) -> dict:
+    return json.loads(run_cli("status", target, "--json", check=True).stdout)
+
+
+@contextlib.contextmanager
+def busy(mnt: Path, seed: int) -> Iterator[dict[str, bytes]]:
+    """For the block: a writer that creates, rewrites and renames files (at least 30
+    operations) and a reader that reads back what the writer finished; yields the model
+    of the writer's files (name -> contents); raises the first error a thread met."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    model: dict[str, bytes] = {}
+    lock = threading.Lock()
+    (mnt / "busy").mkdir()
+
+    def writer() -> None:
+        rnd = random.Random(seed)
+        try:
+            i = 0
+            while not stop.is_set() or i < 30:
+                name = f"busy/f{i % 12}"
+                data = rnd.randbytes(rnd.choice([100, 20000, 200000]))
+                # written whole under a temporary name, then renamed over: a reader sees
+                # the old contents or the new, never a half-written file
+                (mnt / "busy" / "tmp").write_bytes(data)
+                os.replace(mnt / "busy" / "tmp", mnt / name)
+                with lock:
+                    model[name] = data
+                if i % 3 == 2:  # a rename racing the pass: the name moves, data stays
+                    new = f"busy/r{i}"
+                    os.rename(mnt / name, mnt / new)
+                    with lock:
+                        model[new] = model.pop(name)
+                i += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                with lock:
+                    name, data = random.choice(list(model.items())) if model else (None, b"")
+                if name is not None:
+                    with contextlib.suppress(FileNotFoundError):  # renamed meanwhile
+                        got = (mnt / name).read_bytes()
+                        # rewritten meanwhile: it is then the newer contents, in full
+                        with lock:
+                            assert got in (data, model.get(name)), name
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield model
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=WAIT)
+    assert not errors, errors
+
+
+def start_reencrypt(target: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*ENCFS_GW, "reencrypt", str(target), "--json", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def progress_until(proc: subprocess.Popen, wanted) -> dict:
+    """The first progress line of `proc` that `wanted` accepts (deadline WAIT)."""
+    deadline = time.monotonic() + WAIT
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"reencrypt ended first: {proc.wait()} {proc.stderr.read()}")
+        message = json.loads(line)
+        if wanted(message):
+            return message
+    raise AssertionError("no such progress line within the deadline")
+
+
+def entry_names(backing: Path) -> set[str]:
+    """The backing names of every entry (encrypted names: reserved ones and the stores
+    left out)."""
+    names = set()
+    for _, dirs, files in os.walk(backing):
+        dirs[:] = [d for d in dirs if not d.startswith(".egw-")]
+        names |= {n for n in dirs + files if not n.startswith((".egw-", "encfs-gw"))
+                  and not n.endswith(".name")}
+    return names
+
+
+def test_mounted_pass_while_programs_write_read_and_rename(tmp_path):
+    volume, files = make_volume(tmp_path, seed=21, big_mib=6)
+    names_before = entry_names(volume.backing)
+    assert len(names_before) > 10
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        with busy(mnt, seed=5) as model:
+            # throttled, so the writer and reader run through most of the data pass
+            proc = start_reencrypt(mnt, "--rate", "12")
+            out, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        summary = json.loads(out.splitlines()[-1])
+        assert summary["done"] and summary["target"] == 2
+        assert summary["deks_per_version"].keys() == {"2"}
+        assert summary["names_moved"] > 10 and summary["names_unreadable"] == 0
+        check(mnt, files)
+        for name, data in model.items():
+            assert (mnt / name).read_bytes() == data, name
+        assert status(mnt)["reencrypt"] is None
+    # every block under the new version, every name a new one (the new volume key)
+    assert set(slot_versions(volume.backing)) == {2}
+    assert not entry_names(volume.backing) & names_before
+    assert "reencrypt" not in config_of(volume.backing)
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        check(mnt, files)
+        for name, data in model.items():
+            assert (mnt / name).read_bytes() == data, name
+    fsck = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def kill_daemon(backing: Path) -> None:
+    pid = daemon_pid(backing)
+    assert pid
+    pidfd = os.pidfd_open(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        assert select.select([pidfd], [], [], WAIT)[0], "the daemon survived SIGKILL"
+    finally:
+        os.close(pidfd)
+
+
+def test_kill9_of_the_daemon_mid_pass_then_the_mount_resumes_it(tmp_path):
+    """Throttled to 2 MiB/s, the pass is killed with its daemon once it has re-encrypted
+    some data and not all of it; the next mount replays the journal and resumes the
+    pass, which finishes: every file equals its model, every name is intact."""
+    volume, files = make_volume(tmp_path, seed=22, big_mib=12)
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        proc = start_reencrypt(mnt, "--rate", "2")
+        try:
+            seen = progress_until(proc, lambda m: m.get("progress", {}).get(
+                "bytes_reencrypted", 0) >= MIB)
+            assert seen["progress"]["bytes_reencrypted"] < 12 * MIB
+            kill_daemon(volume.backing)
+            clear_mountpoint(mnt)  # the dead mount (a test's cleanup)
+        finally:
+            proc.wait(timeout=WAIT)
+            proc.stdout.close()
+            proc.stderr.close()
+        assert proc.returncode != 0  # its daemon went away mid-pass
+    assert config_of(volume.backing)["reencrypt"]["target"] == 2
+    versions = slot_versions(volume.backing)
+    assert versions.get(1) and versions.get(2), versions  # mid-pass indeed
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        check(mnt, files)  # served at once: the data pass goes on behind the requests
+        deadline = time.monotonic() + WAIT
+        while status(mnt)["reencrypt"] is not None:
+            assert time.monotonic() < deadline, "the resumed pass did not finish"
+            select.select([], [], [], 0.1)  # (a bounded poll of the daemon's state)
+        state = status(mnt)
+        assert state["deks_per_version"].keys() == {"2"}
+        assert state["kek_versions"] == {"1": "retired", "2": "active"}
+        check(mnt, files)
+    assert set(slot_versions(volume.backing)) == {2}
+    assert not (volume.backing / ".egw-reencrypt").exists()
+    fsck = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_status_shows_a_pass_in_progress(tmp_path):
+    volume, _ = make_volume(tmp_path, seed=23, big_mib=8)
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        proc = start_reencrypt(mnt, "--rate", "2")
+        try:
+            progress_until(proc, lambda m: m.get("progress", {}).get("bytes_reencrypted", 0))
+            state = status(mnt)
+            assert state["reencrypt"]["target"] == 2
+            assert state["reencrypt_progress"]["bytes_total"] > 8 * MIB
+            text = run_cli("status", mnt, check=True).stdout
+            assert "re-encryption to KEK version 2 in progress: " in text
+            assert "MiB/s" in text
+        finally:
+            _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        assert status(mnt)["reencrypt"] is None
