@@ -87,7 +87,7 @@ from encfs.format.volume import VOLUME_KEY_SIZE, VolumeConfig
 
 __all__ = [
     "CRASH_AT_ENV", "CRASH_STEPS", "ReencryptRun", "ReencryptStats", "finish_pass",
-    "mount_prepare", "reencrypt_offline", "start_pass",
+    "is_paused", "mount_prepare", "reencrypt_offline", "set_paused", "start_pass",
 ]
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,22 @@ class ReencryptRun:
         }
 
 
+def set_paused(volume: Volume, paused: bool) -> None:
+    """Record the unfinished pass paused (a mount leaves it so) or not."""
+    with config_store.editing(volume.backing_path, volume.keyring, volume.operator) as config:
+        if config.reencrypt is None:
+            raise UsageError("no re-encryption is in progress on this volume")
+        if paused:
+            config.reencrypt["paused"] = True
+        else:
+            config.reencrypt.pop("paused", None)
+    volume.config = config
+
+
+def is_paused(config: VolumeConfig) -> bool:
+    return bool((config.reencrypt or {}).get("paused"))
+
+
 def mount_prepare(volume: Volume) -> None:
     """Before a volume whose re-encryption is unfinished is served (the daemon, under the
     volume lock, before the FUSE mount): its journal replayed and its name pass finished,
@@ -324,6 +340,8 @@ def reencrypt_offline(
     """The whole pass on an unmounted volume (Volume.unlock(..., reencrypting=True))."""
     root_times = os.stat(volume.root_fd)  # config and journal writes are not the owner's
     run = ReencryptRun(volume, rate, purge_old, new_provider)
+    if is_paused(volume.config):
+        set_paused(volume, False)  # run again: the operator resumes it
     run.prepare()
     for stats, delay in run.steps():
         if delay:

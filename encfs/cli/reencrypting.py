@@ -9,6 +9,7 @@ import json
 import sys
 from typing import Any
 
+from encfs import config_store
 from encfs.cli.common import (
     PassProgress,
     add_new_provider_argument,
@@ -16,11 +17,12 @@ from encfs.cli.common import (
     error_with_code,
     eta_suffix,
     new_provider_from,
+    one_reply,
     operator_from,
     positive_rate,
     resolve_target,
 )
-from encfs.errors import ControlSocketError, EncfsError
+from encfs.errors import ControlSocketError, EncfsError, UsageError
 
 MAX_RATE_MIB_S = 1e6
 
@@ -45,6 +47,16 @@ def add_reencrypt_parser(sub: Any, key_arguments: Any) -> None:
         help="remove the old KEK versions (and their keyslots) once no block needs them",
     )
     add_new_provider_argument(parser)
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument(
+        "--pause", action="store_true",
+        help="a mounted volume: stop its daemon's pass after the current step and leave it "
+        "paused (a mount does not resume it)",
+    )
+    when.add_argument(
+        "--resume", action="store_true",
+        help="resume the unfinished pass (refused when there is none)",
+    )
     key_arguments(parser)
 
 
@@ -58,6 +70,11 @@ class Progress(PassProgress):
 def print_result(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
+        return
+    if result.get("paused"):
+        done = (f": {result['bytes_done'] / 1048576:.1f}/{result['bytes_total'] / 1048576:.1f} "
+                "MiB" if "bytes_done" in result else "")
+        print(f"re-encryption paused{done}; run encfs-gw reencrypt --resume to go on")
         return
     versions = ", ".join(f"v{v}: {n}" for v, n in result["deks_per_version"].items())
     print(f"KEK version {result['target']} is current; DEKs per KEK version: {versions or 'none'}")
@@ -102,8 +119,29 @@ def _through_daemon(target: Any, args: argparse.Namespace, progress: Progress) -
     return result
 
 
+def _pause(target: Any, args: argparse.Namespace) -> int:
+    if not target.mounted:
+        raise UsageError(
+            f"{target.backing} is not mounted: the pass of an unmounted volume runs in its "
+            "reencrypt command; interrupt that (it resumes where it stopped)"
+        )
+    reply = one_reply(target, {"op": "reencrypt_pause"})
+    if args.json:
+        print(json.dumps(reply))
+    else:
+        print("re-encryption paused" if reply.get("paused") else "the re-encryption is over")
+    return 0
+
+
 def cmd_reencrypt(args: argparse.Namespace) -> int:
     target = resolve_target(args.target)
+    if args.pause:
+        return _pause(target, args)
+    if args.resume:
+        state = (one_reply(target, {"op": "status"}).get("reencrypt") if target.mounted
+                 else config_store.peek(target.backing).reencrypt)
+        if state is None:
+            raise UsageError(f"no re-encryption is in progress on {target.backing}")
     if target.mounted:
         progress = Progress(args.json)
         result = _through_daemon(target, args, progress)
@@ -114,7 +152,7 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
             raise ControlSocketError(
                 f"malformed reply from the daemon of {target.backing}"
             ) from None
-        return 0 if result["done"] else 1
+        return 0 if result["done"] or result.get("paused") else 1
     from encfs.admin import reencrypt
     from encfs.engine import Volume
 

@@ -139,6 +139,8 @@ class ControlServer:
             await _send(stream, await supervisor.reencrypt(
                 rate, bool(request.get("purge_old")), report_pass, _new_provider_request(request)
             ))
+        elif op == "reencrypt_pause":
+            await _send(stream, await supervisor.pause_reencrypt())
         elif op == "policy":  # set (or clear) the rotation policy
             every, purge_old = _policy_request(request)
             await _send(stream, {"done": True, **await supervisor.set_policy(every, purge_old)})

@@ -33,7 +33,7 @@ from encfs import config_store
 from encfs.admin import keyslots, reencrypt, rewrap, rotation, status
 from encfs.daemon import health as health_mod
 from encfs.engine import Volume
-from encfs.errors import EncfsError
+from encfs.errors import EncfsError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class Supervisor:
         self._rotating = False
         # the online re-encryption's progress, for `status` (None: none is running)
         self.reencrypt_stats: reencrypt.ReencryptStats | None = None
+        self._pause: trio.Event | None = None  # set: the running pass stops and says so
+        self._paused = trio.Event()  # set by the running pass once it stopped
         self._check_lock = trio.Lock()
         self._policy_changed = trio.Event()
         self._policy_lock = trio.Lock()
@@ -86,7 +88,8 @@ class Supervisor:
             if self.volume.config.rotation is not None:
                 # A pass was interrupted (crash, unmount): resume it in the background.
                 nursery.start_soon(self._resume)
-            if self.volume.config.reencrypt is not None:
+            config = self.volume.config
+            if config.reencrypt is not None and not reencrypt.is_paused(config):
                 # its journal and name pass were done before the mount (mount_prepare)
                 nursery.start_soon(self._resume_reencrypt)
             task_status.started()
@@ -283,12 +286,21 @@ class Supervisor:
             )
             self.reencrypt_stats = run.data.stats
             run.prepare()
+            if reencrypt.is_paused(self.volume.config):
+                reencrypt.set_paused(self.volume, False)  # run again: resumed
+            self._pause, self._paused = trio.Event(), trio.Event()
             last_report = 0.0
             for walk in range(MAX_WALKS):
                 if walk:
                     run.walk_again()
                 slice_start = trio.current_time()
                 for stats, delay in run.steps():
+                    if self._pause.is_set():
+                        # between two steps: nothing gathered was written, nothing is lost
+                        reencrypt.set_paused(self.volume, True)
+                        self._paused.set()
+                        return {"done": False, "paused": True, "target": run.target,
+                                **stats.as_dict()}
                     now = trio.current_time()
                     if delay or now - slice_start >= PASS_SLICE:
                         await trio.sleep(delay)
@@ -305,6 +317,21 @@ class Supervisor:
         finally:
             self._rotating = False
             self.reencrypt_stats = None
+            self._pause = None
+            self._paused.set()  # (also when it ended otherwise: nobody waits in vain)
+
+    async def pause_reencrypt(self) -> dict:
+        """Stop the running re-encryption after its current step and record it paused (a
+        mount leaves it so; `reencrypt` resumes it); or record a pass that is not
+        running paused."""
+        if self._pause is not None:
+            self._pause.set()
+            await self._paused.wait()
+        elif self.volume.config.reencrypt is None:
+            raise UsageError("no re-encryption is in progress on this volume")
+        elif not reencrypt.is_paused(self.volume.config):
+            reencrypt.set_paused(self.volume, True)
+        return {"done": True, "paused": reencrypt.is_paused(self.volume.config)}
 
     # --- status -------------------------------------------------------------------------------
     async def status(self, check: bool) -> dict:

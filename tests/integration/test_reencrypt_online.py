@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from encfs.admin.reencrypt_journal import CRASH_AT_ENV
+from encfs.errors import UsageError
 from tests.helpers.mount import ENCFS_GW, clear_mountpoint, daemon_pid, mounted, run_cli
 from tests.integration.test_reencrypt import (
     check,
@@ -197,15 +199,43 @@ def test_kill9_of_the_daemon_mid_pass_then_the_mount_resumes_it(tmp_path):
     assert versions.get(1) and versions.get(2), versions  # mid-pass indeed
     with mounted(volume, tmp_path / "mnt") as mnt:
         check(mnt, files)  # served at once: the data pass goes on behind the requests
-        deadline = time.monotonic() + WAIT
-        while status(mnt)["reencrypt"] is not None:
-            assert time.monotonic() < deadline, "the resumed pass did not finish"
-            select.select([], [], [], 0.1)  # (a bounded poll of the daemon's state)
-        state = status(mnt)
+        state = wait_until_finished(mnt)
         assert state["deks_per_version"].keys() == {"2"}
         assert state["kek_versions"] == {"1": "retired", "2": "active"}
         check(mnt, files)
     assert set(slot_versions(volume.backing)) == {2}
+    assert not (volume.backing / ".egw-reencrypt").exists()
+    fsck = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def wait_until_finished(mnt: Path) -> dict:
+    """The daemon's status once its pass is over (deadline WAIT)."""
+    deadline = time.monotonic() + WAIT
+    while (state := status(mnt))["reencrypt"] is not None:
+        assert time.monotonic() < deadline, "the pass did not finish"
+        select.select([], [], [], 0.1)  # (a bounded poll of the daemon's state)
+    return state
+
+
+@pytest.mark.parametrize("point", ["3:rename", "2:header", "1:torn"])
+def test_an_offline_pass_killed_is_resumed_by_the_mount(tmp_path, point):
+    """Killed in its name pass (after a rename, with a header valid under both keys) or
+    in the middle of a batch's block records (a torn write only the journal repairs):
+    the mount replays the journal and finishes the names before it serves anything, its
+    daemon finishes the data."""
+    volume, files = make_volume(tmp_path, seed=24, big_mib=2)
+    result = subprocess.run(
+        [*ENCFS_GW, "reencrypt", str(volume.backing), "--keyfile", str(volume.keyfile)],
+        capture_output=True, text=True, timeout=WAIT, check=False,
+        env={**os.environ, CRASH_AT_ENV: point},
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        check(mnt, files)
+        state = wait_until_finished(mnt)
+        assert state["deks_per_version"].keys() == {"2"}
+        check(mnt, files)
     assert not (volume.backing / ".egw-reencrypt").exists()
     fsck = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
@@ -227,3 +257,42 @@ def test_status_shows_a_pass_in_progress(tmp_path):
             _, err = proc.communicate(timeout=WAIT)
         assert proc.returncode == 0, err
         assert status(mnt)["reencrypt"] is None
+
+
+def test_pause_then_a_remount_leaves_it_paused_then_resume(tmp_path):
+    volume, files = make_volume(tmp_path, seed=25, big_mib=8)
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        proc = start_reencrypt(mnt, "--rate", "2")
+        try:
+            progress_until(proc, lambda m: m.get("progress", {}).get("bytes_reencrypted", 0))
+            paused = run_cli("reencrypt", mnt, "--pause", check=True)
+            assert paused.stdout.strip() == "re-encryption paused"
+        finally:
+            out, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err  # the runner stops and says so
+        result = json.loads(out.splitlines()[-1])
+        assert result["paused"] and not result["done"]
+        assert 0 < result["bytes_reencrypted"] < result["bytes_total"]
+        state = status(mnt)
+        assert state["reencrypt"]["paused"] is True and "reencrypt_progress" not in state
+        text = run_cli("status", mnt, check=True).stdout
+        assert "re-encryption to KEK version 2 in progress" in text
+        check(mnt, files)
+    assert config_of(volume.backing)["reencrypt"]["paused"] is True
+    with mounted(volume, tmp_path / "mnt") as mnt:  # a paused pass is not resumed
+        state = status(mnt)
+        assert state["reencrypt"]["paused"] is True and "reencrypt_progress" not in state
+        assert set(state["deks_per_version"]) == {"1", "2"}
+        check(mnt, files)
+        resumed = run_cli("reencrypt", mnt, "--resume", "--json", check=True)
+        assert json.loads(resumed.stdout.splitlines()[-1])["done"]
+        state = status(mnt)
+        assert state["reencrypt"] is None and set(state["deks_per_version"]) == {"2"}
+        check(mnt, files)
+        # nothing left to pause or resume: one line, the usage code
+        for flag in ("--pause", "--resume"):
+            refused = run_cli("reencrypt", mnt, flag)
+            assert refused.returncode == UsageError.exit_code, refused.stderr
+            assert refused.stderr.startswith("encfs-gw: error: no re-encryption is in progress")
+    refused = run_cli("reencrypt", volume.backing, "--pause", "--keyfile", volume.keyfile)
+    assert refused.returncode == UsageError.exit_code and "is not mounted" in refused.stderr
