@@ -252,6 +252,10 @@ class ReencryptRun:
             volume, self.target, BATCH_BYTES if observer is None else ONLINE_BATCH_BYTES
         )
         self.data.started()
+        # Until every name is moved, reads accept the epoch the names leave too (the
+        # engine's, on a mounted volume: Keyring.read_epoch_keys); writes use the new one.
+        self.from_epoch: int | None = (volume.config.reencrypt or {}).get("from_epoch")
+        volume.keyring.reading_epoch = self.from_epoch
         self.names: dict[str, Any] = {
             "volume_key": "unchanged (the volume's format predates the name pass: "
                           "bound-names and xattr-sets)"
@@ -259,15 +263,41 @@ class ReencryptRun:
 
     def prepare(self) -> None:
         """The journal a killed run left replayed (it names files by their backing paths:
-        before any rename), then the name pass, whole."""
+        before any rename), then the name pass, whole (offline, and before a mount
+        serves)."""
         self.data.replay()
-        from_epoch = (self.volume.config.reencrypt or {}).get("from_epoch")
-        if from_epoch is not None:
-            name_stats = NamePass(self.volume, from_epoch, self.observer).run()
-            self.names = {
-                "volume_key": f"epoch {self.volume.keyring.current_epoch} (was {from_epoch})",
-                **name_stats.as_dict(),
-            }
+        for _ in self.name_steps(lambda: 0, walks=1):
+            pass
+
+    def name_steps(self, renames: Callable[[], int], walks: int = 1) -> Iterator[None]:
+        """The name pass, one step per directory (the stores first). Online, requests run
+        between the steps: one may move an entry or a directory from where the walk has
+        not been to where it has (a rename gives the entry a new name, but a directory's
+        entries keep theirs, a symlink its target). So it walks again until a walk moved
+        nothing while `renames` (the engine's count of renames) stayed the same, at most
+        `walks` times; the last walk is then one step. Then reads accept the new epoch
+        only."""
+        from_epoch = self.from_epoch
+        if from_epoch is None:
+            return
+        names = NamePass(self.volume, from_epoch, self.observer)
+        names.stores()
+        yield
+        for walk in range(walks):
+            moved, renamed = names.moved(), renames()
+            if walk == walks - 1:  # the last: no request between its directories
+                for _ in names.steps():
+                    pass
+                break
+            for _ in names.steps():
+                yield
+            if names.moved() == moved and renames() == renamed:
+                break
+        self.volume.keyring.reading_epoch = None
+        self.names = {
+            "volume_key": f"epoch {self.volume.keyring.current_epoch} (was {from_epoch})",
+            **names.stats.as_dict(),
+        }
 
     def steps(self) -> Iterator[tuple[ReencryptStats, float]]:
         """One walk of the data pass: each step, with the seconds to wait after it so the

@@ -13,16 +13,15 @@ from encfs import config_store
 from encfs.cli.common import (
     PassProgress,
     add_new_provider_argument,
-    ask_daemon,
-    error_with_code,
     eta_suffix,
     new_provider_from,
     one_reply,
     operator_from,
+    pass_through_daemon,
     positive_rate,
     resolve_target,
 )
-from encfs.errors import ControlSocketError, EncfsError, UsageError
+from encfs.errors import ControlSocketError, UsageError
 
 MAX_RATE_MIB_S = 1e6
 
@@ -97,28 +96,6 @@ def print_result(result: dict, as_json: bool) -> None:
         )
 
 
-def _through_daemon(target: Any, args: argparse.Namespace, progress: Progress) -> dict:
-    """A mounted volume: its daemon runs the pass between requests."""
-    result: dict = {}
-    request = {
-        "op": "reencrypt", "rate": args.rate, "purge_old": args.purge_old,
-        "new_provider": new_provider_from(args, None),
-    }
-    for message in ask_daemon(target, request):
-        if "progress" in message:
-            progress(message["progress"])
-        elif "error" in message:
-            progress.close()
-            raise (
-                EncfsError(message["error"])
-                if message.get("exit_code") is None
-                else error_with_code(message["error"], message["exit_code"])
-            )
-        else:
-            result = message
-    return result
-
-
 def _pause(target: Any, args: argparse.Namespace) -> int:
     if not target.mounted:
         raise UsageError(
@@ -144,7 +121,11 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
             raise UsageError(f"no re-encryption is in progress on {target.backing}")
     if target.mounted:
         progress = Progress(args.json)
-        result = _through_daemon(target, args, progress)
+        request = {
+            "op": "reencrypt", "rate": args.rate, "purge_old": args.purge_old,
+            "new_provider": new_provider_from(args, None),
+        }
+        result = pass_through_daemon(target, request, progress)
         progress.close()
         try:
             print_result(result, args.json)

@@ -10,17 +10,15 @@ import math
 
 from encfs.cli.common import (
     PassProgress,
-    ask_daemon,
-    error_with_code,
     eta_suffix,
     new_provider_from,
     one_reply,
     operator_from,
+    pass_through_daemon,
     resolve_target,
 )
 from encfs.errors import (
     ControlSocketError,
-    EncfsError,
     UsageError,
 )
 
@@ -55,23 +53,11 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     backing, mounted = target.backing, target.mounted
     progress = Progress(args.json)
     if mounted:
-        result: dict = {}
         request = {
             "op": "rotate", "rate": args.rate, "purge_old": args.purge_old,
             "new_provider": new_provider_from(args, None),
         }
-        for message in ask_daemon(target, request):
-            if "progress" in message:
-                progress(message["progress"])
-            elif "error" in message:
-                progress.close()
-                raise (
-                    EncfsError(message["error"])
-                    if message.get("exit_code") is None
-                    else error_with_code(message["error"], message["exit_code"])
-                )
-            else:
-                result = message
+        result = pass_through_daemon(target, request, progress)
     else:
         from encfs.admin import rotation
         from encfs.engine import Volume

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -43,6 +43,7 @@ POLICY_IDLE_CHECK = 3600.0  # seconds between reads of the rotation policy when 
 POLICY_RETRY = 300.0  # after an automatic rotation failed (provider down ...)
 QUIESCE_POLL = 0.01  # seconds between looks for a moment with no mkdir/rename in flight
 MAX_WALKS = 4  # data walks of an online re-encryption before it reports what is left
+NAME_WALKS = 3  # name walks between requests before the last one runs as one step
 
 
 class Supervisor:
@@ -87,11 +88,11 @@ class Supervisor:
             nursery.start_soon(self.policy_loop)
             if self.volume.config.rotation is not None:
                 # A pass was interrupted (crash, unmount): resume it in the background.
-                nursery.start_soon(self._resume)
+                nursery.start_soon(self._resume, "re-wrap pass", self.rotate)
             config = self.volume.config
             if config.reencrypt is not None and not reencrypt.is_paused(config):
                 # its journal and name pass were done before the mount (mount_prepare)
-                nursery.start_soon(self._resume_reencrypt)
+                nursery.start_soon(self._resume, "re-encryption", self.reencrypt)
             task_status.started()
 
     # --- key health ---------------------------------------------------------------------------
@@ -202,13 +203,48 @@ class Supervisor:
         log.info("automatic rotation to KEK version %d done", result["target"])
         return 0.0, int(result["target"])
 
+    # --- passes -------------------------------------------------------------------------------
+    @staticmethod
+    async def _drive(
+        steps: Iterator[tuple[Any, float]],
+        report: Callable[[Any], Awaitable[None]] | None,
+        stop: Callable[[], bool] = lambda: False,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> bool:
+        """Run a pass's steps between FUSE requests; True if `stop` said so before a step.
+
+        Each step runs synchronously on the trio thread, so it cannot interleave with a
+        FUSE request (a write to the same key area). Steps run in slices of PASS_SLICE
+        seconds between checkpoints: requests wait at most that long (plus one step), and
+        the pass does not pay a scheduler round trip per step. After a step, its delay (the
+        rate) is waited; `report` hears the stats about every PROGRESS_INTERVAL seconds;
+        the next step waits until `ready()` (the first one is the caller's to time)."""
+        last_report = 0.0
+        slice_start = trio.current_time()
+        for stats, delay in steps:
+            if stop():
+                return True
+            now = trio.current_time()
+            if delay or now - slice_start >= PASS_SLICE:
+                await trio.sleep(delay)
+                slice_start = trio.current_time()
+            if report is not None and now - last_report >= PROGRESS_INTERVAL:
+                last_report = now
+                await report(stats)
+            # last, with no await after it: the next step runs at a moment `ready` allows
+            while not ready():
+                await trio.sleep(QUIESCE_POLL)
+                slice_start = trio.current_time()
+        return False
+
     # --- rotation -----------------------------------------------------------------------------
-    async def _resume(self) -> None:
+    async def _resume(self, name: str, run: Callable[..., Awaitable[dict]]) -> None:
+        """An interrupted pass (`rotate` or `reencrypt`) resumed in the background."""
         try:
-            result = await self.rotate(rate=None, purge_old=False, report=None)
-            log.info("resumed re-wrap pass finished: %s", result.get("deks_per_version"))
+            result = await run(rate=None, purge_old=False, report=None)
+            log.info("resumed %s finished: %s", name, result.get("deks_per_version"))
         except EncfsError as exc:
-            log.warning("could not resume the re-wrap pass: %s", exc)
+            log.warning("could not resume the %s: %s", name, exc)
 
     async def rotate(
         self,
@@ -225,21 +261,13 @@ class Supervisor:
             raise EncfsError("a rotation is already running")
         self._rotating = True
         try:
+            if self.volume.config.reencrypt is not None:
+                raise UsageError(
+                    "a re-encryption of this volume is unfinished (paused?): run "
+                    "encfs-gw reencrypt --resume first"
+                )
             run = rotation.RotationRun(self.volume, rate, purge_old, new_provider)
-            last_report = 0.0
-            slice_start = trio.current_time()
-            # Each step (one key area) runs synchronously on the trio thread, so it
-            # cannot interleave with a FUSE write to the same key area. Steps run in
-            # slices of PASS_SLICE seconds between checkpoints: FUSE requests wait at most
-            # that long, and the pass does not pay a scheduler round trip per key area.
-            for stats, delay in run.steps():
-                now = trio.current_time()
-                if delay or now - slice_start >= PASS_SLICE:
-                    await trio.sleep(delay)
-                    slice_start = trio.current_time()
-                if report is not None and now - last_report >= PROGRESS_INTERVAL:
-                    last_report = now
-                    await report(stats)
+            await self._drive(run.steps(), report)
             counts = run.complete_count()
             if counts is None:  # something moved under the walk: count by reading
                 # The census only reads; it may run beside FUSE requests. The pass has
@@ -251,13 +279,6 @@ class Supervisor:
             self._rotating = False
 
     # --- re-encryption (encfs.admin.reencrypt) --------------------------------------------------
-    async def _resume_reencrypt(self) -> None:
-        try:
-            result = await self.reencrypt(rate=None, purge_old=False, report=None)
-            log.info("resumed re-encryption finished: %s", result.get("deks_per_version"))
-        except EncfsError as exc:
-            log.warning("could not resume the re-encryption: %s", exc)
-
     async def reencrypt(
         self,
         rate: float | None,
@@ -281,33 +302,31 @@ class Supervisor:
             while self.volume.steps_in_flight:
                 await trio.sleep(QUIESCE_POLL)
             # no await from here to the end of prepare(): one synchronous step
+            # One step: from the start on, writes use the new volume key and reads accept
+            # both (Keyring.read_epoch_keys) until the name pass is over.
             run = reencrypt.ReencryptRun(
                 self.volume, rate, purge_old, new_provider, self.volume.follower()
             )
             self.reencrypt_stats = run.data.stats
-            run.prepare()
+            run.data.replay()  # (nothing: the mount replayed it; a started pass has none)
+            # One directory per step, and only while no mkdir or rename is between its
+            # stages (they computed backing names before the step)
+            steps = ((None, 0.0) for _ in run.name_steps(
+                lambda: self.volume.counters["moves"], NAME_WALKS
+            ))
+            await self._drive(steps, None, ready=lambda: not self.volume.steps_in_flight)
             if reencrypt.is_paused(self.volume.config):
                 reencrypt.set_paused(self.volume, False)  # run again: resumed
             self._pause, self._paused = trio.Event(), trio.Event()
-            last_report = 0.0
             for walk in range(MAX_WALKS):
                 if walk:
                     run.walk_again()
-                slice_start = trio.current_time()
-                for stats, delay in run.steps():
-                    if self._pause.is_set():
-                        # between two steps: nothing gathered was written, nothing is lost
-                        reencrypt.set_paused(self.volume, True)
-                        self._paused.set()
-                        return {"done": False, "paused": True, "target": run.target,
-                                **stats.as_dict()}
-                    now = trio.current_time()
-                    if delay or now - slice_start >= PASS_SLICE:
-                        await trio.sleep(delay)
-                        slice_start = trio.current_time()
-                    if report is not None and now - last_report >= PROGRESS_INTERVAL:
-                        last_report = now
-                        await report(stats)
+                if await self._drive(run.steps(), report, self._pause.is_set):
+                    # between two steps: nothing gathered was written, nothing is lost
+                    reencrypt.set_paused(self.volume, True)
+                    self._paused.set()
+                    return {"done": False, "paused": True, "target": run.target,
+                            **run.data.stats.as_dict()}
                 # The census only reads; it may run beside FUSE requests.
                 counts = await trio.to_thread.run_sync(rewrap.census, self.volume, False)
                 if not run.remaining(counts, run.target):

@@ -52,13 +52,7 @@ class EntryFollower:
             fd = backing.open_path(name, dir_fd)
         except OSError:
             return
-        if inode.has_handle:
-            old_fd = inode.fd
-            if inode.pinned is None:
-                inode.pinned = [old_fd]
-            else:
-                os.close(old_fd)  # an intermediate symlink nobody else knows the number of
-        self._table.rebase(inode, fd)
+        self._table.follow_replacement(inode, fd)
         self._rebased[inode.backing_ino] = inode
 
     def directory_moved(self, dir_fd: int, moves: dict[str, str]) -> None:

@@ -315,7 +315,7 @@ class Volume:
                 else (parent, os.fstat(parent.fd))
             )
         else:
-            backing_name, _ = self._names.encode(parent, plain_name)
+            backing_name, _ = self._names.resolve(parent, plain_name)
             inode, st = self._inodes.register_at(parent, backing_name)
             self._names.place(inode, self._names.location(parent, plain_name))
         inode.lookups += 1

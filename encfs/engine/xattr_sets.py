@@ -50,8 +50,14 @@ class XattrSets:
     """Read and replace the sealed attribute sets of one volume's objects."""
 
     def __init__(
-        self, key: memoryview | bytes | Callable[[], memoryview], volume_id: bytes, root_fd: int
+        self,
+        key: memoryview | bytes | Callable[[], memoryview],
+        volume_id: bytes,
+        root_fd: int,
+        read_keys: Callable[[Callable[[memoryview], bytes]], bytes] | None = None,
     ) -> None:
+        # How a read tries every value key it accepts (None: `key` alone).
+        self._read_keys = read_keys
         # The volume's xattr value key, or where to fetch it at each use (the engine's:
         # an online `reencrypt` moves the volume to a new volume key while it is mounted).
         self._key_source = key
@@ -91,8 +97,11 @@ class XattrSets:
             if not owner.can_store:
                 raise IntegrityError("xattr set marked STORED on an object without an id")
             sealed = self._load(owner)
-        body = crypto.gcm_open(self._key, sealed, self._aad(owner, flags))
-        return xformat.decode_body(body)
+        aad = self._aad(owner, flags)
+        if self._read_keys is None:
+            return xformat.decode_body(crypto.gcm_open(self._key, sealed, aad))
+        # under any epoch a read accepts (the engine's: Keyring.read_with_any)
+        return xformat.decode_body(self._read_keys(lambda key: crypto.gcm_open(key, sealed, aad)))
 
     def _load(self, owner: SetOwner) -> bytes:
         path = xformat.STORE_DIR + "/" + xformat.store_name(owner.kind, owner.object_id)

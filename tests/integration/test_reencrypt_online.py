@@ -8,6 +8,7 @@ deadline (progress lines of the pass, the daemon's status), never on a sleep.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -23,7 +24,8 @@ import pytest
 
 from encfs.admin.reencrypt_journal import CRASH_AT_ENV
 from encfs.errors import UsageError
-from tests.helpers.mount import ENCFS_GW, clear_mountpoint, daemon_pid, mounted, run_cli
+from tests.helpers.mount import ENCFS_GW, clear_mountpoint, mounted, run_cli
+from tests.integration.test_dead_daemon import kill_daemon
 from tests.integration.test_reencrypt import (
     check,
     config_of,
@@ -55,8 +57,9 @@ def busy(mnt: Path, seed: int) -> Iterator[dict[str, bytes]]:
     def writer() -> None:
         rnd = random.Random(seed)
         try:
-            i = 0
-            while not stop.is_set() or i < 30:
+            for i in itertools.count():
+                if i >= 30 and stop.is_set():
+                    break
                 name = f"busy/f{i % 12}"
                 data = rnd.randbytes(rnd.choice([100, 20000, 200000]))
                 # written whole under a temporary name, then renamed over: a reader sees
@@ -70,7 +73,6 @@ def busy(mnt: Path, seed: int) -> Iterator[dict[str, bytes]]:
                     os.rename(mnt / name, mnt / new)
                     with lock:
                         model[new] = model.pop(name)
-                i += 1
         except BaseException as exc:
             errors.append(exc)
 
@@ -165,17 +167,6 @@ def test_mounted_pass_while_programs_write_read_and_rename(tmp_path):
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
-def kill_daemon(backing: Path) -> None:
-    pid = daemon_pid(backing)
-    assert pid
-    pidfd = os.pidfd_open(pid)
-    try:
-        os.kill(pid, signal.SIGKILL)
-        assert select.select([pidfd], [], [], WAIT)[0], "the daemon survived SIGKILL"
-    finally:
-        os.close(pidfd)
-
-
 def test_kill9_of_the_daemon_mid_pass_then_the_mount_resumes_it(tmp_path):
     """Throttled to 2 MiB/s, the pass is killed with its daemon once it has re-encrypted
     some data and not all of it; the next mount replays the journal and resumes the
@@ -187,7 +178,7 @@ def test_kill9_of_the_daemon_mid_pass_then_the_mount_resumes_it(tmp_path):
             seen = progress_until(proc, lambda m: m.get("progress", {}).get(
                 "bytes_reencrypted", 0) >= MIB)
             assert seen["progress"]["bytes_reencrypted"] < 12 * MIB
-            kill_daemon(volume.backing)
+            kill_daemon(volume)
             clear_mountpoint(mnt)  # the dead mount (a test's cleanup)
         finally:
             proc.wait(timeout=WAIT)
@@ -241,8 +232,10 @@ def test_an_offline_pass_killed_is_resumed_by_the_mount(tmp_path, point):
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
-def test_status_shows_a_pass_in_progress(tmp_path):
-    volume, _ = make_volume(tmp_path, seed=23, big_mib=8)
+def test_status_then_pause_then_a_remount_leaves_it_paused_then_resume(tmp_path):
+    """`status` during a pass; `--pause`; a remount leaves the paused pass alone;
+    `--resume` finishes it; then nothing is left to pause or resume."""
+    volume, files = make_volume(tmp_path, seed=25, big_mib=8)
     with mounted(volume, tmp_path / "mnt") as mnt:
         proc = start_reencrypt(mnt, "--rate", "2")
         try:
@@ -253,18 +246,6 @@ def test_status_shows_a_pass_in_progress(tmp_path):
             text = run_cli("status", mnt, check=True).stdout
             assert "re-encryption to KEK version 2 in progress: " in text
             assert "MiB/s" in text
-        finally:
-            _, err = proc.communicate(timeout=WAIT)
-        assert proc.returncode == 0, err
-        assert status(mnt)["reencrypt"] is None
-
-
-def test_pause_then_a_remount_leaves_it_paused_then_resume(tmp_path):
-    volume, files = make_volume(tmp_path, seed=25, big_mib=8)
-    with mounted(volume, tmp_path / "mnt") as mnt:
-        proc = start_reencrypt(mnt, "--rate", "2")
-        try:
-            progress_until(proc, lambda m: m.get("progress", {}).get("bytes_reencrypted", 0))
             paused = run_cli("reencrypt", mnt, "--pause", check=True)
             assert paused.stdout.strip() == "re-encryption paused"
         finally:
