@@ -229,9 +229,11 @@ class ReencryptRun:
     walk passed: it walks again while the census finds DEKs under older versions) and in
     `observer` (online: the engine's inodes and listings follow the name pass).
 
-    Construction (start_pass) and prepare() run as one synchronous step: from the start
-    on, new names and bindings are under the new volume key, so nothing may be served
-    before every name is moved. The data steps may interleave with requests.
+    Construction (start_pass) is one synchronous step: from it on, new names and
+    bindings are under the new volume key, and reads accept the old one too
+    (`Keyring.reading_epoch`) until the name pass is over. Offline (and before a mount
+    serves) prepare() runs the name pass whole; the daemon runs name_steps() one
+    directory per step, then the data steps, between requests.
     """
 
     def __init__(

@@ -288,10 +288,12 @@ class Supervisor:
     ) -> dict:
         """A re-encryption (or the resume of one) of the mounted volume: its result.
 
-        The start and the name pass are one synchronous step on the trio thread, taken
-        at a moment when no mkdir or rename is between its steps (they computed backing
-        names under the old volume key): no request ever sees a name half moved. The
-        data pass runs in slices between requests, as a rotation's does; a batch checks
+        The start is one synchronous step on the trio thread: from then on writes use
+        the new volume key and reads accept both (Keyring.read_epoch_keys) until the
+        name pass is over. The name pass moves one directory per step, each taken when
+        no mkdir or rename is between its stages (they computed backing names before
+        it): no request sees a directory half moved. The data pass runs in slices
+        between requests, as a rotation's does; a batch checks
         what it read before it writes (ReencryptPass._drop_raced). Requests may move or
         write what a walk passed: the census after each walk decides whether to walk
         again (at most MAX_WALKS)."""
@@ -301,13 +303,16 @@ class Supervisor:
         try:
             while self.volume.steps_in_flight:
                 await trio.sleep(QUIESCE_POLL)
-            # no await from here to the end of prepare(): one synchronous step
             # One step: from the start on, writes use the new volume key and reads accept
             # both (Keyring.read_epoch_keys) until the name pass is over.
             run = reencrypt.ReencryptRun(
                 self.volume, rate, purge_old, new_provider, self.volume.follower()
             )
             self.reencrypt_stats = run.data.stats
+            if reencrypt.is_paused(self.volume.config):
+                reencrypt.set_paused(self.volume, False)  # run again: resumed
+            # a pause asked for during the name pass stops the data pass's first step
+            self._pause, self._paused = trio.Event(), trio.Event()
             run.data.replay()  # (nothing: the mount replayed it; a started pass has none)
             # One directory per step, and only while no mkdir or rename is between its
             # stages (they computed backing names before the step)
@@ -315,9 +320,6 @@ class Supervisor:
                 lambda: self.volume.counters["moves"], NAME_WALKS
             ))
             await self._drive(steps, None, ready=lambda: not self.volume.steps_in_flight)
-            if reencrypt.is_paused(self.volume.config):
-                reencrypt.set_paused(self.volume, False)  # run again: resumed
-            self._pause, self._paused = trio.Event(), trio.Event()
             for walk in range(MAX_WALKS):
                 if walk:
                     run.walk_again()

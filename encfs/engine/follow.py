@@ -1,7 +1,9 @@
 """The engine's in-memory state following a pass that moves backing entries behind it
 (layer L4): the name pass of an online `encfs-gw reencrypt` (encfs.admin.reencrypt_names)
 renames every backing entry to its name under the new volume key and re-creates every
-bound symlink, synchronously on the daemon's trio thread between two FUSE requests.
+bound symlink, one directory per step, each synchronous on the daemon's trio thread
+between two FUSE requests (the reads that accept both volume key epochs meanwhile are
+the keyring's: Keyring.read_epoch_keys).
 
 What follows each step, before the next request is served:
 * an inode recorded at a renamed entry is reopened by its new name from now on;
