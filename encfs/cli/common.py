@@ -171,6 +171,12 @@ def pass_through_daemon(target: Target, request: dict, progress: Any) -> dict:
             )
         else:
             result = message
+    if not result:
+        progress.close()
+        raise ControlSocketError(
+            f"the daemon of {target.backing} ended the connection before the pass ended "
+            "(it stopped or died): the pass resumes at the next mount or run"
+        )
     return result
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from encfs.admin.reencrypt_journal import CRASH_AT_ENV
-from encfs.errors import UsageError
-from tests.helpers.mount import ENCFS_GW, clear_mountpoint, mounted, run_cli
+from encfs.errors import ControlSocketError, UsageError
+from tests.helpers.mount import ENCFS_GW, clear_mountpoint, mounted, run_cli, unmount
 from tests.integration.test_dead_daemon import kill_daemon
 from tests.integration.test_reencrypt import (
     check,
@@ -228,6 +228,35 @@ def test_an_offline_pass_killed_is_resumed_by_the_mount(tmp_path, point):
         assert state["deks_per_version"].keys() == {"2"}
         check(mnt, files)
     assert not (volume.backing / ".egw-reencrypt").exists()
+    fsck = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+@pytest.mark.parametrize("point", ["2:dirid", "3:rename", "1:symlink", "1:torn", "2:in-place"])
+def test_the_daemon_killed_at_a_step_of_its_pass_then_the_mount_finishes_it(tmp_path, point):
+    """The daemon's own pass killed (the test hook, in the daemon's environment) at a
+    step of the name pass (a directory's record moved, an entry renamed, a symlink
+    re-created) or of a data batch (a torn block write, the writes done and the journal
+    not removed): the next mount replays, finishes the names before it serves, and its
+    daemon finishes the data."""
+    volume, files = make_volume(tmp_path, seed=26, big_mib=2)
+    mnt = tmp_path / "mnt"
+    run_cli("mount", volume.backing, mnt, "--keyfile", volume.keyfile, check=True,
+            env={**os.environ, CRASH_AT_ENV: point})
+    try:
+        died = run_cli("reencrypt", mnt, "--json")
+        # its daemon went away mid-pass: one line, the control socket's code
+        assert died.returncode == ControlSocketError.exit_code, died.stderr
+        assert "ended the connection before the pass ended" in died.stderr
+        kill_daemon(volume)  # (gone already: waits for nothing)
+    finally:
+        clear_mountpoint(mnt)  # the dead mount (a test's cleanup)
+        unmount(volume, mnt)  # (releases the dead daemon's log)
+    assert config_of(volume.backing)["reencrypt"]["target"] == 2
+    with mounted(volume, mnt):
+        check(mnt, files)
+        assert wait_until_finished(mnt)["deks_per_version"].keys() == {"2"}
+        check(mnt, files)
     fsck = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
