@@ -65,10 +65,12 @@ def _unfinished_conversion(backing_path: str) -> VolumeBusy:
 
 def _unfinished_reencryption(backing_path: str) -> VolumeBusy:
     """A volume whose `encfs-gw reencrypt` pass was interrupted may hold a journal of
-    writes not yet replayed: nothing but `reencrypt` opens it (docs/FORMAT.md 9)."""
+    writes not yet replayed: nothing but `reencrypt` and `mount` (which resume it) opens
+    it (docs/FORMAT.md 9)."""
     return VolumeBusy(
         f"{backing_path} is being re-encrypted and the pass is not finished: run "
-        f"encfs-gw reencrypt {backing_path} to finish it"
+        f"encfs-gw reencrypt {backing_path} to finish it (or mount it: its daemon resumes "
+        "it unless it was paused)"
     )
 
 
