@@ -46,11 +46,13 @@ def status(target: Path) -> dict:
 @contextlib.contextmanager
 def busy(mnt: Path, seed: int) -> Iterator[dict[str, bytes]]:
     """For the block: a writer that creates, rewrites and renames files (at least 30
-    operations) and a reader that reads back what the writer finished; yields the model
-    of the writer's files (name -> contents); raises the first error a thread met."""
+    operations) and a reader that reads them back (each read must be some contents the
+    writer wrote, whole); yields the model of the writer's files (name -> contents);
+    raises the first error a thread met."""
     stop = threading.Event()
     errors: list[BaseException] = []
     model: dict[str, bytes] = {}
+    written: set[bytes] = set()  # every contents ever written (random: each unique)
     lock = threading.Lock()
     (mnt / "busy").mkdir()
 
@@ -62,6 +64,8 @@ def busy(mnt: Path, seed: int) -> Iterator[dict[str, bytes]]:
                     break
                 name = f"busy/f{i % 12}"
                 data = rnd.randbytes(rnd.choice([100, 20000, 200000]))
+                with lock:
+                    written.add(data)  # before it can be seen
                 # written whole under a temporary name, then renamed over: a reader sees
                 # the old contents or the new, never a half-written file
                 (mnt / "busy" / "tmp").write_bytes(data)
@@ -80,13 +84,14 @@ def busy(mnt: Path, seed: int) -> Iterator[dict[str, bytes]]:
         try:
             while not stop.is_set():
                 with lock:
-                    name, data = random.choice(list(model.items())) if model else (None, b"")
+                    name = random.choice(list(model)) if model else None
                 if name is not None:
                     with contextlib.suppress(FileNotFoundError):  # renamed meanwhile
                         got = (mnt / name).read_bytes()
-                        # rewritten meanwhile: it is then the newer contents, in full
+                        # maybe rewritten meanwhile: then some contents in full, never
+                        # a torn or garbled one
                         with lock:
-                            assert got in (data, model.get(name)), name
+                            assert got in written, name
         except BaseException as exc:
             errors.append(exc)
 
