@@ -67,7 +67,7 @@ class VolumeBusy(EncfsError, code=14):
     """The volume is already in use (its lock is held by another process: mounted), or
     its lock cannot be taken (ENOLCK, e.g. NFS without a lock manager); a directory
     `convert` has not finished; a volume whose `reencrypt` pass is not finished (run
-    encfs-gw reencrypt BACKING), or `reencrypt` of a mounted volume."""
+    encfs-gw reencrypt BACKING, or mount it)."""
 
 
 class MountpointError(EncfsError, code=15):

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from encfs import crypto
 from encfs.audit import AuditLog
@@ -30,6 +31,8 @@ from encfs.errors import (
 from encfs.format.blocks import BINDING_SIZE
 from encfs.format.volume import VOLUME_KEY_SIZE, VolumeConfig
 from encfs.secmem import SecretArena
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from encfs.keys.provider import KeyProvider
@@ -191,6 +194,9 @@ class Keyring:
             volume_key = {config.current_epoch: volume_key}
         self._material: _Material | None = _Material(keks, volume_key)
         self._wiped_because: KeyAccessError | None = None
+        # An older epoch whose names, bindings, symlinks and sets reads accept too: while
+        # the name pass of a mounted volume's `reencrypt` moves them (None: none).
+        self.reading_epoch: int | None = None
 
     def _live(self) -> _Material:
         if self._material is None:
@@ -235,6 +241,33 @@ class Keyring:
         if keys is None:
             raise IntegrityError(f"volume key epoch {epoch} is not loaded")
         return keys
+
+    def read_epoch_keys(self) -> tuple[EpochKeys, ...]:
+        """The keys a read of a name, binding, symlink target or xattr set may accept, the
+        current epoch's first. The one place that knows it: writes always use the current
+        epoch (`epoch_keys()`)."""
+        current = self.epoch_keys()
+        older = self.reading_epoch
+        if older is None or older == self.current_epoch or not self.has_epoch(older):
+            return (current,)
+        return current, self.epoch_keys(older)
+
+    def read_with_any(self, read: Callable[[EpochKeys], T]) -> T:
+        """`read` (an open of a name, target, set ...) under each epoch a read accepts,
+        the current one first: the first result that authenticates, else the current
+        epoch's IntegrityError."""
+        error: IntegrityError | None = None
+        for keys in self.read_epoch_keys():
+            try:
+                return read(keys)
+            except IntegrityError as exc:
+                error = error or exc
+        assert error is not None
+        raise error
+
+    def binding_tags(self, message: bytes) -> tuple[bytes, ...]:
+        """The binding tags of `message` a check accepts (read_epoch_keys)."""
+        return tuple(keys.binding_tag(message) for keys in self.read_epoch_keys())
 
     def has_epoch(self, epoch: int) -> bool:
         return epoch in self._live().epochs

@@ -72,23 +72,31 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from encfs import config_store, crypto
 from encfs.admin.reencrypt_data import ReencryptPass, ReencryptStats
-from encfs.admin.reencrypt_journal import CRASH_AT_ENV, CRASH_STEPS, JOURNAL_DIR
+from encfs.admin.reencrypt_journal import BATCH_BYTES, CRASH_AT_ENV, CRASH_STEPS, JOURNAL_DIR
 from encfs.admin.reencrypt_names import NamePass
 from encfs.admin.rewrap import census
 from encfs.admin.rotation import made_current, protect_new_version, retire_old_versions
 from encfs.engine import Volume
+from encfs.engine.follow import EntryFollower
 from encfs.errors import UsageError
 from encfs.format import FEATURE_BOUND_NAMES, FEATURE_VK_EPOCHS, FEATURE_XATTR_SETS
 from encfs.format.volume import VOLUME_KEY_SIZE, VolumeConfig
 
-__all__ = ["CRASH_AT_ENV", "CRASH_STEPS", "finish_pass", "reencrypt_offline", "start_pass"]
+__all__ = [
+    "CRASH_AT_ENV", "CRASH_STEPS", "ReencryptRun", "ReencryptStats", "finish_pass",
+    "is_paused", "mount_prepare", "reencrypt_offline", "set_paused", "start_pass",
+]
 
 log = logging.getLogger(__name__)
+
+# The daemon's batches: a batch is written, synced and applied in one synchronous step on
+# the request loop, so requests wait for it (about one fsync of this much journal).
+ONLINE_BATCH_BYTES = 1 << 20
 
 # --- starting and finishing ----------------------------------------------------------------
 
@@ -194,6 +202,151 @@ def throttle_delay(stats: ReencryptStats, rate_mib_s: float | None) -> float:
     return max(0.0, stats.bytes_reencrypted / 1048576 / rate_mib_s - stats.elapsed())
 
 
+class ReencryptRun:
+    """One re-encryption from its start (or resume) to its end: the driver the offline
+    `reencrypt` and the daemon's supervisor (encfs.daemon.supervisor, online) share. They
+    differ in how they wait between steps (time.sleep, or trio.sleep between slices of
+    FUSE requests), in how often they walk (online, requests may move or write what a
+    walk passed: it walks again while the census finds DEKs under older versions) and in
+    `observer` (online: the engine's inodes and listings follow the name pass).
+
+    Construction (start_pass) is one synchronous step: from it on, new names and
+    bindings are under the new volume key, and reads accept the old one too
+    (`Keyring.reading_epoch`) until the name pass is over. Offline (and before a mount
+    serves) prepare() runs the name pass whole; the daemon runs name_steps() one
+    directory per step, then the data steps, between requests.
+    """
+
+    def __init__(
+        self,
+        volume: Volume,
+        rate: float | None = None,
+        purge_old: bool = False,
+        new_provider: tuple[str, dict[str, Any]] | None = None,
+        observer: EntryFollower | None = None,
+    ) -> None:
+        self.volume = volume
+        self.rate = rate
+        self.purge_old = purge_old
+        self.observer = observer
+        self.target = start_pass(volume, new_provider)
+        # online: batches of ONLINE_BATCH_BYTES (each is one step requests wait for),
+        # written on the caller's thread in that step (requests may write the same files
+        # between steps: only the syncs and the journal's removal go to a thread)
+        online = observer is not None
+        self.data = ReencryptPass(
+            volume, self.target, overlap=not online,
+            batch_bytes=ONLINE_BATCH_BYTES if online else BATCH_BYTES,
+        )
+        self.data.started()
+        # Until every name is moved, reads accept the epoch the names leave too (the
+        # engine's, on a mounted volume: Keyring.read_epoch_keys); writes use the new one.
+        self.from_epoch: int | None = (volume.config.reencrypt or {}).get("from_epoch")
+        volume.keyring.reading_epoch = self.from_epoch
+        self.names: dict[str, Any] = {
+            "volume_key": "unchanged (the volume's format predates the name pass: "
+                          "bound-names and xattr-sets)"
+        }
+
+    def prepare(self) -> None:
+        """The journal a killed run left replayed (it names files by their backing paths:
+        before any rename), then the name pass, whole (offline, and before a mount
+        serves)."""
+        self.data.replay()
+        for _ in self.name_steps(lambda: 0, walks=1):
+            pass
+
+    def name_steps(self, renames: Callable[[], int], walks: int = 1) -> Iterator[None]:
+        """The name pass, one step per directory (the stores first). Online, requests run
+        between the steps: one may move an entry or a directory from where the walk has
+        not been to where it has (a rename gives the entry a new name, but a directory's
+        entries keep theirs, a symlink its target). So it walks again until a walk moved
+        nothing while `renames` (the engine's count of renames) stayed the same, at most
+        `walks` times; the last walk is then one step. Then reads accept the new epoch
+        only."""
+        from_epoch = self.from_epoch
+        if from_epoch is None:
+            return
+        names = NamePass(self.volume, from_epoch, self.observer)
+        names.stores()
+        yield
+        for walk in range(walks):
+            moved, renamed = names.moved(), renames()
+            if walk == walks - 1:  # the last: no request between its directories
+                for _ in names.steps():
+                    pass
+                break
+            for _ in names.steps():
+                yield
+            if names.moved() == moved and renames() == renamed:
+                break
+        self.volume.keyring.reading_epoch = None
+        self.names = {
+            "volume_key": f"epoch {self.volume.keyring.current_epoch} (was {from_epoch})",
+            **names.stats.as_dict(),
+        }
+
+    def steps(self) -> Iterator[tuple[ReencryptStats, float]]:
+        """One walk of the data pass: each step, with the seconds to wait after it so the
+        rate is kept."""
+        for stats in self.data.steps():
+            yield stats, throttle_delay(stats, self.rate)
+
+    def walk_again(self) -> None:
+        """Another walk (online: something moved under the last one); the totals are
+        counted again, the work done is kept."""
+        stats = self.data.stats
+        stats.files_total = stats.files_done = stats.bytes_total = stats.bytes_done = 0
+
+    @staticmethod
+    def remaining(counts: Counter[int], target: int) -> int:
+        return sum(n for version, n in counts.items() if version not in (target, -1))
+
+    def finish(self, counts: Counter[int]) -> dict:
+        """After the census: the journal's directory removed, the pass recorded finished
+        (old versions retired or purged where no DEK needs them): the result."""
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(JOURNAL_DIR, dir_fd=self.volume.root_fd)  # empty: no batch is pending
+        counts = Counter(counts)
+        counts.pop(-1, None)  # malformed records: counted by the pass as unreadable
+        remaining = self.remaining(counts, self.target)
+        finished = finish_pass(self.volume, self.target, self.purge_old, counts)
+        stats = self.data.stats
+        return {
+            "done": remaining == 0 and stats.unreadable_blocks == 0,
+            "target": self.target,
+            "deks_per_version": {str(v): n for v, n in sorted(counts.items())},
+            **finished,
+            **stats.as_dict(),
+            **self.names,
+        }
+
+
+def set_paused(volume: Volume, paused: bool) -> None:
+    """Record the unfinished pass paused (a mount leaves it so) or not."""
+    with config_store.editing(volume.backing_path, volume.keyring, volume.operator) as config:
+        if config.reencrypt is None:
+            raise UsageError("no re-encryption is in progress on this volume")
+        if paused:
+            config.reencrypt["paused"] = True
+        else:
+            config.reencrypt.pop("paused", None)
+    volume.config = config
+
+
+def is_paused(config: VolumeConfig) -> bool:
+    return bool((config.reencrypt or {}).get("paused"))
+
+
+def mount_prepare(volume: Volume) -> None:
+    """Before a volume whose re-encryption is unfinished is served (the daemon, under the
+    volume lock, before the FUSE mount): its journal replayed and its name pass finished,
+    so every name, binding and set is under the current volume key. The data pass is
+    resumed by the daemon (encfs.daemon.supervisor), between requests."""
+    if volume.config.reencrypt is not None:
+        ReencryptRun(volume).prepare()
+
+
 def reencrypt_offline(
     volume: Volume,
     rate: float | None = None,
@@ -203,35 +356,16 @@ def reencrypt_offline(
 ) -> dict:
     """The whole pass on an unmounted volume (Volume.unlock(..., reencrypting=True))."""
     root_times = os.stat(volume.root_fd)  # config and journal writes are not the owner's
-    target = start_pass(volume, new_provider)
-    run = ReencryptPass(volume, target)
-    run.started()
-    run.replay()  # before any rename: the journal names files by their backing paths
-    from_epoch = (volume.config.reencrypt or {}).get("from_epoch")
-    names: dict[str, Any] = {"volume_key": "unchanged (the volume's format predates the "
-                                           "name pass: bound-names and xattr-sets)"}
-    if from_epoch is not None:
-        name_stats = NamePass(volume, from_epoch).run()
-        names = {"volume_key": f"epoch {volume.keyring.current_epoch} (was {from_epoch})",
-                 **name_stats.as_dict()}
-    for stats in run.steps():
-        delay = throttle_delay(stats, rate)
+    run = ReencryptRun(volume, rate, purge_old, new_provider)
+    if is_paused(volume.config):
+        set_paused(volume, False)  # run again: the operator resumes it
+    run.prepare()
+    for stats, delay in run.steps():
         if delay:
             time.sleep(delay)
         if on_progress is not None:
             on_progress(stats)
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(JOURNAL_DIR, dir_fd=volume.root_fd)  # empty: the pass removed its file
-    counts = census(volume, prefetch=False)
-    counts.pop(-1, None)  # malformed records: counted by the pass as unreadable
-    remaining = sum(n for version, n in counts.items() if version != target)
-    finished = finish_pass(volume, target, purge_old, counts)
+    # offline the volume lock is ours: nothing moves a file past the walk
+    result = run.finish(census(volume, prefetch=False))
     os.utime(volume.root_fd, ns=(root_times.st_atime_ns, root_times.st_mtime_ns))
-    return {
-        "done": remaining == 0 and run.stats.unreadable_blocks == 0,
-        "target": target,
-        "deks_per_version": {str(v): n for v, n in sorted(counts.items())},
-        **finished,
-        **run.stats.as_dict(),
-        **names,
-    }
+    return result

@@ -84,6 +84,7 @@ class ReencryptStats(PassTiming):
     unreadable_blocks: int = 0
     stale_records_cleared: int = 0
     replayed_groups: int = 0
+    raced_groups: int = 0  # changed by a request after they were read: the next walk
     started: float = field(default_factory=time.monotonic)
 
     def _progress(self) -> tuple[int, int]:
@@ -130,7 +131,10 @@ def data_files(root_fd: int) -> Iterator[tuple[str, int, int]]:
                 stack.pop()
                 os.close(dir_fd)
                 continue
-            child = backing.open_quietly(name, DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                child = backing.open_quietly(name, DIR_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue  # removed or renamed through the mount since the listing
             try:
                 files, subdirs = _listing(child)
             except BaseException:
@@ -182,10 +186,15 @@ def open_ahead(root_fd: int) -> Iterator[tuple[str, int]]:
 class ReencryptPass:
     """The offline pass toward KEK version `target` (the volume lock is held)."""
 
-    def __init__(self, volume: Volume, target: int, overlap: bool = True) -> None:
+    def __init__(
+        self, volume: Volume, target: int, overlap: bool = True, batch_bytes: int = BATCH_BYTES
+    ) -> None:
         """`overlap`: batches are written on a thread while the next one is read and
         sealed (nothing else may write the volume's files meanwhile: offline)."""
         self.volume = volume
+        # the daemon's pass uses smaller batches: each is one synchronous step (requests
+        # wait for its writes and syncs), and --rate is kept batch by batch
+        self.batch_bytes = batch_bytes
         self.target = target
         self.stats = ReencryptStats(target=target)
         self.layout = volume.layout
@@ -318,7 +327,10 @@ class ReencryptPass:
         reads and seals the next batch; otherwise the journal and the writes in place
         are done here and only the sync and the journal's removal go to the thread."""
         self._settler.wait()  # the previous batch settled: its journal is gone
+        self._drop_raced()  # (online: groups a request changed since they were read)
         if not self._batch:
+            self._batch_bytes = 0
+            self._close_batch_files()
             return
         self._sequence += 1
         self.stats.batches += 1
@@ -402,6 +414,29 @@ class ReencryptPass:
         finally:
             os.close(dir_fd)
 
+    def _drop_raced(self) -> None:
+        """Online, requests run between the steps that gather a batch: an entry whose
+        file is no longer at its path (a rename through the mount: the journal must name
+        it) or whose key area is no longer the one read (a write or truncate) is left to
+        the next walk. Offline this drops nothing. Runs in the same synchronous step as
+        the writes that follow, so nothing changes between the check and them."""
+        kept = []
+        for entry in self._batch:
+            fd = self._fds.get(entry.path)
+            try:
+                st = os.stat(entry.path, dir_fd=self.volume.root_fd, follow_symlinks=False)
+            except OSError:
+                st = None
+            offset = self.layout.group_start(entry.group)
+            same_file = st is not None and (st.st_dev, st.st_ino) == (entry.dev, entry.ino)
+            if fd is not None and same_file and (
+                os.pread(fd, blocks.KEY_AREA_SIZE, offset) == entry.before
+            ):
+                kept.append(entry)
+            else:
+                self.stats.raced_groups += 1
+        self._batch = kept
+
     def started(self) -> None:
         """The test hook "started": right after the config recorded the pass."""
         if self._crash is not None and self._crash[1] == "started":
@@ -434,7 +469,7 @@ class ReencryptPass:
                     for entry in self._file(path, fd, st):
                         size = entry.size()
                         if self._batch and (
-                            self._batch_bytes + size > BATCH_BYTES
+                            self._batch_bytes + size > self.batch_bytes
                             or len(self._batch) >= BATCH_GROUPS
                         ):
                             self._commit()

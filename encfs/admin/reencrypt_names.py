@@ -44,6 +44,7 @@ from encfs.admin import quarantine
 from encfs.admin.reencrypt_journal import crash_at
 from encfs.engine import Volume
 from encfs.engine.bindings import UNBOUND_LABEL, ZERO_TAG, Bindings, rewrite_header
+from encfs.engine.follow import EntryFollower
 from encfs.engine.names import write_atomic
 from encfs.engine.symlinks import replace_symlink
 from encfs.engine.xattr_sets import SetOwner, XattrSets
@@ -78,8 +79,12 @@ class NameStats(Counter):
 class NamePass:
     """Moves one volume from the keys of epoch `old_epoch` to the current epoch's."""
 
-    def __init__(self, volume: Volume, old_epoch: int) -> None:
+    def __init__(
+        self, volume: Volume, old_epoch: int, observer: EntryFollower | None = None
+    ) -> None:
         keyring = volume.keyring
+        # Online (the daemon's pass): the engine's inodes and listings follow each step.
+        self._observer = observer
         self.old: EpochKeys = keyring.epoch_keys(old_epoch)
         self.new: EpochKeys = keyring.epoch_keys()
         self.volume_id = volume.config.volume_id
@@ -100,15 +105,28 @@ class NamePass:
 
     # --- the whole pass -----------------------------------------------------------------
     def run(self) -> NameStats:
-        self._store_files(fnames.SYMLINK_STORE_DIR, self._reseal_symlink_store_file)
-        self._store_files(xformat.STORE_DIR, self._reseal_xattr_store_file)
-        self._quarantine_records()
+        self.stores()
         for _ in self.steps():
             pass
         return self.stats
 
+    def stores(self) -> None:
+        """The store files (symlink targets, xattr sets) and fsck's quarantine records:
+        what no directory walk meets."""
+        self._store_files(fnames.SYMLINK_STORE_DIR, self._reseal_symlink_store_file)
+        self._store_files(xformat.STORE_DIR, self._reseal_xattr_store_file)
+        self._quarantine_records()
+
+    def moved(self) -> int:
+        """How many items this pass moved so far (a walk that moved none found nothing
+        left under the old keys)."""
+        return sum(n for key, n in self.stats.items() if key not in (
+            "directories", "entries", "unreadable",
+        ))
+
     def steps(self) -> Iterator[NameStats]:
-        """Every directory, depth first; yields after each one."""
+        """Every directory, depth first; yields after each one (the root's comes with
+        the first)."""
         root = backing.open_quietly(".", _DIR_FLAGS, dir_fd=self.root_fd)
         stack: list[tuple[int, Iterator[tuple[str, bytes, bytes]]]] = []
         try:
@@ -116,7 +134,10 @@ class NamePass:
             while stack:
                 dir_fd, pending = stack[-1]
                 for name, parent_id, plain in pending:  # the next subdirectory, if any
-                    fd = backing.open_quietly(name, _DIR_FLAGS, dir_fd=dir_fd)
+                    try:
+                        fd = backing.open_quietly(name, _DIR_FLAGS, dir_fd=dir_fd)
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue  # moved through the mount since its listing: a later walk
                     try:
                         subdirs = self._directory(fd, (parent_id, plain))
                     except BaseException:
@@ -127,7 +148,7 @@ class NamePass:
                 else:  # all done below it
                     stack.pop()
                     os.close(dir_fd)
-                    yield self.stats
+                yield self.stats  # (at most one directory moved per step)
         finally:
             for dir_fd, _ in stack:
                 os.close(dir_fd)
@@ -144,6 +165,7 @@ class NamePass:
         self._xattrs(f"/proc/self/fd/{dir_fd}", xformat.KIND_DIRECTORY, dir_id,
                      xformat.SET_XATTR_USER)
         subdirs = []
+        moves: dict[str, str] = {}
         names = sorted(os.listdir(dir_fd))
         for name in names:
             if fnames.classify(name) == "reserved":
@@ -163,9 +185,12 @@ class NamePass:
                 self._xattrs_at(dir_fd, name, xformat.KIND_OTHER, b"",
                                 xformat.SET_XATTR_TRUSTED)
             if not epoch_is_new:
-                name = self._rename(dir_fd, dir_id, name, plain_name)
+                old_name, name = name, self._rename(dir_fd, dir_id, name, plain_name)
+                moves[old_name] = name
             if stat.S_ISDIR(st.st_mode):
                 subdirs.append((name, dir_id, plain_name))
+        if self._observer is not None:
+            self._observer.directory_moved(dir_fd, moves)
         self._stale_sidecars(dir_fd)
         os.utime(dir_fd, ns=(times.st_atime_ns, times.st_mtime_ns))
         return subdirs
@@ -299,26 +324,36 @@ class NamePass:
     ) -> None:
         record = LinkRecord.decode(os.readlink(name, dir_fd=dir_fd))
         new_tag = self._bind_new.link_tag(location, record)
-        if crypto.tag_in(new_tag, record.bindings):
-            return  # moved with its target and xattr set in one rename
-        if not crypto.tag_in(self._bind_old.link_tag(location, record), record.bindings):
+        bound_new = crypto.tag_in(new_tag, record.bindings)
+        if not bound_new and not crypto.tag_in(
+            self._bind_old.link_tag(location, record), record.bindings
+        ):
             self._bad_binding("a symlink")
             return
         sealed = record.sealed
         if not record.stored:
             aad = places.link_aad(record.link_id)
-            sealed = self.new.symlink_cipher.seal(self.old.symlink_cipher.open(sealed, aad), aad)
-        moved = dataclasses.replace(record, bindings=(new_tag, places.ZERO_BINDING),
-                                    sealed=sealed)
+            try:
+                self.new.symlink_cipher.open(sealed, aad)
+            except IntegrityError:  # (a rename through a mount binds it anew, keeps this)
+                sealed = self.new.symlink_cipher.seal(
+                    self.old.symlink_cipher.open(sealed, aad), aad
+                )
         path_fd = backing.open_path(name, dir_fd)
         try:
-            xattr_record = self._moved_set_record(SetOwner(
-                f"/proc/self/fd/{path_fd}", xformat.KIND_SYMLINK, record.link_id,
-                xformat.SET_XATTR_TRUSTED,
-            ))
+            owner = SetOwner(f"/proc/self/fd/{path_fd}", xformat.KIND_SYMLINK, record.link_id,
+                             xformat.SET_XATTR_TRUSTED)
+            xattr_record = self._moved_set_record(owner)
+            set_moved = xattr_record != XattrSets.record_at(owner.path, owner.backing_xattr)
         finally:
             os.close(path_fd)
+        if bound_new and sealed == record.sealed and not set_moved:
+            return  # moved with its target and xattr set in one rename
+        moved = dataclasses.replace(record, bindings=(new_tag, places.ZERO_BINDING),
+                                    sealed=sealed)
         replace_symlink(dir_fd, name, moved.encode(), st, xattr_record)
+        if self._observer is not None:
+            self._observer.symlink_replaced(dir_fd, name, st)
         self.stats["symlinks_moved"] += 1
         self._step("symlink")
 

@@ -30,6 +30,7 @@ def volume_report(volume: Volume, counts: Counter[int]) -> dict:
         "kek_versions": {str(n): v.state for n, v in sorted(config.kek_versions.items())},
         "key_versions": keyslots.key_versions(config, volume.operator),
         "rotation": config.rotation,
+        "reencrypt": config.reencrypt,
         **rotation.policy_summary(config),
         "deks_per_version": known,
         "unknown_kek_versions": unknown,

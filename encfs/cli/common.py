@@ -155,6 +155,31 @@ def ask_daemon(target: Target, request: dict) -> Any:
     return client.request(target.backing, request, target.mountpoint)
 
 
+def pass_through_daemon(target: Target, request: dict, progress: Any) -> dict:
+    """A pass (rotate, reencrypt) run by the volume's daemon: its progress lines go to
+    `progress`, an error reply is raised with its code; the final reply."""
+    result: dict = {}
+    for message in ask_daemon(target, request):
+        if "progress" in message:
+            progress(message["progress"])
+        elif "error" in message:
+            progress.close()
+            raise (
+                EncfsError(message["error"])
+                if message.get("exit_code") is None
+                else error_with_code(message["error"], message["exit_code"])
+            )
+        else:
+            result = message
+    if not result:
+        progress.close()
+        raise ControlSocketError(
+            f"the daemon of {target.backing} ended the connection before the pass ended "
+            "(it stopped or died): the pass resumes at the next mount or run"
+        )
+    return result
+
+
 def one_reply(target: Target, request: dict) -> dict:
     replies = list(ask_daemon(target, request))
     if len(replies) != 1:

@@ -176,6 +176,7 @@ def _mount_background(args: argparse.Namespace) -> int:
 def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted; `ready_fd` (background mode) hears READY once live."""
     from encfs import config_store
+    from encfs.admin import reencrypt
     from encfs.daemon import health, request_loop
     from encfs.daemon import mount as mount_mod
     from encfs.daemon.mountpoint import check_mountpoint
@@ -221,7 +222,14 @@ def _mount_foreground(args: argparse.Namespace, ready_fd: int | None = None) -> 
             log.warning("-o no_auto_unmount is ignored: a dead mount is kept by default")
         audit = _audit_log(config.volume_id, engine_opts)
         service.starting(f"unlocking {backing}")
-        volume = Volume.unlock(backing, operator_from(args), audit=audit)
+        # an unfinished re-encryption is resumed: its journal and name pass before the
+        # mount, its data pass by the daemon
+        volume = Volume.unlock(backing, operator_from(args), audit=audit, reencrypting=True)
+        try:
+            reencrypt.mount_prepare(volume)
+        except BaseException:
+            volume.close()
+            raise
         mount_mod.serve(
             volume,
             mountpoint,

@@ -10,17 +10,15 @@ import math
 
 from encfs.cli.common import (
     PassProgress,
-    ask_daemon,
-    error_with_code,
     eta_suffix,
     new_provider_from,
     one_reply,
     operator_from,
+    pass_through_daemon,
     resolve_target,
 )
 from encfs.errors import (
     ControlSocketError,
-    EncfsError,
     UsageError,
 )
 
@@ -55,23 +53,11 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     backing, mounted = target.backing, target.mounted
     progress = Progress(args.json)
     if mounted:
-        result: dict = {}
         request = {
             "op": "rotate", "rate": args.rate, "purge_old": args.purge_old,
             "new_provider": new_provider_from(args, None),
         }
-        for message in ask_daemon(target, request):
-            if "progress" in message:
-                progress(message["progress"])
-            elif "error" in message:
-                progress.close()
-                raise (
-                    EncfsError(message["error"])
-                    if message.get("exit_code") is None
-                    else error_with_code(message["error"], message["exit_code"])
-                )
-            else:
-                result = message
+        result = pass_through_daemon(target, request, progress)
     else:
         from encfs.admin import rotation
         from encfs.engine import Volume
@@ -153,6 +139,8 @@ def _status_lines(reply: dict, mounted: bool) -> list[str]:
         lines.append(
             f"rotation to version {reply['rotation']['target']} in progress: run rotate to resume"
         )
+    if reply.get("reencrypt"):
+        lines.append(_reencrypt_line(reply["reencrypt"], reply.get("reencrypt_progress")))
     if reply.get("rotation_policy"):
         lines.append(_policy_line(reply["rotation_policy"], reply["next_rotation"]))
     return lines + rotation_summary_lines(reply)
@@ -175,6 +163,17 @@ def _cpu_lines(cpu: dict) -> list[str]:
             else "deferred closes: off (a helper spins: closed by the request loop)"
         )
     return lines
+
+
+def _reencrypt_line(state: dict, progress: dict | None) -> str:
+    line = f"re-encryption to KEK version {state['target']} in progress"
+    if progress is None:
+        return line + ": run reencrypt (or mount) to resume"
+    return (
+        f"{line}: {progress['files_done']}/{progress['files_total']} files, "
+        f"{progress['bytes_done'] / 1048576:.1f}/{progress['bytes_total'] / 1048576:.1f} MiB, "
+        f"{progress['rate_mib_s']:.1f} MiB/s" + eta_suffix(progress)
+    )
 
 
 def rotation_summary_lines(reply: dict) -> list[str]:

@@ -126,6 +126,21 @@ class ControlServer:
                 stream,
                 await supervisor.rotate(request.get("rate"), purge_old, report, new_provider),
             )
+        elif op == "reencrypt":
+
+            async def report_pass(stats: Any) -> None:
+                await _send(stream, {"progress": stats.as_dict()})
+
+            rate = request.get("rate")
+            if rate is not None and (
+                not isinstance(rate, int | float) or isinstance(rate, bool) or not rate > 0
+            ):
+                raise UsageError("rate must be a positive number of MiB/s")
+            await _send(stream, await supervisor.reencrypt(
+                rate, bool(request.get("purge_old")), report_pass, _new_provider_request(request)
+            ))
+        elif op == "reencrypt_pause":
+            await _send(stream, await supervisor.pause_reencrypt())
         elif op == "policy":  # set (or clear) the rotation policy
             every, purge_old = _policy_request(request)
             await _send(stream, {"done": True, **await supervisor.set_policy(every, purge_old)})

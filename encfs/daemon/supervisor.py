@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
 
 from encfs import config_store
-from encfs.admin import keyslots, rewrap, rotation, status
+from encfs.admin import keyslots, reencrypt, rewrap, rotation, status
 from encfs.daemon import health as health_mod
 from encfs.engine import Volume
-from encfs.errors import EncfsError
+from encfs.errors import EncfsError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ PROGRESS_INTERVAL = 1.0
 PASS_SLICE = 0.005  # seconds of re-wrap work between two checkpoints (FUSE latency bound)
 POLICY_IDLE_CHECK = 3600.0  # seconds between reads of the rotation policy when none is due
 POLICY_RETRY = 300.0  # after an automatic rotation failed (provider down ...)
+QUIESCE_POLL = 0.01  # seconds between looks for a moment with no mkdir/rename in flight
+MAX_WALKS = 4  # data walks of an online re-encryption before it reports what is left
+NAME_WALKS = 3  # name walks between requests before the last one runs as one step
 
 
 class Supervisor:
@@ -69,6 +72,10 @@ class Supervisor:
         # The request loop in use and why (encfs.daemon.request_loop.LoopChoice.report).
         self.request_loop: dict | None = None
         self._rotating = False
+        # the online re-encryption's progress, for `status` (None: none is running)
+        self.reencrypt_stats: reencrypt.ReencryptStats | None = None
+        self._pause: trio.Event | None = None  # set: the running pass stops and says so
+        self._paused = trio.Event()  # set by the running pass once it stopped
         self._check_lock = trio.Lock()
         self._policy_changed = trio.Event()
         self._policy_lock = trio.Lock()
@@ -81,7 +88,11 @@ class Supervisor:
             nursery.start_soon(self.policy_loop)
             if self.volume.config.rotation is not None:
                 # A pass was interrupted (crash, unmount): resume it in the background.
-                nursery.start_soon(self._resume)
+                nursery.start_soon(self._resume, "re-wrap pass", self.rotate)
+            config = self.volume.config
+            if config.reencrypt is not None and not reencrypt.is_paused(config):
+                # its journal and name pass were done before the mount (mount_prepare)
+                nursery.start_soon(self._resume, "re-encryption", self.reencrypt)
             task_status.started()
 
     # --- key health ---------------------------------------------------------------------------
@@ -109,7 +120,8 @@ class Supervisor:
     async def follow_key_versions(self) -> None:
         """Re-protect the stored KEK blobs whose provider key has a new current version
         (keyslots.follow_key_versions); not while a rotation edits the KEK versions."""
-        if self._rotating or self.volume.config.rotation is not None:
+        config = self.volume.config
+        if self._rotating or config.rotation is not None or config.reencrypt is not None:
             return
         try:
             changes = await trio.to_thread.run_sync(keyslots.follow_key_versions, self.volume)
@@ -172,7 +184,7 @@ class Supervisor:
             return POLICY_IDLE_CHECK, None
         if remaining > 0:
             return min(remaining, POLICY_IDLE_CHECK), None
-        if self._rotating or config.rotation is not None:
+        if self._rotating or config.rotation is not None or config.reencrypt is not None:
             return min(float(config.rotation_policy["every_seconds"]), POLICY_RETRY), None
         log.info("the rotation policy asks for a new KEK version")
         try:
@@ -191,13 +203,48 @@ class Supervisor:
         log.info("automatic rotation to KEK version %d done", result["target"])
         return 0.0, int(result["target"])
 
+    # --- passes -------------------------------------------------------------------------------
+    @staticmethod
+    async def _drive(
+        steps: Iterator[tuple[Any, float]],
+        report: Callable[[Any], Awaitable[None]] | None,
+        stop: Callable[[], bool] = lambda: False,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> bool:
+        """Run a pass's steps between FUSE requests; True if `stop` said so before a step.
+
+        Each step runs synchronously on the trio thread, so it cannot interleave with a
+        FUSE request (a write to the same key area). Steps run in slices of PASS_SLICE
+        seconds between checkpoints: requests wait at most that long (plus one step), and
+        the pass does not pay a scheduler round trip per step. After a step, its delay (the
+        rate) is waited; `report` hears the stats about every PROGRESS_INTERVAL seconds;
+        the next step waits until `ready()` (the first one is the caller's to time)."""
+        last_report = 0.0
+        slice_start = trio.current_time()
+        for stats, delay in steps:
+            if stop():
+                return True
+            now = trio.current_time()
+            if delay or now - slice_start >= PASS_SLICE:
+                await trio.sleep(delay)
+                slice_start = trio.current_time()
+            if report is not None and now - last_report >= PROGRESS_INTERVAL:
+                last_report = now
+                await report(stats)
+            # last, with no await after it: the next step runs at a moment `ready` allows
+            while not ready():
+                await trio.sleep(QUIESCE_POLL)
+                slice_start = trio.current_time()
+        return False
+
     # --- rotation -----------------------------------------------------------------------------
-    async def _resume(self) -> None:
+    async def _resume(self, name: str, run: Callable[..., Awaitable[dict]]) -> None:
+        """An interrupted pass (`rotate` or `reencrypt`) resumed in the background."""
         try:
-            result = await self.rotate(rate=None, purge_old=False, report=None)
-            log.info("resumed re-wrap pass finished: %s", result.get("deks_per_version"))
+            result = await run(rate=None, purge_old=False, report=None)
+            log.info("resumed %s finished: %s", name, result.get("deks_per_version"))
         except EncfsError as exc:
-            log.warning("could not resume the re-wrap pass: %s", exc)
+            log.warning("could not resume the %s: %s", name, exc)
 
     async def rotate(
         self,
@@ -214,21 +261,13 @@ class Supervisor:
             raise EncfsError("a rotation is already running")
         self._rotating = True
         try:
+            if self.volume.config.reencrypt is not None:
+                raise UsageError(
+                    "a re-encryption of this volume is unfinished (paused?): run "
+                    "encfs-gw reencrypt --resume first"
+                )
             run = rotation.RotationRun(self.volume, rate, purge_old, new_provider)
-            last_report = 0.0
-            slice_start = trio.current_time()
-            # Each step (one key area) runs synchronously on the trio thread, so it
-            # cannot interleave with a FUSE write to the same key area. Steps run in
-            # slices of PASS_SLICE seconds between checkpoints: FUSE requests wait at most
-            # that long, and the pass does not pay a scheduler round trip per key area.
-            for stats, delay in run.steps():
-                now = trio.current_time()
-                if delay or now - slice_start >= PASS_SLICE:
-                    await trio.sleep(delay)
-                    slice_start = trio.current_time()
-                if report is not None and now - last_report >= PROGRESS_INTERVAL:
-                    last_report = now
-                    await report(stats)
+            await self._drive(run.steps(), report)
             counts = run.complete_count()
             if counts is None:  # something moved under the walk: count by reading
                 # The census only reads; it may run beside FUSE requests. The pass has
@@ -238,6 +277,82 @@ class Supervisor:
             return run.finish(counts)
         finally:
             self._rotating = False
+
+    # --- re-encryption (encfs.admin.reencrypt) --------------------------------------------------
+    async def reencrypt(
+        self,
+        rate: float | None,
+        purge_old: bool,
+        report: Callable[[reencrypt.ReencryptStats], Awaitable[None]] | None,
+        new_provider: tuple[str, dict[str, Any]] | None = None,
+    ) -> dict:
+        """A re-encryption (or the resume of one) of the mounted volume: its result.
+
+        The start is one synchronous step on the trio thread: from then on writes use
+        the new volume key and reads accept both (Keyring.read_epoch_keys) until the
+        name pass is over. The name pass moves one directory per step, each taken when
+        no mkdir or rename is between its stages (they computed backing names before
+        it): no request sees a directory half moved. The data pass runs in slices
+        between requests, as a rotation's does; a batch checks
+        what it read before it writes (ReencryptPass._drop_raced). Requests may move or
+        write what a walk passed: the census after each walk decides whether to walk
+        again (at most MAX_WALKS)."""
+        if self._rotating:
+            raise EncfsError("a rotation or re-encryption is already running")
+        self._rotating = True
+        try:
+            while self.volume.steps_in_flight:
+                await trio.sleep(QUIESCE_POLL)
+            # One step: from the start on, writes use the new volume key and reads accept
+            # both (Keyring.read_epoch_keys) until the name pass is over.
+            run = reencrypt.ReencryptRun(
+                self.volume, rate, purge_old, new_provider, self.volume.follower()
+            )
+            self.reencrypt_stats = run.data.stats
+            if reencrypt.is_paused(self.volume.config):
+                reencrypt.set_paused(self.volume, False)  # run again: resumed
+            # a pause asked for during the name pass stops the data pass's first step
+            self._pause, self._paused = trio.Event(), trio.Event()
+            run.data.replay()  # (nothing: the mount replayed it; a started pass has none)
+            # One directory per step, and only while no mkdir or rename is between its
+            # stages (they computed backing names before the step)
+            steps = ((None, 0.0) for _ in run.name_steps(
+                lambda: self.volume.counters["moves"], NAME_WALKS
+            ))
+            await self._drive(steps, None, ready=lambda: not self.volume.steps_in_flight)
+            for walk in range(MAX_WALKS):
+                if walk:
+                    run.walk_again()
+                if await self._drive(run.steps(), report, self._pause.is_set):
+                    # between two steps: nothing gathered was written, nothing is lost
+                    reencrypt.set_paused(self.volume, True)
+                    self._paused.set()
+                    return {"done": False, "paused": True, "target": run.target,
+                            **run.data.stats.as_dict()}
+                # The census only reads; it may run beside FUSE requests.
+                counts = await trio.to_thread.run_sync(rewrap.census, self.volume, False)
+                if not run.remaining(counts, run.target):
+                    break
+            # Finishing mutates the keyring and config: back on the trio thread.
+            return run.finish(counts)
+        finally:
+            self._rotating = False
+            self.reencrypt_stats = None
+            self._pause = None
+            self._paused.set()  # (also when it ended otherwise: nobody waits in vain)
+
+    async def pause_reencrypt(self) -> dict:
+        """Stop the running re-encryption after its current step and record it paused (a
+        mount leaves it so; `reencrypt` resumes it); or record a pass that is not
+        running paused."""
+        if self._pause is not None:
+            self._pause.set()
+            await self._paused.wait()
+        elif self.volume.config.reencrypt is None:
+            raise UsageError("no re-encryption is in progress on this volume")
+        elif not reencrypt.is_paused(self.volume.config):
+            reencrypt.set_paused(self.volume, True)
+        return {"done": True, "paused": reencrypt.is_paused(self.volume.config)}
 
     # --- status -------------------------------------------------------------------------------
     async def status(self, check: bool) -> dict:
@@ -251,6 +366,8 @@ class Supervisor:
         )
         if self.request_loop is not None:
             report["request_loop"] = self.request_loop
+        if self.reencrypt_stats is not None:
+            report["reencrypt_progress"] = self.reencrypt_stats.as_dict()
         if self.cpu_status is not None:
             report["cpu"] = self.cpu_status()
         return report

@@ -51,13 +51,45 @@ class Bindings:
 
     # --- file headers -----------------------------------------------------------------
     def file_tag(self, location: Location, file_id: bytes) -> bytes:
-        dir_id, plain_name = location
-        message = binding_message(self._volume_id, dir_id, fnames.pad_name(plain_name), file_id)
-        return self._keyring.binding_tag(message)
+        return self._keyring.binding_tag(self._file_message(location, file_id))
 
     def _unbound_tag(self, file_id: bytes) -> bytes:
         # Authenticates the UNBOUND flag itself: flipping it on a bound file fails.
         return self._keyring.binding_tag(UNBOUND_LABEL + self._volume_id + file_id)
+
+    # Checks accept a tag under any epoch a read accepts (Keyring.read_epoch_keys: during
+    # a mounted volume's re-encryption, the epoch its names leave too); new tags are
+    # always under the current one.
+    def _accepted(self, message: bytes, bindings: tuple[bytes, ...]) -> bytes | None:
+        """The tag of `message` found in `bindings` (under an accepted epoch), or None."""
+        for tag in self._keyring.binding_tags(message):
+            if crypto.tag_in(tag, bindings):
+                return tag
+        return None
+
+    def _file_message(self, location: Location, file_id: bytes) -> bytes:
+        dir_id, plain_name = location
+        return binding_message(self._volume_id, dir_id, fnames.pad_name(plain_name), file_id)
+
+    def _dir_message(self, location: Location, dir_id: bytes) -> bytes:
+        parent_id, plain_name = location
+        return places.dir_binding_message(
+            self._volume_id, parent_id, fnames.pad_name(plain_name), dir_id
+        )
+
+    def _link_message(self, location: Location, record: LinkRecord) -> bytes:
+        dir_id, plain_name = location
+        return places.symlink_binding_message(
+            self._volume_id, dir_id, fnames.pad_name(plain_name), record.flags, record.link_id
+        )
+
+    def found_dir_tag(self, location: Location, record: DirRecord) -> bytes | None:
+        """The tag binding a directory's id record to `location`, if it has one."""
+        return self._accepted(self._dir_message(location, record.dir_id), record.bindings)
+
+    def found_link_tag(self, location: Location, record: LinkRecord) -> bytes | None:
+        """The tag binding a symlink to `location`, if it has one."""
+        return self._accepted(self._link_message(location, record), record.bindings)
 
     def unbind(self, header: FileHeader) -> FileHeader:
         """The header of a file with several names (a hard link): bound to none."""
@@ -76,12 +108,14 @@ class Bindings:
     def check_file(self, inode: Inode, header: FileHeader) -> None:
         """The header of the file `inode` belongs to the name it was reached by."""
         if header.unbound:
-            if not crypto.tags_equal(header.bindings[0], self._unbound_tag(header.file_id)):
+            message = UNBOUND_LABEL + self._volume_id + header.file_id
+            if self._accepted(message, header.bindings[:1]) is None:
                 raise IntegrityError(f"inode {inode.ino}: file header flags were altered")
             return
         if inode.location is None:
             return
-        if not crypto.tag_in(self.file_tag(inode.location, header.file_id), header.bindings):
+        if self._accepted(self._file_message(inode.location, header.file_id),
+                          header.bindings) is None:
             raise BindingError(
                 f"inode {inode.ino}: file header is bound to another name "
                 "(ciphertext replaced or moved in the backing store)"
@@ -92,8 +126,8 @@ class Bindings:
         once the header verified for the old name (never re-bind what did not)."""
         if header.unbound:
             return header
-        old_tag = self.file_tag(old, header.file_id)
-        if not crypto.tag_in(old_tag, header.bindings):
+        old_tag = self._accepted(self._file_message(old, header.file_id), header.bindings)
+        if old_tag is None:
             raise BindingError(
                 "the file to rename is bound to another name (ciphertext replaced or moved "
                 "in the backing store): not re-bound"
@@ -109,12 +143,7 @@ class Bindings:
 
     # --- directories and symlinks (bound volumes) ---------------------------------------
     def dir_tag(self, location: Location, dir_id: bytes) -> bytes:
-        parent_id, plain_name = location
-        return self._keyring.binding_tag(
-            places.dir_binding_message(
-                self._volume_id, parent_id, fnames.pad_name(plain_name), dir_id
-            )
-        )
+        return self._keyring.binding_tag(self._dir_message(location, dir_id))
 
     def root_tag(self, dir_id: bytes) -> bytes:
         return self._keyring.binding_tag(places.root_binding_message(self._volume_id, dir_id))
@@ -122,12 +151,13 @@ class Bindings:
     def dir_problem(self, directory: Inode, record: DirRecord) -> str | None:
         """Why a bound directory's id record does not verify for its place, or None."""
         if directory.ino == ROOT_INODE:
-            if crypto.tag_in(self.root_tag(record.dir_id), record.bindings):
+            root = places.root_binding_message(self._volume_id, record.dir_id)
+            if self._accepted(root, record.bindings) is not None:
                 return None
             return "the root's id record is not bound to this volume's root"
         if directory.location is None:
             return "reached without a name: its binding cannot be checked"
-        if crypto.tag_in(self.dir_tag(directory.location, record.dir_id), record.bindings):
+        if self.found_dir_tag(directory.location, record) is not None:
             return None
         return (
             "its id record is bound to another place "
@@ -135,13 +165,7 @@ class Bindings:
         )
 
     def link_tag(self, location: Location, record: LinkRecord) -> bytes:
-        dir_id, plain_name = location
-        return self._keyring.binding_tag(
-            places.symlink_binding_message(
-                self._volume_id, dir_id, fnames.pad_name(plain_name), record.flags,
-                record.link_id,
-            )
-        )
+        return self._keyring.binding_tag(self._link_message(location, record))
 
 
 def rewrite_header(path_fd: int, change: Callable[[FileHeader], FileHeader]) -> None:

@@ -86,7 +86,7 @@ class Entries:
     # --- directories ----------------------------------------------------------------------
     def mkdir_begin(self, parent: Inode, plain_name: bytes, mode: int) -> PendingDir:
         """Build the directory under a temporary name, with its id inside."""
-        backing_name, encoded = self._ns.names.encode(parent, plain_name)
+        backing_name, encoded = self._ns.names.fresh(parent, plain_name)
         _check_free(parent, backing_name)
         if os.fstat(parent.fd).st_mode & stat.S_ISGID:
             mode |= stat.S_ISGID
@@ -138,7 +138,7 @@ class Entries:
             remove_tree(pending.parent.fd, pending.temp_name)
 
     def rmdir(self, parent: Inode, plain_name: bytes) -> None:
-        backing_name, _ = self._ns.names.encode(parent, plain_name)
+        backing_name, _ = self._ns.names.resolve(parent, plain_name)
         st = os.stat(backing_name, dir_fd=parent.fd, follow_symlinks=False)
         if not stat.S_ISDIR(st.st_mode):
             raise oserror(errno.ENOTDIR)
@@ -161,7 +161,7 @@ class Entries:
     # --- files and other objects ----------------------------------------------------------
     def create(self, parent: Inode, plain_name: bytes, mode: int, uid: int, gid: int) -> Inode:
         """A new regular file with its header, its inode's data descriptor open."""
-        backing_name, encoded = self._ns.names.encode(parent, plain_name)
+        backing_name, encoded = self._ns.names.fresh(parent, plain_name)
         self._ns.names.write_sidecar(parent, backing_name, encoded)
         fd = os.open(
             backing_name,
@@ -194,7 +194,7 @@ class Entries:
         self, parent: Inode, plain_name: bytes, mode: int, rdev: int, uid: int, gid: int
     ) -> Inode:
         """A device, FIFO or socket (regular files: `create`)."""
-        backing_name, encoded = self._ns.names.encode(parent, plain_name)
+        backing_name, encoded = self._ns.names.fresh(parent, plain_name)
         self._ns.names.write_sidecar(parent, backing_name, encoded)
         os.mknod(backing_name, mode, rdev, dir_fd=parent.fd)
         return self._adopt_new(parent, backing_name, plain_name, uid, gid)
@@ -202,7 +202,7 @@ class Entries:
     def symlink(self, parent: Inode, plain_name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         if not target or len(target) > fnames.SYMLINK_TARGET_MAX or b"\0" in target:
             raise oserror(errno.ENAMETOOLONG if target else errno.ENOENT)
-        backing_name, encoded = self._ns.names.encode(parent, plain_name)
+        backing_name, encoded = self._ns.names.fresh(parent, plain_name)
         _check_free(parent, backing_name)
         location = self._ns.names.location(parent, plain_name)
         cipher_target, long_id = self._ns.symlinks.new_target(location, target)
@@ -218,7 +218,7 @@ class Entries:
     def link(self, inode: Inode, parent: Inode, new_name: bytes) -> None:
         """A hard link to a file or other non-directory (bound symlinks: copied by the
         facade instead, as a target bound to one place cannot be shared by two names)."""
-        backing_name, encoded = self._ns.names.encode(parent, new_name)
+        backing_name, encoded = self._ns.names.fresh(parent, new_name)
         _check_free(parent, backing_name)
         self._ns.names.write_sidecar(parent, backing_name, encoded)
         if inode.mode == stat.S_IFREG:
@@ -228,7 +228,7 @@ class Entries:
         inode.lookups += 1
 
     def unlink(self, parent: Inode, plain_name: bytes) -> None:
-        backing_name, _ = self._ns.names.encode(parent, plain_name)
+        backing_name, _ = self._ns.names.resolve(parent, plain_name)
         # A handle, not a stat: if the kernel's inode for it has no handle, this one keeps
         # its backing inode (and number) after the unlink (InodeTable.unname_pinned).
         pin = self._ns.inodes.new_descriptor(lambda: backing.open_path(backing_name, parent.fd))

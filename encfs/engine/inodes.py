@@ -379,6 +379,19 @@ class InodeTable:
                     inode.ino, why)
         return oserror(errno.ESTALE, f"inode {inode.ino}")
 
+    def follow_replacement(self, inode: Inode, fd: int) -> None:
+        """`inode` (a bound symlink) stands for the backing symlink `fd` is a handle on,
+        which replaced the one it had. Its first handle stays open (`Inode.pinned`), so
+        the backing inode number the kernel knows it by is not reused while the kernel
+        may ask for it."""
+        if inode.has_handle:
+            old_fd = inode.fd
+            if inode.pinned is None:
+                inode.pinned = [old_fd]
+            else:
+                os.close(old_fd)  # an intermediate symlink nobody else knows the number of
+        self.rebase(inode, fd)
+
     def rebase(self, inode: Inode, fd: int) -> None:
         """The inode stands for another backing object from now on (a bound symlink
         renamed: a new backing symlink), whose handle `fd` is; its old handle is the

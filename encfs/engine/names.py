@@ -21,7 +21,7 @@ from encfs.engine.inode import Inode, oserror
 from encfs.errors import IntegrityError
 from encfs.format import names as fnames
 from encfs.format.places import DirRecord
-from encfs.keyring import Keyring
+from encfs.keyring import EpochKeys, Keyring
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,14 @@ def _backing_names(directory: Inode) -> list[str]:
         return sorted(os.listdir(fd))
     finally:
         os.close(fd)
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class Names:
@@ -148,6 +156,40 @@ class Names:
         memo.remember(dir_id, plain_name, backing_name, encoded)
         return backing_name, encoded
 
+    def resolve(self, directory: Inode, plain_name: bytes) -> tuple[str, str]:
+        """The (backing name, encoded name) an existing entry has: during a mounted
+        volume's re-encryption it may still have the old epoch's (Keyring.read_epoch_keys).
+        The current epoch's when there is no such entry (a write makes it so)."""
+        current = self.encode(directory, plain_name)
+        for backing_name, encoded in self._older_names(directory, plain_name):
+            if not _exists(directory.fd, current[0]) and _exists(directory.fd, backing_name):
+                return backing_name, encoded
+        return current
+
+    def fresh(self, directory: Inode, plain_name: bytes) -> tuple[str, str]:
+        """The (backing name, encoded name) of a new entry: the current epoch's; EEXIST
+        when an entry has the name under an older epoch a read accepts."""
+        current = self.encode(directory, plain_name)
+        for backing_name, _ in self._older_names(directory, plain_name):
+            if _exists(directory.fd, backing_name):
+                raise oserror(errno.EEXIST)
+        return current
+
+    def _older_names(self, directory: Inode, plain_name: bytes) -> list[tuple[str, str]]:
+        """The name's encodings under the older epochs a read accepts (usually none)."""
+        older = self._keyring.read_epoch_keys()[1:]
+        if not older:
+            return []
+        dir_id = self.dir_id(directory)
+        out = []
+        for keys in older:
+            sealed = keys.name_cipher.seal(fnames.pad_name(plain_name), fnames.name_aad(dir_id))
+            encoded = fnames.b64encode(sealed)
+            out.append(
+                (fnames.long_name_stub(encoded) if fnames.is_long(encoded) else encoded, encoded)
+            )
+        return out
+
     def decode(self, directory: Inode, backing_name: str) -> bytes | None:
         """Plaintext of a backing entry name; None for reserved entries."""
         return self.plain_name_in(directory.fd, self.dir_id(directory), backing_name)
@@ -155,10 +197,11 @@ class Names:
     def plain_name_in(self, dir_fd: int, dir_id: bytes, backing_name: str) -> bytes | None:
         """Plaintext of a backing entry name in the directory `dir_fd` whose id is
         `dir_id`; None for reserved entries."""
-        memo = self._keyring.name_memo  # raises once the keys are revoked
-        known = memo.plain.get((dir_id, backing_name))
-        if known is not None:
-            return known
+        epochs = self._keyring.read_epoch_keys()  # raises once the keys are revoked
+        for keys in epochs:
+            known = keys.name_memo.plain.get((dir_id, backing_name))
+            if known is not None:
+                return known
         kind = fnames.classify(backing_name)
         if kind == "reserved":
             return None
@@ -171,9 +214,13 @@ class Names:
         else:
             encoded = backing_name
         sealed = fnames.b64decode_strict(encoded)
-        padded = self._keyring.name_cipher.open(sealed, fnames.name_aad(dir_id))
-        plain_name = fnames.unpad_name(padded)
-        memo.remember(dir_id, plain_name, backing_name, encoded)
+        aad = fnames.name_aad(dir_id)
+
+        def plain_under(keys: EpochKeys) -> tuple[bytes, EpochKeys]:
+            return fnames.unpad_name(keys.name_cipher.open(sealed, aad)), keys
+
+        plain_name, keys = self._keyring.read_with_any(plain_under)
+        keys.name_memo.remember(dir_id, plain_name, backing_name, encoded)
         return plain_name
 
     @staticmethod

@@ -18,7 +18,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from encfs import backing, crypto
+from encfs import backing
 from encfs.engine.bindings import BindingError, Location, rewrite_header
 from encfs.engine.inode import Inode, oserror
 from encfs.engine.names import is_empty_dir, remove_tree, temp_name
@@ -151,8 +151,9 @@ class Renames:
         if flags & ~known or (whiteout and flags & backing.RENAME_EXCHANGE):
             raise oserror(errno.EINVAL)  # (as the kernel, which refuses both before us)
         names = self._ns.names
-        old_backing, old_encoded = names.encode(old_parent, old_name)
-        new_backing, new_encoded = names.encode(new_parent, new_name)
+        # whichever backing name each has (during a re-encryption: maybe the old epoch's)
+        old_backing, old_encoded = names.resolve(old_parent, old_name)
+        new_backing, new_encoded = names.resolve(new_parent, new_name)
         old_st = os.stat(old_backing, dir_fd=old_parent.fd, follow_symlinks=False)
         try:
             new_st = os.stat(new_backing, dir_fd=new_parent.fd, follow_symlinks=False)
@@ -325,8 +326,8 @@ class Renames:
             finally:
                 os.close(dir_fd)
             record = DirRecord.unpack(os.pread(move.fd, places.DIR_RECORD_SIZE + 1, 0))
-            old_tag = bindings.dir_tag(move.old_location, record.dir_id)
-            if not crypto.tag_in(old_tag, record.bindings):
+            old_tag = bindings.found_dir_tag(move.old_location, record)
+            if old_tag is None:
                 raise BindingError(
                     "the directory to rename is bound to another place (moved, swapped or "
                     "its .egw-dirid replaced in the backing store): not re-bound"
@@ -336,8 +337,8 @@ class Renames:
             backing.pwrite_all(move.fd, DirRecord(record.dir_id, (old_tag, new_tag)).pack(), 0)
         elif kind == stat.S_IFLNK and self._ns.bound:
             link = LinkRecord.decode(os.readlink(move.backing_name, dir_fd=move.parent.fd))
-            old_tag = bindings.link_tag(move.old_location, link)
-            if not crypto.tag_in(old_tag, link.bindings):
+            old_tag = bindings.found_link_tag(move.old_location, link)
+            if old_tag is None:
                 raise BindingError(
                     "the symlink to rename is bound to another place (its target moved, "
                     "swapped or copied in the backing store): not re-bound"
@@ -396,11 +397,5 @@ class Renames:
             fd = backing.open_path(backing_name, parent.fd)
         except OSError:
             return
-        if moved.has_handle:  # (held by the rename: never evicted meanwhile)
-            old_fd = moved.fd
-            if moved.pinned is None:
-                moved.pinned = [old_fd]
-            else:
-                os.close(old_fd)  # an intermediate symlink nobody else knows the number of
-        self._ns.inodes.rebase(moved, fd)
+        self._ns.inodes.follow_replacement(moved, fd)  # (held by the rename: its handle is open)
         self._ns.inodes.name(moved, parent, backing_name)

@@ -85,14 +85,15 @@ class Symlinks:
         record = LinkRecord.decode(cipher_target)
         if inode.location is None:
             raise BindingError(f"symlink inode {inode.ino} reached without a name")
-        if not crypto.tag_in(self._bindings.link_tag(inode.location, record), record.bindings):
+        if self._bindings.found_link_tag(inode.location, record) is None:
             raise BindingError(
                 f"symlink inode {inode.ino}: its target is bound to another place "
                 "(symlink target moved, swapped or copied in the backing store)"
             )
         if record.stored:
             return self._load(record.link_id)
-        return self._keyring.symlink_cipher.open(record.sealed, places.link_aad(record.link_id))
+        aad, sealed = places.link_aad(record.link_id), record.sealed
+        return self._keyring.read_with_any(lambda keys: keys.symlink_cipher.open(sealed, aad))
 
     def read_unbound(self, cipher_target: str) -> bytes:
         long_id = fnames.long_symlink_id(cipher_target)
@@ -146,7 +147,8 @@ class Symlinks:
             )
         except FileNotFoundError:
             raise IntegrityError("symlink target missing from the symlink store") from None
-        return self._keyring.symlink_cipher.open(sealed, fnames.long_symlink_aad(long_id))
+        aad = fnames.long_symlink_aad(long_id)
+        return self._keyring.read_with_any(lambda keys: keys.symlink_cipher.open(sealed, aad))
 
     def remove_stored(self, long_id: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -29,6 +29,7 @@ from encfs.audit import AuditLog
 from encfs.engine.bindings import Bindings
 from encfs.engine.entries import Entries, PendingDir
 from encfs.engine.files import Files
+from encfs.engine.follow import EntryFollower
 from encfs.engine.inode import ROOT_INODE, Attr, DirHandle, Inode, oserror
 from encfs.engine.inodes import InodeTable
 from encfs.engine.names import Names, ScanEntry
@@ -66,10 +67,12 @@ def _unfinished_conversion(backing_path: str) -> VolumeBusy:
 
 def _unfinished_reencryption(backing_path: str) -> VolumeBusy:
     """A volume whose `encfs-gw reencrypt` pass was interrupted may hold a journal of
-    writes not yet replayed: nothing but `reencrypt` opens it (docs/FORMAT.md 9)."""
+    writes not yet replayed: nothing but `reencrypt` and `mount` (which resume it) opens
+    it (docs/FORMAT.md 9)."""
     return VolumeBusy(
         f"{backing_path} is being re-encrypted and the pass is not finished: run "
-        f"encfs-gw reencrypt {backing_path} to finish it"
+        f"encfs-gw reencrypt {backing_path} to finish it (or mount it: its daemon resumes "
+        "it unless it was paused)"
     )
 
 
@@ -86,6 +89,9 @@ class Volume:
         self.layout = config.layout
         self.keyring = keyring
         self.read_only = False
+        # mkdirs and renames begun and not ended: their backing names were computed
+        # under the volume key of their start, and they await between their steps
+        self.steps_in_flight = 0
         # Directories and symlink targets bound to their place (docs/FORMAT.md 5.1, 5.3);
         # volumes made before the feature keep their unbound formats.
         self.bound_names = FEATURE_BOUND_NAMES in config.features
@@ -324,7 +330,7 @@ class Volume:
                 else (parent, os.fstat(parent.fd))
             )
         else:
-            backing_name, _ = self._names.encode(parent, plain_name)
+            backing_name, _ = self._names.resolve(parent, plain_name)
             inode, st = self._inodes.register_at(parent, backing_name)
             self._names.place(inode, self._names.location(parent, plain_name))
         inode.lookups += 1
@@ -356,12 +362,15 @@ class Volume:
 
         The kernel holds the parent locked for the whole mkdir, so no other change of
         the parent through the mount comes between the steps."""
-        return self._entries.mkdir_begin(self._inodes.directory(parent_ino), plain_name, mode)
+        pending = self._entries.mkdir_begin(self._inodes.directory(parent_ino), plain_name, mode)
+        self.steps_in_flight += 1
+        return pending
 
     def mkdir_finish(self, pending: PendingDir, uid: int, gid: int) -> Attr:
         return self.getattr(self._entries.mkdir_finish(pending, uid, gid).ino)
 
     def mkdir_end(self, pending: PendingDir) -> None:
+        self.steps_in_flight -= 1
         self._entries.mkdir_end(pending)
 
     def create(
@@ -491,7 +500,10 @@ class Volume:
         self.counters["moves"] += 1
         old_parent = self._inodes.directory(old_parent_ino)
         new_parent = self._inodes.directory(new_parent_ino)
-        return self._renames.begin(old_parent, old_name, new_parent, new_name, flags, owner)
+        pending = self._renames.begin(old_parent, old_name, new_parent, new_name, flags, owner)
+        if pending is not None:
+            self.steps_in_flight += 1
+        return pending
 
     def rename_apply(self, pending: PendingRename) -> None:
         """Step 2: the backing rename; the moved objects' known inodes follow."""
@@ -503,7 +515,14 @@ class Volume:
         self._renames.finish(pending, durable)
 
     def rename_end(self, pending: PendingRename) -> None:
+        self.steps_in_flight -= 1
         self._renames.end(pending)
+
+    def follower(self) -> EntryFollower:
+        """What keeps the inodes and listings following a pass that renames backing
+        entries behind the engine (an online reencrypt's name pass); such a pass runs only
+        while `steps_in_flight` is 0."""
+        return EntryFollower(self._inodes)
 
     # --- file data -------------------------------------------------------------------
     def open(self, ino: int, flags: int, keep_setid: bool = False) -> int:

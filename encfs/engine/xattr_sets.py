@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from encfs import backing, crypto
@@ -48,10 +49,25 @@ def _full(exc: OSError) -> bool:
 class XattrSets:
     """Read and replace the sealed attribute sets of one volume's objects."""
 
-    def __init__(self, key: memoryview | bytes, volume_id: bytes, root_fd: int) -> None:
-        self._key = key  # the volume's xattr value key (keyring.xattr_value_key)
+    def __init__(
+        self,
+        key: memoryview | bytes | Callable[[], memoryview],
+        volume_id: bytes,
+        root_fd: int,
+        read_keys: Callable[[Callable[[memoryview], bytes]], bytes] | None = None,
+    ) -> None:
+        # How a read tries every value key it accepts (None: `key` alone).
+        self._read_keys = read_keys
+        # The volume's xattr value key, or where to fetch it at each use (the engine's:
+        # an online `reencrypt` moves the volume to a new volume key while it is mounted).
+        self._key_source = key
         self._volume_id = volume_id
         self._root_fd = root_fd
+
+    @property
+    def _key(self) -> memoryview | bytes:
+        source = self._key_source
+        return source() if callable(source) else source
 
     def _aad(self, owner: SetOwner, flags: int) -> bytes:
         return xformat.set_aad(self._volume_id, owner.kind, owner.object_id, flags)
@@ -81,8 +97,11 @@ class XattrSets:
             if not owner.can_store:
                 raise IntegrityError("xattr set marked STORED on an object without an id")
             sealed = self._load(owner)
-        body = crypto.gcm_open(self._key, sealed, self._aad(owner, flags))
-        return xformat.decode_body(body)
+        aad = self._aad(owner, flags)
+        if self._read_keys is None:
+            return xformat.decode_body(crypto.gcm_open(self._key, sealed, aad))
+        # under any epoch a read accepts (the engine's: Keyring.read_with_any)
+        return xformat.decode_body(self._read_keys(lambda key: crypto.gcm_open(key, sealed, aad)))
 
     def _load(self, owner: SetOwner) -> bytes:
         path = xformat.STORE_DIR + "/" + xformat.store_name(owner.kind, owner.object_id)

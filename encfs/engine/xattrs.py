@@ -57,7 +57,10 @@ class Xattrs:
         self._inodes = inodes
         self.sets = sets  # feature xattr-sets: one sealed set per object
         self._bound = bound  # bound symlinks have a link id
-        self._sets = XattrSets(keyring.xattr_value_key, volume_id, root_fd)
+        self._sets = XattrSets(
+            lambda: keyring.xattr_value_key, volume_id, root_fd,
+            lambda open_: keyring.read_with_any(lambda keys: open_(keys.xattr_value_key)),
+        )
 
     # --- the operations ------------------------------------------------------------------
     def set(self, inode: Inode, plain_name: bytes, value: bytes) -> None:

@@ -135,7 +135,8 @@ class VolumeConfig:
     conversion: dict[str, Any] | None = None
     # `encfs-gw reencrypt` has not finished: {"target": KEK version, "started": time}, and
     # with feature volume-key-epochs "from_epoch": the volume key epoch the names leave
-    # (absent: a pass that keeps the volume key, started by an older encfs-gw). Present
+    # (absent: a pass that keeps the volume key, started by an older encfs-gw), and
+    # "paused": true while the operator paused it (a mount does not resume it). Present
     # from the moment version `target` (a new KEK) is current until every block
     # was re-encrypted under a fresh DEK wrapped under it, and the journal of the pass
     # (docs/FORMAT.md section 9) exists only meanwhile. Nothing but `reencrypt` opens
@@ -486,10 +487,15 @@ def _rotation(value: Any) -> dict[str, Any] | None:
 def _reencrypt(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) - {"from_epoch"} != {"target", "started"}:
+    if not isinstance(value, dict) or set(value) - {"from_epoch", "paused"} != {
+        "target", "started",
+    }:
         raise ConfigError(
-            'volume config: reencrypt must be {"target": N, "started": TIME[, "from_epoch": E]}'
+            'volume config: reencrypt must be {"target": N, "started": TIME[, "from_epoch": E]'
+            '[, "paused": true]}'
         )
+    if "paused" in value and value["paused"] is not True:
+        raise ConfigError("volume config: reencrypt.paused must be true when present")
     int_field(value, "target", 1, MAX_KEK_VERSION, "reencrypt.target")
     time_field(value, "started", "reencrypt.started")
     if "from_epoch" in value:

@@ -71,7 +71,9 @@ SAME_LAYER: dict[str, set[str]] = {
         "engine.bindings", "engine.entries", "engine.files", "engine.inode", "engine.inodes",
         "engine.names", "engine.namespace", "engine.orphans", "engine.rename", "engine.symlinks",
         "engine.xattrs",
+        "engine.follow",  # what follows an online reencrypt's name pass
     },
+    "engine.follow": {"engine.inode", "engine.inodes"},
     "engine.inode": {"engine.contents", "engine.inodes"},  # (types only)
     "engine.inodes": {"engine.inode"},
     "engine.bindings": {"engine.inode"},
