@@ -1,9 +1,10 @@
 """The data pass of `reencrypt` with its batches written on the caller's thread
 (`ReencryptPass(..., overlap=False)`: the journal and the writes in place where the pass
-runs, only the fdatasyncs and the journal's removal on the Settler's thread; what a pass
-beside requests needs), on a real volume written through a real mount, run in-process
-through the engine (the CLI always overlaps). The model and its checks are those of
-test_reencrypt.py; the overlapped pass is what every test there runs."""
+runs, only the fdatasyncs and the journal's removal on the Settler's thread; what the
+daemon's pass beside requests does, in 1 MiB batches), here offline in 8 MiB batches, on
+a real volume written through a real mount, run in-process through the engine. The model
+and its checks are those of test_reencrypt.py; the overlapped pass is what every test
+there runs."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ def test_batches_written_on_the_callers_thread_give_the_same_volume(tmp_path, mo
     blocks = sum(slot_versions(volume.backing).values())
     made: list[ReencryptPass] = []
 
-    def pass_in_order(*args: object) -> ReencryptPass:
-        made.append(ReencryptPass(*args, overlap=False))  # type: ignore[arg-type]
+    def pass_in_order(*args: object, **options: object) -> ReencryptPass:
+        options["overlap"] = False
+        made.append(ReencryptPass(*args, **options))  # type: ignore[arg-type]
         return made[-1]
 
     monkeypatch.setattr(reencrypt, "ReencryptPass", functools.wraps(ReencryptPass)(pass_in_order))
