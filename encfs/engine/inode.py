@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -145,3 +145,10 @@ class DirHandle:
     def __init__(self, inode: Inode) -> None:
         self.inode = inode
         self.entries: list[tuple[bytes, str | None]] | None = None  # (plain, backing name)
+
+    def entries_from(self, start: int) -> Iterator[tuple[bytes, str | None, int]]:
+        """The listing from offset `start` on: (plain, backing name, next offset)."""
+        entries = self.entries or []
+        for index in range(start, len(entries)):
+            plain, backing_name = entries[index]
+            yield plain, backing_name, index + 1

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 from encfs import backing, config_store, crypto
 from encfs.audit import AuditLog
+from encfs.engine import gate
 from encfs.engine.bindings import Bindings
 from encfs.engine.entries import Entries, PendingDir
 from encfs.engine.files import Files
@@ -38,42 +39,13 @@ from encfs.engine.orphans import Orphans
 from encfs.engine.rename import PendingRename, Renames
 from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs
-from encfs.errors import IntegrityError, VolumeBusy
+from encfs.errors import IntegrityError
 from encfs.format import FEATURE_BOUND_NAMES, FEATURE_XATTR_SETS
-from encfs.format import names as fnames
 from encfs.format.volume import VolumeConfig
 from encfs.keyring import Keyring
 from encfs.trust import Operator
 
 log = logging.getLogger(__name__)
-
-
-def _entries_from(
-    entries: list[tuple[bytes, str | None]], start: int
-) -> Iterator[tuple[bytes, str | None, int]]:
-    for index in range(start, len(entries)):
-        plain, backing_name = entries[index]
-        yield plain, backing_name, index + 1
-
-
-def _unfinished_conversion(backing_path: str) -> VolumeBusy:
-    """A directory `encfs-gw convert` has started and not finished holds plaintext and
-    half a volume: nothing but `convert` opens it (docs/FORMAT.md section 8)."""
-    return VolumeBusy(
-        f"{backing_path} is being converted into a volume and the conversion is not "
-        f"finished: run encfs-gw convert {backing_path} to finish it"
-    )
-
-
-def _unfinished_reencryption(backing_path: str) -> VolumeBusy:
-    """A volume whose `encfs-gw reencrypt` pass was interrupted may hold a journal of
-    writes not yet replayed: nothing but `reencrypt` and `mount` (which resume it) opens
-    it (docs/FORMAT.md 9)."""
-    return VolumeBusy(
-        f"{backing_path} is being re-encrypted and the pass is not finished: run "
-        f"encfs-gw reencrypt {backing_path} to finish it (or mount it: its daemon resumes "
-        "it unless it was paused)"
-    )
 
 
 class Volume:
@@ -160,20 +132,15 @@ class Volume:
         authenticated config) is refused, except by `convert` itself; so is a volume
         whose re-encryption is unfinished, except by `reencrypt`."""
         crypto.self_test()
-        marker = os.path.join(backing_path, fnames.CONVERT_MARKER)
-        if not converting and os.path.lexists(marker):
-            raise _unfinished_conversion(backing_path)
-        if not reencrypting and config_store.peek(backing_path).reencrypt is not None:
-            # said before any provider runs (the keys may be the new provider's by now);
-            # the authenticated config says it again below
-            raise _unfinished_reencryption(backing_path)
+        gate.check_before_keys(backing_path, converting=converting, reencrypting=reencrypting)
         config, keyring = config_store.unlock(backing_path, operator, audit)
-        if config.conversion is not None and not converting:
+        try:
+            gate.check_config(
+                backing_path, config, converting=converting, reencrypting=reencrypting
+            )
+        except BaseException:
             keyring.close()
-            raise _unfinished_conversion(backing_path)
-        if config.reencrypt is not None and not reencrypting:
-            keyring.close()
-            raise _unfinished_reencryption(backing_path)
+            raise
         volume = cls(backing_path, config, keyring, operator)
         if audit is not None:
             volume.audit = audit
@@ -589,7 +556,7 @@ class Volume:
         handle = self._inodes.dir_handle(fh)
         if start == 0 or handle.entries is None:
             handle.entries = self._names.listing(handle.inode)
-        return _entries_from(handle.entries, start)
+        return handle.entries_from(start)
 
     def readdir_attr(self, dir_fh: int, plain_name: bytes, backing_name: str | None) -> Attr:
         """Attributes of a listed entry, registering its inode (lookup count unchanged)."""

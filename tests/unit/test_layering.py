@@ -68,9 +68,9 @@ SAME_LAYER: dict[str, set[str]] = {
     # engine/: the facade composes the collaborators; each knows only those below it
     "engine": {"engine.bindings", "engine.create", "engine.inode", "engine.volume"},
     "engine.volume": {
-        "engine.bindings", "engine.entries", "engine.files", "engine.inode", "engine.inodes",
-        "engine.names", "engine.namespace", "engine.orphans", "engine.rename", "engine.symlinks",
-        "engine.xattrs",
+        "engine.bindings", "engine.entries", "engine.files", "engine.gate", "engine.inode",
+        "engine.inodes", "engine.names", "engine.namespace", "engine.orphans", "engine.rename",
+        "engine.symlinks", "engine.xattrs",
         "engine.follow",  # what follows an online reencrypt's name pass
     },
     "engine.follow": {"engine.inode", "engine.inodes"},
