@@ -329,7 +329,14 @@ def remove_leftovers(mountpoint: str, backing: str, lock_held: bool = False) -> 
         return
     while (stack := mount_stack(target)) and stack[-1].is_ours(backing):
         if os.geteuid() == 0:
-            _detach_top(target, stack[-1])
+            try:
+                _detach_top(target, stack[-1])
+            except MountpointError:
+                # Another process of the volume may be removing the same leftovers (its
+                # daemon ending on a failed store, whose lock `unmount` could not read):
+                # only a top that is still this one is a failure; else look again.
+                if mount_stack(target)[-1:] == stack[-1:]:
+                    raise
         else:
             _fusermount_unmount(target)  # not root: only dead mounts can be ours
     if os.geteuid() != 0 and not mount_stack(target):
