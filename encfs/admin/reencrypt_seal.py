@@ -144,6 +144,14 @@ class GroupSealer:
                 opened = self._open_block(
                     file_id, index, candidates, old[at:end], plain_view[:plain_length]
                 )
+                if opened is None and len(old[at:end]) == end - at and not any(old[at:end]):
+                    # a hole whose first write was cut between slot and record (FORMAT.md
+                    # 3.3): it stays a hole, without the slot
+                    base = position * blocks.KEY_RECORD_SIZE
+                    both[base : base + blocks.KEY_RECORD_SIZE] = bytes(blocks.KEY_RECORD_SIZE)
+                    final[base : base + blocks.KEY_RECORD_SIZE] = bytes(blocks.KEY_RECORD_SIZE)
+                    stats.stale_records_cleared += 1
+                    continue
                 if opened is None:
                     self._unreadable(st, index)
                     log.warning(

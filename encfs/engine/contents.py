@@ -127,8 +127,9 @@ class FileContents:
         self, first: int, keys: memoryview, records: memoryview, last_length: int, out: memoryview
     ) -> None:
         """Decrypt consecutive block records (`records`, the last one `last_length` bytes
-        long) of blocks first.. (key records in `keys`) into `out`: zeros for a hole,
-        BlockIntegrityError for a block that opens under none of its slots.
+        long) of blocks first.. (key records in `keys`) into `out`: zeros for a hole (a
+        record of zeros, whatever its slots hold), BlockIntegrityError for a block that
+        opens under none of its slots.
 
         The hot loop of every read: one C unpack per key record, the slot ciphers looked
         up once per call, no objects per slot. DEKs are unwrapped into one buffer that is
@@ -187,7 +188,11 @@ class FileContents:
                 except invalid_tag:
                     continue
             else:
-                raise BlockIntegrityError(index, "block does not authenticate under its keys")
+                if any(record):
+                    raise BlockIntegrityError(index, "block does not authenticate under its keys")
+                # A hole whose first write was cut between its key slot and its record
+                # (FORMAT.md 3.3): it reads as the hole it still is.
+                target[:] = bytes(len(target))
 
     def _seal_block_into(
         self,

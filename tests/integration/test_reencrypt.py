@@ -371,6 +371,35 @@ def test_a_block_that_cannot_be_read_keeps_its_old_dek_and_version(tmp_path):
         assert 1 <= len(failed) <= 2 and len({os.stat(mnt / n).st_ino for n in failed}) == 1
 
 
+def test_a_hole_left_with_a_key_slot_by_a_crash_stays_a_hole(tmp_path):
+    """A first write into a hole killed between its key slot and its record leaves a slot
+    over a record of zeros, which reads as the hole it is (FORMAT.md 3.3). The pass keeps
+    it a hole and drops the slot: nothing unreadable, no DEK left under the old version."""
+    volume, files = make_volume(tmp_path, seed=11, big_mib=1)
+    path = next(p for p in backing_files(volume.backing) if len(blocks_of(p)) > 3)
+    _, record = blocks_of(path)[2]
+    with open(path, "r+b") as f:  # the state such a crash leaves: the slot, zeros after it
+        f.seek(LAYOUT.record_offset(2))
+        f.write(bytes(len(record)))
+    fid = file_id(path)
+    result = reencrypt(volume.backing, "--keyfile", volume.keyfile, "--purge-old", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["done"] and summary["unreadable_blocks"] == 0 and summary["purged"] == [1]
+    path = path_of(volume.backing, fid)
+    assert 2 not in blocks_of(path)  # a hole again: no slot, no record
+    hole = slice(2 * LAYOUT.block_size, 3 * LAYOUT.block_size)
+    with mounted(volume, tmp_path / "mnt") as mnt:
+        changed = []
+        for name, data in files.items():
+            got = (mnt / name).read_bytes()
+            if got != data:
+                assert got[hole] == bytes(LAYOUT.block_size) and got[:hole.start] == data[
+                    :hole.start] and got[hole.stop:] == data[hole.stop:], name
+                changed.append(name)
+        assert 1 <= len(changed) <= 2 and len({os.stat(mnt / n).st_ino for n in changed}) == 1
+
+
 def test_a_file_cut_inside_a_key_area_is_not_grown(tmp_path):
     """Damage no write of encfs-gw leaves: the group is left as it is (a write of its key
     area would grow the file), the rest of the file is re-encrypted."""
