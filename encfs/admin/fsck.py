@@ -468,8 +468,10 @@ class Checker:
         """Key records of blocks past the end of the file must be empty."""
         layout = self.volume.layout
         cipher_size = os.fstat(data_fd).st_size
-        blocks = -(-layout.plain_size(cipher_size) // layout.block_size)
+        plain_size = layout.plain_size(cipher_size)
+        blocks = -(-plain_size // layout.block_size)
         if blocks % BLOCKS_PER_GROUP == 0:
+            self._key_area_past_the_end(data_fd, path, backing_path, plain_size, cipher_size)
             return
         start = layout.key_record_offset(blocks)
         group_end = layout.key_record_offset(blocks - blocks % BLOCKS_PER_GROUP)
@@ -492,6 +494,31 @@ class Checker:
                 ),
             )
 
+
+    def _key_area_past_the_end(
+        self, data_fd: int, path: str, backing_path: str, plain_size: int, cipher_size: int
+    ) -> None:
+        """A file whose blocks fill whole key groups and that goes on into the next key
+        area: an append cut after its key slots (FORMAT.md 4). No block of that group is
+        in the file; repair cuts the file back to its last block."""
+        data_end = self.volume.layout.cipher_size(plain_size)
+        if cipher_size <= data_end or not any(
+            os.pread(data_fd, cipher_size - data_end, data_end)
+        ):
+            return
+        self._find(
+            path,
+            "orphaned key records",
+            "key slots in a key area past the end of the file: an append cut after its "
+            "key slots leaves them, and so does a file cut short by someone else (the "
+            "format cannot tell which); repair cuts them off (the whole file kept in "
+            "quarantine first)",
+            EITHER,
+            fix=self._copy_then(
+                data_fd, path, "orphaned key records", EITHER, backing_path,
+                lambda: os.ftruncate(data_fd, data_end),
+            ),
+        )
 
 def _dir_kind(exc: IntegrityError) -> str:
     if isinstance(exc, BindingError):

@@ -388,9 +388,9 @@ class FileContents:
         self._clear_slots_after(old_blocks)
 
     def _clear_slots_after(self, block_count: int) -> None:
-        """Zero the key records of blocks >= block_count in that block's group, if stored."""
-        if block_count % BLOCKS_PER_GROUP == 0:
-            return
+        """Zero the key records of blocks >= block_count in that block's group, if stored.
+        At a group boundary that is the next group's key area, which the file holds only
+        when an append was cut after its key slots (the file counts only whole blocks)."""
         offset = self.layout.key_record_offset(block_count)
         group_end = self.layout.key_record_offset(block_count - block_count % BLOCKS_PER_GROUP)
         group_end += BLOCKS_PER_GROUP * KEY_RECORD_SIZE

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from encfs.admin.fsck import TAMPERING, fsck
+from encfs.admin.fsck import EITHER, TAMPERING, fsck
 from encfs.engine import ROOT_INODE, Volume
 from encfs.engine import contents as contents_mod
 from tests.helpers.config import trusted
@@ -143,5 +143,46 @@ def test_a_crash_at_any_step_of_filling_a_hole_reads_old_or_new(backing, monkeyp
             vol.write(fh, BS + 1, b"again")
             assert vol.read(fh, BS + 1, 5) == b"again"
             vol.release(fh)
+    finally:
+        vol.close()
+
+
+def test_an_append_cut_after_its_key_slots_at_a_group_boundary(backing, monkeypatch):
+    """A file of exactly 32 blocks ends where the next key group would start; an append
+    cut after its key slots leaves them in that group's key area, past the end (the file
+    counts only whole blocks). An extension clears them before it makes those blocks
+    holes inside the file (before, they read as slots over zeros: the kill -9 harness's
+    EIO on a write before any kill), and fsck reports them and cuts them off."""
+    old = random.Random(1).randbytes(32 * BS)
+    vol = Volume.unlock(str(backing), trusted())
+    for name in (b"extended", b"repaired"):
+        fh, _ = vol.create(ROOT_INODE, name, 0o100644, os.O_RDWR, 0, 0)
+        vol.write(fh, 0, old)
+        _crash_at(monkeypatch, 1)  # the key slots of blocks 32-33 written, not their records
+        with pytest.raises(Crash):
+            vol.write(fh, 32 * BS, b"a" * (2 * BS))
+        monkeypatch.undo()
+        vol.release(fh)
+    vol.close()
+
+    vol = Volume.unlock(str(backing), trusted())
+    try:
+        fh = vol.open(vol.lookup(ROOT_INODE, b"extended").ino, os.O_RDWR)
+        assert vol.read(fh, 0, 1 << 20) == old
+        vol.write(fh, 40 * BS, b"end")
+        assert vol.read(fh, 0, 1 << 20) == old + bytes(8 * BS) + b"end"
+        vol.write(fh, 32 * BS + 7, b"mid")  # a partial write into one of those blocks
+        assert vol.read(fh, 32 * BS, 10) == bytes(7) + b"mid"
+        vol.release(fh)
+        (finding,) = fsck(vol).findings
+        assert (finding.kind, finding.looks_like) == ("orphaned key records", EITHER)
+        assert finding.path.endswith("repaired")
+        assert fsck(vol, repair=True).findings[0].repaired
+        assert fsck(vol).findings == []
+        fh = vol.open(vol.lookup(ROOT_INODE, b"repaired").ino, os.O_RDWR)
+        assert vol.read(fh, 0, 1 << 20) == old
+        vol.write(fh, 33 * BS, b"x")
+        assert vol.read(fh, 0, 1 << 20) == old + bytes(BS) + b"x"
+        vol.release(fh)
     finally:
         vol.close()
