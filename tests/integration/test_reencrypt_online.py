@@ -205,6 +205,55 @@ def test_kill9_of_the_daemon_mid_pass_then_the_mount_resumes_it(tmp_path):
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
+def test_kill9_of_the_daemon_again_and_again_wherever_its_pass_is(tmp_path, capsys):
+    """No hook: the daemon is killed first once its throttled pass has done a seeded
+    amount, then each next mount resumes the pass at full speed and its daemon is killed
+    after a seeded busy-wait, at whatever step the pass is in (a batch being sealed,
+    written or synced, the journal, the names), again and again until the pass is over.
+    After every kill the volume mounts; every other mount reads every file back (equal to
+    its model) while the resumed pass runs; at the end every DEK is under the new version,
+    every file equals its model and fsck is clean."""
+    rnd = random.Random(31)
+    volume, files = make_volume(tmp_path, seed=31, big_mib=24)
+    mnt = tmp_path / "mnt"
+    with mounted(volume, mnt) as live:
+        proc = start_reencrypt(live, "--rate", "4")
+        try:
+            threshold = rnd.randrange(1, 4) * MIB
+            progress_until(proc, lambda m: m.get("progress", {}).get(
+                "bytes_reencrypted", 0) >= threshold)
+            kill_daemon(volume)
+            clear_mountpoint(mnt)
+        finally:
+            proc.wait(timeout=WAIT)
+            proc.stdout.close()
+            proc.stderr.close()
+    kills, mid_pass = 1, 1
+    for i in range(8):
+        if "reencrypt" not in config_of(volume.backing):
+            break
+        with mounted(volume, mnt) as live:
+            if i % 2:
+                check(live, files)  # read while the resumed pass runs
+            for _ in range(rnd.choice([0, 10_000, 100_000, 1_000_000, 3_000_000])):
+                pass  # a seeded delay: the kill lands at varied points of the pass
+            kill_daemon(volume)
+            clear_mountpoint(mnt)
+        kills += 1
+        mid_pass += "reencrypt" in config_of(volume.backing)
+    with mounted(volume, mnt) as live:
+        check(live, files)
+        state = wait_until_finished(live)
+        assert state["deks_per_version"].keys() == {"2"}
+        check(live, files)
+    assert set(slot_versions(volume.backing)) == {2}
+    assert not (volume.backing / ".egw-reencrypt").exists()
+    fsck = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    with capsys.disabled():
+        print(f"\nmounted reencrypt: {kills} kills, {mid_pass} of them mid-pass")
+
+
 def wait_until_finished(mnt: Path) -> dict:
     """The daemon's status once its pass is over (deadline WAIT)."""
     deadline = time.monotonic() + WAIT
