@@ -92,7 +92,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         from encfs.admin import rewrap, status
         from encfs.engine import Volume
 
-        volume = Volume.unlock(backing, operator_from(args))
+        # status only reads (the config, the key areas' versions): an unfinished
+        # re-encryption is shown, not refused (nothing of its journal is needed for that)
+        volume = Volume.unlock(backing, operator_from(args), reencrypting=True)
         try:
             reply = status.volume_report(volume, rewrap.census(volume))
         finally:

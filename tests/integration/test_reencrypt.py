@@ -457,10 +457,17 @@ def test_refusals_get_one_line_and_their_code(tmp_path):
                        "--new-provider", f"keyfile:{tmp_path / 'new.key'}",
                        env={CRASH_AT_ENV: "1:journal"})
     assert result.returncode == -signal.SIGKILL
-    for verb in (["fsck"], ["status"], ["rotate"]):
+    for verb in (["fsck"], ["rotate"]):
         line = assert_refused(run_cli(*verb, volume.backing, "--keyfile", volume.keyfile),
                               VolumeBusy.exit_code)
         assert "being re-encrypted" in line, verb
+    # status only reads: it shows the unfinished pass and how it goes on (with the trust
+    # store's providers: the new version's key is the new provider's)
+    shown = run_cli("status", volume.backing, check=True).stdout
+    assert "re-encryption to KEK version 2 in progress: run reencrypt (or mount) to " \
+        "resume" in shown, shown
+    state = json.loads(run_cli("status", volume.backing, "--json", check=True).stdout)
+    assert state["reencrypt"]["target"] == 2 and not state["mounted"]
     # resumed with another new provider: refused (the pass keeps the one it started
     # with): keys named on the command line are the only ones asked, and they do not
     # open the new version; with the trust store's keys it is said plainly
