@@ -376,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
             online, load_avg(),
         ))
         figures["reencrypt online: batches"] = final.get("batches")
+        # the pass's own count beside the kernel's (pages dirtied again count each time)
+        figures["reencrypt online: bytes written (its count: journal + in place)"] = (
+            final.get("bytes_written")
+        )
+        figures["reencrypt online: daemon write_bytes (the kernel's count)"] = online["written"]
 
         print("re-encryption by copy ...", flush=True)
         backing2, key2, mnt2 = work / "copy.backing", work / "copy.key", work / "mnt2"
