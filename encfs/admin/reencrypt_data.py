@@ -2,16 +2,16 @@
 decrypted and sealed again under a fresh DEK wrapped under the pass's KEK version, group
 by group, through the journal (encfs.admin.reencrypt_journal; docs/FORMAT.md 9).
 
-Walk: every backing data file, depth first by directory handles (only the current
-directory and its ancestors are open; open_ahead keeps up to 16 files open ahead and
-asks the kernel to read them). Per group: one read of the records to open, the new
-records sealed into one buffer. Groups are gathered into batches of at most BATCH_BYTES
-of journal; each batch is written to the journal (MACed, fsynced, renamed into place),
-then in place (per group: key area with old and new slots, the new block records, the
-key area with only the new slots), the batch's files synced (fdatasync, a few at a
-time), and the journal renamed back to journal.new (no journal; its file is overwritten
-by the next batch). A kill inside a multi-page pwrite of block records (FORMAT.md 4) is
-repaired by replaying the journal on the next run.
+Walk: every backing data file, depth first by directory handles (`rewrap.data_dirs`, the
+rotation's walk too: only the current directory and its ancestors are open); open_ahead
+keeps up to 16 files open ahead and asks the kernel to read them. Per group: one read of
+the records to open, the new records sealed into one buffer. Groups are gathered into
+batches of at most BATCH_BYTES of journal; each batch is written to the journal (MACed,
+fsynced, renamed into place), then in place (per group: key area with old and new slots,
+the new block records, the key area with only the new slots), the batch's files synced
+(fdatasync, a few at a time), and the journal renamed back to journal.new (no journal; its
+file is overwritten by the next batch). A kill inside a multi-page pwrite of block records
+(FORMAT.md 4) is repaired by replaying the journal on the next run.
 
 Offline (`overlap`), a batch is written on the Settler's thread while the pass reads
 and seals the next one: the disk writes one batch while the CPU seals the next. The
@@ -50,18 +50,16 @@ from encfs.admin.reencrypt_journal import (
     write_journal,
 )
 from encfs.admin.reencrypt_seal import GroupSealer
-from encfs.admin.rewrap import PassTiming
+from encfs.admin.rewrap import PassTiming, data_dirs
 from encfs.engine import Volume
 from encfs.errors import IntegrityError
 from encfs.format import blocks
-from encfs.format import names as fnames
 from encfs.format.blocks import FileHeader
 
 log = logging.getLogger(__name__)
 
 # O_NOATIME: the pass reads and rewrites, it does not use the files; their times stay the
 # owner's (mtime is put back after each batch: a re-encryption is no change of content)
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
 FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
 # Files opened and being read ahead of the one the pass seals (open_ahead): at most this
 # many descriptors and this much backing data asked of the kernel.
@@ -100,54 +98,17 @@ class ReencryptStats(PassTiming):
         return data
 
 
-def _listing(dir_fd: int) -> tuple[list[str], list[str]]:
-    with os.scandir(dir_fd) as listing:
-        entries = [e for e in listing if fnames.classify(e.name) != "reserved"]
-    return (
-        sorted(e.name for e in entries if e.is_file(follow_symlinks=False)),
-        sorted(e.name for e in entries if e.is_dir(follow_symlinks=False)),
-    )
-
-
 def _close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         os.close(fd)
 
 
-def data_files(root_fd: int) -> Iterator[tuple[str, int, int]]:
-    """(backing path relative to the root, dir fd, name) of every regular data file,
-    depth first; only the current directory and its ancestors are open."""
-    stack: list[tuple[str, int, Iterator[str]]] = []
-    root = backing.open_quietly(".", DIR_FLAGS, dir_fd=root_fd)
-    try:
-        files, subdirs = _listing(root)
-        stack.append(("", root, iter(subdirs)))
-        for name in files:
-            yield name, root, name
-        while stack:
-            prefix, dir_fd, pending = stack[-1]
-            name = next(pending, None)
-            if name is None:
-                stack.pop()
-                os.close(dir_fd)
-                continue
-            try:
-                child = backing.open_quietly(name, DIR_FLAGS, dir_fd=dir_fd)
-            except FileNotFoundError:
-                continue  # removed or renamed through the mount since the listing
-            try:
-                files, subdirs = _listing(child)
-            except BaseException:
-                os.close(child)
-                raise
-            path = f"{prefix}{name}/"
-            stack.append((path, child, iter(subdirs)))
-            for file_name in files:
-                yield path + file_name, child, file_name
-    finally:
-        for _, dir_fd, _ in stack:
-            os.close(dir_fd)
-
+def data_files(root_fd: int) -> Iterator[tuple[str, int, str]]:
+    """(backing path relative to the root, dir fd, name) of every regular data file, in
+    data_dirs' order (depth first, by name)."""
+    for prefix, dir_fd, names in data_dirs(root_fd):
+        for name in names:
+            yield prefix + name, dir_fd, name
 
 
 def open_ahead(root_fd: int) -> Iterator[tuple[str, int]]:

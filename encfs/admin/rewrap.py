@@ -108,34 +108,35 @@ PREFETCH_FILES = 64  # files whose key areas are asked for ahead of the pass
 
 
 def _listing(dir_fd: int) -> tuple[list[str], list[str]]:
-    """(regular files, directories) of a backing directory, reserved entries left out.
-
-    Types come from the directory entries (d_type): no stat per file, no link followed.
+    """(regular files, directories) of a backing directory, sorted, reserved entries left
+    out. Types come from the directory entries (d_type): no stat per file, no link followed.
     """
     with os.scandir(dir_fd) as listing:
         entries = [e for e in listing if fnames.classify(e.name) != "reserved"]
     return (
-        [e.name for e in entries if e.is_file(follow_symlinks=False)],
-        [e.name for e in entries if e.is_dir(follow_symlinks=False)],
+        sorted(e.name for e in entries if e.is_file(follow_symlinks=False)),
+        sorted(e.name for e in entries if e.is_dir(follow_symlinks=False)),
     )
 
 
-def _data_dirs(volume: Volume) -> Iterator[tuple[int, list[str]]]:
-    """(directory fd, names of its regular data files) for every backing directory, depth
-    first. Only the current directory and its ancestors are open; each fd is valid until
-    the consumer asks for the next directory."""
+def data_dirs(root_fd: int) -> Iterator[tuple[str, int, list[str]]]:
+    """(path of the directory relative to the root: "" or ending in "/", its fd, names of
+    its regular data files) for every backing directory, depth first, in name order (the
+    walk of a rotation's and a re-encryption's passes). Only the current directory and
+    its ancestors are open; each fd is valid until the consumer asks for the next
+    directory. A directory removed meanwhile (online) is skipped."""
     # O_NOATIME: a pass reads, it does not use the files (their times stay the owner's)
-    root = backing.open_quietly(".", _DIR_FLAGS, dir_fd=volume.root_fd)
+    root = backing.open_quietly(".", _DIR_FLAGS, dir_fd=root_fd)
     try:
         files, subdirs = _listing(root)
     except BaseException:
         os.close(root)
         raise
-    stack: list[tuple[int, Iterator[str]]] = [(root, iter(subdirs))]
+    stack: list[tuple[str, int, Iterator[str]]] = [("", root, iter(subdirs))]
     try:
-        yield root, files
+        yield "", root, files
         while stack:
-            dir_fd, pending = stack[-1]
+            prefix, dir_fd, pending = stack[-1]
             name = next(pending, None)
             if name is None:
                 stack.pop()
@@ -150,15 +151,16 @@ def _data_dirs(volume: Volume) -> Iterator[tuple[int, list[str]]]:
             except BaseException:
                 os.close(child)
                 raise
-            stack.append((child, iter(subdirs)))
-            yield child, files
+            path = f"{prefix}{name}/"
+            stack.append((path, child, iter(subdirs)))
+            yield path, child, files
     finally:
-        for dir_fd, _ in stack:
+        for _, dir_fd, _ in stack:
             os.close(dir_fd)
 
 
 def count_data_files(volume: Volume) -> int:
-    return sum(len(names) for _, names in _data_dirs(volume))
+    return sum(len(names) for _, _, names in data_dirs(volume.root_fd))
 
 
 def data_files(
@@ -173,7 +175,7 @@ def data_files(
     small random read per group, and queued reads overlap where one-at-a-time reads wait.
     """
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME
-    for dir_fd, names in _data_dirs(volume):
+    for _, dir_fd, names in data_dirs(volume.root_fd):
         for first in range(0, len(names), PREFETCH_FILES):
             batch: list[tuple[int, int]] = []
             try:
