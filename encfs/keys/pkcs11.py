@@ -25,12 +25,13 @@ import hashlib
 import hmac
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from encfs import crypto
 from encfs.errors import (
+    KeyAccessError,
     KeyMissing,
     KeyRevoked,
     ProviderConfigError,
@@ -169,16 +170,13 @@ class Pkcs11Provider(KeyProvider):
         return login
 
     def _open_session(self, pkcs11: Any, lib: Any, token_label: str, pin: str) -> Any:
-        try:
-            token = lib.get_token(token_label=token_label)
-        except pkcs11.NoSuchToken:
-            raise KeyMissing(f"PKCS#11 token {token_label!r} not found in {lib.so}") from None
-        except pkcs11.MultipleTokensReturned:
-            raise ProviderConfigError(
-                f"several PKCS#11 tokens are labelled {token_label!r}"
-            ) from None
-        except pkcs11.PKCS11Error as exc:
-            raise _map_device_error(pkcs11, exc, f"PKCS#11 token {token_label!r}") from None
+        token = _one_labelled(
+            pkcs11,
+            lambda: lib.get_token(token_label=token_label),
+            f"PKCS#11 tokens are labelled {token_label!r}",
+            KeyMissing(f"PKCS#11 token {token_label!r} not found in {lib.so}"),
+            lambda exc: _map_device_error(pkcs11, exc, f"PKCS#11 token {token_label!r}"),
+        )
         try:
             return token.open(user_pin=pin)
         except pkcs11.PinIncorrect:
@@ -237,20 +235,20 @@ class Pkcs11Provider(KeyProvider):
 
     def _find_key(self, pkcs11: Any, session: Any, label: str, missing: type[Exception]) -> Any:
         token_label = self.options.get("token")
-        try:
-            return session.get_key(object_class=pkcs11.ObjectClass.SECRET_KEY, label=label)
-        except pkcs11.NoSuchKey:
-            if missing is KeyRevoked:
-                raise KeyRevoked(
-                    f"key {label!r} is gone from PKCS#11 token {token_label!r} (destroyed?)"
-                ) from None
-            raise KeyMissing(f"no key {label!r} in PKCS#11 token {token_label!r}") from None
-        except pkcs11.MultipleObjectsReturned:
-            raise ProviderConfigError(
-                f"several keys are labelled {label!r} in PKCS#11 token {token_label!r}"
-            ) from None
-        except pkcs11.PKCS11Error as exc:
-            raise _map_session_error(pkcs11, exc, "key lookup") from None
+        none: KeyAccessError
+        if missing is KeyRevoked:
+            none = KeyRevoked(
+                f"key {label!r} is gone from PKCS#11 token {token_label!r} (destroyed?)"
+            )
+        else:
+            none = KeyMissing(f"no key {label!r} in PKCS#11 token {token_label!r}")
+        return _one_labelled(
+            pkcs11,
+            lambda: session.get_key(object_class=pkcs11.ObjectClass.SECRET_KEY, label=label),
+            f"keys are labelled {label!r} in PKCS#11 token {token_label!r}",
+            none,
+            lambda exc: _map_session_error(pkcs11, exc, "key lookup"),
+        )
 
     def _check_key_policy(self, pkcs11: Any, key: Any, label: str) -> None:
         Attribute = pkcs11.Attribute
@@ -413,6 +411,26 @@ def _parse_record(record: Record) -> tuple[str, bytes, bytes]:
     if len(nonce) != crypto.NONCE_SIZE or len(ciphertext) != crypto.KEY_SIZE + crypto.TAG_SIZE:
         raise ProviderConfigError("pkcs11 record is corrupt (bad lengths)")
     return label, nonce, ciphertext
+
+
+def _one_labelled(
+    pkcs11: Any,
+    find: Callable[[], Any],
+    several: str,
+    none: KeyAccessError,
+    failed: Callable[[Exception], Exception],
+) -> Any:
+    """The one object (token or key) `find()` looks up by its label: `none` is raised when
+    there is none, ProviderConfigError("several <several>") when the label names more
+    than one, `failed(exc)` on any other PKCS#11 error."""
+    try:
+        return find()
+    except (pkcs11.NoSuchToken, pkcs11.NoSuchKey):
+        raise none from None
+    except (pkcs11.MultipleTokensReturned, pkcs11.MultipleObjectsReturned):
+        raise ProviderConfigError(f"several {several}") from None
+    except pkcs11.PKCS11Error as exc:
+        raise failed(exc) from None
 
 
 def _map_device_error(pkcs11: Any, exc: Exception, what: str) -> Exception:

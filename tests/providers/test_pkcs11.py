@@ -251,6 +251,19 @@ def test_extractable_key_refused(hsm, providers):
         provider.prepare_new()
 
 
+def test_two_keys_under_one_label_refused(hsm, providers):
+    label = "twice-" + uuid.uuid4().hex
+    holder = make(hsm)  # holds the login so the operator session can ride on it
+    providers.append(holder)
+    with token_session("encfs-a") as session:
+        for _ in range(2):
+            session.generate_key(pkcs11.KeyType.AES, 256, label=label, store=True)
+    provider = Pkcs11Provider(Pkcs11Provider.options_from_spec(spec(hsm, key=label, create=False)))
+    providers.append(provider)
+    with pytest.raises(ProviderConfigError, match=f"several keys are labelled '{label}'"):
+        provider.prepare_new()
+
+
 def test_unknown_token_is_key_missing(hsm, providers):
     options = Pkcs11Provider.options_from_spec(spec(hsm, create=False))
     options["token"] = "no-such-token"
