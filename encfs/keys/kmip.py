@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import ssl
-import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -46,7 +45,7 @@ from encfs.keys.provider import (
     require,
     seal_with_secret,
 )
-from encfs.keys.secret_file import check_private
+from encfs.keys.secret_file import check_private_file
 
 DEFAULT_PORT = 5696
 DEFAULT_TIMEOUT = 5.0
@@ -117,7 +116,7 @@ class KmipProvider(KeyProvider):
         for path, what in ((ca, "CA certificate"), (cert, "client certificate")):
             if not os.path.isfile(path):
                 raise KeyMissing(f"KMIP {what} {path} not found")
-        _check_private_file(key)
+        check_private_file(key, "KMIP client key")
         try:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -233,17 +232,6 @@ class KmipProvider(KeyProvider):
     def describe(self) -> str:
         uid = self.options.get("uid", "(new)")
         return f"kmip:{self.options.get('host')}:{self.options.get('port')},uid={uid}"
-
-
-def _check_private_file(path: str) -> None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise KeyMissing(f"KMIP client key {path} not found") from None
-    except OSError as exc:
-        raise KeyMissing(f"KMIP client key {path}: {exc.strerror}") from None
-    if stat.S_ISREG(st.st_mode):
-        check_private(st, path, "KMIP client key", owner=False)
 
 
 def _map_failure(kmip: Any, exc: Any, where: str) -> KeyAccessError:

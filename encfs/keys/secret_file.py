@@ -49,6 +49,19 @@ def check_private(st: os.stat_result, path: str, what: str, *, owner: bool = Tru
         raise KeyPermissions(f"{what} {path} is owned by uid {st.st_uid}, not by this user")
 
 
+def check_private_file(path: str, what: str) -> None:
+    """A secret file that a library opens itself (a TLS client key): it can be opened
+    (KeyMissing or KeyPermissions, as open_secret_file) and, when it is a regular file,
+    no group or other may access it (check_private; any owner)."""
+    fd = open_secret_file(path, what)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if stat.S_ISREG(st.st_mode):
+        check_private(st, path, what, owner=False)
+
+
 def read_secret_file(path: str, what: str) -> str:
     """First line of a 0600 file (like ssh insists for private keys); no trailing newline.
 
