@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from encfs.daemon.runtime import fd_path, open_runtime_dir, socket_name, socket_path
-from encfs.daemon.supervisor import Supervisor
+from encfs.daemon.supervisor import PassRequest, Supervisor
 from encfs.errors import ControlSocketError, EncfsError, NotMounted, UsageError
 from encfs.format.volume import MAX_POLICY_SECONDS
 
@@ -115,30 +115,13 @@ class ControlServer:
     async def _answer(self, stream: trio.SocketStream, request: dict) -> None:
         supervisor = self.supervisor
         op = request.get("op")
-        if op == "rotate":
+        if op in ("rotate", "reencrypt"):
 
             async def report(stats: Any) -> None:
                 await _send(stream, {"progress": stats.as_dict()})
 
-            purge_old = bool(request.get("purge_old"))
-            new_provider = _new_provider_request(request)
-            await _send(
-                stream,
-                await supervisor.rotate(request.get("rate"), purge_old, report, new_provider),
-            )
-        elif op == "reencrypt":
-
-            async def report_pass(stats: Any) -> None:
-                await _send(stream, {"progress": stats.as_dict()})
-
-            rate = request.get("rate")
-            if rate is not None and (
-                not isinstance(rate, int | float) or isinstance(rate, bool) or not rate > 0
-            ):
-                raise UsageError("rate must be a positive number of MiB/s")
-            await _send(stream, await supervisor.reencrypt(
-                rate, bool(request.get("purge_old")), report_pass, _new_provider_request(request)
-            ))
+            run = supervisor.rotate if op == "rotate" else supervisor.reencrypt
+            await _send(stream, await run(_pass_request(request), report))
         elif op == "reencrypt_pause":
             await _send(stream, await supervisor.pause_reencrypt())
         elif op == "policy":  # set (or clear) the rotation policy
@@ -170,16 +153,23 @@ def _policy_request(request: dict) -> tuple[int | None, bool]:
     return every, purge_old
 
 
-def _new_provider_request(request: dict) -> tuple[str, dict[str, Any]] | None:
-    """A rotate request's new provider: [kind, options] as the CLI parsed its SPEC (paths
-    made absolute there), or null."""
+def _pass_request(request: dict) -> PassRequest:
+    """A rotate or reencrypt request's rate (a positive number, or null), purge_old, and
+    new provider: [kind, options] as the CLI parsed its SPEC (paths made absolute there),
+    or null."""
+    rate = request.get("rate")
+    if rate is not None and (
+        not isinstance(rate, int | float) or isinstance(rate, bool) or not rate > 0
+    ):
+        raise UsageError("rate must be a positive number")
     value = request.get("new_provider")
-    if value is None:
-        return None
-    if (not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], str)
-            or not isinstance(value[1], dict)):
+    if value is not None and (
+        not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], str)
+        or not isinstance(value[1], dict)
+    ):
         raise UsageError("new_provider must be [kind, options] or null")
-    return value[0], value[1]
+    new_provider = None if value is None else (value[0], value[1])
+    return PassRequest(rate, bool(request.get("purge_old")), new_provider)
 
 
 async def _send(stream: trio.SocketStream, message: dict) -> None:

@@ -22,9 +22,11 @@ is applied on the trio thread only when it returns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -44,6 +46,19 @@ POLICY_RETRY = 300.0  # after an automatic rotation failed (provider down ...)
 QUIESCE_POLL = 0.01  # seconds between looks for a moment with no mkdir/rename in flight
 MAX_WALKS = 4  # data walks of an online re-encryption before it reports what is left
 NAME_WALKS = 3  # name walks between requests before the last one runs as one step
+
+
+@dataclass(frozen=True)
+class PassRequest:
+    """What a rotation or a re-encryption is asked for: its `rate` (re-wrapped DEKs per
+    second for a rotation, MiB/s for a re-encryption; None: unthrottled), whether it
+    retires the old KEK versions at its end (`purge_old`), and `new_provider` (kind,
+    options): the new KEK version's only provider, made by this daemon (a key file is
+    created by it), or None (protected like the current version)."""
+
+    rate: float | None = None
+    purge_old: bool = False
+    new_provider: tuple[str, dict[str, Any]] | None = None
 
 
 class Supervisor:
@@ -189,7 +204,7 @@ class Supervisor:
         log.info("the rotation policy asks for a new KEK version")
         try:
             result = await self.rotate(
-                rate=None, purge_old=config.rotation_policy["purge_old"], report=None
+                PassRequest(purge_old=config.rotation_policy["purge_old"]), report=None
             )
         except EncfsError as exc:
             log.warning("automatic rotation failed: %s", exc)
@@ -241,32 +256,38 @@ class Supervisor:
     async def _resume(self, name: str, run: Callable[..., Awaitable[dict]]) -> None:
         """An interrupted pass (`rotate` or `reencrypt`) resumed in the background."""
         try:
-            result = await run(rate=None, purge_old=False, report=None)
+            result = await run(PassRequest(), None)
             log.info("resumed %s finished: %s", name, result.get("deks_per_version"))
         except EncfsError as exc:
             log.warning("could not resume the %s: %s", name, exc)
 
-    async def rotate(
-        self,
-        rate: float | None,
-        purge_old: bool,
-        report: Callable[[rewrap.PassStats], Awaitable[None]] | None,
-        new_provider: tuple[str, dict[str, Any]] | None = None,
-    ) -> dict:
-        """A rotation (or the resume of one) between FUSE requests: its result. `report`
-        hears the pass's progress about every PROGRESS_INTERVAL seconds. `new_provider`
-        (kind, options): the new KEK version's only provider (rotation.start_rotation),
-        made by this daemon (a key file is created by it)."""
+    @contextlib.contextmanager
+    def _one_pass(self) -> Iterator[None]:
+        """One rotation or re-encryption at a time."""
         if self._rotating:
-            raise EncfsError("a rotation is already running")
+            raise EncfsError("a rotation or re-encryption is already running")
         self._rotating = True
         try:
+            yield
+        finally:
+            self._rotating = False
+
+    async def rotate(
+        self, request: PassRequest, report: Callable[[rewrap.PassStats], Awaitable[None]] | None
+    ) -> dict:
+        """A rotation (or the resume of one) between FUSE requests: its result. `report`
+        hears the pass's progress about every PROGRESS_INTERVAL seconds. The new KEK
+        version (rotation.start_rotation) is protected by `request.new_provider` when
+        one is given."""
+        with self._one_pass():
             if self.volume.config.reencrypt is not None:
                 raise UsageError(
                     "a re-encryption of this volume is unfinished (paused?): run "
                     "encfs-gw reencrypt --resume first"
                 )
-            run = rotation.RotationRun(self.volume, rate, purge_old, new_provider)
+            run = rotation.RotationRun(
+                self.volume, request.rate, request.purge_old, request.new_provider
+            )
             await self._drive(run.steps(), report)
             counts = run.complete_count()
             if counts is None:  # something moved under the walk: count by reading
@@ -275,16 +296,12 @@ class Supervisor:
                 counts = await trio.to_thread.run_sync(rewrap.census, self.volume, False)
             # Finishing mutates the keyring and config: back on the trio thread.
             return run.finish(counts)
-        finally:
-            self._rotating = False
 
     # --- re-encryption (encfs.admin.reencrypt) --------------------------------------------------
     async def reencrypt(
         self,
-        rate: float | None,
-        purge_old: bool,
+        request: PassRequest,
         report: Callable[[reencrypt.ReencryptStats], Awaitable[None]] | None,
-        new_provider: tuple[str, dict[str, Any]] | None = None,
     ) -> dict:
         """A re-encryption (or the resume of one) of the mounted volume: its result.
 
@@ -297,49 +314,54 @@ class Supervisor:
         what it read before it writes (ReencryptPass._drop_raced). Requests may move or
         write what a walk passed: the census after each walk decides whether to walk
         again (at most MAX_WALKS)."""
-        if self._rotating:
-            raise EncfsError("a rotation or re-encryption is already running")
-        self._rotating = True
-        try:
-            while self.volume.steps_in_flight:
-                await trio.sleep(QUIESCE_POLL)
-            # One step: from the start on, writes use the new volume key and reads accept
-            # both (Keyring.read_epoch_keys) until the name pass is over.
-            run = reencrypt.ReencryptRun(
-                self.volume, rate, purge_old, new_provider, self.volume.follower()
-            )
-            self.reencrypt_stats = run.data.stats
-            if reencrypt.is_paused(self.volume.config):
-                reencrypt.set_paused(self.volume, False)  # run again: resumed
-            # a pause asked for during the name pass stops the data pass's first step
-            self._pause, self._paused = trio.Event(), trio.Event()
-            run.data.replay()  # (nothing: the mount replayed it; a started pass has none)
-            # One directory per step, and only while no mkdir or rename is between its
-            # stages (they computed backing names before the step)
-            steps = ((None, 0.0) for _ in run.name_steps(
-                lambda: self.volume.counters["moves"], NAME_WALKS
-            ))
-            await self._drive(steps, None, ready=lambda: not self.volume.steps_in_flight)
-            for walk in range(MAX_WALKS):
-                if walk:
-                    run.walk_again()
-                if await self._drive(run.steps(), report, self._pause.is_set):
-                    # between two steps: nothing gathered was written, nothing is lost
-                    reencrypt.set_paused(self.volume, True)
-                    self._paused.set()
-                    return {"done": False, "paused": True, "target": run.target,
-                            **run.data.stats.as_dict()}
-                # The census only reads; it may run beside FUSE requests.
-                counts = await trio.to_thread.run_sync(rewrap.census, self.volume, False)
-                if not run.remaining(counts, run.target):
-                    break
-            # Finishing mutates the keyring and config: back on the trio thread.
-            return run.finish(counts)
-        finally:
-            self._rotating = False
-            self.reencrypt_stats = None
-            self._pause = None
-            self._paused.set()  # (also when it ended otherwise: nobody waits in vain)
+        with self._one_pass():
+            try:
+                return await self._reencrypt(request, report)
+            finally:
+                self.reencrypt_stats = None
+                self._pause = None
+                self._paused.set()  # (also when it ended otherwise: nobody waits in vain)
+
+    async def _reencrypt(
+        self,
+        request: PassRequest,
+        report: Callable[[reencrypt.ReencryptStats], Awaitable[None]] | None,
+    ) -> dict:
+        while self.volume.steps_in_flight:
+            await trio.sleep(QUIESCE_POLL)
+        # One step: from the start on, writes use the new volume key and reads accept
+        # both (Keyring.read_epoch_keys) until the name pass is over.
+        run = reencrypt.ReencryptRun(
+            self.volume, request.rate, request.purge_old, request.new_provider,
+            self.volume.follower(),
+        )
+        self.reencrypt_stats = run.data.stats
+        if reencrypt.is_paused(self.volume.config):
+            reencrypt.set_paused(self.volume, False)  # run again: resumed
+        # a pause asked for during the name pass stops the data pass's first step
+        self._pause, self._paused = trio.Event(), trio.Event()
+        run.data.replay()  # (nothing: the mount replayed it; a started pass has none)
+        # One directory per step, and only while no mkdir or rename is between its
+        # stages (they computed backing names before the step)
+        steps = ((None, 0.0) for _ in run.name_steps(
+            lambda: self.volume.counters["moves"], NAME_WALKS
+        ))
+        await self._drive(steps, None, ready=lambda: not self.volume.steps_in_flight)
+        for walk in range(MAX_WALKS):
+            if walk:
+                run.walk_again()
+            if await self._drive(run.steps(), report, self._pause.is_set):
+                # between two steps: nothing gathered was written, nothing is lost
+                reencrypt.set_paused(self.volume, True)
+                self._paused.set()
+                return {"done": False, "paused": True, "target": run.target,
+                        **run.data.stats.as_dict()}
+            # The census only reads; it may run beside FUSE requests.
+            counts = await trio.to_thread.run_sync(rewrap.census, self.volume, False)
+            if not run.remaining(counts, run.target):
+                break
+        # Finishing mutates the keyring and config: back on the trio thread.
+        return run.finish(counts)
 
     async def pause_reencrypt(self) -> dict:
         """Stop the running re-encryption after its current step and record it paused (a

@@ -184,6 +184,10 @@ def test_rotate_bad_new_provider_gives_one_line_and_changes_nothing(tmp_path):
             (reply,) = client.request(str(volume.backing), request, str(mnt))
             assert reply["exit_code"] == code, (value, reply)
             assert config_bytes(volume.backing) == before, value
+        for op in ("rotate", "reencrypt"):  # a rate that is no positive number
+            (reply,) = client.request(str(volume.backing), {"op": op, "rate": "fast"}, str(mnt))
+            assert reply["exit_code"] == malformed, (op, reply)
+            assert config_bytes(volume.backing) == before, op
         state = json.loads(run_cli("status", mnt, "--json", check=True).stdout)
         assert state["kek_versions"] == {"1": "active"} and state["rotation"] is None
     assert sorted(p.name for p in tmp_path.glob("*.key")) == ["old.key"]
