@@ -433,28 +433,29 @@ def _one_labelled(
         raise failed(exc) from None
 
 
+# What a PKCS#11 error means, by python-pkcs11's exception names (the package is imported
+# only when a provider runs): the device or its token cannot be reached now (transient);
+# the session or its login is gone (log in again and retry).
+_UNAVAILABLE = (
+    "DeviceError", "DeviceRemoved", "TokenNotPresent", "DeviceMemory", "FunctionFailed",
+)
+_STALE = (
+    "SessionHandleInvalid", "SessionClosed", "UserNotLoggedIn", "DeviceRemoved", "TokenNotPresent",
+)
+
+
+def _is_one_of(pkcs11: Any, exc: Exception, names: tuple[str, ...]) -> bool:
+    return isinstance(exc, tuple(getattr(pkcs11, name) for name in names))
+
+
 def _map_device_error(pkcs11: Any, exc: Exception, what: str) -> Exception:
-    unavailable = (
-        pkcs11.DeviceError,
-        pkcs11.DeviceRemoved,
-        pkcs11.TokenNotPresent,
-        pkcs11.DeviceMemory,
-        pkcs11.FunctionFailed,
-    )
-    if isinstance(exc, unavailable):
+    if _is_one_of(pkcs11, exc, _UNAVAILABLE):
         return ProviderUnavailable(f"{what} is unavailable ({type(exc).__name__})")
     return ProviderConfigError(f"{what}: PKCS#11 error {type(exc).__name__} {exc}".rstrip())
 
 
 def _map_session_error(pkcs11: Any, exc: Exception, what: str) -> Exception:
-    stale = (
-        pkcs11.SessionHandleInvalid,
-        pkcs11.SessionClosed,
-        pkcs11.UserNotLoggedIn,
-        pkcs11.DeviceRemoved,
-        pkcs11.TokenNotPresent,
-    )
-    if isinstance(exc, stale):
+    if _is_one_of(pkcs11, exc, _STALE):
         return _Stale()
     if isinstance(exc, pkcs11.ObjectHandleInvalid):
         return _Vanished()

@@ -299,3 +299,11 @@ def test_describe(hsm):
     provider = Pkcs11Provider(Pkcs11Provider.options_from_spec(spec(hsm, key="k1")))
     assert provider.describe() == "pkcs11:token=encfs-a,key=k1"
     assert str(Path(hsm.pin_files["encfs-a"])) not in provider.describe()
+
+
+def test_error_tables_name_real_pkcs11_exceptions():
+    # the meaning of PKCS#11 errors is kept by class name: a typo must fail here
+    from encfs.keys.pkcs11 import _STALE, _UNAVAILABLE
+
+    for name in _UNAVAILABLE + _STALE:
+        assert issubclass(getattr(pkcs11, name), pkcs11.PKCS11Error), name
