@@ -279,26 +279,6 @@ class Keyring:
             raise IntegrityError(f"volume key epoch {epoch} is loaded already")
         material.epochs[epoch] = EpochKeys(material.arena, volume_key)
 
-    @property
-    def name_cipher(self) -> crypto.SivCipher:
-        return self.epoch_keys().name_cipher
-
-    @property
-    def name_memo(self) -> NameMemo:
-        return self.epoch_keys().name_memo
-
-    @property
-    def symlink_cipher(self) -> crypto.SivCipher:
-        return self.epoch_keys().symlink_cipher
-
-    @property
-    def xattr_name_cipher(self) -> crypto.SivCipher:
-        return self.epoch_keys().xattr_name_cipher
-
-    @property
-    def xattr_value_key(self) -> memoryview:
-        return self.epoch_keys().xattr_value_key
-
     @classmethod
     def unlock(
         cls,

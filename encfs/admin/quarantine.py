@@ -78,7 +78,7 @@ def _new_item(volume: Volume, record: dict[str, Any]) -> tuple[int, int, str]:
         raise
     try:
         data = json.dumps({**record, "item": name, "time": _now()}).encode()
-        sealed = volume.keyring.name_cipher.seal(data, _record_aad(volume, name))
+        sealed = volume.keyring.epoch_keys().name_cipher.seal(data, _record_aad(volume, name))
         backing.write_file_atomic(item, RECORD, sealed, 0o400, temp_prefix=fnames.TEMP_PREFIX)
     except BaseException:
         os.close(item)
@@ -239,7 +239,7 @@ def _export_item(volume: Volume, item: int, name: str, out: str) -> Exported:
     result = Exported(name, {})
     try:
         sealed = backing.read_small_file(item, RECORD)
-        opened = volume.keyring.name_cipher.open(sealed, _record_aad(volume, name))
+        opened = volume.keyring.epoch_keys().name_cipher.open(sealed, _record_aad(volume, name))
         result.record = json.loads(opened)
     except (OSError, IntegrityError, ValueError) as exc:
         result.notes.append(f"finding record unreadable: {exc}")
@@ -373,7 +373,7 @@ def _export_directory(
 
 def _link_target(volume: Volume, cipher_target: str, store_copy: bytes | None) -> bytes:
     """A symlink's target, in whichever encoding (FORMAT.md 5.3), binding ignored."""
-    cipher = volume.keyring.symlink_cipher
+    cipher = volume.keyring.epoch_keys().symlink_cipher
     if volume.bound_names:
         link = LinkRecord.decode(cipher_target)
         if not link.stored:

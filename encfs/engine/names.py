@@ -139,7 +139,7 @@ class Names:
 
     def encode(self, directory: Inode, plain_name: bytes) -> tuple[str, str]:
         """(backing name, full encoded name); they differ for long names."""
-        memo = self._keyring.name_memo  # raises once the keys are revoked
+        memo = self._keyring.epoch_keys().name_memo  # raises once the keys are revoked
         dir_id = self.dir_id(directory)
         known = memo.backing.get((dir_id, plain_name))
         if known is not None:
@@ -150,7 +150,7 @@ class Names:
             raise oserror(
                 errno.ENAMETOOLONG if len(plain_name) > fnames.NAME_MAX else errno.EINVAL
             ) from None
-        sealed = self._keyring.name_cipher.seal(padded, fnames.name_aad(dir_id))
+        sealed = self._keyring.epoch_keys().name_cipher.seal(padded, fnames.name_aad(dir_id))
         encoded = fnames.b64encode(sealed)
         backing_name = fnames.long_name_stub(encoded) if fnames.is_long(encoded) else encoded
         memo.remember(dir_id, plain_name, backing_name, encoded)

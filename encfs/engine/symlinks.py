@@ -59,7 +59,7 @@ class Symlinks:
             record = self.new_record(location, target)
             return record.encode(), record.link_id if record.stored else None
         if fnames.symlink_fits_inline(len(target)):
-            sealed = self._keyring.symlink_cipher.seal(target, fnames.symlink_aad())
+            sealed = self._keyring.epoch_keys().symlink_cipher.seal(target, fnames.symlink_aad())
             return fnames.b64encode(sealed), None
         if self._long_targets:
             long_id = self._store(target)
@@ -69,7 +69,7 @@ class Symlinks:
     def new_record(self, location: Location, target: bytes) -> LinkRecord:
         """A new bound symlink target for `location` (storing a long target first)."""
         link_id = crypto.random_bytes(places.LINK_ID_SIZE)
-        sealed = self._keyring.symlink_cipher.seal(target, places.link_aad(link_id))
+        sealed = self._keyring.epoch_keys().symlink_cipher.seal(target, places.link_aad(link_id))
         unbound = places.ZERO_BINDING, places.ZERO_BINDING
         if places.bound_target_fits_inline(len(target)):
             record = LinkRecord(0, link_id, unbound, sealed)
@@ -99,7 +99,7 @@ class Symlinks:
         long_id = fnames.long_symlink_id(cipher_target)
         if long_id is not None:
             return self._load(long_id)
-        return self._keyring.symlink_cipher.open(
+        return self._keyring.epoch_keys().symlink_cipher.open(
             fnames.b64decode_strict(cipher_target), fnames.symlink_aad()
         )
 
@@ -125,7 +125,8 @@ class Symlinks:
     def _store(self, target: bytes, long_id: bytes | None = None) -> bytes:
         if long_id is None:
             long_id = crypto.random_bytes(fnames.LONG_SYMLINK_ID_SIZE)
-        sealed = self._keyring.symlink_cipher.seal(target, fnames.long_symlink_aad(long_id))
+        cipher = self._keyring.epoch_keys().symlink_cipher
+        sealed = cipher.seal(target, fnames.long_symlink_aad(long_id))
         with contextlib.suppress(FileExistsError):
             os.mkdir(fnames.SYMLINK_STORE_DIR, 0o700, dir_fd=self._root_fd)
         store_fd = os.open(

@@ -58,7 +58,7 @@ class Xattrs:
         self.sets = sets  # feature xattr-sets: one sealed set per object
         self._bound = bound  # bound symlinks have a link id
         self._sets = XattrSets(
-            lambda: keyring.xattr_value_key, volume_id, root_fd,
+            lambda: keyring.epoch_keys().xattr_value_key, volume_id, root_fd,
             lambda open_: keyring.read_with_any(lambda keys: open_(keys.xattr_value_key)),
         )
 
@@ -247,14 +247,16 @@ class Xattrs:
             padded = fnames.pad_xattr_name(plain_name)
         except IntegrityError:
             raise oserror(errno.ERANGE, "xattr name too long for the backing store") from None
-        sealed = self._keyring.xattr_name_cipher.seal(padded, fnames.xattr_name_aad())
+        sealed = self._keyring.epoch_keys().xattr_name_cipher.seal(padded, fnames.xattr_name_aad())
         return fnames.XATTR_PREFIX + fnames.b64encode(sealed)
 
     def _set_per_name(self, inode: Inode, plain_name: bytes, value: bytes) -> None:
         path, object_id = self._target(inode)
         backing_name = self._backing_name(plain_name)
         sealed = crypto.gcm_seal(
-            self._keyring.xattr_value_key, value, fnames.xattr_value_aad(object_id, backing_name)
+            self._keyring.epoch_keys().xattr_value_key,
+            value,
+            fnames.xattr_value_aad(object_id, backing_name),
         )
         os.setxattr(path, backing_name, sealed)
         inode.xattrs_stored = True
@@ -273,7 +275,9 @@ class Xattrs:
         backing_name = self._backing_name(plain_name)
         sealed = os.getxattr(path, backing_name)
         return crypto.gcm_open(
-            self._keyring.xattr_value_key, sealed, fnames.xattr_value_aad(object_id, backing_name)
+            self._keyring.epoch_keys().xattr_value_key,
+            sealed,
+            fnames.xattr_value_aad(object_id, backing_name),
         )
 
     def _list_per_name(self, inode: Inode) -> list[bytes]:
@@ -285,7 +289,8 @@ class Xattrs:
                 continue
             try:
                 sealed = fnames.b64decode_strict(backing_name[len(fnames.XATTR_PREFIX) :])
-                padded = self._keyring.xattr_name_cipher.open(sealed, fnames.xattr_name_aad())
+                cipher = self._keyring.epoch_keys().xattr_name_cipher
+                padded = cipher.open(sealed, fnames.xattr_name_aad())
                 names.append(fnames.unpad_xattr_name(padded))
             except IntegrityError as exc:
                 self._counters["integrity_errors"] += 1

@@ -32,7 +32,7 @@ def test_listing_and_lookup_agree_with_and_without_memo(vol, backing):
         vol.release(fh)
     warm = _listing(vol, d.ino)  # create filled the memo
     assert sorted(warm) == sorted(names)
-    memo = vol.keyring.name_memo
+    memo = vol.keyring.epoch_keys().name_memo
     memo.backing.clear()
     memo.plain.clear()
     cold = _listing(vol, d.ino)  # decrypted and checked again
@@ -47,7 +47,7 @@ def test_memo_is_bounded(vol, monkeypatch):
     for i in range(12):
         fh, _ = vol.create(ROOT_INODE, b"f%d" % i, 0o100644, os.O_RDWR, 0, 0)
         vol.release(fh)
-    memo = vol.keyring.name_memo
+    memo = vol.keyring.epoch_keys().name_memo
     assert len(memo.backing) <= 5 and len(memo.plain) <= 5
     assert b"f11" in memo.plain.values()  # the newest stay, the oldest went
     assert b"f0" not in memo.plain.values()
@@ -57,7 +57,7 @@ def test_memo_is_bounded(vol, monkeypatch):
 def test_revocation_drops_the_memo(vol, backing):
     fh, attr = vol.create(ROOT_INODE, b"secret-name", 0o100644, os.O_RDWR, 0, 0)
     vol.release(fh)
-    memo = vol.keyring.name_memo
+    memo = vol.keyring.epoch_keys().name_memo
     assert b"secret-name" in memo.plain.values()
     vol.keyring.wipe(KeyRevoked("revoked in a test"))
     with pytest.raises(KeyRevoked):
@@ -65,8 +65,8 @@ def test_revocation_drops_the_memo(vol, backing):
     with pytest.raises(KeyRevoked):
         _listing(vol, ROOT_INODE)
     vol.keyring.restore(Keyring.unlock(vol.config, vol.operator))
-    assert vol.keyring.name_memo is not memo
-    assert not vol.keyring.name_memo.plain  # the restored keys start a new memo
+    assert vol.keyring.epoch_keys().name_memo is not memo
+    assert not vol.keyring.epoch_keys().name_memo.plain  # the restored keys start a new memo
     assert vol.lookup(ROOT_INODE, b"secret-name").ino == attr.ino
 
 

@@ -342,7 +342,7 @@ def test_xattr_set_engine_matches_independent_computation_and_committed_bytes(
     target.write_bytes(b"")
     root_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        sets = XattrSets(keyring.xattr_value_key, VOLUME_ID, root_fd)
+        sets = XattrSets(keyring.epoch_keys().xattr_value_key, VOLUME_ID, root_fd)
         owner = SetOwner(str(target), xformat.KIND_FILE, FILE_ID, xformat.SET_XATTR_USER)
         monkeypatch.setattr(crypto, "random_nonce", lambda: XATTR_NONCE)
         sets.write(owner, dict(XATTR_SET), was_stored=False)
