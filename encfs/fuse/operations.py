@@ -158,6 +158,12 @@ def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
     return entry
 
 
+# statfs: the backing filesystem's sizes and counts, passed on as they are
+_STATVFS_FROM_BACKING = (
+    "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail",
+)
+
+
 def _negative_entry() -> pyfuse3.EntryAttributes:
     entry = pyfuse3.EntryAttributes()
     entry.st_ino = 0  # cached by the kernel as "does not exist"
@@ -368,14 +374,8 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         st = self.volume.statfs()
         data = pyfuse3.StatvfsData()
-        data.f_bsize = st.f_bsize
-        data.f_frsize = st.f_frsize
-        data.f_blocks = st.f_blocks
-        data.f_bfree = st.f_bfree
-        data.f_bavail = st.f_bavail
-        data.f_files = st.f_files
-        data.f_ffree = st.f_ffree
-        data.f_favail = st.f_favail
+        for field in _STATVFS_FROM_BACKING:
+            setattr(data, field, getattr(st, field))
         data.f_namemax = 255
         return data
 
