@@ -73,6 +73,7 @@ class PendingRename:
     clean_up: Callable[[], None] | None = None
     renamed: bool = False
     held: list[Inode] = field(default_factory=list)  # their handles kept open until `end`
+    durable: bool = True  # False: the fsync after the backing rename failed
 
     @property
     def sync_before(self) -> list[int]:
@@ -91,6 +92,12 @@ class PendingRename:
             parents[move.parent.ino] = move.parent.fd
             parents[move.new_parent.ino] = move.new_parent.fd
         return list(parents.values())
+
+    def not_durable(self, exc: OSError) -> None:
+        """The fsync of `sync_after()` failed: the rename stands, but step 3 is skipped
+        for directories (`Volume.rename_finish`)."""
+        log.debug("cannot make a directory rename durable: %s", exc)
+        self.durable = False
 
 
 class Renames:
@@ -290,12 +297,13 @@ class Renames:
                 moved.location = move.new_location
                 self._ns.inodes.name(moved, move.new_parent, move.new_backing)
 
-    def finish(self, pending: PendingRename, durable: bool) -> None:
-        """Step 3 (for a directory only if `durable`: the rename was fsynced), then what
-        the rename left to remove (a replaced directory, sidecars, a stored target)."""
+    def finish(self, pending: PendingRename) -> None:
+        """Step 3 (for a directory only if the rename was fsynced: `pending.durable`),
+        then what the rename left to remove (a replaced directory, sidecars, a stored
+        target)."""
         for move in pending.moves:
             if move.final:
-                self._bind_new(move, durable)
+                self._bind_new(move, pending.durable)
                 self._follow_link(move)
         if pending.clean_up is not None:
             pending.clean_up()

@@ -19,7 +19,6 @@ runs to its end without yielding: the concurrency rule of docs/dev/ARCHITECTURE.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -44,8 +43,6 @@ from encfs.format import FEATURE_BOUND_NAMES, FEATURE_XATTR_SETS
 from encfs.format.volume import VolumeConfig
 from encfs.keyring import Keyring
 from encfs.trust import Operator
-
-log = logging.getLogger(__name__)
 
 
 class Volume:
@@ -438,14 +435,12 @@ class Volume:
             for fd in pending.sync_before:
                 os.fsync(fd)
             self.rename_apply(pending)
-            durable = True
             try:
                 for fd in pending.sync_after():
                     os.fsync(fd)
             except OSError as exc:
-                log.debug("cannot make a directory rename durable: %s", exc)
-                durable = False
-            self.rename_finish(pending, durable)
+                pending.not_durable(exc)
+            self.rename_finish(pending)
         finally:
             self.rename_end(pending)
 
@@ -460,7 +455,7 @@ class Volume:
     ) -> PendingRename | None:
         """Check a rename and make every object it moves valid at both places (step 1 of
         docs/FORMAT.md section 4); None if there is nothing to do. Then: `sync_before`
-        (fsync, any thread), `rename_apply`, `sync_after()` (fsync; failure: not durable),
+        (fsync, any thread), `rename_apply`, `sync_after()` (fsync; failure: `not_durable`),
         `rename_finish`, and always `rename_end`. The kernel holds both parents locked
         for the whole rename. `owner`: the caller's (uid, gid), given to the whiteout a
         RENAME_WHITEOUT leaves, as ext4 does."""
@@ -476,10 +471,11 @@ class Volume:
         """Step 2: the backing rename; the moved objects' known inodes follow."""
         self._renames.apply(pending)
 
-    def rename_finish(self, pending: PendingRename, durable: bool) -> None:
-        """Step 3 (for a directory only if `durable`: the rename was fsynced), then what
-        the rename left to remove (a replaced directory, sidecars, a stored target)."""
-        self._renames.finish(pending, durable)
+    def rename_finish(self, pending: PendingRename) -> None:
+        """Step 3 (for a directory only if the rename was fsynced: else the caller said
+        `pending.not_durable`), then what the rename left to remove (a replaced
+        directory, sidecars, a stored target)."""
+        self._renames.finish(pending)
 
     def rename_end(self, pending: PendingRename) -> None:
         self.steps_in_flight -= 1

@@ -276,15 +276,13 @@ class Operations(pyfuse3.Operations):
             if pending.sync_before:
                 await self.syncer.fsync_all(pending.sync_before)
             volume.rename_apply(pending)
-            durable = True
             after = pending.sync_after()
             if after:
                 try:
                     await self.syncer.fsync_all(after)
                 except OSError as exc:
-                    log.debug("cannot make a directory rename durable: %s", exc)
-                    durable = False
-            volume.rename_finish(pending, durable)
+                    pending.not_durable(exc)
+            volume.rename_finish(pending)
         finally:
             volume.rename_end(pending)
 
