@@ -1,6 +1,7 @@
 """Files that hold a provider's secret (a key, a passphrase, a PIN, a token): opened so
 that a planted FIFO cannot hang us, and refused unless private to their owner, as ssh
-refuses a private key. Shared by the providers that read such files.
+refuses a private key. Shared by the providers that read such files or hand one to a
+library (a TLS client key).
 """
 
 from __future__ import annotations
