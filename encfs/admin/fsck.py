@@ -173,10 +173,6 @@ class Checker:
         leftovers = self.volume.orphan_leftovers()
         if not leftovers:
             return
-        for _, ino in leftovers:
-            # (a file killed in the middle of a rename over it keeps its name too: its
-            # orphan link is one of the links the count check expects)
-            self._names_per_inode[ino] += 1
 
         def fix() -> None:
             self.volume.clear_orphans()
@@ -184,11 +180,17 @@ class Checker:
         self._find(
             f"/<backing {fnames.ORPHAN_DIR}>",
             "leftover unlinked open objects",
-            f"{len(leftovers)} objects a killed mount still used after their last name "
+            f"{len(leftovers)} objects a killed mount still used after a name of theirs "
             "was removed (the next writable mount removes them too)",
             CRASH,
             fix=fix,
         )
+        if self.report.findings[-1].repaired:
+            return  # (their links are gone: the count check counts the rest)
+        for _, ino in leftovers:
+            # (a hard-linked file, or one killed in the middle of a rename over it, keeps
+            # its other names: its orphan link is one of the links the count check expects)
+            self._names_per_inode[ino] += 1
 
     def _directory(self, ino: int, path: str, backing_path: str) -> None:
         entries = self.volume.scan_directory(ino)  # raises if the directory fails

@@ -17,15 +17,17 @@ under pressure like a handle: the next read or write opens it again (files.py,
 without a handle is reopened on demand by its parent's handle and its backing name
 (openat, O_NOFOLLOW), and what is reopened must be the same backing inode (st_dev,
 st_ino): else ESTALE. Every change of names goes through the volume, which keeps
-each inode's recorded name current: a rename moves it. A file or directory whose last
-name is removed (unlink, rmdir, a rename over it) while it is open, or while the kernel
-knows it and many removed inodes already keep a handle each (`nameless`), is moved into
-the orphan directory instead (engine/orphans.py, `.egw-orphans/<random>`) and recorded
-there, so its handle is evicted and reopened by name like any other; that entry is
-removed when the inode is dropped (`remove_orphan`). Any other inode whose recorded name
-is removed (the first few only known to the kernel, which forgets them as soon as no
-program uses them; a hard link with other names left; the move refused) keeps a handle
-until the kernel forgets it (`unname`), so its backing inode, and with it the inode
+each inode's recorded name current: a rename moves it. A file or directory whose
+recorded name is removed (unlink, rmdir, a rename over it; a file's last name or one of
+several) while it is open, or while the kernel knows it and many removed inodes already
+keep a handle each (`nameless`), has that name moved into the orphan directory instead
+(engine/orphans.py, `.egw-orphans/<random>`) and is recorded there, so its handle is
+evicted and reopened by name like any other; that entry is removed when the inode is
+dropped, or reached by another name (`remove_orphan`), and is never counted in the link
+count the kernel is told (Orphans.nlink). Any other inode whose recorded name is removed (the
+first few only known to the kernel, which forgets them as soon as no program uses them;
+symlinks and special files; the move refused) keeps a handle until the kernel forgets it
+or it is reached by a name again (`unname`), so its backing inode, and with it the inode
 number the kernel knows, is not freed and reused meanwhile. So what is never given back:
 one handle per such nameless inode, the handles and data descriptors of operations in
 progress (`hold`), and the data descriptor of a file open for writing that its owner may
@@ -95,7 +97,9 @@ class InodeTable:
         # The orphan directory's inode number once it is known, and what removes an
         # orphan's entry there when its inode is dropped (both set by engine/orphans.py).
         self.orphan_dir: int | None = None
-        self.remove_orphan: Callable[[Inode], None] | None = None
+        # (Its second argument: True when the inode is dropped, False when it was
+        # reached by another name.)
+        self.remove_orphan: Callable[[Inode, bool], None] | None = None
         # Inodes whose recorded name was removed and that keep a handle of their own
         # (`unname`): engine/orphans.py moves removed entries aside once there are many.
         self.nameless: set[int] = set()
@@ -139,8 +143,10 @@ class InodeTable:
                 self._adopt_handle(known, fd, st)  # reopened by this lookup: keep it
             else:
                 os.close(fd)
-            if parent is not None and known.backing_ino == st.st_ino:
-                self.name(known, parent, backing_name)
+            if parent is not None and known.backing_ino == st.st_ino and self.name(
+                known, parent, backing_name
+            ):
+                st = os.fstat(known.fd)  # (its link count without the orphan link)
             return known, st
         inode = Inode(ino, -1, st.st_mode, self, st.st_ino)
         self.inodes[ino] = inode
@@ -176,7 +182,7 @@ class InodeTable:
             on_drop, inode.on_drop = inode.on_drop, None
             on_drop()
         if self.is_orphan(inode) and self.remove_orphan is not None:
-            self.remove_orphan(inode)  # (its handle still open: the last close frees it)
+            self.remove_orphan(inode, True)  # (its handle still open: the last close frees it)
         self.cache.pop(inode.ino, None)
         if inode._fd >= 0:
             self.close_fd(inode._fd)
@@ -189,8 +195,9 @@ class InodeTable:
         self._set_name(inode, None, None)
 
     def is_orphan(self, inode: Inode) -> bool:
-        """Whether its last name was removed while it was open (it is in the orphan
-        directory: its link count is 0 to the kernel, as on ext4)."""
+        """Whether it is recorded in the orphan directory: a name of it was removed
+        while it was in use and no other name of it has been reached since (one of its
+        backing links is its orphan entry, which the kernel is not told of)."""
         return inode.parent_ino is not None and inode.parent_ino == self.orphan_dir
 
     def settle(self, inode: Inode) -> None:
@@ -342,8 +349,8 @@ class InodeTable:
             inode = Inode(ino, -1, st.st_mode, self, st.st_ino)
             self._set_name(inode, parent.ino, backing_name)
             self.inodes[ino] = inode
-        elif inode.backing_ino == st.st_ino:
-            self.name(inode, parent, backing_name)
+        elif inode.backing_ino == st.st_ino and self.name(inode, parent, backing_name):
+            st = os.stat(backing_name, dir_fd=parent.fd, follow_symlinks=False)
         return inode, st
 
     def shed(self) -> int:
@@ -400,12 +407,19 @@ class InodeTable:
         inode.backing_ino = os.fstat(fd).st_ino
         self.settle(inode)
 
-    def name(self, inode: Inode, parent: Inode, backing_name: str | None) -> None:
-        """`inode` was reached as `backing_name` in `parent`: reopen it by that."""
-        if (inode.parent_ino, inode.backing_name) != (parent.ino, backing_name):
-            self._set_name(inode, parent.ino if backing_name is not None else None,
-                           backing_name)
-            self.settle(inode)
+    def name(self, inode: Inode, parent: Inode, backing_name: str | None) -> bool:
+        """`inode` was reached as `backing_name` in `parent`: reopen it by that. True if
+        that removed its orphan link (a file reached by another name needs it no more;
+        a stat made before counts it)."""
+        if (inode.parent_ino, inode.backing_name) == (parent.ino, backing_name):
+            return False
+        unlinked = False
+        if self.is_orphan(inode) and not inode.is_dir and self.remove_orphan is not None:
+            self.remove_orphan(inode, False)
+            unlinked = True
+        self._set_name(inode, parent.ino if backing_name is not None else None, backing_name)
+        self.settle(inode)
+        return unlinked
 
     def _set_name(self, inode: Inode, parent_ino: int | None, backing_name: str | None) -> None:
         """Record where `inode` is reopened from, keeping the parents' `children` counts:

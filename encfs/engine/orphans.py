@@ -1,4 +1,4 @@
-"""Objects in use whose last name was removed (layer L4): the orphan directory.
+"""Objects in use whose name was removed (layer L4): the orphan directory.
 
 A file or directory a program holds open may lose its last name: unlink, rmdir, a rename
 over it. On ext4 it lives on, nameless, until it is closed. Here its inode must still be
@@ -16,24 +16,42 @@ as ext4 says. When the inode is dropped (last release and forget) its entry is r
 its handle still open, so the deferred closer's last close is where the backing store
 frees it, as for any unlinked file.
 
-What is moved: a regular file with no other name (st_nlink 1) or a directory, when it
-is open, or when the kernel knows it (lookup count > 0) and `nameless_max` removed inodes
-already keep a handle each. A replaced file (a rename over it) is first hard-linked into
-the orphan directory, so the rename stays one atomic step; the rename then leaves the
-orphan link its only name. Otherwise a removed inode the kernel knows keeps a handle until
-it is forgotten, as before (InodeTable.unname, `nameless`): a plain unlink costs less than
-a rename and a later unlink, and the kernel forgets such an inode as soon as no program
-uses it, so only a few wait at a time; the bound catches the rest (forgets that lag
-behind, O_PATH descriptors, current directories). A file with other names left is
-never moved (its inode is reached by one of them again at its next lookup; moving the
-removed name aside would make the others' link count one too high): it keeps a handle
-until then or until forgotten. A move the backing store refuses falls back to that too.
-The orphan directory's own inode is in the table while anything is recorded in it.
+A file with other names (a hard link: st_nlink > 1) unlinked by one of them while it is
+open is the same case: its inode can be reopened by none of its remaining names until
+the kernel looks one of them up again, which a program holding it open need never do.
+So the removed name is moved aside the same way: the backing inode keeps its link count,
+one of its links being the orphan entry, which is never counted: the kernel is told the
+backing count minus one while the inode is recorded there (`nlink`), which is
+ext4's count of the names left (0 once the last is gone too). A file has at most one
+orphan link: removing another name of it while it is recorded there is a plain unlink
+(its recorded name is the orphan link, not that one). Reached by a remaining name again
+(a lookup, a listed entry, a rename of it), it is recorded there, and its orphan link
+goes at once (InodeTable.name: the file has that name, so this frees nothing; the link
+count the lookup answers is stat'ed after). Such a file's header is bound to no place
+(a hard link unbinds it: engine/entries.py), so it verifies whatever name it is
+reached by. Its set in the xattr store goes only with its last name: the orphan link is
+not counted there either (Xattrs.last_name_set).
+
+What is moved: a regular file or a directory, when it is open, or when the kernel knows
+it (lookup count > 0) and `nameless_max` removed inodes already keep a handle each. A
+replaced file (a rename over it) is first hard-linked into the orphan directory, so the
+rename stays one atomic step; the rename then leaves the orphan link in place of that
+name. Otherwise a removed inode the kernel knows keeps a handle until it is forgotten or
+reached by a name again, as before (InodeTable.unname, `nameless`): a plain unlink costs
+less than a rename and a later unlink, and the kernel forgets such an inode as soon as
+no program uses it, so only a few wait at a time; the bound catches the rest (forgets
+that lag behind, O_PATH descriptors, current directories). A move the backing store
+refuses falls back to that too, and so do other objects (symlinks, FIFOs, devices: the
+kernel opens none of them through the daemon). The orphan directory's own inode is in
+the table while anything is recorded in it.
 
 Leftovers (the daemon was killed) are removed at the next writable mount (`clear`) and
-by `fsck --repair` (fsck reports them); a read-only mount leaves them alone. Nothing
-lists or decodes names under the orphan directory: its own name is a reserved one (it
-contains a '.'), which listings skip.
+by `fsck --repair` (fsck reports them, and counts each as a link of its inode). Removing
+the orphan link of a file that still has a name only drops that link: the file and its
+stored xattrs stay (a regular file's set goes only with its last link). A read-only
+mount leaves leftovers alone (a file with one there shows a link count one too high
+until a writable mount removes it). Nothing lists or decodes names under the orphan
+directory: its own name is a reserved one (it contains a '.'), which listings skip.
 """
 
 from __future__ import annotations
@@ -99,25 +117,31 @@ class Orphans:
         self._dir = inode
         return inode
 
+    def nlink(self, inode: Inode, st: os.stat_result) -> int:
+        """The link count the kernel is told, as ext4 says: the backing one without the
+        orphan link (a file whose other names are gone: 0; a removed directory: 0)."""
+        if not self._inodes.is_orphan(inode):
+            return st.st_nlink
+        return 0 if stat.S_ISDIR(st.st_mode) else max(0, st.st_nlink - 1)
+
     def _release_directory(self) -> None:
         """The orphan directory's inode leaves the table if nothing is recorded in it."""
         if self._dir is not None and self._inodes.inodes.get(self._dir.ino) is self._dir:
             self._inodes.drop(self._dir)
 
     def _movable(self, inode: Inode | None, st: os.stat_result) -> bool:
-        """Whether the removal of this name moves the object aside: it is open, or only
-        known to the kernel while many removed inodes already keep a handle each (the
-        kernel's forgets lag behind, or programs hold O_PATH descriptors or current
-        directories in them); and this is its last name."""
+        """Whether the removal of this name moves the object aside: a directory or a
+        regular file (with other names or not) that is open, or only known to the
+        kernel while many removed inodes already keep a handle each (the kernel's
+        forgets lag behind, or programs hold O_PATH descriptors or current directories
+        in them)."""
         if inode is None or self._inodes.is_orphan(inode):
             return False
         table = self._inodes
         held = inode.opens > 0 or (
             inode.lookups > 0 and len(table.nameless) >= nameless_max(table.capacity)
         )
-        return held and (
-            stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
-        )
+        return held and (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode))
 
     def set_aside(
         self, parent: Inode, backing_name: str, st: os.stat_result, flags: int = 0
@@ -176,27 +200,29 @@ class Orphans:
             with inodes.replaced(parent, backing_name):
                 yield
         except BaseException:
-            inodes.name(inode, parent, backing_name)
-            with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=orphans.fd)
+            inodes.name(inode, parent, backing_name)  # (which removes the orphan link)
             raise
 
-    def _remove(self, inode: Inode) -> None:
-        """An orphan's inode is dropped: its entry goes (InodeTable.drop)."""
+    def _remove(self, inode: Inode, dropped: bool) -> None:
+        """An orphan's inode is dropped (InodeTable.drop), or a file recorded here was
+        reached by another name (InodeTable.name: it has one, so this frees nothing):
+        its entry goes."""
         orphans, name = self._dir, inode.backing_name
         if orphans is None or name is None:
             return
-        # With a handle open, the unlink frees nothing: the table's (deferred) close of
-        # that handle does, off the request loop (ext4 takes milliseconds for a big file).
-        with contextlib.suppress(OSError):
-            inode.fd  # noqa: B018 (reopened by name if it was evicted)
+        if dropped:
+            # With a handle open, the unlink frees nothing: the table's (deferred) close
+            # of that handle does, off the request loop (ext4 takes milliseconds for a
+            # big file).
+            with contextlib.suppress(OSError):
+                inode.fd  # noqa: B018 (reopened by name if it was evicted)
         try:
             if inode.is_dir:
                 remove_tree(orphans.fd, name)
             else:
                 os.unlink(name, dir_fd=orphans.fd)
         except OSError as exc:
-            log.warning("cannot remove a closed orphan (the next mount does): %s", exc)
+            log.warning("cannot remove an orphan entry (the next writable mount does): %s", exc)
 
     # --- leftovers --------------------------------------------------------------------
     def leftovers(self) -> list[tuple[str, int]]:

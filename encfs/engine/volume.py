@@ -228,7 +228,7 @@ class Volume:
         return Attr(
             ino=inode.ino,
             mode=st.st_mode,
-            nlink=0 if self._inodes.is_orphan(inode) else st.st_nlink,  # (as ext4 says)
+            nlink=self._orphans.nlink(inode, st),  # (an orphan link not counted)
             uid=st.st_uid,
             gid=st.st_gid,
             rdev=st.st_rdev,

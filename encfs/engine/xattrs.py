@@ -144,14 +144,21 @@ class Xattrs:
     ) -> SetOwner | None:
         """The owner of the STORED set of the object whose last name `backing_name` is
         (its store file goes with it: `discard_after`), or None."""
-        if not self.sets or (stat.S_ISREG(st.st_mode) and st.st_nlink != 1):
+        if not self.sets:
+            return None
+        known = self._inodes.inodes.get(self._inodes.fuse_ino(st.st_ino))
+        if known is not None and known.backing_ino != st.st_ino:
+            known = None
+        # (A file recorded in the orphan directory: its orphan link is not a name.)
+        if stat.S_ISREG(st.st_mode) and (
+            st.st_nlink - (known is not None and self._inodes.is_orphan(known)) != 1
+        ):
             return None
         mode = stat.S_IFMT(st.st_mode)
         if mode not in (stat.S_IFREG, stat.S_IFDIR) and not (
             mode == stat.S_IFLNK and self._bound
         ):
             return None  # others keep their sets inline
-        known = self._inodes.inodes.get(self._inodes.fuse_ino(st.st_ino))
         if known is not None and known.xattrs_stored is False:
             return None
         # One lgetxattr by name (the last component is the entry itself) for the usual

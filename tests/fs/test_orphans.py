@@ -3,8 +3,11 @@
 An open file unlinked or renamed over, and an open directory rmdir'ed, are moved into
 BACKING/.egw-orphans/ under a random name (engine/orphans.py): their handles are evicted
 and reopened by that name like any other, so they cost no descriptor of their own; the
-last release and forget removes them. A process that dies holding them leaves them there:
-the next writable mount (Volume.clear_orphans) and fsck --repair remove them. These tests
+last release and forget removes them. An open file unlinked by one of several names (a
+hard link) has that name moved there too, not counted in its link count, and removed
+also when the file is reached by another name. A process that dies holding them leaves
+them there: the next writable mount (Volume.clear_orphans) and fsck --repair remove them
+(a hard link's other names, and the file, stay). These tests
 drive the engine directly with a tiny handle cache; tests/integration/
 test_descriptor_bound.py does it through a mount, and kills a daemon.
 """
@@ -108,23 +111,157 @@ def test_a_file_renamed_over_while_open_keeps_its_data(small, backing):
     assert orphans(backing) == []
 
 
-def test_a_hard_link_with_other_names_is_unlinked_in_place(small, backing):
-    """A file with another name left is not moved aside (its other names' link count
-    would be one too high): it keeps its handle until it is reached by a name again."""
+class Ext4Twin:
+    """The same names in a plain directory of the backing filesystem (ext4 here), to
+    compare link counts with: what ext4 says is what the mount must say."""
+
+    def __init__(self, where) -> None:
+        where.mkdir()
+        self.where = where
+        self.fds: dict[str, int] = {}
+
+    def create(self, name: str) -> None:
+        self.fds[name] = os.open(self.where / name, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def link(self, name: str, new: str) -> None:
+        os.link(self.where / name, self.where / new)
+
+    def unlink(self, name: str) -> None:
+        os.unlink(self.where / name)
+
+    def rename(self, name: str, new: str) -> None:
+        os.rename(self.where / name, self.where / new)
+
+    def nlink(self, name: str) -> int:
+        return os.fstat(self.fds[name]).st_nlink
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def test_a_hard_link_unlinked_by_one_name_while_open_is_moved_aside(small, backing, tmp_path):
+    """An open file removed by one of its names while it has others: that name is moved
+    into the orphan directory (its backing link count unchanged), so its handle is
+    evicted and reopened by that name like any other. Its link count is ext4's at every
+    step (the orphan link is not counted); removing a second name adds no orphan link;
+    reached by a remaining name, it needs its orphan link no more; its last name removed,
+    it is moved aside again; closed and forgotten, nothing is left."""
+    twin = Ext4Twin(tmp_path / "ext4")
     (fh, ino), = open_many(small, 1, prefix=b"h")
-    small.link(ino, ROOT_INODE, b"other")
+    twin.create("h0")
+    for other in (b"a", b"b"):
+        small.link(ino, ROOT_INODE, other)
+        twin.link("h0", other.decode())
+    assert small.getattr(ino).nlink == twin.nlink("h0") == 3
     small.unlink(ROOT_INODE, b"h0")
+    twin.unlink("h0")
+    first, = orphans(backing)
+    assert os.stat(backing / fnames.ORPHAN_DIR / first).st_nlink == 3  # a, b, the orphan
+    for round_ in range(2):
+        evict_handles(small)
+        assert not small.inode(ino).has_handle  # reopened by its orphan name
+        assert small.getattr(ino).nlink == twin.nlink("h0") == 2
+        small.write(fh, 0, b"%d" % round_)
+        assert bytes(small.read(fh, 0, 100)) == b"%d" % round_ + content(0)[1:]
+        small.fsync(fh)
+    # A name it was not recorded by: unlinked in place, no second orphan link.
+    small.unlink(ROOT_INODE, b"b")
+    twin.unlink("b")
+    assert orphans(backing) == [first]
+    assert small.getattr(ino).nlink == twin.nlink("h0") == 1
+    # Reached by its remaining name: the same inode, which needs its orphan link no more
+    # (the lookup's own answer counts without it too).
+    attr = small.lookup(ROOT_INODE, b"a")
+    assert (attr.ino, attr.nlink) == (ino, twin.nlink("h0"))
     assert orphans(backing) == []
-    assert small.inode(ino).has_handle
-    assert small.getattr(ino).nlink == 1
-    # Its last name removed while open: now it is moved aside.
-    small.lookup(ROOT_INODE, b"other")
-    small.unlink(ROOT_INODE, b"other")
+    assert small.getattr(ino).nlink == twin.nlink("h0") == 1
+    reader = small.open(ino, os.O_RDONLY)
+    assert bytes(small.read(reader, 0, 100)) == b"1" + content(0)[1:]
+    small.release(reader)
+    # Its last name removed while open: moved aside again, link count 0.
+    small.unlink(ROOT_INODE, b"a")
+    twin.unlink("a")
     assert len(orphans(backing)) == 1
+    evict_handles(small)
+    assert small.getattr(ino).nlink == twin.nlink("h0") == 0
     small.write(fh, 0, b"Z")
+    assert bytes(small.read(fh, 0, 100)) == b"Z" + content(0)[1:]
+    twin.close()
+    small.release(fh)
+    small.forget(ino, 4)  # create, two links, a lookup
+    assert orphans(backing) == []
+    assert small.handle_stats()["known"] == 1
+
+
+def test_a_hard_link_renamed_over_while_open_keeps_its_other_names(small, backing, tmp_path):
+    """`mv` over a name of an open file that has another: the replaced name becomes its
+    orphan link for that one step (as for a file with one name), its link count is
+    ext4's, and the name left reaches the same inode."""
+    twin = Ext4Twin(tmp_path / "ext4")
+    (fh, ino), (new_fh, new_ino) = open_many(small, 2, prefix=b"r")
+    small.release(new_fh)
+    twin.create("r0")
+    twin.create("r1")
+    small.link(ino, ROOT_INODE, b"kept")
+    twin.link("r0", "kept")
+    small.rename(ROOT_INODE, b"r1", ROOT_INODE, b"r0")
+    twin.rename("r1", "r0")
+    assert len(orphans(backing)) == 1
+    evict_handles(small)
+    small.write(fh, 0, b"Y")
+    assert small.getattr(ino).nlink == twin.nlink("r0") == 1
+    assert small.getattr(new_ino).nlink == twin.nlink("r1") == 1
+    dir_fh = small.opendir(ROOT_INODE)  # readdirplus: each entry listed is adopted
+    listed = [
+        (plain, small.readdir_attr(dir_fh, plain, backing_name))
+        for plain, backing_name, _ in small.readdir(dir_fh, 0) if backing_name is not None
+    ]
+    small.releasedir(dir_fh)
+    assert sorted((plain, attr.ino, attr.nlink) for plain, attr in listed) == [
+        (b"kept", ino, twin.nlink("r0")), (b"r0", new_ino, twin.nlink("r1"))
+    ]
+    assert orphans(backing) == []
+    kept = small.open(ino, os.O_RDONLY)
+    assert bytes(small.read(kept, 0, 100)) == b"Y" + content(0)[1:]
+    small.release(kept)
+    twin.close()
     small.release(fh)
     small.forget(ino, 3)  # create, link, lookup
+    small.forget(new_ino, 1)
     assert orphans(backing) == []
+
+
+def test_a_hard_linked_files_stored_xattrs_go_with_its_last_name_only(small, backing):
+    """A file's set in the xattr store goes when its last name goes (and it is closed),
+    not when a name of it with others left is moved aside, and not with its orphan link
+    when it has a name left."""
+    (fh, ino), (fh2, ino2) = open_many(small, 2, prefix=b"x")
+    for each in (ino, ino2):
+        small.setxattr(each, b"user.big", BIG)
+        small.link(each, ROOT_INODE, b"link-%d" % each)
+    assert len(store_files(backing)) == 2
+    small.unlink(ROOT_INODE, b"x0")
+    small.unlink(ROOT_INODE, b"x1")
+    assert len(orphans(backing)) == 2
+    evict_handles(small)
+    assert small.getxattr(ino, b"user.big") == BIG
+    # x0's last name goes while it is recorded in the orphan directory: its set stays
+    # readable until it is closed and forgotten, then goes.
+    small.unlink(ROOT_INODE, b"link-%d" % ino)
+    assert small.getattr(ino).nlink == 0
+    assert small.getxattr(ino, b"user.big") == BIG
+    small.release(fh)
+    small.forget(ino, 2)
+    assert len(store_files(backing)) == 1
+    # x1 keeps its name: closed and forgotten, its orphan link goes, its set stays.
+    small.release(fh2)
+    small.forget(ino2, 2)
+    assert orphans(backing) == []
+    assert len(store_files(backing)) == 1
+    again = small.lookup(ROOT_INODE, b"link-%d" % ino2).ino
+    assert small.getattr(again).nlink == 1
+    assert small.getxattr(again, b"user.big") == BIG
 
 
 def test_leftovers_of_a_killed_process_are_reported_by_fsck_and_cleared(backing):
@@ -166,6 +303,78 @@ def test_leftovers_of_a_killed_process_are_reported_by_fsck_and_cleared(backing)
         for index in (3, 4):
             fh = vol.open(vol.lookup(ROOT_INODE, b"f%d" % index).ino, os.O_RDONLY)
             assert bytes(vol.read(fh, 0, 100)) == content(index)
+    finally:
+        vol.close()
+
+
+def kill_holding_hard_links(backing) -> None:
+    """A child opens files with two names each, links, removes one name of each (h0-h3:
+    the second name kept; h4: both removed) while open, and dies without any cleanup."""
+    pid = os.fork()
+    if pid == 0:  # the child: no cleanup of any kind, as after kill -9
+        try:
+            vol = Volume.unlock(str(backing), trusted())
+            for index in range(5):
+                fh, attr = vol.create(ROOT_INODE, b"h%d" % index, 0o644, os.O_RDWR, UID, GID)
+                vol.write(fh, 0, content(index))
+                if index == 0:
+                    vol.setxattr(attr.ino, b"user.big", BIG)
+                vol.link(attr.ino, ROOT_INODE, b"kept%d" % index)
+                vol.unlink(ROOT_INODE, b"h%d" % index)
+            vol.unlink(ROOT_INODE, b"kept4")
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert len(orphans(backing)) == 5
+
+
+def check_hard_links_kept(vol) -> None:
+    names = [entry[0] for entry in vol.readdir(vol.opendir(ROOT_INODE), 0)]
+    assert sorted(names) == [b".", b"..", *(b"kept%d" % index for index in range(4))]
+    for index in range(4):
+        attr = vol.lookup(ROOT_INODE, b"kept%d" % index)
+        assert attr.nlink == 1
+        fh = vol.open(attr.ino, os.O_RDONLY)
+        assert bytes(vol.read(fh, 0, 100)) == content(index)
+        vol.release(fh)
+    assert vol.getxattr(vol.lookup(ROOT_INODE, b"kept0").ino, b"user.big") == BIG
+
+
+def test_hard_links_a_killed_process_moved_aside_keep_their_other_names(backing):
+    """Leftover orphan links of files that still have a name: fsck reports the leftovers
+    (crash debris) and no link count problem; fsck --repair removes the orphan links and
+    the file of the name removed last (with its stored xattrs), and loses no file that
+    has a name; fsck is clean after, and every file reads with link count 1."""
+    kill_holding_hard_links(backing)
+    assert len(store_files(backing)) == 1
+    vol = Volume.unlock(str(backing), trusted())
+    try:
+        report = fsck(vol)
+        assert [(f.kind, f.looks_like, f.repaired) for f in report.findings] == [
+            ("leftover unlinked open objects", CRASH, False)
+        ]
+        report = fsck(vol, repair=True)
+        assert [(f.kind, f.repaired) for f in report.findings] == [
+            ("leftover unlinked open objects", True)
+        ]
+        assert fsck(vol).findings == []
+        assert orphans(backing) == []
+        assert len(store_files(backing)) == 1  # kept0's
+        check_hard_links_kept(vol)
+    finally:
+        vol.close()
+
+
+def test_clear_orphans_keeps_hard_links_with_other_names(backing):
+    """What the next writable mount runs: the same as fsck --repair."""
+    kill_holding_hard_links(backing)
+    vol = Volume.unlock(str(backing), trusted())
+    try:
+        assert vol.clear_orphans() == 5
+        assert orphans(backing) == []
+        check_hard_links_kept(vol)
+        assert fsck(vol).findings == []
     finally:
         vol.close()
 
