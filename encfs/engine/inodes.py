@@ -18,7 +18,7 @@ without a handle is reopened on demand by its parent's handle and its backing na
 (openat, O_NOFOLLOW), and what is reopened must be the same backing inode (st_dev,
 st_ino): else ESTALE. Every change of names goes through the volume, which keeps
 each inode's recorded name current: a rename moves it. A file or directory whose
-recorded name is removed (unlink, rmdir, a rename over it; a file's last name or one of
+recorded name is removed (unlink, rmdir, a rename over it; its last name or one of
 several) while it is open, or while the kernel knows it and many removed inodes already
 keep a handle each (`nameless`), has that name moved into the orphan directory instead
 (engine/orphans.py, `.egw-orphans/<random>`) and is recorded there, so its handle is
@@ -26,7 +26,7 @@ evicted and reopened by name like any other; that entry is removed when the inod
 dropped, or reached by another name (`remove_orphan`), and is never counted in the link
 count the kernel is told (Orphans.nlink). Any other inode whose recorded name is removed (the
 first few only known to the kernel, which forgets them as soon as no program uses them;
-symlinks and special files; the move refused) keeps a handle until the kernel forgets it
+symlinks; the move refused) keeps a handle until the kernel forgets it
 or it is reached by a name again (`unname`), so its backing inode, and with it the inode
 number the kernel knows, is not freed and reused meanwhile. So what is never given back:
 one handle per such nameless inode, the handles and data descriptors of operations in

@@ -21,8 +21,8 @@ open is the same case: its inode can be reopened by none of its remaining names 
 the kernel looks one of them up again, which a program holding it open need never do.
 So the removed name is moved aside the same way: the backing inode keeps its link count,
 one of its links being the orphan entry, which is never counted: the kernel is told the
-backing count minus one while the inode is recorded there (`nlink`), which is
-ext4's count of the names left (0 once the last is gone too). A file has at most one
+backing count minus one while the inode is recorded there (`nlink`), which is ext4's
+count of the names left (0 once the last is gone too). A file has at most one
 orphan link: removing another name of it while it is recorded there is a plain unlink
 (its recorded name is the orphan link, not that one). Reached by a remaining name again
 (a lookup, a listed entry, a rename of it), it is recorded there, and its orphan link
@@ -32,18 +32,20 @@ count the lookup answers is stat'ed after). Such a file's header is bound to no 
 reached by. Its set in the xattr store goes only with its last name: the orphan link is
 not counted there either (Xattrs.last_name_set).
 
-What is moved: a regular file or a directory, when it is open, or when the kernel knows
-it (lookup count > 0) and `nameless_max` removed inodes already keep a handle each. A
-replaced file (a rename over it) is first hard-linked into the orphan directory, so the
-rename stays one atomic step; the rename then leaves the orphan link in place of that
-name. Otherwise a removed inode the kernel knows keeps a handle until it is forgotten or
-reached by a name again, as before (InodeTable.unname, `nameless`): a plain unlink costs
-less than a rename and a later unlink, and the kernel forgets such an inode as soon as
-no program uses it, so only a few wait at a time; the bound catches the rest (forgets
-that lag behind, O_PATH descriptors, current directories). A move the backing store
-refuses falls back to that too, and so do other objects (symlinks, FIFOs, devices: the
-kernel opens none of them through the daemon). The orphan directory's own inode is in
-the table while anything is recorded in it.
+What is moved: anything but a symlink (a regular file, a directory, a FIFO, socket or
+device, which the kernel opens by itself: it only holds them), when it is open, or when
+the kernel knows it (lookup count > 0) and `nameless_max` removed inodes already keep a
+handle each. A replaced one (a rename over it) is first hard-linked into the orphan
+directory, so the rename stays one atomic step; the rename then leaves the orphan link
+in place of that name. Otherwise a removed inode the kernel knows keeps a handle until
+it is forgotten or reached by a name again, as before (InodeTable.unname, `nameless`): a
+plain unlink costs less than a rename and a later unlink, and the kernel forgets such an
+inode as soon as no program uses it, so only a few wait at a time; the bound catches
+the rest (forgets that lag behind, O_PATH descriptors, current directories, open FIFOs).
+A move the backing store refuses falls back to that too, and so do symlinks (a long
+target is stored apart and goes with the name, engine/symlinks.py; a bound symlink is a
+new backing object at each rename): one handle each while the kernel holds them. The
+orphan directory's own inode is in the table while anything is recorded in it.
 
 Leftovers (the daemon was killed) are removed at the next writable mount (`clear`) and
 by `fsck --repair` (fsck reports them, and counts each as a link of its inode). Removing
@@ -130,18 +132,17 @@ class Orphans:
             self._inodes.drop(self._dir)
 
     def _movable(self, inode: Inode | None, st: os.stat_result) -> bool:
-        """Whether the removal of this name moves the object aside: a directory or a
-        regular file (with other names or not) that is open, or only known to the
+        """Whether the removal of this name moves the object aside: anything but a
+        symlink (a file with other names or not), when it is open, or only known to the
         kernel while many removed inodes already keep a handle each (the kernel's
-        forgets lag behind, or programs hold O_PATH descriptors or current directories
-        in them)."""
-        if inode is None or self._inodes.is_orphan(inode):
+        forgets lag behind, or programs hold O_PATH descriptors, current directories or
+        open FIFOs in them)."""
+        if inode is None or self._inodes.is_orphan(inode) or stat.S_ISLNK(st.st_mode):
             return False
         table = self._inodes
-        held = inode.opens > 0 or (
+        return inode.opens > 0 or (
             inode.lookups > 0 and len(table.nameless) >= nameless_max(table.capacity)
         )
-        return held and (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode))
 
     def set_aside(
         self, parent: Inode, backing_name: str, st: os.stat_result, flags: int = 0

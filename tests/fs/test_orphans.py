@@ -469,3 +469,36 @@ def test_removed_inodes_only_looked_up_keep_a_handle_up_to_a_bound(small, backin
     assert orphans(backing) == []
     assert small.handle_stats()["known"] == 1  # the orphan directory left with its last
     assert own_fds() <= before
+
+
+def test_removed_fifos_and_sockets_only_looked_up_are_moved_aside_beyond_the_bound(
+    small, backing
+):
+    """FIFOs and sockets the kernel holds (a program has a FIFO open: the kernel opens it
+    by itself; an O_PATH descriptor) and that are unlinked: past nameless_max, each is
+    moved aside like a file, with link count 0 (one with a hard link left: 1); symlinks
+    are not (their long targets go with their name): each keeps a handle until
+    forgotten. All of them go when forgotten."""
+    count = 2 * nameless_max(CAPACITY)
+    kinds = [stat.S_IFIFO, stat.S_IFSOCK]
+    special = [
+        small.mknod(ROOT_INODE, b"p%d" % index, kinds[index % 2] | 0o644, 0, UID, GID).ino
+        for index in range(count)
+    ]
+    small.link(special[-1], ROOT_INODE, b"other")
+    links = [small.symlink(ROOT_INODE, b"s%d" % i, b"target", UID, GID).ino for i in range(4)]
+    for index in range(count):
+        small.unlink(ROOT_INODE, b"p%d" % index)
+    for index in range(4):
+        small.unlink(ROOT_INODE, b"s%d" % index)
+    assert len(orphans(backing)) == count - nameless_max(CAPACITY)
+    evict_handles(small)
+    assert [small.getattr(ino).nlink for ino in special] == [0] * (count - 1) + [1]
+    assert all(small.inode(ino).has_handle for ino in links)
+    assert [small.getattr(ino).nlink for ino in links] == [0] * 4
+    for ino in special + links:
+        small.forget(ino, 2 if ino == special[-1] else 1)
+    small.settle_closes()
+    assert orphans(backing) == []
+    assert small.handle_stats()["known"] == 1
+    assert small.getattr(small.lookup(ROOT_INODE, b"other").ino).nlink == 1

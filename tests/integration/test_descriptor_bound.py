@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import resource
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -358,6 +359,48 @@ def test_removed_files_held_by_o_path_descriptors_beyond_the_daemons(volume, tmp
                     check_bound(sampler, "opened again and read", CACHES_BOUND)
         finally:
             for fd in held:
+                os.close(fd)
+        wait_until(lambda: orphan_entries(volume) == [], "the orphan directory empties")
+        wait_until(lambda: backing_entries(volume) == before, "nothing of them is left")
+        check_bound(sampler, "closed", CACHES_BOUND)
+
+
+def test_open_fifos_unlinked_beyond_the_daemons_descriptors(volume, tmp_path):
+    """A program holds 4x as many FIFOs open as the daemon has descriptors (the kernel
+    opens a FIFO by itself: the daemon only sees its lookup) and unlinks each: past a few
+    that keep a handle each, they are moved into the orphan directory too; each still
+    passes data, with link count 0 as on ext4, and the daemon's descriptors stay bounded;
+    once they are closed, the orphan directory empties."""
+    count = 4 * DAEMON_NOFILE
+    held: list[int] = []
+    twin = tmp_path / "ext4-fifo"
+    os.mkfifo(twin)
+    twin_fd = os.open(twin, os.O_RDWR | os.O_NONBLOCK)
+    os.unlink(twin)
+    with many_descriptors(count + DAEMON_NOFILE), \
+            mounted(volume, tmp_path / "mnt", nofile=DAEMON_NOFILE) as mnt:
+        pid = daemon_pid(volume.backing)
+        assert pid is not None
+        sampler = Sampler(pid)
+        before = backing_entries(volume)
+        try:
+            for index in range(count):
+                os.mkfifo(mnt / name(index))
+                held.append(os.open(mnt / name(index), os.O_RDWR | os.O_NONBLOCK))
+                os.unlink(mnt / name(index))
+                if index % 64 == 0:
+                    check_bound(sampler, "made, opened, unlinked", CACHES_BOUND)
+            assert os.listdir(mnt) == []
+            assert len(orphan_entries(volume)) > count - DAEMON_NOFILE // 4
+            for index, fd in enumerate(held):
+                assert os.write(fd, content(index)) == len(content(index))
+                assert os.read(fd, 1 << 16) == content(index)
+                assert os.fstat(fd).st_nlink == os.fstat(twin_fd).st_nlink == 0
+                assert stat.S_ISFIFO(os.fstat(fd).st_mode)
+                if index % 64 == 0:
+                    check_bound(sampler, "written, read, stat'ed", CACHES_BOUND)
+        finally:
+            for fd in [*held, twin_fd]:
                 os.close(fd)
         wait_until(lambda: orphan_entries(volume) == [], "the orphan directory empties")
         wait_until(lambda: backing_entries(volume) == before, "nothing of them is left")
