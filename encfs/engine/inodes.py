@@ -17,18 +17,18 @@ under pressure like a handle: the next read or write opens it again (files.py,
 without a handle is reopened on demand by its parent's handle and its backing name
 (openat, O_NOFOLLOW), and what is reopened must be the same backing inode (st_dev,
 st_ino): else ESTALE. Every change of names goes through the volume, which keeps
-each inode's recorded name current: a rename moves it. A file or directory whose
-recorded name is removed (unlink, rmdir, a rename over it; its last name or one of
-several) while it is open, or while the kernel knows it and many removed inodes already
-keep a handle each (`nameless`), has that name moved into the orphan directory instead
+each inode's recorded name current: a rename moves it. An object whose recorded name is
+removed (unlink, rmdir, a rename over it; its last name or one of several) while it is
+open, or while the kernel knows it and many removed inodes already keep a handle each
+(`nameless`), has that name moved into the orphan directory instead
 (engine/orphans.py, `.egw-orphans/<random>`) and is recorded there, so its handle is
 evicted and reopened by name like any other; that entry is removed when the inode is
 dropped, or reached by another name (`remove_orphan`), and is never counted in the link
-count the kernel is told (Orphans.nlink). Any other inode whose recorded name is removed (the
-first few only known to the kernel, which forgets them as soon as no program uses them;
-symlinks; the move refused) keeps a handle until the kernel forgets it
-or it is reached by a name again (`unname`), so its backing inode, and with it the inode
-number the kernel knows, is not freed and reused meanwhile. So what is never given back:
+count the kernel is told (Orphans.nlink). Any other inode whose recorded name is removed
+(the first few only known to the kernel, which forgets them as soon as no program uses
+them; symlinks; the move refused) keeps a handle until the kernel forgets it or it is
+reached by a name again (`unname`), so its backing inode, and with it the inode number
+the kernel knows, is not freed and reused meanwhile. So what is never given back:
 one handle per such nameless inode, the handles and data descriptors of operations in
 progress (`hold`), and the data descriptor of a file open for writing that its owner may
 not write (`pin_data`: a daemon that is not root could not open it for writing again).
