@@ -168,8 +168,9 @@ class Checker:
         return self.report
 
     def _orphans(self) -> None:
-        """What a killed daemon left in the orphan directory (engine/orphans.py): open
-        objects whose last name was gone. One finding; the repair removes them."""
+        """What a killed daemon left in the orphan directory (engine/orphans.py): objects
+        in use whose last name, or one of several, was removed. One finding; the repair
+        removes them (a link of a file with other names: only that link)."""
         leftovers = self.volume.orphan_leftovers()
         if not leftovers:
             return
