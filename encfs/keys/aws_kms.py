@@ -24,15 +24,7 @@ import re
 import threading
 from typing import Any
 
-from encfs import crypto
-from encfs.errors import (
-    KeyAccessError,
-    KeyMissing,
-    KeyRevoked,
-    ProviderConfigError,
-    ProviderUnavailable,
-    WrongKey,
-)
+from encfs import crypto, errors
 from encfs.keys.provider import (
     KeyProvider,
     Record,
@@ -121,7 +113,7 @@ class AwsKmsProvider(KeyProvider):
         )
         require("aws-kms", options, "key")
         if "endpoint_url" in options and not re.match(r"^https?://", options["endpoint_url"]):
-            raise ProviderConfigError("aws-kms: endpoint-url must be an http(s):// URL")
+            raise errors.ProviderConfigError("aws-kms: endpoint-url must be an http(s):// URL")
         parse_timeout("aws-kms", options, DEFAULT_TIMEOUT)
         return options
 
@@ -153,41 +145,47 @@ class AwsKmsProvider(KeyProvider):
                 config=config,
             )
         except botocore.exceptions.ProfileNotFound as exc:
-            raise ProviderConfigError(f"aws-kms: {exc}") from None
+            raise errors.ProviderConfigError(f"aws-kms: {exc}") from None
         except botocore.exceptions.NoRegionError:
-            raise ProviderConfigError(
+            raise errors.ProviderConfigError(
                 "aws-kms: no region: give region=REGION, a key ARN or set AWS_REGION"
             ) from None
         return self._kms
 
-    def _call(self, what: str, key: str, missing: type[KeyAccessError], **kwargs: Any) -> Any:
+    def _call(
+        self, what: str, key: str, missing: type[errors.KeyAccessError], **kwargs: Any
+    ) -> Any:
         """Run one KMS call; map every failure to a one-line KeyAccessError."""
         botocore = _import_botocore()
-        errors = botocore.exceptions
+        botocore_errors = botocore.exceptions
         kms = self._client()
         try:
             return getattr(kms, what)(**kwargs)
-        except errors.ClientError as exc:
+        except botocore_errors.ClientError as exc:
             raise _map_client_error(exc, what, key, missing) from None
-        except errors.NoCredentialsError:
-            raise KeyMissing(
+        except botocore_errors.NoCredentialsError:
+            raise errors.KeyMissing(
                 "no AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
                 "or profile=NAME"
             ) from None
-        except errors.SSLError:
-            raise ProviderConfigError("AWS KMS: TLS verification failed") from None
-        except (errors.ConnectTimeoutError, errors.ReadTimeoutError):
-            raise ProviderUnavailable(
+        except botocore_errors.SSLError:
+            raise errors.ProviderConfigError("AWS KMS: TLS verification failed") from None
+        except (botocore_errors.ConnectTimeoutError, botocore_errors.ReadTimeoutError):
+            raise errors.ProviderUnavailable(
                 f"AWS KMS did not answer within {self.options.get('timeout')}s"
             ) from None
-        except (errors.EndpointConnectionError, errors.ConnectionError, errors.HTTPClientError):
-            raise ProviderUnavailable("AWS KMS endpoint is unreachable") from None
-        except errors.ParamValidationError as exc:
-            raise ProviderConfigError(f"aws-kms: bad request ({exc})") from None
-        except errors.BotoCoreError as exc:
-            raise ProviderConfigError(f"aws-kms: {exc}") from None
+        except (
+            botocore_errors.EndpointConnectionError,
+            botocore_errors.ConnectionError,
+            botocore_errors.HTTPClientError,
+        ):
+            raise errors.ProviderUnavailable("AWS KMS endpoint is unreachable") from None
+        except botocore_errors.ParamValidationError as exc:
+            raise errors.ProviderConfigError(f"aws-kms: bad request ({exc})") from None
+        except botocore_errors.BotoCoreError as exc:
+            raise errors.ProviderConfigError(f"aws-kms: {exc}") from None
 
-    def _check_state(self, key: str, missing: type[KeyAccessError], strict: bool) -> str:
+    def _check_state(self, key: str, missing: type[errors.KeyAccessError], strict: bool) -> str:
         """DescribeKey: refuse a key that is not Enabled; returns its ARN.
 
         `strict` (setup): the key must be a symmetric ENCRYPT_DECRYPT key and DescribeKey
@@ -195,17 +193,17 @@ class AwsKmsProvider(KeyProvider):
         """
         try:
             meta = self._call("describe_key", key, missing, KeyId=key)["KeyMetadata"]
-        except KeyRevoked as exc:
+        except errors.KeyRevoked as exc:
             if strict or "AccessDenied" not in str(exc):
                 raise
             return key
         state = meta.get("KeyState", "Enabled" if meta.get("Enabled") else "Disabled")
         if state != "Enabled":
-            raise KeyRevoked(f"AWS KMS key {meta.get('Arn', key)} is {state}")
+            raise errors.KeyRevoked(f"AWS KMS key {meta.get('Arn', key)} is {state}")
         usage = meta.get("KeyUsage", "ENCRYPT_DECRYPT")  # moto omits KeyUsage
         spec = meta.get("KeySpec", meta.get("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"))
         if strict and (usage != "ENCRYPT_DECRYPT" or spec != "SYMMETRIC_DEFAULT"):
-            raise ProviderConfigError(
+            raise errors.ProviderConfigError(
                 f"AWS KMS key {meta.get('Arn', key)} is not a symmetric ENCRYPT_DECRYPT key"
             )
         return meta.get("Arn", key)
@@ -213,16 +211,16 @@ class AwsKmsProvider(KeyProvider):
     # -- the provider interface --
 
     def prepare_new(self) -> None:
-        self._check_state(self.options["key"], KeyMissing, strict=True)
+        self._check_state(self.options["key"], errors.KeyMissing, strict=True)
 
     def protect(self, kek: bytes, binding: bytes) -> Record:
         key = self.required_option("key")
         if not self.options.get("no_state_check"):
-            self._check_state(key, KeyMissing, strict=False)
+            self._check_state(key, errors.KeyMissing, strict=False)
         answer = self._call(
             "encrypt",
             key,
-            KeyMissing,
+            errors.KeyMissing,
             KeyId=key,
             Plaintext=kek,
             EncryptionContext=encryption_context(binding),
@@ -239,28 +237,28 @@ class AwsKmsProvider(KeyProvider):
         except (TypeError, ValueError, binascii.Error):
             blob = b""
         if not isinstance(arn, str) or not arn or not blob:
-            raise ProviderConfigError("aws-kms record is corrupt")
+            raise errors.ProviderConfigError("aws-kms record is corrupt")
         # The key is the operator's (`key=`), never the record's choice: KMS refuses a
         # ciphertext of another key under KeyId, and DescribeKey's ARN is compared too.
         key = self.required_option("key")
         if not self.options.get("no_state_check"):
-            configured = self._check_state(key, KeyRevoked, strict=False)
+            configured = self._check_state(key, errors.KeyRevoked, strict=False)
             if configured.startswith("arn:") and configured != arn:
-                raise WrongKey(
+                raise errors.WrongKey(
                     f"this keyslot was made with AWS KMS key {arn}, not with the configured "
                     f"key {configured}"
                 )
         answer = self._call(
             "decrypt",
             key,
-            KeyRevoked,
+            errors.KeyRevoked,
             KeyId=key,
             CiphertextBlob=blob,
             EncryptionContext=encryption_context(binding),
         )
         kek = answer.get("Plaintext", b"")
         if len(kek) != crypto.KEY_SIZE:
-            raise WrongKey(f"AWS KMS key {arn} returned a malformed KEK")
+            raise errors.WrongKey(f"AWS KMS key {arn} returned a malformed KEK")
         return kek
 
     def describe(self) -> str:
@@ -274,19 +272,19 @@ class AwsKmsProvider(KeyProvider):
 
 
 def _map_client_error(
-    exc: Any, what: str, key: str, missing: type[KeyAccessError]
-) -> KeyAccessError:
+    exc: Any, what: str, key: str, missing: type[errors.KeyAccessError]
+) -> errors.KeyAccessError:
     error = exc.response.get("Error", {})
     code, message = error.get("Code", ""), error.get("Message", "")
     detail = f": {message}" if message else ""
     if code == "NotFoundException":
-        if missing is KeyMissing:
-            return KeyMissing(f"AWS KMS key {key} not found{detail}")
-        return KeyRevoked(f"AWS KMS key {key} not found (deleted?){detail}")
+        if missing is errors.KeyMissing:
+            return errors.KeyMissing(f"AWS KMS key {key} not found{detail}")
+        return errors.KeyRevoked(f"AWS KMS key {key} not found (deleted?){detail}")
     if code in REVOKED_CODES:
-        return KeyRevoked(f"AWS KMS refused {what} with key {key} ({code}){detail}")
+        return errors.KeyRevoked(f"AWS KMS refused {what} with key {key} ({code}){detail}")
     if code in WRONG_KEY_CODES:
-        return WrongKey(f"AWS KMS key {key} does not open this volume ({code})")
+        return errors.WrongKey(f"AWS KMS key {key} does not open this volume ({code})")
     if code in UNAVAILABLE_CODES:
-        return ProviderUnavailable(f"AWS KMS cannot serve {what} now ({code})")
-    return ProviderConfigError(f"AWS KMS refused {what} ({code or 'error'}){detail}")
+        return errors.ProviderUnavailable(f"AWS KMS cannot serve {what} now ({code})")
+    return errors.ProviderConfigError(f"AWS KMS refused {what} ({code or 'error'}){detail}")

@@ -26,14 +26,7 @@ from contextlib import contextmanager, suppress
 from types import SimpleNamespace
 from typing import Any
 
-from encfs.errors import (
-    KeyAccessError,
-    KeyMissing,
-    KeyRevoked,
-    ProviderConfigError,
-    ProviderUnavailable,
-    WrongKey,
-)
+from encfs import errors
 from encfs.keys.provider import (
     KeyProvider,
     Record,
@@ -96,13 +89,13 @@ class KmipProvider(KeyProvider):
         )
         require("kmip", options, "host", "ca", "client_cert", "client_key")
         if bool(options.get("uid")) == bool(options.get("create")):
-            raise ProviderConfigError("kmip: give exactly one of uid=UID or create")
+            raise errors.ProviderConfigError("kmip: give exactly one of uid=UID or create")
         try:
             port = int(options.get("port", DEFAULT_PORT))
         except ValueError:
-            raise ProviderConfigError("kmip: port must be a number") from None
+            raise errors.ProviderConfigError("kmip: port must be a number") from None
         if not 0 < port < 65536:
-            raise ProviderConfigError("kmip: port must be in 1..65535")
+            raise errors.ProviderConfigError("kmip: port must be in 1..65535")
         options["port"] = port
         parse_timeout("kmip", options, DEFAULT_TIMEOUT)
         absolute_paths(options, "ca", "client_cert", "client_key")
@@ -115,16 +108,18 @@ class KmipProvider(KeyProvider):
         key = self.required_option("client_key")
         for path, what in ((ca, "CA certificate"), (cert, "client certificate")):
             if not os.path.isfile(path):
-                raise KeyMissing(f"KMIP {what} {path} not found")
+                raise errors.KeyMissing(f"KMIP {what} {path} not found")
         check_private_file(key, "KMIP client key")
         try:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(cert, key)
         except ssl.SSLError as exc:
-            raise ProviderConfigError(f"KMIP TLS files unusable: {exc.reason or exc}") from None
+            raise errors.ProviderConfigError(
+                f"KMIP TLS files unusable: {exc.reason or exc}"
+            ) from None
         except OSError as exc:
-            raise KeyMissing(f"KMIP TLS files unreadable: {exc.strerror}") from None
+            raise errors.KeyMissing(f"KMIP TLS files unreadable: {exc.strerror}") from None
         return context
 
     @contextmanager
@@ -151,25 +146,31 @@ class KmipProvider(KeyProvider):
         try:
             client.open()
             yield client
-        except KeyAccessError:
+        except errors.KeyAccessError:
             raise
         except kmip.pie_exceptions.KmipOperationFailure as exc:
             raise _map_failure(kmip, exc, where) from None
         except ssl.SSLCertVerificationError as exc:
-            raise ProviderConfigError(
+            raise errors.ProviderConfigError(
                 f"{where} presented a certificate we do not trust: {exc.verify_message}"
             ) from None
         except ssl.SSLError as exc:
             if "ALERT" in (exc.reason or ""):
-                raise KeyRevoked(f"{where} refused our client certificate ({exc.reason})") from None
-            raise ProviderUnavailable(f"{where}: TLS failure ({exc.reason or exc})") from None
+                raise errors.KeyRevoked(
+                    f"{where} refused our client certificate ({exc.reason})"
+                ) from None
+            raise errors.ProviderUnavailable(
+                f"{where}: TLS failure ({exc.reason or exc})"
+            ) from None
         except TimeoutError:
-            raise ProviderUnavailable(f"{where} did not answer within {timeout:g}s") from None
+            raise errors.ProviderUnavailable(
+                f"{where} did not answer within {timeout:g}s"
+            ) from None
         except (OSError, EOFError, kmip.RequestLengthMismatch) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
-            raise ProviderUnavailable(f"{where} unreachable: {reason}") from None
+            raise errors.ProviderUnavailable(f"{where} unreachable: {reason}") from None
         except (kmip.core_exceptions.KmipError, ValueError, TypeError) as exc:
-            raise ProviderConfigError(f"{where}: unexpected answer ({exc})") from None
+            raise errors.ProviderConfigError(f"{where}: unexpected answer ({exc})") from None
         finally:
             with suppress(Exception):  # closing a dead connection may fail; nothing to do
                 client.close()
@@ -180,13 +181,13 @@ class KmipProvider(KeyProvider):
         _, attributes = client.get_attributes(uid, ["State"])
         states = [a.attribute_value.value for a in attributes if a.attribute_name.value == "State"]
         if not states:
-            raise ProviderConfigError(f"{where} did not report the State of key {uid}")
+            raise errors.ProviderConfigError(f"{where} did not report the State of key {uid}")
         if states[0] != kmip.enums.State.ACTIVE:
-            raise KeyRevoked(f"KMIP key {uid} is {states[0].name.lower().replace('_', '-')}")
+            raise errors.KeyRevoked(f"KMIP key {uid} is {states[0].name.lower().replace('_', '-')}")
         managed = client.get(uid)
         value = getattr(managed, "value", None)
         if not isinstance(value, bytes) or len(value) != 32:
-            raise ProviderConfigError(f"KMIP object {uid} is not a 256-bit key")
+            raise errors.ProviderConfigError(f"KMIP object {uid} is not a 256-bit key")
         return value
 
     # -- the provider interface --
@@ -216,10 +217,10 @@ class KmipProvider(KeyProvider):
     def recover(self, record: Record, binding: bytes) -> bytes:
         uid = record.get("uid")
         if not isinstance(uid, str) or not uid:
-            raise ProviderConfigError("kmip record is corrupt (no uid)")
+            raise errors.ProviderConfigError("kmip record is corrupt (no uid)")
         configured = str(self.required_option("uid"))
         if uid != configured:  # the operator's key, never the record's choice
-            raise WrongKey(
+            raise errors.WrongKey(
                 f"this keyslot was made with KMIP key {uid}, not with the configured key "
                 f"{configured}"
             )
@@ -234,12 +235,14 @@ class KmipProvider(KeyProvider):
         return f"kmip:{self.options.get('host')}:{self.options.get('port')},uid={uid}"
 
 
-def _map_failure(kmip: Any, exc: Any, where: str) -> KeyAccessError:
+def _map_failure(kmip: Any, exc: Any, where: str) -> errors.KeyAccessError:
     reason = exc.reason
     names = kmip.enums.ResultReason
     if reason == names.ITEM_NOT_FOUND:
-        return KeyRevoked(f"{where}: key not found (destroyed?)")
+        return errors.KeyRevoked(f"{where}: key not found (destroyed?)")
     if reason == names.PERMISSION_DENIED:
-        return KeyRevoked(f"{where}: permission denied")
+        return errors.KeyRevoked(f"{where}: permission denied")
     label = getattr(reason, "name", str(reason)).lower()
-    return ProviderConfigError(f"{where} refused the request: {label} {exc.message}".rstrip())
+    return errors.ProviderConfigError(
+        f"{where} refused the request: {label} {exc.message}".rstrip()
+    )

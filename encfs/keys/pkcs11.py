@@ -29,16 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from encfs import crypto
-from encfs.errors import (
-    KeyAccessError,
-    KeyMissing,
-    KeyRevoked,
-    ProviderConfigError,
-    ProviderUnavailable,
-    VolumeExists,
-    WrongKey,
-)
+from encfs import crypto, errors
 from encfs.keys.provider import (
     KeyProvider,
     Record,
@@ -132,7 +123,7 @@ class Pkcs11Provider(KeyProvider):
             return read_secret_file(pin_file, "PKCS#11 PIN")
         pin = os.environ.get(PIN_ENV)
         if not pin:
-            raise KeyMissing(f"no PKCS#11 PIN: set {PIN_ENV} or give pin-file=PATH")
+            raise errors.KeyMissing(f"no PKCS#11 PIN: set {PIN_ENV} or give pin-file=PATH")
         return pin
 
     # -- sessions --
@@ -141,11 +132,13 @@ class Pkcs11Provider(KeyProvider):
         pkcs11 = _import_pkcs11()
         module = self.required_option("module", str)
         if not os.path.isfile(module):
-            raise ProviderConfigError(f"PKCS#11 module {module} not found")
+            raise errors.ProviderConfigError(f"PKCS#11 module {module} not found")
         try:
             return pkcs11.lib(module)
         except pkcs11.PKCS11Error as exc:
-            raise ProviderConfigError(f"cannot load PKCS#11 module {module}: {exc}") from None
+            raise errors.ProviderConfigError(
+                f"cannot load PKCS#11 module {module}: {exc}"
+            ) from None
 
     def _acquire(self) -> _Login:
         pkcs11 = _import_pkcs11()
@@ -166,7 +159,7 @@ class Pkcs11Provider(KeyProvider):
                 login.users += 1
                 self._login = login
         if not hmac.compare_digest(login.pin_digest, digest):
-            raise WrongKey(f"wrong PIN for PKCS#11 token {token_label!r}")
+            raise errors.WrongKey(f"wrong PIN for PKCS#11 token {token_label!r}")
         return login
 
     def _open_session(self, pkcs11: Any, lib: Any, token_label: str, pin: str) -> Any:
@@ -174,17 +167,19 @@ class Pkcs11Provider(KeyProvider):
             pkcs11,
             lambda: lib.get_token(token_label=token_label),
             f"PKCS#11 tokens are labelled {token_label!r}",
-            KeyMissing(f"PKCS#11 token {token_label!r} not found in {lib.so}"),
+            errors.KeyMissing(f"PKCS#11 token {token_label!r} not found in {lib.so}"),
             lambda exc: _map_device_error(pkcs11, exc, f"PKCS#11 token {token_label!r}"),
         )
         try:
             return token.open(user_pin=pin)
         except pkcs11.PinIncorrect:
-            raise WrongKey(f"wrong PIN for PKCS#11 token {token_label!r}") from None
+            raise errors.WrongKey(f"wrong PIN for PKCS#11 token {token_label!r}") from None
         except pkcs11.PinLocked:
-            raise KeyRevoked(f"the PIN of PKCS#11 token {token_label!r} is locked") from None
+            raise errors.KeyRevoked(f"the PIN of PKCS#11 token {token_label!r} is locked") from None
         except pkcs11.PinExpired:
-            raise KeyRevoked(f"the PIN of PKCS#11 token {token_label!r} has expired") from None
+            raise errors.KeyRevoked(
+                f"the PIN of PKCS#11 token {token_label!r} has expired"
+            ) from None
         except pkcs11.UserAlreadyLoggedIn:
             # Logged in outside this module (same process): the token is authenticated.
             return token.open()
@@ -226,22 +221,22 @@ class Pkcs11Provider(KeyProvider):
             except _Stale:
                 self._invalidate(login)
                 if attempt == 2:
-                    raise ProviderUnavailable(
+                    raise errors.ProviderUnavailable(
                         f"PKCS#11 token {self.options.get('token')!r} went away during {purpose}"
                     ) from None
-        raise ProviderUnavailable(
+        raise errors.ProviderUnavailable(
             f"PKCS#11 key {label!r} keeps changing under {purpose}; try again"
         )
 
     def _find_key(self, pkcs11: Any, session: Any, label: str, missing: type[Exception]) -> Any:
         token_label = self.options.get("token")
-        none: KeyAccessError
-        if missing is KeyRevoked:
-            none = KeyRevoked(
+        none: errors.KeyAccessError
+        if missing is errors.KeyRevoked:
+            none = errors.KeyRevoked(
                 f"key {label!r} is gone from PKCS#11 token {token_label!r} (destroyed?)"
             )
         else:
-            none = KeyMissing(f"no key {label!r} in PKCS#11 token {token_label!r}")
+            none = errors.KeyMissing(f"no key {label!r} in PKCS#11 token {token_label!r}")
         return _one_labelled(
             pkcs11,
             lambda: session.get_key(object_class=pkcs11.ObjectClass.SECRET_KEY, label=label),
@@ -259,9 +254,9 @@ class Pkcs11Provider(KeyProvider):
         except pkcs11.PKCS11Error as exc:
             raise _map_session_error(pkcs11, exc, "attribute read") from None
         if key_type != pkcs11.KeyType.AES or size != crypto.KEY_SIZE:
-            raise ProviderConfigError(f"PKCS#11 key {label!r} is not an AES-256 key")
+            raise errors.ProviderConfigError(f"PKCS#11 key {label!r} is not an AES-256 key")
         if not sensitive or extractable:
-            raise ProviderConfigError(
+            raise errors.ProviderConfigError(
                 f"PKCS#11 key {label!r} must be sensitive and non-extractable"
             )
 
@@ -273,7 +268,7 @@ class Pkcs11Provider(KeyProvider):
             self._create_key(label)
         else:
             self._with_key(
-                label, "setup", KeyMissing, lambda p, k: self._check_key_policy(p, k, label)
+                label, "setup", errors.KeyMissing, lambda p, k: self._check_key_policy(p, k, label)
             )
 
     def _create_key(self, label: str) -> None:
@@ -283,18 +278,18 @@ class Pkcs11Provider(KeyProvider):
         try:
             with login.lock:
                 try:
-                    self._find_key(pkcs11, login.session, label, KeyMissing)
-                except KeyMissing:
+                    self._find_key(pkcs11, login.session, label, errors.KeyMissing)
+                except errors.KeyMissing:
                     pass
                 else:
-                    raise VolumeExists(
+                    raise errors.VolumeExists(
                         f"PKCS#11 token {token_label!r} already has a key {label!r}; "
                         "refusing to create another"
                     )
                 self._generate(pkcs11, login.session, label)
         except (_Stale, _Vanished):
             self._invalidate(login)
-            raise ProviderUnavailable(f"PKCS#11 token {token_label!r} went away") from None
+            raise errors.ProviderUnavailable(f"PKCS#11 token {token_label!r} went away") from None
 
     @staticmethod
     def _generate(pkcs11: Any, session: Any, label: str) -> None:
@@ -330,13 +325,13 @@ class Pkcs11Provider(KeyProvider):
         def encrypt(pkcs11: Any, key: Any) -> bytes:
             self._check_key_policy(pkcs11, key, label)
             if not key[pkcs11.Attribute.ENCRYPT]:
-                raise ProviderConfigError(f"PKCS#11 key {label!r} may not encrypt")
+                raise errors.ProviderConfigError(f"PKCS#11 key {label!r} may not encrypt")
             try:
                 return key.encrypt(kek, **_gcm(pkcs11, nonce, binding))
             except pkcs11.PKCS11Error as exc:
                 raise _map_session_error(pkcs11, exc, "encrypt") from None
 
-        ciphertext = self._with_key(label, "encrypt", KeyMissing, encrypt)
+        ciphertext = self._with_key(label, "encrypt", errors.KeyMissing, encrypt)
         return {
             "mechanism": MECHANISM,
             "key_label": label,
@@ -350,7 +345,7 @@ class Pkcs11Provider(KeyProvider):
         # made it (the backing store never chooses the key, Tink's "bound client").
         configured = self.required_option("key", str)
         if label != configured:
-            raise WrongKey(
+            raise errors.WrongKey(
                 f"this keyslot was made with PKCS#11 key {label!r}, not with the configured "
                 f"key {configured!r}"
             )
@@ -361,7 +356,9 @@ class Pkcs11Provider(KeyProvider):
             except pkcs11.PKCS11Error as exc:
                 raise _map_session_error(pkcs11, exc, "attribute read") from None
             if not allowed:
-                raise KeyRevoked(f"PKCS#11 key {label!r} may no longer decrypt (CKA_DECRYPT off)")
+                raise errors.KeyRevoked(
+                    f"PKCS#11 key {label!r} may no longer decrypt (CKA_DECRYPT off)"
+                )
             try:
                 return key.decrypt(ciphertext, **_gcm(pkcs11, nonce, binding))
             except (
@@ -371,16 +368,16 @@ class Pkcs11Provider(KeyProvider):
                 pkcs11.DataInvalid,
                 pkcs11.DataLenRange,
             ):
-                raise WrongKey(
+                raise errors.WrongKey(
                     f"PKCS#11 key {label!r} in token {self.options.get('token')!r} "
                     "does not open this volume"
                 ) from None
             except pkcs11.PKCS11Error as exc:
                 raise _map_session_error(pkcs11, exc, "decrypt") from None
 
-        kek = self._with_key(label, "decrypt", KeyRevoked, decrypt)
+        kek = self._with_key(label, "decrypt", errors.KeyRevoked, decrypt)
         if len(kek) != crypto.KEY_SIZE:
-            raise WrongKey(f"PKCS#11 key {label!r} returned a malformed KEK")
+            raise errors.WrongKey(f"PKCS#11 key {label!r} returned a malformed KEK")
         return kek
 
     def describe(self) -> str:
@@ -405,11 +402,11 @@ def _parse_record(record: Record) -> tuple[str, bytes, bytes]:
         nonce = bytes.fromhex(record["nonce"])
         ciphertext = bytes.fromhex(record["ciphertext"])
     except (KeyError, TypeError, ValueError):
-        raise ProviderConfigError("pkcs11 record is corrupt") from None
+        raise errors.ProviderConfigError("pkcs11 record is corrupt") from None
     if record.get("mechanism") != MECHANISM or not isinstance(label, str):
-        raise ProviderConfigError("pkcs11 record is corrupt (unknown mechanism)")
+        raise errors.ProviderConfigError("pkcs11 record is corrupt (unknown mechanism)")
     if len(nonce) != crypto.NONCE_SIZE or len(ciphertext) != crypto.KEY_SIZE + crypto.TAG_SIZE:
-        raise ProviderConfigError("pkcs11 record is corrupt (bad lengths)")
+        raise errors.ProviderConfigError("pkcs11 record is corrupt (bad lengths)")
     return label, nonce, ciphertext
 
 
@@ -417,7 +414,7 @@ def _one_labelled(
     pkcs11: Any,
     find: Callable[[], Any],
     several: str,
-    none: KeyAccessError,
+    none: errors.KeyAccessError,
     failed: Callable[[Exception], Exception],
 ) -> Any:
     """The one object (token or key) `find()` looks up by its label: `none` is raised when
@@ -428,7 +425,7 @@ def _one_labelled(
     except (pkcs11.NoSuchToken, pkcs11.NoSuchKey):
         raise none from None
     except (pkcs11.MultipleTokensReturned, pkcs11.MultipleObjectsReturned):
-        raise ProviderConfigError(f"several {several}") from None
+        raise errors.ProviderConfigError(f"several {several}") from None
     except pkcs11.PKCS11Error as exc:
         raise failed(exc) from None
 
@@ -450,8 +447,8 @@ def _is_one_of(pkcs11: Any, exc: Exception, names: tuple[str, ...]) -> bool:
 
 def _map_device_error(pkcs11: Any, exc: Exception, what: str) -> Exception:
     if _is_one_of(pkcs11, exc, _UNAVAILABLE):
-        return ProviderUnavailable(f"{what} is unavailable ({type(exc).__name__})")
-    return ProviderConfigError(f"{what}: PKCS#11 error {type(exc).__name__} {exc}".rstrip())
+        return errors.ProviderUnavailable(f"{what} is unavailable ({type(exc).__name__})")
+    return errors.ProviderConfigError(f"{what}: PKCS#11 error {type(exc).__name__} {exc}".rstrip())
 
 
 def _map_session_error(pkcs11: Any, exc: Exception, what: str) -> Exception:
@@ -460,5 +457,5 @@ def _map_session_error(pkcs11: Any, exc: Exception, what: str) -> Exception:
     if isinstance(exc, pkcs11.ObjectHandleInvalid):
         return _Vanished()
     if str(exc).endswith(_CKR_KEY_FUNCTION_NOT_PERMITTED):
-        return KeyRevoked(f"the PKCS#11 token no longer permits {what} with this key")
+        return errors.KeyRevoked(f"the PKCS#11 token no longer permits {what} with this key")
     return _map_device_error(pkcs11, exc, f"PKCS#11 {what}")

@@ -26,16 +26,7 @@ import os
 import re
 from typing import Any
 
-from encfs import crypto
-from encfs.errors import (
-    KeyAccessError,
-    KeyMissing,
-    KeyRevoked,
-    ProviderConfigError,
-    ProviderUnavailable,
-    VolumeExists,
-    WrongKey,
-)
+from encfs import crypto, errors
 from encfs.keys.provider import (
     KeyProvider,
     Record,
@@ -85,7 +76,7 @@ class VaultProvider(KeyProvider):
             options["addr"] = os.environ["VAULT_ADDR"]
         require("vault", options, "addr", "key")
         if not re.match(r"^https?://", options["addr"]):
-            raise ProviderConfigError("vault: addr must be an http:// or https:// URL")
+            raise errors.ProviderConfigError("vault: addr must be an http:// or https:// URL")
         options.setdefault("mount", DEFAULT_MOUNT)
         parse_timeout("vault", options, DEFAULT_TIMEOUT)
         absolute_paths(options, "token_file", "ca")
@@ -99,14 +90,14 @@ class VaultProvider(KeyProvider):
             return read_secret_file(token_file, "Vault token")
         token = os.environ.get("VAULT_TOKEN")
         if not token:
-            raise KeyMissing("no Vault token: set VAULT_TOKEN or give token-file=PATH")
+            raise errors.KeyMissing("no Vault token: set VAULT_TOKEN or give token-file=PATH")
         return token
 
     def _client(self) -> Any:
         hvac, _ = _import_hvac()
         ca = self.options.get("ca")
         if ca and not os.path.isfile(ca):
-            raise KeyMissing(f"Vault CA bundle {ca} not found")
+            raise errors.KeyMissing(f"Vault CA bundle {ca} not found")
         return hvac.Client(
             url=self.required_option("addr"),
             token=self._token(),  # explicit: hvac must not fall back to ~/.vault-token
@@ -118,46 +109,46 @@ class VaultProvider(KeyProvider):
     def _call(self, what: str, func: Any, **kwargs: Any) -> Any:
         """Run one transit call; map every failure to a one-line KeyAccessError."""
         hvac, requests = _import_hvac()
-        errors = hvac.exceptions
+        hvac_errors = hvac.exceptions
         addr, key = self.required_option("addr"), kwargs.get("name", self.options.get("key"))
         try:
             return func(mount_point=self.required_option("mount"), **kwargs)
-        except KeyAccessError:
+        except errors.KeyAccessError:
             raise
-        except (errors.Unauthorized, errors.Forbidden):
-            raise KeyRevoked(
+        except (hvac_errors.Unauthorized, hvac_errors.Forbidden):
+            raise errors.KeyRevoked(
                 f"Vault denied {what} with transit key {key!r} (token invalid, expired or "
                 "without the policy)"
             ) from None
-        except errors.InvalidPath:
+        except hvac_errors.InvalidPath:
             raise _NotFound(
                 f"Vault at {addr}: no transit key {key!r} or no transit engine at "
                 f"{self.options.get('mount')!r}"
             ) from None
-        except errors.InvalidRequest as exc:
+        except hvac_errors.InvalidRequest as exc:
             raise _map_invalid_request(exc, what, key) from None
         except (
-            errors.VaultDown,
-            errors.InternalServerError,
-            errors.BadGateway,
-            errors.RateLimitExceeded,
-            errors.VaultNotInitialized,
+            hvac_errors.VaultDown,
+            hvac_errors.InternalServerError,
+            hvac_errors.BadGateway,
+            hvac_errors.RateLimitExceeded,
+            hvac_errors.VaultNotInitialized,
         ) as exc:
-            raise ProviderUnavailable(
+            raise errors.ProviderUnavailable(
                 f"Vault at {addr} cannot serve {what}: {_message(exc)}"
             ) from None
-        except errors.VaultError as exc:
-            raise ProviderConfigError(f"Vault refused {what}: {_message(exc)}") from None
+        except hvac_errors.VaultError as exc:
+            raise errors.ProviderConfigError(f"Vault refused {what}: {_message(exc)}") from None
         except requests.exceptions.SSLError:
-            raise ProviderConfigError(f"Vault at {addr}: TLS verification failed") from None
+            raise errors.ProviderConfigError(f"Vault at {addr}: TLS verification failed") from None
         except requests.exceptions.Timeout:
-            raise ProviderUnavailable(
+            raise errors.ProviderUnavailable(
                 f"Vault at {addr} did not answer within {self.options.get('timeout')}s"
             ) from None
         except (requests.exceptions.ConnectionError, OSError):
-            raise ProviderUnavailable(f"Vault at {addr} is unreachable") from None
+            raise errors.ProviderUnavailable(f"Vault at {addr} is unreachable") from None
         except (requests.exceptions.RequestException, ValueError) as exc:
-            raise ProviderUnavailable(
+            raise errors.ProviderUnavailable(
                 f"Vault at {addr}: bad answer ({type(exc).__name__})"
             ) from None
 
@@ -173,16 +164,18 @@ class VaultProvider(KeyProvider):
         except _NotFound:
             if missing_ok:
                 return False
-            raise KeyMissing(f"Vault transit key {name!r} not found") from None
-        except KeyRevoked:
+            raise errors.KeyMissing(f"Vault transit key {name!r} not found") from None
+        except errors.KeyRevoked:
             return True  # no read permission: nothing to check
         if data.get("type") not in AEAD_KEY_TYPES:
-            raise ProviderConfigError(
+            raise errors.ProviderConfigError(
                 f"Vault transit key {name!r} is {data.get('type')}; it must be an AEAD key "
                 f"({', '.join(sorted(AEAD_KEY_TYPES))})"
             )
         if data.get("exportable") or data.get("allow_plaintext_backup"):
-            raise ProviderConfigError(f"Vault transit key {name!r} is exportable; refusing it")
+            raise errors.ProviderConfigError(
+                f"Vault transit key {name!r} is exportable; refusing it"
+            )
         return True
 
     # -- the provider interface --
@@ -194,7 +187,9 @@ class VaultProvider(KeyProvider):
             self._check_key(client)
             return
         if self._check_key(client, missing_ok=True):
-            raise VolumeExists(f"Vault transit key {name!r} already exists; refusing to reuse it")
+            raise errors.VolumeExists(
+                f"Vault transit key {name!r} already exists; refusing to reuse it"
+            )
         self._call(
             "key creation",
             client.secrets.transit.create_key,
@@ -218,7 +213,7 @@ class VaultProvider(KeyProvider):
         ciphertext = data.get("ciphertext", "")
         match = _CIPHERTEXT.match(ciphertext)
         if not match:
-            raise ProviderConfigError("Vault returned an unexpected ciphertext")
+            raise errors.ProviderConfigError("Vault returned an unexpected ciphertext")
         return {"key": name, "key_version": int(match.group(1)), "ciphertext": ciphertext}
 
     def recover(self, record: Record, binding: bytes) -> bytes:
@@ -229,10 +224,10 @@ class VaultProvider(KeyProvider):
             or not match
             or int(match.group(1)) != record.get("key_version")
         ):
-            raise ProviderConfigError("vault record is corrupt")
+            raise errors.ProviderConfigError("vault record is corrupt")
         configured = self.required_option("key")
         if name != configured:  # the operator's key, never the record's choice
-            raise WrongKey(
+            raise errors.WrongKey(
                 f"this keyslot was made with Vault transit key {name!r}, not with the "
                 f"configured key {configured!r}"
             )
@@ -247,9 +242,9 @@ class VaultProvider(KeyProvider):
         try:
             kek = base64.b64decode(data["plaintext"], validate=True)
         except (KeyError, TypeError, binascii.Error):
-            raise ProviderConfigError("Vault returned no usable plaintext") from None
+            raise errors.ProviderConfigError("Vault returned no usable plaintext") from None
         if len(kek) != crypto.KEY_SIZE:
-            raise WrongKey(f"Vault transit key {name!r} returned a malformed KEK")
+            raise errors.WrongKey(f"Vault transit key {name!r} returned a malformed KEK")
         return kek
 
     def key_version(self, record: Record) -> str | None:
@@ -264,8 +259,8 @@ class VaultProvider(KeyProvider):
         try:
             data = self._call("key lookup", client.secrets.transit.read_key, name=name)["data"]
         except _NotFound:
-            raise KeyRevoked(f"Vault transit key {name!r} not found (deleted?)") from None
-        except KeyRevoked:
+            raise errors.KeyRevoked(f"Vault transit key {name!r} not found (deleted?)") from None
+        except errors.KeyRevoked:
             return None
         latest = data.get("latest_version")
         return str(latest) if isinstance(latest, int) else None
@@ -275,26 +270,26 @@ class VaultProvider(KeyProvider):
         return f"vault:{options.get('addr')}/{options.get('mount')}/{options.get('key')}"
 
 
-class _NotFound(ProviderConfigError):
+class _NotFound(errors.ProviderConfigError):
     """HTTP 404: no such key (on a metadata read) or no transit engine at the mount."""
 
 
 def _message(exc: Any) -> str:
-    errors = getattr(exc, "errors", None)
-    if isinstance(errors, list) and errors:
-        return "; ".join(str(e) for e in errors)
+    details = getattr(exc, "errors", None)
+    if isinstance(details, list) and details:
+        return "; ".join(str(e) for e in details)
     return str(exc).split(", on ")[0]
 
 
-def _map_invalid_request(exc: Any, what: str, key: str | None) -> KeyAccessError:
+def _map_invalid_request(exc: Any, what: str, key: str | None) -> errors.KeyAccessError:
     message = _message(exc)
     if "disallowed by policy (too old)" in message:
-        return KeyRevoked(
+        return errors.KeyRevoked(
             f"Vault transit key {key!r} no longer decrypts this record's key version "
             "(min_decryption_version was raised past it)"
         )
     if "key not found" in message:
-        return KeyRevoked(f"Vault transit key {key!r} not found (deleted?)")
+        return errors.KeyRevoked(f"Vault transit key {key!r} not found (deleted?)")
     if "message authentication failed" in message or "invalid ciphertext" in message:
-        return WrongKey(f"Vault transit key {key!r} does not open this volume")
-    return ProviderConfigError(f"Vault refused {what}: {message}")
+        return errors.WrongKey(f"Vault transit key {key!r} does not open this volume")
+    return errors.ProviderConfigError(f"Vault refused {what}: {message}")

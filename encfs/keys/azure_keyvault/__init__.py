@@ -45,14 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from encfs import crypto
-from encfs.errors import (
-    KeyAccessError,
-    KeyMissing,
-    KeyRevoked,
-    ProviderConfigError,
-    WrongKey,
-)
+from encfs import crypto, errors
 from encfs.keys.azure_keyvault.connection import (
     VaultConnection,
     b64url,
@@ -80,6 +73,7 @@ BINDING_LABEL = b"encfs-gw azure-keyvault binding v1|"
 PROBE_BINDING = b"encfs-gw azure-keyvault preflight probe"
 _URI_PATH = re.compile(r"^/keys/([0-9A-Za-z-]{1,127})(?:/([0-9A-Za-z]{1,64}))?/?$")
 
+
 def binding_digest(binding: bytes) -> bytes:
     return hashlib.sha256(BINDING_LABEL + binding).digest()
 
@@ -89,7 +83,7 @@ def parse_key_uri(uri: str) -> tuple[str, str, str | None]:
     parts = urlsplit(uri)
     match = _URI_PATH.match(parts.path)
     if parts.scheme != "https" or not parts.hostname or not match or parts.query:
-        raise ProviderConfigError(
+        raise errors.ProviderConfigError(
             f"azure-keyvault: uri {uri!r} is not https://VAULT.vault.azure.net/keys/NAME"
             "[/VERSION] (or HSM.managedhsm.azure.net)"
         )
@@ -130,7 +124,9 @@ class KeyInfo:
                 recovery_level=attributes.get("recoveryLevel"),
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, binascii.Error):
-            raise ProviderConfigError("Azure Key Vault returned a malformed key bundle") from None
+            raise errors.ProviderConfigError(
+                "Azure Key Vault returned a malformed key bundle"
+            ) from None
 
     @property
     def algorithm(self) -> str:
@@ -161,7 +157,7 @@ class AzureKeyVaultProvider(KeyProvider):
         )
         for item in spec_args.split(","):
             if item.strip().partition("=")[0].strip() in ("client-secret", "client_secret"):
-                raise ProviderConfigError(
+                raise errors.ProviderConfigError(
                     f"azure-keyvault: secrets never go on the command line; {hint}"
                 )
         options = parse_options(
@@ -200,7 +196,9 @@ class AzureKeyVaultProvider(KeyProvider):
 
     # -- the key's REST calls --
 
-    def _get(self, name: str, version: str, missing: type[KeyAccessError] = KeyRevoked) -> KeyInfo:
+    def _get(
+        self, name: str, version: str, missing: type[errors.KeyAccessError] = errors.KeyRevoked
+    ) -> KeyInfo:
         doc = self._vault().request(
             "GET", f"/keys/{name}/{version}", f"get of key {name}", "get", missing=missing
         )
@@ -219,7 +217,9 @@ class AzureKeyVaultProvider(KeyProvider):
         try:
             return unb64url(doc["value"])
         except (KeyError, ValueError, binascii.Error):
-            raise ProviderConfigError(f"Azure Key Vault returned no {permission} result") from None
+            raise errors.ProviderConfigError(
+                f"Azure Key Vault returned no {permission} result"
+            ) from None
 
     # -- checks --
 
@@ -228,31 +228,33 @@ class AzureKeyVaultProvider(KeyProvider):
         """The key version's own state: the service does not refuse unwrap outside
         [nbf, exp], the volume must."""
         if not info.enabled:
-            raise KeyRevoked(f"Azure Key Vault key {info.kid} is disabled")
+            raise errors.KeyRevoked(f"Azure Key Vault key {info.kid} is disabled")
         now = time.time()
         if info.nbf is not None and now < info.nbf:
-            raise KeyRevoked(
+            raise errors.KeyRevoked(
                 f"Azure Key Vault key {info.kid} is not yet valid (nbf {utc_time(info.nbf)})"
             )
         if info.exp is not None and now >= info.exp:
-            raise KeyRevoked(f"Azure Key Vault key {info.kid} expired at {utc_time(info.exp)}")
+            raise errors.KeyRevoked(
+                f"Azure Key Vault key {info.kid} expired at {utc_time(info.exp)}"
+            )
 
     @staticmethod
     def _suitable(info: KeyInfo) -> None:
         if info.kty in RSA_TYPES:
             if info.bits is None or not MIN_RSA_BITS <= info.bits <= MAX_RSA_BITS:
-                raise ProviderConfigError(
+                raise errors.ProviderConfigError(
                     f"Azure Key Vault key {info.kid} is {info.kty} {info.bits} bits; "
                     f"{MIN_RSA_BITS} to {MAX_RSA_BITS} bits are accepted"
                 )
         elif info.kty not in OCT_TYPES:
-            raise ProviderConfigError(
+            raise errors.ProviderConfigError(
                 f"Azure Key Vault key {info.kid} is {info.kty or 'of no type'}; it must be RSA, "
                 "RSA-HSM (2048 to 4096 bits) or oct-HSM"
             )
         missing_ops = [op for op in NEEDED_OPS if op not in info.key_ops]
         if missing_ops:
-            raise ProviderConfigError(
+            raise errors.ProviderConfigError(
                 f"Azure Key Vault key {info.kid} does not allow the operation(s) "
                 f"{', '.join(missing_ops)} (key_ops: {', '.join(info.key_ops) or 'none'})"
             )
@@ -267,7 +269,7 @@ class AzureKeyVaultProvider(KeyProvider):
         if soft_delete and purge_protection:
             return
         missing = "purge protection is" if soft_delete else "soft-delete and purge protection are"
-        raise ProviderConfigError(
+        raise errors.ProviderConfigError(
             f"Azure Key Vault key {info.kid}: {missing} off (recoveryLevel {level}); turn them "
             "on for the vault, or accept that a deleted key can be purged with allow-purgeable"
         )
@@ -280,27 +282,27 @@ class AzureKeyVaultProvider(KeyProvider):
         try:
             wrapped = unb64url(record.get("wrapped"))
         except (ValueError, binascii.Error):
-            raise ProviderConfigError("azure-keyvault record is corrupt") from None
+            raise errors.ProviderConfigError("azure-keyvault record is corrupt") from None
         value = self._operation("unwrapkey", info, str(record["alg"]), wrapped)
         digest, kek = value[:32], value[32:]
         if len(kek) != crypto.KEY_SIZE or not hmac.compare_digest(digest, binding_digest(binding)):
-            raise WrongKey(f"Azure Key Vault key {info.kid} does not open this volume")
+            raise errors.WrongKey(f"Azure Key Vault key {info.kid} does not open this volume")
         return kek
 
     def _record_key(self, record: Record) -> tuple[str, str]:
         """(name, version) of a record, which must belong to the configured key."""
         kid, alg = record.get("kid"), record.get("alg")
         if not isinstance(kid, str) or alg not in (RSA_ALG, OCT_ALG):
-            raise ProviderConfigError("azure-keyvault record is corrupt")
+            raise errors.ProviderConfigError("azure-keyvault record is corrupt")
         vault_url, name, version = parse_key_uri(kid)
         configured_url, configured_name, _ = self._key()
         if version is None or (vault_url, name) != (configured_url, configured_name):
-            raise ProviderConfigError(
+            raise errors.ProviderConfigError(
                 f"azure-keyvault record was made by key {kid}, not by {self.options['uri']}"
             )
         return name, version
 
-    def _preflight(self, missing: type[KeyAccessError]) -> tuple[KeyInfo, float]:
+    def _preflight(self, missing: type[errors.KeyAccessError]) -> tuple[KeyInfo, float]:
         """GET (proves `get`), the key checks, then wrap and unwrap a random probe through
         the service (proves `wrapKey` and `unwrapKey`). Returns the info and the probe's
         unwrap time."""
@@ -313,13 +315,15 @@ class AzureKeyVaultProvider(KeyProvider):
         record = self._wrap(info, probe, PROBE_BINDING)
         started = time.monotonic()
         if self._unwrap(info, record, PROBE_BINDING) != probe:
-            raise ProviderConfigError(f"Azure Key Vault key {info.kid} unwrapped something else")
+            raise errors.ProviderConfigError(
+                f"Azure Key Vault key {info.kid} unwrapped something else"
+            )
         return info, time.monotonic() - started
 
     # -- the provider interface --
 
     def prepare_new(self) -> None:
-        self._preflight(KeyMissing)
+        self._preflight(errors.KeyMissing)
 
     def protect(self, kek: bytes, binding: bytes) -> Record:
         _, name, version = self._key()
@@ -340,7 +344,7 @@ class AzureKeyVaultProvider(KeyProvider):
             return None
         try:
             return parse_key_uri(kid)[2]
-        except ProviderConfigError:
+        except errors.ProviderConfigError:
             return None
 
     def current_key_version(self) -> str | None:
@@ -351,7 +355,7 @@ class AzureKeyVaultProvider(KeyProvider):
 
     def inspect(self, record: Record, binding: bytes) -> dict[str, Any]:
         name, version = self._record_key(record)
-        current, _ = self._preflight(KeyRevoked)
+        current, _ = self._preflight(errors.KeyRevoked)
         info = current if current.version == version else self._get(name, version)
         self._usable(info)
         started = time.monotonic()

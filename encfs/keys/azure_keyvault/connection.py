@@ -17,14 +17,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from encfs.errors import (
-    KeyAccessError,
-    KeyMissing,
-    KeyRevoked,
-    ProviderConfigError,
-    ProviderUnavailable,
-    WrongKey,
-)
+from encfs import errors
 from encfs.keys.provider import missing_extra
 from encfs.keys.secret_file import read_secret_file
 
@@ -77,7 +70,7 @@ class _TokenFileCredential:
         token = read_secret_file(self.path, "Azure access token")
         expires = _jwt_expiry(token)
         if expires is not None and expires <= time.time():
-            raise KeyRevoked(
+            raise errors.KeyRevoked(
                 f"the Azure access token in {self.path} expired at {utc_time(expires)}"
             )
         return azure.core.credentials.AccessToken(token, expires or int(time.time()) + 300)
@@ -128,8 +121,10 @@ class VaultConnection:
                     exclude_interactive_browser_credential=True, **transport
                 )
         except ValueError as exc:  # workload identity without its environment
-            raise KeyMissing(f"azure-keyvault: no {kind} credential: {_first_line(exc)}") from None
-        raise ProviderConfigError(f"azure-keyvault: unknown credential {kind!r}")
+            raise errors.KeyMissing(
+                f"azure-keyvault: no {kind} credential: {_first_line(exc)}"
+            ) from None
+        raise errors.ProviderConfigError(f"azure-keyvault: unknown credential {kind!r}")
 
     def _pipeline(self) -> Any:
         """The SDK's KeyClient: its pipeline does the challenge flow, tokens and TLS."""
@@ -143,12 +138,10 @@ class VaultConnection:
             ca = self.ca
             if ca:
                 if not os.path.isfile(ca):
-                    raise KeyMissing(f"Azure Key Vault CA bundle {ca} not found")
+                    raise errors.KeyMissing(f"Azure Key Vault CA bundle {ca} not found")
                 kwargs["connection_verify"] = ca
             self._credential = self._make_credential()
-            self._client = azure.keyvault.keys.KeyClient(
-                self.vault_url, self._credential, **kwargs
-            )
+            self._client = azure.keyvault.keys.KeyClient(self.vault_url, self._credential, **kwargs)
         return self._client
 
     def request(
@@ -158,38 +151,44 @@ class VaultConnection:
         what: str,
         permission: str,
         body: dict | None = None,
-        missing: type[KeyAccessError] = KeyRevoked,
+        missing: type[errors.KeyAccessError] = errors.KeyRevoked,
     ) -> dict:
         azure = _import_azure()
-        errors = azure.core.exceptions
+        azure_errors = azure.core.exceptions
         client = self._pipeline()
         vault_url = self.vault_url
         request = azure.core.rest.HttpRequest(method, path, json=body)
         try:
             response = client.send_request(request)
-        except KeyAccessError:
+        except errors.KeyAccessError:
             raise
-        except errors.ClientAuthenticationError as exc:  # from the credential, no response
+        except azure_errors.ClientAuthenticationError as exc:  # from the credential, no response
             message = _one_line(exc)
             if type(exc).__name__ == "CredentialUnavailableError":
-                raise KeyMissing(f"no Azure credential available: {message}") from None
-            raise KeyRevoked(f"Microsoft Entra ID did not issue a token: {message}") from None
-        except errors.ServiceRequestError as exc:
+                raise errors.KeyMissing(f"no Azure credential available: {message}") from None
+            raise errors.KeyRevoked(
+                f"Microsoft Entra ID did not issue a token: {message}"
+            ) from None
+        except azure_errors.ServiceRequestError as exc:
             if _is_tls_error(exc):
-                raise ProviderConfigError(
+                raise errors.ProviderConfigError(
                     f"Azure Key Vault {vault_url}: TLS verification failed ({_first_line(exc)})"
                 ) from None
-            raise ProviderUnavailable(
+            raise errors.ProviderUnavailable(
                 f"Azure Key Vault {vault_url} is unreachable ({_first_line(exc)})"
             ) from None
-        except errors.ServiceResponseError:
-            raise ProviderUnavailable(
+        except azure_errors.ServiceResponseError:
+            raise errors.ProviderUnavailable(
                 f"Azure Key Vault {vault_url} did not answer within {self.timeout:g}s"
             ) from None
         except ValueError as exc:  # the challenge names another resource, a bad URL
-            raise ProviderConfigError(f"Azure Key Vault {vault_url}: {_first_line(exc)}") from None
-        except errors.AzureError as exc:
-            raise ProviderUnavailable(f"Azure Key Vault {vault_url}: {_first_line(exc)}") from None
+            raise errors.ProviderConfigError(
+                f"Azure Key Vault {vault_url}: {_first_line(exc)}"
+            ) from None
+        except azure_errors.AzureError as exc:
+            raise errors.ProviderUnavailable(
+                f"Azure Key Vault {vault_url}: {_first_line(exc)}"
+            ) from None
         status = response.status_code
         try:
             doc = response.json() if response.content else {}
@@ -197,7 +196,9 @@ class VaultConnection:
             doc = {}
         if 200 <= status < 300:
             if not isinstance(doc, dict):
-                raise ProviderConfigError(f"Azure Key Vault returned a malformed answer to {what}")
+                raise errors.ProviderConfigError(
+                    f"Azure Key Vault returned a malformed answer to {what}"
+                )
             return doc
         raise _map_status(status, doc, what, permission, missing)
 
@@ -214,23 +215,25 @@ class VaultConnection:
 def parse_credential(raw: Any) -> str:
     kind, sep, argument = str(raw).partition(":")
     if kind not in CREDENTIALS:
-        raise ProviderConfigError(
+        raise errors.ProviderConfigError(
             f"azure-keyvault: unknown credential {raw!r} (default, managed-identity[:CLIENT_ID], "
             "workload, token-file:PATH)"
         )
     if kind == "token-file":
         if not argument:
-            raise ProviderConfigError("azure-keyvault: credential=token-file:PATH needs a path")
+            raise errors.ProviderConfigError(
+                "azure-keyvault: credential=token-file:PATH needs a path"
+            )
         return f"token-file:{os.path.abspath(argument)}"
     if kind == "managed-identity" and sep:
         if not _CLIENT_ID.match(argument):
-            raise ProviderConfigError(
+            raise errors.ProviderConfigError(
                 "azure-keyvault: credential=managed-identity:CLIENT_ID needs the identity's "
                 "client id"
             )
         return f"managed-identity:{argument}"
     if argument:
-        raise ProviderConfigError(f"azure-keyvault: credential={kind} takes no argument")
+        raise errors.ProviderConfigError(f"azure-keyvault: credential={kind} takes no argument")
     return kind
 
 
@@ -278,8 +281,8 @@ _FORBIDDEN_CAUSES = {
 
 
 def _map_status(
-    status: int, doc: Any, what: str, permission: str, missing: type[KeyAccessError]
-) -> KeyAccessError:
+    status: int, doc: Any, what: str, permission: str, missing: type[errors.KeyAccessError]
+) -> errors.KeyAccessError:
     """An HTTP error answer (`{"error": {"code", "message", "innererror"}}`) -> one line."""
     error = doc.get("error") if isinstance(doc, dict) else None
     error = error if isinstance(error, dict) else {}
@@ -290,18 +293,22 @@ def _map_status(
     detail = f" ({code}: {message})" if message else f" ({code})"
     refused = f"Azure Key Vault refused {what}"
     if status == 401:
-        return KeyRevoked(f"{refused}: the access token was not accepted{detail}")
+        return errors.KeyRevoked(f"{refused}: the access token was not accepted{detail}")
     if status == 403:
         cause = _FORBIDDEN_CAUSES.get(inner or "", "the identity lacks the {permission} permission")
-        return KeyRevoked(f"{refused}: {cause.format(permission=permission)}{detail}")
+        return errors.KeyRevoked(f"{refused}: {cause.format(permission=permission)}{detail}")
     if status == 404:
         return missing(f"{refused}: key not found (deleted?){detail}")
     if status == 409:
-        return KeyRevoked(f"{refused}: the key is deleted, or being deleted or recovered{detail}")
+        return errors.KeyRevoked(
+            f"{refused}: the key is deleted, or being deleted or recovered{detail}"
+        )
     if status == 400 and permission == "unwrapKey":
-        return WrongKey(f"{refused}: the key does not open this record{detail}")
+        return errors.WrongKey(f"{refused}: the key does not open this record{detail}")
     if status == 429:
-        return ProviderUnavailable(f"{refused}: throttled (429){detail}")
+        return errors.ProviderUnavailable(f"{refused}: throttled (429){detail}")
     if status >= 500:
-        return ProviderUnavailable(f"{refused}: the service cannot serve it now ({status}){detail}")
-    return ProviderConfigError(f"{refused} ({status}){detail}")
+        return errors.ProviderUnavailable(
+            f"{refused}: the service cannot serve it now ({status}){detail}"
+        )
+    return errors.ProviderConfigError(f"{refused} ({status}){detail}")
