@@ -5,6 +5,7 @@ docs/dev/ARCHITECTURE.md."""
 from encfs.engine.bindings import BindingError
 from encfs.engine.create import create_volume
 from encfs.engine.inode import ROOT_INODE, Attr
+from encfs.engine.rename import RenameRequest
 from encfs.engine.volume import Volume
 
-__all__ = ["ROOT_INODE", "Attr", "BindingError", "Volume", "create_volume"]
+__all__ = ["ROOT_INODE", "Attr", "BindingError", "RenameRequest", "Volume", "create_volume"]

@@ -64,6 +64,20 @@ class _Move:
     current: tuple[Inode, str] | None = None  # where its backing object is now
 
 
+@dataclass(frozen=True)
+class RenameRequest:
+    """One rename(2) or renameat2(2) as the kernel asks it: the entry `old_name` in
+    directory `old_parent_ino` to `new_name` in `new_parent_ino`, with its RENAME_* flags.
+    `owner`: the caller's (uid, gid), given to the whiteout a RENAME_WHITEOUT leaves."""
+
+    old_parent_ino: int
+    old_name: bytes
+    new_parent_ino: int
+    new_name: bytes
+    flags: int = 0
+    owner: tuple[int, int] | None = None
+
+
 @dataclass(eq=False)
 class PendingRename:
     """A rename between its stages (`Volume.rename_begin`)."""
@@ -106,15 +120,7 @@ class Renames:
     def __init__(self, namespace: Namespace) -> None:
         self._ns = namespace
 
-    def begin(
-        self,
-        old_parent: Inode,
-        old_name: bytes,
-        new_parent: Inode,
-        new_name: bytes,
-        flags: int,
-        owner: tuple[int, int] | None = None,
-    ) -> PendingRename | None:
+    def begin(self, request: RenameRequest) -> PendingRename | None:
         """Check a rename and make every object it moves valid at both places (step 1);
         None if there is nothing to do.
 
@@ -123,12 +129,14 @@ class Renames:
         the old backing name in the same atomic step, and that name (with its long-name
         sidecar) decodes to the old plaintext name like any device node's. A backing
         filesystem without whiteouts refuses the rename (EINVAL): never a rename that
-        silently leaves none. The whiteout is made by us (root), so it is given `owner`,
-        the caller's (uid, gid) (the parent's group under a setgid parent), as ext4 gives
-        it the caller's."""
+        silently leaves none. The whiteout is made by us (root), so it is given
+        `request.owner`, the caller's (uid, gid) (the parent's group under a setgid
+        parent), as ext4 gives it the caller's."""
+        old_parent = self._ns.inodes.directory(request.old_parent_ino)
+        new_parent = self._ns.inodes.directory(request.new_parent_ino)
         held: list[Inode] = []
         try:
-            pending = self._plan(old_parent, old_name, new_parent, new_name, flags, owner, held)
+            pending = self._plan(request, old_parent, new_parent, held)
         except BaseException:
             self._ns.inodes.unhold(held)
             raise
@@ -144,15 +152,9 @@ class Renames:
         return inode if inode is not None and inode.backing_ino == st.st_ino else None
 
     def _plan(
-        self,
-        old_parent: Inode,
-        old_name: bytes,
-        new_parent: Inode,
-        new_name: bytes,
-        flags: int,
-        owner: tuple[int, int] | None,
-        held: list[Inode],
+        self, request: RenameRequest, old_parent: Inode, new_parent: Inode, held: list[Inode]
     ) -> PendingRename | None:
+        old_name, new_name, flags = request.old_name, request.new_name, request.flags
         whiteout = flags & backing.RENAME_WHITEOUT
         known = backing.RENAME_NOREPLACE | backing.RENAME_EXCHANGE | backing.RENAME_WHITEOUT
         if flags & ~known or (whiteout and flags & backing.RENAME_EXCHANGE):
@@ -209,7 +211,7 @@ class Renames:
                     aside = self._ns.orphans.set_aside(old_parent, old_backing, new_st, whiteout)
                     if aside is not None:  # open: removed when it is closed
                         if whiteout:
-                            _own_whiteout(old_parent, old_backing, owner)
+                            _own_whiteout(old_parent, old_backing, request.owner)
                         else:
                             names.remove_sidecar(old_parent, old_backing)
                         owner_set = self._ns.xattrs.last_name_set(*aside, new_st)
@@ -223,7 +225,7 @@ class Renames:
                         backing.RENAME_NOREPLACE | whiteout,
                     )
                     if whiteout:
-                        _own_whiteout(old_parent, old_backing, owner)
+                        _own_whiteout(old_parent, old_backing, request.owner)
                     else:
                         names.remove_sidecar(old_parent, old_backing)
                     replaced_st = os.stat(tmp, dir_fd=old_parent.fd, follow_symlinks=False)
@@ -258,7 +260,7 @@ class Renames:
                 backing.renameat2(
                     old_parent.fd, old_backing, new_parent.fd, new_backing, whiteout
                 )
-            _own_whiteout(old_parent, old_backing, owner)
+            _own_whiteout(old_parent, old_backing, request.owner)
 
         def clean_up() -> None:
             if not whiteout and (old_parent.ino, old_backing) != (new_parent.ino, new_backing):

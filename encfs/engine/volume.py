@@ -35,7 +35,7 @@ from encfs.engine.inodes import InodeTable
 from encfs.engine.names import Names, ScanEntry
 from encfs.engine.namespace import Namespace
 from encfs.engine.orphans import Orphans
-from encfs.engine.rename import PendingRename, Renames
+from encfs.engine.rename import PendingRename, RenameRequest, Renames
 from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs
 from encfs.errors import IntegrityError
@@ -427,7 +427,7 @@ class Volume:
         """A rename in one call (the FUSE adapter runs the same stages, with the fsyncs
         of a directory's rename off the request loop)."""
         pending = self.rename_begin(
-            old_parent_ino, old_name, new_parent_ino, new_name, flags, owner
+            RenameRequest(old_parent_ino, old_name, new_parent_ino, new_name, flags, owner)
         )
         if pending is None:
             return
@@ -444,25 +444,14 @@ class Volume:
         finally:
             self.rename_end(pending)
 
-    def rename_begin(
-        self,
-        old_parent_ino: int,
-        old_name: bytes,
-        new_parent_ino: int,
-        new_name: bytes,
-        flags: int = 0,
-        owner: tuple[int, int] | None = None,
-    ) -> PendingRename | None:
+    def rename_begin(self, request: RenameRequest) -> PendingRename | None:
         """Check a rename and make every object it moves valid at both places (step 1 of
         docs/FORMAT.md section 4); None if there is nothing to do. Then: `sync_before`
         (fsync, any thread), `rename_apply`, `sync_after()` (fsync; failure: `not_durable`),
         `rename_finish`, and always `rename_end`. The kernel holds both parents locked
-        for the whole rename. `owner`: the caller's (uid, gid), given to the whiteout a
-        RENAME_WHITEOUT leaves, as ext4 does."""
+        for the whole rename."""
         self.counters["moves"] += 1
-        old_parent = self._inodes.directory(old_parent_ino)
-        new_parent = self._inodes.directory(new_parent_ino)
-        pending = self._renames.begin(old_parent, old_name, new_parent, new_name, flags, owner)
+        pending = self._renames.begin(request)
         if pending is not None:
             self.steps_in_flight += 1
         return pending

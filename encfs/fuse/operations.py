@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from encfs.engine import Attr, Volume
+from encfs.engine import Attr, RenameRequest, Volume
 from encfs.fuse.errno_map import errno_for
 from encfs.fuse.syncer import ThreadSyncer
 
@@ -266,7 +266,9 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         volume = self.volume
         pending = volume.rename_begin(
-            parent_inode_old, name_old, parent_inode_new, name_new, flags, (ctx.uid, ctx.gid)
+            RenameRequest(
+                parent_inode_old, name_old, parent_inode_new, name_new, flags, (ctx.uid, ctx.gid)
+            )
         )
         if pending is None:
             return
