@@ -120,6 +120,20 @@ class ProviderConfigError(KeyAccessError, code=26):
     """The provider spec or its configuration is wrong, or its extra is not installed."""
 
 
+def key_source_error(
+    exc: OSError, source: str, allowed: str, *, failed: str = "", not_found: str | None = None
+) -> KeyAccessError:
+    """The one-line error for `exc`, raised on opening or starting what a key comes from
+    (`source`: "key file /etc/k", "command /usr/bin/x"): not there is KeyMissing
+    (`not_found` when given), not `allowed` ("readable") to this user KeyPermissions,
+    anything else KeyMissing with the system's reason (after `failed`)."""
+    if isinstance(exc, FileNotFoundError):
+        return KeyMissing(not_found or f"{source} not found")
+    if isinstance(exc, PermissionError):
+        return KeyPermissions(f"{source} is not {allowed} by this user")
+    return KeyMissing(f"{source}{failed}: {exc.strerror}")
+
+
 class NotVouched(EncfsError, code=29):
     """No key provider for this volume is vouched for by the operator: none named on the
     command line (--keyfile, --provider) and none in the trust store for this volume; or

@@ -36,10 +36,10 @@ from typing import Any, NamedTuple
 from encfs import hygiene
 from encfs.errors import (
     KeyMissing,
-    KeyPermissions,
     KeyRevoked,
     ProviderConfigError,
     ProviderUnavailable,
+    key_source_error,
 )
 from encfs.keys.provider import KeyProvider, Record, open_with_secret, seal_with_secret
 
@@ -135,12 +135,10 @@ class CommandProvider(KeyProvider):
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=env, start_new_session=True, close_fds=True, umask=hygiene.CHILD_UMASK,
             )
-        except FileNotFoundError:
-            raise KeyMissing(f"command {argv[0]} not found") from None
-        except PermissionError:
-            raise KeyPermissions(f"command {argv[0]} is not executable by this user") from None
         except OSError as exc:
-            raise KeyMissing(f"command {argv[0]} could not be started: {exc.strerror}") from None
+            raise key_source_error(
+                exc, f"command {argv[0]}", "executable", failed=" could not be started"
+            ) from None
         try:
             out, err, timed_out = self._collect(proc, time.monotonic() + timeout)
         except BaseException:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import stat
 
-from encfs.errors import KeyMissing, KeyPermissions, ProviderConfigError
+from encfs.errors import KeyMissing, KeyPermissions, ProviderConfigError, key_source_error
 
 
 def open_secret_file(
@@ -30,12 +30,8 @@ def open_secret_file(
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | (0 if blocking else os.O_NONBLOCK)
     try:
         return os.open(path, flags | (0 if follow else os.O_NOFOLLOW))
-    except FileNotFoundError:
-        raise KeyMissing(not_found or f"{what} {path} not found") from None
-    except PermissionError:
-        raise KeyPermissions(f"{what} {path} is not readable by this user") from None
     except OSError as exc:
-        raise KeyMissing(f"{what} {path}: {exc.strerror}") from None
+        raise key_source_error(exc, f"{what} {path}", "readable", not_found=not_found) from None
 
 
 def check_private(st: os.stat_result, path: str, what: str, *, owner: bool = True) -> None:

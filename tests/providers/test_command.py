@@ -12,6 +12,7 @@ import pytest
 
 from encfs.errors import (
     KeyMissing,
+    KeyPermissions,
     KeyRevoked,
     ProviderConfigError,
     ProviderUnavailable,
@@ -211,6 +212,23 @@ def test_deleted_program_is_missing(tmp_path):
     record = provider.protect(os.urandom(32), BINDING)
     os.unlink(tmp_path / "p")
     with pytest.raises(KeyMissing, match="not found"):
+        provider.recover(record, BINDING)
+
+
+def test_program_no_longer_executable_is_a_permission_error(tmp_path):
+    # execve needs an execute bit even for root, so this holds when the tests run as root.
+    provider = make(key_script(tmp_path / "p"))
+    record = provider.protect(os.urandom(32), BINDING)
+    (tmp_path / "p").chmod(0o600)
+    with pytest.raises(KeyPermissions, match="is not executable by this user"):
+        provider.recover(record, BINDING)
+
+
+def test_program_that_cannot_start_is_missing(tmp_path):
+    provider = make(key_script(tmp_path / "p"))
+    record = provider.protect(os.urandom(32), BINDING)
+    (tmp_path / "p").write_text("no #! line\n")  # still executable; execve: ENOEXEC
+    with pytest.raises(KeyMissing, match="could not be started: Exec format error"):
         provider.recover(record, BINDING)
 
 
