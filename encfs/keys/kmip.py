@@ -80,6 +80,8 @@ class KmipProvider(KeyProvider):
 
     @classmethod
     def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
+        """`host=H[,port=5696],ca=PATH,client-cert=PATH,client-key=PATH` and exactly one
+        of `uid=UID` (an existing key) or `create` (docs/providers/kmip.md)."""
         options = parse_options(
             "kmip",
             spec_args,

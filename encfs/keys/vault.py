@@ -65,6 +65,8 @@ class VaultProvider(KeyProvider):
 
     @classmethod
     def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
+        """`addr=URL,key=NAME[,mount=transit][,token-file=PATH][,create]`; the address
+        and the token may come from VAULT_ADDR and VAULT_TOKEN (docs/providers/vault.md)."""
         options = parse_options(
             "vault",
             spec_args,
