@@ -242,7 +242,8 @@ class Entries:
             os.close(pin)
             raise
         if self._ns.orphans.set_aside(parent, backing_name, st) is not None:
-            os.close(pin)  # (open: moved aside, removed when it is closed)
+            os.close(pin)  # (in use: moved aside, removed when it is dropped)
+            long_id = None  # (a symlink's stored target goes with its orphan entry)
         else:
             self._ns.inodes.unname_pinned(parent, backing_name, st, pin)
             os.unlink(backing_name, dir_fd=parent.fd)

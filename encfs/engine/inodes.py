@@ -26,7 +26,7 @@ evicted and reopened by name like any other; that entry is removed when the inod
 dropped, or reached by another name (`remove_orphan`), and is never counted in the link
 count the kernel is told (Orphans.nlink). Any other inode whose recorded name is removed
 (the first few only known to the kernel, which forgets them as soon as no program uses
-them; symlinks; the move refused) keeps a handle until the kernel forgets it or it is
+them; the move refused) keeps a handle until the kernel forgets it or it is
 reached by a name again (`unname`), so its backing inode, and with it the inode number
 the kernel knows, is not freed and reused meanwhile. So what is never given back:
 one handle per such nameless inode, the handles and data descriptors of operations in

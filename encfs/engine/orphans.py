@@ -32,20 +32,22 @@ count the lookup answers is stat'ed after). Such a file's header is bound to no 
 reached by. Its set in the xattr store goes only with its last name: the orphan link is
 not counted there either (Xattrs.last_name_set).
 
-What is moved: anything but a symlink (a regular file, a directory, a FIFO, socket or
-device, which the kernel opens by itself: it only holds them), when it is open, or when
-the kernel knows it (lookup count > 0) and `nameless_max` removed inodes already keep a
-handle each. A replaced one (a rename over it) is first hard-linked into the orphan
-directory, so the rename stays one atomic step; the rename then leaves the orphan link
-in place of that name. Otherwise a removed inode the kernel knows keeps a handle until
+What is moved: anything (a regular file, a directory, a FIFO, socket or device, which
+the kernel opens by itself: it only holds them, a symlink), when it is open, or when the
+kernel knows it (lookup count > 0) and `nameless_max` removed inodes already keep a
+handle each; a symlink whose long target is stored apart (engine/symlinks.py) as soon
+as the kernel knows it, since its stored target then stays with it (removed when its
+orphan entry is, or by `clear` for a leftover) where a handle alone would lose it.
+A replaced one (a rename over it) is first hard-linked into the orphan directory, so
+the rename stays one atomic step; the rename then leaves the orphan link in place of
+that name. Otherwise a removed inode the kernel knows keeps a handle until
 it is forgotten or reached by a name again, as before (InodeTable.unname, `nameless`): a
 plain unlink costs less than a rename and a later unlink, and the kernel forgets such an
 inode as soon as no program uses it, so only a few wait at a time; the bound catches
 the rest (forgets that lag behind, O_PATH descriptors, current directories, open FIFOs).
-A move the backing store refuses falls back to that too, and so do symlinks (a long
-target is stored apart and goes with the name, engine/symlinks.py; a bound symlink is a
-new backing object at each rename): one handle each while the kernel holds them. The
-orphan directory's own inode is in the table while anything is recorded in it.
+A move the backing store refuses falls back to that too: one handle each while the
+kernel holds them. The orphan directory's own inode is in the table while anything is
+recorded in it.
 
 Leftovers (the daemon was killed) are removed at the next writable mount (`clear`) and
 by `fsck --repair` (fsck reports them, and counts each as a link of its inode). Removing
@@ -70,6 +72,7 @@ from encfs import backing
 from encfs.engine.inode import ROOT_INODE, Inode, oserror
 from encfs.engine.inodes import HANDLE_CACHE_MIN, InodeTable
 from encfs.engine.names import remove_tree
+from encfs.engine.symlinks import Symlinks
 from encfs.engine.xattrs import Xattrs
 from encfs.format import names as fnames
 
@@ -92,10 +95,13 @@ def orphan_name() -> str:
 class Orphans:
     """The orphan directory of one volume and the inodes recorded in it."""
 
-    def __init__(self, inodes: InodeTable, root_fd: int, xattrs: Xattrs) -> None:
+    def __init__(
+        self, inodes: InodeTable, root_fd: int, xattrs: Xattrs, symlinks: Symlinks
+    ) -> None:
         self._inodes = inodes
         self._root_fd = root_fd
         self._xattrs = xattrs  # a leftover's xattr store file goes with it
+        self._symlinks = symlinks  # so does a symlink's stored (long) target
         self._dir: Inode | None = None
         inodes.remove_orphan = self._remove
 
@@ -131,17 +137,26 @@ class Orphans:
         if self._dir is not None and self._inodes.inodes.get(self._dir.ino) is self._dir:
             self._inodes.drop(self._dir)
 
-    def _movable(self, inode: Inode | None, st: os.stat_result) -> bool:
-        """Whether the removal of this name moves the object aside: anything but a
-        symlink (a file with other names or not), when it is open, or only known to the
-        kernel while many removed inodes already keep a handle each (the kernel's
-        forgets lag behind, or programs hold O_PATH descriptors, current directories or
-        open FIFOs in them)."""
-        if inode is None or self._inodes.is_orphan(inode) or stat.S_ISLNK(st.st_mode):
+    def _movable(
+        self, inode: Inode | None, st: os.stat_result, dir_fd: int, backing_name: str
+    ) -> bool:
+        """Whether the removal of this name moves the object aside: anything (a file
+        with other names or not), when it is open, or only known to the kernel while
+        many removed inodes already keep a handle each (the kernel's forgets lag behind,
+        or programs hold O_PATH descriptors, current directories or open FIFOs in them);
+        a symlink with a stored target as soon as the kernel knows it."""
+        if inode is None or self._inodes.is_orphan(inode):
             return False
         table = self._inodes
-        return inode.opens > 0 or (
-            inode.lookups > 0 and len(table.nameless) >= nameless_max(table.capacity)
+        if inode.opens > 0:
+            return True
+        if inode.lookups <= 0:
+            return False
+        # A symlink whose long target is stored apart always: kept by its handle alone, its
+        # target would go with its name (a readlink through an O_PATH descriptor: EIO).
+        return len(table.nameless) >= nameless_max(table.capacity) or (
+            stat.S_ISLNK(st.st_mode)
+            and self._symlinks.last_stored_link(dir_fd, backing_name, st) is not None
         )
 
     def set_aside(
@@ -153,7 +168,7 @@ class Orphans:
         by from now on. Its new (directory handle, name), or None: the caller removes
         the entry itself."""
         inode = self._inodes.known_at(parent, backing_name, st)
-        if not self._movable(inode, st):
+        if not self._movable(inode, st, parent.fd, backing_name):
             return None
         assert inode is not None
         try:
@@ -170,10 +185,11 @@ class Orphans:
         return orphans.fd, name
 
     @contextlib.contextmanager
-    def replacing(self, parent: Inode, backing_name: str) -> Iterator[None]:
-        """Around a rename over `backing_name`: a file in use there gets an orphan link
-        first (the rename then leaves it that one name); either way the table's
-        `replaced` runs around the rename. A failed rename takes the link back."""
+    def replacing(self, parent: Inode, backing_name: str) -> Iterator[bool]:
+        """Around a rename over `backing_name`: an object in use there gets an orphan
+        link first (the rename then leaves it that one name); either way the table's
+        `replaced` runs around the rename. A failed rename takes the link back. Yields
+        whether it was linked aside (a symlink's stored target then stays with it)."""
         inodes = self._inodes
         try:
             st = os.stat(backing_name, dir_fd=parent.fd, follow_symlinks=False)
@@ -181,7 +197,7 @@ class Orphans:
             st = None
         inode = None if st is None else inodes.known_at(parent, backing_name, st)
         aside = None
-        if st is not None and self._movable(inode, st):
+        if st is not None and self._movable(inode, st, parent.fd, backing_name):
             try:
                 orphans = self._directory()
                 name = orphan_name()
@@ -193,13 +209,13 @@ class Orphans:
                 self._release_directory()
         if inode is None or aside is None:
             with inodes.replaced(parent, backing_name):
-                yield
+                yield False
             return
         orphans, name = aside
         inodes.name(inode, orphans, name)
         try:
             with inodes.replaced(parent, backing_name):
-                yield
+                yield True
         except BaseException:
             inodes.name(inode, parent, backing_name)  # (which removes the orphan link)
             raise
@@ -221,9 +237,21 @@ class Orphans:
             if inode.is_dir:
                 remove_tree(orphans.fd, name)
             else:
+                stored = self._stored_target(orphans.fd, name) if dropped else None
                 os.unlink(name, dir_fd=orphans.fd)
+                if stored is not None:
+                    self._symlinks.remove_stored(stored)
         except OSError as exc:
             log.warning("cannot remove an orphan entry (the next writable mount does): %s", exc)
+
+    def _stored_target(self, dir_fd: int, name: str) -> bytes | None:
+        """The store id of a symlink's long target whose last link `name` is (it stays
+        while the symlink is in use: removed with its orphan entry)."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return self._symlinks.last_stored_link(dir_fd, name, st)
 
     # --- leftovers --------------------------------------------------------------------
     def leftovers(self) -> list[tuple[str, int]]:
@@ -268,11 +296,14 @@ class Orphans:
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                     owner = self._xattrs.last_name_set(fd, name, st)
+                    stored = self._symlinks.last_stored_link(fd, name, st)
                     if stat.S_ISDIR(st.st_mode):
                         remove_tree(fd, name)
                     else:
                         os.unlink(name, dir_fd=fd)
                     self._xattrs.discard_after(owner, st)
+                    if stored is not None:
+                        self._symlinks.remove_stored(stored)
                     removed += 1
                 except OSError as exc:
                     log.warning("cannot remove a leftover orphan %s: %s", name, exc)

@@ -248,9 +248,12 @@ class Renames:
         )
         names.write_sidecar(new_parent, new_backing, new_encoded)
 
+        linked_aside = [False]  # the replaced object is in use: kept in the orphan directory
+
         def rename() -> None:
             replacing = self._ns.orphans.replacing(new_parent, new_backing)
-            with replacing if new_st else contextlib.nullcontext():
+            with replacing if new_st else contextlib.nullcontext(False) as aside:
+                linked_aside[0] = aside
                 if not whiteout:
                     os.rename(
                         old_backing, new_backing,
@@ -265,7 +268,7 @@ class Renames:
         def clean_up() -> None:
             if not whiteout and (old_parent.ino, old_backing) != (new_parent.ino, new_backing):
                 names.remove_sidecar(old_parent, old_backing)
-            if replaced_long_id is not None:
+            if replaced_long_id is not None and not linked_aside[0]:
                 self._ns.symlinks.remove_stored(replaced_long_id)
             if new_st is not None:
                 self._ns.xattrs.discard_after(replaced_set, new_st)

@@ -105,7 +105,7 @@ class Volume:
             self.xattr_sets,
             bound,
         )
-        self._orphans = Orphans(self._inodes, self._root_fd, self._xattrs)
+        self._orphans = Orphans(self._inodes, self._root_fd, self._xattrs, self._symlinks)
         namespace = Namespace(
             self._inodes, self._names, bindings, self._symlinks, self._xattrs, self._orphans,
             bound,

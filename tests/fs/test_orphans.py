@@ -474,11 +474,10 @@ def test_removed_inodes_only_looked_up_keep_a_handle_up_to_a_bound(small, backin
 def test_removed_fifos_and_sockets_only_looked_up_are_moved_aside_beyond_the_bound(
     small, backing
 ):
-    """FIFOs and sockets the kernel holds (a program has a FIFO open: the kernel opens it
-    by itself; an O_PATH descriptor) and that are unlinked: past nameless_max, each is
-    moved aside like a file, with link count 0 (one with a hard link left: 1); symlinks
-    are not (their long targets go with their name): each keeps a handle until
-    forgotten. All of them go when forgotten."""
+    """FIFOs, sockets and symlinks the kernel holds (a program has a FIFO open: the kernel
+    opens it by itself; an O_PATH descriptor) and that are unlinked: past nameless_max,
+    each is moved aside like a file, with link count 0 (one with a hard link left: 1).
+    All of them go when forgotten."""
     count = 2 * nameless_max(CAPACITY)
     kinds = [stat.S_IFIFO, stat.S_IFSOCK]
     special = [
@@ -491,14 +490,80 @@ def test_removed_fifos_and_sockets_only_looked_up_are_moved_aside_beyond_the_bou
         small.unlink(ROOT_INODE, b"p%d" % index)
     for index in range(4):
         small.unlink(ROOT_INODE, b"s%d" % index)
-    assert len(orphans(backing)) == count - nameless_max(CAPACITY)
+    assert len(orphans(backing)) == count - nameless_max(CAPACITY) + 4
     evict_handles(small)
     assert [small.getattr(ino).nlink for ino in special] == [0] * (count - 1) + [1]
-    assert all(small.inode(ino).has_handle for ino in links)
+    assert not any(small.inode(ino).has_handle for ino in links)
     assert [small.getattr(ino).nlink for ino in links] == [0] * 4
+    assert [small.readlink(ino) for ino in links] == [b"target"] * 4
     for ino in special + links:
         small.forget(ino, 2 if ino == special[-1] else 1)
     small.settle_closes()
     assert orphans(backing) == []
     assert small.handle_stats()["known"] == 1
     assert small.getattr(small.lookup(ROOT_INODE, b"other").ino).nlink == 1
+
+
+LONG_TARGET = b"/" + b"t" * 3500  # too long for a backing symlink: stored apart
+
+
+def symlink_store(backing) -> list[str]:
+    path = backing / fnames.SYMLINK_STORE_DIR
+    return sorted(os.listdir(path)) if path.exists() else []
+
+
+def test_removed_symlinks_the_kernel_holds_are_moved_aside_with_their_stored_targets(
+    small, backing
+):
+    """Symlinks unlinked or renamed over while the kernel holds them (O_PATH
+    descriptors): past nameless_max, or at once when their long target is stored apart,
+    moved aside; each reads its target after its handle was given back; a stored target
+    goes only when its symlink is forgotten (before, a removed symlink kept by its handle
+    lost it: EIO)."""
+    count = nameless_max(CAPACITY) + 8
+    targets = [LONG_TARGET + b"%d" % i if i % 2 else b"short-%d" % i for i in range(count)]
+    links = [
+        small.symlink(ROOT_INODE, b"s%d" % i, target, UID, GID).ino
+        for i, target in enumerate(targets)
+    ]
+    stored = len(symlink_store(backing))
+    assert stored == count // 2
+    small.symlink(ROOT_INODE, b"new", b"replacement", UID, GID)
+    for index in range(count - 1):
+        small.unlink(ROOT_INODE, b"s%d" % index)
+    small.rename(ROOT_INODE, b"new", ROOT_INODE, b"s%d" % (count - 1))  # over the last
+    assert len(orphans(backing)) >= 8
+    evict_handles(small)
+    assert [small.readlink(ino) for ino in links] == targets
+    assert [small.getattr(ino).nlink for ino in links] == [0] * count
+    assert len(symlink_store(backing)) == stored  # still needed
+    for ino in links:
+        small.forget(ino, 1)
+    small.settle_closes()
+    assert orphans(backing) == []
+    assert symlink_store(backing) == []
+    assert small.readlink(small.lookup(ROOT_INODE, b"s%d" % (count - 1)).ino) == b"replacement"
+
+
+def test_a_crash_leaves_moved_symlinks_whose_stored_targets_clear_removes(backing):
+    """A process killed while symlinks with stored targets were moved aside: the next
+    writable mount's clear removes the leftovers and their stored targets."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            vol = Volume.unlock(str(backing), trusted())
+            vol.limit_handles(CAPACITY)
+            for index in range(6):  # (the kernel knows each: moved aside, target kept)
+                vol.symlink(ROOT_INODE, b"s%d" % index, LONG_TARGET, UID, GID)
+                vol.unlink(ROOT_INODE, b"s%d" % index)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert len(orphans(backing)) == 6 and len(symlink_store(backing)) == 6
+    vol = Volume.unlock(str(backing), trusted())
+    try:
+        assert vol.clear_orphans() == 6
+        assert orphans(backing) == [] and symlink_store(backing) == []
+        assert fsck(vol).findings == []
+    finally:
+        vol.close()

@@ -17,7 +17,6 @@ unlinked by one of several names (hard links), with ext4's link counts.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -31,9 +30,9 @@ from pathlib import Path
 import pytest
 
 from encfs.errors import FsckProblems
-from encfs.format.names import ORPHAN_DIR
+from encfs.format.names import ORPHAN_DIR, SYMLINK_STORE_DIR
 from tests.helpers.mount import daemon_pid, mounted, run_cli
-from tests.helpers.proc import Sampler, fd_count
+from tests.helpers.proc import Sampler
 from tests.integration.test_dead_daemon import kill_daemon
 
 pytestmark = pytest.mark.fuse
@@ -565,42 +564,50 @@ def test_hard_linked_files_a_killed_daemon_moved_aside_keep_their_names(volume, 
             assert (mnt / f"link-{index}").stat().st_nlink == 1
 
 
-def test_removed_symlinks_held_beyond_the_daemons_descriptors_get_enfile(volume, tmp_path):
-    """A case left with a limit: a symlink unlinked while the kernel still holds it (an
-    O_PATH descriptor on it) keeps one descriptor in the daemon until it is forgotten
-    (engine/orphans.py: only files and directories are moved aside). A program that
-    holds more of them than the daemon has room for gets ENFILE from the operation that
-    would need one more, never EMFILE; once they are closed, everything works again."""
-    with many_descriptors(3 * DAEMON_NOFILE), \
+def test_removed_symlinks_held_beyond_the_daemons_descriptors(volume, tmp_path):
+    """A program holds O_PATH descriptors on 4x as many symlinks as the daemon has
+    descriptors, every eighth with a target too long for a backing symlink (stored
+    apart), and unlinks each: they are moved into the orphan directory like files
+    (before: one descriptor each, ENFILE after ~235; and a long target kept by a handle
+    alone was gone at the unlink: EIO). Each still reads its target through its
+    descriptor, with link count 0 as on ext4; the daemon's descriptors stay bounded;
+    once they are closed, nothing of them is left (stored targets included)."""
+    count = 4 * DAEMON_NOFILE
+
+    def target(index: int) -> str:
+        return ("/" + "t" * 3500 if index % 8 == 0 else "target-") + str(index)
+
+    with many_descriptors(count + DAEMON_NOFILE), \
             mounted(volume, tmp_path / "mnt", nofile=DAEMON_NOFILE) as mnt:
         pid = daemon_pid(volume.backing)
         assert pid is not None
+        sampler = Sampler(pid)
+        before = backing_entries(volume)
         held: list[int] = []
-        refused = None
         try:
-            for index in range(2 * DAEMON_NOFILE):
-                try:
-                    os.symlink(f"target-{index}", mnt / name(index))
-                    held.append(os.open(mnt / name(index), os.O_PATH | os.O_NOFOLLOW))
-                    os.unlink(mnt / name(index))
-                except OSError as exc:
-                    refused = exc.errno
-                    break
-            assert refused == errno.ENFILE, (refused, len(held))
-            # Nearly the whole limit: one descriptor each, the caches given back.
-            assert len(held) > DAEMON_NOFILE * 3 // 4, len(held)
-            assert fd_count(pid) <= DAEMON_NOFILE
-            print(f"removed symlinks held by O_PATH at the bound: {len(held)} "
-                  f"(daemon limit {DAEMON_NOFILE})")
+            for index in range(count):
+                os.symlink(target(index), mnt / name(index))
+                held.append(os.open(mnt / name(index), os.O_PATH | os.O_NOFOLLOW))
+                os.unlink(mnt / name(index))
+                if index % 64 == 0:
+                    check_bound(sampler, "made, held, unlinked", CACHES_BOUND)
+            assert os.listdir(mnt) == []
+            assert len(orphan_entries(volume)) > count - DAEMON_NOFILE // 4
+            for index, fd in enumerate(held):
+                assert os.readlink("", dir_fd=fd) == target(index), index
+                st = os.fstat(fd)  # (an O_PATH descriptor: fstat works on it)
+                assert stat.S_ISLNK(st.st_mode) and st.st_nlink == 0
+                if index % 64 == 0:
+                    check_bound(sampler, "read, stat'ed", CACHES_BOUND)
         finally:
             for fd in held:
                 os.close(fd)
-        # Closed, they have no name: the kernel forgets them at once.
-        wait_until(lambda: fd_count(pid) <= CACHES_BOUND, "the forgotten are closed")
-        for index in range(DAEMON_NOFILE):
-            (mnt / f"after-{index}").write_bytes(content(index))
-        for index in range(DAEMON_NOFILE):
-            assert (mnt / f"after-{index}").read_bytes() == content(index)
+        wait_until(lambda: orphan_entries(volume) == [], "the orphan directory empties")
+        wait_until(lambda: backing_entries(volume) - {SYMLINK_STORE_DIR} == before,
+                   "nothing of them is left")  # (the store's directory stays, empty)
+        check_bound(sampler, "closed", CACHES_BOUND)
+        print(f"{count} removed symlinks held by O_PATH; the daemon's open descriptors "
+              f"peaked at {sampler.peak_fds()} (limit {DAEMON_NOFILE})")
 
 
 def test_three_times_more_open_directories_than_daemon_descriptors(volume, tmp_path):

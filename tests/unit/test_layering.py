@@ -85,7 +85,9 @@ SAME_LAYER: dict[str, set[str]] = {
     "engine.xattrs": {"engine.inode", "engine.inodes", "engine.names", "engine.xattr_sets"},
     "engine.files": {"engine.bindings", "engine.contents", "engine.inode", "engine.inodes"},
     # what making, removing and moving entries all work on: one Namespace
-    "engine.orphans": {"engine.inode", "engine.inodes", "engine.names", "engine.xattrs"},
+    "engine.orphans": {
+        "engine.inode", "engine.inodes", "engine.names", "engine.symlinks", "engine.xattrs"
+    },
     "engine.namespace": {
         "engine.bindings", "engine.inodes", "engine.names", "engine.orphans", "engine.symlinks",
         "engine.xattrs",  # an object's attribute set goes with its last name
