@@ -95,13 +95,11 @@ def orphan_name() -> str:
 class Orphans:
     """The orphan directory of one volume and the inodes recorded in it."""
 
-    def __init__(
-        self, inodes: InodeTable, root_fd: int, xattrs: Xattrs, symlinks: Symlinks
-    ) -> None:
+    def __init__(self, inodes: InodeTable, root_fd: int, xattrs: Xattrs, symlinks: Symlinks):
         self._inodes = inodes
         self._root_fd = root_fd
-        self._xattrs = xattrs  # a leftover's xattr store file goes with it
-        self._symlinks = symlinks  # so does a symlink's stored (long) target
+        # a leftover's xattr store file goes with it, and a symlink's stored (long) target
+        self._xattrs, self._symlinks = xattrs, symlinks
         self._dir: Inode | None = None
         inodes.remove_orphan = self._remove
 
