@@ -24,7 +24,7 @@ import resource
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -326,13 +326,17 @@ def test_four_times_more_unlinked_open_files_than_daemon_descriptors(volume, tmp
               f"{sampler.peak_fds()} (limit {DAEMON_NOFILE})")
 
 
-def test_removed_files_held_by_o_path_descriptors_beyond_the_daemons(volume, tmp_path):
-    """O_PATH descriptors on 4x more files than the daemon has descriptors, each file
-    unlinked: the kernel still holds the inodes, though none is open. Past a few that keep
-    a handle each, they are moved aside too. Each is opened again through
-    /proc/self/fd (the daemon opens it by its orphan name and checks its header) and read,
-    with no error and the daemon's descriptors bounded; once the descriptors are closed,
-    the orphan directory empties."""
+def hold_removed(
+    volume, tmp_path: Path, what: str, make_and_hold: Callable[[Path], int],
+    check: Callable[[int, int], None], left_out: frozenset[str] = frozenset(),
+) -> None:
+    """The frame of the tests of removed objects the kernel holds: on a mount with the
+    daemon's limit at DAEMON_NOFILE, 4x as many objects, each made at a path and held by
+    the descriptor `make_and_hold` returns, then unlinked; past a few that keep a handle
+    each, they are in the orphan directory; each is checked through its descriptor
+    (`check(index, fd)`); the daemon's descriptors stay under CACHES_BOUND at every
+    sample; once closed, the orphan directory empties and nothing of them is left in the
+    backing store (but the entries `left_out`)."""
     count = 4 * DAEMON_NOFILE
     held: list[int] = []
     with many_descriptors(count + DAEMON_NOFILE), \
@@ -343,25 +347,45 @@ def test_removed_files_held_by_o_path_descriptors_beyond_the_daemons(volume, tmp
         before = backing_entries(volume)
         try:
             for index in range(count):
-                (mnt / name(index)).write_bytes(content(index))
-                held.append(os.open(mnt / name(index), os.O_PATH))
+                held.append(make_and_hold(mnt / name(index)))
                 os.unlink(mnt / name(index))
                 if index % 64 == 0:
-                    check_bound(sampler, "written, held by O_PATH, unlinked", CACHES_BOUND)
+                    check_bound(sampler, f"{what}: made, held, unlinked", CACHES_BOUND)
             assert os.listdir(mnt) == []
             assert len(orphan_entries(volume)) > count - DAEMON_NOFILE // 4
             for index, fd in enumerate(held):
-                with open(f"/proc/self/fd/{fd}", "rb") as reopened:
-                    assert reopened.read() == content(index)
-                    assert os.fstat(reopened.fileno()).st_nlink == 0
+                check(index, fd)
                 if index % 64 == 0:
-                    check_bound(sampler, "opened again and read", CACHES_BOUND)
+                    check_bound(sampler, f"{what}: checked", CACHES_BOUND)
         finally:
             for fd in held:
                 os.close(fd)
         wait_until(lambda: orphan_entries(volume) == [], "the orphan directory empties")
-        wait_until(lambda: backing_entries(volume) == before, "nothing of them is left")
+        wait_until(lambda: backing_entries(volume) - left_out == before,
+                   "nothing of them is left")
         check_bound(sampler, "closed", CACHES_BOUND)
+        print(f"{count} {what}: the daemon's open descriptors peaked at "
+              f"{sampler.peak_fds()} (limit {DAEMON_NOFILE})")
+
+
+def test_removed_files_held_by_o_path_descriptors_beyond_the_daemons(volume, tmp_path):
+    """O_PATH descriptors on 4x more files than the daemon has descriptors, each file
+    unlinked: the kernel still holds the inodes, though none is open. Past a few that keep
+    a handle each, they are moved aside too. Each is opened again through
+    /proc/self/fd (the daemon opens it by its orphan name and checks its header) and read,
+    with no error and the daemon's descriptors bounded; once the descriptors are closed,
+    the orphan directory empties."""
+
+    def make_and_hold(path: Path) -> int:
+        path.write_bytes(content(int(path.name[1:])))
+        return os.open(path, os.O_PATH)
+
+    def check(index: int, fd: int) -> None:
+        with open(f"/proc/self/fd/{fd}", "rb") as reopened:
+            assert reopened.read() == content(index)
+            assert os.fstat(reopened.fileno()).st_nlink == 0
+
+    hold_removed(volume, tmp_path, "removed files held by O_PATH", make_and_hold, check)
 
 
 def test_open_fifos_unlinked_beyond_the_daemons_descriptors(volume, tmp_path):
@@ -370,42 +394,26 @@ def test_open_fifos_unlinked_beyond_the_daemons_descriptors(volume, tmp_path):
     that keep a handle each, they are moved into the orphan directory too; each still
     passes data, with link count 0 as on ext4, and the daemon's descriptors stay bounded;
     once they are closed, the orphan directory empties."""
-    count = 4 * DAEMON_NOFILE
-    held: list[int] = []
+
     twin = tmp_path / "ext4-fifo"
     os.mkfifo(twin)
     twin_fd = os.open(twin, os.O_RDWR | os.O_NONBLOCK)
     os.unlink(twin)
-    with many_descriptors(count + DAEMON_NOFILE), \
-            mounted(volume, tmp_path / "mnt", nofile=DAEMON_NOFILE) as mnt:
-        pid = daemon_pid(volume.backing)
-        assert pid is not None
-        sampler = Sampler(pid)
-        before = backing_entries(volume)
-        try:
-            for index in range(count):
-                os.mkfifo(mnt / name(index))
-                held.append(os.open(mnt / name(index), os.O_RDWR | os.O_NONBLOCK))
-                os.unlink(mnt / name(index))
-                if index % 64 == 0:
-                    check_bound(sampler, "made, opened, unlinked", CACHES_BOUND)
-            assert os.listdir(mnt) == []
-            assert len(orphan_entries(volume)) > count - DAEMON_NOFILE // 4
-            for index, fd in enumerate(held):
-                assert os.write(fd, content(index)) == len(content(index))
-                assert os.read(fd, 1 << 16) == content(index)
-                assert os.fstat(fd).st_nlink == os.fstat(twin_fd).st_nlink == 0
-                assert stat.S_ISFIFO(os.fstat(fd).st_mode)
-                if index % 64 == 0:
-                    check_bound(sampler, "written, read, stat'ed", CACHES_BOUND)
-        finally:
-            for fd in [*held, twin_fd]:
-                os.close(fd)
-        wait_until(lambda: orphan_entries(volume) == [], "the orphan directory empties")
-        wait_until(lambda: backing_entries(volume) == before, "nothing of them is left")
-        check_bound(sampler, "closed", CACHES_BOUND)
-        print(f"{count} unlinked open FIFOs held; the daemon's open descriptors peaked at "
-              f"{sampler.peak_fds()} (limit {DAEMON_NOFILE})")
+
+    def make_and_hold(path: Path) -> int:
+        os.mkfifo(path)
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK)
+
+    def check(index: int, fd: int) -> None:
+        assert os.write(fd, content(index)) == len(content(index))
+        assert os.read(fd, 1 << 16) == content(index)
+        assert os.fstat(fd).st_nlink == os.fstat(twin_fd).st_nlink == 0
+        assert stat.S_ISFIFO(os.fstat(fd).st_mode)
+
+    try:
+        hold_removed(volume, tmp_path, "unlinked open FIFOs", make_and_hold, check)
+    finally:
+        os.close(twin_fd)
 
 
 HARD_LINKED_FILES = 4 * DAEMON_NOFILE
@@ -572,42 +580,22 @@ def test_removed_symlinks_held_beyond_the_daemons_descriptors(volume, tmp_path):
     alone was gone at the unlink: EIO). Each still reads its target through its
     descriptor, with link count 0 as on ext4; the daemon's descriptors stay bounded;
     once they are closed, nothing of them is left (stored targets included)."""
-    count = 4 * DAEMON_NOFILE
 
     def target(index: int) -> str:
         return ("/" + "t" * 3500 if index % 8 == 0 else "target-") + str(index)
 
-    with many_descriptors(count + DAEMON_NOFILE), \
-            mounted(volume, tmp_path / "mnt", nofile=DAEMON_NOFILE) as mnt:
-        pid = daemon_pid(volume.backing)
-        assert pid is not None
-        sampler = Sampler(pid)
-        before = backing_entries(volume)
-        held: list[int] = []
-        try:
-            for index in range(count):
-                os.symlink(target(index), mnt / name(index))
-                held.append(os.open(mnt / name(index), os.O_PATH | os.O_NOFOLLOW))
-                os.unlink(mnt / name(index))
-                if index % 64 == 0:
-                    check_bound(sampler, "made, held, unlinked", CACHES_BOUND)
-            assert os.listdir(mnt) == []
-            assert len(orphan_entries(volume)) > count - DAEMON_NOFILE // 4
-            for index, fd in enumerate(held):
-                assert os.readlink("", dir_fd=fd) == target(index), index
-                st = os.fstat(fd)  # (an O_PATH descriptor: fstat works on it)
-                assert stat.S_ISLNK(st.st_mode) and st.st_nlink == 0
-                if index % 64 == 0:
-                    check_bound(sampler, "read, stat'ed", CACHES_BOUND)
-        finally:
-            for fd in held:
-                os.close(fd)
-        wait_until(lambda: orphan_entries(volume) == [], "the orphan directory empties")
-        wait_until(lambda: backing_entries(volume) - {SYMLINK_STORE_DIR} == before,
-                   "nothing of them is left")  # (the store's directory stays, empty)
-        check_bound(sampler, "closed", CACHES_BOUND)
-        print(f"{count} removed symlinks held by O_PATH; the daemon's open descriptors "
-              f"peaked at {sampler.peak_fds()} (limit {DAEMON_NOFILE})")
+    def make_and_hold(path: Path) -> int:
+        os.symlink(target(int(path.name[1:])), path)
+        return os.open(path, os.O_PATH | os.O_NOFOLLOW)
+
+    def check(index: int, fd: int) -> None:
+        assert os.readlink("", dir_fd=fd) == target(index), index
+        st = os.fstat(fd)  # (an O_PATH descriptor: fstat works on it)
+        assert stat.S_ISLNK(st.st_mode) and st.st_nlink == 0
+
+    # (the symlink store's directory stays, empty)
+    hold_removed(volume, tmp_path, "removed symlinks held by O_PATH", make_and_hold, check,
+                 frozenset({SYMLINK_STORE_DIR}))
 
 
 def test_three_times_more_open_directories_than_daemon_descriptors(volume, tmp_path):
