@@ -291,13 +291,7 @@ def test_leftovers_of_a_killed_process_are_reported_by_fsck_and_cleared(backing)
     assert len(store_files(backing)) == 1
     vol = Volume.unlock(str(backing), trusted())
     try:
-        report = fsck(vol)
-        assert [(f.kind, f.looks_like, f.repaired) for f in report.findings] == [
-            ("leftover unlinked open objects", CRASH, False)
-        ]
-        report = fsck(vol, repair=True)
-        assert [f.repaired for f in report.findings] == [True]
-        assert fsck(vol).findings == []
+        assert_leftovers_reported_then_repaired(vol)
         assert orphans(backing) == []
         assert store_files(backing) == []
         for index in (3, 4):
@@ -305,6 +299,20 @@ def test_leftovers_of_a_killed_process_are_reported_by_fsck_and_cleared(backing)
             assert bytes(vol.read(fh, 0, 100)) == content(index)
     finally:
         vol.close()
+
+
+def assert_leftovers_reported_then_repaired(vol: Volume) -> None:
+    """fsck reports a crash's leftovers in the orphan directory as crash debris (and
+    nothing else), --repair removes them, and fsck is clean after."""
+    report = fsck(vol)
+    assert [(f.kind, f.looks_like, f.repaired) for f in report.findings] == [
+        ("leftover unlinked open objects", CRASH, False)
+    ]
+    report = fsck(vol, repair=True)
+    assert [(f.kind, f.repaired) for f in report.findings] == [
+        ("leftover unlinked open objects", True)
+    ]
+    assert fsck(vol).findings == []
 
 
 def kill_holding_hard_links(backing) -> None:
@@ -350,15 +358,7 @@ def test_hard_links_a_killed_process_moved_aside_keep_their_other_names(backing)
     assert len(store_files(backing)) == 1
     vol = Volume.unlock(str(backing), trusted())
     try:
-        report = fsck(vol)
-        assert [(f.kind, f.looks_like, f.repaired) for f in report.findings] == [
-            ("leftover unlinked open objects", CRASH, False)
-        ]
-        report = fsck(vol, repair=True)
-        assert [(f.kind, f.repaired) for f in report.findings] == [
-            ("leftover unlinked open objects", True)
-        ]
-        assert fsck(vol).findings == []
+        assert_leftovers_reported_then_repaired(vol)
         assert orphans(backing) == []
         assert len(store_files(backing)) == 1  # kept0's
         check_hard_links_kept(vol)
