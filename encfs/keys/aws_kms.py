@@ -27,11 +27,9 @@ from typing import Any
 from encfs import crypto, errors
 from encfs.keys.provider import (
     KeyProvider,
+    OptionTable,
     Record,
     missing_extra,
-    parse_options,
-    parse_timeout,
-    require,
 )
 
 CONTEXT_KEY = "encfs-gw-binding"
@@ -97,6 +95,11 @@ def encryption_context(binding: bytes) -> dict[str, str]:
 class AwsKmsProvider(KeyProvider):
     name = "aws-kms"
     extra = "aws"
+    option_table = OptionTable(
+        "key region endpoint-url profile timeout", flags="no-state-check", required="key",
+        default_timeout=DEFAULT_TIMEOUT,
+        secret_hint="credentials come from the AWS environment variables or a profile",
+    )
 
     def __init__(self, options: Any) -> None:
         super().__init__(options)
@@ -104,17 +107,9 @@ class AwsKmsProvider(KeyProvider):
 
     @classmethod
     def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
-        options = parse_options(
-            "aws-kms",
-            spec_args,
-            allowed=("key", "region", "endpoint-url", "profile", "timeout"),
-            flags=("no-state-check",),
-            secret_hint="credentials come from the AWS environment variables or a profile",
-        )
-        require("aws-kms", options, "key")
+        options = cls.parse_spec(spec_args)
         if "endpoint_url" in options and not re.match(r"^https?://", options["endpoint_url"]):
             raise errors.ProviderConfigError("aws-kms: endpoint-url must be an http(s):// URL")
-        parse_timeout("aws-kms", options, DEFAULT_TIMEOUT)
         return options
 
     # -- client and error mapping --

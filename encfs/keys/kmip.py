@@ -29,13 +29,10 @@ from typing import Any
 from encfs import errors
 from encfs.keys.provider import (
     KeyProvider,
+    OptionTable,
     Record,
-    absolute_paths,
     missing_extra,
     open_with_secret,
-    parse_options,
-    parse_timeout,
-    require,
     seal_with_secret,
 )
 from encfs.keys.secret_file import check_private_file
@@ -77,19 +74,17 @@ def _import_kmip() -> SimpleNamespace:
 class KmipProvider(KeyProvider):
     name = "kmip"
     extra = "kmip"
+    option_table = OptionTable(
+        "host port ca client-cert client-key uid timeout", flags="create",
+        required="host ca client-cert client-key", paths="ca client-cert client-key",
+        default_timeout=DEFAULT_TIMEOUT, secret_hint="the client key is a file: client-key=PATH",
+    )
 
     @classmethod
     def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
         """`host=H[,port=5696],ca=PATH,client-cert=PATH,client-key=PATH` and exactly one
         of `uid=UID` (an existing key) or `create` (docs/providers/kmip.md)."""
-        options = parse_options(
-            "kmip",
-            spec_args,
-            allowed=("host", "port", "ca", "client-cert", "client-key", "uid", "timeout"),
-            flags=("create",),
-            secret_hint="the client key is a file: client-key=PATH",
-        )
-        require("kmip", options, "host", "ca", "client_cert", "client_key")
+        options = cls.parse_spec(spec_args)
         if bool(options.get("uid")) == bool(options.get("create")):
             raise errors.ProviderConfigError("kmip: give exactly one of uid=UID or create")
         try:
@@ -99,8 +94,6 @@ class KmipProvider(KeyProvider):
         if not 0 < port < 65536:
             raise errors.ProviderConfigError("kmip: port must be in 1..65535")
         options["port"] = port
-        parse_timeout("kmip", options, DEFAULT_TIMEOUT)
-        absolute_paths(options, "ca", "client_cert", "client_key")
         return options
 
     # -- connection --

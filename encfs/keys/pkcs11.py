@@ -32,11 +32,9 @@ from typing import Any
 from encfs import crypto, errors
 from encfs.keys.provider import (
     KeyProvider,
+    OptionTable,
     Record,
-    absolute_paths,
     missing_extra,
-    parse_options,
-    require,
 )
 from encfs.keys.secret_file import read_secret_file
 
@@ -97,6 +95,10 @@ class _Vanished(Exception):
 class Pkcs11Provider(KeyProvider):
     name = "pkcs11"
     extra = "pkcs11"
+    option_table = OptionTable(
+        "module token key pin-file", flags="create", required="module token key",
+        paths="pin-file", secret_hint=f"use pin-file=PATH or the {PIN_ENV} environment variable",
+    )
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         super().__init__(options)
@@ -104,16 +106,7 @@ class Pkcs11Provider(KeyProvider):
 
     @classmethod
     def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
-        options = parse_options(
-            "pkcs11",
-            spec_args,
-            allowed=("module", "token", "key", "pin-file"),
-            flags=("create",),
-            secret_hint=f"use pin-file=PATH or the {PIN_ENV} environment variable",
-        )
-        require("pkcs11", options, "module", "token", "key")
-        absolute_paths(options, "pin_file")
-        return options
+        return cls.parse_spec(spec_args)
 
     # -- options and credentials --
 

@@ -38,6 +38,34 @@ from encfs.errors import (
 Record = dict[str, Any]
 
 
+class OptionTable:
+    """What a provider's `--provider NAME:k=v,...,flag` accepts, declared once per provider
+    and applied by `KeyProvider.parse_spec`. Each list is one string of option names as
+    written (with dashes), separated by spaces."""
+
+    def __init__(
+        self,
+        allowed: str,
+        flags: str = "",
+        required: str = "",
+        paths: str = "",
+        default_timeout: float | None = None,
+        from_env: Mapping[str, str] | None = None,
+        secret_hint: str = "",
+    ) -> None:
+        self.allowed, self.flags = tuple(allowed.split()), tuple(flags.split())
+        #: Stored under their option keys (underscores), as `parse_options` returns them.
+        self.required = tuple(name.replace("-", "_") for name in required.split())
+        #: File paths, made absolute (the daemon's working directory is /).
+        self.paths = tuple(name.replace("-", "_") for name in paths.split())
+        #: `timeout=SECONDS` is checked and defaults to this (None: no timeout option).
+        self.default_timeout = default_timeout
+        #: An option taken from this environment variable when the spec does not give it.
+        self.from_env = dict(from_env or {})
+        #: Where a secret goes instead of the command line, said when one is given there.
+        self.secret_hint = secret_hint
+
+
 class KeyProvider(abc.ABC):
     """One configured provider instance (its options come from the volume config)."""
 
@@ -45,6 +73,8 @@ class KeyProvider(abc.ABC):
     name: ClassVar[str]
     #: The pip extra that installs this provider's dependencies (None: stdlib only).
     extra: ClassVar[str | None] = None
+    #: The options its spec takes, for the providers that use `parse_spec`.
+    option_table: ClassVar[OptionTable]
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options: dict[str, Any] = dict(options)
@@ -56,6 +86,23 @@ class KeyProvider(abc.ABC):
 
         Raises ProviderConfigError with a one-line message on a bad spec.
         """
+
+    @classmethod
+    def parse_spec(cls, spec_args: str) -> dict[str, Any]:
+        """`spec_args` parsed and checked against `option_table`: the options a provider's
+        own `options_from_spec` starts from (it adds the checks of its own)."""
+        table = cls.option_table
+        options = parse_options(
+            cls.name, spec_args, table.allowed, table.flags, secret_hint=table.secret_hint
+        )
+        for name, variable in table.from_env.items():
+            if name not in options and os.environ.get(variable):
+                options[name] = os.environ[variable]
+        require(cls.name, options, *table.required)
+        if table.default_timeout is not None:
+            parse_timeout(cls.name, options, table.default_timeout)
+        absolute_paths(options, *table.paths)
+        return options
 
     def prepare_new(self) -> None:
         """Called once by `init`/`provider add` before the first protect().

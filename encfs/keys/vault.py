@@ -29,12 +29,9 @@ from typing import Any
 from encfs import crypto, errors
 from encfs.keys.provider import (
     KeyProvider,
+    OptionTable,
     Record,
-    absolute_paths,
     missing_extra,
-    parse_options,
-    parse_timeout,
-    require,
 )
 from encfs.keys.secret_file import read_secret_file
 
@@ -62,26 +59,21 @@ def _import_hvac() -> Any:
 class VaultProvider(KeyProvider):
     name = "vault"
     extra = "vault"
+    option_table = OptionTable(
+        "addr key mount token-file ca namespace timeout", flags="create",
+        required="addr key", paths="token-file ca", default_timeout=DEFAULT_TIMEOUT,
+        from_env={"addr": "VAULT_ADDR"},
+        secret_hint="use token-file=PATH or the VAULT_TOKEN environment variable",
+    )
 
     @classmethod
     def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
         """`addr=URL,key=NAME[,mount=transit][,token-file=PATH][,create]`; the address
         and the token may come from VAULT_ADDR and VAULT_TOKEN (docs/providers/vault.md)."""
-        options = parse_options(
-            "vault",
-            spec_args,
-            allowed=("addr", "key", "mount", "token-file", "ca", "namespace", "timeout"),
-            flags=("create",),
-            secret_hint="use token-file=PATH or the VAULT_TOKEN environment variable",
-        )
-        if "addr" not in options and os.environ.get("VAULT_ADDR"):
-            options["addr"] = os.environ["VAULT_ADDR"]
-        require("vault", options, "addr", "key")
+        options = cls.parse_spec(spec_args)
         if not re.match(r"^https?://", options["addr"]):
             raise errors.ProviderConfigError("vault: addr must be an http:// or https:// URL")
         options.setdefault("mount", DEFAULT_MOUNT)
-        parse_timeout("vault", options, DEFAULT_TIMEOUT)
-        absolute_paths(options, "token_file", "ca")
         return options
 
     # -- client and error mapping --

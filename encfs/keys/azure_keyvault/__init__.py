@@ -55,11 +55,8 @@ from encfs.keys.azure_keyvault.connection import (
 )
 from encfs.keys.provider import (
     KeyProvider,
+    OptionTable,
     Record,
-    absolute_paths,
-    parse_options,
-    parse_timeout,
-    require,
 )
 
 DEFAULT_TIMEOUT = 5.0
@@ -144,6 +141,12 @@ class KeyInfo:
 class AzureKeyVaultProvider(KeyProvider):
     name = "azure-keyvault"
     extra = "azure"
+    option_table = OptionTable(
+        "uri ca credential timeout", flags="allow-purgeable", required="uri", paths="ca",
+        default_timeout=DEFAULT_TIMEOUT,
+        secret_hint="credentials come from the environment (AZURE_CLIENT_SECRET, a "
+        "certificate, workload or managed identity) or credential=token-file:PATH",
+    )
 
     def __init__(self, options: Any) -> None:
         super().__init__(options)
@@ -151,28 +154,16 @@ class AzureKeyVaultProvider(KeyProvider):
 
     @classmethod
     def options_from_spec(cls, spec_args: str) -> dict[str, Any]:
-        hint = (
-            "credentials come from the environment (AZURE_CLIENT_SECRET, a certificate, "
-            "workload or managed identity) or credential=token-file:PATH"
-        )
+        hint = cls.option_table.secret_hint
         for item in spec_args.split(","):
             if item.strip().partition("=")[0].strip() in ("client-secret", "client_secret"):
                 raise errors.ProviderConfigError(
                     f"azure-keyvault: secrets never go on the command line; {hint}"
                 )
-        options = parse_options(
-            "azure-keyvault",
-            spec_args,
-            allowed=("uri", "ca", "credential", "timeout"),
-            flags=("allow-purgeable",),
-            secret_hint=hint,
-        )
-        require("azure-keyvault", options, "uri")
+        options = cls.parse_spec(spec_args)
         vault_url, name, version = parse_key_uri(options["uri"])
         options["uri"] = f"{vault_url}/keys/{name}" + (f"/{version}" if version else "")
         options["credential"] = parse_credential(options.get("credential", "default"))
-        parse_timeout("azure-keyvault", options, DEFAULT_TIMEOUT)
-        absolute_paths(options, "ca")
         return options
 
     # -- configuration --
