@@ -5,9 +5,12 @@ Python stdlib only; run as root (FUSE mounts). `make bench [QUICK=1]`, or
 `.venv/bin/python bench/run.py [--quick] [--reps N] [--targets ...] [--workloads ...]`.
 bench/README.md describes the workloads and how to read the report.
 
-Targets alternate inside each repetition (A B C D, A B C D, ...) so drift on a shared
-machine hits all of them; each (target, repetition) starts from a fresh volume. Mounts and
-daemons are removed on exit, on errors and on Ctrl-C/SIGTERM.
+Targets alternate inside each repetition, their order rotated from one repetition to the
+next (A B C, B C A, C A B, ...), so drift on a shared machine and whatever one target
+leaves to the next hit all of them alike; each (target, repetition) starts from a fresh
+volume on a synced disk (the previous target's deletes written back, not competing with
+this target's writes). Mounts and daemons are removed on exit, on errors and on
+Ctrl-C/SIGTERM.
 
 Every workload also reports the CPU seconds of each FUSE target's processes: the daemon
 and all its helpers (encfs-gw's CPU warmer and unmount guard, fusermount3) or gocryptfs,
@@ -72,7 +75,7 @@ class Config:
     sqlite_tx: int
     meta_entries: int
     mount_samples: int  # mount/unmount cycles per (target, repetition)
-    scale_entries: int  # the scale tree (first repetition only)
+    scale_entries: int  # the scale tree (one repetition per target, see scale_rep)
 
 
 FULL = Config(reps=3, seq_mib=1024, randrw_mib=64, randrw_seconds=20, full_tree=True,
@@ -198,6 +201,14 @@ def child_pids(pid: int) -> list[int]:
     except (OSError, ValueError):
         pass
     return children
+
+
+def settle() -> None:
+    """Write back everything dirty (the target just removed, its tree's deletes): the next
+    target must not pay for this one's writeback."""
+    start = time.perf_counter()
+    os.sync()
+    log(f"  synced the disk in {time.perf_counter() - start:.1f} s")
 
 
 def evict(directory: Path) -> None:
@@ -759,7 +770,8 @@ def render(res: Results, targets: list[Target], cfg: Config, meta: dict) -> str:
                 "2 cores, so absolute figures are noisy; differences under ~30% between "
                 "single cells are noise.", ""]
     out += [f"Mode **{meta['mode']}**, {cfg.reps} repetition(s), targets alternated in each "
-            f"repetition; status **{meta['status']}**; wall time {meta['wall_s']:.0f} s.",
+            f"repetition, their order rotated each repetition, the disk synced between "
+            f"targets; status **{meta['status']}**; wall time {meta['wall_s']:.0f} s.",
             f"Sizes: seq {cfg.seq_mib} MiB; randrw {cfg.randrw_mib} MiB file for "
             f"{cfg.randrw_seconds} s; tree {meta.get('tree_entries', '?')} entries "
             f"({meta.get('tree_mib', 0):.0f} MiB) from {meta.get('tree_src', '?')}; SQLite "
@@ -885,6 +897,7 @@ class Runner:
         self.sql_file = sql_file
         self.names_file = names_file
         self.rep = 0
+        self.scale_rep: dict[str, int] = {}  # the repetition each target runs scale in
         self.done: set[str] = set()  # keys recorded by the current step
         self.broken = ""  # why the rest of this (target, repetition) is skipped
 
@@ -948,7 +961,7 @@ class Runner:
             self.step(t, "small", self.w_small)
             self.step(t, "sqlite", self.w_sqlite)
             self.step(t, "meta", self.w_meta)
-            if rep == 0:  # one run: minutes per target
+            if rep == self.scale_rep.get(t.name, 0):  # one run: minutes per target
                 self.step(t, "scale", self.w_scale)
             if t.is_fuse and not self.broken:
                 try:
@@ -958,6 +971,7 @@ class Runner:
                     self.res.fail(t.name, rep, "unmount", ["rss_mib"], str(exc))
         finally:
             t.destroy()
+            settle()
 
     def w_mount(self, t: Target) -> None:
         for _ in range(self.cfg.mount_samples):
@@ -1407,8 +1421,13 @@ def main(argv: list[str] | None = None) -> int:
                     tree_src=tree["origin"])
         runner = Runner(cfg, res, work, groups, tree, make_sql(work, cfg),
                         make_names(work, cfg.meta_entries))
+        # Target i runs the scale workload in repetition i (mod reps): with as many
+        # repetitions as targets, each runs it first in its repetition, after a sync.
+        runner.scale_rep = {t.name: i % cfg.reps for i, t in enumerate(targets)}
+        settle()
         for rep in range(cfg.reps):
-            for t in targets:
+            shift = rep % len(targets)
+            for t in targets[shift:] + targets[:shift]:
                 log(f"rep {rep + 1}/{cfg.reps}: {t.label} (load {load_avg()})")
                 loads.append(os.getloadavg()[0])
                 runner.run_target(t, rep)
