@@ -5,7 +5,9 @@ the volume lock.
 What moves: every directory entry name (long names: their sidecars), every directory's
 id record binding, every file header binding (bound and UNBOUND), every bound symlink
 (its place binding and its inline target), the sealed symlink targets of the symlink
-store, every xattr set (inline records and the files of the xattr store).
+store, every xattr set (inline records and the files of the xattr store); and, after
+the tree, what of the objects in the orphan directory is keyed from the volume key
+(`_orphans`: a leftover's bindings name a place only its dead mount knew, and stay).
 
 Each step changes one thing atomically, so every item is always readable under exactly
 one of the two epochs, and a run killed anywhere is resumed by walking again (a step
@@ -126,7 +128,7 @@ class NamePass:
 
     def steps(self) -> Iterator[NameStats]:
         """Every directory, depth first; yields after each one (the root's comes with
-        the first)."""
+        the first); then the orphan directory's objects, one more step."""
         root = backing.open_quietly(".", _DIR_FLAGS, dir_fd=self.root_fd)
         stack: list[tuple[int, Iterator[tuple[str, bytes, bytes]]]] = []
         try:
@@ -196,9 +198,11 @@ class NamePass:
             if location is not None:
                 dir_id = self._dir_record(fd, location)
             else:
-                dir_id = DirRecord.unpack(
-                    backing.read_small_file(fd, fnames.DIR_ID_FILE, 64)
-                ).dir_id
+                try:
+                    record = backing.read_small_file(fd, fnames.DIR_ID_FILE, 64)
+                except FileNotFoundError:
+                    return  # (a crash inside an rmdir: no id, so no set either)
+                dir_id = DirRecord.unpack(record).dir_id
             self._xattrs(f"/proc/self/fd/{fd}", xformat.KIND_DIRECTORY, dir_id,
                          xformat.SET_XATTR_USER)
         finally:

@@ -181,3 +181,29 @@ def test_a_pass_killed_inside_the_orphan_directory_resumes_there(volume, tmp_pat
     assert status(volume.backing)["rotation"]["target"] == 2
     assert sorted(map(sorted, orphan_versions(volume.backing).values())) == [[1, 2], [2]]
     finish_offline_and_check(volume, mnt, target=2)
+
+
+def test_an_orphan_directory_replaced_by_a_symlink_is_not_walked(volume, tmp_path):
+    """Someone who can write the backing store puts a symlink to another directory in
+    the orphan directory's place, holding a copy of a data file: neither `rotate
+    --purge-old` nor `reencrypt --purge-old` follows it (nothing there is written or
+    counted), and both finish."""
+    mnt = tmp_path / "mnt"
+    with mounted(volume, mnt):
+        (mnt / "kept").write_bytes(LINKED)
+    data_file, = (p for p in volume.backing.iterdir() if "." not in p.name and p.is_file())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "copy").write_bytes(data_file.read_bytes())
+    before = (elsewhere / "copy").read_bytes()
+    (volume.backing / ORPHAN_DIR).symlink_to(elsewhere)
+    for command, target in (("rotate", 2), ("reencrypt", 3)):
+        final = final_line(run_cli(
+            command, volume.backing, "--keyfile", volume.keyfile, "--purge-old", "--json"
+        ))
+        assert final["done"] and final["target"] == target
+        assert final["deks_per_version"] == {str(target): blocks(LINKED)}
+        assert (elsewhere / "copy").read_bytes() == before
+    (volume.backing / ORPHAN_DIR).unlink()
+    with mounted(volume, mnt):
+        assert (mnt / "kept").read_bytes() == LINKED
