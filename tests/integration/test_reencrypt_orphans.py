@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from encfs.admin.reencrypt_journal import CRASH_AT_ENV
 from encfs.format.names import ORPHAN_DIR
 from encfs.format.xattrs import SET_XATTR_USER
 from tests.helpers.mount import mounted, run_cli
@@ -117,12 +119,16 @@ def set_records(backing: Path) -> dict[str, bytes]:
     return found
 
 
-def test_offline_reencrypt_moves_a_killed_daemons_leftover_orphans(volume, tmp_path):
+@pytest.mark.parametrize("kill_at", [None, "1:xattrs", "1:journal"])
+def test_offline_reencrypt_moves_a_killed_daemons_leftover_orphans(volume, tmp_path, kill_at):
     """Leftovers of a killed daemon: offline `reencrypt --purge-old` gives their blocks
     new DEKs under the new version and moves their xattr sets to the new volume key
     (their bindings name a place nobody knows: they stay, and the next writable mount
     or fsck --repair removes the leftovers); fsck reports the leftovers only, --repair
-    removes them, then fsck is clean and "kept" reads."""
+    removes them, then fsck is clean and "kept" reads. Killed inside the orphan
+    directory (`kill_at`: after the name pass moved the first leftover's set; with the
+    journal of the batch that holds the leftovers in place, naming them by their path
+    there) and run again, the pass resumes and ends the same."""
     mnt = tmp_path / "mnt"
     with mounted(volume, mnt), held_removed(mnt):
         os.sync()
@@ -130,10 +136,22 @@ def test_offline_reencrypt_moves_a_killed_daemons_leftover_orphans(volume, tmp_p
     assert len(orphan_entries(volume)) == 4
     before = set_records(volume.backing)
     assert len(before) == 2  # "alone" and the removed directory
+    if kill_at is not None:
+        killed = reencrypt(volume.backing, "--keyfile", volume.keyfile,
+                           env={CRASH_AT_ENV: kill_at})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        moved = [name for name, record in set_records(volume.backing).items()
+                 if record != before[name]]
+        assert len(moved) == (1 if kill_at.endswith("xattrs") else 2)
+        if kill_at.endswith("journal"):
+            journal = (volume.backing / ".egw-reencrypt" / "journal").read_bytes()
+            assert ORPHAN_DIR.encode() in journal
     final = final_line(reencrypt(
         volume.backing, "--keyfile", volume.keyfile, "--purge-old", "--json"
     ))
     assert final["done"] and final["target"] == 2 and final["purged"] == [1]
+    if kill_at is not None and kill_at.endswith("journal"):
+        assert final["replayed_groups"] > 0
     assert set(slot_versions(volume.backing)) == {2}
     assert list(orphan_versions(volume.backing).values()) == [{2}, {2}]  # the leftovers
     after = set_records(volume.backing)
