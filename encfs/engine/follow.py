@@ -51,7 +51,10 @@ class EntryFollower:
         """The last place (parent id, plain name) of the object in use that the entry
         `st` of the orphan directory stands for (engine/orphans.py), which its bindings
         still name; None for a leftover of a killed mount (or one bound to no place)."""
-        inode = self._table.inodes.get(self._table.fuse_ino(st.st_ino))
+        # (a symlink this pass re-created is known by its old number)
+        inode = self._rebased.get(st.st_ino) or self._table.inodes.get(
+            self._table.fuse_ino(st.st_ino)
+        )
         if inode is None or inode.backing_ino != st.st_ino or not self._table.is_orphan(inode):
             return None
         return inode.location
