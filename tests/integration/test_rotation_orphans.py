@@ -145,6 +145,8 @@ def finish_offline_and_check(volume, mnt: Path, target: int) -> None:
         "rotate", volume.backing, "--keyfile", volume.keyfile, "--purge-old", "--json"
     ))
     assert final["done"] and final["target"] == target
+    # "kept" and the leftover of "alone": the orphan link of "kept" is no other file
+    assert (final["files_total"], final["files_done"]) == (2, 2)
     assert list(orphan_versions(volume.backing).values()) == [{target}, {target}]
     assert slot_versions(volume.backing) == {target}
     # the leftover of "alone" and the linked file (once: the orphan link is "kept")
