@@ -5,7 +5,9 @@ the volume lock.
 What moves: every directory entry name (long names: their sidecars), every directory's
 id record binding, every file header binding (bound and UNBOUND), every bound symlink
 (its place binding and its inline target), the sealed symlink targets of the symlink
-store, every xattr set (inline records and the files of the xattr store).
+store, every xattr set (inline records and the files of the xattr store); and, after
+the tree, what of the objects in the orphan directory is keyed from the volume key
+(`_orphans`: a leftover's bindings name a place only its dead mount knew, and stay).
 
 Each step changes one thing atomically, so every item is always readable under exactly
 one of the two epochs, and a run killed anywhere is resumed by walking again (a step
@@ -126,7 +128,7 @@ class NamePass:
 
     def steps(self) -> Iterator[NameStats]:
         """Every directory, depth first; yields after each one (the root's comes with
-        the first)."""
+        the first); then the orphan directory's objects, one more step."""
         root = backing.open_quietly(".", _DIR_FLAGS, dir_fd=self.root_fd)
         stack: list[tuple[int, Iterator[tuple[str, bytes, bytes]]]] = []
         try:
@@ -152,6 +154,59 @@ class NamePass:
         finally:
             for dir_fd, _ in stack:
                 os.close(dir_fd)
+        self._orphans()
+        yield self.stats
+
+    # --- the orphan directory ---------------------------------------------------------------
+    def _orphans(self) -> None:
+        """The objects in the orphan directory (engine/orphans.py: in use after their
+        last name was removed, or a killed mount's leftovers), after the tree. Their
+        names are random (nothing to move); their xattr sets, inline symlink targets and
+        UNBOUND headers name no place: moved. Their bindings name their last place,
+        which only the mount using them knows (the observer): moved online; a leftover's
+        stay as they are (no name reaches it again: the next writable mount removes it)."""
+        try:
+            dir_fd = backing.open_quietly(fnames.ORPHAN_DIR, _DIR_FLAGS, dir_fd=self.root_fd)
+        except OSError:  # none, or not a directory (not ours, not followed: Orphans)
+            return
+        try:
+            for name in sorted(os.listdir(dir_fd)):
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # dropped since the listing (online)
+                where = None if self._observer is None else self._observer.orphan_location(st)
+                if stat.S_ISREG(st.st_mode):
+                    self._file(dir_fd, name, where)
+                elif stat.S_ISLNK(st.st_mode):
+                    self._symlink(dir_fd, name, where, st)
+                elif stat.S_ISDIR(st.st_mode):
+                    self._removed_directory(dir_fd, name, where)
+                else:
+                    self._xattrs_at(dir_fd, name, xformat.KIND_OTHER, b"",
+                                    xformat.SET_XATTR_TRUSTED)
+        finally:
+            os.close(dir_fd)
+
+    def _removed_directory(
+        self, dir_fd: int, name: str, location: tuple[bytes, bytes] | None
+    ) -> None:
+        """A directory in the orphan directory: removed, so empty (but for its reserved
+        files): its id record (if its place is known) and its xattr set."""
+        fd = backing.open_quietly(name, _DIR_FLAGS, dir_fd=dir_fd)
+        try:
+            if location is not None:
+                dir_id = self._dir_record(fd, location)
+            else:
+                try:
+                    record = backing.read_small_file(fd, fnames.DIR_ID_FILE, 64)
+                except FileNotFoundError:
+                    return  # (a crash inside an rmdir: no id, so no set either)
+                dir_id = DirRecord.unpack(record).dir_id
+            self._xattrs(f"/proc/self/fd/{fd}", xformat.KIND_DIRECTORY, dir_id,
+                         xformat.SET_XATTR_USER)
+        finally:
+            os.close(fd)
 
     # --- one directory --------------------------------------------------------------------
     def _directory(
@@ -271,7 +326,8 @@ class NamePass:
                 self.stats["stale_sidecars_removed"] += 1
 
     # --- objects --------------------------------------------------------------------------
-    def _file(self, dir_fd: int, name: str, location: tuple[bytes, bytes]) -> None:
+    def _file(self, dir_fd: int, name: str, location: tuple[bytes, bytes] | None) -> None:
+        """(location None: a leftover in the orphan directory, its place unknown)"""
         path_fd = backing.open_path(name, dir_fd)
         try:
             raw = os.pread(fd := backing.reopen(path_fd, os.O_RDONLY | os.O_NOATIME),
@@ -286,7 +342,9 @@ class NamePass:
         finally:
             os.close(path_fd)
 
-    def _header(self, path_fd: int, header: FileHeader, location: tuple[bytes, bytes]) -> None:
+    def _header(
+        self, path_fd: int, header: FileHeader, location: tuple[bytes, bytes] | None
+    ) -> None:
         if header.unbound:
             message = UNBOUND_LABEL + self.volume_id + header.file_id
             new_tag = self.new.binding_tag(message)
@@ -299,6 +357,8 @@ class NamePass:
             self.stats["headers_moved"] += 1
             self._step("header")
             return
+        if location is None:
+            return  # bound to a place nobody knows any more: left (see _orphans)
         new_tag = self._bind_new.file_tag(location, header.file_id)
         old_tag = self._bind_old.file_tag(location, header.file_id)
         if crypto.tag_in(new_tag, header.bindings) and not crypto.tag_in(old_tag, header.bindings):
@@ -320,16 +380,20 @@ class NamePass:
                     "(encfs-gw fsck reports it)", what)
 
     def _symlink(
-        self, dir_fd: int, name: str, location: tuple[bytes, bytes], st: os.stat_result
+        self, dir_fd: int, name: str, location: tuple[bytes, bytes] | None, st: os.stat_result
     ) -> None:
+        """(location None: a leftover in the orphan directory, its binding left)"""
         record = LinkRecord.decode(os.readlink(name, dir_fd=dir_fd))
-        new_tag = self._bind_new.link_tag(location, record)
-        bound_new = crypto.tag_in(new_tag, record.bindings)
-        if not bound_new and not crypto.tag_in(
-            self._bind_old.link_tag(location, record), record.bindings
-        ):
-            self._bad_binding("a symlink")
-            return
+        bindings, bound_new = record.bindings, True
+        if location is not None:
+            new_tag = self._bind_new.link_tag(location, record)
+            bound_new = crypto.tag_in(new_tag, record.bindings)
+            if not bound_new and not crypto.tag_in(
+                self._bind_old.link_tag(location, record), record.bindings
+            ):
+                self._bad_binding("a symlink")
+                return
+            bindings = (new_tag, places.ZERO_BINDING)
         sealed = record.sealed
         if not record.stored:
             aad = places.link_aad(record.link_id)
@@ -349,8 +413,7 @@ class NamePass:
             os.close(path_fd)
         if bound_new and sealed == record.sealed and not set_moved:
             return  # moved with its target and xattr set in one rename
-        moved = dataclasses.replace(record, bindings=(new_tag, places.ZERO_BINDING),
-                                    sealed=sealed)
+        moved = dataclasses.replace(record, bindings=bindings, sealed=sealed)
         replace_symlink(dir_fd, name, moved.encode(), st, xattr_record)
         if self._observer is not None:
             self._observer.symlink_replaced(dir_fd, name, st)

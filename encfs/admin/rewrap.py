@@ -1,5 +1,8 @@
 """The re-wrap pass of a KEK rotation (layer L5): every key slot of every file moved
-under the target KEK version, and the census of DEKs per version.
+under the target KEK version, and the census of DEKs per version. Every file: those
+of the named tree and, walked last, those in the orphan directory (engine/orphans.py:
+files programs hold open after their last name was removed, a killed daemon's
+leftovers), whose DEKs a purge of the old version must not leave behind.
 
 The pass never touches block records. Per group of 32 blocks it reads the 4 KiB key
 area, unwraps every DEK held under an older KEK version and wraps it under the target
@@ -17,12 +20,13 @@ through `encfs.admin.rotation.RotationRun`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from encfs import backing, crypto
@@ -119,24 +123,41 @@ def _listing(dir_fd: int) -> tuple[list[str], list[str]]:
     )
 
 
-def data_dirs(root_fd: int) -> Iterator[tuple[str, int, list[str]]]:
-    """(path of the directory relative to the root: "" or ending in "/", its fd, names of
-    its regular data files) for every backing directory, depth first, in name order (the
-    walk of a rotation's and a re-encryption's passes). Only the current directory and
-    its ancestors are open; each fd is valid until the consumer asks for the next
-    directory. A directory removed meanwhile (online) is skipped."""
-    # O_NOATIME: a pass reads, it does not use the files (their times stay the owner's)
-    root = backing.open_quietly(".", _DIR_FLAGS, dir_fd=root_fd)
+def _unnamed(dir_fd: int, files: list[str]) -> list[str]:
+    """The files of the orphan directory with no name outside it: one entry per such
+    inode. An orphan link of a file that still has a name is left out (the walk meets
+    the file by that name; counted twice, `status` and the progress would not match the
+    files there are)."""
+    links: dict[int, list[tuple[str, int]]] = {}
+    for name in files:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # its inode was dropped meanwhile (online)
+        links.setdefault(st.st_ino, []).append((name, st.st_nlink))
+    return sorted(
+        entries[0][0] for entries in links.values() if entries[0][1] <= len(entries)
+    )
+
+
+def _tree(
+    parent_fd: int, top: str, prefix: str, only: Callable[[int, list[str]], list[str]] | None
+) -> Iterator[tuple[str, int, list[str]]]:
+    """data_dirs' walk of one tree: `top` (in `parent_fd`) and the directories below it,
+    depth first, in name order; `only` picks the files of `top` to name."""
+    top_fd = backing.open_quietly(top, _DIR_FLAGS, dir_fd=parent_fd)
     try:
-        files, subdirs = _listing(root)
+        files, subdirs = _listing(top_fd)
+        if only is not None:
+            files = only(top_fd, files)
     except BaseException:
-        os.close(root)
+        os.close(top_fd)
         raise
-    stack: list[tuple[str, int, Iterator[str]]] = [("", root, iter(subdirs))]
+    stack: list[tuple[str, int, Iterator[str]]] = [(prefix, top_fd, iter(subdirs))]
     try:
-        yield "", root, files
+        yield prefix, top_fd, files
         while stack:
-            prefix, dir_fd, pending = stack[-1]
+            path, dir_fd, pending = stack[-1]
             name = next(pending, None)
             if name is None:
                 stack.pop()
@@ -151,12 +172,37 @@ def data_dirs(root_fd: int) -> Iterator[tuple[str, int, list[str]]]:
             except BaseException:
                 os.close(child)
                 raise
-            path = f"{prefix}{name}/"
-            stack.append((path, child, iter(subdirs)))
-            yield path, child, files
+            stack.append((f"{path}{name}/", child, iter(subdirs)))
+            yield f"{path}{name}/", child, files
     finally:
         for _, dir_fd, _ in stack:
             os.close(dir_fd)
+
+
+def data_dirs(root_fd: int) -> Iterator[tuple[str, int, list[str]]]:
+    """(path of the directory relative to the root: "" or ending in "/", its fd, names of
+    its regular data files) for every backing directory, depth first, in name order, and
+    last the orphan directory (engine/orphans.py: files programs hold open after their
+    last name was removed, or a killed daemon's leftovers, whose DEKs are wrapped like any
+    other's) and the removed directories in it: the walk of a rotation's and a
+    re-encryption's passes and of the census. Last, so the order of the named tree is
+    the same with or without it. Only the current directory and its ancestors are open;
+    each fd is valid until the consumer asks for the next directory. A directory removed
+    meanwhile (online) is skipped."""
+    # O_NOATIME: a pass reads, it does not use the files (their times stay the owner's)
+    yield from _tree(root_fd, ".", "", None)
+    orphans = _tree(root_fd, fnames.ORPHAN_DIR, fnames.ORPHAN_DIR + "/", _unnamed)
+    try:
+        first = next(orphans)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return  # none (or not a directory: not ours, not followed, as Orphans says)
+        raise
+    try:
+        yield first
+        yield from orphans
+    finally:
+        orphans.close()
 
 
 def count_data_files(volume: Volume) -> int:

@@ -13,6 +13,9 @@ What follows each step, before the next request is served:
   open (`Inode.pinned`), so the backing inode number the kernel knows it by is not
   reused while the kernel may ask for it (as a rename of a bound symlink does).
 
+And the pass asks it the last place of each object in the orphan directory
+(`orphan_location`), which only this mount knows and the object's bindings name.
+
 Handles stay valid across a rename (O_PATH, directory fds), and nothing else the engine
 keeps names a backing entry: the name memo is per volume key epoch, file contents read
 their key areas from the backing file at every request.
@@ -43,6 +46,18 @@ class EntryFollower:
         if inode is None or inode.backing_ino != st.st_ino:
             return None
         return inode
+
+    def orphan_location(self, st: os.stat_result) -> tuple[bytes, bytes] | None:
+        """The last place (parent id, plain name) of the object in use that the entry
+        `st` of the orphan directory stands for (engine/orphans.py), which its bindings
+        still name; None for a leftover of a killed mount (or one bound to no place)."""
+        # (a symlink this pass re-created is known by its old number)
+        inode = self._rebased.get(st.st_ino) or self._table.inodes.get(
+            self._table.fuse_ino(st.st_ino)
+        )
+        if inode is None or inode.backing_ino != st.st_ino or not self._table.is_orphan(inode):
+            return None
+        return inode.location
 
     def symlink_replaced(self, dir_fd: int, name: str, old_st: os.stat_result) -> None:
         """The backing symlink `name` in `dir_fd` is a new one now (old_st: the one it

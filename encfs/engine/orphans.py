@@ -56,6 +56,8 @@ stored xattrs stay (a regular file's set goes only with its last link). A read-o
 mount leaves leftovers alone (a file with one there shows a link count one too high
 until a writable mount removes it). Nothing lists or decodes names under the orphan
 directory: its own name is a reserved one (it contains a '.'), which listings skip.
+The key passes (rotate, reencrypt) and the census walk it though, after the named tree
+(admin/rewrap.data_dirs): its files' DEKs are the volume's like any others.
 """
 
 from __future__ import annotations

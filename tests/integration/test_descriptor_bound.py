@@ -235,6 +235,21 @@ def orphan_entries(volume) -> list[str]:
     return sorted(os.listdir(path)) if path.exists() else []
 
 
+def assert_leftovers_repaired(volume) -> None:
+    """fsck --repair finds a killed daemon's leftovers in the orphan directory (and
+    nothing else) and removes them; fsck is clean after."""
+    result = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile, "--json", "--repair")
+    assert result.returncode == 0, result.stdout + result.stderr
+    findings = json.loads(result.stdout)["findings"]
+    assert [(f["kind"], f["repaired"]) for f in findings] == [
+        ("leftover unlinked open objects", True)
+    ]
+    assert orphan_entries(volume) == []
+    result = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["findings"] == []
+
+
 def wait_until(condition, what: str, timeout: float = 60.0) -> None:
     """Poll `condition` until it holds (the kernel sends releases and forgets after a
     close returns, at its own pace)."""
@@ -555,15 +570,7 @@ def test_hard_linked_files_a_killed_daemon_moved_aside_keep_their_names(volume, 
                 with contextlib.suppress(OSError):  # (the mount is dead: ENOTCONN)
                     os.close(fd)
     assert len(orphan_entries(volume)) == 40
-    result = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile, "--json", "--repair")
-    assert result.returncode == 0, result.stdout + result.stderr
-    findings = json.loads(result.stdout)["findings"]
-    assert [(f["kind"], f["repaired"]) for f in findings] == [
-        ("leftover unlinked open objects", True)
-    ]
-    assert orphan_entries(volume) == []
-    result = run_cli("fsck", volume.backing, "--keyfile", volume.keyfile, "--json")
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_leftovers_repaired(volume)
     kept = [index for index in range(40) if index % 10 != 9]
     with mounted(volume, mnt):
         assert sorted(os.listdir(mnt)) == sorted(f"link-{index}" for index in kept)
